@@ -1,0 +1,189 @@
+"""Throughput benchmark on timm's protocol: warm-up, inference mode, device sync, median; the dense model and every
+method are timed interleaved in one process, so their ratio is measured under the same machine state."""
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .families import adapter_for
+from .methods import METHODS, make_config
+from .patch import apply, macs
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One benchmarked configuration: "dense", or a method name with its options."""
+
+    method: str
+    options: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.method
+
+    def describe(self) -> str:
+        """keep, plus every option that differs from the method's defaults."""
+        if self.method == "dense":
+            return "-"
+        config = make_config(self.method, **dict(self.options))
+        default = type(config)()
+        shown = [f"keep={config.keep}"]
+        shown += [f"{f.name}={getattr(config, f.name)}" for f in fields(config)
+                  if f.name != "keep" and getattr(config, f.name) != getattr(default, f.name)]
+        return " ".join(shown)
+
+
+def parse_methods(text: str) -> list[MethodSpec]:
+    """"dense,evo,idle@0.5,evo:mode=layer:stage_starts=4/8" -> specs; ``@x`` is short for ``:keep=x``."""
+    specs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, rest = item.partition(":")
+        name, _, keep = name.partition("@")
+        if name != "dense" and name not in METHODS:
+            raise ValueError(f"unknown method {name!r} in --methods; accepted: dense, {', '.join(sorted(METHODS))}")
+        options: dict[str, object] = {}
+        if keep:
+            options["keep"] = _number(keep, item)
+        for pair in filter(None, rest.split(":")):
+            key, eq, value = pair.partition("=")
+            if not eq:
+                raise ValueError(f"option {pair!r} in {item!r} must be key=value")
+            options[key] = _literal(value)
+        if name == "dense" and options:
+            raise ValueError("dense takes no options")
+        if name != "dense":
+            make_config(name, **options)  # validate now, before any timing
+        specs.append(MethodSpec(name, tuple(options.items())))
+    if not specs:
+        raise ValueError("--methods is empty; accepted: dense, " + ", ".join(sorted(METHODS)))
+    return specs
+
+
+def _number(text: str, item: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"keep in {item!r} must be a number; got {text!r}") from None
+
+
+def _literal(text: str) -> object:
+    """Option values: true/false, ints, floats, "4/8" for a tuple of layers, else the string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if "/" in text:
+        try:
+            return tuple(int(v) for v in text.split("/"))
+        except ValueError:
+            raise ValueError(f"layer list {text!r} must be ints separated by '/', e.g. 4/8") from None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass
+class BenchResult:
+    method: str
+    config: str
+    gmacs: float
+    img_per_s: float
+    ms_per_batch: float
+    speedup: float
+    times_s: list[float] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark(
+    model: nn.Module,
+    specs: list[MethodSpec],
+    batch_size: int,
+    device: torch.device,
+    amp: str = "none",
+    compile: bool = False,
+    runs: int = 10,
+    warmup: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchResult]:
+    """Time every spec on copies of ``model`` with random input, interleaved round by round; medians."""
+    say = progress or (lambda msg: None)
+    x = torch.randn(batch_size, *adapter_for(model).input_size(), device=device)
+    autocast = (lambda: torch.autocast(device.type, dtype=AMP_DTYPES[amp])) if AMP_DTYPES[amp] else nullcontext
+    runners, gmacs = [], []
+    for spec in specs:
+        m = copy.deepcopy(model).to(device).eval()
+        if spec.method != "dense":
+            apply(m, spec.method, **dict(spec.options))
+        gmacs.append(macs(m) / 1e9)
+        runners.append(torch.compile(m) if compile else m)
+    times: list[list[float]] = [[] for _ in specs]
+    with torch.inference_mode():
+        for r in range(warmup + runs):
+            for spec, runner, series in zip(specs, runners, times):
+                _sync(device)
+                start = time.perf_counter()
+                with autocast():
+                    runner(x)
+                _sync(device)
+                elapsed = time.perf_counter() - start
+                if r >= warmup:
+                    series.append(elapsed)
+                phase = f"warm-up {r + 1}/{warmup}" if r < warmup else f"run {r - warmup + 1}/{runs}"
+                say(f"[{phase}] {spec.label:<6} {elapsed * 1000:9.1f} ms")
+    medians = [statistics.median(series) for series in times]
+    base = medians[0] if specs[0].method == "dense" else None
+    return [
+        BenchResult(
+            method=spec.label, config=spec.describe(), gmacs=round(g, 3), img_per_s=batch_size / t,
+            ms_per_batch=t * 1000, speedup=(base / t) if base else float("nan"), times_s=series,
+        )
+        for spec, g, t, series in zip(specs, gmacs, medians, times)
+    ]
+
+
+def format_table(results: list[BenchResult]) -> str:
+    head = f"{'method':<7} {'config':<28} {'GMACs':>6} {'img/s':>9} {'ms/batch':>9} {'speed-up':>8}"
+    rows = [head, "-" * len(head)]
+    for r in results:
+        rows.append(f"{r.method:<7} {r.config:<28} {r.gmacs:>6.2f} {r.img_per_s:>9.1f} {r.ms_per_batch:>9.1f} "
+                    f"{r.speedup:>7.2f}x")
+    return "\n".join(rows)
+
+
+def result_json(model_name: str, batch_size: int, device: torch.device, results: list[BenchResult],
+                **extra) -> dict:
+    return {
+        "model": model_name,
+        "batch_size": batch_size,
+        "device": device_name(device),
+        **extra,
+        "results": [
+            {k: v for k, v in asdict(r).items() if k != "times_s"} | {"times_s": [round(t, 5) for t in r.times_s]}
+            for r in results
+        ],
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def stderr_progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,48 @@
+"""Class-token scores, computed from the class-token row only (O(N*C), never the N x N map)."""
+from __future__ import annotations
+
+import torch
+
+HEAD_REDUCTIONS = ("sum", "mean")
+
+
+def cls_attention(q_cls: torch.Tensor, k: torch.Tensor, scale: float, heads: str) -> torch.Tensor:
+    """Softmax attention of the class query over all keys, reduced over heads.
+
+    q_cls (B, H, 1, d), k (B, H, n, d) -> (B, n) in float32. Softmax rows are independent, so this row equals
+    row 0 of the full attention map. ``heads`` is "sum" (Evo-ViT DeiT) or "mean" (EViT, Evo-LeViT).
+    """
+    logits = (q_cls * scale) @ k.transpose(-2, -1)  # (B, H, 1, n)
+    probs = logits.squeeze(2).float().softmax(dim=-1)
+    return probs.sum(dim=1) if heads == "sum" else probs.mean(dim=1)
+
+
+def cls_logits_from_keys(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Head-summed class-query logits q_cls . k_j (unscaled): q_cls (B, H, 1, d), k (B, H, n, d) -> (B, n).
+
+    Positive scale and the 1/H of a head mean do not change a ranking, so they are left out.
+    """
+    return (q_cls @ k.transpose(-2, -1)).squeeze(2).sum(dim=1)
+
+
+def cls_logits_linear(normed: torch.Tensor, q_cls: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
+    """The ranking of :func:`cls_logits_from_keys` without projecting any key (IdleViT spec §4.4).
+
+    sum_h q_h . (W_k,h x_j + b_k,h) = (W_k^T q) . x_j + q . b_k, and the last term is the same for every j.
+    normed (B, n, C) is the block's norm1 output; q_cls (B, A) the class query (all heads side by side);
+    w_k (A, C). Valid only when keys are a linear function of the normed input (no per-head key norm).
+    """
+    u = q_cls @ w_k  # (B, C): W_k^T q for every image at once
+    return (normed @ u.unsqueeze(-1)).squeeze(-1)
+
+
+def evolve(previous: torch.Tensor, current: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Global class attention update (Evo-ViT): (1 - alpha) * previous + alpha * current; alpha weights the new layer."""
+    if alpha == 1.0:
+        return current
+    return previous * (1.0 - alpha) + current * alpha
+
+
+def random_scores(like: torch.Tensor) -> torch.Tensor:
+    """Uniform random scores with the shape of ``like``: the control that shows whether attention ranks better."""
+    return torch.rand(like.shape, device=like.device, dtype=torch.float32)

@@ -1,0 +1,70 @@
+"""Top-k selection and gather/scatter of token subsets (B, N, C), batched, no Python loops over the batch."""
+from __future__ import annotations
+
+import torch
+
+
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (B, k) of the k largest scores per row, in descending score order."""
+    return scores.topk(k, dim=1, largest=True, sorted=True).indices
+
+
+def split_indices(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top k, the rest) per row, both in descending score order, from one sort."""
+    order = scores.argsort(dim=1, descending=True)
+    return order[:, :k], order[:, k:]
+
+
+def with_prefix(idx: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Patch indices (B, K) -> sequence indices (B, P+K): prefix tokens 0..P-1 first, patches shifted by P."""
+    if num_prefix == 0:
+        return idx
+    prefix = torch.arange(num_prefix, device=idx.device, dtype=idx.dtype).expand(idx.shape[0], -1)
+    return torch.cat([prefix, idx + num_prefix], dim=1)
+
+
+def _flat_rows(idx: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Row indices (B*K,) into x.reshape(B*N, C) for per-image indices idx (B, K)."""
+    offsets = torch.arange(idx.shape[0], device=idx.device, dtype=idx.dtype).unsqueeze(1) * seq_len
+    return (idx + offsets).reshape(-1)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, N, C), idx (B, K) -> (B, K, C).
+
+    A row ``index_select`` on the flattened batch: a plain row copy, about 10x faster on CPU than ``gather`` with an
+    index expanded over channels.
+    """
+    B, N, C = x.shape
+    return x.reshape(B * N, C).index_select(0, _flat_rows(idx, N)).view(B, idx.shape[1], C)
+
+
+def scatter_tokens(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Write src (B, K, C) into rows idx (B, K) of x (B, N, C); the other rows are left as they are.
+
+    Out of place when autograd is recording (the input may be needed for backward); in place otherwise,
+    which saves a copy of the whole sequence per call under ``torch.inference_mode``/``no_grad``.
+    """
+    B, N, C = x.shape
+    rows, flat_src = _flat_rows(idx, N), src.reshape(-1, C).to(x.dtype)
+    if torch.is_grad_enabled() or not x.is_contiguous():
+        return x.reshape(B * N, C).index_copy(0, rows, flat_src).view(B, N, C)
+    x.view(B * N, C).index_copy_(0, rows, flat_src)
+    return x
+
+
+def gather_values(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """v (B, N), idx (B, K) -> (B, K)."""
+    return v.gather(1, idx)
+
+
+def scatter_values(v: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Out-of-place write of src (B, K) into positions idx of v (B, N)."""
+    return v.scatter(1, idx, src)
+
+
+def weighted_merge(x: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """One token (B, 1, C) = sum_j w_j x_j over x (B, M, C); weights (B, M), optionally renormalised to sum 1."""
+    if normalize:
+        weights = weights / weights.sum(dim=1, keepdim=True)
+    return weights.unsqueeze(1) @ x

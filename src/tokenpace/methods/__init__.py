@@ -1,0 +1,30 @@
+"""One small policy per method, each with its typed config."""
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+from .base import ForwardState, MethodConfig, Policy
+from .evit import EViT
+from .evo import Evo
+from .idle import Idle, IdleRecord
+from .topk import TopK
+
+METHODS: dict[str, type[MethodConfig]] = {cls.name: cls for cls in (Evo, Idle, EViT, TopK)}
+
+__all__ = ["METHODS", "EViT", "Evo", "ForwardState", "Idle", "IdleRecord", "MethodConfig", "Policy", "TopK",
+           "make_config"]
+
+
+def make_config(method: str | MethodConfig, **options) -> MethodConfig:
+    """A method config from a name and options (``make_config("idle", keep=0.5)``) or a config (options override)."""
+    if isinstance(method, MethodConfig):
+        return replace(method, **options) if options else method
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; accepted: {', '.join(sorted(METHODS))} "
+                         f"(or a config object: {', '.join(c.__name__ for c in METHODS.values())})")
+    cls = METHODS[method]
+    try:
+        return cls(**options)
+    except TypeError as err:  # an unknown keyword: name the accepted ones
+        accepted = [f.name for f in fields(cls)]
+        raise ValueError(f"{cls.__name__} got an unknown option ({err}); accepted: {', '.join(accepted)}") from None

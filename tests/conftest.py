@@ -1,0 +1,205 @@
+"""Small timm ViTs (random, well-spread weights) and literal reference implementations from the specs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+
+torch.set_num_threads(2)
+
+BASE = dict(img_size=32, patch_size=4, embed_dim=48, depth=12, num_heads=3, num_classes=10, qkv_bias=True)
+
+VARIANTS = {
+    "deit": dict(),  # class token head, like DeiT
+    "avg": dict(global_pool="avg"),  # official Evo-ViT head: mean of patch tokens
+    "distilled": dict(distilled=True),  # class + distillation token
+    "layerscale": dict(init_values=0.5, no_embed_class=True),  # DeiT-III style
+    "registers": dict(reg_tokens=4, global_pool="avg"),  # class token + 4 registers
+    "qknorm": dict(qk_norm=True),
+    "no_qkv_bias": dict(qkv_bias=False, depth=6),
+}
+
+
+def spread_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Re-draw every parameter so attention is far from uniform and scores are well separated (no near-ties)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.ndim >= 2 and "embed" not in name and "token" not in name:
+                p.copy_(noise * 1.5 / math.sqrt(p.shape[-1] if p.ndim == 2 else p[0].numel()))
+            elif name.endswith("norm1.weight") or name.endswith("norm2.weight") or "norm.weight" in name:
+                p.copy_(1 + 0.2 * noise)
+            else:
+                p.copy_(0.5 * noise)
+    return model
+
+
+def make_vit(variant: str = "deit", seed: int = 0, **overrides) -> VisionTransformer:
+    cfg = {**BASE, **VARIANTS[variant], **overrides}
+    distilled = cfg.pop("distilled", False)
+    cls = VisionTransformerDistilled if distilled else VisionTransformer
+    torch.manual_seed(seed)
+    return spread_weights(cls(**cfg), seed).eval()
+
+
+@pytest.fixture
+def images():
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Literal reference implementations (slow, full attention matrices, written from the specs' descriptions)
+# ----------------------------------------------------------------------------------------------------------------
+
+def embed(model, img):
+    return model.norm_pre(model._pos_embed(model.patch_embed(img)))
+
+
+def head(model, x):
+    return model.forward_head(model.norm(x))
+
+
+def ref_attention(blk, x, key_bias=None):
+    """Pre-norm attention residual with the full (B, H, n, n) map; returns (x after residual, probs)."""
+    attn = blk.attn
+    B, n, _ = x.shape
+    xn = blk.norm1(x)
+    q, k, v = attn.qkv(xn).reshape(B, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if key_bias is not None:
+        logits = logits + key_bias[:, None, None, :]
+    probs = logits.softmax(-1)
+    out = (probs @ v).transpose(1, 2).reshape(B, n, -1)
+    return x + blk.ls1(attn.proj(attn.norm(out))), probs
+
+
+def ref_mlp(blk, x):
+    return x + blk.ls2(blk.mlp(blk.norm2(x)))
+
+
+def ref_block(blk, x):
+    x, probs = ref_attention(blk, x)
+    return ref_mlp(blk, x), probs
+
+
+def take(t, idx):
+    """Per-row gather along dim 1 for (B, N) or (B, N, C)."""
+    if t.ndim == 2:
+        return t.gather(1, idx)
+    return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+def ref_evo(model, img, keep, stage_starts, mode="stage", representative=False, alpha=0.5):
+    """Evo-ViT as in the official DeiT code (evovit.md §3-4, §12.2): tokens kept sorted by g, concatenation,
+    placeholders re-appended, stale g for placeholders, raster order restored at the end."""
+    x = embed(model, img)
+    P0, depth = model.num_prefix_tokens, len(model.blocks)
+    N = x.shape[1] - P0
+    K = int(N * keep)
+    first = stage_starts[0]
+    g = None
+    for i in range(first):
+        x, probs = ref_block(model.blocks[i], x)
+        g = probs[:, :, 0, P0:].sum(1)  # tradeoff 1 in dense layers: overwrite
+    perm = torch.arange(N).expand(x.shape[0], -1)
+    use_rep = representative and K < N
+    for i in range(first, depth):
+        if mode == "layer" or i in stage_starts:
+            order = g.argsort(dim=1, descending=True)
+            img_tok, g, perm = take(x[:, P0:], order), take(g, order), take(perm, order)
+            pre, kept, ph = x[:, :P0], img_tok[:, :K], img_tok[:, K:]
+            rep = None
+            if use_rep:
+                w = g[:, K:] / g[:, K:].sum(1, keepdim=True)
+                rep_in = (w.unsqueeze(-1) * ph).sum(1, keepdim=True)
+                rep = rep_in
+        seq = torch.cat([pre, kept] + ([rep] if use_rep else []), dim=1)
+        seq, probs = ref_block(model.blocks[i], seq)
+        cls = probs[:, :, 0, P0:P0 + K].sum(1)
+        g = torch.cat([(1 - alpha) * g[:, :K] + alpha * cls, g[:, K:]], dim=1)
+        pre, kept = seq[:, :P0], seq[:, P0:P0 + K]
+        if use_rep:
+            rep = seq[:, -1:]
+        if mode == "layer" or (i + 1) in stage_starts or i == depth - 1:
+            if use_rep:
+                ph = ph + (rep - rep_in)
+            x = torch.cat([pre, kept, ph], dim=1)
+    raster = torch.empty_like(x[:, P0:]).scatter(1, perm.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x[:, P0:])
+    return head(model, torch.cat([x[:, :P0], raster], dim=1))
+
+
+def ref_idle_select(blk, x, P0, K):
+    """Official eval selection (idlevit.md §4.3): keys projected for all tokens, head-mean class-query logits."""
+    attn = blk.attn
+    B, n, _ = x.shape
+    xn = blk.norm1(x)
+    q, k, _ = attn.qkv(xn).reshape(B, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q[:, :, :1] @ k.transpose(-2, -1)).mean(1)[:, 0, P0:]
+    return logits.argsort(dim=1, descending=True)[:, :K]
+
+
+def ref_idle(model, img, keep, stage_starts, masked=False):
+    """IdleViT: the official eval path (gather, attend among selected, scatter) or, with ``masked``, the official
+    training path (full compute, -1e5 on idle keys, idle rows' updates multiplied by 0)."""
+    x = embed(model, img)
+    P0 = model.num_prefix_tokens
+    N = x.shape[1] - P0
+    for i, blk in enumerate(model.blocks):
+        stage = sum(1 for s in stage_starts if i >= s)
+        if stage == 0:
+            x, _ = ref_block(blk, x)
+            continue
+        K = int(N * keep ** stage)
+        top = ref_idle_select(blk, x, P0, K)
+        idx = torch.cat([torch.arange(P0).expand(x.shape[0], -1), top + P0], dim=1)
+        if masked:
+            m = torch.zeros(x.shape[:2]).scatter(1, idx, 1.0)
+            y, _ = ref_attention(blk, x, key_bias=(1 - m) * -1e5)
+            x = x + (y - x) * m.unsqueeze(-1)
+            x = x + (ref_mlp(blk, x) - x) * m.unsqueeze(-1)
+        else:
+            sub, _ = ref_block(blk, take(x, idx))
+            x = x.scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]), sub)
+    return head(model, x)
+
+
+def ref_evit(model, img, keep, layers, fuse=True):
+    """EViT (idlevit.md §9): shrink between attention and MLP, head-mean softmax attention, ceil counts, fusion."""
+    x = embed(model, img)
+    P0 = model.num_prefix_tokens
+    for i, blk in enumerate(model.blocks):
+        if i not in layers:
+            x, _ = ref_block(blk, x)
+            continue
+        x, probs = ref_attention(blk, x)
+        n = x.shape[1] - P0
+        k = math.ceil(keep * n)
+        if k < n:
+            a = probs[:, :, 0, P0:].mean(1)
+            order = a.argsort(dim=1, descending=True)
+            parts = [x[:, :P0], take(x[:, P0:], order[:, :k])]
+            if fuse:
+                rest = order[:, k:]
+                parts.append((take(a, rest).unsqueeze(-1) * take(x[:, P0:], rest)).sum(1, keepdim=True))
+            x = torch.cat(parts, dim=1)
+        x = ref_mlp(blk, x)
+    return head(model, x)
+
+
+def ref_topk(model, img, keep, layer):
+    x = embed(model, img)
+    P0 = model.num_prefix_tokens
+    N = x.shape[1] - P0
+    for i, blk in enumerate(model.blocks):
+        if i == layer:
+            order = g.argsort(dim=1, descending=True)[:, :int(N * keep)]
+            x = torch.cat([x[:, :P0], take(x[:, P0:], order)], dim=1)
+        x, probs = ref_block(blk, x)
+        g = probs[:, :, 0, P0:].sum(1)
+    return head(model, x)

@@ -1,0 +1,184 @@
+"""The public API: apply/remove, state_dict, train vs eval, per-image results, trace, dtypes, compile."""
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import tokenpace
+from conftest import embed, make_vit, ref_block, ref_idle_select
+
+DEFAULTS = [("evo", {}), ("evo", {"representative": True}), ("evo", {"mode": "layer"}), ("idle", {}),
+            ("evit", {}), ("topk", {})]
+
+
+@pytest.mark.parametrize("method,options", DEFAULTS, ids=str)
+def test_apply_adds_no_parameters_and_remove_restores_exactly(method, options, images):
+    model = make_vit("deit")
+    keys = list(model.state_dict())
+    n_params = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        dense = model(images)
+        assert tokenpace.apply(model, method, **options) is model
+        assert list(model.state_dict()) == keys and sum(p.numel() for p in model.parameters()) == n_params
+        assert not torch.allclose(model(images), dense, atol=1e-3)
+        assert tokenpace.remove(model) is model
+        assert type(model) is VisionTransformer and tokenpace.get_patch(model) is None
+        assert torch.equal(model(images), dense)
+
+
+def test_state_dict_round_trips_through_plain_timm(images):
+    patched = tokenpace.apply(make_vit("layerscale", seed=3), "idle", keep=0.5)
+    plain = make_vit("layerscale", seed=4)
+    plain.load_state_dict(patched.state_dict(), strict=True)  # patched checkpoint -> plain timm
+    back = tokenpace.apply(make_vit("layerscale", seed=5), "idle", keep=0.5)
+    back.load_state_dict(plain.state_dict(), strict=True)  # and back into a patched model
+    with torch.no_grad():
+        assert torch.equal(back(images), patched(images))
+        assert torch.equal(plain(images), tokenpace.remove(patched)(images))
+
+
+def test_reapplying_replaces_the_previous_method(images):
+    model = make_vit("deit")
+    with torch.no_grad():
+        idle_only = tokenpace.apply(make_vit("deit"), "idle", keep=0.5)(images)
+        tokenpace.apply(model, "evo", keep=0.5)
+        tokenpace.apply(model, tokenpace.Idle(keep=0.5))
+        assert isinstance(tokenpace.get_patch(model).config, tokenpace.Idle)
+        assert torch.equal(model(images), idle_only)
+        assert type(tokenpace.remove(model)) is VisionTransformer
+
+
+def test_failed_reapply_keeps_the_current_patch():
+    model = tokenpace.apply(make_vit("deit"), "evo")
+    with pytest.raises(ValueError):
+        tokenpace.apply(model, "idle", stage_starts=(3, 40))
+    assert isinstance(tokenpace.get_patch(model).config, tokenpace.Evo)
+
+
+@pytest.mark.parametrize("method,options", DEFAULTS, ids=str)
+def test_train_and_eval_forwards_agree(method, options, images):
+    model = tokenpace.apply(make_vit("avg"), method, **options)
+    with torch.no_grad():
+        evaluated = model.eval()(images)
+        trained = model.train()(images)
+    assert torch.allclose(trained, evaluated, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,options", DEFAULTS, ids=str)
+def test_results_are_per_image(method, options, images):
+    model = tokenpace.apply(make_vit("distilled"), method, **options)
+    with torch.no_grad():
+        batch = model(images)
+        alone = torch.cat([model(images[i:i + 1]) for i in range(len(images))])
+    assert torch.allclose(batch, alone, atol=1e-5)
+
+
+def test_gradients_flow_in_training_mode(images):
+    for method in ("evo", "idle", "evit", "topk"):
+        model = tokenpace.apply(make_vit("deit"), method).train()
+        model(images).sum().backward()
+        grads = [p.grad for p in model.blocks[-1].parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads), method
+
+
+def test_idle_exposes_what_the_cut_loss_needs_in_training(images):
+    model = tokenpace.apply(make_vit("deit"), "idle", keep=0.5).train()
+    model(images)
+    records = tokenpace.get_patch(model).last_state.records
+    assert [r.layer for r in records] == list(range(3, 12))
+    assert records[0].normed.shape == (4, 65, 48) and records[0].index.shape == (4, 1 + 32)
+    assert records[0].normed.requires_grad
+    model.eval()
+    with torch.no_grad():
+        model(images)
+    assert tokenpace.get_patch(model).last_state.records == []  # nothing kept alive at inference
+
+
+def _valid_unique(idx, num_patches):
+    assert idx.dtype == torch.long and idx.min() >= 0 and idx.max() < num_patches
+    assert all(len(set(row.tolist())) == len(row) for row in idx)
+
+
+def test_trace_idle_records_the_top_scoring_tokens(images):
+    model = tokenpace.apply(make_vit("registers"), "idle", keep=0.7)
+    with torch.no_grad(), tokenpace.trace(model) as tr:
+        model(images)
+    assert tr.kept[:3] == [None, None, None]
+    assert [k.shape[1] for k in tr.kept[3:]] == [44] * 3 + [31] * 3 + [21] * 3  # int(64 * 0.7**s)
+    # replay the forward densely and check each layer's choice against the official selection
+    x = embed(model, images)
+    with torch.no_grad():
+        for i, blk in enumerate(model.blocks):
+            if tr.kept[i] is None:
+                x, _ = ref_block(blk, x)
+                continue
+            _valid_unique(tr.kept[i], 64)
+            expected = ref_idle_select(blk, x, 5, tr.kept[i].shape[1])
+            assert torch.equal(tr.kept[i].sort(1).values, expected.sort(1).values)
+            idx = torch.cat([torch.arange(5).expand(4, -1), tr.kept[i] + 5], 1)
+            sub, _ = ref_block(blk, x.gather(1, idx.unsqueeze(-1).expand(-1, -1, 48)))
+            x = x.scatter(1, idx.unsqueeze(-1).expand(-1, -1, 48), sub)
+
+
+def test_trace_evo_first_selection_is_the_top_class_attention(images):
+    model = tokenpace.apply(make_vit("deit"), "evo", keep=0.5)
+    with torch.no_grad(), tokenpace.trace(model) as tr:
+        model(images)
+        x = embed(model, images)
+        for blk in model.blocks[:4]:
+            x, probs = ref_block(blk, x)
+    assert tr.kept[:4] == [None] * 4
+    g = probs[:, :, 0, 1:].sum(1)
+    expected = g.argsort(1, descending=True)[:, :32]
+    assert torch.equal(tr.kept[4].sort(1).values, expected.sort(1).values)
+    assert all(torch.equal(tr.kept[i], tr.kept[4]) for i in range(4, 8))  # one selection per stage
+    assert not torch.equal(tr.kept[8], tr.kept[4])
+    for k in tr.kept[4:]:
+        _valid_unique(k, 64)
+
+
+def test_trace_evit_and_topk(images):
+    model = tokenpace.apply(make_vit("deit"), "evit", keep=0.7)
+    with torch.no_grad(), tokenpace.trace(model) as tr:
+        model(images)
+    assert [None if k is None else k.shape[1] for k in tr.kept] == [None] * 3 + [46] * 3 + [34] * 3 + [25] * 3
+    for i, k in enumerate(tr.kept[3:]):
+        real = k[k >= 0]
+        # fused tokens are marked -1; one is made per shrink layer and an earlier one may be kept as a token
+        assert real.max() < 64 and (k == -1).sum(1).ge(1).all() and (k == -1).sum(1).le(1 + i // 3).all()
+        assert all(len(set(r[r >= 0].tolist())) == int((r >= 0).sum()) for r in k)
+    tokenpace.apply(model, "topk", keep=0.25)
+    with torch.no_grad(), tokenpace.trace(model) as tr:
+        model(images)
+    assert tr.kept[3] is None and all(k.shape == (4, 16) for k in tr.kept[4:])
+
+
+def test_trace_needs_a_patched_model():
+    with pytest.raises(ValueError, match="apply"):
+        with tokenpace.trace(make_vit("deit")):
+            pass
+
+
+@pytest.mark.parametrize("method", ["evo", "idle", "evit", "topk"])
+def test_bf16_autocast_gives_finite_outputs(method, images):
+    model = tokenpace.apply(make_vit("deit"), method)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+    assert torch.isfinite(out).all()
+    model = tokenpace.apply(make_vit("deit").to(torch.bfloat16), method)
+    with torch.inference_mode():
+        assert torch.isfinite(model(images.to(torch.bfloat16))).all()
+
+
+def test_torch_compile_full_graph(images):
+    model = tokenpace.apply(make_vit("deit", depth=6), "idle", keep=0.5)
+    with torch.no_grad():
+        expected = model(images)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        assert torch.allclose(compiled(images), expected, atol=1e-5)
+
+
+def test_inference_mode_and_batch_size_one(images):
+    for method in ("evo", "idle", "evit", "topk"):
+        model = tokenpace.apply(make_vit("deit"), method)
+        with torch.inference_mode():
+            assert model(images[:1]).shape == (1, 10)

@@ -1,0 +1,105 @@
+"""Pure tensor functions: selection, gather/scatter, scores, schedules."""
+
+import pytest
+import torch
+
+from tokenpace.core.schedule import keep_count, keep_count_ceil, scaled_layers, stage_of, validate_layers
+from tokenpace.core.scores import cls_attention, cls_logits_from_keys, cls_logits_linear, evolve
+from tokenpace.core.tokens import (gather_tokens, scatter_tokens, split_indices, top_indices, weighted_merge,
+                                   with_prefix)
+
+
+def test_top_indices_are_the_k_largest_in_order():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [3.0, 1.0, 2.0, 0.0]])
+    assert top_indices(scores, 2).tolist() == [[1, 3], [0, 2]]
+    keep, rest = split_indices(scores, 2)
+    assert keep.tolist() == [[1, 3], [0, 2]] and rest.tolist() == [[2, 0], [1, 3]]
+
+
+def test_with_prefix_puts_prefix_first_and_shifts_patches():
+    idx = torch.tensor([[3, 0], [1, 2]])
+    assert with_prefix(idx, 2).tolist() == [[0, 1, 5, 2], [0, 1, 3, 4]]
+    assert with_prefix(idx, 0) is idx
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_gather_scatter_roundtrip_touches_only_selected_rows(grad):
+    x = torch.randn(3, 7, 5)
+    idx = torch.stack([torch.randperm(7)[:4] for _ in range(3)])
+    sub = gather_tokens(x, idx)
+    assert torch.equal(sub, x.gather(1, idx.unsqueeze(-1).expand(-1, -1, 5)))
+    with torch.set_grad_enabled(grad):
+        out = scatter_tokens(x.clone(), idx, sub * 2)
+    mask = torch.zeros(3, 7, dtype=torch.bool).scatter(1, idx, True)
+    assert torch.equal(out[mask], (x * 2)[mask]) and torch.equal(out[~mask], x[~mask])
+
+
+def test_scatter_is_differentiable():
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    src = torch.randn(2, 2, 3, requires_grad=True)
+    idx = torch.tensor([[0, 4], [2, 1]])
+    scatter_tokens(x, idx, src).sum().backward()
+    assert x.grad.sum().item() == pytest.approx(2 * 3 * 3) and torch.equal(src.grad, torch.ones_like(src))
+
+
+def test_weighted_merge():
+    x = torch.randn(2, 4, 3)
+    w = torch.rand(2, 4)
+    assert torch.allclose(weighted_merge(x, w, False)[:, 0], (w.unsqueeze(-1) * x).sum(1), atol=1e-6)
+    assert torch.allclose(weighted_merge(x, w, True)[:, 0], (w.unsqueeze(-1) * x).sum(1) / w.sum(1, keepdim=True),
+                          atol=1e-6)
+
+
+def test_cls_attention_is_row_zero_of_the_full_map():
+    q, k = torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4)
+    full = ((q * 0.5) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0]
+    assert torch.allclose(cls_attention(q[:, :, :1], k, 0.5, "sum"), full.sum(1), atol=1e-6)
+    assert torch.allclose(cls_attention(q[:, :, :1], k, 0.5, "mean"), full.mean(1), atol=1e-6)
+
+
+def test_linear_cls_logits_rank_like_projected_keys():
+    B, n, C, H = 3, 20, 12, 3
+    normed = torch.randn(B, n, C)
+    w_q, w_k, b_q, b_k = torch.randn(C, C), torch.randn(C, C), torch.randn(C), torch.randn(C)
+    q_cls = torch.nn.functional.linear(normed[:, 0], w_q, b_q)
+    k = torch.nn.functional.linear(normed, w_k, b_k).reshape(B, n, H, C // H).transpose(1, 2)
+    full = cls_logits_from_keys(q_cls.reshape(B, H, 1, C // H), k)
+    cheap = cls_logits_linear(normed, q_cls, w_k)
+    # identical up to a per-image constant (q . b_k), so identical rankings
+    shift = (q_cls * b_k).sum(-1, keepdim=True)
+    assert torch.allclose(cheap + shift, full, atol=1e-3)
+    assert torch.equal(full.argsort(1), cheap.argsort(1))
+
+
+def test_evolve_weights_the_new_layer():
+    g, a = torch.tensor([1.0, 3.0]), torch.tensor([3.0, 1.0])
+    assert evolve(g, a, 0.5).tolist() == [2.0, 2.0]
+    assert evolve(g, a, 1.0) is a
+
+
+@pytest.mark.parametrize("r,counts", [(0.9, (176, 158, 142)), (0.8, (156, 125, 100)), (0.7, (137, 96, 67)),
+                                      (0.6, (117, 70, 42)), (0.5, (98, 49, 24))])
+def test_idle_token_counts_match_the_spec_table(r, counts):
+    assert tuple(keep_count(196, r ** s) for s in (1, 2, 3)) == counts
+
+
+def test_keep_counts():
+    assert keep_count(196, 0.5) == 98
+    assert keep_count(10, 0.01) == 1  # K is at least 1
+    assert keep_count(10, 1.0) == 10
+    assert [keep_count_ceil(n, 0.7) for n in (196, 139, 99)] == [138, 98, 70]
+
+
+def test_schedules_scale_with_depth():
+    assert scaled_layers(12, (4, 8)) == (4, 8) and scaled_layers(12, (3, 6, 9)) == (3, 6, 9)
+    assert scaled_layers(24, (4, 8)) == (8, 16) and scaled_layers(6, (4, 8)) == (2, 4)
+    assert [stage_of(i, (3, 6, 9)) for i in (0, 2, 3, 5, 6, 9, 11)] == [0, 0, 1, 1, 2, 3, 3]
+
+
+def test_validate_layers_messages():
+    with pytest.raises(ValueError, match=r"outside the model.*0\.\.11"):
+        validate_layers("x", (3, 12), 12)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        validate_layers("x", (6, 3), 12)
+    with pytest.raises(ValueError, match="at least one"):
+        validate_layers("x", (), 12)

@@ -1,0 +1,92 @@
+"""Bad input: a clear exception naming the value and what is accepted; the CLI turns it into one line, exit 2."""
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import tokenpace
+from tokenpace.cli import main
+from conftest import make_vit
+
+
+@pytest.mark.parametrize("method", ["evo", "idle", "evit", "topk"])
+@pytest.mark.parametrize("keep", [0, 0.0, -0.5, 1.01, 2, "0.5", True, None])
+def test_keep_outside_zero_one(method, keep):
+    with pytest.raises(ValueError, match=r"keep must be a number in \(0, 1\]"):
+        tokenpace.apply(make_vit("deit", depth=6), method, keep=keep)
+
+
+@pytest.mark.parametrize("method,options,match", [
+    ("evo", {"stage_starts": (4, 12)}, r"outside the model: accepted layers are 1\.\.11"),
+    ("evo", {"stage_starts": (0, 8)}, r"outside the model: accepted layers are 1\.\.11"),
+    ("evo", {"stage_starts": (8, 4)}, "strictly increasing"),
+    ("evo", {"stage_starts": [4, 8]}, "must be a tuple"),
+    ("idle", {"stage_starts": (3, 6, 13)}, r"outside the model: accepted layers are 0\.\.11"),
+    ("evit", {"layers": (-1, 6)}, r"outside the model"),
+    ("topk", {"layer": 12}, r"outside the model"),
+    ("topk", {"layer": 0}, r"accepted layers are 1\.\.11"),
+    ("evo", {"mode": "block"}, r"mode='block' is not accepted; choose one of 'stage', 'layer'"),
+    ("evo", {"alpha": 0}, r"alpha must be a number in \(0, 1\]"),
+    ("evo", {"representative": "yes"}, "representative must be True or False"),
+    ("idle", {"score": "max"}, r"score='max' is not accepted; choose one of 'cls', 'random'"),
+    ("evit", {"fuse": 1}, "fuse must be True or False"),
+    ("idle", {"ratio": 0.5}, r"unknown option.*accepted: keep, stage_starts, score, project_keys"),
+    ("dynamicvit", {}, r"unknown method 'dynamicvit'; accepted: evit, evo, idle, topk"),
+])
+def test_bad_options_name_the_value_and_what_is_accepted(method, options, match):
+    with pytest.raises(ValueError, match=match):
+        tokenpace.apply(make_vit("deit"), method, **options)
+
+
+@pytest.mark.parametrize("method", ["evo", "idle", "evit", "topk"])
+def test_model_without_class_token(method):
+    model = make_vit("deit", class_token=False, global_pool="avg")
+    with pytest.raises(ValueError, match="has no class token; accepted: models built with class_token=True"):
+        tokenpace.apply(model, method)
+    assert tokenpace.get_patch(model) is None
+
+
+@pytest.mark.parametrize("model", [torch.nn.Linear(3, 3), timm.create_model("resnet10t", num_classes=2)])
+def test_unsupported_models_raise_type_error_naming_the_families(model):
+    with pytest.raises(TypeError, match="is not a supported model; tokenpace supports: timm VisionTransformer"):
+        tokenpace.apply(model, "idle")
+    with pytest.raises(TypeError, match="not a supported model"):
+        tokenpace.macs(model)
+
+
+def test_unsupported_vit_block_type():
+    from timm.models.vision_transformer import ResPostBlock
+
+    model = make_vit("deit", block_fn=ResPostBlock, depth=4)
+    with pytest.raises(TypeError, match="ResPostBlock.*supports timm's pre-norm Block"):
+        tokenpace.apply(model, "evo")
+
+
+def test_attention_masks_are_refused_on_a_patched_model():
+    model = tokenpace.apply(make_vit("deit", depth=4), "idle")
+    with pytest.raises(ValueError, match="attention masks"):
+        model(torch.randn(1, 3, 32, 32), attn_mask=torch.zeros(65, 65))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--methods", "evo@1.5"], "Evo keep must be a number in (0, 1]"),
+    (["bench", "--methods", "dense,fast"], "unknown method 'fast' in --methods; accepted: dense, evit, evo, idle, topk"),
+    (["bench", "no_such_model"], "unknown timm model 'no_such_model'"),
+    (["bench", "resnet10t"], "is not a supported model"),
+    (["bench", "--device", "cuda"] if not torch.cuda.is_available() else ["bench", "--runs", "0"], "accepted"),
+    (["bench", "--runs", "0"], "--runs must be >= 1"),
+    (["bench", "--methods", "evo:mode=block"], "mode='block' is not accepted"),
+    (["bench", "--checkpoint", "/no/such/file.pth"], "checkpoint '/no/such/file.pth' does not exist"),
+])
+def test_cli_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tokenpace: error:") and message in err and "\n" not in err
+
+
+def test_cli_has_no_traceback_in_a_real_process():
+    proc = subprocess.run([sys.executable, "-m", "tokenpace.cli", "bench", "--methods", "idle@0"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "Idle keep" in proc.stderr
