@@ -161,9 +161,10 @@ def test_trace_needs_a_patched_model():
 @pytest.mark.parametrize("method", ["evo", "idle", "evit", "topk"])
 def test_bf16_autocast_gives_finite_outputs(method, images):
     model = tokenpace.apply(make_vit("deit"), method)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(images)
-    assert torch.isfinite(out).all()
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype):
+            out = model(images)
+        assert out.dtype == dtype and torch.isfinite(out).all()
     model = tokenpace.apply(make_vit("deit").to(torch.bfloat16), method)
     with torch.inference_mode():
         assert torch.isfinite(model(images.to(torch.bfloat16))).all()
