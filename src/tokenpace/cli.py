@@ -78,6 +78,73 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_args(text: str | None) -> dict:
+    """"img_size=32,patch_size=4,depth=6" -> kwargs for timm.create_model."""
+    out: dict = {}
+    for pair in filter(None, (text or "").split(",")):
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise UsageError(f"--model-args entry {pair!r} must be key=value (e.g. img_size=32,depth=6)")
+        for cast in (int, float):
+            try:
+                out[key.strip()] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key.strip()] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
+def _method_from_args(recipe, args):
+    """The recipe's method, replaced by --method and adjusted by --keep / --score."""
+    import dataclasses
+
+    from .methods import make_config
+
+    method = recipe.method
+    if args.method:
+        method = None if args.method == "dense" else make_config(args.method)
+    overrides = {k: v for k, v in (("keep", args.keep), ("score", args.score)) if v is not None}
+    if overrides:
+        if method is None:
+            raise UsageError("--keep/--score need a method; the dense recipe has none")
+        method = dataclasses.replace(method, **overrides)
+    return method
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .data import DataSpec
+    from .train import TrainConfig, get_recipe, train
+    from .train.loop import TrainError
+
+    recipe = get_recipe(args.recipe)
+    recipe = recipe.with_method(_method_from_args(recipe, args))
+    updates = {k: v for k, v in (("cut_mode", args.cut_mode), ("cut_weight", args.cut_weight),
+                                 ("distill_weight", args.distill_weight), ("warmup_epochs", args.warmup_epochs))
+               if v is not None}
+    if "cut_mode" in updates:
+        from .losses import CUT_MODES
+
+        if updates["cut_mode"] not in CUT_MODES:
+            raise UsageError(f"--cut-mode {updates['cut_mode']!r} is not accepted; choose one of "
+                             f"{', '.join(CUT_MODES)}")
+    recipe = dataclasses.replace(recipe, **updates)
+    cfg = TrainConfig(recipe=recipe, model=args.model, data=DataSpec(args.data, canvas=args.canvas,
+                                                                     limit=args.limit),
+                      output=args.output, model_args=_model_args(args.model_args), init=args.init,
+                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp,
+                      workers=args.workers, seed=args.seed, resume=args.resume, stop_after=args.stop_after,
+                      progress=not args.quiet)
+    try:
+        train(cfg)
+    except TrainError as err:
+        raise UsageError(str(err)) from None
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenpace", description="Token pacing for vision transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +167,36 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="write the results as JSON to this file")
     bench.add_argument("--quiet", action="store_true", help="no per-run progress lines")
     bench.set_defaults(func=cmd_bench)
+
+    from .train.recipes import RECIPES
+
+    tr = sub.add_parser("train", help="train or fine-tune with a recipe (Accelerate; use `accelerate launch -m "
+                        "tokenpace.cli train ...` for several GPUs or nodes)")
+    tr.add_argument("--recipe", required=True, help=f"one of: {', '.join(RECIPES)}")
+    tr.add_argument("--data", required=True, help="packed-JPEG .npz, 'cifar10', or an ImageNet-style folder")
+    tr.add_argument("--output", required=True, help="run folder: last.pth, metrics.jsonl, model.safetensors")
+    tr.add_argument("--model", default=DEFAULT_MODEL)
+    tr.add_argument("--model-args", default=None, help="timm.create_model kwargs, e.g. img_size=32,patch_size=4")
+    tr.add_argument("--init", default=None, help="dense weights to fine-tune from (.safetensors or .pth)")
+    tr.add_argument("--method", default=None, help="override the recipe's method: dense, evo, idle, evit, topk")
+    tr.add_argument("--keep", type=float, default=None)
+    tr.add_argument("--score", default=None, help="cls or random (the control)")
+    tr.add_argument("--cut-mode", default=None, help="idle-finetune: both, intra, inter, none")
+    tr.add_argument("--cut-weight", type=float, default=None)
+    tr.add_argument("--distill-weight", type=float, default=None)
+    tr.add_argument("--epochs", type=int, default=None)
+    tr.add_argument("--batch-size", type=int, default=128, help="per process (default 128)")
+    tr.add_argument("--lr", type=float, default=None, help="absolute peak lr (default: recipe lr x batch/base)")
+    tr.add_argument("--warmup-epochs", type=int, default=None, help="override the recipe's lr warm-up epochs")
+    tr.add_argument("--amp", choices=("no", "bf16", "fp16"), default="no")
+    tr.add_argument("--workers", type=int, default=2)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--canvas", type=int, default=None, help="cluttered variant: paste images on a noise canvas")
+    tr.add_argument("--limit", type=int, default=None, help="use only the first N images of each split")
+    tr.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pth")
+    tr.add_argument("--stop-after", type=int, default=None, help="stop after N epochs in this invocation")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    tr.set_defaults(func=cmd_train)
     return parser
 
 

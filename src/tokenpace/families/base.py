@@ -66,6 +66,10 @@ class FamilyAdapter(ABC):
         """(head-summed class-query logits of block i over every token of x (B, n), the block's norm1 output)."""
 
     @abstractmethod
+    def attention_module(self, i: int) -> nn.Module:
+        """Block i's attention module (the token cut loss rebuilds its attention graph from it)."""
+
+    @abstractmethod
     def block_from_normed(self, i: int, x: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
         """Block i on x whose norm1 output is already known."""
 

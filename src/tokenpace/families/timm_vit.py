@@ -105,6 +105,9 @@ class TimmViT(FamilyAdapter):
         blk = self.blocks[i]
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
+    def attention_module(self, i: int) -> nn.Module:
+        return self.blocks[i].attn
+
     def block_from_normed(self, i: int, x: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
         blk = self.blocks[i]
         out, _ = _attend(blk.attn, normed, None)

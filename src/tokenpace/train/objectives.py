@@ -1,0 +1,112 @@
+"""What a training step optimises, per recipe. Each objective holds the student (and any training-only head or
+teacher) and returns the loss with its terms; the student itself stays a plain (patched) timm model."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..losses import distill_kl, feature_mse, token_cut_loss
+from ..patch import get_patch
+from .recipes import Recipe
+
+
+class Objective(nn.Module):
+    def __init__(self, model: nn.Module, criterion: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+
+    def trainable(self) -> list[nn.Module]:
+        """Modules whose parameters the optimiser updates."""
+        return [self.model]
+
+    def extra_state(self) -> dict:
+        """Training-only weights to checkpoint beside the model."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor):
+        logits = self.model(images)
+        loss = self.criterion(logits, targets)
+        return loss, {"ce": loss.detach()}, logits
+
+
+class EvoScratchObjective(Objective):
+    """Average-pool head + an auxiliary class-token head (LayerNorm + Linear), losses weighted 0.5 / 0.5."""
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, aux_weight: float) -> None:
+        super().__init__(model, criterion)
+        width = model.num_features
+        self.aux_head = nn.Sequential(nn.LayerNorm(width, eps=1e-6), nn.Linear(width, model.num_classes))
+        self.aux_weight = aux_weight
+
+    def trainable(self) -> list[nn.Module]:
+        return [self.model, self.aux_head]
+
+    def extra_state(self) -> dict:
+        return {"aux_head": self.aux_head.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.aux_head.load_state_dict(state["aux_head"])
+
+    def forward(self, images, targets):
+        feats = self.model.forward_features(images)
+        logits = self.model.forward_head(feats)
+        aux = self.aux_head(feats[:, 0])
+        main_loss, aux_loss = self.criterion(logits, targets), self.criterion(aux, targets)
+        loss = (1 - self.aux_weight) * main_loss + self.aux_weight * aux_loss
+        return loss, {"ce": main_loss.detach(), "ce_cls_head": aux_loss.detach()}, logits
+
+
+class IdleDistillObjective(Objective):
+    """CE + cut_weight x token cut loss + lambda x KL(teacher || student) + 100 lambda x class-feature MSE."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, criterion: nn.Module, recipe: Recipe) -> None:
+        super().__init__(model, criterion)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.recipe = recipe
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher always runs in eval mode (the official code forgets this)
+        return self
+
+    def forward(self, images, targets):
+        r = self.recipe
+        feats = self.model.forward_features(images)
+        logits = self.model.forward_head(feats)
+        with torch.no_grad():
+            t_feats = self.teacher.forward_features(images)
+            t_logits = self.teacher.forward_head(t_feats)
+        ce = self.criterion(logits, targets)
+        terms = {"ce": ce.detach()}
+        loss = ce
+        patch = get_patch(self.model)
+        if r.cut_mode != "none" and patch is not None and self.model.training:
+            records = patch.last_state.records
+            attns = [patch.adapter.attention_module(rec.layer) for rec in records]
+            cut = token_cut_loss(records, attns, patch.adapter.num_prefix, r.cut_mode)
+            loss = loss + r.cut_weight * cut
+            terms["cut"] = cut.detach()
+        if r.distill_weight:
+            kl = distill_kl(logits, t_logits)
+            feat = feature_mse(self.model.forward_head(feats, pre_logits=True),
+                               self.teacher.forward_head(t_feats, pre_logits=True))
+            loss = loss + r.distill_weight * kl + 100 * r.distill_weight * feat
+            terms.update(kl=kl.detach(), feature=feat.detach())
+        return loss, terms, logits
+
+
+def make_objective(recipe: Recipe, model: nn.Module, criterion: nn.Module, dense_model: nn.Module | None = None):
+    """The recipe's objective around ``model``; ``dense_model`` (unpatched) is copied as the teacher when needed."""
+    if recipe.objective == "evo_scratch":
+        return EvoScratchObjective(model, criterion, recipe.aux_weight)
+    if recipe.objective == "idle_distill":
+        if dense_model is None or get_patch(dense_model) is not None:
+            raise ValueError("the idle_distill objective needs the dense (unpatched) model as teacher")
+        return IdleDistillObjective(model, copy.deepcopy(dense_model), criterion, recipe)
+    return Objective(model, criterion)

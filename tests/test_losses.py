@@ -1,0 +1,68 @@
+"""The token cut loss against the spec's step-by-step definition and its closed form (idlevit.md §5.1)."""
+import pytest
+import torch
+
+import tokenpace
+from tokenpace.losses import CUT_MODES, distill_kl, feature_mse, mean_head_logits, token_cut_loss
+
+from conftest import make_vit
+
+
+def _reference_cut(attn, normed, index, mode):
+    """Literal §5.1: per-head logits, head mean, softmax, D = |m_i - m_j| with column 0 zeroed, E = m_i m_j."""
+    B, n, _ = normed.shape
+    q, k, _ = attn.qkv(normed).reshape(B, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    logits = ((q * attn.scale) @ k.transpose(-2, -1)).mean(1)
+    A = logits.softmax(-1)
+    m = torch.zeros(B, n).scatter(1, index, 1.0)
+    D = (m.unsqueeze(2) - m.unsqueeze(1)).abs()
+    D[:, :, 0] = 0
+    E = m.unsqueeze(2) * m.unsqueeze(1)
+    inter, intra = (D * A).sum(-1), (E * A).sum(-1)
+    inter_loss, intra_loss = (inter ** 2).mean(), ((intra - m) ** 2).mean()
+    closed = (2 * ((m * (A * (1 - m).unsqueeze(1)).sum(-1)) ** 2).sum(-1)
+              + (((1 - m) * (A * m.unsqueeze(1))[:, :, 1:].sum(-1)) ** 2).sum(-1)).sum() / (B * n)
+    return {"both": inter_loss + intra_loss, "inter": inter_loss, "intra": intra_loss, "none": 0.0}[mode], closed
+
+
+@pytest.mark.parametrize("mode", CUT_MODES)
+def test_cut_loss_matches_definition_and_closed_form(mode):
+    model = tokenpace.apply(make_vit("deit"), "idle", keep=0.5).train()
+    model(torch.randn(3, 3, 32, 32))
+    records = tokenpace.get_patch(model).last_state.records
+    attns = [model.blocks[r.layer].attn for r in records]
+    got = token_cut_loss(records, attns, num_prefix=1, mode=mode)
+    with torch.no_grad():
+        refs = [_reference_cut(a, r.normed, r.index, mode) for r, a in zip(records, attns)]
+    expected = sum(float(ref) for ref, _ in refs) / len(refs)
+    assert got.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    if mode == "both":
+        closed = sum(float(c) for _, c in refs) / len(refs)
+        assert got.item() == pytest.approx(closed, rel=1e-4)
+        assert got.item() > 0
+        got.backward()
+        assert model.blocks[3].attn.qkv.weight.grad.abs().sum() > 0  # reaches W_q, W_k of the idling layer
+
+
+def test_mean_head_logits_is_one_product():
+    attn = make_vit("qknorm").blocks[0].attn
+    normed = torch.randn(2, 9, 48)
+    B, n, _ = normed.shape
+    q, k, _ = attn.qkv(normed).reshape(B, n, 3, 3, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    expected = ((q * attn.scale) @ k.transpose(-2, -1)).mean(1)
+    assert torch.allclose(mean_head_logits(attn, normed), expected, atol=1e-5)
+
+
+def test_cut_loss_bad_mode_and_empty():
+    with pytest.raises(ValueError, match="choose one of both, intra, inter, none"):
+        token_cut_loss([], [], 1, mode="all")
+    assert token_cut_loss([], [], 1).item() == 0.0
+
+
+def test_distillation_terms():
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    assert distill_kl(t, t).item() == pytest.approx(0.0, abs=1e-6) and distill_kl(s, t).item() > 0
+    f = torch.randn(4, 8)
+    assert feature_mse(f, 3 * f).item() == pytest.approx(0.0, abs=1e-7)
+    assert feature_mse(f, -f).item() == pytest.approx(4 / 8, rel=1e-5)  # (2 - 2 cos) / C with cos = -1

@@ -1,0 +1,153 @@
+"""Training pipeline on a few dozen real CIFAR-10 images and a tiny ViT: recipes, resume, faults, export."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import tokenpace
+from tokenpace.cli import main
+from tokenpace.data import DataSpec, PackedJpegDataset, build_dataset
+from tokenpace.train import TrainConfig, get_recipe, train
+
+CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_jpeg.npz")
+CIFAR = os.environ.get("TOKENPACE_CIFAR", CIFAR)
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
+TINY_ARGS = "img_size=32,patch_size=8,embed_dim=32,depth=4,num_heads=2"
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(CIFAR), reason="../shared/data/cifar10_jpeg.npz not found")
+
+
+def _config(tmp_path, recipe="dense", name="run", **kw):
+    return TrainConfig(recipe=get_recipe(recipe), model="vit_tiny_patch16_224", model_args=dict(TINY),
+                       data=DataSpec(CIFAR, limit=kw.pop("limit", 64)), output=str(tmp_path / name), batch_size=16,
+                       workers=0, epochs=kw.pop("epochs", 2), progress=False, **kw)
+
+
+def _final_state(path):
+    return torch.load(os.path.join(path, "last.pth"), map_location="cpu", weights_only=False)
+
+
+def test_packed_jpeg_reader_and_limits():
+    ds = PackedJpegDataset(CIFAR, "val", limit=20)
+    labels = [ds[i][1] for i in range(20)]
+    assert len(ds) == 20 and ds[0][0].size == (32, 32) and len(set(labels)) == 10  # spread over the classes
+    assert len(build_dataset(DataSpec(CIFAR, canvas=64, limit=3), "train")) == 3
+    assert build_dataset(DataSpec(CIFAR, canvas=64, limit=3), "train")[0][0].size == (64, 64)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    straight = _config(tmp_path, "evo-scratch", "straight")
+    train(straight)
+    first = _config(tmp_path, "evo-scratch", "split", stop_after=1)
+    train(first)
+    assert _final_state(first.output)["epoch"] == 1 and not os.path.exists(os.path.join(first.output,
+                                                                                          "model.safetensors"))
+    train(_config(tmp_path, "evo-scratch", "split", resume=True))
+    a, b = _final_state(straight.output), _final_state(first.output)
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["extra"]["aux_head"]:
+        assert torch.equal(a["extra"]["aux_head"][key], b["extra"]["aux_head"][key])
+    lines = [json.loads(l) for l in open(os.path.join(first.output, "metrics.jsonl"))]
+    assert [m["epoch"] for m in lines] == [1, 2] and lines[0]["method_mode"] == "layer"
+    assert lines[1]["method_mode"] == "stage"  # layer-to-stage: 2/3 of 2 epochs -> epoch 1 layer, epoch 2 stage
+
+
+def test_export_loads_into_plain_timm_and_runs_patched(tmp_path):
+    cfg = _config(tmp_path, epochs=1)
+    train(cfg)
+    state = load_file(os.path.join(cfg.output, "model.safetensors"))
+    plain = timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY)
+    plain.load_state_dict(state, strict=True)
+    run = json.load(open(os.path.join(cfg.output, "run.json")))
+    assert run["model_args"]["num_classes"] == 10 and run["recipe"] == "dense"
+    assert tokenpace.apply(plain, "idle")(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("cut_mode", ["both", "none"])
+def test_idle_finetune_logs_every_loss_term(tmp_path, cut_mode):
+    dense = _config(tmp_path, epochs=1, name="dense")
+    train(dense)
+    cfg = _config(tmp_path, "idle-finetune", init=os.path.join(dense.output, "model.safetensors"), epochs=1)
+    cfg.recipe = cfg.recipe.__class__(**{**cfg.recipe.__dict__, "cut_mode": cut_mode})
+    history = train(cfg)
+    terms = set(history[0])
+    assert {"loss", "ce", "kl", "feature", "lr", "train_top1", "val_top1", "val_top5", "img_per_s"} <= terms
+    assert ("cut" in terms) == (cut_mode != "none")
+    state = _final_state(cfg.output)
+    init = load_file(os.path.join(dense.output, "model.safetensors"))
+    assert torch.equal(state["model"]["pos_embed"], init["pos_embed"])  # frozen, as in the official recipe
+    assert not torch.equal(state["model"]["blocks.3.attn.qkv.weight"], init["blocks.3.attn.qkv.weight"])
+
+
+def test_a_killed_run_resumes_from_the_last_complete_checkpoint(tmp_path):
+    def command(out):
+        return [sys.executable, "-m", "tokenpace.cli", "train", "--recipe", "dense", "--data", CIFAR, "--output",
+                str(out), "--model", "vit_tiny_patch16_224", "--model-args", TINY_ARGS, "--epochs", "3",
+                "--batch-size", "16", "--limit", "160", "--workers", "0", "--quiet"]
+
+    out = tmp_path / "killed"
+    cmd = command(out)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "last.pth"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # in epoch 2, or while epoch 2's checkpoint is being written
+    proc.wait()
+    assert _final_state(str(out))["epoch"] in (1, 2)  # it loads: never a truncated file
+    assert subprocess.run(cmd + ["--resume"], capture_output=True).returncode == 0
+    straight = tmp_path / "straight"
+    subprocess.run(command(straight), check=True, capture_output=True)
+    a, b = _final_state(str(out)), _final_state(str(straight))
+    assert a["epoch"] == b["epoch"] == 3
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    lines = [json.loads(l)["epoch"] for l in open(out / "metrics.jsonl")]
+    assert lines == [1, 2, 3]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--recipe", "fast"], "unknown recipe 'fast'; accepted: dense, evo-scratch, idle-finetune, finetune"),
+    (["--recipe", "dense", "--data", "/no/such.npz"], "data path '/no/such.npz' does not exist"),
+    (["--recipe", "dense", "--data", "/no/such/folder"], "does not exist; accepted: a packed-JPEG .npz file"),
+    (["--recipe", "idle-finetune"], "fine-tunes dense weights: pass --init CHECKPOINT"),
+    (["--recipe", "dense", "--cut-mode", "all"], "--cut-mode 'all' is not accepted"),
+    (["--recipe", "dense", "--keep", "0.5"], "--keep/--score need a method"),
+    (["--recipe", "dense", "--method", "evo", "--keep", "3"], "Evo keep must be a number in (0, 1]"),
+    (["--recipe", "dense", "--model", "nope"], "unknown timm model 'nope'"),
+])
+def test_train_cli_errors_are_one_line(argv, message, tmp_path, capsys):
+    full = ["train", "--data", CIFAR, "--output", str(tmp_path / "x"), "--model-args", TINY_ARGS, "--limit", "32",
+            "--batch-size", "16", "--workers", "0", "--quiet", *argv]
+    assert main(full) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("tokenpace: error:") and message in err
+
+
+def test_malformed_data_and_foreign_checkpoints(tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.zeros((2, 4)))
+    common = ["train", "--output", str(tmp_path / "y"), "--model-args", TINY_ARGS, "--batch-size", "16",
+              "--workers", "0", "--quiet"]
+    assert main(common + ["--recipe", "dense", "--data", str(bad)]) == 2
+    assert "is not a packed-JPEG .npz: missing keys" in capsys.readouterr().err
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1).state_dict(), str(other))
+    assert main(common + ["--recipe", "finetune", "--data", CIFAR, "--limit", "32", "--init", str(other)]) == 2
+    assert "does not fit model" in capsys.readouterr().err
+    garbage = tmp_path / "y" / "last.pth"
+    garbage.parent.mkdir(exist_ok=True)
+    garbage.write_bytes(b"not a checkpoint")
+    assert main(common + ["--recipe", "dense", "--data", CIFAR, "--limit", "32", "--resume"]) == 2
+    assert "is not a readable checkpoint" in capsys.readouterr().err
