@@ -145,6 +145,79 @@ def benchmark(
                     series.append(elapsed)
                 phase = f"warm-up {r + 1}/{warmup}" if r < warmup else f"run {r - warmup + 1}/{runs}"
                 say(f"[{phase}] {spec.label:<6} {elapsed * 1000:9.1f} ms")
+    return _results(specs, gmacs, times, batch_size)
+
+
+TRAIN_RECIPES = {"dense": "dense", "evo": "evo-scratch", "idle": "idle-finetune", "evit": "finetune",
+                 "topk": "finetune"}
+
+
+def train_objective(model: nn.Module, spec: MethodSpec):
+    """The training objective a recipe uses for ``spec``: dense and EViT/top-k cross-entropy, Evo's two heads in
+    layer mode (the first phase of training), IdleViT's cut loss and dense teacher."""
+    import dataclasses
+
+    from .train.objectives import make_objective
+    from .train.recipes import get_recipe
+
+    recipe = get_recipe(TRAIN_RECIPES[spec.method])
+    options = dict(spec.options)
+    if spec.method == "evo":
+        options.setdefault("mode", "layer")
+    method = None if spec.method == "dense" else make_config(spec.method, **options)
+    recipe = dataclasses.replace(recipe, method=method)
+    objective = make_objective(recipe, model, nn.CrossEntropyLoss(), dense_model=model)
+    if method is not None:
+        apply(objective.model, method)
+    return objective
+
+
+def benchmark_train(
+    model: nn.Module,
+    specs: list[MethodSpec],
+    batch_size: int,
+    device: torch.device,
+    amp: str = "none",
+    runs: int = 5,
+    warmup: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchResult]:
+    """Time one training step (forward, backward, AdamW step; teacher and cut loss included) per spec."""
+    say = progress or (lambda msg: None)
+    x = torch.randn(batch_size, *adapter_for(model).input_size(), device=device)
+    y = torch.randint(0, model.num_classes, (batch_size,), device=device)
+    autocast = (lambda: torch.autocast(device.type, dtype=AMP_DTYPES[amp])) if AMP_DTYPES[amp] else nullcontext
+    steps, gmacs = [], []
+    for spec in specs:
+        objective = train_objective(copy.deepcopy(model), spec).to(device).train()
+        params = [p for module in objective.trainable() for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-6)
+        gmacs.append(macs(objective.model) / 1e9)
+
+        def step(objective=objective, optimizer=optimizer):
+            with autocast():
+                loss = objective(x, y)[0]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        steps.append(step)
+    times: list[list[float]] = [[] for _ in specs]
+    for r in range(warmup + runs):
+        for spec, step, series in zip(specs, steps, times):
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                series.append(elapsed)
+            phase = f"warm-up {r + 1}/{warmup}" if r < warmup else f"run {r - warmup + 1}/{runs}"
+            say(f"[train {phase}] {spec.label:<6} {elapsed * 1000:9.1f} ms")
+    return _results(specs, gmacs, times, batch_size)
+
+
+def _results(specs, gmacs, times, batch_size) -> list[BenchResult]:
     medians = [statistics.median(series) for series in times]
     base = medians[0] if specs[0].method == "dense" else None
     return [

@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from .models import ModelSourceError, build_model
+
 DEFAULT_MODEL = "deit_small_patch16_224"
 
 
@@ -30,47 +32,40 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(name: str, pretrained: bool = False, checkpoint: str | None = None, **kwargs) -> torch.nn.Module:
-    """A timm model by name, with random, pretrained (hub) or local-checkpoint weights."""
-    import timm
-
-    if not timm.is_model(name):
-        raise UsageError(f"unknown timm model {name!r}; e.g. deit_small_patch16_224, vit_base_patch16_224 "
-                         "(see timm.list_models('deit*'))")
-    if checkpoint is not None:
-        import os
-
-        if not os.path.isfile(checkpoint):
-            raise UsageError(f"checkpoint {checkpoint!r} does not exist")
-        kwargs["checkpoint_path"] = checkpoint
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import benchmark, format_table, parse_methods, result_json, stderr_progress
+    from .bench import benchmark, benchmark_train, format_table, parse_methods, result_json, stderr_progress
 
     device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     specs = parse_methods(args.methods)
     extra = {"img_size": args.img_size} if args.img_size else {}
-    model = build_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, **extra)
+    model = build_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, model_args=extra)
     from .families import adapter_for
 
     adapter_for(model)  # a clear TypeError now for an unsupported model, before any timing
     batch_sizes = args.batch_size or [256 if device.type == "cuda" else 32]
     documents = []
     for bs in batch_sizes:
-        print(f"benchmarking {args.model} batch {bs} on {device.type}, amp={args.amp}, compile={args.compile}, "
-              f"{args.runs} runs after {args.warmup} warm-up, interleaved", file=sys.stderr, flush=True)
-        results = benchmark(model, specs, bs, device, amp=args.amp, compile=args.compile, runs=args.runs,
-                            warmup=args.warmup,
-                            progress=None if args.quiet else stderr_progress)
-        print(f"\n{args.model}  batch {bs}  {device.type}  amp={args.amp}  compile={args.compile}  "
-              f"(median of {args.runs}; GMACs = multiply-accumulates per image)")
+        what = "training step" if args.train else "inference"
+        print(f"benchmarking {args.model} {what}, batch {bs} on {device.type}, amp={args.amp}, "
+              f"compile={args.compile}, {args.runs} runs after {args.warmup} warm-up, interleaved",
+              file=sys.stderr, flush=True)
+        progress = None if args.quiet else stderr_progress
+        if args.train:
+            if args.compile:
+                raise UsageError("--compile is for inference; --train times eager training steps")
+            results = benchmark_train(model, specs, bs, device, amp=args.amp, runs=args.runs, warmup=args.warmup,
+                                      progress=progress)
+        else:
+            results = benchmark(model, specs, bs, device, amp=args.amp, compile=args.compile, runs=args.runs,
+                                warmup=args.warmup, progress=progress)
+        print(f"\n{args.model}  {what}  batch {bs}  {device.type}  amp={args.amp}  compile={args.compile}  "
+              f"(median of {args.runs}; GMACs = multiply-accumulates per image, forward)")
         print(format_table(results), flush=True)
         documents.append(result_json(args.model, bs, device, results, amp=args.amp, compile=args.compile,
-                                     runs=args.runs, warmup=args.warmup, torch=torch.__version__))
+                                     runs=args.runs, warmup=args.warmup, train=args.train,
+                                     torch=torch.__version__))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(documents[0] if len(documents) == 1 else documents, f, indent=2)
@@ -145,6 +140,89 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source(args) -> torch.nn.Module:
+    return build_model(args.model if args.run is None else None, checkpoint=args.checkpoint, run=args.run,
+                       pretrained=getattr(args, "pretrained", False), model_args=_model_args(args.model_args))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .bench import MethodSpec, parse_methods
+    from .data import DataSpec, build_dataset
+    from .evaluate import evaluate, format_rows, parse_sweep, plot_sweep
+    from .train.loop import eval_transform
+
+    device = _device(args.device)
+    specs = parse_methods(args.methods)
+    if args.keep:
+        keeps = parse_sweep(args.keep)
+        specs = [MethodSpec("dense")] + [MethodSpec(s.method, tuple({**dict(s.options), "keep": k}.items()))
+                                          for s in specs if s.method != "dense" for k in keeps]
+    model = _source(args)
+    from .families import adapter_for
+
+    adapter_for(model)
+    ds = build_dataset(DataSpec(args.data, canvas=args.canvas, limit=args.limit), "val", eval_transform(model))
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
+    rows = evaluate(model, specs, loader, device, args.batch_size, speed_runs=args.speed_runs,
+                    progress=None if args.quiet else _progress_line)
+    name = args.run or args.model
+    print(f"\n{name} on {args.data} ({len(ds)} images), throughput at batch {args.batch_size} on {device.type}")
+    print(format_rows(rows), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": name, "data": args.data, "images": len(ds), "batch_size": args.batch_size,
+                       "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=2)
+    if args.keep:
+        path = args.plot or "eval_sweep.png"
+        plot_sweep(rows, path, f"{name}: top-1 vs throughput (batch {args.batch_size}, {device.type})")
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    import os
+
+    from PIL import Image, UnidentifiedImageError
+
+    from .patch import apply
+    from .train.loop import eval_transform
+    from .vis import selection_figure
+
+    model = _source(args)
+    options = {} if args.keep is None else {"keep": args.keep}
+    if args.mode is not None:
+        if args.method != "evo":
+            raise UsageError("--mode applies to --method evo only")
+        options["mode"] = args.mode
+    apply(model, args.method, **options)
+    transform = eval_transform(model)
+    os.makedirs(args.output, exist_ok=True)
+    for path in args.images:
+        try:
+            image = Image.open(path).convert("RGB")
+        except (FileNotFoundError, UnidentifiedImageError, IsADirectoryError) as err:
+            raise UsageError(f"cannot read image {path!r}: {type(err).__name__}") from None
+        figure = selection_figure(model, transform(image), image,
+                                  f"{os.path.basename(path)}  {args.method} {options or ''}  (colour: full path)")
+        out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + f"_{args.method}.png")
+        figure.save(out)
+        print(out)
+    return 0
+
+
+def _progress_line(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
+    p.add_argument("--checkpoint", default=None, help="weights: .safetensors or .pth")
+    p.add_argument("--run", default=None, help="a `tokenpace train` output folder (run.json + model.safetensors)")
+    p.add_argument("--model-args", default=None, help="timm.create_model kwargs, e.g. img_size=32,patch_size=4")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenpace", description="Token pacing for vision transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +244,9 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--checkpoint", default=None, help="local weights file for the model")
     bench.add_argument("--json", default=None, help="write the results as JSON to this file")
     bench.add_argument("--quiet", action="store_true", help="no per-run progress lines")
+    bench.add_argument("--train", action="store_true",
+                       help="time training steps (forward, backward, AdamW; Evo in layer mode with its class-token "
+                            "head, Idle with its dense teacher and cut loss) instead of inference")
     bench.set_defaults(func=cmd_bench)
 
     from .train.recipes import RECIPES
@@ -197,6 +278,31 @@ def make_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stop-after", type=int, default=None, help="stop after N epochs in this invocation")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="top-1/top-5, agreement with dense, GMACs and img/s of dense and each method")
+    _add_model_source(ev)
+    ev.add_argument("--data", required=True, help="packed-JPEG .npz, 'cifar10', or an ImageNet-style folder")
+    ev.add_argument("--methods", default="dense,evo,idle,evit,topk", help="as in bench")
+    ev.add_argument("--keep", default=None, help="sweep keep ratios START:STOP:STEP (e.g. 0.3:1.0:0.1) and plot")
+    ev.add_argument("--plot", default=None, help="PNG path for the sweep plot (default eval_sweep.png)")
+    ev.add_argument("--batch-size", type=int, default=128)
+    ev.add_argument("--limit", type=int, default=None)
+    ev.add_argument("--canvas", type=int, default=None, help="cluttered variant (as in train)")
+    ev.add_argument("--workers", type=int, default=2)
+    ev.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ev.add_argument("--speed-runs", type=int, default=5, help="timed rounds for img/s (default 5)")
+    ev.add_argument("--json", default=None)
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    sh = sub.add_parser("show", help="PNG per image: which tokens took the full path at each selection layer")
+    sh.add_argument("images", nargs="+", help="image files")
+    _add_model_source(sh)
+    sh.add_argument("--method", choices=("evo", "idle", "evit", "topk"), default="evo")
+    sh.add_argument("--keep", type=float, default=None)
+    sh.add_argument("--mode", choices=("stage", "layer"), default=None, help="Evo selection mode")
+    sh.add_argument("--output", default="tokenpace_show", help="folder for the PNGs (default tokenpace_show)")
+    sh.set_defaults(func=cmd_show)
     return parser
 
 
@@ -209,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         return args.func(args)
-    except (UsageError, ValueError, TypeError) as err:
+    except (UsageError, ModelSourceError, ValueError, TypeError) as err:
         print(f"tokenpace: error: {err}", file=sys.stderr)
         return 2
 

@@ -114,20 +114,36 @@ def set_method(model: nn.Module, method: MethodConfig | None) -> None:
         apply(model, method)
 
 
-def build_transforms(cfg: TrainConfig, model: nn.Module):
-    from timm.data import create_transform, resolve_data_config
+def _data_config(model: nn.Module) -> dict:
+    from timm.data import resolve_data_config
 
-    r = cfg.recipe
     data_cfg = resolve_data_config({}, model=model)
     data_cfg["input_size"] = adapter_for(model).input_size()  # the size the model was built for, not its weights'
-    size = data_cfg["input_size"][-1]
-    crop_pct = cfg.crop_pct if cfg.crop_pct is not None else (1.0 if size <= 64 else data_cfg["crop_pct"])
-    common = dict(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"],
-                  interpolation=data_cfg["interpolation"])
-    train_tf = create_transform(**common, is_training=True, auto_augment=r.auto_augment, color_jitter=r.color_jitter,
-                                re_prob=r.reprob, re_mode="pixel", scale=(0.35, 1.0) if size <= 64 else None)
-    val_tf = create_transform(**common, is_training=False, crop_pct=crop_pct)
-    return train_tf, val_tf
+    return data_cfg
+
+
+def eval_transform(model: nn.Module, crop_pct: float | None = None):
+    """timm's evaluation transform for ``model``: resize, centre crop (crop_pct 1.0 for tiny <= 64 px inputs)."""
+    from timm.data import create_transform
+
+    c = _data_config(model)
+    size = c["input_size"][-1]
+    crop_pct = crop_pct if crop_pct is not None else (1.0 if size <= 64 else c["crop_pct"])
+    return create_transform(input_size=c["input_size"], mean=c["mean"], std=c["std"],
+                            interpolation=c["interpolation"], is_training=False, crop_pct=crop_pct)
+
+
+def build_transforms(cfg: TrainConfig, model: nn.Module):
+    from timm.data import create_transform
+
+    r = cfg.recipe
+    c = _data_config(model)
+    size = c["input_size"][-1]
+    train_tf = create_transform(input_size=c["input_size"], mean=c["mean"], std=c["std"],
+                                interpolation=c["interpolation"], is_training=True, auto_augment=r.auto_augment,
+                                color_jitter=r.color_jitter, re_prob=r.reprob, re_mode="pixel",
+                                scale=(0.35, 1.0) if size <= 64 else None)
+    return train_tf, eval_transform(model, cfg.crop_pct)
 
 
 def evaluate_top1(model: nn.Module, loader, accelerator=None) -> tuple[float, float]:

@@ -1,0 +1,129 @@
+"""Accuracy of the dense model and every method on one validation pass (images decoded once, every
+configuration run on each batch), plus GMACs and measured throughput; keep-ratio sweeps and their plot."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .bench import MethodSpec, benchmark
+from .patch import apply, macs
+
+
+@dataclass
+class EvalRow:
+    method: str
+    config: str
+    keep: float | None
+    top1: float
+    top5: float
+    agreement: float  # % of images where the prediction equals the dense model's
+    gmacs: float
+    img_per_s: float
+    speedup: float
+
+
+def _instances(model: nn.Module, specs: list[MethodSpec]) -> list[nn.Module]:
+    out = []
+    for spec in specs:
+        m = copy.deepcopy(model).eval()
+        if spec.method != "dense":
+            apply(m, spec.method, **dict(spec.options))
+        out.append(m)
+    return out
+
+
+def accuracy_table(model: nn.Module, specs: list[MethodSpec], loader, device: torch.device,
+                   progress=None) -> list[tuple[float, float, float]]:
+    """(top-1, top-5, agreement with dense) per spec, in percent, from one pass over ``loader``."""
+    models = [m.to(device) for m in _instances(model, specs)]
+    dense = copy.deepcopy(model).eval().to(device)
+    counts = [[0, 0, 0] for _ in specs]
+    total = 0
+    with torch.inference_mode():
+        for step, (images, targets) in enumerate(loader):
+            images, targets = images.to(device), targets.to(device)
+            reference = dense(images).argmax(-1)
+            for m, c in zip(models, counts):
+                top = m(images).topk(5, dim=-1).indices
+                c[0] += (top[:, 0] == targets).sum().item()
+                c[1] += (top == targets.unsqueeze(1)).any(1).sum().item()
+                c[2] += (top[:, 0] == reference).sum().item()
+            total += targets.numel()
+            if progress is not None:
+                progress(f"[eval] batch {step + 1}/{len(loader)}")
+    return [tuple(100.0 * v / max(total, 1) for v in c) for c in counts]
+
+
+def evaluate(model: nn.Module, specs: list[MethodSpec], loader, device: torch.device, batch_size: int,
+             speed_runs: int = 5, progress=None) -> list[EvalRow]:
+    """One row per spec: accuracy on ``loader``; GMACs; img/s from an interleaved benchmark at ``batch_size``."""
+    if specs[0].method != "dense":
+        specs = [MethodSpec("dense"), *specs]
+    acc = accuracy_table(model, specs, loader, device, progress)
+    speed = benchmark(model, specs, batch_size, device, runs=speed_runs, warmup=1, progress=progress)
+    return [EvalRow(method=s.method, config=s.describe(), keep=dict(s.options).get("keep", _default_keep(s)),
+                    top1=a[0], top5=a[1], agreement=a[2], gmacs=b.gmacs, img_per_s=b.img_per_s, speedup=b.speedup)
+            for s, a, b in zip(specs, acc, speed)]
+
+
+def _default_keep(spec: MethodSpec) -> float | None:
+    if spec.method == "dense":
+        return None
+    from .methods import make_config
+
+    return make_config(spec.method).keep
+
+
+def parse_sweep(text: str) -> list[float]:
+    """"0.3:1.0:0.1" -> [0.3, 0.4, ..., 1.0] (inclusive); every value must lie in (0, 1]."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"--keep sweep {text!r} must be START:STOP:STEP, e.g. 0.3:1.0:0.1")
+    try:
+        start, stop, step = (float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"--keep sweep {text!r} must hold three numbers, e.g. 0.3:1.0:0.1") from None
+    if step <= 0 or not 0 < start <= stop <= 1:
+        raise ValueError(f"--keep sweep {text!r} needs 0 < START <= STOP <= 1 and STEP > 0")
+    n = int(round((stop - start) / step))
+    return [round(start + i * step, 6) for i in range(n + 1) if start + i * step <= stop + 1e-9]
+
+
+def format_rows(rows: list[EvalRow]) -> str:
+    head = (f"{'method':<7} {'config':<28} {'top-1':>6} {'top-5':>6} {'agree':>6} {'GMACs':>6} {'img/s':>8} "
+            f"{'speed-up':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.method:<7} {r.config:<28} {r.top1:>6.2f} {r.top5:>6.2f} {r.agreement:>6.2f} "
+                     f"{r.gmacs:>6.3f} {r.img_per_s:>8.1f} {r.speedup:>7.2f}x")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[EvalRow], path: str, title: str) -> None:
+    """Top-1 against measured throughput, one line per method (keep ratios annotated), dense as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for method in dict.fromkeys(r.method for r in rows if r.method != "dense"):
+        pts = sorted((r for r in rows if r.method == method), key=lambda r: r.keep)
+        ax.plot([r.img_per_s for r in pts], [r.top1 for r in pts], marker="o", label=method)
+        for r in pts:
+            ax.annotate(f"{r.keep:g}", (r.img_per_s, r.top1), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    for r in rows:
+        if r.method == "dense":
+            ax.scatter([r.img_per_s], [r.top1], marker="*", s=160, color="black", zorder=5, label="dense")
+            break
+    ax.set_xlabel("throughput (images/s, measured)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
