@@ -151,3 +151,27 @@ def test_malformed_data_and_foreign_checkpoints(tmp_path, capsys):
     garbage.write_bytes(b"not a checkpoint")
     assert main(common + ["--recipe", "dense", "--data", CIFAR, "--limit", "32", "--resume"]) == 2
     assert "is not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_imagenet_style_folder_through_timm_create_dataset(tmp_path):
+    src = PackedJpegDataset(CIFAR, "val", limit=40)
+    for i in range(len(src)):
+        img, label = src[i]
+        for split in ("train", "val"):
+            folder = tmp_path / "imgs" / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            img.save(folder / f"{i}.png")
+    cfg = _config(tmp_path, epochs=1)
+    cfg.data = DataSpec(str(tmp_path / "imgs"))
+    history = train(cfg)
+    assert history[0]["epoch"] == 1 and 0 <= history[0]["val_top1"] <= 100
+    run = json.load(open(os.path.join(cfg.output, "run.json")))
+    assert run["model_args"]["num_classes"] == 10  # read off the folder's class names
+
+
+def test_cli_unknown_option_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--recipe", "dense", "--data", "x", "--output", "y", "--bogus", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tokenpace: error: unrecognized arguments: --bogus 1") and "\n" not in err

@@ -16,6 +16,13 @@ class UsageError(Exception):
     """A problem with the user's input, reported as one line."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option ends in one line (no usage dump) and exit code 2, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"tokenpace: error: {message} (see: {self.prog} --help)\n")
+
+
 def _ints(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -224,8 +231,8 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenpace", description="Token pacing for vision transformers.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="tokenpace", description="Token pacing for vision transformers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     bench = sub.add_parser("bench", help="measure throughput of dense vs each method, interleaved in one run")
     bench.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
