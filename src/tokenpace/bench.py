@@ -27,10 +27,6 @@ class MethodSpec:
     method: str
     options: tuple[tuple[str, object], ...] = ()
 
-    @property
-    def label(self) -> str:
-        return self.method
-
     def describe(self) -> str:
         """keep, plus every option that differs from the method's defaults."""
         if self.method == "dense":
@@ -104,6 +100,12 @@ class BenchResult:
     times_s: list[float] = field(default_factory=list)
 
 
+def _autocast(device: torch.device, amp: str):
+    """A context factory: autocast to the --amp dtype, or nothing for "none"."""
+    dtype = AMP_DTYPES[amp]
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -123,7 +125,7 @@ def benchmark(
     """Time every spec on copies of ``model`` with random input, interleaved round by round; medians."""
     say = progress or (lambda msg: None)
     x = torch.randn(batch_size, *adapter_for(model).input_size(), device=device)
-    autocast = (lambda: torch.autocast(device.type, dtype=AMP_DTYPES[amp])) if AMP_DTYPES[amp] else nullcontext
+    autocast = _autocast(device, amp)
     runners, gmacs = [], []
     for spec in specs:
         m = copy.deepcopy(model).to(device).eval()
@@ -131,20 +133,9 @@ def benchmark(
             apply(m, spec.method, **dict(spec.options))
         gmacs.append(macs(m) / 1e9)
         runners.append(torch.compile(m) if compile else m)
-    times: list[list[float]] = [[] for _ in specs]
+    calls = [lambda runner=runner: runner(x) for runner in runners]
     with torch.inference_mode():
-        for r in range(warmup + runs):
-            for spec, runner, series in zip(specs, runners, times):
-                _sync(device)
-                start = time.perf_counter()
-                with autocast():
-                    runner(x)
-                _sync(device)
-                elapsed = time.perf_counter() - start
-                if r >= warmup:
-                    series.append(elapsed)
-                phase = f"warm-up {r + 1}/{warmup}" if r < warmup else f"run {r - warmup + 1}/{runs}"
-                say(f"[{phase}] {spec.label:<6} {elapsed * 1000:9.1f} ms")
+        times = _time_interleaved([spec.method for spec in specs], calls, device, runs, warmup, autocast, say, "")
     return _results(specs, gmacs, times, batch_size)
 
 
@@ -186,7 +177,7 @@ def benchmark_train(
     say = progress or (lambda msg: None)
     x = torch.randn(batch_size, *adapter_for(model).input_size(), device=device)
     y = torch.randint(0, model.num_classes, (batch_size,), device=device)
-    autocast = (lambda: torch.autocast(device.type, dtype=AMP_DTYPES[amp])) if AMP_DTYPES[amp] else nullcontext
+    autocast = _autocast(device, amp)
     steps, gmacs = [], []
     for spec in specs:
         objective = train_objective(copy.deepcopy(model), spec).to(device).train()
@@ -196,25 +187,32 @@ def benchmark_train(
 
         def step(objective=objective, optimizer=optimizer):
             with autocast():
-                loss = objective(x, y)[0]
+                loss = objective(x, y)[0]  # backward and the optimiser step run outside autocast
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         steps.append(step)
-    times: list[list[float]] = [[] for _ in specs]
+    times = _time_interleaved([spec.method for spec in specs], steps, device, runs, warmup, nullcontext, say, "train ")
+    return _results(specs, gmacs, times, batch_size)
+
+
+def _time_interleaved(labels, calls, device, runs, warmup, autocast, say, tag) -> list[list[float]]:
+    """Wall time of each call, round by round (every call once per round), after ``warmup`` untimed rounds."""
+    times: list[list[float]] = [[] for _ in calls]
     for r in range(warmup + runs):
-        for spec, step, series in zip(specs, steps, times):
+        for label, call, series in zip(labels, calls, times):
             _sync(device)
             start = time.perf_counter()
-            step()
+            with autocast():
+                call()
             _sync(device)
             elapsed = time.perf_counter() - start
             if r >= warmup:
                 series.append(elapsed)
             phase = f"warm-up {r + 1}/{warmup}" if r < warmup else f"run {r - warmup + 1}/{runs}"
-            say(f"[train {phase}] {spec.label:<6} {elapsed * 1000:9.1f} ms")
-    return _results(specs, gmacs, times, batch_size)
+            say(f"[{tag}{phase}] {label:<6} {elapsed * 1000:9.1f} ms")
+    return times
 
 
 def _results(specs, gmacs, times, batch_size) -> list[BenchResult]:
@@ -222,7 +220,7 @@ def _results(specs, gmacs, times, batch_size) -> list[BenchResult]:
     base = medians[0] if specs[0].method == "dense" else None
     return [
         BenchResult(
-            method=spec.label, config=spec.describe(), gmacs=round(g, 3), img_per_s=batch_size / t,
+            method=spec.method, config=spec.describe(), gmacs=round(g, 3), img_per_s=batch_size / t,
             ms_per_batch=t * 1000, speedup=(base / t) if base else float("nan"), times_s=series,
         )
         for spec, g, t, series in zip(specs, gmacs, medians, times)

@@ -155,7 +155,7 @@ def _source(args) -> torch.nn.Module:
 def cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .bench import MethodSpec, parse_methods
+    from .bench import MethodSpec, parse_methods, stderr_progress
     from .data import DataSpec, build_dataset
     from .evaluate import evaluate, format_rows, parse_sweep, plot_sweep
     from .train.loop import eval_transform
@@ -173,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ds = build_dataset(DataSpec(args.data, canvas=args.canvas, limit=args.limit), "val", eval_transform(model))
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
     rows = evaluate(model, specs, loader, device, args.batch_size, speed_runs=args.speed_runs,
-                    progress=None if args.quiet else _progress_line)
+                    progress=None if args.quiet else stderr_progress)
     name = args.run or args.model
     print(f"\n{name} on {args.data} ({len(ds)} images), throughput at batch {args.batch_size} on {device.type}")
     print(format_rows(rows), flush=True)
@@ -217,10 +217,6 @@ def cmd_show(args: argparse.Namespace) -> int:
         figure.save(out)
         print(out)
     return 0
-
-
-def _progress_line(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _add_model_source(p: argparse.ArgumentParser) -> None:
