@@ -220,7 +220,7 @@ def _results(specs, gmacs, times, batch_size) -> list[BenchResult]:
     base = medians[0] if specs[0].method == "dense" else None
     return [
         BenchResult(
-            method=spec.method, config=spec.describe(), gmacs=round(g, 3), img_per_s=batch_size / t,
+            method=spec.method, config=spec.describe(), gmacs=round(g, 6), img_per_s=batch_size / t,
             ms_per_batch=t * 1000, speedup=(base / t) if base else float("nan"), times_s=series,
         )
         for spec, g, t, series in zip(specs, gmacs, medians, times)
@@ -231,7 +231,7 @@ def format_table(results: list[BenchResult]) -> str:
     head = f"{'method':<7} {'config':<28} {'GMACs':>6} {'img/s':>9} {'ms/batch':>9} {'speed-up':>8}"
     rows = [head, "-" * len(head)]
     for r in results:
-        rows.append(f"{r.method:<7} {r.config:<28} {r.gmacs:>6.2f} {r.img_per_s:>9.1f} {r.ms_per_batch:>9.1f} "
+        rows.append(f"{r.method:<7} {r.config:<28} {r.gmacs:>6.3g} {r.img_per_s:>9.1f} {r.ms_per_batch:>9.1f} "
                     f"{r.speedup:>7.2f}x")
     return "\n".join(rows)
 

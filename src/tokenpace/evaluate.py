@@ -98,7 +98,7 @@ def format_rows(rows: list[EvalRow]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r.method:<7} {r.config:<28} {r.top1:>6.2f} {r.top5:>6.2f} {r.agreement:>6.2f} "
-                     f"{r.gmacs:>6.3f} {r.img_per_s:>8.1f} {r.speedup:>7.2f}x")
+                     f"{r.gmacs:>6.3g} {r.img_per_s:>8.1f} {r.speedup:>7.2f}x")
     return "\n".join(lines)
 
 
