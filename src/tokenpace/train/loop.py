@@ -269,6 +269,12 @@ def train(cfg: TrainConfig) -> list[dict]:
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - start
+        # loss terms and train accuracy summed over every process, not just the main one
+        keys = sorted(sums)
+        totals = accelerator.reduce(torch.tensor([sums[k] for k in keys] + [correct, seen], dtype=torch.float64,
+                                                 device=accelerator.device), reduction="sum").tolist()
+        sums = {k: v / accelerator.num_processes for k, v in zip(keys, totals)}
+        correct, seen = totals[-2], totals[-1]
         scheduler.step(epoch + 1)
         set_method(student, inference_method(r))
         val1, val5 = evaluate_top1(student, val_loader, accelerator)
@@ -276,7 +282,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                    "lr": optimizer.param_groups[0]["lr"],
                    **{k: v / steps_per_epoch for k, v in sums.items()},
                    "train_top1": 100.0 * correct / max(seen, 1), "val_top1": val1, "val_top5": val5,
-                   "img_per_s": seen * accelerator.num_processes / elapsed, "epoch_s": elapsed}
+                   "img_per_s": seen / elapsed, "epoch_s": elapsed}
         if ema is not None:
             set_method(ema.module, inference_method(r))
             metrics["ema_val_top1"] = evaluate_top1(ema.module, val_loader, accelerator)[0]
