@@ -149,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _source(args) -> torch.nn.Module:
     return build_model(args.model if args.run is None else None, checkpoint=args.checkpoint, run=args.run,
-                       pretrained=getattr(args, "pretrained", False), model_args=_model_args(args.model_args))
+                       pretrained=args.pretrained, model_args=_model_args(args.model_args))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -224,6 +224,7 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="weights: .safetensors or .pth")
     p.add_argument("--run", default=None, help="a `tokenpace train` output folder (run.json + model.safetensors)")
     p.add_argument("--model-args", default=None, help="timm.create_model kwargs, e.g. img_size=32,patch_size=4")
+    p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs the hub)")
 
 
 def make_parser() -> argparse.ArgumentParser:
