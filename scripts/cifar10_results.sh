@@ -27,3 +27,11 @@ tokenpace eval --run "$RUNS/idle_nocut" $EVAL --json "$RUNS/eval_idle_nocut.json
 tokenpace eval --run "$RUNS/evit" $EVAL --json "$RUNS/eval_evit.json" --methods dense,evit,evit:score=random
 tokenpace eval --run "$RUNS/dense" $EVAL --methods evo,idle,evit,topk --keep 0.3:1.0:0.1 --plot "$RUNS/sweep_dense.png" \
     --json "$RUNS/sweep_dense.json"
+
+# Cluttered variant: each image at a random fixed position on a 64 px noise canvas, patch 8 (64 tokens, a quarter
+# of them on the object); trained densely, then every method applied without fine-tuning, with random controls.
+tokenpace train --recipe dense --data "$DATA" --canvas 64 --output "$RUNS/clutter_dense" --batch-size 128 --workers 1 \
+    --quiet --model vit_tiny_patch16_224 --model-args img_size=64,patch_size=8,depth=6,embed_dim=128,num_heads=4 \
+    --epochs 4 --warmup-epochs 1 --lr 1e-3
+tokenpace eval --run "$RUNS/clutter_dense" $EVAL --canvas 64 --json "$RUNS/eval_clutter.json" \
+    --methods dense,evo,idle,evit,topk,evo:score=random,idle:score=random,evit:score=random,topk:score=random

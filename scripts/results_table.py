@@ -23,21 +23,32 @@ ROWS = [  # (file, method, score, label)
     ("eval_dense.json", "evit", "random", "  control: random scores"),
     ("eval_dense.json", "topk", "cls", "TopK(0.5) on the dense model, no fine-tuning"),
     ("eval_dense.json", "topk", "random", "  control: random scores"),
+    ("eval_clutter.json", "dense", None, "cluttered 64 px: dense (trained from scratch)"),
+    ("eval_clutter.json", "evo", "cls", "  Evo(0.5), no fine-tuning"),
+    ("eval_clutter.json", "evo", "random", "  control: random scores"),
+    ("eval_clutter.json", "idle", "cls", "  Idle(0.7), no fine-tuning"),
+    ("eval_clutter.json", "idle", "random", "  control: random scores"),
+    ("eval_clutter.json", "evit", "cls", "  EViT(0.7), no fine-tuning"),
+    ("eval_clutter.json", "evit", "random", "  control: random scores"),
+    ("eval_clutter.json", "topk", "cls", "  TopK(0.5), no fine-tuning"),
+    ("eval_clutter.json", "topk", "random", "  control: random scores"),
 ]
 
 
 def main(runs: str) -> None:
-    print("| model | top-1 | agree w/ dense | GMACs | img/s | speed-up |")
-    print("|---|---|---|---|---|---|")
+    print("| model | top-1 | same weights run dense: top-1 | agreement with it | GMACs | img/s | speed-up |")
+    print("|---|---|---|---|---|---|---|")
     for name, method, score, label in ROWS:
         path = os.path.join(runs, name)
         if not os.path.isfile(path):
             continue
-        for r in json.load(open(path))["rows"]:
+        rows = json.load(open(path))["rows"]
+        dense = next(r for r in rows if r["method"] == "dense")
+        for r in rows:
             random = "score=random" in r["config"]
             if r["method"] == method and (score is None or random == (score == "random")):
-                print(f"| {label} | {r['top1']:.2f} | {r['agreement']:.2f} | {r['gmacs']:.4f} | "
-                      f"{r['img_per_s']:.0f} | {r['speedup']:.2f}x |")
+                print(f"| {label} | {r['top1']:.2f} | {dense['top1']:.2f} | {r['agreement']:.2f} | "
+                      f"{r['gmacs']:.4f} | {r['img_per_s']:.0f} | {r['speedup']:.2f}x |")
                 break
 
 
