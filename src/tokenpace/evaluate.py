@@ -25,6 +25,12 @@ class EvalRow:
     speedup: float
 
 
+def topk_hits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    """(top-1 hits, top-5 hits, top-1 predictions) of one batch."""
+    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    return (top[:, 0] == targets).sum().item(), (top == targets.unsqueeze(1)).any(1).sum().item(), top[:, 0]
+
+
 def _instances(model: nn.Module, specs: list[MethodSpec]) -> list[nn.Module]:
     out = []
     for spec in specs:
@@ -47,10 +53,10 @@ def accuracy_table(model: nn.Module, specs: list[MethodSpec], loader, device: to
             images, targets = images.to(device), targets.to(device)
             reference = dense(images).argmax(-1)
             for m, c in zip(models, counts):
-                top = m(images).topk(5, dim=-1).indices
-                c[0] += (top[:, 0] == targets).sum().item()
-                c[1] += (top == targets.unsqueeze(1)).any(1).sum().item()
-                c[2] += (top[:, 0] == reference).sum().item()
+                hits1, hits5, predicted = topk_hits(m(images), targets)
+                c[0] += hits1
+                c[1] += hits5
+                c[2] += (predicted == reference).sum().item()
             total += targets.numel()
             if progress is not None:
                 progress(f"[eval] batch {step + 1}/{len(loader)}")

@@ -148,6 +148,8 @@ def build_transforms(cfg: TrainConfig, model: nn.Module):
 
 def evaluate_top1(model: nn.Module, loader, accelerator=None) -> tuple[float, float]:
     """Top-1 and top-5 (percent) of ``model`` on ``loader``, gathered across processes."""
+    from ..evaluate import topk_hits
+
     model.eval()
     correct1 = correct5 = total = 0
     with torch.inference_mode():
@@ -155,9 +157,9 @@ def evaluate_top1(model: nn.Module, loader, accelerator=None) -> tuple[float, fl
             logits = model(images)
             if accelerator is not None:
                 logits, targets = accelerator.gather_for_metrics((logits, targets))
-            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-            correct1 += (top[:, 0] == targets).sum().item()
-            correct5 += (top == targets.unsqueeze(1)).any(1).sum().item()
+            hits1, hits5, _ = topk_hits(logits, targets)
+            correct1 += hits1
+            correct5 += hits5
             total += targets.numel()
     return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
 
