@@ -9,7 +9,6 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .core.macs import block_macs, dense_work
 from .families import FamilyAdapter, adapter_for
 from .methods import ForwardState, MethodConfig, Policy, make_config
 
@@ -71,10 +70,7 @@ def apply(model: nn.Module, method: str | MethodConfig, **options) -> nn.Module:
     """
     config = make_config(method, **options)
     adapter = adapter_for(model)
-    if config.needs_class_token and not adapter.has_class_token:
-        raise ValueError(f"method {config.name!r} ranks tokens by the class token's attention, but this "
-                         f"{type(model).__name__} has no class token; accepted: models built with class_token=True")
-    policy = config.policy(adapter)  # validates layer indices against this model
+    policy = adapter.make_policy(config)  # validates method, score and layer indices against this model
     remove(model)
     original = type(model)
     model.__dict__[_ATTR] = Patch(config=config, policy=policy, adapter=adapter, original_class=original)
@@ -111,11 +107,6 @@ def macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> int
     layer and attention matmul, the scoring work, and the classifier head. ``img_size`` overrides the model's own.
     """
     patch = get_patch(model)
-    adapter = patch.adapter if patch is not None else adapter_for(model)
-    num_patches = adapter.num_patches(img_size)
     if patch is not None:
-        works = patch.policy.work(num_patches)
-    else:
-        works = [dense_work(num_patches + adapter.num_prefix)] * adapter.depth
-    blocks = sum(block_macs(adapter.block_shape(i), work) for i, work in enumerate(works))
-    return adapter.stem_macs(num_patches) + blocks + adapter.head_macs()
+        return patch.adapter.count_macs(patch.policy, img_size)
+    return adapter_for(model).count_macs(None, img_size)

@@ -40,11 +40,12 @@ def selection_figure(model: nn.Module, pixels: torch.Tensor, image: Image.Image,
         raise ValueError("selection_figure needs a patched model: call tokenpace.apply(model, method) first")
     with torch.inference_mode(), trace(model) as tr:
         model(pixels.unsqueeze(0))
-    grid = model.patch_embed.grid_size
     layers = selection_layers(tr.kept)
     panels = [("input", image.convert("RGB").resize((PANEL, PANEL), Image.BICUBIC))]
-    panels += [(f"layer {i}: {int((tr.kept[i][0] >= 0).sum())}/{grid[0] * grid[1]}",
-                token_overlay(image, tr.kept[i][0], grid)) for i in layers]
+    for i in layers:
+        grid = patch.adapter.block_grid(i)  # pyramid models: the grid of block i's stage
+        panels.append((f"layer {i}: {int((tr.kept[i][0] >= 0).sum())}/{grid[0] * grid[1]}",
+                       token_overlay(image, tr.kept[i][0], grid)))
     pad, head = 6, 34
     canvas = Image.new("RGB", (len(panels) * (PANEL + pad) + pad, PANEL + head + pad), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)

@@ -5,8 +5,8 @@ import torch
 
 
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (B, k) of the k largest scores per row, in descending score order."""
-    return scores.topk(k, dim=1, largest=True, sorted=True).indices
+    """Indices (..., k) of the k largest scores along the last dim, in descending score order."""
+    return scores.topk(k, dim=-1, largest=True, sorted=True).indices
 
 
 def split_indices(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

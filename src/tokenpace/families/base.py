@@ -7,15 +7,18 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..core.macs import BlockShape
+from ..core.macs import BlockShape, block_macs, dense_work
 
 RunBlocks = Callable[[torch.Tensor], torch.Tensor]
 
 
 class FamilyAdapter(ABC):
-    """Token-level operations on one model's blocks. Methods call these and never touch module internals."""
+    """What every family provides: structure, the forward around the blocks, the methods and scores it accepts, and
+    its cost model. Methods call adapters and never touch module internals."""
 
     name: str = "?"
+    methods: tuple[str, ...] = ("evo", "idle", "evit", "topk")  # the methods that run on this family
+    scores: tuple[str, ...] = ("cls", "random")  # accepted ranking criteria; the first is the default
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -25,10 +28,65 @@ class FamilyAdapter(ABC):
     def matches(cls, model: nn.Module) -> bool:
         """True when this adapter is the one for ``model``'s family (it may still reject a variant)."""
 
-    # --- structure -------------------------------------------------------------------------------------------
     @property
     @abstractmethod
-    def depth(self) -> int: ...
+    def depth(self) -> int:
+        """Number of blocks the methods act on (numbered across stages in pyramid models)."""
+
+    @property
+    def num_prefix(self) -> int:
+        """Tokens in front of the patch tokens (class, distillation, registers): always on the full path."""
+        return 0
+
+    @property
+    def has_class_token(self) -> bool:
+        return False
+
+    @abstractmethod
+    def forward_features(self, x: torch.Tensor, run_blocks: RunBlocks) -> torch.Tensor:
+        """The model's own feature forward, with ``run_blocks`` in place of its block loop."""
+
+    @abstractmethod
+    def input_size(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the images the model is built for."""
+
+    @abstractmethod
+    def block_grid(self, i: int) -> tuple[int, int]:
+        """(rows, cols) of the token grid block i works on at the model's input size (trace indices are raster
+        positions in it)."""
+
+    @abstractmethod
+    def count_macs(self, policy, img_size: int | tuple[int, int] | None) -> int:
+        """MACs of one image's forward; ``policy`` None means the unpatched model."""
+
+    # --- methods and scores ------------------------------------------------------------------------------------
+    def make_policy(self, config):
+        """The policy running ``config`` on this family; ValueError for a method the family does not support."""
+        if config.name not in self.methods:
+            raise ValueError(f"method {config.name!r} is not available for {self.name} models; "
+                             f"accepted here: {', '.join(map(repr, self.methods))}")
+        return config.policy(self)
+
+    def resolve_score(self, method: str, score: str | None) -> str:
+        """The ranking criterion a method uses here: ``score`` or the family default, checked against it."""
+        score = self.scores[0] if score is None else score
+        if score not in self.scores:
+            raise ValueError(f"{method} score={score!r} is not available for {self.name} models; "
+                             f"accepted here: {', '.join(map(repr, self.scores))}")
+        return score
+
+
+def parse_img_size(img_size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(img_size, int) and not isinstance(img_size, bool):
+        img_size = (img_size, img_size)
+    if (not isinstance(img_size, (tuple, list)) or len(img_size) != 2
+            or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in img_size)):
+        raise ValueError(f"img_size must be a positive int or (height, width); got {img_size!r}")
+    return tuple(img_size)
+
+
+class SequenceAdapter(FamilyAdapter):
+    """Flat models: one token sequence of constant length through every block (ViT, DeiT)."""
 
     @property
     @abstractmethod
@@ -39,10 +97,14 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def has_class_token(self) -> bool: ...
 
-    # --- the forward around the blocks ---------------------------------------------------------------------------
-    @abstractmethod
-    def forward_features(self, x: torch.Tensor, run_blocks: RunBlocks) -> torch.Tensor:
-        """The model's own feature forward, with ``run_blocks`` in place of its block loop."""
+    def count_macs(self, policy, img_size: int | tuple[int, int] | None) -> int:
+        num_patches = self.num_patches(img_size)
+        if policy is not None:
+            works = policy.work(num_patches)
+        else:
+            works = [dense_work(num_patches + self.num_prefix)] * self.depth
+        blocks = sum(block_macs(self.block_shape(i), work) for i, work in enumerate(works))
+        return self.stem_macs(num_patches) + blocks + self.head_macs()
 
     # --- per-block token operations ------------------------------------------------------------------------------
     @abstractmethod
@@ -72,10 +134,6 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def block_from_normed(self, i: int, x: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
         """Block i on x whose norm1 output is already known."""
-
-    @abstractmethod
-    def input_size(self) -> tuple[int, int, int]:
-        """(channels, height, width) of the images the model is built for."""
 
     # --- cost model ----------------------------------------------------------------------------------------------
     @abstractmethod

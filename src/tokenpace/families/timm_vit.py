@@ -8,7 +8,7 @@ from torch import nn
 
 from ..core.macs import BlockShape
 from ..core.scores import cls_attention, cls_logits_from_keys, cls_logits_linear
-from .base import FamilyAdapter, RunBlocks
+from .base import RunBlocks, SequenceAdapter, parse_img_size
 
 
 def _timm_classes():
@@ -46,7 +46,7 @@ def _attend(attn: nn.Module, normed: torch.Tensor, heads: str | None) -> tuple[t
     return attn.proj_drop(attn.proj(out)), cls_row
 
 
-class TimmViT(FamilyAdapter):
+class TimmViT(SequenceAdapter):
     name = "timm VisionTransformer"
 
     def __init__(self, model: nn.Module) -> None:
@@ -83,6 +83,16 @@ class TimmViT(FamilyAdapter):
     @property
     def has_class_token(self) -> bool:
         return self.model.cls_token is not None
+
+    def resolve_score(self, method: str, score: str | None) -> str:
+        if not self.has_class_token:  # even random ranking runs the class-token paths of the flat policies
+            raise ValueError(f"method {method!r} ranks tokens by the class token's attention, but this "
+                             f"{type(self.model).__name__} has no class token; accepted: models built with "
+                             "class_token=True")
+        return super().resolve_score(method, score)
+
+    def block_grid(self, i: int) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.grid_size)
 
     def forward_features(self, x: torch.Tensor, run_blocks: RunBlocks) -> torch.Tensor:
         m = self.model
@@ -143,10 +153,7 @@ class TimmViT(FamilyAdapter):
         pe = self.model.patch_embed
         if img_size is None:
             return pe.num_patches
-        if isinstance(img_size, int):
-            img_size = (img_size, img_size)
-        if len(img_size) != 2 or any(not isinstance(s, int) or s <= 0 for s in img_size):
-            raise ValueError(f"img_size must be a positive int or (height, width); got {img_size!r}")
+        img_size = parse_img_size(img_size)
         grid = pe.dynamic_feat_size(img_size) if hasattr(pe, "dynamic_feat_size") else (
             img_size[0] // pe.patch_size[0], img_size[1] // pe.patch_size[1])
         return grid[0] * grid[1]

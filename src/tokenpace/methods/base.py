@@ -10,7 +10,9 @@ from ..core.macs import BlockWork
 from ..core.scores import random_scores
 from ..families.base import FamilyAdapter
 
-SCORES = ("cls", "random")
+# ranking criteria: the class token's attention, the attention a token receives (class-token-free models), the
+# token's feature norm, or random (the control); each family accepts some of them (FamilyAdapter.scores)
+SCORES = ("cls", "received", "norm", "random")
 
 
 def check_keep(name: str, keep: Any) -> None:
@@ -18,8 +20,8 @@ def check_keep(name: str, keep: Any) -> None:
         raise ValueError(f"{name} must be a number in (0, 1] (the fraction of patch tokens kept); got {keep!r}")
 
 
-def check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
+def check_choice(name: str, value: Any, accepted: tuple[str, ...], optional: bool = False) -> None:
+    if not (optional and value is None) and value not in accepted:
         raise ValueError(f"{name}={value!r} is not accepted; choose one of {', '.join(map(repr, accepted))}")
 
 
@@ -47,7 +49,6 @@ class MethodConfig:
     """Base of the typed method configs; subclasses validate in ``__post_init__``."""
 
     name: ClassVar[str] = "?"
-    needs_class_token: ClassVar[bool] = True
 
     def policy(self, adapter: FamilyAdapter) -> "Policy":
         raise NotImplementedError
@@ -61,6 +62,7 @@ class Policy:
         self.adapter = adapter
         self.depth = adapter.depth
         self.prefix = adapter.num_prefix
+        self.score = adapter.resolve_score(config.name, getattr(config, "score", None))
 
     def run(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         raise NotImplementedError
@@ -71,4 +73,4 @@ class Policy:
 
     def rank(self, scores: torch.Tensor) -> torch.Tensor:
         """Patch-token scores used for ranking: the class-attention scores, or random ones as a control."""
-        return random_scores(scores) if getattr(self.config, "score", "cls") == "random" else scores
+        return random_scores(scores) if self.score == "random" else scores

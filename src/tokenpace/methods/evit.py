@@ -24,20 +24,20 @@ class EViT(MethodConfig):
     keep: fraction of the current image tokens kept at each shrink layer, ceil(keep * n).
     layers: shrink layers; None: (3, 6, 9) at depth 12, scaled for other depths.
     fuse: fuse the inattentive tokens into one token (True, EViT's default) or drop them (False).
-    score: ``"cls"`` (head-mean class attention) or ``"random"`` (control).
+    score: None (the family default), ``"cls"`` (head-mean class attention) or ``"random"`` (control).
     """
 
     keep: float = 0.7
     layers: tuple[int, ...] | None = None
     fuse: bool = True
-    score: str = "cls"
+    score: str | None = None
 
     name: ClassVar[str] = "evit"
 
     def __post_init__(self) -> None:
         check_keep("EViT keep", self.keep)
         check_layers_type("EViT layers", self.layers)
-        check_choice("EViT score", self.score, SCORES)
+        check_choice("EViT score", self.score, SCORES, optional=True)
         if not isinstance(self.fuse, bool):
             raise ValueError(f"EViT fuse must be True or False; got {self.fuse!r}")
 

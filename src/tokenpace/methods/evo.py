@@ -34,7 +34,8 @@ class Evo(MethodConfig):
         global-attention-weighted representative token (paper, official LeViT code).
     alpha: weight of the new layer's class attention when g evolves in pruned layers (0.5 in the paper); dense
         layers overwrite g, so the first selection uses the class attention of the layer before it.
-    score: ``"cls"`` (global class attention) or ``"random"`` (control: random ranking).
+    score: None (the family default), ``"cls"`` (global class attention), ``"received"`` (attention each token
+        receives, class-token-free LeViT) or ``"random"`` (control: random ranking).
     """
 
     keep: float = 0.5
@@ -42,7 +43,7 @@ class Evo(MethodConfig):
     mode: str = "stage"
     representative: bool = False
     alpha: float = 0.5
-    score: str = "cls"
+    score: str | None = None
 
     name: ClassVar[str] = "evo"
 
@@ -50,7 +51,7 @@ class Evo(MethodConfig):
         check_keep("Evo keep", self.keep)
         check_layers_type("Evo stage_starts", self.stage_starts)
         check_choice("Evo mode", self.mode, MODES)
-        check_choice("Evo score", self.score, SCORES)
+        check_choice("Evo score", self.score, SCORES, optional=True)
         if not isinstance(self.representative, bool):
             raise ValueError(f"Evo representative must be True or False; got {self.representative!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 < self.alpha <= 1.0:

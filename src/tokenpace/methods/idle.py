@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 
 from ..core.macs import BlockWork, dense_work
+from ..core.scores import random_scores
 from ..core.schedule import keep_count, scaled_layers, stage_of, validate_layers
 from ..core.tokens import gather_tokens, scatter_tokens, top_indices, with_prefix
 from .base import SCORES, ForwardState, MethodConfig, Policy, check_choice, check_keep, check_layers_type
@@ -24,14 +25,16 @@ class Idle(MethodConfig):
     keep: base keep ratio r; stage s keeps K = int(P * r**s) patch tokens (0.7 is the paper's headline).
     stage_starts: first layer of each stage; idling runs from the first to the last layer.
         None: (3, 6, 9) at depth 12 (the official evaluation layers 3..11), scaled for other depths.
-    score: ``"cls"`` (class-query logits of the layer) or ``"random"`` (control).
+    score: None (the family default), ``"cls"`` (class-query logits of the layer), ``"received"`` (mean logit a
+        token receives from the queries of its attention group), ``"norm"`` (feature norm) or ``"random"`` (control);
+        see docs/scores.md for which family accepts which.
     project_keys: project every key to score, as the official code does, instead of the exact W_k^T q shortcut
         (kept for comparing MACs; models with a per-head key norm always project keys).
     """
 
     keep: float = 0.7
     stage_starts: tuple[int, ...] | None = None
-    score: str = "cls"
+    score: str | None = None
     project_keys: bool = False
 
     name: ClassVar[str] = "idle"
@@ -39,7 +42,7 @@ class Idle(MethodConfig):
     def __post_init__(self) -> None:
         check_keep("Idle keep", self.keep)
         check_layers_type("Idle stage_starts", self.stage_starts)
-        check_choice("Idle score", self.score, SCORES)
+        check_choice("Idle score", self.score, SCORES, optional=True)
         if not isinstance(self.project_keys, bool):
             raise ValueError(f"Idle project_keys must be True or False; got {self.project_keys!r}")
 
@@ -48,8 +51,10 @@ class Idle(MethodConfig):
         validate_layers("Idle stage_starts", starts, depth)
         return starts
 
-    def policy(self, adapter) -> "IdlePolicy":
-        return IdlePolicy(self, adapter)
+    def policy(self, adapter) -> Policy:
+        from ..families.grid import GridAdapter  # pyramid models idle per group (window or map) of their own grid
+
+        return IdleGridPolicy(self, adapter) if isinstance(adapter, GridAdapter) else IdlePolicy(self, adapter)
 
 
 @dataclass
@@ -101,3 +106,45 @@ class IdlePolicy(Policy):
             project = self.config.project_keys or self.adapter.scores_project_keys(i)
             works.append(BlockWork(n, n, score_tokens=n_all, score_projects_keys=project))
         return works
+
+
+class IdleGridPolicy(Policy):
+    """IdleViT on a pyramid model: in each idling block, the top k = int(n * r**s) tokens of every group of n (Swin
+    window, PVTv2 map) run the block, the others stay idle. Stages follow the global block index as on flat models
+    (stage_starts (3, 6, 9) at 12 blocks, scaled), so the ratio compounds across the pyramid's stages too."""
+
+    config: Idle
+
+    def __init__(self, config: Idle, adapter) -> None:
+        super().__init__(config, adapter)
+        if config.project_keys:
+            raise ValueError("Idle project_keys applies to class-token scores; pyramid models accept only "
+                             "project_keys=False")
+        self.starts = config.resolved_stage_starts(self.depth)
+
+    def keep_ratio(self, i: int) -> float | None:
+        """The keep ratio of block i, or None where the block runs on every token."""
+        ratio = self.config.keep ** stage_of(i, self.starts)
+        return None if i < self.starts[0] or ratio >= 1.0 else ratio
+
+    def run(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        ad = self.adapter
+        for s, blocks in enumerate(ad.stage_blocks):
+            x = ad.enter_stage(s, x)
+            for i in blocks:
+                ratio = self.keep_ratio(i)
+                n = ad.group_size(i, x)
+                k = keep_count(n, ratio) if ratio is not None else n
+                if k == n:
+                    x = ad.block(i, x)
+                    continue
+                prep = ad.prepare(i, x)
+                if self.score == "random":
+                    scores = random_scores(torch.empty(ad.score_shape(prep), device=x.device))
+                else:
+                    scores = ad.token_scores(i, prep, self.score)
+                idx = top_indices(scores, k)
+                x = ad.run_selected(i, x, prep, idx)
+                if state.kept is not None:
+                    state.record_kept(i, ad.raster_positions(i, prep, idx))
+        return x

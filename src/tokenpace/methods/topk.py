@@ -22,18 +22,19 @@ class TopK(MethodConfig):
 
     keep: fraction of patch tokens kept, K = int(P * keep).
     layer: first layer that runs on the kept tokens only; None: 4 at depth 12 (Evo-ViT's), scaled otherwise.
-    score: ``"cls"`` (class attention of the layer before, head sum) or ``"random"`` (control).
+    score: None (the family default), ``"cls"`` (class attention of the layer before, head sum) or ``"random"``
+        (control).
     """
 
     keep: float = 0.5
     layer: int | None = None
-    score: str = "cls"
+    score: str | None = None
 
     name: ClassVar[str] = "topk"
 
     def __post_init__(self) -> None:
         check_keep("TopK keep", self.keep)
-        check_choice("TopK score", self.score, SCORES)
+        check_choice("TopK score", self.score, SCORES, optional=True)
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
             raise ValueError(f"TopK layer must be an int layer index or None for the default; got {self.layer!r}")
 
