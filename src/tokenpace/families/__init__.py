@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import FamilyAdapter
+from .base import FamilyAdapter, SequenceAdapter
+from .grid import GridAdapter
+from .pvt_v2 import PvtV2Adapter
+from .swin import SwinAdapter
 from .timm_vit import TimmViT
 
-FAMILIES: tuple[type[FamilyAdapter], ...] = (TimmViT,)
+FAMILIES: tuple[type[FamilyAdapter], ...] = (TimmViT, SwinAdapter, PvtV2Adapter)
 
 SUPPORTED = ("timm VisionTransformer (DeiT, DeiT distilled, ViT/AugReg, DeiT-III/LayerScale, register tokens, "
              "qk-norm; global_pool token or avg)")
@@ -21,4 +24,4 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
                     f"tokenpace supports: {SUPPORTED}")
 
 
-__all__ = ["FAMILIES", "SUPPORTED", "FamilyAdapter", "adapter_for"]
+__all__ = ["FAMILIES", "SUPPORTED", "FamilyAdapter", "GridAdapter", "SequenceAdapter", "adapter_for"]
