@@ -29,7 +29,7 @@ def test_keep_outside_zero_one(method, keep):
     ("topk", {"layer": 0}, r"accepted layers are 1\.\.11"),
     ("evo", {"mode": "block"}, r"mode='block' is not accepted; choose one of 'stage', 'layer'"),
     ("evo", {"alpha": 0}, r"alpha must be a number in \(0, 1\]"),
-    ("evo", {"representative": "yes"}, "representative must be True or False"),
+    ("evo", {"representative": "yes"}, "representative must be True, False or None"),
     ("idle", {"score": "max"}, r"score='max' is not accepted; choose one of 'cls', 'received', 'norm', 'random'"),
     ("evit", {"fuse": 1}, "fuse must be True or False"),
     ("idle", {"ratio": 0.5}, r"unknown option.*accepted: keep, stage_starts, score, project_keys"),

@@ -8,6 +8,7 @@
     tokenpace.macs(model)
     tokenpace.remove(model)
 """
+from . import archs  # registers evo_levit_* and the CIFAR LeViTs with timm
 from .methods import METHODS, EViT, Evo, Idle, MethodConfig, TopK, make_config
 from .patch import Trace, apply, get_patch, macs, remove, trace
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 HEAD_REDUCTIONS = ("sum", "mean")
 
@@ -33,6 +34,22 @@ def cls_logits_linear(normed: torch.Tensor, q_cls: torch.Tensor, w_k: torch.Tens
     w_k (A, C). Valid only when keys are a linear function of the normed input (no per-head key norm).
     """
     u = q_cls @ w_k  # (B, C): W_k^T q for every image at once
+    return (normed @ u.unsqueeze(-1)).squeeze(-1)
+
+
+def mean_query_logits_linear(normed: torch.Tensor, w_q: torch.Tensor, b_q: torch.Tensor | None,
+                             w_k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Head-summed mean scaled logit each token receives from all queries of its group, without projecting keys.
+
+    normed (G, n, C): the block's norm1 output in G groups (e.g. attention windows); w_q, w_k (A, C) and b_q (A,)
+    the query and key projections (all heads side by side); returns (G, n).
+    Queries are linear in their input, so mean_i q_i . k_j = qbar . k_j with qbar = W_q mean_i(x_i) + b_q, and
+    summed over heads sum_h qbar_h . (W_k,h x_j + b_k,h) = (W_k^T qbar) . x_j + qbar . b_k. The last term is the
+    same for every token of a group and is left out: scores rank tokens within their group. O(n*C + A*C) per group.
+    Additive logit terms (relative-position bias, masks) are the caller's to add.
+    """
+    q_mean = F.linear(normed.mean(dim=1), w_q, b_q)  # (G, A)
+    u = (q_mean @ w_k) * scale  # (G, C); the scale matters once additive biases are added to the scores
     return (normed @ u.unsqueeze(-1)).squeeze(-1)
 
 

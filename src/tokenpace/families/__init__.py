@@ -5,11 +5,12 @@ from torch import nn
 
 from .base import FamilyAdapter, SequenceAdapter
 from .grid import GridAdapter
+from .levit import EvoLevitFamily, TimmLevit
 from .pvt_v2 import PvtV2Adapter
 from .swin import SwinAdapter
 from .timm_vit import TimmViT
 
-FAMILIES: tuple[type[FamilyAdapter], ...] = (TimmViT, SwinAdapter, PvtV2Adapter)
+FAMILIES: tuple[type[FamilyAdapter], ...] = (TimmViT, TimmLevit, EvoLevitFamily, SwinAdapter, PvtV2Adapter)
 
 SUPPORTED = ("timm VisionTransformer (DeiT, DeiT distilled, ViT/AugReg, DeiT-III/LayerScale, register tokens, "
              "qk-norm; global_pool token or avg)")

@@ -27,11 +27,13 @@ class Evo(MethodConfig):
 
     keep: fraction of patch tokens on the slow path, K = int(P * keep) (0.5 in the paper).
     stage_starts: layers where a selection is made in ``"stage"`` mode; the first is where pruning starts.
-        None: (4, 8) at depth 12, scaled proportionally for other depths.
+        None: (4, 8) at depth 12, scaled proportionally for other depths; on LeViT (2,), and every later stage
+        selects again at its first block.
     mode: ``"stage"`` selects at stage starts (inference default, last third of training); ``"layer"`` selects at
         every pruned layer (first two thirds of training).
     representative: False keeps placeholders unchanged (official DeiT code); True moves them with the residual of a
-        global-attention-weighted representative token (paper, official LeViT code).
+        global-attention-weighted representative token (paper, official LeViT code); None: the family's default
+        (True on tokenpace's Evo-LeViT, False elsewhere).
     alpha: weight of the new layer's class attention when g evolves in pruned layers (0.5 in the paper); dense
         layers overwrite g, so the first selection uses the class attention of the layer before it.
     score: None (the family default), ``"cls"`` (global class attention), ``"received"`` (attention each token
@@ -41,7 +43,7 @@ class Evo(MethodConfig):
     keep: float = 0.5
     stage_starts: tuple[int, ...] | None = None
     mode: str = "stage"
-    representative: bool = False
+    representative: bool | None = None
     alpha: float = 0.5
     score: str | None = None
 
@@ -52,8 +54,9 @@ class Evo(MethodConfig):
         check_layers_type("Evo stage_starts", self.stage_starts)
         check_choice("Evo mode", self.mode, MODES)
         check_choice("Evo score", self.score, SCORES, optional=True)
-        if not isinstance(self.representative, bool):
-            raise ValueError(f"Evo representative must be True or False; got {self.representative!r}")
+        if self.representative is not None and not isinstance(self.representative, bool):
+            raise ValueError(f"Evo representative must be True, False or None (the family default); "
+                             f"got {self.representative!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"Evo alpha must be a number in (0, 1] (weight of the new layer); got {self.alpha!r}")
 

@@ -36,28 +36,41 @@ class Objective(nn.Module):
 
 
 class EvoScratchObjective(Objective):
-    """Average-pool head + an auxiliary class-token head (LayerNorm + Linear), losses weighted 0.5 / 0.5."""
+    """Average-pool head + an auxiliary class-token head, losses weighted 0.5 / 0.5.
+
+    timm ViTs get a training-only LayerNorm + Linear class-token head (Evo-ViT DeiT). Evo-LeViT models bring their
+    four heads (``forward_train_heads``): each pooling's two twins are averaged, and without a teacher the
+    distillation twins learn from the labels too (the official code distils them from a RegNetY-160).
+    """
 
     def __init__(self, model: nn.Module, criterion: nn.Module, aux_weight: float) -> None:
         super().__init__(model, criterion)
+        self.own_heads = hasattr(model, "forward_train_heads")
         width = model.num_features
-        self.aux_head = nn.Sequential(nn.LayerNorm(width, eps=1e-6), nn.Linear(width, model.num_classes))
+        self.aux_head = None if self.own_heads else nn.Sequential(nn.LayerNorm(width, eps=1e-6),
+                                                                  nn.Linear(width, model.num_classes))
         self.aux_weight = aux_weight
 
     def trainable(self) -> list[nn.Module]:
-        return [self.model, self.aux_head]
+        return [self.model] if self.own_heads else [self.model, self.aux_head]
 
     def extra_state(self) -> dict:
-        return {"aux_head": self.aux_head.state_dict()}
+        return {} if self.own_heads else {"aux_head": self.aux_head.state_dict()}
 
     def load_extra_state(self, state: dict) -> None:
-        self.aux_head.load_state_dict(state["aux_head"])
+        if not self.own_heads:
+            self.aux_head.load_state_dict(state["aux_head"])
 
     def forward(self, images, targets):
         feats = self.model.forward_features(images)
-        logits = self.model.forward_head(feats)
-        aux = self.aux_head(feats[:, 0])
-        main_loss, aux_loss = self.criterion(logits, targets), self.criterion(aux, targets)
+        if self.own_heads:
+            avg, avg_dist, cls, cls_dist = self.model.forward_train_heads(feats)
+            logits = (avg + avg_dist) / 2
+            main_loss = (self.criterion(avg, targets) + self.criterion(avg_dist, targets)) / 2
+            aux_loss = (self.criterion(cls, targets) + self.criterion(cls_dist, targets)) / 2
+        else:
+            logits = self.model.forward_head(feats)
+            main_loss, aux_loss = self.criterion(logits, targets), self.criterion(self.aux_head(feats[:, 0]), targets)
         loss = (1 - self.aux_weight) * main_loss + self.aux_weight * aux_loss
         return loss, {"ce": main_loss.detach(), "ce_cls_head": aux_loss.detach()}, logits
 

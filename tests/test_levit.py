@@ -1,0 +1,205 @@
+"""Evo-ViT on LeViT: timm LeViT off the shelf (biases gathered, received-attention score) and tokenpace's
+Evo-LeViT (class token, representative token, learnable evolution weights)."""
+import copy
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokenpace
+from conftest import spread_weights
+from tokenpace.families.levit import fuse_batchnorm
+
+SMALL = dict(embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4), depth=(3, 2, 2))
+
+
+def make_levit(name="levit_cifar", seed=0, **overrides):
+    torch.manual_seed(seed)
+    return spread_weights(timm.create_model(name, **{**SMALL, **overrides}), seed).eval()
+
+
+@pytest.fixture
+def images():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", ["levit_cifar", "evo_levit_cifar"])
+@pytest.mark.parametrize("mode", ["stage", "layer"])
+def test_keep_all_equals_the_unpatched_model(name, mode, images):
+    model = make_levit(name)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        ref = model(images)
+        out = tokenpace.apply(model, "evo", keep=1.0, mode=mode)(images)
+        assert torch.allclose(out, ref, atol=1e-5)
+        assert list(model.state_dict()) == keys
+        tokenpace.apply(model, "evo", keep=0.5, mode=mode)
+        assert not torch.allclose(model(images), ref, atol=1e-3)
+        assert torch.equal(tokenpace.remove(model)(images), ref)
+
+
+def _explicit(q, k, v, bias, scale, key_mask=None):
+    logits = (q @ k.transpose(-2, -1)) * scale + bias
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    probs = logits.softmax(-1)
+    return (probs @ v).transpose(1, 2).flatten(2), probs
+
+
+def ref_timm_levit_evo(model, img, keep, first=2, alpha=0.5):
+    """Literal Evo on timm LeViT, stage mode: full sequences with masks instead of gathers; g = received attention."""
+    x = model.stem(img).flatten(2).transpose(1, 2)
+    g, j = None, 0
+    for s, stage in enumerate(model.stages):
+        if s > 0:
+            ds, ad = stage.downsample, stage.downsample.attn_downsample
+            B, n, _ = x.shape
+            k, v = ad.kv(x).view(B, n, ad.num_heads, -1).split([ad.key_dim, ad.val_dim], dim=3)
+            q = ad.q(x).view(B, -1, ad.num_heads, ad.key_dim).transpose(1, 2)
+            out, probs = _explicit(q, k.transpose(1, 2), v.transpose(1, 2), ad.get_attention_biases(x.device), ad.scale)
+            out = ad.proj(out)
+            x_new = out + ds.mlp(out)
+            if g is not None:
+                rows, cols = ad.resolution
+                pos = torch.arange(rows * cols).view(rows, cols)[::2, ::2].reshape(-1)
+                received = probs.mean(dim=(1, 2))
+                total = g.sum(1, keepdim=True)
+                g = (1 - alpha) * g[:, pos] + alpha * received[:, pos]
+                g = g * total / g.sum(1, keepdim=True)
+            x = x_new
+        B, N, _ = x.shape
+        kcount = int(N * keep)
+        for i, blk in enumerate(stage.blocks):
+            attn = blk.attn
+            qkv = attn.qkv(x).view(B, N, attn.num_heads, -1).split([attn.key_dim, attn.key_dim, attn.val_dim], dim=3)
+            q, k, v = (t.transpose(1, 2) for t in qkv)
+            bias = attn.get_attention_biases(x.device)
+            if j < first:
+                out, probs = _explicit(q, k, v, bias, attn.scale)
+                y = x + attn.proj(out)
+                x = y + blk.mlp(y)
+                g = probs.mean(dim=(1, 2)) if j == first - 1 else g
+            else:
+                if j == first or i == 0:  # a selection: at the first pruned block and at every stage start
+                    mask = torch.zeros(B, N, dtype=torch.bool)
+                    mask.scatter_(1, g.topk(kcount, dim=1).indices, True)
+                out, probs = _explicit(q, k, v, bias, attn.scale, key_mask=mask)
+                y = x + attn.proj(out)
+                y = y + blk.mlp(y)
+                x = torch.where(mask[..., None], y, x)
+                received = (probs * mask[:, None, :, None]).sum(2).mean(1) / kcount  # kept queries only
+                g = torch.where(mask, (1 - alpha) * g + alpha * received, g)
+            j += 1
+    return model.forward_head(x)
+
+
+def test_timm_levit_matches_the_literal_reference(images):
+    model = make_levit("levit_cifar")
+    with torch.no_grad():
+        expected = ref_timm_levit_evo(model, images, keep=0.5)
+        out = tokenpace.apply(model, "evo", keep=0.5)(images)
+    assert torch.allclose(out, expected, atol=1e-4), (out - expected).abs().max()
+
+
+def test_trace_and_bias_gathering(images):
+    model = tokenpace.apply(make_levit("levit_cifar"), "evo", keep=0.5)
+    with torch.no_grad(), tokenpace.trace(model) as tr:
+        model(images)
+    shapes = [None if k is None else tuple(k.shape) for k in tr.kept]
+    assert shapes == [None, None, (3, 32), (3, 8), (3, 8), (3, 2), (3, 2)]  # 64 -> 16 -> 4 tokens, half kept
+    assert all(len(set(k[0].tolist())) == k.shape[1] for k in tr.kept if k is not None)
+    adapter = tokenpace.get_patch(model).adapter
+    pos = tr.kept[2]
+    attn = adapter.blocks[2].attn
+    gathered = adapter._bias(attn, pos, "cpu")
+    full = attn.get_attention_biases("cpu")
+    b = 1
+    assert torch.equal(gathered[b], full[:, pos[b]][:, :, pos[b]])
+
+
+def test_evo_levit_representative_moves_every_placeholder_by_one_residual(images):
+    model = tokenpace.apply(make_levit("evo_levit_cifar"), "evo", keep=0.5)
+    patch = tokenpace.get_patch(model)
+    assert patch.policy.representative  # the official Evo-LeViT default
+    seen = {}
+    hooks = [patch.adapter.blocks[2].attn.qkv.register_forward_pre_hook(lambda m, a: seen.update(n=seen.get("n", a[0].shape[1]))),
+             model.downsamples[1].kv.register_forward_pre_hook(lambda m, a: seen.update(x=seen.get("x", a[0])))]
+    with torch.no_grad(), tokenpace.trace(model) as tr:
+        model(images)
+        before = model.stages[0][1](model.stages[0][0](model.embed(images)))  # blocks 0-1 run dense
+    for h in hooks:
+        h.remove()
+    assert seen["n"] == 1 + 32 + 1  # class token, 32 kept, the representative token
+    delta = seen["x"] - model.downsamples[1].pos_embed - before  # after block 2 (the first pruned one): placeholders moved by one residual
+    for b in range(images.shape[0]):
+        placeholders = sorted(set(range(64)) - set(tr.kept[2][b].tolist()))
+        d = delta[b, 1:][placeholders]
+        assert torch.allclose(d, d[:1].expand_as(d), atol=1e-5) and d.abs().max() > 1e-4
+
+
+def test_evo_levit_learns_its_evolution_weights_in_stage_mode(images):
+    model = make_levit("evo_levit_cifar").train()
+    tokenpace.apply(model, "evo", keep=0.5, mode="stage")
+    model(images).sum().backward()
+    thetas = [m.theta.grad for m in model.modules() if hasattr(m, "theta")]
+    assert sum(int(t is not None and t.abs() > 0) for t in thetas) >= 3
+    model.zero_grad()
+    tokenpace.apply(model, "evo", keep=0.5, mode="layer")  # fixed alpha 0.5 before the layer-to-stage switch
+    model(images).sum().backward()
+    assert all(m.theta.grad is None or m.theta.grad.abs().max() == 0 for m in model.modules() if hasattr(m, "theta"))
+
+
+@pytest.mark.parametrize("name", ["levit_cifar", "evo_levit_cifar"])
+@pytest.mark.parametrize("options", [None, {}, {"mode": "layer"}, {"keep": 0.3}], ids=str)
+def test_macs_equal_flop_counter(name, options, images):
+    model = make_levit(name)
+    if options is not None:
+        tokenpace.apply(model, "evo", **options)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(images[:1])
+    assert tokenpace.macs(model) == counter.get_total_flops() // 2
+
+
+def test_published_levit_macs():
+    with torch.device("meta"):
+        model = timm.create_model("levit_256")
+    assert abs(tokenpace.macs(model) / 1.12e9 - 1) < 0.01  # LeViT paper: 1120 M multiply-adds (we count 1127 M)
+    evo = tokenpace.macs(tokenpace.apply(model, "evo")) / 1e9
+    assert 0.7 < evo < 0.95
+
+
+def test_batchnorm_fused_levit_keeps_working(images):
+    model = make_levit("levit_cifar")
+    for m in model.modules():  # non-trivial running statistics, so fusing changes the weights
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    with torch.no_grad():
+        ref = tokenpace.apply(model, "evo", keep=0.5)(images)
+        fused = fuse_batchnorm(copy.deepcopy(tokenpace.remove(model)))
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+        out = tokenpace.apply(fused, "evo", keep=0.5)(images)
+    assert torch.allclose(out, ref, atol=1e-4)
+
+
+def test_levit_errors():
+    model = make_levit("levit_cifar")
+    with pytest.raises(ValueError, match="not available for timm LeViT models; accepted here: 'evo'"):
+        tokenpace.apply(model, "idle")
+    with pytest.raises(ValueError, match="accepted here: 'received', 'random'"):
+        tokenpace.apply(model, "evo", score="cls")
+    with pytest.raises(ValueError, match="representative=False"):
+        tokenpace.apply(model, "evo", representative=True)
+    with pytest.raises(ValueError, match="outside the model"):
+        tokenpace.apply(model, "evo", stage_starts=(0,))
+    with torch.device("meta"):
+        conv = timm.create_model("levit_conv_128s")
+    with pytest.raises(TypeError, match="levit_conv"):
+        tokenpace.apply(conv, "evo")
+    evo = make_levit("evo_levit_cifar")
+    with pytest.raises(ValueError, match="fix its input size"):
+        tokenpace.macs(evo, img_size=64)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("evo_levit_256", pretrained=True)
