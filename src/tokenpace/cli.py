@@ -39,18 +39,27 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _family_methods(model: torch.nn.Module) -> str:
+    """The default --methods: dense and every method the model's family runs (a clear TypeError when none)."""
+    from .families import adapter_for
+
+    return ",".join(("dense",) + adapter_for(model).methods)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import benchmark, benchmark_train, format_table, parse_methods, result_json, stderr_progress
 
     device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    specs = parse_methods(args.methods)
+    specs = parse_methods(args.methods) if args.methods else None
     extra = {"img_size": args.img_size} if args.img_size else {}
     model = build_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, model_args=extra)
-    from .families import adapter_for
+    specs = specs or parse_methods(_family_methods(model))
+    if args.fuse_bn:
+        from .families.levit import fuse_batchnorm
 
-    adapter_for(model)  # a clear TypeError now for an unsupported model, before any timing
+        fuse_batchnorm(model.eval())
     batch_sizes = args.batch_size or [256 if device.type == "cuda" else 32]
     documents = []
     for bs in batch_sizes:
@@ -161,15 +170,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.loop import eval_transform
 
     device = _device(args.device)
-    specs = parse_methods(args.methods)
+    model = _source(args)
+    specs = parse_methods(args.methods or _family_methods(model))
     if args.keep:
         keeps = parse_sweep(args.keep)
         specs = [MethodSpec("dense")] + [MethodSpec(s.method, tuple({**dict(s.options), "keep": k}.items()))
                                           for s in specs if s.method != "dense" for k in keeps]
-    model = _source(args)
-    from .families import adapter_for
-
-    adapter_for(model)
     ds = build_dataset(DataSpec(args.data, canvas=args.canvas, limit=args.limit), "val", eval_transform(model))
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
     rows = evaluate(model, specs, loader, device, args.batch_size, speed_runs=args.speed_runs,
@@ -233,7 +239,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="measure throughput of dense vs each method, interleaved in one run")
     bench.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
-    bench.add_argument("--methods", default="dense,evo,idle,evit,topk",
+    bench.add_argument("--methods", default=None,
                        help="comma list: dense, evo, idle, evit, topk; name@KEEP or name:key=value:... for options "
                             "(default: all at their defaults)")
     bench.add_argument("--batch-size", type=_ints, default=None, help="comma list (default 32 on cpu, 256 on cuda)")
@@ -243,6 +249,8 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=10, help="timed rounds (default 10)")
     bench.add_argument("--warmup", type=int, default=2, help="warm-up rounds (default 2)")
     bench.add_argument("--img-size", type=int, default=None, help="build the model for this input size")
+    bench.add_argument("--fuse-bn", action="store_true",
+                       help="LeViT: fold each BatchNorm into its linear/conv layer first (the inference form)")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     bench.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs the hub)")
     bench.add_argument("--checkpoint", default=None, help="local weights file for the model")
@@ -286,7 +294,7 @@ def make_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="top-1/top-5, agreement with dense, GMACs and img/s of dense and each method")
     _add_model_source(ev)
     ev.add_argument("--data", required=True, help="packed-JPEG .npz, 'cifar10', or an ImageNet-style folder")
-    ev.add_argument("--methods", default="dense,evo,idle,evit,topk", help="as in bench")
+    ev.add_argument("--methods", default=None, help="as in bench (default: dense and the family's methods)")
     ev.add_argument("--keep", default=None, help="sweep keep ratios START:STOP:STEP (e.g. 0.3:1.0:0.1) and plot")
     ev.add_argument("--plot", default=None, help="PNG path for the sweep plot (default eval_sweep.png)")
     ev.add_argument("--batch-size", type=int, default=128)

@@ -13,7 +13,9 @@ from .timm_vit import TimmViT
 FAMILIES: tuple[type[FamilyAdapter], ...] = (TimmViT, TimmLevit, EvoLevitFamily, SwinAdapter, PvtV2Adapter)
 
 SUPPORTED = ("timm VisionTransformer (DeiT, DeiT distilled, ViT/AugReg, DeiT-III/LayerScale, register tokens, "
-             "qk-norm; global_pool token or avg)")
+             "qk-norm; global_pool token or avg): evo, idle, evit, topk; timm Levit/LevitDistilled (levit_*) and "
+             "tokenpace's evo_levit_*: evo; timm SwinTransformer (swin_*) and PyramidVisionTransformerV2 (pvt_v2_*): "
+             "idle")
 
 
 def adapter_for(model: nn.Module) -> FamilyAdapter:
