@@ -203,3 +203,29 @@ def test_levit_errors():
         tokenpace.macs(evo, img_size=64)
     with pytest.raises(ValueError, match="no pretrained weights"):
         timm.create_model("evo_levit_256", pretrained=True)
+
+
+def test_evo_scratch_objective_trains_the_four_heads(images):
+    from tokenpace.train.objectives import make_objective
+    from tokenpace.train.recipes import get_recipe
+
+    model = tokenpace.apply(make_levit("evo_levit_cifar").train(), "evo", mode="layer")
+    objective = make_objective(get_recipe("evo-scratch"), model, torch.nn.CrossEntropyLoss())
+    assert objective.trainable() == [model] and objective.extra_state() == {}  # the heads live in the model
+    loss, terms, logits = objective(images, torch.tensor([0, 1, 2]))
+    loss.backward()
+    assert set(terms) == {"ce", "ce_cls_head"} and logits.shape == (3, 10)
+    assert torch.allclose(loss, (terms["ce"] + terms["ce_cls_head"]) / 2)
+    for head in (model.head, model.head_dist, model.head_cls, model.head_cls_dist):
+        assert head.linear.weight.grad.abs().sum() > 0
+
+
+def test_cut_loss_is_refused_without_a_class_token():
+    from tokenpace.train.objectives import make_objective
+    from tokenpace.train.recipes import get_recipe
+
+    with torch.device("meta"):
+        model = timm.create_model("pvt_v2_b0", num_classes=10)
+    student = tokenpace.apply(copy.deepcopy(model), "idle")
+    with pytest.raises(ValueError, match="accepted here: --cut-mode none"):
+        make_objective(get_recipe("idle-finetune"), student, torch.nn.CrossEntropyLoss(), dense_model=model)

@@ -1,4 +1,5 @@
-"""Class-token scores, computed from the class-token row only (O(N*C), never the N x N map)."""
+"""Token scores computed from one row or one mean query (O(N*C), never the N x N map): class-token attention and
+logits, and the class-token-free mean received logit."""
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from ..families import adapter_for
 from ..losses import distill_kl, feature_mse, token_cut_loss
 from ..patch import get_patch
 from .recipes import Recipe
@@ -80,6 +81,9 @@ class IdleDistillObjective(Objective):
 
     def __init__(self, model: nn.Module, teacher: nn.Module, criterion: nn.Module, recipe: Recipe) -> None:
         super().__init__(model, criterion)
+        if recipe.cut_mode != "none" and not adapter_for(model).has_class_token:
+            raise ValueError(f"the token cut loss is built on the class token's attention and "
+                             f"{type(model).__name__} has none; accepted here: --cut-mode none")
         self.teacher = teacher.eval().requires_grad_(False)
         self.recipe = recipe
 
