@@ -19,6 +19,7 @@ class FamilyAdapter(ABC):
     name: str = "?"
     methods: tuple[str, ...] = ("evo", "idle", "evit", "topk")  # the methods that run on this family
     scores: tuple[str, ...] = ("cls", "random")  # accepted ranking criteria; the first is the default
+    default_representative = False  # Evo's representative-token fast path when the config leaves it None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -73,7 +73,6 @@ def _attend(q, k, v, bias, scale, score, prefix, extra):
 
 class _LevitBase(FamilyAdapter):
     methods = ("evo",)
-    default_representative = False
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -77,6 +77,8 @@ class EvoPolicy(Policy):
         super().__init__(config, adapter)
         starts = config.resolved_stage_starts(self.depth)
         self.first = starts[0]
+        self.representative = (adapter.default_representative if config.representative is None
+                               else config.representative)
         bounds = range(self.first, self.depth + 1) if config.mode == "layer" else (*starts, self.depth)
         # each segment runs its layers on one selection; g is needed only where a later selection reads it
         self.segments = [(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
@@ -97,7 +99,7 @@ class EvoPolicy(Policy):
     def _segment(self, x, g, lo, hi, k, evolve_g, state):
         cfg, ad, prefix = self.config, self.adapter, self.prefix
         num_patches = g.shape[1]
-        use_rep = cfg.representative and k < num_patches
+        use_rep = self.representative and k < num_patches
         scores = self.rank(g)
         if use_rep:
             keep_idx, ph_idx = split_indices(scores, k)
@@ -127,7 +129,7 @@ class EvoPolicy(Policy):
     def work(self, num_patches: int) -> list[BlockWork]:
         k = keep_count(num_patches, self.config.keep)
         n_all = num_patches + self.prefix
-        use_rep = self.config.representative and k < num_patches
+        use_rep = self.representative and k < num_patches
         n = k + self.prefix + int(use_rep)
         works = [dense_work(n_all)] * (self.first - 1) + [BlockWork(n_all, n_all, cls_row_keys=n_all)]
         for s, (lo, hi) in enumerate(self.segments):
