@@ -66,3 +66,20 @@ def test_distillation_terms():
     f = torch.randn(4, 8)
     assert feature_mse(f, 3 * f).item() == pytest.approx(0.0, abs=1e-7)
     assert feature_mse(f, -f).item() == pytest.approx(4 / 8, rel=1e-5)  # (2 - 2 cos) / C with cos = -1
+
+
+def test_cut_loss_reusing_the_blocks_q_and_k_equals_projecting_every_token():
+    model = tokenpace.apply(make_vit("qknorm"), "idle", keep=0.5).train()
+    model(torch.randn(2, 3, 32, 32))
+    records = tokenpace.get_patch(model).last_state.records
+    assert all(r.qk is not None for r in records)
+    attns = [model.blocks[r.layer].attn for r in records]
+    reused = token_cut_loss(records, attns, num_prefix=1)
+    reused.backward(retain_graph=True)
+    grads = [a.qkv.weight.grad.clone() for a in attns]
+    model.zero_grad()
+    fresh = [type(r)(layer=r.layer, index=r.index, normed=r.normed) for r in records]  # qk=None: project all
+    projected = token_cut_loss(fresh, attns, num_prefix=1)
+    projected.backward()
+    assert torch.allclose(reused, projected, rtol=1e-5)
+    assert all(torch.allclose(g, a.qkv.weight.grad, atol=1e-6) for g, a in zip(grads, attns))

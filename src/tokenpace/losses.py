@@ -5,22 +5,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core.tokens import gather_tokens, scatter_tokens
 from .methods.idle import IdleRecord
 
 CUT_MODES = ("both", "intra", "inter", "none")
 
 
-def mean_head_logits(attn: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+def _project_qk(attn: nn.Module, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k (B, n, H*d) of ``normed`` through the attention's own layers (values are not projected)."""
+    B, n, _ = normed.shape
+    H, d = attn.num_heads, attn.head_dim
+    bias = attn.qkv.bias[:2 * H * d] if attn.qkv.bias is not None else None
+    q, k = F.linear(normed, attn.qkv.weight[:2 * H * d], bias).reshape(B, n, 2, H, d).unbind(2)
+    q = attn.q_norm(q.transpose(1, 2)).transpose(1, 2).reshape(B, n, H * d)
+    k = attn.k_norm(k.transpose(1, 2)).transpose(1, 2).reshape(B, n, H * d)
+    return q, k
+
+
+def mean_head_logits(attn: nn.Module, normed: torch.Tensor, index: torch.Tensor | None = None,
+                     qk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(scale / H) * sum_h q_h k_h^T for every token pair: (B, N, N), from one full-width product.
 
     The head mean of per-head logits equals one product of the concatenated (normed) queries and keys, so the
-    B x H x N x N map is never formed.
+    B x H x N x N map is never formed. With ``qk``, the (q, k) the block already computed for the tokens at
+    sequence positions ``index`` (B, K), only the other tokens are projected (same values, same gradients).
     """
-    B, n, _ = normed.shape
-    H, d = attn.num_heads, attn.head_dim
-    q, k, _ = attn.qkv(normed).reshape(B, n, 3, H, d).unbind(2)  # (B, n, H, d) each
-    q = attn.q_norm(q.transpose(1, 2)).transpose(1, 2).reshape(B, n, H * d)
-    k = attn.k_norm(k.transpose(1, 2)).transpose(1, 2).reshape(B, n, H * d)
+    if qk is None:
+        q, k = _project_qk(attn, normed)
+    else:
+        B, n, _ = normed.shape
+        idle = torch.ones(B, n, device=normed.device).scatter(1, index, 0.0)
+        idle_idx = idle.topk(n - index.shape[1], dim=1, sorted=False).indices  # fixed count: no boolean masks
+        q_idle, k_idle = _project_qk(attn, gather_tokens(normed, idle_idx))
+        q, k = (scatter_tokens(scatter_tokens(sel.new_empty(B, n, sel.shape[-1]), index, sel), idle_idx, rest)
+                for sel, rest in ((qk[0], q_idle), (qk[1], k_idle)))
+    H = attn.num_heads
     return (q * (attn.scale / H)) @ k.transpose(1, 2)
 
 
@@ -53,7 +72,7 @@ def token_cut_loss(records: list[IdleRecord], attention_modules: list[nn.Module]
         return torch.zeros((), device=records[0].normed.device if records else None)
     total = 0.0
     for record, attn in zip(records, attention_modules, strict=True):
-        logits = mean_head_logits(attn, record.normed).float()
+        logits = mean_head_logits(attn, record.normed, record.index, record.qk).float()
         selected = torch.zeros(logits.shape[:2], device=logits.device).scatter(1, record.index, 1.0)
         inter, intra = cut_terms(logits, selected, num_prefix)
         loss = 0.0

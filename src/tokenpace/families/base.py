@@ -133,8 +133,9 @@ class SequenceAdapter(FamilyAdapter):
         """Block i's attention module (the token cut loss rebuilds its attention graph from it)."""
 
     @abstractmethod
-    def block_from_normed(self, i: int, x: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
-        """Block i on x whose norm1 output is already known."""
+    def block_from_normed(self, i: int, x: torch.Tensor, normed: torch.Tensor, return_qk: bool = False):
+        """Block i on x whose norm1 output is already known; with ``return_qk`` also (q, k) (B, n, H*d) as the
+        attention used them (after any qk-norm), for the token cut loss to reuse."""
 
     # --- cost model ----------------------------------------------------------------------------------------------
     @abstractmethod

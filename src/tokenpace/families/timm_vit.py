@@ -23,10 +23,11 @@ def _linear_macs(module: nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def _attend(attn: nn.Module, normed: torch.Tensor, heads: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """timm ``Attention.forward`` on ``normed`` (B, n, C), also returning the class row when ``heads`` is set.
+def _attend(attn: nn.Module, normed: torch.Tensor, heads: str | None):
+    """timm ``Attention.forward`` on ``normed`` (B, n, C): (output, the class row when ``heads`` is set, (q, k)).
 
-    Uses the module's own layers; fused SDPA unless the module was built with ``fused_attn=False``.
+    Uses the module's own layers; fused SDPA unless the module was built with ``fused_attn=False``. q and k
+    (B, H, n, d), after any qk-norm, come back so a training loss can reuse them instead of projecting again.
     """
     B, n, _ = normed.shape
     num_heads, head_dim = attn.num_heads, attn.head_dim
@@ -43,7 +44,7 @@ def _attend(attn: nn.Module, normed: torch.Tensor, heads: str | None) -> tuple[t
     out = getattr(attn, "norm", nn.Identity())(out)
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), cls_row
+    return attn.proj_drop(attn.proj(out)), cls_row, (q, k)
 
 
 class TimmViT(SequenceAdapter):
@@ -108,7 +109,7 @@ class TimmViT(SequenceAdapter):
 
     def attention_half(self, i: int, x: torch.Tensor, heads: str) -> tuple[torch.Tensor, torch.Tensor]:
         blk = self.blocks[i]
-        out, cls_row = _attend(blk.attn, blk.norm1(x), heads)
+        out, cls_row, _ = _attend(blk.attn, blk.norm1(x), heads)
         return x + blk.drop_path1(blk.ls1(out)), cls_row
 
     def mlp_half(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -118,10 +119,11 @@ class TimmViT(SequenceAdapter):
     def attention_module(self, i: int) -> nn.Module:
         return self.blocks[i].attn
 
-    def block_from_normed(self, i: int, x: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+    def block_from_normed(self, i: int, x: torch.Tensor, normed: torch.Tensor, return_qk: bool = False):
         blk = self.blocks[i]
-        out, _ = _attend(blk.attn, normed, None)
-        return self.mlp_half(i, x + blk.drop_path1(blk.ls1(out)))
+        out, _, (q, k) = _attend(blk.attn, normed, None)
+        x = self.mlp_half(i, x + blk.drop_path1(blk.ls1(out)))
+        return (x, (q.transpose(1, 2).flatten(2), k.transpose(1, 2).flatten(2))) if return_qk else x
 
     def cls_logit_scores(self, i: int, x: torch.Tensor, project_keys: bool) -> tuple[torch.Tensor, torch.Tensor]:
         blk = self.blocks[i]

@@ -64,6 +64,7 @@ class IdleRecord:
     layer: int
     index: torch.Tensor  # (B, prefix + K) sequence indices of the selected tokens
     normed: torch.Tensor  # (B, N, C)
+    qk: tuple[torch.Tensor, torch.Tensor] | None = None  # the selected tokens' (q, k) (B, prefix + K, H*d)
 
 
 class IdlePolicy(Policy):
@@ -88,9 +89,11 @@ class IdlePolicy(Policy):
             scores, normed = ad.cls_logit_scores(i, x, self.config.project_keys)
             keep_idx = top_indices(self.rank(scores[:, prefix:]), k)
             seq_idx = with_prefix(keep_idx, prefix)
-            sub = ad.block_from_normed(i, gather_tokens(x, seq_idx), gather_tokens(normed, seq_idx))
-            if ad.model.training:
-                state.records.append(IdleRecord(layer=i, index=seq_idx, normed=normed))
+            if ad.model.training:  # the cut loss reuses the selected tokens' q and k
+                sub, qk = ad.block_from_normed(i, gather_tokens(x, seq_idx), gather_tokens(normed, seq_idx), True)
+                state.records.append(IdleRecord(layer=i, index=seq_idx, normed=normed, qk=qk))
+            else:
+                sub = ad.block_from_normed(i, gather_tokens(x, seq_idx), gather_tokens(normed, seq_idx))
             x = scatter_tokens(x, seq_idx, sub)
             state.record_kept(i, keep_idx)
         return x
