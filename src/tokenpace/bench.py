@@ -80,7 +80,7 @@ def _literal(text: str) -> object:
         try:
             return tuple(int(v) for v in text.split("/"))
         except ValueError:
-            raise ValueError(f"layer list {text!r} must be ints separated by '/', e.g. 4/8") from None
+            raise ValueError(f"list {text!r} must be ints separated by '/', e.g. 4/8") from None
     for cast in (int, float):
         try:
             return cast(text)

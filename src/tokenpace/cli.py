@@ -90,20 +90,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _model_args(text: str | None) -> dict:
-    """"img_size=32,patch_size=4,depth=6" -> kwargs for timm.create_model."""
+    """"img_size=32,patch_size=4,depths=2/2/6/2" -> kwargs for timm.create_model (ints, floats, true/false,
+    '/'-separated int tuples, else strings)."""
+    from .bench import _literal
+
     out: dict = {}
     for pair in filter(None, (text or "").split(",")):
         key, eq, value = pair.partition("=")
         if not eq:
             raise UsageError(f"--model-args entry {pair!r} must be key=value (e.g. img_size=32,depth=6)")
-        for cast in (int, float):
-            try:
-                out[key.strip()] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            out[key.strip()] = {"true": True, "false": False}.get(value.lower(), value)
+        out[key.strip()] = _literal(value)
     return out
 
 
