@@ -229,3 +229,18 @@ def test_cut_loss_is_refused_without_a_class_token():
     student = tokenpace.apply(copy.deepcopy(model), "idle")
     with pytest.raises(ValueError, match="accepted here: --cut-mode none"):
         make_objective(get_recipe("idle-finetune"), student, torch.nn.CrossEntropyLoss(), dense_model=model)
+
+
+@pytest.mark.parametrize("name", ["levit_cifar", "evo_levit_cifar"])
+def test_random_control_changes_only_the_ranking(name, images):
+    model = make_levit(name)
+    with torch.no_grad():
+        cls_out = tokenpace.apply(model, "evo", keep=0.5)(images)
+        torch.manual_seed(0)
+        rand_out = tokenpace.apply(model, "evo", keep=0.5, score="random")(images)
+        with tokenpace.trace(model) as tr:
+            torch.manual_seed(0)
+            model(images)
+    assert torch.isfinite(rand_out).all()  # the representative token is still weighted by the real g
+    assert not torch.allclose(rand_out, cls_out, atol=1e-4)
+    assert tr.kept[2] is not None and tr.kept[2].shape == (3, 32)

@@ -46,8 +46,11 @@ class EvoLevitPolicy(Policy):
             self.segments.append([(lo, hi, lo >= self.first) for lo, hi in zip(cuts, cuts[1:])])
 
     def _want(self, needed: bool) -> str | None:
-        """The score a block must return: none for the random control or where no later selection reads g."""
-        return self.score if needed and self.score != "random" else None
+        """The score a block must return, None where no later selection reads g. The random control still
+        computes the family's g (it weights the representative token); only the ranking is random."""
+        if not needed:
+            return None
+        return self.adapter.scores[0] if self.score == "random" else self.score
 
     def run(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         ad, cfg = self.adapter, self.config
@@ -59,13 +62,10 @@ class EvoLevitPolicy(Policy):
                 x, full = ad.downsample(s, x, want)
                 if g is not None:
                     pos = ad.subsample_index(s, x.device)
-                    if full is None:  # random control: scores unused, only their shape matters
-                        g = g[:, pos]
-                    else:
-                        total = g.sum(dim=1, keepdim=True)
-                        alpha = ad.evolution_weight(ad.downsample_module(s), learned, cfg.alpha)
-                        g = evolve(g[:, pos], full[:, pos], alpha)
-                        g = g * (total / g.sum(dim=1, keepdim=True))
+                    total = g.sum(dim=1, keepdim=True)
+                    alpha = ad.evolution_weight(ad.downsample_module(s), learned, cfg.alpha)
+                    g = evolve(g[:, pos], full[:, pos], alpha)
+                    g = g * (total / g.sum(dim=1, keepdim=True))
             for lo, hi, pruned in segments:
                 if pruned:
                     x, g = self._segment(x, g, lo, hi, hi <= self.last_selection, learned, state)
@@ -73,8 +73,6 @@ class EvoLevitPolicy(Policy):
                 for i in range(lo, hi):
                     if i == self.first - 1:
                         x, g = ad.block_tokens(i, x, None, 0, self._want(True))
-                        if g is None:
-                            g = torch.zeros(x.shape[0], x.shape[1] - self.prefix, device=x.device)
                     else:
                         x = ad.block(i, x)
         return x
