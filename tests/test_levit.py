@@ -244,3 +244,19 @@ def test_random_control_changes_only_the_ranking(name, images):
     assert torch.isfinite(rand_out).all()  # the representative token is still weighted by the real g
     assert not torch.allclose(rand_out, cls_out, atol=1e-4)
     assert tr.kept[2] is not None and tr.kept[2].shape == (3, 32)
+
+
+def test_evo_scratch_needs_a_class_token_or_its_own_heads():
+    from tokenpace.train.objectives import make_objective
+    from tokenpace.train.recipes import get_recipe
+
+    with pytest.raises(ValueError, match="--recipe finetune --method evo"):
+        make_objective(get_recipe("evo-scratch"), make_levit("levit_cifar"), torch.nn.CrossEntropyLoss())
+
+
+def test_bench_train_on_levit(images):
+    from tokenpace.bench import MethodSpec, benchmark_train
+
+    results = benchmark_train(make_levit("levit_cifar"), [MethodSpec("dense"), MethodSpec("evo")], 2,
+                              torch.device("cpu"), runs=1, warmup=0)
+    assert [r.method for r in results] == ["dense", "evo"] and results[1].gmacs < results[0].gmacs

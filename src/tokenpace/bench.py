@@ -151,7 +151,10 @@ def train_objective(model: nn.Module, spec: MethodSpec):
     from .train.objectives import make_objective
     from .train.recipes import get_recipe
 
-    recipe = get_recipe(TRAIN_RECIPES[spec.method])
+    name = TRAIN_RECIPES[spec.method]
+    if name == "evo-scratch" and not hasattr(model, "forward_train_heads") and not adapter_for(model).has_class_token:
+        name = "finetune"  # no class token for the auxiliary head (timm LeViT): plain cross-entropy
+    recipe = get_recipe(name)
     options = dict(spec.options)
     if spec.method == "evo":
         options.setdefault("mode", "layer")

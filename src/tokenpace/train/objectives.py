@@ -47,6 +47,10 @@ class EvoScratchObjective(Objective):
     def __init__(self, model: nn.Module, criterion: nn.Module, aux_weight: float) -> None:
         super().__init__(model, criterion)
         self.own_heads = hasattr(model, "forward_train_heads")
+        if not self.own_heads and not adapter_for(model).has_class_token:
+            raise ValueError(f"the evo-scratch recipe trains a class-token head and {type(model).__name__} has no "
+                             "class token; accepted: timm ViTs with a class token, tokenpace's evo_levit_* models, "
+                             "or --recipe finetune --method evo for class-token-free models")
         width = model.num_features
         self.aux_head = None if self.own_heads else nn.Sequential(nn.LayerNorm(width, eps=1e-6),
                                                                   nn.Linear(width, model.num_classes))
