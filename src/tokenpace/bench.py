@@ -145,16 +145,20 @@ TRAIN_RECIPES = {"dense": "dense", "evo": "evo-scratch", "idle": "idle-finetune"
 
 def train_objective(model: nn.Module, spec: MethodSpec):
     """The training objective a recipe uses for ``spec``: dense and EViT/top-k cross-entropy, Evo's two heads in
-    layer mode (the first phase of training), IdleViT's cut loss and dense teacher."""
+    layer mode (the first phase of training), IdleViT's cut loss and dense teacher. Class-token-free models get
+    plain cross-entropy for Evo and no cut loss for Idle (both need a class token)."""
     import dataclasses
 
     from .train.objectives import make_objective
     from .train.recipes import get_recipe
 
     name = TRAIN_RECIPES[spec.method]
-    if name == "evo-scratch" and not hasattr(model, "forward_train_heads") and not adapter_for(model).has_class_token:
+    class_free = not adapter_for(model).has_class_token
+    if name == "evo-scratch" and class_free and not hasattr(model, "forward_train_heads"):
         name = "finetune"  # no class token for the auxiliary head (timm LeViT): plain cross-entropy
     recipe = get_recipe(name)
+    if recipe.objective == "idle_distill" and class_free:
+        recipe = dataclasses.replace(recipe, cut_mode="none")  # the cut loss needs a class token (Swin, PVTv2)
     options = dict(spec.options)
     if spec.method == "evo":
         options.setdefault("mode", "layer")
