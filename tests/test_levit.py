@@ -260,3 +260,12 @@ def test_bench_train_on_levit(images):
     results = benchmark_train(make_levit("levit_cifar"), [MethodSpec("dense"), MethodSpec("evo")], 2,
                               torch.device("cpu"), runs=1, warmup=0)
     assert [r.method for r in results] == ["dense", "evo"] and results[1].gmacs < results[0].gmacs
+
+
+@pytest.mark.parametrize("name", ["levit_cifar", "evo_levit_cifar"])
+def test_torch_compile_full_graph(name, images):
+    model = tokenpace.apply(make_levit(name), "evo", keep=0.5)  # stage mode: Evo-LeViT's learned alpha is a tensor
+    with torch.no_grad():
+        expected = model(images)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        assert torch.allclose(compiled(images), expected, atol=1e-5)

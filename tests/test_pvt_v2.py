@@ -210,3 +210,11 @@ def test_bf16_autocast_and_training(variant, images):
     last = model.stages[3].blocks[0]  # idling (keep 0.5**3: 1 of 4 tokens)
     for p in (last.attn.q.weight, last.attn.kv.weight, last.mlp.fc1.weight, last.mlp.dwconv.weight):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_torch_compile_full_graph(images):
+    model = tokenpace.apply(make_pvt("sr"), "idle", keep=0.5)
+    with torch.no_grad():
+        expected = model(images)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        assert torch.allclose(compiled(images), expected, atol=1e-5)

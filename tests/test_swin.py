@@ -270,3 +270,12 @@ def test_bf16_autocast_and_training(fused):
     idling = tokenpace.get_patch(model).adapter.blocks[3]
     for p in (idling.attn.qkv.weight, idling.attn.relative_position_bias_table, idling.mlp.fc1.weight):
         assert p.grad is not None and p.grad.isfinite().all() and p.grad.abs().sum() > 0
+
+
+def test_torch_compile_full_graph():
+    model = tokenpace.apply(make_swin("shifted"), "idle", keep=0.5, stage_starts=STARTS["shifted"])
+    images = swin_images("shifted")
+    with torch.no_grad():
+        expected = model(images)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        assert torch.allclose(compiled(images), expected, atol=1e-5)

@@ -54,9 +54,10 @@ def mean_query_logits_linear(normed: torch.Tensor, w_q: torch.Tensor, b_q: torch
     return (normed @ u.unsqueeze(-1)).squeeze(-1)
 
 
-def evolve(previous: torch.Tensor, current: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Global class attention update (Evo-ViT): (1 - alpha) * previous + alpha * current; alpha weights the new layer."""
-    if alpha == 1.0:
+def evolve(previous: torch.Tensor, current: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
+    """Global class attention update (Evo-ViT): (1 - alpha) * previous + alpha * current; alpha weights the new layer
+    (a float, or Evo-LeViT's learned sigmoid(theta) tensor: never branched on, so compiled graphs stay static)."""
+    if isinstance(alpha, float) and alpha == 1.0:
         return current
     return previous * (1.0 - alpha) + current * alpha
 
