@@ -70,6 +70,35 @@ class Evo(MethodConfig):
         return EvoPolicy(self, adapter)
 
 
+def gather_slow_path(x: torch.Tensor, g: torch.Tensor, ranking: torch.Tensor, k: int, prefix: int,
+                     representative: bool):
+    """The slow path of one selection: (keep_idx (B, k), seq_idx (B, prefix + k), tokens, their g, rep_in).
+
+    tokens are the prefix and the top-k patch tokens by ``ranking``. With ``representative`` (and placeholders
+    left), the placeholders pooled with weights g / sum(g) (Evo-LeViT merge_tokens) are appended as one more token,
+    also returned as rep_in; otherwise rep_in is None.
+    """
+    use_rep = representative and k < g.shape[1]
+    keep_idx, ph_idx = split_indices(ranking, k) if use_rep else (top_indices(ranking, k), None)
+    seq_idx = with_prefix(keep_idx, prefix)
+    tokens = gather_tokens(x, seq_idx)
+    rep_in = None
+    if use_rep:
+        rep_in = weighted_merge(gather_tokens(x, ph_idx + prefix), gather_values(g, ph_idx).to(x.dtype), True)
+        tokens = torch.cat([tokens, rep_in], dim=1)
+    return keep_idx, seq_idx, tokens, gather_values(g, keep_idx), rep_in
+
+
+def scatter_slow_path(x: torch.Tensor, seq_idx: torch.Tensor, tokens: torch.Tensor,
+                      rep_in: torch.Tensor | None) -> torch.Tensor:
+    """Write the slow path's tokens back; with a representative token (last in ``tokens``), every placeholder
+    first receives its total residual (the fast path)."""
+    if rep_in is not None:
+        x = x + (tokens[:, -1:] - rep_in)
+        tokens = tokens[:, :-1]
+    return scatter_tokens(x, seq_idx, tokens)
+
+
 class EvoPolicy(Policy):
     config: Evo
 
@@ -98,19 +127,7 @@ class EvoPolicy(Policy):
 
     def _segment(self, x, g, lo, hi, k, evolve_g, state):
         cfg, ad, prefix = self.config, self.adapter, self.prefix
-        num_patches = g.shape[1]
-        use_rep = self.representative and k < num_patches
-        scores = self.rank(g)
-        if use_rep:
-            keep_idx, ph_idx = split_indices(scores, k)
-        else:
-            keep_idx = top_indices(scores, k)
-        seq_idx = with_prefix(keep_idx, prefix)
-        sub = gather_tokens(x, seq_idx)
-        g_sub = gather_values(g, keep_idx)
-        if use_rep:  # placeholders pooled with weights g / sum(g) (Evo-LeViT merge_tokens)
-            rep_in = weighted_merge(gather_tokens(x, ph_idx + prefix), gather_values(g, ph_idx).to(x.dtype), True)
-            sub = torch.cat([sub, rep_in], dim=1)
+        keep_idx, seq_idx, sub, g_sub, rep_in = gather_slow_path(x, g, self.rank(g), k, prefix, self.representative)
         for i in range(lo, hi):
             if evolve_g:
                 sub, cls_row = ad.block_with_cls_attention(i, sub, "sum")
@@ -118,10 +135,7 @@ class EvoPolicy(Policy):
             else:
                 sub = ad.block(i, sub)
             state.record_kept(i, keep_idx)
-        if use_rep:  # fast path: every placeholder receives the representative token's total residual
-            x = x + (sub[:, -1:] - rep_in)
-            sub = sub[:, :-1]
-        x = scatter_tokens(x, seq_idx, sub)
+        x = scatter_slow_path(x, seq_idx, sub, rep_in)
         if evolve_g:
             g = scatter_values(g, keep_idx, g_sub)
         return x, g

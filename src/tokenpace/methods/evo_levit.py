@@ -13,10 +13,9 @@ import torch
 from ..core.macs import BlockWork
 from ..core.schedule import keep_count, validate_layers
 from ..core.scores import evolve
-from ..core.tokens import (gather_tokens, gather_values, scatter_tokens, scatter_values, split_indices,
-                           top_indices, weighted_merge, with_prefix)
+from ..core.tokens import scatter_values
 from .base import ForwardState, Policy
-from .evo import Evo
+from .evo import Evo, gather_slow_path, scatter_slow_path
 
 
 class EvoLevitPolicy(Policy):
@@ -81,25 +80,15 @@ class EvoLevitPolicy(Policy):
         ad, cfg, prefix = self.adapter, self.config, self.prefix
         num_patches = x.shape[1] - prefix
         k = keep_count(num_patches, cfg.keep)
-        use_rep = self.representative and k < num_patches
-        ranking = self.rank(g)
-        keep_idx, ph_idx = split_indices(ranking, k) if use_rep else (top_indices(ranking, k), None)
-        seq_idx = with_prefix(keep_idx, prefix)
-        sub = gather_tokens(x, seq_idx)
-        g_sub = gather_values(g, keep_idx)
-        if use_rep:  # placeholders pooled with weights g / sum(g) (Evo-LeViT merge_tokens); g carries gradient
-            rep_in = weighted_merge(gather_tokens(x, ph_idx + prefix), gather_values(g, ph_idx).to(x.dtype), True)
-            sub = torch.cat([sub, rep_in], dim=1)
+        # the representative token's weights g / sum(g) carry gradient to q, k and theta (Evo-LeViT)
+        keep_idx, seq_idx, sub, g_sub, rep_in = gather_slow_path(x, g, self.rank(g), k, prefix, self.representative)
         want = self._want(evolve_g)
         for i in range(lo, hi):
-            sub, scores = ad.block_tokens(i, sub, keep_idx, int(use_rep), want)
+            sub, scores = ad.block_tokens(i, sub, keep_idx, int(rep_in is not None), want)
             if scores is not None:
                 g_sub = evolve(g_sub, scores, ad.evolution_weight(ad.blocks[i].attn, learned, cfg.alpha))
             state.record_kept(i, keep_idx)
-        if use_rep:  # fast path: every placeholder receives the representative token's total residual
-            x = x + (sub[:, -1:] - rep_in)
-            sub = sub[:, :-1]
-        x = scatter_tokens(x, seq_idx, sub)
+        x = scatter_slow_path(x, seq_idx, sub, rep_in)
         if want is not None:
             g = scatter_values(g, keep_idx, g_sub)
         return x, g
