@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .bench import MethodSpec, benchmark
-from .patch import apply, macs
+from .patch import apply
 
 
 @dataclass

@@ -6,6 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
+
+def linear_macs(module: nn.Module | None) -> int:
+    """Per-token MACs of the token-wise linear layers inside ``module`` (itself included; 0 for None)."""
+    if module is None:
+        return 0
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
 
 @dataclass(frozen=True)
 class BlockShape:

@@ -15,13 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.macs import BlockWork
+from ..core.macs import BlockWork, linear_macs
 from .base import FamilyAdapter, RunBlocks, parse_img_size
-
-
-def _linear_macs(module: nn.Module) -> int:
-    """Per-token MACs of the linear layers inside ``module`` (LinearNorm or its BatchNorm-fused nn.Linear)."""
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
 def _conv_macs(module: nn.Module, size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
@@ -140,9 +135,9 @@ class _LevitBase(FamilyAdapter):
 
     def _block_macs(self, blk: nn.Module, work: BlockWork) -> int:
         n = work.attn_tokens
-        per_token = _linear_macs(blk.attn.qkv) + _linear_macs(blk.attn.proj)
+        per_token = linear_macs(blk.attn.qkv) + linear_macs(blk.attn.proj)
         dim = blk.attn.qkv.linear.in_features if hasattr(blk.attn.qkv, "linear") else blk.attn.qkv.in_features
-        return (n * per_token + self._attention_macs(blk.attn, n, n) + work.mlp_tokens * _linear_macs(blk.mlp)
+        return (n * per_token + self._attention_macs(blk.attn, n, n) + work.mlp_tokens * linear_macs(blk.mlp)
                 + work.merged_tokens * dim)
 
     def input_size(self) -> tuple[int, int, int]:
@@ -243,12 +238,12 @@ class TimmLevit(_LevitBase):
     def _downsample_macs(self, s: int, n_in: int, n_out: int) -> int:
         ds = self.model.stages[s].downsample
         ad = ds.attn_downsample
-        return (n_in * _linear_macs(ad.kv) + n_out * (_linear_macs(ad.q) + _linear_macs(ad.proj) + _linear_macs(ds.mlp))
+        return (n_in * linear_macs(ad.kv) + n_out * (linear_macs(ad.q) + linear_macs(ad.proj) + linear_macs(ds.mlp))
                 + self._attention_macs(ad, n_out, n_in))
 
     def head_macs(self) -> int:
         m = self.model
-        return sum(_linear_macs(h) for h in (m.head, getattr(m, "head_dist", None)) if isinstance(h, nn.Module))
+        return linear_macs(m.head) + linear_macs(getattr(m, "head_dist", None))
 
 
 class EvoLevitFamily(_LevitBase):
@@ -312,9 +307,9 @@ class EvoLevitFamily(_LevitBase):
 
     def _downsample_macs(self, s: int, n_in: int, n_out: int) -> int:
         ds = self.model.downsamples[s]
-        return (n_in * _linear_macs(ds.kv) + n_out * (_linear_macs(ds.q) + _linear_macs(ds.proj)
-                                                       + _linear_macs(ds.mlp))
+        return (n_in * linear_macs(ds.kv) + n_out * (linear_macs(ds.q) + linear_macs(ds.proj)
+                                                       + linear_macs(ds.mlp))
                 + self._attention_macs(ds, n_out, n_in))
 
     def head_macs(self) -> int:  # inference uses the two average-pool heads
-        return _linear_macs(self.model.head) + _linear_macs(self.model.head_dist)
+        return linear_macs(self.model.head) + linear_macs(self.model.head_dist)

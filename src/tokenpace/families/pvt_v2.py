@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.macs import linear_macs
 from ..core.schedule import keep_count
 from ..core.tokens import gather_tokens, scatter_tokens
 from .base import RunBlocks, parse_img_size
@@ -63,10 +64,6 @@ def _conv_macs(conv: nn.Conv2d, out_grid: tuple[int, int]) -> int:
     """MACs of ``conv`` producing an ``out_grid`` map (bias not counted, as in FlopCounterMode and fvcore)."""
     kh, kw = _pair(conv.kernel_size)
     return out_grid[0] * out_grid[1] * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
-
-
-def _linear_macs(layer: nn.Module) -> int:
-    return layer.in_features * layer.out_features if isinstance(layer, nn.Linear) else 0
 
 
 @dataclass
@@ -218,7 +215,7 @@ class PvtV2Adapter(GridAdapter):
         """Convolutions, linear layers and attention matmuls; norms, activations, pooling and scores cost 0."""
         m = self.model
         grids = self.stage_grids(img_size)
-        total = _conv_macs(m.patch_embed.proj, grids[0]) + _linear_macs(m.head)
+        total = _conv_macs(m.patch_embed.proj, grids[0]) + linear_macs(m.head)
         for s, (stage, blocks) in enumerate(zip(m.stages, self.stage_blocks)):
             if stage.downsample is not None:
                 total += _conv_macs(stage.downsample.proj, grids[s])
@@ -240,6 +237,6 @@ class PvtV2Adapter(GridAdapter):
             keys_grid = _conv_grid(attn.sr, keys_grid)
             total += _conv_macs(attn.sr, keys_grid)
         m = keys_grid[0] * keys_grid[1]
-        total += m * _linear_macs(attn.kv) + 2 * k * m * attn.num_heads * attn.head_dim
-        total += k * (_linear_macs(attn.q) + _linear_macs(attn.proj) + _linear_macs(mlp.fc1) + _linear_macs(mlp.fc2))
+        total += m * linear_macs(attn.kv) + 2 * k * m * attn.num_heads * attn.head_dim
+        total += k * (linear_macs(attn.q) + linear_macs(attn.proj) + linear_macs(mlp.fc1) + linear_macs(mlp.fc2))
         return total + _conv_macs(mlp.dwconv, grid)  # the depth-wise conv runs on the full hidden grid

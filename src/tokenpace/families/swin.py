@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.macs import linear_macs
 from ..core.schedule import keep_count
 from ..core.scores import mean_query_logits_linear
 from ..core.tokens import gather_tokens, scatter_tokens
@@ -44,11 +45,6 @@ def _timm_classes():
                                               SwinTransformerStage, WindowAttention)
 
     return SwinTransformer, SwinTransformerStage, SwinTransformerBlock, WindowAttention, PatchMerging
-
-
-def _linear_macs(module: nn.Module) -> int:
-    """Per-token MACs of the token-wise linear layers inside ``module``."""
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -277,10 +273,10 @@ class SwinAdapter(GridAdapter):
         proj = m.patch_embed.proj
         total = proj.weight.numel() * grid[0] * grid[1] if isinstance(proj, nn.Conv2d) else 0
         for s, (stage, (H, W)) in enumerate(zip(m.layers, self._stage_grids(img_size))):
-            total += _linear_macs(stage.downsample) * H * W  # patch merging: one reduction per output token
+            total += linear_macs(stage.downsample) * H * W  # patch merging: one reduction per output token
             for i in self.stage_blocks[s]:
                 total += self._block_macs(i, H, W, policy)
-        return total + _linear_macs(m.head)
+        return total + linear_macs(m.head)
 
     def _block_macs(self, i: int, H: int, W: int, policy) -> int:
         """Block i on an (H, W) map: q, k, v and proj per window token (padding included, as timm computes it),
@@ -294,8 +290,8 @@ class SwinAdapter(GridAdapter):
         ratio = policy.keep_ratio(i) if policy is not None else None
         k = keep_count(n, ratio) if ratio is not None else n
         tokens_mlp = H * W if k == n else num_windows * k
-        total = num_windows * (k * (_linear_macs(attn.qkv) + _linear_macs(attn.proj)) + 2 * k * k * width)
-        total += tokens_mlp * _linear_macs(blk.mlp)
+        total = num_windows * (k * (linear_macs(attn.qkv) + linear_macs(attn.proj)) + 2 * k * k * width)
+        total += tokens_mlp * linear_macs(blk.mlp)
         if k < n and policy.score == "received":  # mean query (W_q), W_k^T qbar, one dot per window token
             total += num_windows * (2 * dim * width + n * dim)
         return total

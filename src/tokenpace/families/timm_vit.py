@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.macs import BlockShape
+from ..core.macs import BlockShape, linear_macs
 from ..core.scores import cls_attention, cls_logits_from_keys, cls_logits_linear
 from .base import RunBlocks, SequenceAdapter, parse_img_size
 
@@ -16,11 +16,6 @@ def _timm_classes():
     from timm.models.vision_transformer import Block, VisionTransformer
 
     return VisionTransformer, Block, Attention
-
-
-def _linear_macs(module: nn.Module) -> int:
-    """Per-token MACs of the token-wise linear layers inside ``module``."""
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
 def _attend(attn: nn.Module, normed: torch.Tensor, heads: str | None):
@@ -162,13 +157,13 @@ class TimmViT(SequenceAdapter):
 
     def block_shape(self, i: int) -> BlockShape:
         attn = self.blocks[i].attn
-        proj = _linear_macs(attn.proj) + (_linear_macs(attn.gate) if getattr(attn, "gate", None) is not None else 0)
+        proj = linear_macs(attn.proj) + linear_macs(getattr(attn, "gate", None))
         return BlockShape(
             dim=attn.qkv.in_features,
             attn_dim=attn.num_heads * attn.head_dim,
-            qkv=_linear_macs(attn.qkv),
+            qkv=linear_macs(attn.qkv),
             proj=proj,
-            mlp=_linear_macs(self.blocks[i].mlp),
+            mlp=linear_macs(self.blocks[i].mlp),
         )
 
     def stem_macs(self, num_patches: int) -> int:
@@ -177,4 +172,4 @@ class TimmViT(SequenceAdapter):
 
     def head_macs(self) -> int:
         m = self.model
-        return sum(_linear_macs(h) for h in (m.head, getattr(m, "head_dist", None)) if isinstance(h, nn.Module))
+        return linear_macs(m.head) + linear_macs(getattr(m, "head_dist", None))

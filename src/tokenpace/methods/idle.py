@@ -15,6 +15,7 @@ from ..core.macs import BlockWork, dense_work
 from ..core.scores import random_scores
 from ..core.schedule import keep_count, scaled_layers, stage_of, validate_layers
 from ..core.tokens import gather_tokens, scatter_tokens, top_indices, with_prefix
+from ..families.grid import GridAdapter
 from .base import SCORES, ForwardState, MethodConfig, Policy, check_choice, check_keep, check_layers_type
 
 
@@ -52,8 +53,7 @@ class Idle(MethodConfig):
         return starts
 
     def policy(self, adapter) -> Policy:
-        from ..families.grid import GridAdapter  # pyramid models idle per group (window or map) of their own grid
-
+        # pyramid models idle per group (window or map) of their own grid
         return IdleGridPolicy(self, adapter) if isinstance(adapter, GridAdapter) else IdlePolicy(self, adapter)
 
 
