@@ -9,6 +9,18 @@ from dataclasses import dataclass
 from torch import nn
 
 
+def conv_macs(module: nn.Module, size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+    """MACs of the Conv2d layers inside ``module`` applied in order to a ``size`` input, and the output size
+    (bias not counted, as in FlopCounterMode and fvcore; groups are in the weight's shape)."""
+    total = 0
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            size = tuple((s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in
+                         zip(size, m.padding, m.dilation, m.kernel_size, m.stride))
+            total += m.weight.numel() * size[0] * size[1]
+    return total, size
+
+
 def linear_macs(module: nn.Module | None) -> int:
     """Per-token MACs of the token-wise linear layers inside ``module`` (itself included; 0 for None)."""
     if module is None:

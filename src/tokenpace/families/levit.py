@@ -15,19 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.macs import BlockWork, linear_macs
+from ..core.macs import BlockWork, conv_macs, linear_macs
 from .base import FamilyAdapter, RunBlocks, parse_img_size
-
-
-def _conv_macs(module: nn.Module, size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
-    """MACs of the conv layers of a conv stack applied in order to a ``size`` input, and the output size."""
-    total = 0
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            size = tuple((s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in
-                         zip(size, m.padding, m.dilation, m.kernel_size, m.stride))
-            total += m.weight.numel() * size[0] * size[1]
-    return total, size
 
 
 def fuse_batchnorm(model: nn.Module) -> nn.Module:
@@ -224,7 +213,7 @@ class TimmLevit(_LevitBase):
 
     def resolutions(self, img_size) -> list[tuple[int, int]]:
         size = self._img_size() if img_size is None else parse_img_size(img_size)
-        _, grid = _conv_macs(self.model.stem, size)
+        _, grid = conv_macs(self.model.stem, size)
         out = [grid]
         for _ in range(1, len(self.model.stages)):
             grid = ((grid[0] - 1) // 2 + 1, (grid[1] - 1) // 2 + 1)
@@ -233,7 +222,7 @@ class TimmLevit(_LevitBase):
 
     def stem_macs(self, img_size) -> int:
         size = self._img_size() if img_size is None else parse_img_size(img_size)
-        return _conv_macs(self.model.stem, size)[0]
+        return conv_macs(self.model.stem, size)[0]
 
     def _downsample_macs(self, s: int, n_in: int, n_out: int) -> int:
         ds = self.model.stages[s].downsample
@@ -303,7 +292,7 @@ class EvoLevitFamily(_LevitBase):
         return list(self.model.resolutions)
 
     def stem_macs(self, img_size) -> int:
-        return _conv_macs(self.model.stem, self._img_size())[0]
+        return conv_macs(self.model.stem, self._img_size())[0]
 
     def _downsample_macs(self, s: int, n_in: int, n_out: int) -> int:
         ds = self.model.downsamples[s]

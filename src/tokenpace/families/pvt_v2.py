@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.macs import linear_macs
+from ..core.macs import conv_macs, linear_macs
 from ..core.schedule import keep_count
 from ..core.tokens import gather_tokens, scatter_tokens
 from .base import RunBlocks, parse_img_size
@@ -52,18 +52,6 @@ def _timm_classes():
 
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (v[0], v[1])
-
-
-def _conv_grid(conv: nn.Conv2d, grid: tuple[int, int]) -> tuple[int, int]:
-    """Output (rows, cols) of ``conv`` on a ``grid`` input (zero padding, no dilation, as in PVTv2)."""
-    k, s, p = _pair(conv.kernel_size), _pair(conv.stride), _pair(conv.padding)
-    return tuple((n + 2 * p[d] - k[d]) // s[d] + 1 for d, n in enumerate(grid))
-
-
-def _conv_macs(conv: nn.Conv2d, out_grid: tuple[int, int]) -> int:
-    """MACs of ``conv`` producing an ``out_grid`` map (bias not counted, as in FlopCounterMode and fvcore)."""
-    kh, kw = _pair(conv.kernel_size)
-    return out_grid[0] * out_grid[1] * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
 
 
 @dataclass
@@ -196,14 +184,16 @@ class PvtV2Adapter(GridAdapter):
         _, H, W = cfg.get("input_size", (None, DEFAULT_IMG_SIZE, DEFAULT_IMG_SIZE))
         return (self.model.in_chans, H, W)
 
+    def _input_grid(self, img_size: int | tuple[int, int] | None) -> tuple[int, int]:
+        return self.input_size()[1:] if img_size is None else parse_img_size(img_size)
+
     def stage_grids(self, img_size: int | tuple[int, int] | None) -> list[tuple[int, int]]:
         """(rows, cols) of every stage's token grid for ``img_size`` (None: the model's input size)."""
-        grid = self.input_size()[1:] if img_size is None else parse_img_size(img_size)
-        grid = _conv_grid(self.model.patch_embed.proj, grid)
+        grid = conv_macs(self.model.patch_embed.proj, self._input_grid(img_size))[1]
         grids = []
         for stage in self.model.stages:
             if stage.downsample is not None:
-                grid = _conv_grid(stage.downsample.proj, grid)
+                grid = conv_macs(stage.downsample.proj, grid)[1]
             grids.append(grid)
         return grids
 
@@ -215,10 +205,10 @@ class PvtV2Adapter(GridAdapter):
         """Convolutions, linear layers and attention matmuls; norms, activations, pooling and scores cost 0."""
         m = self.model
         grids = self.stage_grids(img_size)
-        total = _conv_macs(m.patch_embed.proj, grids[0]) + linear_macs(m.head)
+        total = conv_macs(m.patch_embed.proj, self._input_grid(img_size))[0] + linear_macs(m.head)
         for s, (stage, blocks) in enumerate(zip(m.stages, self.stage_blocks)):
-            if stage.downsample is not None:
-                total += _conv_macs(stage.downsample.proj, grids[s])
+            if stage.downsample is not None:  # stage 0 has none: its embedding is patch_embed
+                total += conv_macs(stage.downsample.proj, grids[s - 1])[0]
             n = grids[s][0] * grids[s][1]
             for i in blocks:
                 ratio = policy.keep_ratio(i) if policy is not None else None
@@ -234,9 +224,9 @@ class PvtV2Adapter(GridAdapter):
         if attn.pool is not None:
             keys_grid = _pair(attn.pool.output_size)
         if attn.sr is not None:
-            keys_grid = _conv_grid(attn.sr, keys_grid)
-            total += _conv_macs(attn.sr, keys_grid)
+            sr_macs, keys_grid = conv_macs(attn.sr, keys_grid)
+            total += sr_macs
         m = keys_grid[0] * keys_grid[1]
         total += m * linear_macs(attn.kv) + 2 * k * m * attn.num_heads * attn.head_dim
         total += k * (linear_macs(attn.q) + linear_macs(attn.proj) + linear_macs(mlp.fc1) + linear_macs(mlp.fc2))
-        return total + _conv_macs(mlp.dwconv, grid)  # the depth-wise conv runs on the full hidden grid
+        return total + conv_macs(mlp.dwconv, grid)[0]  # the depth-wise conv runs on the full hidden grid
