@@ -13,6 +13,8 @@ ROWS = [  # (file, method, score, label)
     ("eval_idle_cut.json", "idle", "cls", "Idle(0.7) fine-tuned from dense, cut loss"),
     ("eval_idle_cut.json", "idle", "random", "  control: same model, random scores"),
     ("eval_idle_nocut.json", "idle", "cls", "Idle(0.7) fine-tuned from dense, no cut loss"),
+    ("eval_idle_noteacher.json", "idle", "cls", "Idle(0.7) fine-tuned, cut loss, no teacher"),
+    ("eval_idle_ce.json", "idle", "cls", "Idle(0.7) fine-tuned, cross-entropy only"),
     ("eval_evit.json", "evit", "cls", "EViT(0.7) fine-tuned from dense"),
     ("eval_evit.json", "evit", "random", "  control: same model, random scores"),
     ("eval_dense.json", "evo", "cls", "Evo(0.5) on the dense model, no fine-tuning"),

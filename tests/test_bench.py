@@ -40,3 +40,23 @@ def test_bench_several_batch_sizes_write_a_list(tmp_path):
                  "--warmup", "0", "--img-size", "32", "--quiet", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert [d["batch_size"] for d in doc] == [1, 2]
+
+
+def test_training_specs_take_idle_recipe_options():
+    spec = parse_methods("idle:distill_weight=0:cut_mode=none", train=True)[0]
+    assert spec.method_options() == {} and spec.recipe_options() == {"distill_weight": 0, "cut_mode": "none"}
+    assert spec.describe() == "keep=0.7 distill_weight=0 cut_mode=none"
+    with pytest.raises(ValueError, match="use it with --train"):
+        parse_methods("idle:distill_weight=0")
+    with pytest.raises(ValueError, match="accepted on idle only"):
+        parse_methods("evit:cut_mode=none", train=True)
+    with pytest.raises(ValueError, match="choose one of both, intra, inter, none"):
+        parse_methods("idle:cut_mode=all", train=True)
+    with pytest.raises(ValueError, match="must be a number >= 0"):
+        parse_methods("idle:cut_weight=-1", train=True)
+
+
+def test_train_bench_without_teacher(capsys):
+    assert main(["bench", "vit_tiny_patch16_224", "--train", "--methods", "dense,idle,idle:distill_weight=0",
+                 "--batch-size", "2", "--runs", "1", "--warmup", "0", "--img-size", "32", "--quiet"]) == 0
+    assert "distill_weight=0" in capsys.readouterr().out

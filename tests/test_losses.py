@@ -8,7 +8,7 @@ from tokenpace.losses import CUT_MODES, distill_kl, feature_mse, mean_head_logit
 from conftest import make_vit
 
 
-def _reference_cut(attn, normed, index, mode):
+def _reference_cut(attn, normed, index, mode, num_prefix=1):
     """Literal §5.1: per-head logits, head mean, softmax, D = |m_i - m_j| with column 0 zeroed, E = m_i m_j."""
     B, n, _ = normed.shape
     q, k, _ = attn.qkv(normed).reshape(B, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -16,12 +16,12 @@ def _reference_cut(attn, normed, index, mode):
     A = logits.softmax(-1)
     m = torch.zeros(B, n).scatter(1, index, 1.0)
     D = (m.unsqueeze(2) - m.unsqueeze(1)).abs()
-    D[:, :, 0] = 0
+    D[:, :, :num_prefix] = 0
     E = m.unsqueeze(2) * m.unsqueeze(1)
     inter, intra = (D * A).sum(-1), (E * A).sum(-1)
     inter_loss, intra_loss = (inter ** 2).mean(), ((intra - m) ** 2).mean()
     closed = (2 * ((m * (A * (1 - m).unsqueeze(1)).sum(-1)) ** 2).sum(-1)
-              + (((1 - m) * (A * m.unsqueeze(1))[:, :, 1:].sum(-1)) ** 2).sum(-1)).sum() / (B * n)
+              + (((1 - m) * (A * m.unsqueeze(1))[:, :, num_prefix:].sum(-1)) ** 2).sum(-1)).sum() / (B * n)
     return {"both": inter_loss + intra_loss, "inter": inter_loss, "intra": intra_loss, "none": 0.0}[mode], closed
 
 
@@ -54,6 +54,19 @@ def test_mean_head_logits_is_one_product():
     assert torch.allclose(mean_head_logits(attn, normed), expected, atol=1e-5)
 
 
+def test_cut_loss_with_register_tokens_never_counts_attention_to_a_prefix_token():
+    model = tokenpace.apply(make_vit("registers"), "idle", keep=0.5).train()  # class token + 4 registers
+    model(torch.randn(2, 3, 32, 32))
+    records = tokenpace.get_patch(model).last_state.records
+    attns = [model.blocks[r.layer].attn for r in records]
+    got = token_cut_loss(records, attns, num_prefix=5)
+    with torch.no_grad():
+        refs = [_reference_cut(a, r.normed, r.index, "both", num_prefix=5) for r, a in zip(records, attns)]
+    assert got.item() == pytest.approx(sum(float(r) for r, _ in refs) / len(refs), rel=1e-4)
+    assert got.item() == pytest.approx(sum(float(c) for _, c in refs) / len(refs), rel=1e-4)
+    assert got.item() != pytest.approx(token_cut_loss(records, attns, num_prefix=1).item(), rel=1e-3)
+
+
 def test_cut_loss_bad_mode_and_empty():
     with pytest.raises(ValueError, match="choose one of both, intra, inter, none"):
         token_cut_loss([], [], 1, mode="all")
@@ -83,3 +96,25 @@ def test_cut_loss_reusing_the_blocks_q_and_k_equals_projecting_every_token():
     projected.backward()
     assert torch.allclose(reused, projected, rtol=1e-5)
     assert all(torch.allclose(g, a.qkv.weight.grad, atol=1e-6) for g, a in zip(grads, attns))
+
+
+def test_idle_objective_without_distillation_runs_no_teacher(images):
+    """distill_weight 0: no teacher is copied or run, and the loss is CE + 20 x cut loss exactly."""
+    import copy
+    import dataclasses
+
+    from tokenpace.train.objectives import make_objective
+    from tokenpace.train.recipes import get_recipe
+
+    dense = make_vit()
+    recipe = dataclasses.replace(get_recipe("idle-finetune"), distill_weight=0.0)
+    objective = make_objective(recipe, tokenpace.apply(copy.deepcopy(dense), "idle"), torch.nn.CrossEntropyLoss(),
+                               dense_model=dense).train()
+    assert objective.teacher is None and not any("teacher" in n for n, _ in objective.named_parameters())
+    targets = torch.arange(images.shape[0])
+    loss, terms, _ = objective(images, targets)
+    assert set(terms) == {"ce", "cut"}
+    assert torch.allclose(loss, terms["ce"] + 20 * terms["cut"])
+    with_teacher = make_objective(get_recipe("idle-finetune"), tokenpace.apply(copy.deepcopy(dense), "idle"),
+                                  torch.nn.CrossEntropyLoss(), dense_model=dense).train()
+    assert {"kl", "feature"} <= set(with_teacher(images, targets)[1])

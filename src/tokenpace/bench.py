@@ -27,20 +27,49 @@ class MethodSpec:
     method: str
     options: tuple[tuple[str, object], ...] = ()
 
+    def method_options(self) -> dict[str, object]:
+        return {k: v for k, v in self.options if k not in RECIPE_OPTIONS}
+
+    def recipe_options(self) -> dict[str, object]:
+        return {k: v for k, v in self.options if k in RECIPE_OPTIONS}
+
     def describe(self) -> str:
-        """keep, plus every option that differs from the method's defaults."""
+        """keep, plus every option that differs from the method's defaults, plus any recipe option."""
         if self.method == "dense":
             return "-"
-        config = make_config(self.method, **dict(self.options))
+        config = make_config(self.method, **self.method_options())
         default = type(config)()
         shown = [f"keep={config.keep}"]
         shown += [f"{f.name}={getattr(config, f.name)}" for f in fields(config)
                   if f.name != "keep" and getattr(config, f.name) != getattr(default, f.name)]
+        shown += [f"{k}={v}" for k, v in self.recipe_options().items()]
         return " ".join(shown)
 
 
-def parse_methods(text: str) -> list[MethodSpec]:
-    """"dense,evo,idle@0.5,evo:mode=layer:stage_starts=4/8" -> specs; ``@x`` is short for ``:keep=x``."""
+# Options of the IdleViT recipe that a --train spec may override, e.g. "idle:distill_weight=0" (no teacher)
+RECIPE_OPTIONS = ("distill_weight", "cut_mode", "cut_weight")
+
+
+def _check_recipe_options(name: str, options: dict[str, object], item: str, train: bool) -> None:
+    from .losses import CUT_MODES
+
+    for key, value in options.items():
+        if key not in RECIPE_OPTIONS:
+            continue
+        if not train:
+            raise ValueError(f"{key} in {item!r} is an option of the training recipe; use it with --train")
+        if name != "idle":
+            raise ValueError(f"{key} in {item!r} belongs to the idle-finetune recipe; accepted on idle only")
+        if key == "cut_mode" and value not in CUT_MODES:
+            raise ValueError(f"cut_mode {value!r} in {item!r} is not accepted; choose one of {', '.join(CUT_MODES)}")
+        if key != "cut_mode" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ValueError(f"{key} in {item!r} must be a number >= 0; got {value!r}")
+
+
+def parse_methods(text: str, train: bool = False) -> list[MethodSpec]:
+    """"dense,evo,idle@0.5,evo:mode=layer:stage_starts=4/8" -> specs; ``@x`` is short for ``:keep=x``.
+
+    With ``train``, idle also takes the recipe options in RECIPE_OPTIONS (``idle:distill_weight=0``)."""
     specs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, rest = item.partition(":")
@@ -58,7 +87,8 @@ def parse_methods(text: str) -> list[MethodSpec]:
         if name == "dense" and options:
             raise ValueError("dense takes no options")
         if name != "dense":
-            make_config(name, **options)  # validate now, before any timing
+            _check_recipe_options(name, options, item, train)
+            make_config(name, **{k: v for k, v in options.items() if k not in RECIPE_OPTIONS})  # validate now
         specs.append(MethodSpec(name, tuple(options.items())))
     if not specs:
         raise ValueError("--methods is empty; accepted: dense, " + ", ".join(sorted(METHODS)))
@@ -159,11 +189,11 @@ def train_objective(model: nn.Module, spec: MethodSpec):
     recipe = get_recipe(name)
     if recipe.objective == "idle_distill" and class_free:
         recipe = dataclasses.replace(recipe, cut_mode="none")  # the cut loss needs a class token (Swin, PVTv2)
-    options = dict(spec.options)
+    options = spec.method_options()
     if spec.method == "evo":
         options.setdefault("mode", "layer")
     method = None if spec.method == "dense" else make_config(spec.method, **options)
-    recipe = dataclasses.replace(recipe, method=method)
+    recipe = dataclasses.replace(recipe, method=method, **spec.recipe_options())
     objective = make_objective(recipe, model, nn.CrossEntropyLoss(), dense_model=model)
     if method is not None:
         apply(objective.model, method)

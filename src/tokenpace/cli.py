@@ -52,7 +52,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    specs = parse_methods(args.methods) if args.methods else None
+    specs = parse_methods(args.methods, train=args.train) if args.methods else None
     extra = {"img_size": args.img_size} if args.img_size else {}
     model = build_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, model_args=extra)
     specs = specs or parse_methods(_family_methods(model))
@@ -237,7 +237,8 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"timm model name (default {DEFAULT_MODEL})")
     bench.add_argument("--methods", default=None,
                        help="comma list: dense, evo, idle, evit, topk; name@KEEP or name:key=value:... for options "
-                            "(default: all at their defaults)")
+                            "(default: all at their defaults); with --train, idle also takes its recipe's distill_weight, "
+                            "cut_mode, cut_weight (idle:distill_weight=0: no teacher)")
     bench.add_argument("--batch-size", type=_ints, default=None, help="comma list (default 32 on cpu, 256 on cuda)")
     bench.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     bench.add_argument("--compile", action="store_true", help="torch.compile each model (fixed token counts)")

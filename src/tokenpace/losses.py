@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core.tokens import gather_tokens, scatter_tokens
+from .core.tokens import gather_tokens
 from .methods.idle import IdleRecord
 
 CUT_MODES = ("both", "intra", "inter", "none")
@@ -22,40 +22,44 @@ def _project_qk(attn: nn.Module, normed: torch.Tensor) -> tuple[torch.Tensor, to
     return q, k
 
 
+def _unselected(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Sequence indices (B, n - K) of the tokens not in ``index`` (B, K): a fixed count, no boolean masks."""
+    rest = torch.ones(index.shape[0], n, device=index.device).scatter(1, index, 0.0)
+    return rest.topk(n - index.shape[1], dim=1, sorted=False).indices
+
+
 def mean_head_logits(attn: nn.Module, normed: torch.Tensor, index: torch.Tensor | None = None,
                      qk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(scale / H) * sum_h q_h k_h^T for every token pair: (B, N, N), from one full-width product.
 
     The head mean of per-head logits equals one product of the concatenated (normed) queries and keys, so the
-    B x H x N x N map is never formed. With ``qk``, the (q, k) the block already computed for the tokens at
-    sequence positions ``index`` (B, K), only the other tokens are projected (same values, same gradients).
+    B x H x N x N map is never formed. With ``index`` (B, K) the tokens come reordered, rows and columns alike:
+    the selected ones first in ``index`` order, then the others. With ``qk``, the (q, k) the block already
+    computed for the selected tokens, only the others are projected (same values, same gradients).
     """
-    if qk is None:
+    if index is None:
         q, k = _project_qk(attn, normed)
+    elif qk is None:
+        q, k = _project_qk(attn, gather_tokens(normed, torch.cat([index, _unselected(index, normed.shape[1])], 1)))
     else:
-        B, n, _ = normed.shape
-        idle = torch.ones(B, n, device=normed.device).scatter(1, index, 0.0)
-        idle_idx = idle.topk(n - index.shape[1], dim=1, sorted=False).indices  # fixed count: no boolean masks
-        q_idle, k_idle = _project_qk(attn, gather_tokens(normed, idle_idx))
-        q, k = (scatter_tokens(scatter_tokens(sel.new_empty(B, n, sel.shape[-1]), index, sel), idle_idx, rest)
-                for sel, rest in ((qk[0], q_idle), (qk[1], k_idle)))
-    H = attn.num_heads
-    return (q * (attn.scale / H)) @ k.transpose(1, 2)
+        q_rest, k_rest = _project_qk(attn, gather_tokens(normed, _unselected(index, normed.shape[1])))
+        q, k = torch.cat([qk[0], q_rest], 1), torch.cat([qk[1], k_rest], 1)
+    return (q * (attn.scale / attn.num_heads)) @ k.transpose(1, 2)
 
 
-def cut_terms(logits: torch.Tensor, selected: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (inter, intra) of one idling layer, from head-mean logits (B, N, N) and a 0/1 mask (B, N).
+def cut_terms(logits: torch.Tensor, num_selected: int, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row terms of one idling layer from selected-first head-mean logits (B, N, N); A = softmax(logits).
 
-    With A = softmax(logits): inter_i = sum_j |m_i - m_j| A_ij over non-prefix columns j (attention to the class
-    token is never a cut), intra_i = sum_j m_i m_j A_ij. Both come from masked log-sum-exps, no N x N mask.
+    ``leak`` (B, K): each selected row's attention to idle tokens, 1 - sum_{j in S} A_ij. It is the row's inter
+    term and, negated, its intra - m term. ``cut`` (B, N - K): each idle row's attention to the selected tokens
+    other than the prefix (attention to the class token is never a cut); it is the row's inter term, and its intra
+    term is 0. Selected-first order turns every mask into a slice.
     """
-    log_all = logits.logsumexp(dim=-1)
-    log_sel = (logits + torch.log(selected).unsqueeze(1)).logsumexp(dim=-1)
-    to_sel = torch.exp(log_sel - log_all)  # sum_{j in S} A_ij, prefix columns included
-    to_prefix = torch.exp(logits[:, :, :num_prefix].logsumexp(dim=-1) - log_all)
-    inter = selected * (1 - to_sel) + (1 - selected) * (to_sel - to_prefix)
-    intra = selected * to_sel
-    return inter, intra
+    attn = logits.softmax(dim=-1)
+    to_selected = attn[:, :, :num_selected].sum(-1)
+    leak = 1 - to_selected[:, :num_selected]
+    cut = to_selected[:, num_selected:] - attn[:, num_selected:, :num_prefix].sum(-1)
+    return leak, cut
 
 
 def token_cut_loss(records: list[IdleRecord], attention_modules: list[nn.Module], num_prefix: int,
@@ -64,7 +68,8 @@ def token_cut_loss(records: list[IdleRecord], attention_modules: list[nn.Module]
 
     ``both``: mean inter^2 + mean (intra - m)^2 over every row (the selected rows count twice, as in the official
     code); ``intra``: the second term; ``inter``: the first; ``none``: 0. ``attention_modules[i]`` is the
-    attention of ``records[i]``'s block. With several prefix tokens, attention to any of them is not a cut.
+    attention of ``records[i]``'s block, whose ``index`` lists the prefix tokens first (as IdlePolicy records it).
+    With several prefix tokens, attention to any of them is not a cut.
     """
     if mode not in CUT_MODES:
         raise ValueError(f"cut loss mode {mode!r} is not accepted; choose one of {', '.join(CUT_MODES)}")
@@ -73,14 +78,13 @@ def token_cut_loss(records: list[IdleRecord], attention_modules: list[nn.Module]
     total = 0.0
     for record, attn in zip(records, attention_modules, strict=True):
         logits = mean_head_logits(attn, record.normed, record.index, record.qk).float()
-        selected = torch.zeros(logits.shape[:2], device=logits.device).scatter(1, record.index, 1.0)
-        inter, intra = cut_terms(logits, selected, num_prefix)
-        loss = 0.0
+        leak, cut = cut_terms(logits, record.index.shape[1], num_prefix)
+        rows = logits.shape[0] * logits.shape[1]
+        leak_sq = leak.square().sum() / rows
         if mode in ("both", "inter"):
-            loss = loss + inter.square().mean()
+            total = total + leak_sq + cut.square().sum() / rows
         if mode in ("both", "intra"):
-            loss = loss + (intra - selected).square().mean()
-        total = total + loss
+            total = total + leak_sq
     return total / len(records)
 
 

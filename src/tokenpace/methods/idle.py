@@ -62,7 +62,7 @@ class IdleRecord:
     """One idling layer as the token cut loss needs it: the selection and the block's norm1 output (all tokens)."""
 
     layer: int
-    index: torch.Tensor  # (B, prefix + K) sequence indices of the selected tokens
+    index: torch.Tensor  # (B, prefix + K) sequence indices of the selected tokens, the prefix tokens first
     normed: torch.Tensor  # (B, N, C)
     qk: tuple[torch.Tensor, torch.Tensor] | None = None  # the selected tokens' (q, k) (B, prefix + K, H*d)
 

@@ -81,28 +81,32 @@ class EvoScratchObjective(Objective):
 
 
 class IdleDistillObjective(Objective):
-    """CE + cut_weight x token cut loss + lambda x KL(teacher || student) + 100 lambda x class-feature MSE."""
+    """CE + cut_weight x token cut loss + lambda x KL(teacher || student) + 100 lambda x class-feature MSE.
 
-    def __init__(self, model: nn.Module, teacher: nn.Module, criterion: nn.Module, recipe: Recipe) -> None:
+    With lambda = 0 there is no teacher at all (``teacher`` None): its dense forward is a third of a dense
+    training step, the largest cost of the recipe after the student itself."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module | None, criterion: nn.Module, recipe: Recipe) -> None:
         super().__init__(model, criterion)
         if recipe.cut_mode != "none" and not adapter_for(model).has_class_token:
             raise ValueError(f"the token cut loss is built on the class token's attention and "
                              f"{type(model).__name__} has none; accepted here: --cut-mode none")
-        self.teacher = teacher.eval().requires_grad_(False)
+        if recipe.distill_weight and teacher is None:
+            raise ValueError(f"distill_weight {recipe.distill_weight} needs a teacher; pass the dense model, "
+                             "or set distill_weight 0")
+        self.teacher = teacher.eval().requires_grad_(False) if recipe.distill_weight else None
         self.recipe = recipe
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()  # the teacher always runs in eval mode (the official code forgets this)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher always runs in eval mode (the official code forgets this)
         return self
 
     def forward(self, images, targets):
         r = self.recipe
         feats = self.model.forward_features(images)
         logits = self.model.forward_head(feats)
-        with torch.no_grad():
-            t_feats = self.teacher.forward_features(images)
-            t_logits = self.teacher.forward_head(t_feats)
         ce = self.criterion(logits, targets)
         terms = {"ce": ce.detach()}
         loss = ce
@@ -113,7 +117,10 @@ class IdleDistillObjective(Objective):
             cut = token_cut_loss(records, attns, patch.adapter.num_prefix, r.cut_mode)
             loss = loss + r.cut_weight * cut
             terms["cut"] = cut.detach()
-        if r.distill_weight:
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_feats = self.teacher.forward_features(images)
+                t_logits = self.teacher.forward_head(t_feats)
             kl = distill_kl(logits, t_logits)
             feat = feature_mse(self.model.forward_head(feats, pre_logits=True),
                                self.teacher.forward_head(t_feats, pre_logits=True))
@@ -127,6 +134,8 @@ def make_objective(recipe: Recipe, model: nn.Module, criterion: nn.Module, dense
     if recipe.objective == "evo_scratch":
         return EvoScratchObjective(model, criterion, recipe.aux_weight)
     if recipe.objective == "idle_distill":
+        if not recipe.distill_weight:
+            return IdleDistillObjective(model, None, criterion, recipe)
         if dense_model is None or get_patch(dense_model) is not None:
             raise ValueError("the idle_distill objective needs the dense (unpatched) model as teacher")
         return IdleDistillObjective(model, copy.deepcopy(dense_model), criterion, recipe)
