@@ -1,5 +1,7 @@
 """The benchmark command: table, JSON layout, method parsing."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -60,3 +62,16 @@ def test_train_bench_without_teacher(capsys):
     assert main(["bench", "vit_tiny_patch16_224", "--train", "--methods", "dense,idle,idle:distill_weight=0",
                  "--batch-size", "2", "--runs", "1", "--warmup", "0", "--img-size", "32", "--quiet"]) == 0
     assert "distill_weight=0" in capsys.readouterr().out
+
+
+def test_malloc_keep_is_recorded_and_other_values_refused(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    # a separate process: mallopt would change this test process's allocator for good
+    run = subprocess.run([sys.executable, "-m", "tokenpace.cli", "bench", "vit_tiny_patch16_224", "--methods", "dense",
+                          "--batch-size", "1", "--runs", "1", "--warmup", "0", "--img-size", "32", "--quiet",
+                          "--malloc", "keep", "--json", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(out.read_text())["malloc"] == "keep" and "malloc=keep" in run.stdout
+    with pytest.raises(SystemExit):
+        main(["bench", "--malloc", "jemalloc"])
+    assert "choose from 'system', 'keep'" in capsys.readouterr().err

@@ -77,10 +77,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             results = benchmark(model, specs, bs, device, amp=args.amp, compile=args.compile, runs=args.runs,
                                 warmup=args.warmup, progress=progress)
         print(f"\n{args.model}  {what}  batch {bs}  {device.type}  amp={args.amp}  compile={args.compile}  "
+              f"malloc={args.malloc}  "
               f"(median of {args.runs}; GMACs = multiply-accumulates per image, forward)")
         print(format_table(results), flush=True)
         documents.append(result_json(args.model, bs, device, results, amp=args.amp, compile=args.compile,
-                                     runs=args.runs, warmup=args.warmup, train=args.train,
+                                     runs=args.runs, warmup=args.warmup, train=args.train, malloc=args.malloc,
                                      torch=torch.__version__))
     if args.json:
         with open(args.json, "w") as f:
@@ -229,6 +230,23 @@ def _add_model_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs the hub)")
 
 
+def _add_malloc(p: argparse.ArgumentParser) -> None:
+    from .runtime import MALLOC_CHOICES
+
+    p.add_argument("--malloc", choices=MALLOC_CHOICES, default="system",
+                   help="CPU: 'keep' makes glibc keep freed memory mapped for reuse (no page faults on every large "
+                        "tensor; the process holds its peak memory); default: the system's behaviour")
+
+
+def _keep_freed_memory() -> None:
+    from .runtime import keep_freed_memory
+
+    try:
+        keep_freed_memory()
+    except RuntimeError as err:
+        raise UsageError(str(err)) from None
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="tokenpace", description="Token pacing for vision transformers.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -256,6 +274,7 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--train", action="store_true",
                        help="time training steps (forward, backward, AdamW; Evo in layer mode with its class-token "
                             "head, Idle with its dense teacher and cut loss) instead of inference")
+    _add_malloc(bench)
     bench.set_defaults(func=cmd_bench)
 
     from .train.recipes import RECIPES
@@ -273,7 +292,8 @@ def make_parser() -> argparse.ArgumentParser:
     tr.add_argument("--score", default=None, help="cls or random (the control)")
     tr.add_argument("--cut-mode", default=None, help="idle-finetune: both, intra, inter, none")
     tr.add_argument("--cut-weight", type=float, default=None)
-    tr.add_argument("--distill-weight", type=float, default=None)
+    tr.add_argument("--distill-weight", type=float, default=None,
+                    help="idle-finetune: KL weight (the feature MSE gets 100x); 0 runs no teacher")
     tr.add_argument("--epochs", type=int, default=None)
     tr.add_argument("--batch-size", type=int, default=128, help="per process (default 128)")
     tr.add_argument("--lr", type=float, default=None, help="absolute peak lr (default: recipe lr x batch/base)")
@@ -286,6 +306,7 @@ def make_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pth")
     tr.add_argument("--stop-after", type=int, default=None, help="stop after N epochs in this invocation")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_malloc(tr)
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="top-1/top-5, agreement with dense, GMACs and img/s of dense and each method")
@@ -302,6 +323,7 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--speed-runs", type=int, default=5, help="timed rounds for img/s (default 5)")
     ev.add_argument("--json", default=None)
     ev.add_argument("--quiet", action="store_true")
+    _add_malloc(ev)
     ev.set_defaults(func=cmd_eval)
 
     sh = sub.add_parser("show", help="PNG per image: which tokens took the full path at each selection layer")
@@ -323,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tokenpace: error: --{name} must be >= {1 if name == 'runs' else 0}; got {value}", file=sys.stderr)
             return 2
     try:
+        if getattr(args, "malloc", "system") == "keep":
+            _keep_freed_memory()
         return args.func(args)
     except (UsageError, ModelSourceError, ValueError, TypeError) as err:
         print(f"tokenpace: error: {err}", file=sys.stderr)
