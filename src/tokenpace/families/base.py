@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -84,6 +84,26 @@ def parse_img_size(img_size: int | tuple[int, int]) -> tuple[int, int]:
             or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in img_size)):
         raise ValueError(f"img_size must be a positive int or (height, width); got {img_size!r}")
     return tuple(img_size)
+
+
+class StagedAdapter(FamilyAdapter):
+    """A family whose blocks come in stages (LeViT, Swin, PVTv2); blocks are numbered across stages, 0..depth-1."""
+
+    def __init__(self, model: nn.Module, stages: Iterable[Iterable[nn.Module]]) -> None:
+        super().__init__(model)
+        self.blocks: list[nn.Module] = []
+        self.stage_blocks: list[range] = []  # the global indices of each stage's blocks, in order
+        for blocks in stages:
+            start = len(self.blocks)
+            self.blocks.extend(blocks)
+            self.stage_blocks.append(range(start, len(self.blocks)))
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def stage_of_block(self, i: int) -> int:
+        return next(s for s, blocks in enumerate(self.stage_blocks) if i in blocks)
 
 
 class SequenceAdapter(FamilyAdapter):

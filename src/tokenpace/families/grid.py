@@ -15,21 +15,12 @@ from typing import Any
 
 import torch
 
-from .base import FamilyAdapter
+from .base import StagedAdapter
 
 
-class GridAdapter(FamilyAdapter):
+class GridAdapter(StagedAdapter):
     methods = ("idle",)
     scores = ("received", "norm", "random")
-
-    @property
-    @abstractmethod
-    def stage_blocks(self) -> list[range]:
-        """The global indices of each stage's blocks, in order."""
-
-    @property
-    def depth(self) -> int:
-        return self.stage_blocks[-1].stop
 
     @abstractmethod
     def enter_stage(self, s: int, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.macs import BlockWork, conv_macs, linear_macs
-from .base import FamilyAdapter, RunBlocks, parse_img_size
+from .base import RunBlocks, StagedAdapter, parse_img_size
 
 
 def fuse_batchnorm(model: nn.Module) -> nn.Module:
@@ -55,34 +55,17 @@ def _attend(q, k, v, bias, scale, score, prefix, extra):
     return out.transpose(1, 2).reshape(B, n, -1), scores
 
 
-class _LevitBase(FamilyAdapter):
+class _LevitBase(StagedAdapter):
     methods = ("evo",)
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        self.blocks: list[nn.Module] = []
-        self._stage_blocks: list[range] = []
-        for stage_blocks in self._stage_block_lists():
-            start = len(self.blocks)
-            self.blocks.extend(stage_blocks)
-            self._stage_blocks.append(range(start, len(self.blocks)))
-
-    @property
-    def stage_blocks(self) -> list[range]:
-        return self._stage_blocks
-
-    @property
-    def depth(self) -> int:
-        return len(self.blocks)
+        super().__init__(model, self._stage_block_lists(model))
 
     def make_policy(self, config):
         super().make_policy(config)  # checks the method name
         from ..methods.evo_levit import EvoLevitPolicy
 
         return EvoLevitPolicy(config, self)
-
-    def stage_of_block(self, i: int) -> int:
-        return next(s for s, r in enumerate(self._stage_blocks) if i in r)
 
     def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return self.blocks[i](x)
@@ -110,7 +93,7 @@ class _LevitBase(FamilyAdapter):
             works = policy.work(patches)
         else:
             works = [BlockWork(p + self.num_prefix, p + self.num_prefix)
-                     for p, blocks in zip(patches, self._stage_blocks) for _ in blocks]
+                     for p, blocks in zip(patches, self.stage_blocks) for _ in blocks]
         total = self.stem_macs(img_size)
         for i, work in enumerate(works):
             total += self._block_macs(self.blocks[i], work)
@@ -162,8 +145,9 @@ class TimmLevit(_LevitBase):
             return False
         return isinstance(model, Levit)
 
-    def _stage_block_lists(self) -> list[nn.Sequential]:
-        return [stage.blocks for stage in self.model.stages]
+    @staticmethod
+    def _stage_block_lists(model: nn.Module) -> list[nn.Sequential]:
+        return [stage.blocks for stage in model.stages]
 
     def forward_features(self, x: torch.Tensor, run_blocks: RunBlocks) -> torch.Tensor:
         return run_blocks(self.model.stem(x).flatten(2).transpose(1, 2))
@@ -246,8 +230,9 @@ class EvoLevitFamily(_LevitBase):
 
         return isinstance(model, EvoLevit)
 
-    def _stage_block_lists(self) -> list[nn.Sequential]:
-        return list(self.model.stages)
+    @staticmethod
+    def _stage_block_lists(model: nn.Module) -> list[nn.Sequential]:
+        return list(model.stages)
 
     @property
     def num_prefix(self) -> int:

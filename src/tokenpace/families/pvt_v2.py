@@ -68,9 +68,8 @@ class PvtV2Adapter(GridAdapter):
     scores = ("norm", "random")
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
+        super().__init__(model, [stage.blocks for stage in model.stages])
         _, Block, Attention, Mlp = _timm_classes()
-        self.blocks: list[nn.Module] = [blk for stage in model.stages for blk in stage.blocks]
         for i, blk in enumerate(self.blocks):
             if type(blk) is not Block or type(blk.attn) is not Attention or type(blk.mlp) is not Mlp:
                 raise TypeError(
@@ -78,12 +77,6 @@ class PvtV2Adapter(GridAdapter):
                     f"{type(blk.attn).__name__} and {type(blk.mlp).__name__}; tokenpace supports timm's pvt_v2 Block "
                     "with its Attention (spatial reduction or linear) and MlpWithDepthwiseConv (pvt_v2_b0..b5, b2_li)"
                 )
-        starts, ranges = 0, []
-        for stage in model.stages:
-            ranges.append(range(starts, starts + len(stage.blocks)))
-            starts += len(stage.blocks)
-        self._stage_blocks = ranges
-        self._stage_of = [s for s, r in enumerate(ranges) for _ in r]
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -92,10 +85,6 @@ class PvtV2Adapter(GridAdapter):
         except ImportError:  # timm not installed: nothing of this family can exist
             return False
         return isinstance(model, PyramidVisionTransformerV2)
-
-    @property
-    def stage_blocks(self) -> list[range]:
-        return self._stage_blocks
 
     # --- forward -------------------------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor, run_blocks: RunBlocks) -> torch.Tensor:
@@ -198,7 +187,7 @@ class PvtV2Adapter(GridAdapter):
         return grids
 
     def block_grid(self, i: int) -> tuple[int, int]:
-        return self.stage_grids(None)[self._stage_of[i]]
+        return self.stage_grids(None)[self.stage_of_block(i)]
 
     # --- cost model ----------------------------------------------------------------------------------------------
     def count_macs(self, policy, img_size: int | tuple[int, int] | None) -> int:

@@ -90,23 +90,18 @@ class SwinAdapter(GridAdapter):
     name = "timm SwinTransformer"
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
         _, Stage, Block, WindowAttention, PatchMerging = _timm_classes()
-        self.blocks: list[nn.Module] = []
-        ranges = []
         for s, stage in enumerate(model.layers):
             if type(stage) is not Stage or type(stage.downsample) not in (PatchMerging, nn.Identity):
                 raise TypeError(f"stage {s} of this SwinTransformer is {type(stage).__name__} with "
                                 f"{type(stage.downsample).__name__}; tokenpace supports timm's SwinTransformerStage "
                                 "with PatchMerging or no down-sampling (Swin v1: swin_tiny..swin_large)")
-            for blk in stage.blocks:
-                if type(blk) is not Block or type(blk.attn) is not WindowAttention:
-                    raise TypeError(f"block {len(self.blocks)} of this SwinTransformer is {type(blk).__name__} with "
-                                    f"{type(blk.attn).__name__}; tokenpace supports timm's SwinTransformerBlock with "
-                                    "WindowAttention (Swin v1: swin_tiny..swin_large)")
-                self.blocks.append(blk)
-            ranges.append(range(len(self.blocks) - len(stage.blocks), len(self.blocks)))
-        self._stage_blocks = ranges
+        super().__init__(model, [stage.blocks for stage in model.layers])
+        for i, blk in enumerate(self.blocks):
+            if type(blk) is not Block or type(blk.attn) is not WindowAttention:
+                raise TypeError(f"block {i} of this SwinTransformer is {type(blk).__name__} with "
+                                f"{type(blk.attn).__name__}; tokenpace supports timm's SwinTransformerBlock with "
+                                "WindowAttention (Swin v1: swin_tiny..swin_large)")
         self._layouts: dict[tuple, _Layout] = {}  # per (map size, window, shift, device): built once
 
     @classmethod
@@ -116,10 +111,6 @@ class SwinAdapter(GridAdapter):
         except ImportError:  # timm not installed: nothing of this family can exist
             return False
         return isinstance(model, SwinTransformer)
-
-    @property
-    def stage_blocks(self) -> list[range]:
-        return self._stage_blocks
 
     # --- forward -------------------------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor, run_blocks: RunBlocks) -> torch.Tensor:
@@ -264,8 +255,7 @@ class SwinAdapter(GridAdapter):
         return grids
 
     def block_grid(self, i: int) -> tuple[int, int]:
-        s = next(s for s, blocks in enumerate(self.stage_blocks) if i in blocks)
-        return self._stage_grids(None)[s]
+        return self._stage_grids(None)[self.stage_of_block(i)]
 
     def count_macs(self, policy, img_size: int | tuple[int, int] | None) -> int:
         m = self.model
