@@ -22,7 +22,7 @@ def test_keep_outside_zero_one(method, keep):
     ("evo", {"stage_starts": (4, 12)}, r"outside the model: accepted layers are 1\.\.11"),
     ("evo", {"stage_starts": (0, 8)}, r"outside the model: accepted layers are 1\.\.11"),
     ("evo", {"stage_starts": (8, 4)}, "strictly increasing"),
-    ("evo", {"stage_starts": [4, 8]}, "must be a tuple"),
+    ("evo", {"stage_starts": ("4", 8)}, r"must be layer indices \(an int or a tuple of ints\)"),
     ("idle", {"stage_starts": (3, 6, 13)}, r"outside the model: accepted layers are 0\.\.11"),
     ("evit", {"layers": (-1, 6)}, r"outside the model"),
     ("topk", {"layer": 12}, r"outside the model"),
@@ -41,10 +41,11 @@ def test_bad_options_name_the_value_and_what_is_accepted(method, options, match)
 
 
 @pytest.mark.parametrize("method", ["evo", "idle", "evit", "topk"])
-def test_model_without_class_token(method):
+def test_class_score_on_a_model_without_class_token(method):
     model = make_vit("deit", class_token=False, global_pool="avg")
-    with pytest.raises(ValueError, match="has no class token; accepted: models built with class_token=True"):
-        tokenpace.apply(model, method)
+    with pytest.raises(ValueError, match=f"{method} score='cls' is not available for timm VisionTransformer models; "
+                                         "accepted here: 'received'"):
+        tokenpace.apply(model, method, score="cls")
     assert tokenpace.get_patch(model) is None
 
 

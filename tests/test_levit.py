@@ -111,9 +111,9 @@ def test_trace_and_bias_gathering(images):
     assert all(len(set(k[0].tolist())) == k.shape[1] for k in tr.kept if k is not None)
     adapter = tokenpace.get_patch(model).adapter
     pos = tr.kept[2]
-    attn = adapter.blocks[2].attn
-    gathered = adapter._bias(attn, pos, "cpu")
-    full = attn.get_attention_biases("cpu")
+    parts = adapter.parts(2)
+    gathered = parts.bias(adapter.tokens(None).select(pos))
+    full = parts.bias(adapter.tokens(None))
     b = 1
     assert torch.equal(gathered[b], full[:, pos[b]][:, :, pos[b]])
 
@@ -186,8 +186,9 @@ def test_batchnorm_fused_levit_keeps_working(images):
 
 def test_levit_errors():
     model = make_levit("levit_cifar")
-    with pytest.raises(ValueError, match="not available for timm LeViT models; accepted here: 'evo'"):
-        tokenpace.apply(model, "idle")
+    with pytest.raises(ValueError, match="'evit' is not available for timm LeViT models .*down-sample a full grid"
+                                         ".*accepted here: 'evo', 'idle'"):
+        tokenpace.apply(model, "evit")
     with pytest.raises(ValueError, match="accepted here: 'received', 'random'"):
         tokenpace.apply(model, "evo", score="cls")
     with pytest.raises(ValueError, match="representative=False"):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import tokenpace
+from tokenpace.anatomy import TokenSet
 from tokenpace.losses import CUT_MODES, distill_kl, feature_mse, mean_head_logits, token_cut_loss
 
 from conftest import make_vit
@@ -29,9 +30,9 @@ def _reference_cut(attn, normed, index, mode, num_prefix=1):
 def test_cut_loss_matches_definition_and_closed_form(mode):
     model = tokenpace.apply(make_vit("deit"), "idle", keep=0.5).train()
     model(torch.randn(3, 3, 32, 32))
-    records = tokenpace.get_patch(model).last_state.records
+    records, parts = _records(model)
     attns = [model.blocks[r.layer].attn for r in records]
-    got = token_cut_loss(records, attns, num_prefix=1, mode=mode)
+    got = token_cut_loss(records, parts, num_prefix=1, mode=mode)
     with torch.no_grad():
         refs = [_reference_cut(a, r.normed, r.index, mode) for r, a in zip(records, attns)]
     expected = sum(float(ref) for ref, _ in refs) / len(refs)
@@ -44,27 +45,35 @@ def test_cut_loss_matches_definition_and_closed_form(mode):
         assert model.blocks[3].attn.qkv.weight.grad.abs().sum() > 0  # reaches W_q, W_k of the idling layer
 
 
+def _records(model):
+    patch = tokenpace.get_patch(model)
+    records = patch.last_state.records
+    return records, [patch.adapter.parts(r.layer) for r in records]
+
+
 def test_mean_head_logits_is_one_product():
-    attn = make_vit("qknorm").blocks[0].attn
+    model = tokenpace.apply(make_vit("qknorm"), "idle")
+    attn = model.blocks[0].attn
+    parts = tokenpace.get_patch(model).adapter.parts(0)
     normed = torch.randn(2, 9, 48)
     B, n, _ = normed.shape
     q, k, _ = attn.qkv(normed).reshape(B, n, 3, 3, 16).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     expected = ((q * attn.scale) @ k.transpose(-2, -1)).mean(1)
-    assert torch.allclose(mean_head_logits(attn, normed), expected, atol=1e-5)
+    assert torch.allclose(mean_head_logits(parts, normed, TokenSet(prefix=1)), expected, atol=1e-5)
 
 
 def test_cut_loss_with_register_tokens_never_counts_attention_to_a_prefix_token():
     model = tokenpace.apply(make_vit("registers"), "idle", keep=0.5).train()  # class token + 4 registers
     model(torch.randn(2, 3, 32, 32))
-    records = tokenpace.get_patch(model).last_state.records
+    records, parts = _records(model)
     attns = [model.blocks[r.layer].attn for r in records]
-    got = token_cut_loss(records, attns, num_prefix=5)
+    got = token_cut_loss(records, parts, num_prefix=5)
     with torch.no_grad():
         refs = [_reference_cut(a, r.normed, r.index, "both", num_prefix=5) for r, a in zip(records, attns)]
     assert got.item() == pytest.approx(sum(float(r) for r, _ in refs) / len(refs), rel=1e-4)
     assert got.item() == pytest.approx(sum(float(c) for _, c in refs) / len(refs), rel=1e-4)
-    assert got.item() != pytest.approx(token_cut_loss(records, attns, num_prefix=1).item(), rel=1e-3)
+    assert got.item() != pytest.approx(token_cut_loss(records, parts, num_prefix=1).item(), rel=1e-3)
 
 
 def test_cut_loss_bad_mode_and_empty():
@@ -84,15 +93,15 @@ def test_distillation_terms():
 def test_cut_loss_reusing_the_blocks_q_and_k_equals_projecting_every_token():
     model = tokenpace.apply(make_vit("qknorm"), "idle", keep=0.5).train()
     model(torch.randn(2, 3, 32, 32))
-    records = tokenpace.get_patch(model).last_state.records
+    records, parts = _records(model)
     assert all(r.qk is not None for r in records)
     attns = [model.blocks[r.layer].attn for r in records]
-    reused = token_cut_loss(records, attns, num_prefix=1)
+    reused = token_cut_loss(records, parts, num_prefix=1)
     reused.backward(retain_graph=True)
     grads = [a.qkv.weight.grad.clone() for a in attns]
     model.zero_grad()
-    fresh = [type(r)(layer=r.layer, index=r.index, normed=r.normed) for r in records]  # qk=None: project all
-    projected = token_cut_loss(fresh, attns, num_prefix=1)
+    fresh = [type(r)(layer=r.layer, index=r.index, normed=r.normed, where=r.where) for r in records]  # project all
+    projected = token_cut_loss(fresh, parts, num_prefix=1)
     projected.backward()
     assert torch.allclose(reused, projected, rtol=1e-5)
     assert all(torch.allclose(g, a.qkv.weight.grad, atol=1e-6) for g, a in zip(grads, attns))

@@ -112,7 +112,7 @@ def test_idle_tokens_pass_through_bit_identical(variant):
     with torch.no_grad():
         prep = ad.prepare(1, x.clone())
         idx = ad.token_scores(1, prep, "norm").topk(20, dim=-1).indices
-        out = ad.run_selected(1, x.clone(), prep, idx)
+        out, _ = ad.run_selected(1, x.clone(), prep, idx)
     idle = torch.ones(2, 64, dtype=torch.bool).scatter(1, idx[:, 0], False)
     assert torch.equal(out.reshape(2, 64, 32)[idle], x.reshape(2, 64, 32)[idle])
     assert not torch.equal(out.reshape(2, 64, 32)[~idle], x.reshape(2, 64, 32)[~idle])

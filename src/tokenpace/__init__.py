@@ -10,9 +10,9 @@
 """
 from . import archs  # registers evo_levit_* and the CIFAR LeViTs with timm
 from .methods import METHODS, EViT, Evo, Idle, MethodConfig, TopK, make_config
-from .patch import Trace, apply, get_patch, macs, remove, trace
+from .patch import Trace, apply, get_patch, macs, remove, supported_methods, trace
 
 __version__ = "0.1.0"
 
 __all__ = ["METHODS", "EViT", "Evo", "Idle", "MethodConfig", "TopK", "Trace", "apply", "get_patch", "macs",
-           "make_config", "remove", "trace"]
+           "make_config", "remove", "supported_methods", "trace"]

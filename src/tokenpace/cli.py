@@ -41,9 +41,9 @@ def _device(name: str) -> torch.device:
 
 def _family_methods(model: torch.nn.Module) -> str:
     """The default --methods: dense and every method the model's family runs (a clear TypeError when none)."""
-    from .families import adapter_for
+    from .patch import supported_methods
 
-    return ",".join(("dense",) + adapter_for(model).methods)
+    return ",".join(["dense", *supported_methods(model)])
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -5,21 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .anatomy import BlockParts
 from .core.tokens import gather_tokens
 from .methods.idle import IdleRecord
 
 CUT_MODES = ("both", "intra", "inter", "none")
 
 
-def _project_qk(attn: nn.Module, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k (B, n, H*d) of ``normed`` through the attention's own layers (values are not projected)."""
-    B, n, _ = normed.shape
-    H, d = attn.num_heads, attn.head_dim
-    bias = attn.qkv.bias[:2 * H * d] if attn.qkv.bias is not None else None
-    q, k = F.linear(normed, attn.qkv.weight[:2 * H * d], bias).reshape(B, n, 2, H, d).unbind(2)
-    q = attn.q_norm(q.transpose(1, 2)).transpose(1, 2).reshape(B, n, H * d)
-    k = attn.k_norm(k.transpose(1, 2)).transpose(1, 2).reshape(B, n, H * d)
-    return q, k
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, n, d) -> (B, n, H*d): all heads side by side."""
+    return t.transpose(1, 2).flatten(2)
 
 
 def _unselected(index: torch.Tensor, n: int) -> torch.Tensor:
@@ -28,23 +23,31 @@ def _unselected(index: torch.Tensor, n: int) -> torch.Tensor:
     return rest.topk(n - index.shape[1], dim=1, sorted=False).indices
 
 
-def mean_head_logits(attn: nn.Module, normed: torch.Tensor, index: torch.Tensor | None = None,
+def mean_head_logits(parts: BlockParts, normed: torch.Tensor, where, index: torch.Tensor | None = None,
                      qk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(scale / H) * sum_h q_h k_h^T for every token pair: (B, N, N), from one full-width product.
 
-    The head mean of per-head logits equals one product of the concatenated (normed) queries and keys, so the
-    B x H x N x N map is never formed. With ``index`` (B, K) the tokens come reordered, rows and columns alike:
-    the selected ones first in ``index`` order, then the others. With ``qk``, the (q, k) the block already
-    computed for the selected tokens, only the others are projected (same values, same gradients).
+    The head mean of per-head logits equals one product of the concatenated (normed, rotated) queries and keys,
+    so the B x H x N x N map is never formed. ``where`` says where the N tokens of ``normed`` sit (position terms).
+    With ``index`` (B, K) the tokens come reordered, rows and columns alike: the selected ones first in ``index``
+    order (prefix tokens first), then the others. With ``qk``, the (q, k) the block already computed for the
+    selected tokens, only the others are projected (same values, same gradients).
     """
+    prefix = where.prefix
     if index is None:
-        q, k = _project_qk(attn, normed)
-    elif qk is None:
-        q, k = _project_qk(attn, gather_tokens(normed, torch.cat([index, _unselected(index, normed.shape[1])], 1)))
+        q, k = parts.queries(normed, where), parts.keys(normed, where)
     else:
-        q_rest, k_rest = _project_qk(attn, gather_tokens(normed, _unselected(index, normed.shape[1])))
-        q, k = torch.cat([qk[0], q_rest], 1), torch.cat([qk[1], k_rest], 1)
-    return (q * (attn.scale / attn.num_heads)) @ k.transpose(1, 2)
+        rest = _unselected(index, normed.shape[1])
+        if qk is None:
+            order = torch.cat([index, rest], dim=1)
+            tokens = where.select(order[:, prefix:] - prefix)
+            picked = gather_tokens(normed, order)
+            q, k = parts.queries(picked, tokens), parts.keys(picked, tokens)
+        else:
+            others, picked = where.patches(rest - prefix), gather_tokens(normed, rest)
+            q = torch.cat([qk[0], parts.queries(picked, others)], dim=2)
+            k = torch.cat([qk[1], parts.keys(picked, others)], dim=2)
+    return (_flat(q) * (parts.scale / parts.num_heads)) @ _flat(k).transpose(1, 2)
 
 
 def cut_terms(logits: torch.Tensor, num_selected: int, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,13 +65,13 @@ def cut_terms(logits: torch.Tensor, num_selected: int, num_prefix: int) -> tuple
     return leak, cut
 
 
-def token_cut_loss(records: list[IdleRecord], attention_modules: list[nn.Module], num_prefix: int,
+def token_cut_loss(records: list[IdleRecord], parts: list[BlockParts], num_prefix: int,
                    mode: str = "both") -> torch.Tensor:
     """IdleViT's token cut loss averaged over idling layers (idlevit.md §5.1).
 
     ``both``: mean inter^2 + mean (intra - m)^2 over every row (the selected rows count twice, as in the official
-    code); ``intra``: the second term; ``inter``: the first; ``none``: 0. ``attention_modules[i]`` is the
-    attention of ``records[i]``'s block, whose ``index`` lists the prefix tokens first (as IdlePolicy records it).
+    code); ``intra``: the second term; ``inter``: the first; ``none``: 0. ``parts[i]`` is the anatomy of
+    ``records[i]``'s block, whose ``index`` lists the prefix tokens first (as IdlePolicy records it).
     With several prefix tokens, attention to any of them is not a cut.
     """
     if mode not in CUT_MODES:
@@ -76,8 +79,8 @@ def token_cut_loss(records: list[IdleRecord], attention_modules: list[nn.Module]
     if mode == "none" or not records:
         return torch.zeros((), device=records[0].normed.device if records else None)
     total = 0.0
-    for record, attn in zip(records, attention_modules, strict=True):
-        logits = mean_head_logits(attn, record.normed, record.index, record.qk).float()
+    for record, block in zip(records, parts, strict=True):
+        logits = mean_head_logits(block, record.normed, record.where, record.index, record.qk).float()
         leak, cut = cut_terms(logits, record.index.shape[1], num_prefix)
         rows = logits.shape[0] * logits.shape[1]
         leak_sq = leak.square().sum() / rows
@@ -86,6 +89,16 @@ def token_cut_loss(records: list[IdleRecord], attention_modules: list[nn.Module]
         if mode in ("both", "intra"):
             total = total + leak_sq
     return total / len(records)
+
+
+def model_cut_loss(model: nn.Module, mode: str = "both") -> torch.Tensor:
+    """The token cut loss of a patched model's latest training forward (IdleViT records every idling layer)."""
+    from .patch import get_patch
+
+    patch = get_patch(model)
+    records = patch.last_state.records if patch is not None and patch.last_state is not None else []
+    parts = [patch.adapter.parts(record.layer) for record in records]
+    return token_cut_loss(records, parts, patch.adapter.num_prefix if patch is not None else 0, mode)
 
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -1,18 +1,22 @@
-"""apply / remove / trace / macs: patch a model in place by swapping its class (ToMe style), no new parameters."""
+"""apply / remove / trace / macs: patch a model in place by swapping its class (ToMe style), no new parameters.
+
+A patched model pickles, deep-copies and ``torch.save``s like any module: its class is made at run time, so it
+reduces to (the original class, its state, the method config) and is re-patched when loaded.
+"""
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from .families import FamilyAdapter, adapter_for
-from .methods import ForwardState, MethodConfig, Policy, make_config
+from .families import Family, adapter_for
+from .methods import ForwardState, MethodConfig, Policy, make_config, make_policy, methods_for
 
 _ATTR = "_tokenpace"
+_CONFIG_KEY = "_tokenpace_config"  # the method config in a patched model's pickled state
 _PATCHED_CLASSES: dict[type, type] = {}
 
 
@@ -30,31 +34,62 @@ class Patch:
 
     config: MethodConfig
     policy: Policy
-    adapter: FamilyAdapter
+    adapter: Family
     original_class: type
     tracer: Trace | None = None
     last_state: ForwardState | None = None  # the latest forward's state (what training losses read)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        state = ForwardState(kept=[None] * self.adapter.depth if self.tracer is not None else None)
-        out = self.adapter.forward_features(x, partial(self.policy.run, state=state))
+        family = self.adapter
+        state = ForwardState(training=family.model.training,
+                             kept=[None] * family.depth if self.tracer is not None else None)
+        x, state.frame = family.embed(x)
+        x = family.finish(self.policy.run(x, state))
         self.last_state = state
         if self.tracer is not None:
             self.tracer.kept = state.kept
-        return out
+        return x
 
 
 def _forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if args or any(v is not None and v is not False for v in kwargs.values()):
         raise ValueError("attention masks and causal attention are not supported on a tokenpace-patched model; "
                          "call tokenpace.remove(model) first")
-    return getattr(self, _ATTR).forward_features(x)
+    return get_patch(self).forward_features(x)
+
+
+def _reduce_ex(self, protocol):
+    """Pickle and deepcopy as (original class, plain module state + the method config): no run-time class needed."""
+    state = dict(self.__dict__)
+    patch = state.pop(_ATTR)
+    state[_CONFIG_KEY] = patch.config
+    return (_new_patched, (patch.original_class,), state)
+
+
+def _setstate(self, state):
+    state = dict(state)
+    config = state.pop(_CONFIG_KEY)
+    original = type(self).__mro__[1]
+    original.__setstate__(self, state)
+    self.__class__ = original
+    apply(self, config)
+
+
+def _new_patched(original_class: type) -> nn.Module:
+    cls = _patched_class(original_class)
+    return cls.__new__(cls)
 
 
 def _patched_class(cls: type) -> type:
     if cls not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[cls] = type(f"TokenPace{cls.__name__}", (cls,), {"forward_features": _forward_features})
+        _PATCHED_CLASSES[cls] = type(f"TokenPace{cls.__name__}", (cls,), {
+            "forward_features": _forward_features, "__reduce_ex__": _reduce_ex, "__setstate__": _setstate})
     return _PATCHED_CLASSES[cls]
+
+
+def supported_methods(model: nn.Module) -> list[str]:
+    """The methods that run on ``model`` ("evo", "idle", "evit", "topk"); TypeError for an unsupported model."""
+    return methods_for(adapter_for(model))
 
 
 def get_patch(model: nn.Module) -> Patch | None:
@@ -69,11 +104,11 @@ def apply(model: nn.Module, method: str | MethodConfig, **options) -> nn.Module:
     previous method. No parameters or buffers are added, so ``state_dict`` keys stay those of the plain model.
     """
     config = make_config(method, **options)
-    adapter = adapter_for(model)
-    policy = adapter.make_policy(config)  # validates method, score and layer indices against this model
+    family = adapter_for(model)
+    policy = make_policy(config, family)  # validates method, score and layer indices against this model
     remove(model)
     original = type(model)
-    model.__dict__[_ATTR] = Patch(config=config, policy=policy, adapter=adapter, original_class=original)
+    model.__dict__[_ATTR] = Patch(config=config, policy=policy, adapter=family, original_class=original)
     model.__class__ = _patched_class(original)
     return model
 
@@ -103,10 +138,10 @@ def trace(model: nn.Module) -> Iterator[Trace]:
 def macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> int:
     """Multiply-accumulates (MACs, not FLOPs) of one image's forward under the current configuration.
 
-    Counted analytically from the per-layer token counts the method really uses: patch embedding, every linear
-    layer and attention matmul, the scoring work, and the classifier head. ``img_size`` overrides the model's own.
+    Counted analytically from the per-block token counts the method reports: patch embedding, every linear layer
+    and attention product, the scoring work, and the head. ``img_size`` overrides the model's own.
     """
     patch = get_patch(model)
-    if patch is not None:
-        return patch.adapter.count_macs(patch.policy, img_size)
-    return adapter_for(model).count_macs(None, img_size)
+    family = patch.adapter if patch is not None else adapter_for(model)
+    works = patch.policy.work(family.group_counts(img_size)) if patch is not None else None
+    return family.count_macs(works, img_size)

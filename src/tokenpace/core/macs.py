@@ -30,39 +30,45 @@ def linear_macs(module: nn.Module | None) -> int:
 
 @dataclass(frozen=True)
 class BlockShape:
-    """Per-token costs of one pre-norm transformer block, read off its linear layers."""
+    """What one token costs in a block (MACs), read off its layers by the family."""
 
-    dim: int
-    attn_dim: int  # heads * head_dim
-    qkv: int  # MACs per token of the q, k, v projection
-    proj: int  # MACs per token of the output projection (plus a gate, if any)
-    mlp: int  # MACs per token of the MLP
+    dim: int  # token width C
+    qk_dim: int  # all heads' query/key width (the q . k products)
+    v_dim: int  # all heads' value width (the attention @ v products)
+    qkv: int  # per-token MACs of the q, k, v projections
+    proj: int  # per-token MACs after the attention (output projection, gate)
+    mlp: int  # per-token MACs of the MLP
+
+
+@dataclass(frozen=True)
+class ScoreWork:
+    """Scores a block computes before it runs, over ``tokens`` tokens per group (for MACs): the query kind ("cls",
+    "mean", or "norm"/"random", which cost nothing) and whether every key is projected (the official IdleViT code
+    does; tokenpace only where keys are not affine in the input)."""
+
+    query: str
+    tokens: int
+    project_keys: bool = False
 
 
 @dataclass(frozen=True)
 class BlockWork:
-    """What one block computes in a forward, as token counts (the method decides these)."""
+    """What one block computes per selection group in a forward, as token counts (the method decides these; the
+    family turns them into MACs)."""
 
     attn_tokens: int  # tokens projected to q, k, v and attending among themselves
     mlp_tokens: int  # tokens through the MLP
-    cls_row_keys: int = 0  # class-query logits against this many keys, for ranking
-    score_tokens: int = 0  # IdleViT class-logit scores over this many tokens
-    score_projects_keys: bool = False  # scores project every key (qk-norm models) instead of W_k^T q
+    row_keys: int = 0  # a score row (one query against this many keys) computed beside the attention
+    score: ScoreWork | None = None  # scores computed before the block runs
     merged_tokens: int = 0  # tokens folded into one by a weighted sum (EViT fusion, representative token)
 
 
 def block_macs(shape: BlockShape, work: BlockWork) -> int:
+    """Linear layers, the two attention products and a score row; scores before the block are the family's to add
+    (they depend on its projections)."""
     n = work.attn_tokens
-    total = n * (shape.qkv + shape.proj) + 2 * n * n * shape.attn_dim + work.mlp_tokens * shape.mlp
-    total += work.cls_row_keys * shape.attn_dim
-    if work.score_tokens:
-        q_cls = shape.dim * shape.attn_dim
-        if work.score_projects_keys:
-            total += q_cls + work.score_tokens * shape.dim * shape.attn_dim + work.score_tokens * shape.attn_dim
-        else:
-            total += 2 * q_cls + work.score_tokens * shape.dim
-    total += work.merged_tokens * shape.dim
-    return total
+    total = n * (shape.qkv + shape.proj) + n * n * (shape.qk_dim + shape.v_dim) + work.mlp_tokens * shape.mlp
+    return total + work.row_keys * shape.qk_dim + work.merged_tokens * shape.dim
 
 
 def dense_work(num_tokens: int) -> BlockWork:

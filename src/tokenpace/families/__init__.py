@@ -3,22 +3,21 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import FamilyAdapter, SequenceAdapter
-from .grid import GridAdapter
+from .base import GROUPED, SEQUENCE, Family, GroupCount, SequenceFamily
+from .eva import TimmEva
 from .levit import EvoLevitFamily, TimmLevit
 from .pvt_v2 import PvtV2Adapter
 from .swin import SwinAdapter
 from .timm_vit import TimmViT
 
-FAMILIES: tuple[type[FamilyAdapter], ...] = (TimmViT, TimmLevit, EvoLevitFamily, SwinAdapter, PvtV2Adapter)
+FAMILIES: tuple[type[Family], ...] = (TimmViT, TimmEva, TimmLevit, EvoLevitFamily, SwinAdapter, PvtV2Adapter)
 
-SUPPORTED = ("timm VisionTransformer (DeiT, DeiT distilled, ViT/AugReg, DeiT-III/LayerScale, register tokens, "
-             "qk-norm; global_pool token or avg): evo, idle, evit, topk; timm Levit/LevitDistilled (levit_*) and "
-             "tokenpace's evo_levit_*: evo; timm SwinTransformer (swin_*) and PyramidVisionTransformerV2 (pvt_v2_*): "
-             "idle")
+SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-norm, SigLIP, AIMv2; class token or "
+             "not), timm Eva (EVA-02, DINOv3, PE core, RoPE ViTs), timm Levit (levit_*) and tokenpace's evo_levit_*, "
+             "timm SwinTransformer (swin_*) and PyramidVisionTransformerV2 (pvt_v2_*)")
 
 
-def adapter_for(model: nn.Module) -> FamilyAdapter:
+def adapter_for(model: nn.Module) -> Family:
     """The family adapter for ``model``; TypeError naming the supported families when there is none."""
     for family in FAMILIES:
         if family.matches(model):
@@ -27,4 +26,4 @@ def adapter_for(model: nn.Module) -> FamilyAdapter:
                     f"tokenpace supports: {SUPPORTED}")
 
 
-__all__ = ["FAMILIES", "SUPPORTED", "FamilyAdapter", "GridAdapter", "SequenceAdapter", "adapter_for"]
+__all__ = ["FAMILIES", "GROUPED", "SEQUENCE", "SUPPORTED", "Family", "GroupCount", "SequenceFamily", "adapter_for"]

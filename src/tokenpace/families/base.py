@@ -1,38 +1,75 @@
-"""What a model family must provide so that every method runs on it (one adapter per family)."""
+"""What a model family provides: its structure (stages of blocks and the forward around them), the anatomy of each
+block (``anatomy.BlockParts``), how its tokens are grouped for selection, and its cost model.
+
+Families name no method. Methods read the structure and the parts, and :class:`SequenceFamily` writes the
+selected-token block once for every family whose stage tokens form one sequence.
+"""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from ..core.macs import BlockShape, block_macs, dense_work
+from ..anatomy import BlockParts, Frame, StageEntry, TokenSet
+from ..blockops import run_block
+from ..core.macs import BlockWork, block_macs, dense_work
+from ..core.tokens import gather_tokens, scatter_tokens, with_prefix
+from ..scoring import bias_row, query_logits, score_macs, token_norms
 
-RunBlocks = Callable[[torch.Tensor], torch.Tensor]
+SEQUENCE, GROUPED = "sequence", "grouped"
+# ranking criteria: the class token's attention, the attention a token receives, its feature norm, random (control)
+SCORES = ("cls", "received", "norm", "random")
 
 
-class FamilyAdapter(ABC):
-    """What every family provides: structure, the forward around the blocks, the methods and scores it accepts, and
-    its cost model. Methods call adapters and never touch module internals."""
+@dataclass(frozen=True)
+class GroupCount:
+    """Block i's tokens as selection sees them: ``groups`` groups of ``tokens`` patch tokens, each group led by
+    ``prefix`` position-less tokens that always take the full path."""
+
+    groups: int
+    tokens: int
+    prefix: int = 0
+
+
+class Family(ABC):
+    """One model family: structure, block anatomy, selection groups, sizes and cost.
+
+    ``layout`` says what a method may do between blocks: on a "sequence" family the tokens of a stage form one
+    sequence that may be gathered, reordered or shortened; on a "grouped" family tokens live in fixed groups
+    (attention windows, a map whose keys are spatially reduced) and a block may only run on k chosen tokens of each
+    group. ``received_row`` is how the attention a token receives is read while a block runs ("mean": the softmax
+    of the mean logit it receives; "columns": the mean of its softmax column, exact, for small token counts).
+    """
 
     name: str = "?"
-    methods: tuple[str, ...] = ("evo", "idle", "evit", "topk")  # the methods that run on this family
-    scores: tuple[str, ...] = ("cls", "random")  # accepted ranking criteria; the first is the default
-    default_representative = False  # Evo's representative-token fast path when the config leaves it None
+    layout: str = SEQUENCE
+    received_row: str = "mean"
+    keys_per_token: bool = True  # each token has its own key (not PVTv2's spatially reduced keys)
+    blocks_use_positions: bool = True  # blocks have position terms (RoPE, biases): subsets run through the anatomy
+    fixed_length_head: bool = False  # the head needs every token (e.g. an attention pool with position embeddings)
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, stages: Iterable[Iterable[nn.Module]]) -> None:
         self.model = model
+        self.blocks: list[nn.Module] = []
+        self.stage_blocks: list[range] = []  # the global indices of each stage's blocks, in order
+        for blocks in stages:
+            start = len(self.blocks)
+            self.blocks.extend(blocks)
+            self.stage_blocks.append(range(start, len(self.blocks)))
+        self._parts: list[BlockParts] | None = None
 
     @classmethod
     @abstractmethod
     def matches(cls, model: nn.Module) -> bool:
-        """True when this adapter is the one for ``model``'s family (it may still reject a variant)."""
+        """True when this family is the one for ``model`` (its constructor may still reject a variant)."""
 
+    # --- structure -----------------------------------------------------------------------------------------------
     @property
-    @abstractmethod
     def depth(self) -> int:
-        """Number of blocks the methods act on (numbered across stages in pyramid models)."""
+        return len(self.blocks)
 
     @property
     def num_prefix(self) -> int:
@@ -43,38 +80,99 @@ class FamilyAdapter(ABC):
     def has_class_token(self) -> bool:
         return False
 
-    @abstractmethod
-    def forward_features(self, x: torch.Tensor, run_blocks: RunBlocks) -> torch.Tensor:
-        """The model's own feature forward, with ``run_blocks`` in place of its block loop."""
+    def stage_of_block(self, i: int) -> int:
+        return next(s for s, blocks in enumerate(self.stage_blocks) if i in blocks)
 
+    def parts(self, i: int) -> BlockParts:
+        """The anatomy of block i (built once)."""
+        if self._parts is None:
+            self._parts = [self.make_parts(i) for i in range(self.depth)]
+        return self._parts[i]
+
+    @abstractmethod
+    def make_parts(self, i: int) -> BlockParts: ...
+
+    def scores(self) -> tuple[str, ...]:
+        """The ranking criteria this family can give (a method uses those it knows)."""
+        return (("cls",) if self.has_class_token else ()) + (("received",) if self.keys_per_token else ()) + (
+            "norm", "random")
+
+    def model_defaults(self, method: str) -> dict[str, Any]:
+        """Options the model itself asks for (a model class may define ``tokenpace_defaults``, e.g. tokenpace's
+        Evo-LeViT was designed with Evo's representative token)."""
+        return dict(getattr(self.model, "tokenpace_defaults", {}).get(method, {}))
+
+    # --- the forward around the blocks ---------------------------------------------------------------------------
+    @abstractmethod
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
+        """Images -> the first block's tokens, and what this forward's position terms need."""
+
+    def enter_stage(self, s: int, x: torch.Tensor, frame: Frame, row: str | None = None):
+        """Stage s's down-sampling on every token -> (tokens, the scores ``row`` of the full-resolution patch
+        tokens, or None); the identity where a stage has none."""
+        return x, None
+
+    def stage_entry(self, s: int, device: torch.device) -> StageEntry | None:
+        """How stage s's tokens come from stage s-1's where a down-sampling keeps a token correspondence (LeViT's
+        stride-2 attention down-sampling), else None."""
+        return None
+
+    @abstractmethod
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's tokens -> what the model's ``forward_features`` returns."""
+
+    @abstractmethod
+    def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
+        """Block i on every token, exactly as the model runs it."""
+
+    # --- selection groups ----------------------------------------------------------------------------------------
+    @abstractmethod
+    def group_size(self, i: int, x: torch.Tensor) -> int:
+        """Selectable tokens per group of block i for its input x."""
+
+    @abstractmethod
+    def prepare(self, i: int, x: torch.Tensor, frame: Frame) -> Any:
+        """What scoring and the selected-token forward of block i share (normed tokens, layout)."""
+
+    @abstractmethod
+    def score_shape(self, prep: Any) -> tuple[int, int, int]:
+        """(B, G, n): G groups of n selectable tokens."""
+
+    @abstractmethod
+    def token_scores(self, i: int, prep: Any, score: str, project_keys: bool = False) -> torch.Tensor:
+        """Scores (B, G, n) of every selectable token of its group by ``score`` ("cls", "received", "norm")."""
+
+    @abstractmethod
+    def run_selected(self, i: int, x: torch.Tensor, prep: Any, idx: torch.Tensor, keep_qk: bool = False):
+        """Block i on the tokens idx (B, G, k) of each group (and every prefix token); every other token passes
+        through unchanged. Returns (x, (q, k) of the tokens that ran, or None)."""
+
+    @abstractmethod
+    def raster_positions(self, i: int, prep: Any, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, G, k) as raster positions (B, G*k) in block i's grid (what ``trace`` reports; -1: padding)."""
+
+    # --- sizes and cost ------------------------------------------------------------------------------------------
     @abstractmethod
     def input_size(self) -> tuple[int, int, int]:
         """(channels, height, width) of the images the model is built for."""
 
     @abstractmethod
     def block_grid(self, i: int) -> tuple[int, int]:
-        """(rows, cols) of the token grid block i works on at the model's input size (trace indices are raster
-        positions in it)."""
+        """(rows, cols) of block i's token grid at the model's input size (trace indices are raster positions)."""
 
     @abstractmethod
-    def count_macs(self, policy, img_size: int | tuple[int, int] | None) -> int:
-        """MACs of one image's forward; ``policy`` None means the unpatched model."""
+    def group_counts(self, img_size: int | tuple[int, int] | None) -> list[GroupCount]:
+        """Per block, its selection groups at ``img_size`` (None: the model's own)."""
 
-    # --- methods and scores ------------------------------------------------------------------------------------
-    def make_policy(self, config):
-        """The policy running ``config`` on this family; ValueError for a method the family does not support."""
-        if config.name not in self.methods:
-            raise ValueError(f"method {config.name!r} is not available for {self.name} models; "
-                             f"accepted here: {', '.join(map(repr, self.methods))}")
-        return config.policy(self)
+    @abstractmethod
+    def count_macs(self, works: list[BlockWork] | None, img_size: int | tuple[int, int] | None) -> int:
+        """MACs of one image's forward with these per-block works (None: the dense model)."""
 
-    def resolve_score(self, method: str, score: str | None) -> str:
-        """The ranking criterion a method uses here: ``score`` or the family default, checked against it."""
-        score = self.scores[0] if score is None else score
-        if score not in self.scores:
-            raise ValueError(f"{method} score={score!r} is not available for {self.name} models; "
-                             f"accepted here: {', '.join(map(repr, self.scores))}")
-        return score
+    def block_work_macs(self, i: int, work: BlockWork, groups: int = 1) -> int:
+        """Block i's MACs for ``work`` per group in ``groups`` groups, its scores included."""
+        parts = self.parts(i)
+        scores = score_macs(parts, work.score) if work.score is not None else 0
+        return groups * (block_macs(parts.shape(), work) + scores)
 
 
 def parse_img_size(img_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -86,90 +184,81 @@ def parse_img_size(img_size: int | tuple[int, int]) -> tuple[int, int]:
     return tuple(img_size)
 
 
-class StagedAdapter(FamilyAdapter):
-    """A family whose blocks come in stages (LeViT, Swin, PVTv2); blocks are numbered across stages, 0..depth-1."""
+@dataclass
+class SequencePrep:
+    """One block's shared state on a sequence family: its input, the norm1 output and where the tokens sit."""
 
-    def __init__(self, model: nn.Module, stages: Iterable[Iterable[nn.Module]]) -> None:
-        super().__init__(model)
-        self.blocks: list[nn.Module] = []
-        self.stage_blocks: list[range] = []  # the global indices of each stage's blocks, in order
-        for blocks in stages:
-            start = len(self.blocks)
-            self.blocks.extend(blocks)
-            self.stage_blocks.append(range(start, len(self.blocks)))
-
-    @property
-    def depth(self) -> int:
-        return len(self.blocks)
-
-    def stage_of_block(self, i: int) -> int:
-        return next(s for s, blocks in enumerate(self.stage_blocks) if i in blocks)
+    x: torch.Tensor
+    h: torch.Tensor
+    where: TokenSet
 
 
-class SequenceAdapter(FamilyAdapter):
-    """Flat models: one token sequence of constant length through every block (ViT, DeiT)."""
+class SequenceFamily(Family):
+    """Families whose stage tokens form one sequence [prefix tokens, patch tokens in raster order] (ViT, EVA,
+    LeViT): selection has one group per image, and a block runs on any subset through its anatomy."""
 
-    @property
+    layout = SEQUENCE
+
+    def tokens(self, frame: Frame) -> TokenSet:
+        """Every token of a stage: the prefix, then every patch in raster order."""
+        return TokenSet(prefix=self.num_prefix, frame=frame)
+
+    def group_size(self, i: int, x: torch.Tensor) -> int:
+        return x.shape[1] - self.num_prefix
+
+    def prepare(self, i: int, x: torch.Tensor, frame: Frame) -> SequencePrep:
+        return SequencePrep(x=x, h=self.parts(i).norm1(x), where=self.tokens(frame))
+
+    def score_shape(self, prep: SequencePrep) -> tuple[int, int, int]:
+        return (prep.x.shape[0], 1, prep.x.shape[1] - self.num_prefix)
+
+    def token_scores(self, i: int, prep: SequencePrep, score: str, project_keys: bool = False) -> torch.Tensor:
+        prefix = self.num_prefix
+        if score == "norm":
+            return token_norms(prep.x[:, prefix:]).unsqueeze(1)
+        parts, query = self.parts(i), ("cls" if score == "cls" else "mean")
+        with torch.no_grad():  # a top-k follows: no gradient flows through scores
+            logits = query_logits(parts, prep.h, prep.where, query, project_keys)
+            extra = bias_row(parts, prep.where, query)
+        if extra is not None:
+            logits = logits + extra
+        return logits[..., prefix:].unsqueeze(1)
+
+    def run_selected(self, i: int, x: torch.Tensor, prep: SequencePrep, idx: torch.Tensor, keep_qk: bool = False):
+        keep = idx[:, 0]
+        seq = with_prefix(keep, self.num_prefix)
+        sub, _, qk = run_block(self.parts(i), gather_tokens(x, seq), prep.where.select(keep),
+                               h=gather_tokens(prep.h, seq), keep_qk=keep_qk)
+        return scatter_tokens(x, seq, sub), qk
+
+    def raster_positions(self, i: int, prep: SequencePrep, idx: torch.Tensor) -> torch.Tensor:
+        return idx[:, 0]
+
+    # --- cost ----------------------------------------------------------------------------------------------------
     @abstractmethod
-    def num_prefix(self) -> int:
-        """Tokens in front of the patch tokens (class, distillation, registers): always on the full path."""
+    def stage_patches(self, img_size: int | tuple[int, int] | None) -> list[int]:
+        """Patch tokens of every stage at ``img_size``."""
 
-    @property
-    @abstractmethod
-    def has_class_token(self) -> bool: ...
+    def group_counts(self, img_size) -> list[GroupCount]:
+        patches = self.stage_patches(img_size)
+        return [GroupCount(1, patches[s], self.num_prefix) for s, blocks in enumerate(self.stage_blocks)
+                for _ in blocks]
 
-    def count_macs(self, policy, img_size: int | tuple[int, int] | None) -> int:
-        num_patches = self.num_patches(img_size)
-        if policy is not None:
-            works = policy.work(num_patches)
-        else:
-            works = [dense_work(num_patches + self.num_prefix)] * self.depth
-        blocks = sum(block_macs(self.block_shape(i), work) for i, work in enumerate(works))
-        return self.stem_macs(num_patches) + blocks + self.head_macs()
-
-    # --- per-block token operations ------------------------------------------------------------------------------
-    @abstractmethod
-    def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Block i on all tokens of x, exactly as the model runs it."""
-
-    @abstractmethod
-    def block_with_cls_attention(self, i: int, x: torch.Tensor, heads: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block i on x, plus the class token's softmax attention over every token of x, reduced over heads."""
-
-    @abstractmethod
-    def attention_half(self, i: int, x: torch.Tensor, heads: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Only the attention residual of block i, plus the class-token attention (for EViT's mid-block step)."""
-
-    @abstractmethod
-    def mlp_half(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Only the MLP residual of block i."""
-
-    @abstractmethod
-    def cls_logit_scores(self, i: int, x: torch.Tensor, project_keys: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(head-summed class-query logits of block i over every token of x (B, n), the block's norm1 output)."""
-
-    @abstractmethod
-    def attention_module(self, i: int) -> nn.Module:
-        """Block i's attention module (the token cut loss rebuilds its attention graph from it)."""
-
-    @abstractmethod
-    def block_from_normed(self, i: int, x: torch.Tensor, normed: torch.Tensor, return_qk: bool = False):
-        """Block i on x whose norm1 output is already known; with ``return_qk`` also (q, k) (B, n, H*d) as the
-        attention used them (after any qk-norm), for the token cut loss to reuse."""
-
-    # --- cost model ----------------------------------------------------------------------------------------------
-    @abstractmethod
-    def num_patches(self, img_size: int | tuple[int, int] | None) -> int: ...
+    def count_macs(self, works: list[BlockWork] | None, img_size) -> int:
+        counts = self.group_counts(img_size)
+        if works is None:
+            works = [dense_work(c.tokens + c.prefix) for c in counts]
+        total = self.stem_macs(img_size) + self.head_macs(works[-1].mlp_tokens) + sum(
+            self.stage_entry_macs(s, img_size) for s in range(1, len(self.stage_blocks)))
+        return total + sum(self.block_work_macs(i, work) for i, work in enumerate(works))
 
     @abstractmethod
-    def block_shape(self, i: int) -> BlockShape: ...
+    def stem_macs(self, img_size) -> int: ...
+
+    def stage_entry_macs(self, s: int, img_size) -> int:
+        """MACs of stage s's down-sampling (on every token, whatever the method)."""
+        return 0
 
     @abstractmethod
-    def scores_project_keys(self, i: int) -> bool:
-        """True when block i's keys are not linear in its input, so class-logit scores must project every key."""
-
-    @abstractmethod
-    def stem_macs(self, num_patches: int) -> int: ...
-
-    @abstractmethod
-    def head_macs(self) -> int: ...
+    def head_macs(self, tokens: int) -> int:
+        """MACs of the head on the ``tokens`` tokens (prefix included) that leave the last block."""

@@ -1,22 +1,23 @@
-"""LeViT families (deep-narrow, three stages with attention down-sampling): Evo-ViT only.
+"""LeViT families (deep-narrow, three stages joined by attention down-sampling).
 
-- ``TimmLevit``: timm ``Levit`` / ``LevitDistilled`` (``levit_*``, pretrained weights, BatchNorm-fused or not). Off-
-  the-shelf form: no new parameters, LeViT's attention biases gathered at the kept tokens' positions, and a
-  class-token-free score: the attention each token receives (mean over heads and queries of the softmax column,
-  Evo-ViT Table 4's "attention-column mean").
-- ``EvoLevitFamily``: tokenpace's ``EvoLevit`` (``evo_levit_*``, the official Evo-LeViT): class-token attention,
-  no biases, representative-token fast path and learnable evolution weights.
+- ``TimmLevit``: timm ``Levit`` / ``LevitDistilled`` (``levit_*``, pretrained weights, BatchNorm-fused or not). Its
+  attention has learned relative-position biases, taken at the positions of the tokens present; there is no class
+  token.
+- ``EvoLevitFamily``: tokenpace's ``EvoLevit`` (``evo_levit_*``, the official Evo-LeViT): a class token, no biases,
+  and a learnable evolution weight in every attention.
 
-Blocks are numbered across stages; down-sampling attentions always run on every token, in raster order.
+Blocks are numbered across stages; down-sampling always runs on every token, in raster order. The attention a token
+receives is read exactly (the mean of its softmax column): token counts are small.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..core.macs import BlockWork, conv_macs, linear_macs
-from .base import RunBlocks, StagedAdapter, parse_img_size
+from ..anatomy import BlockParts, Frame, LinearMap, StageEntry
+from ..core.attention import attend, probs_scores
+from ..core.macs import BlockShape, conv_macs, linear_macs
+from .base import SequenceFamily, parse_img_size
 
 
 def fuse_batchnorm(model: nn.Module) -> nn.Module:
@@ -32,94 +33,126 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def reduce_probs(probs: torch.Tensor, score: str, prefix: int, extra: int) -> torch.Tensor:
-    """Per-token scores from attention probabilities (B, H, n_q, n_k) over the patch keys (no prefix, no extra).
-
-    "cls": the class query's row, head mean (Evo-LeViT). "received": the mean over heads and queries of each key's
-    column, the attention a token receives (class-token-free).
-    """
-    keys = probs[..., prefix:probs.shape[-1] - extra]
-    return keys[:, :, 0].mean(dim=1) if score == "cls" else keys.mean(dim=(1, 2))
-
-
-def _attend(q, k, v, bias, scale, score, prefix, extra):
-    """Attention (B, H, n, d) -> (B, n, H*dv), plus scores when ``score`` is set (explicit softmax then)."""
-    if score is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-        scores = None
-    else:
-        logits = (q * scale) @ k.transpose(-2, -1)
-        probs = (logits if bias is None else logits + bias).softmax(dim=-1)
-        out, scores = probs @ v, reduce_probs(probs.float(), score, prefix, extra)
-    B, _, n, _ = out.shape
-    return out.transpose(1, 2).reshape(B, n, -1), scores
+def affine_of(layer: nn.Module) -> LinearMap | None:
+    """A Linear, or timm's LinearNorm (Linear + BatchNorm1d) in eval mode, as one affine map; None while BatchNorm
+    uses batch statistics (training)."""
+    if isinstance(layer, nn.Linear):
+        return LinearMap(layer.weight, layer.bias)
+    linear, bn = getattr(layer, "linear", None), getattr(layer, "bn", None)
+    if linear is None or bn is None or bn.training:
+        return None
+    gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * gain + (0 if linear.bias is None else linear.bias * gain)
+    return LinearMap(linear.weight * gain[:, None], bias)
 
 
-class _LevitBase(StagedAdapter):
-    methods = ("evo",)
+class LevitParts(BlockParts):
+    """LeViT's block: no norms, q/k/v per head side by side in one projection, an activation before the output
+    projection, relative-position biases (timm) or none (Evo-LeViT)."""
+
+    def __init__(self, block: nn.Module, biases: bool) -> None:
+        super().__init__(block)
+        attn = self.attn = block.attn
+        self.num_heads, self.scale = attn.num_heads, attn.scale
+        self.key_dim, self.val_dim = attn.key_dim, attn.val_dim
+        self.biases = biases
+        self.accepts_extra = not biases  # a bias needs a position for every token
+        self.evolution_logit = getattr(attn, "theta", None)
+        per_head = 2 * attn.key_dim + attn.val_dim
+        rows = torch.arange(attn.num_heads * per_head).view(attn.num_heads, per_head)
+        self._rows = (rows[:, :attn.key_dim].reshape(-1), rows[:, attn.key_dim:2 * attn.key_dim].reshape(-1))
+
+    def norm1(self, x):
+        return x
+
+    def norm2(self, x):
+        return x
+
+    def qkv(self, h, where):
+        B, n, _ = h.shape
+        q, k, v = self.attn.qkv(h).view(B, n, self.num_heads, -1).split(
+            [self.key_dim, self.key_dim, self.val_dim], dim=3)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def bias(self, where):
+        if not self.biases:
+            return None
+        attn = self.attn
+        if where is None or where.pos is None:
+            return attn.get_attention_biases(attn.attention_biases.device)
+        pos = where.pos
+        idx = attn.attention_bias_idxs[pos.unsqueeze(2), pos.unsqueeze(1)]  # (B, m, m) into the bias table
+        return attn.attention_biases[:, idx].transpose(0, 1)
+
+    def out(self, o, h):
+        return self.attn.proj(o)
+
+    def res_attn(self, x, y):
+        return x + self.block.drop_path1(y)
+
+    def res_mlp(self, x, y):
+        return x + self.block.drop_path2(y)
+
+    def _affine_rows(self, j: int) -> LinearMap | None:
+        affine = affine_of(self.attn.qkv)
+        if affine is None:
+            return None
+        rows = self._rows[j].to(affine.weight.device)
+        return LinearMap(affine.weight[rows], None if affine.bias is None else affine.bias[rows])
+
+    def linear_queries(self):
+        return self._affine_rows(0)
+
+    def linear_keys(self):
+        return self._affine_rows(1)
+
+    def shape(self) -> BlockShape:
+        attn = self.attn
+        qkv = attn.qkv.linear if hasattr(attn.qkv, "linear") else attn.qkv
+        return BlockShape(dim=qkv.in_features, qk_dim=attn.num_heads * attn.key_dim,
+                          v_dim=attn.num_heads * attn.val_dim, qkv=linear_macs(attn.qkv),
+                          proj=linear_macs(attn.proj), mlp=linear_macs(self.block.mlp))
+
+
+def _attention_macs(attn: nn.Module, n_q: int, n_k: int) -> int:
+    return n_q * n_k * attn.num_heads * (attn.key_dim + attn.val_dim)
+
+
+class _LevitBase(SequenceFamily):
+    received_row = "columns"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model, self._stage_block_lists(model))
 
-    def make_policy(self, config):
-        super().make_policy(config)  # checks the method name
-        from ..methods.evo_levit import EvoLevitPolicy
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
-        return EvoLevitPolicy(config, self)
-
-    def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.blocks[i](x)
-
-    def block_tokens(self, i: int, x: torch.Tensor, pos: torch.Tensor | None, extra: int,
-                     score: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Block i on x = [prefix, the patch tokens at grid positions ``pos`` (B, m) (None: all, in raster order),
-        ``extra`` position-less tokens], plus the patch tokens' scores when ``score`` is set."""
-        blk = self.blocks[i]
-        out, scores = self.attention(blk.attn, x, pos, extra, score)
-        x = x + blk.drop_path1(out)
-        return x + blk.drop_path2(blk.mlp(x)), scores
-
-    def evolution_weight(self, module: nn.Module, learned: bool, default: float) -> float | torch.Tensor:
-        return default
 
     def block_grid(self, i: int) -> tuple[int, int]:
         return self.resolutions(None)[self.stage_of_block(i)]
 
-    # --- cost model --------------------------------------------------------------------------------------------
-    def count_macs(self, policy, img_size) -> int:
-        resolutions = self.resolutions(img_size)
-        patches = [r * c for r, c in resolutions]
-        if policy is not None:
-            works = policy.work(patches)
-        else:
-            works = [BlockWork(p + self.num_prefix, p + self.num_prefix)
-                     for p, blocks in zip(patches, self.stage_blocks) for _ in blocks]
-        total = self.stem_macs(img_size)
-        for i, work in enumerate(works):
-            total += self._block_macs(self.blocks[i], work)
-        for s in range(1, len(patches)):
-            total += self._downsample_macs(s, patches[s - 1] + self.num_prefix, patches[s] + self.num_prefix)
-        return total + self.head_macs()
-
-    @staticmethod
-    def _attention_macs(attn: nn.Module, n_q: int, n_k: int) -> int:
-        return n_q * n_k * attn.num_heads * (attn.key_dim + attn.val_dim)
-
-    def _block_macs(self, blk: nn.Module, work: BlockWork) -> int:
-        n = work.attn_tokens
-        per_token = linear_macs(blk.attn.qkv) + linear_macs(blk.attn.proj)
-        dim = blk.attn.qkv.linear.in_features if hasattr(blk.attn.qkv, "linear") else blk.attn.qkv.in_features
-        return (n * per_token + self._attention_macs(blk.attn, n, n) + work.mlp_tokens * linear_macs(blk.mlp)
-                + work.merged_tokens * dim)
-
     def input_size(self) -> tuple[int, int, int]:
-        size = self._img_size()
-        return (self.model.in_chans, *size)
+        return (self.model.in_chans, *self._img_size())
+
+    def stage_patches(self, img_size) -> list[int]:
+        return [r * c for r, c in self.resolutions(img_size)]
+
+    def stage_entry_macs(self, s: int, img_size) -> int:
+        patches = self.stage_patches(img_size)
+        ds, attn = self._downsample_parts(s)
+        n_in, n_out = patches[s - 1] + self.num_prefix, patches[s] + self.num_prefix
+        return (n_in * linear_macs(attn.kv) + n_out * (linear_macs(attn.q) + linear_macs(attn.proj)
+                                                       + linear_macs(ds.mlp))
+                + _attention_macs(attn, n_out, n_in))
+
+    def head_macs(self, tokens: int) -> int:
+        return linear_macs(self.model.head) + linear_macs(getattr(self.model, "head_dist", None))
 
 
 class TimmLevit(_LevitBase):
     name = "timm LeViT"
-    scores = ("received", "random")
 
     def __init__(self, model: nn.Module) -> None:
         from timm.models.levit import Attention, LevitBlock, LevitDownsample
@@ -149,46 +182,34 @@ class TimmLevit(_LevitBase):
     def _stage_block_lists(model: nn.Module) -> list[nn.Sequential]:
         return [stage.blocks for stage in model.stages]
 
-    def forward_features(self, x: torch.Tensor, run_blocks: RunBlocks) -> torch.Tensor:
-        return run_blocks(self.model.stem(x).flatten(2).transpose(1, 2))
+    def make_parts(self, i: int) -> LevitParts:
+        return LevitParts(self.blocks[i], biases=True)
 
-    @staticmethod
-    def _bias(attn: nn.Module, pos: torch.Tensor | None, device) -> torch.Tensor:
-        """LeViT's relative-position biases (H, n, n), or (B, H, m, m) gathered at positions pos (B, m)."""
-        if pos is None:
-            return attn.get_attention_biases(device)
-        idx = attn.attention_bias_idxs[pos.unsqueeze(2), pos.unsqueeze(1)]  # (B, m, m) into the bias table
-        return attn.attention_biases[:, idx].transpose(0, 1)
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
+        x = self.model.stem(x)
+        return x.flatten(2).transpose(1, 2), Frame(grid=tuple(x.shape[-2:]))
 
-    def attention(self, attn, x, pos, extra, score):
-        if extra:
-            raise ValueError("timm LeViT's attention biases need a position for every token")
-        B, n, _ = x.shape
-        q, k, v = attn.qkv(x).view(B, n, attn.num_heads, -1).split([attn.key_dim, attn.key_dim, attn.val_dim], dim=3)
-        bias = self._bias(attn, pos, x.device).to(q.dtype)
-        out, scores = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias, attn.scale, score, 0, 0)
-        return attn.proj(out), scores
-
-    def downsample(self, s: int, x: torch.Tensor, score: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Stage s's down-sampling on every token (raster order), plus the full-resolution tokens' scores."""
+    def _downsample_parts(self, s: int):
         ds = self.model.stages[s].downsample
-        if score is None:
+        return ds, ds.attn_downsample
+
+    def enter_stage(self, s: int, x: torch.Tensor, frame: Frame, row: str | None = None):
+        ds, ad = self._downsample_parts(s)
+        if s == 0 or ds is None or isinstance(ds, nn.Identity):
+            return x, None
+        if row is None:
             return ds(x), None
-        ad = ds.attn_downsample
         B, n, _ = x.shape
         k, v = ad.kv(x).view(B, n, ad.num_heads, -1).split([ad.key_dim, ad.val_dim], dim=3)
         q = ad.q(x).view(B, -1, ad.num_heads, ad.key_dim)
-        bias = ad.get_attention_biases(x.device).to(q.dtype)
-        out, scores = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias, ad.scale, score, 0, 0)
-        out = ad.proj(out)
+        bias = ad.get_attention_biases(x.device)
+        out, scores = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ad.scale, bias, row=row)
+        out = ad.proj(out.transpose(1, 2).reshape(B, out.shape[2], -1))
         return out + ds.drop_path(ds.mlp(out)), scores
 
-    def downsample_module(self, s: int) -> nn.Module:
-        return self.model.stages[s].downsample.attn_downsample
-
-    def subsample_index(self, s: int, device=None) -> torch.Tensor:
+    def stage_entry(self, s: int, device: torch.device) -> StageEntry:
         rows, cols = self.model.stages[s].downsample.attn_downsample.resolution
-        return torch.arange(rows * cols, device=device).view(rows, cols)[::2, ::2].reshape(-1)
+        return StageEntry(torch.arange(rows * cols, device=device).view(rows, cols)[::2, ::2].reshape(-1))
 
     def _img_size(self) -> tuple[int, int]:
         res = self.model.stages[0].blocks[0].attn.resolution if len(self.model.stages[0].blocks) else None
@@ -208,21 +229,10 @@ class TimmLevit(_LevitBase):
         size = self._img_size() if img_size is None else parse_img_size(img_size)
         return conv_macs(self.model.stem, size)[0]
 
-    def _downsample_macs(self, s: int, n_in: int, n_out: int) -> int:
-        ds = self.model.stages[s].downsample
-        ad = ds.attn_downsample
-        return (n_in * linear_macs(ad.kv) + n_out * (linear_macs(ad.q) + linear_macs(ad.proj) + linear_macs(ds.mlp))
-                + self._attention_macs(ad, n_out, n_in))
-
-    def head_macs(self) -> int:
-        m = self.model
-        return linear_macs(m.head) + linear_macs(getattr(m, "head_dist", None))
-
 
 class EvoLevitFamily(_LevitBase):
     name = "tokenpace Evo-LeViT"
-    scores = ("cls", "random")
-    default_representative = True
+    blocks_use_positions = False  # position embeddings are added before the blocks, not inside them
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -234,6 +244,9 @@ class EvoLevitFamily(_LevitBase):
     def _stage_block_lists(model: nn.Module) -> list[nn.Sequential]:
         return list(model.stages)
 
+    def make_parts(self, i: int) -> LevitParts:
+        return LevitParts(self.blocks[i], biases=False)
+
     @property
     def num_prefix(self) -> int:
         return 1
@@ -242,30 +255,22 @@ class EvoLevitFamily(_LevitBase):
     def has_class_token(self) -> bool:
         return True
 
-    def forward_features(self, x: torch.Tensor, run_blocks: RunBlocks) -> torch.Tensor:
-        return run_blocks(self.model.embed(x))
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
+        return self.model.embed(x), Frame(grid=self.model.resolutions[0])
 
-    def attention(self, attn, x, pos, extra, score):
-        B, n, _ = x.shape
-        q, k, v = attn.qkv(x).view(B, n, attn.num_heads, -1).split([attn.key_dim, attn.key_dim, attn.val_dim], dim=3)
-        out, scores = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, attn.scale, score, 1,
-                              extra)
-        return attn.proj(out), scores
+    def _downsample_parts(self, s: int):
+        ds = self.model.downsamples[s]
+        return ds, ds
 
-    def downsample(self, s: int, x: torch.Tensor, score: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def enter_stage(self, s: int, x: torch.Tensor, frame: Frame, row: str | None = None):
+        if s == 0:
+            return x, None
         out, probs = self.model.downsamples[s].attend(x)
-        return out, (reduce_probs(probs.float(), score, 1, 0) if score is not None else None)
+        return out, (probs_scores(probs, row, "mean")[:, 1:] if row is not None else None)
 
-    def downsample_module(self, s: int) -> nn.Module:
-        return self.model.downsamples[s]
-
-    def subsample_index(self, s: int, device=None) -> torch.Tensor:
-        return self.model.downsamples[s].subsample_index(device)
-
-    def evolution_weight(self, module: nn.Module, learned: bool, default: float) -> float | torch.Tensor:
-        """sigmoid(theta) of the attention in stage-wise mode (learned, as the official code from epoch 200 on);
-        the fixed ``default`` in layer-wise mode."""
-        return torch.sigmoid(module.theta) if learned else default
+    def stage_entry(self, s: int, device: torch.device) -> StageEntry:
+        ds = self.model.downsamples[s]
+        return StageEntry(ds.subsample_index(device), ds.theta)
 
     def _img_size(self) -> tuple[int, int]:
         return (self.model.img_size, self.model.img_size)
@@ -278,12 +283,3 @@ class EvoLevitFamily(_LevitBase):
 
     def stem_macs(self, img_size) -> int:
         return conv_macs(self.model.stem, self._img_size())[0]
-
-    def _downsample_macs(self, s: int, n_in: int, n_out: int) -> int:
-        ds = self.model.downsamples[s]
-        return (n_in * linear_macs(ds.kv) + n_out * (linear_macs(ds.q) + linear_macs(ds.proj)
-                                                       + linear_macs(ds.mlp))
-                + self._attention_macs(ds, n_out, n_in))
-
-    def head_macs(self) -> int:  # inference uses the two average-pool heads
-        return linear_macs(self.model.head) + linear_macs(self.model.head_dist)

@@ -32,14 +32,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..core.macs import conv_macs, linear_macs
-from ..core.schedule import keep_count
+from ..anatomy import BlockParts, Frame, LinearMap
+from ..blockops import attention_branch
+from ..core.macs import BlockShape, BlockWork, conv_macs, linear_macs
 from ..core.tokens import gather_tokens, scatter_tokens
-from .base import RunBlocks, parse_img_size
-from .grid import GridAdapter
+from ..scoring import token_norms
+from .base import GROUPED, Family, GroupCount, parse_img_size
 
 DEFAULT_IMG_SIZE = 224  # every timm PVTv2 config; used when the model carries no pretrained config
 
@@ -63,9 +63,73 @@ class _Prep:
     grid: tuple[int, int]
 
 
-class PvtV2Adapter(GridAdapter):
+@dataclass(frozen=True)
+class _Selected:
+    """The selected queries ``sel`` (B, k) of a map; keys and values come from the whole map in ``prep``."""
+
+    prep: _Prep
+    sel: torch.Tensor
+
+
+class PvtParts(BlockParts):
+    """timm pvt_v2 ``Block``: queries of the tokens present, keys and values of the whole (spatially reduced) map,
+    and an MLP whose depth-wise conv runs on the full grid."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__(block)
+        attn = self.attn = block.attn
+        self.num_heads, self.scale, self.fused = attn.num_heads, attn.scale, attn.fused_attn
+
+    def dropout(self) -> float:
+        return self.attn.attn_drop.p if self.attn.training else 0.0
+
+    def qkv(self, h, where: _Selected):
+        attn, prep = self.attn, where.prep
+        B, k, C = h.shape
+        q = attn.q(h).reshape(B, k, self.num_heads, -1).permute(0, 2, 1, 3)
+        src, (H, W) = prep.normed, prep.grid
+        if attn.sr is not None:  # spatial reduction (or the linear variant's pool + 1x1 conv) on the full map
+            grid = src.permute(0, 2, 1).reshape(B, C, H, W)
+            grid = attn.sr(attn.pool(grid) if attn.pool is not None else grid)
+            src = attn.norm(grid.reshape(B, C, -1).permute(0, 2, 1))
+            if attn.act is not None:
+                src = attn.act(src)
+        kv = attn.kv(src).reshape(B, -1, 2, self.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        return q, *kv.unbind(0)
+
+    def out(self, o, h):
+        return self.attn.proj_drop(self.attn.proj(o))
+
+    def mlp(self, h, where: _Selected):
+        """``MlpWithDepthwiseConv`` on the selected tokens h (B, k, C); idle grid positions hold zero hidden."""
+        mlp, sel, grid = self.block.mlp, where.sel, where.prep.grid
+        h = mlp.relu(mlp.fc1(h))  # ReLU before scattering: relu(0) = 0 at the idle positions either way
+        B, k, hidden = h.shape
+        full = scatter_tokens(h.new_zeros(B, grid[0] * grid[1], hidden), sel, h)
+        full = mlp.dwconv(full.transpose(1, 2).reshape(B, hidden, *grid)).flatten(2).transpose(1, 2)
+        return mlp.drop(mlp.fc2(mlp.drop(mlp.act(gather_tokens(full, sel)))))
+
+    def res_attn(self, x, y):
+        return x + self.block.drop_path1(y)
+
+    def res_mlp(self, x, y):
+        return x + self.block.drop_path2(y)
+
+    def linear_queries(self):
+        return LinearMap(self.attn.q.weight, self.attn.q.bias)
+
+    def shape(self) -> BlockShape:
+        """Per query token; the keys' work (reduction, kv) and the depth-wise conv are counted on the grid."""
+        attn, mlp = self.attn, self.block.mlp
+        width = attn.num_heads * attn.head_dim
+        return BlockShape(dim=attn.q.in_features, qk_dim=width, v_dim=width, qkv=linear_macs(attn.q),
+                          proj=linear_macs(attn.proj), mlp=linear_macs(mlp.fc1) + linear_macs(mlp.fc2))
+
+
+class PvtV2Adapter(Family):
     name = "timm PyramidVisionTransformerV2"
-    scores = ("norm", "random")
+    layout = GROUPED
+    keys_per_token = False  # a key mixes R x R tokens: the attention a token receives is not defined
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model, [stage.blocks for stage in model.stages])
@@ -86,29 +150,34 @@ class PvtV2Adapter(GridAdapter):
             return False
         return isinstance(model, PyramidVisionTransformerV2)
 
-    # --- forward -------------------------------------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor, run_blocks: RunBlocks) -> torch.Tensor:
-        m = self.model
-        x = run_blocks(m.patch_embed(x))  # (B, H, W, C) in and out
-        return m.stages[-1].norm(x).permute(0, 3, 1, 2).contiguous()
+    def make_parts(self, i: int) -> PvtParts:
+        return PvtParts(self.blocks[i])
 
-    def enter_stage(self, s: int, x: torch.Tensor) -> torch.Tensor:
+    # --- forward -------------------------------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
+        x = self.model.patch_embed(x)  # (B, H, W, C) in and out of the blocks
+        return x, Frame(grid=tuple(x.shape[1:3]))
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.stages[-1].norm(x).permute(0, 3, 1, 2).contiguous()
+
+    def enter_stage(self, s: int, x: torch.Tensor, frame: Frame, row: str | None = None):
         stages = self.model.stages
         if s > 0:  # the end of stage s-1 as timm runs it: its norm, then the (B, C, H, W) layout
             x = stages[s - 1].norm(x).permute(0, 3, 1, 2).contiguous()
         if stages[s].downsample is not None:
-            return stages[s].downsample(x)  # (B, C, H, W) -> (B, H', W', C')
-        return x.permute(0, 2, 3, 1) if s > 0 else x
+            return stages[s].downsample(x), None  # (B, C, H, W) -> (B, H', W', C')
+        return (x.permute(0, 2, 3, 1) if s > 0 else x), None
 
-    def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         B, H, W, C = x.shape
         return self.blocks[i](x.reshape(B, H * W, C), (H, W)).reshape(B, H, W, C)
 
-    # --- idling --------------------------------------------------------------------------------------------------
+    # --- selection groups: the whole map -------------------------------------------------------------------------
     def group_size(self, i: int, x: torch.Tensor) -> int:
         return x.shape[1] * x.shape[2]
 
-    def prepare(self, i: int, x: torch.Tensor) -> _Prep:
+    def prepare(self, i: int, x: torch.Tensor, frame: Frame | None = None) -> _Prep:
         B, H, W, C = x.shape
         tokens = x.reshape(B, H * W, C)
         return _Prep(tokens=tokens, normed=self.blocks[i].norm1(tokens), grid=(H, W))
@@ -116,53 +185,20 @@ class PvtV2Adapter(GridAdapter):
     def score_shape(self, prep: _Prep) -> tuple[int, int, int]:
         return (prep.tokens.shape[0], 1, prep.tokens.shape[1])
 
-    def token_scores(self, i: int, prep: _Prep, score: str) -> torch.Tensor:
+    def token_scores(self, i: int, prep: _Prep, score: str, project_keys: bool = False) -> torch.Tensor:
         if score != "norm":
-            raise ValueError(f"score {score!r} is not available for {self.name} models; "
-                             f"accepted here: {', '.join(map(repr, self.scores))}")
-        return torch.linalg.vector_norm(prep.tokens, dim=-1, dtype=torch.float32).unsqueeze(1)
+            raise ValueError(f"score {score!r} is not available for {self.name} models; accepted here: 'norm', "
+                             "'random'")
+        return token_norms(prep.tokens).unsqueeze(1)
 
-    def run_selected(self, i: int, x: torch.Tensor, prep: _Prep, idx: torch.Tensor) -> torch.Tensor:
-        blk = self.blocks[i]
-        sel = idx[:, 0]  # (B, k): one group per image
+    def run_selected(self, i: int, x: torch.Tensor, prep: _Prep, idx: torch.Tensor, keep_qk: bool = False):
+        parts, sel = self.parts(i), idx[:, 0]  # one group per image
+        where = _Selected(prep, sel)
         tokens = x.reshape(prep.tokens.shape)
-        y = gather_tokens(tokens, sel) + blk.drop_path1(self._attend(blk.attn, prep, sel))
-        y = y + blk.drop_path2(self._mlp(blk.mlp, blk.norm2(y), sel, prep.grid))
-        return scatter_tokens(tokens, sel, y).reshape(x.shape)  # in place under no_grad, as on flat models
-
-    @staticmethod
-    def _attend(attn: nn.Module, prep: _Prep, sel: torch.Tensor) -> torch.Tensor:
-        """timm pvt_v2 ``Attention.forward`` for the queries ``sel`` (B, k) against the keys of the whole map."""
-        normed, (H, W) = prep.normed, prep.grid
-        B, N, C = normed.shape
-        k = sel.shape[1]
-        q = attn.q(gather_tokens(normed, sel)).reshape(B, k, attn.num_heads, -1).permute(0, 2, 1, 3)
-        src = normed
-        if attn.sr is not None:  # spatial reduction (or the linear variant's pool + 1x1 conv) on the full map
-            grid = normed.permute(0, 2, 1).reshape(B, C, H, W)
-            grid = attn.sr(attn.pool(grid) if attn.pool is not None else grid)
-            src = attn.norm(grid.reshape(B, C, -1).permute(0, 2, 1))
-            if attn.act is not None:
-                src = attn.act(src)
-        kv = attn.kv(src).reshape(B, -1, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        keys, values = kv.unbind(0)
-        if attn.fused_attn:
-            out = F.scaled_dot_product_attention(q, keys, values, dropout_p=attn.attn_drop.p if attn.training else 0.)
-        else:
-            weights = ((q * attn.scale) @ keys.transpose(-2, -1)).softmax(dim=-1)
-            out = attn.attn_drop(weights) @ values
-        return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, k, C)))
-
-    @staticmethod
-    def _mlp(mlp: nn.Module, h: torch.Tensor, sel: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """``MlpWithDepthwiseConv`` on the selected tokens h (B, k, C); idle grid positions hold zero hidden."""
-        h = mlp.relu(mlp.fc1(h))  # ReLU before scattering: relu(0) = 0 at the idle positions either way
-        B, k, hidden = h.shape
-        N = grid[0] * grid[1]
-        full = scatter_tokens(h.new_zeros(B, N, hidden), sel, h)
-        full = mlp.dwconv(full.transpose(1, 2).reshape(B, hidden, *grid)).flatten(2).transpose(1, 2)
-        h = mlp.drop(mlp.act(gather_tokens(full, sel)))
-        return mlp.drop(mlp.fc2(h))
+        y = parts.res_attn(gather_tokens(tokens, sel), attention_branch(parts, gather_tokens(prep.normed, sel),
+                                                                        where)[0])
+        y = parts.res_mlp(y, parts.mlp(parts.norm2(y), where))
+        return scatter_tokens(tokens, sel, y).reshape(x.shape), None  # in place under no_grad, as on flat models
 
     def raster_positions(self, i: int, prep: _Prep, idx: torch.Tensor) -> torch.Tensor:
         return idx.reshape(idx.shape[0], -1)  # tokens are the stage grid in raster order
@@ -190,7 +226,12 @@ class PvtV2Adapter(GridAdapter):
         return self.stage_grids(None)[self.stage_of_block(i)]
 
     # --- cost model ----------------------------------------------------------------------------------------------
-    def count_macs(self, policy, img_size: int | tuple[int, int] | None) -> int:
+    def group_counts(self, img_size) -> list[GroupCount]:
+        grids = self.stage_grids(img_size)
+        return [GroupCount(1, grids[s][0] * grids[s][1]) for s, blocks in enumerate(self.stage_blocks)
+                for _ in blocks]
+
+    def count_macs(self, works: list[BlockWork] | None, img_size) -> int:
         """Convolutions, linear layers and attention matmuls; norms, activations, pooling and scores cost 0."""
         m = self.model
         grids = self.stage_grids(img_size)
@@ -200,8 +241,8 @@ class PvtV2Adapter(GridAdapter):
                 total += conv_macs(stage.downsample.proj, grids[s - 1])[0]
             n = grids[s][0] * grids[s][1]
             for i in blocks:
-                ratio = policy.keep_ratio(i) if policy is not None else None
-                total += self._block_macs(self.blocks[i], grids[s], keep_count(n, ratio) if ratio is not None else n)
+                k = works[i].attn_tokens if works is not None else n
+                total += self._block_macs(self.blocks[i], grids[s], k)
         return total
 
     @staticmethod

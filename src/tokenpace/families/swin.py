@@ -19,7 +19,7 @@ still fill its k places (fixed shapes), are masked out as keys, and their output
 
 Scores (no class token). ``"received"`` (default): the mean pre-softmax logit a token receives from all queries of
 its window (padding queries included, as in timm's window), summed over heads, with the bias and mask terms; by
-linearity it needs no key projection (``core.scores.mean_query_logits_linear``). ``"norm"``: the L2 norm of the
+linearity it needs no key projection (``scoring.query_logits``). ``"norm"``: the L2 norm of the
 token's input feature (before norm1). ``"random"``: the control (uniform over the window's n slots, padding too).
 """
 from __future__ import annotations
@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.macs import linear_macs
-from ..core.schedule import keep_count
-from ..core.scores import mean_query_logits_linear
+from ..anatomy import BlockParts, Frame, LinearMap
+from ..blockops import attention_branch, mlp_half
+from ..core.macs import BlockShape, BlockWork, linear_macs
 from ..core.tokens import gather_tokens, scatter_tokens
-from .base import RunBlocks, parse_img_size
-from .grid import GridAdapter
+from ..scoring import bias_row, query_logits, token_norms
+from .base import GROUPED, Family, GroupCount, parse_img_size
 
 PAD_LOGIT = -1e4  # masks padding keys: exp underflows to exactly 0 next to real keys, and fits fp16/bf16
 
@@ -86,8 +86,76 @@ class _Prep:
     layout: _Layout
 
 
-class SwinAdapter(GridAdapter):
+@dataclass(frozen=True)
+class _Slots:
+    """Where tokens sit in their windows: the slots ``sel`` (B, nW, k) of each window (None: all n slots)."""
+
+    prep: _Prep
+    sel: torch.Tensor | None = None
+
+
+class SwinParts(BlockParts):
+    """timm ``SwinTransformerBlock`` + ``WindowAttention``: the relative-position bias, shifted-window mask and
+    padding keys are the position terms, taken at [selected, selected] slots of each window."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__(block)
+        attn = self.attn = block.attn
+        self.num_heads, self.scale, self.fused = attn.num_heads, attn.scale, attn.fused_attn
+        self.width = attn.qkv.out_features // 3
+
+    def dropout(self) -> float:
+        return self.attn.attn_drop.p if self.attn.training else 0.0
+
+    def qkv(self, h, where):
+        G, k, _ = h.shape
+        return self.attn.qkv(h).reshape(G, k, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def bias(self, where: _Slots):
+        attn, prep = self.attn, where.prep
+        if where.sel is None:  # every slot of every window: (nW or 1, heads, n, n)
+            bias = attn.relative_position_bias_table[attn.relative_position_index].permute(2, 0, 1)
+            return bias if prep.mask is None else bias + prep.mask.unsqueeze(1)
+        sel = where.sel
+        B, nW, k = sel.shape
+        rows, cols = sel.unsqueeze(-1), sel.unsqueeze(-2)  # (B, nW, k, 1), (B, nW, 1, k)
+        bias = attn.relative_position_bias_table[attn.relative_position_index[rows, cols]].permute(0, 1, 4, 2, 3)
+        win = torch.arange(nW, device=sel.device).view(1, nW, 1, 1)
+        if prep.mask is not None:
+            bias = bias + prep.mask[win, rows, cols].unsqueeze(2)
+        if prep.layout.padding is not None:  # padding is never a key
+            pad_keys = prep.layout.padding[win.view(1, nW, 1), sel]  # (B, nW, k)
+            bias = bias.masked_fill(pad_keys[:, :, None, None, :], PAD_LOGIT)
+        return bias.reshape(B * nW, -1, k, k)
+
+    def out(self, o, h):
+        return self.attn.proj_drop(self.attn.proj(o))
+
+    def res_attn(self, x, y):
+        return x + self.block.drop_path1(_layer_scale(self.block, "ls1", y))
+
+    def res_mlp(self, x, y):
+        return x + self.block.drop_path2(_layer_scale(self.block, "ls2", y))
+
+    def _rows(self, j: int) -> LinearMap:
+        qkv, w = self.attn.qkv, self.width
+        return LinearMap(qkv.weight[j * w:(j + 1) * w], None if qkv.bias is None else qkv.bias[j * w:(j + 1) * w])
+
+    def linear_queries(self):
+        return self._rows(0)
+
+    def linear_keys(self):
+        return self._rows(1)
+
+    def shape(self) -> BlockShape:
+        attn = self.attn
+        return BlockShape(dim=attn.qkv.in_features, qk_dim=self.width, v_dim=self.width, qkv=linear_macs(attn.qkv),
+                          proj=linear_macs(attn.proj), mlp=linear_macs(self.block.mlp))
+
+
+class SwinAdapter(Family):
     name = "timm SwinTransformer"
+    layout = GROUPED
 
     def __init__(self, model: nn.Module) -> None:
         _, Stage, Block, WindowAttention, PatchMerging = _timm_classes()
@@ -112,20 +180,22 @@ class SwinAdapter(GridAdapter):
             return False
         return isinstance(model, SwinTransformer)
 
+    def make_parts(self, i: int) -> SwinParts:
+        return SwinParts(self.blocks[i])
+
     # --- forward -------------------------------------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor, run_blocks: RunBlocks) -> torch.Tensor:
-        m = self.model
-        return m.norm(run_blocks(m.patch_embed(x)))  # (B, H, W, C) in and out of the blocks, as timm runs them
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
+        x = self.model.patch_embed(x)  # (B, H, W, C) in and out of the blocks, as timm runs them
+        return x, Frame(grid=tuple(x.shape[1:3]))
 
-    def enter_stage(self, s: int, x: torch.Tensor) -> torch.Tensor:
-        return self.model.layers[s].downsample(x)
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(x)
 
-    def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def enter_stage(self, s: int, x: torch.Tensor, frame: Frame, row: str | None = None):
+        return self.model.layers[s].downsample(x), None
+
+    def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.blocks[i](x)
-
-    def group_size(self, i: int, x: torch.Tensor) -> int:
-        wh, ww = self.blocks[i].window_size
-        return wh * ww
 
     def _layout(self, i: int, H: int, W: int, device: torch.device) -> _Layout:
         blk = self.blocks[i]
@@ -148,7 +218,12 @@ class SwinAdapter(GridAdapter):
         t = F.pad(t, (0, 0, 0, layout.pad[1], 0, layout.pad[0])) if any(layout.pad) else t
         return _partition(t, layout.window)
 
-    def prepare(self, i: int, x: torch.Tensor) -> _Prep:
+    # --- selection groups: the attention windows -----------------------------------------------------------------
+    def group_size(self, i: int, x: torch.Tensor) -> int:
+        wh, ww = self.blocks[i].window_size
+        return wh * ww
+
+    def prepare(self, i: int, x: torch.Tensor, frame: Frame | None = None) -> _Prep:
         blk = self.blocks[i]
         B, H, W, C = x.shape
         layout = self._layout(i, H, W, x.device)
@@ -164,66 +239,31 @@ class SwinAdapter(GridAdapter):
         return (G // prep.layout.num_windows, prep.layout.num_windows, n)
 
     @torch.no_grad()  # selection is a top-k: no gradient flows through scores, so build no graph for them
-    def token_scores(self, i: int, prep: _Prep, score: str) -> torch.Tensor:
+    def token_scores(self, i: int, prep: _Prep, score: str, project_keys: bool = False) -> torch.Tensor:
         B, nW, n = self.score_shape(prep)
         if score == "norm":
-            scores = self._to_windows(prep.x.norm(dim=-1, keepdim=True), prep.layout).view(B, nW, n)
-        else:  # "received": the mean over rows of the window's logits, summed over heads
-            attn = self.blocks[i].attn
-            width = attn.qkv.out_features // 3
-            weight, bias = attn.qkv.weight, attn.qkv.bias
-            scores = mean_query_logits_linear(prep.windows, weight[:width], None if bias is None else bias[:width],
-                                              weight[width:2 * width], attn.scale).view(B, nW, n)
-            rel_bias = attn.relative_position_bias_table[attn.relative_position_index]  # (n, n, heads)
-            scores = scores + rel_bias.sum(-1).mean(0)
-            if prep.mask is not None:  # the mask is the same for every head
-                scores = scores + attn.num_heads * prep.mask.mean(1)
+            scores = self._to_windows(token_norms(prep.x).unsqueeze(-1), prep.layout).view(B, nW, n)
+        else:  # "received": the mean over the window's queries of the logits, summed over heads
+            parts, where = self.parts(i), _Slots(prep)
+            scores = query_logits(parts, prep.windows.view(B, nW, n, -1), where, "mean")
+            scores = scores + bias_row(parts, where, "mean")
         if prep.layout.padding is not None:
             scores = scores.masked_fill(prep.layout.padding, float("-inf"))
         return scores
 
-    def _selected_bias(self, attn: nn.Module, prep: _Prep, sel: torch.Tensor) -> torch.Tensor:
-        """Additive logits (B*nW, heads, k, k) among the selected slots sel (B, nW, k): relative-position bias,
-        shifted-window mask and padding keys, each taken at [sel, sel]."""
-        B, nW, k = sel.shape
-        rows, cols = sel.unsqueeze(-1), sel.unsqueeze(-2)  # (B, nW, k, 1), (B, nW, 1, k)
-        pos_index = attn.relative_position_index[rows, cols]  # (B, nW, k, k)
-        bias = attn.relative_position_bias_table[pos_index].permute(0, 1, 4, 2, 3)  # (B, nW, heads, k, k)
-        win = torch.arange(nW, device=sel.device).view(1, nW, 1, 1)
-        if prep.mask is not None:
-            bias = bias + prep.mask[win, rows, cols].unsqueeze(2)
-        if prep.layout.padding is not None:
-            pad_keys = prep.layout.padding[win.view(1, nW, 1), sel]  # (B, nW, k)
-            bias = bias.masked_fill(pad_keys[:, :, None, None, :], PAD_LOGIT)
-        return bias.reshape(B * nW, -1, k, k)
-
-    def _attend_selected(self, attn: nn.Module, normed: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """timm ``WindowAttention.forward`` on the selected tokens normed (G, k, C) with additive logits bias."""
-        G, k, _ = normed.shape
-        q, key, v = attn.qkv(normed).reshape(G, k, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        if attn.fused_attn:
-            out = F.scaled_dot_product_attention(q, key, v, attn_mask=bias.to(q.dtype), scale=attn.scale,
-                                                 dropout_p=attn.attn_drop.p if attn.training else 0.0)
-        else:
-            weights = attn.softmax((q * attn.scale) @ key.transpose(-2, -1) + bias)
-            out = attn.attn_drop(weights) @ v
-        return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(G, k, -1)))
-
-    def run_selected(self, i: int, x: torch.Tensor, prep: _Prep, idx: torch.Tensor) -> torch.Tensor:
-        blk = self.blocks[i]
+    def run_selected(self, i: int, x: torch.Tensor, prep: _Prep, idx: torch.Tensor, keep_qk: bool = False):
+        parts = self.parts(i)
         B, H, W, C = x.shape
         _, nW, k = idx.shape
-        attn_out = self._attend_selected(blk.attn, gather_tokens(prep.windows, idx.reshape(B * nW, k)),
-                                         self._selected_bias(blk.attn, prep, idx))
+        attn_out = attention_branch(parts, gather_tokens(prep.windows, idx.reshape(B * nW, k)), _Slots(prep, idx))[0]
         pos = self.raster_positions(i, prep, idx)  # (B, nW*k): per image, so drop-path stays per image as in timm
         tokens = x.reshape(B, H * W, C)
         if prep.layout.padding is not None:  # padding slots write into one extra row, dropped afterwards
             tokens = torch.cat([tokens, tokens.new_zeros(B, 1, C)], dim=1)
             pos = torch.where(pos < 0, H * W, pos)
-        y = gather_tokens(tokens, pos) + blk.drop_path1(_layer_scale(blk, "ls1", attn_out.reshape(B, nW * k, C)))
-        y = y + blk.drop_path2(_layer_scale(blk, "ls2", blk.mlp(blk.norm2(y))))
+        y = mlp_half(parts, parts.res_attn(gather_tokens(tokens, pos), attn_out.reshape(B, nW * k, C)))
         tokens = scatter_tokens(tokens, pos, y)
-        return tokens[:, :H * W].reshape(B, H, W, C)
+        return tokens[:, :H * W].reshape(B, H, W, C), None
 
     def raster_positions(self, i: int, prep: _Prep, idx: torch.Tensor) -> torch.Tensor:
         B, nW, k = idx.shape
@@ -257,31 +297,30 @@ class SwinAdapter(GridAdapter):
     def block_grid(self, i: int) -> tuple[int, int]:
         return self._stage_grids(None)[self.stage_of_block(i)]
 
-    def count_macs(self, policy, img_size: int | tuple[int, int] | None) -> int:
-        m = self.model
-        grid = self._patch_grid(img_size)
-        proj = m.patch_embed.proj
-        total = proj.weight.numel() * grid[0] * grid[1] if isinstance(proj, nn.Conv2d) else 0
-        for s, (stage, (H, W)) in enumerate(zip(m.layers, self._stage_grids(img_size))):
-            total += linear_macs(stage.downsample) * H * W  # patch merging: one reduction per output token
-            for i in self.stage_blocks[s]:
-                total += self._block_macs(i, H, W, policy)
-        return total + linear_macs(m.head)
+    def _windows(self, i: int, grid: tuple[int, int]) -> tuple[int, int]:
+        (wh, ww), (H, W) = self.blocks[i].window_size, grid
+        return _ceil_div(H, wh) * _ceil_div(W, ww), wh * ww
 
-    def _block_macs(self, i: int, H: int, W: int, policy) -> int:
-        """Block i on an (H, W) map: q, k, v and proj per window token (padding included, as timm computes it),
-        the two attention matmuls per window, the MLP per real token; when idling, all of it on k tokens per window
-        plus the scoring."""
-        blk = self.blocks[i]
-        attn = blk.attn
-        dim, width = attn.qkv.in_features, attn.qkv.out_features // 3
-        wh, ww = blk.window_size
-        n, num_windows = wh * ww, _ceil_div(H, wh) * _ceil_div(W, ww)
-        ratio = policy.keep_ratio(i) if policy is not None else None
-        k = keep_count(n, ratio) if ratio is not None else n
-        tokens_mlp = H * W if k == n else num_windows * k
-        total = num_windows * (k * (linear_macs(attn.qkv) + linear_macs(attn.proj)) + 2 * k * k * width)
-        total += tokens_mlp * linear_macs(blk.mlp)
-        if k < n and policy.score == "received":  # mean query (W_q), W_k^T qbar, one dot per window token
-            total += num_windows * (2 * dim * width + n * dim)
+    def group_counts(self, img_size) -> list[GroupCount]:
+        grids = self._stage_grids(img_size)
+        return [GroupCount(*self._windows(i, grids[s])) for s, blocks in enumerate(self.stage_blocks) for i in blocks]
+
+    def count_macs(self, works: list[BlockWork] | None, img_size) -> int:
+        """Per window token (padding included, as timm computes it): q, k, v, proj and the attention products; the
+        MLP per real token when dense, per selected token when idling; plus the scores."""
+        m = self.model
+        grids = self._stage_grids(img_size)
+        proj = m.patch_embed.proj
+        rows, cols = self._patch_grid(img_size)
+        total = (proj.weight.numel() * rows * cols if isinstance(proj, nn.Conv2d) else 0) + linear_macs(m.head)
+        for s, (stage, blocks) in enumerate(zip(m.layers, self.stage_blocks)):
+            H, W = grids[s]
+            total += linear_macs(stage.downsample) * H * W  # patch merging: one reduction per output token
+            for i in blocks:
+                num_windows, n = self._windows(i, grids[s])
+                work = works[i] if works is not None else BlockWork(n, n)
+                if work.attn_tokens == n:  # dense: timm's MLP runs on the real tokens only
+                    work = BlockWork(n, 0, score=work.score)
+                    total += H * W * self.parts(i).shape().mlp
+                total += self.block_work_macs(i, work, num_windows)
         return total

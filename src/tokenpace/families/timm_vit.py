@@ -1,14 +1,20 @@
-"""timm ``VisionTransformer`` family: DeiT (and distilled), ViT/AugReg, DeiT-III and LayerScale models, registers,
-qk-norm, gated attention, token or average pooling. Blocks must be timm's pre-norm ``Block`` with ``Attention``."""
+"""timm ``VisionTransformer``: DeiT (and distilled), ViT/AugReg, DeiT-III/LayerScale, registers, qk-norm, gated
+attention, SigLIP/SigLIP2 and AIMv2 (no class token, MAP or average pooling), SwiGLU/GeGLU MLPs, RmsNorm.
+
+Blocks must be timm's pre-norm ``Block`` with the standard ``Attention``; there are no position terms inside the
+blocks (absolute position embeddings are added at the embedding), so a block runs on any subset as it is.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..anatomy import BlockParts, Frame, LinearMap
 from ..core.macs import BlockShape, linear_macs
-from ..core.scores import cls_attention, cls_logits_from_keys, cls_logits_linear
-from .base import RunBlocks, SequenceAdapter, parse_img_size
+from .base import SequenceFamily, parse_img_size
+
+POOLS = ("token", "avg", "avgmax", "max", "map", "")
 
 
 def _timm_classes():
@@ -18,59 +24,120 @@ def _timm_classes():
     return VisionTransformer, Block, Attention
 
 
-def _attend(attn: nn.Module, normed: torch.Tensor, heads: str | None):
-    """timm ``Attention.forward`` on ``normed`` (B, n, C): (output, the class row when ``heads`` is set, (q, k)).
-
-    Uses the module's own layers; fused SDPA unless the module was built with ``fused_attn=False``. q and k
-    (B, H, n, d), after any qk-norm, come back so a training loss can reuse them instead of projecting again.
-    """
-    B, n, _ = normed.shape
-    num_heads, head_dim = attn.num_heads, attn.head_dim
-    gate = attn.gate(normed).sigmoid() if getattr(attn, "gate", None) is not None else None
-    q, k, v = attn.qkv(normed).reshape(B, n, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    cls_row = cls_attention(q[:, :, :1], k, attn.scale, heads) if heads else None
-    if attn.fused_attn:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    else:
-        weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        out = attn.attn_drop(weights) @ v
-    out = out.transpose(1, 2).reshape(B, n, num_heads * head_dim)
-    out = getattr(attn, "norm", nn.Identity())(out)
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out)), cls_row, (q, k)
+def patch_grid(patch_embed: nn.Module, img_size: tuple[int, int] | None) -> tuple[int, int]:
+    """Rows and columns of patches for ``img_size`` (None: the embedding's own), as timm's PatchEmbed computes
+    them (dynamic padding included)."""
+    if img_size is None:
+        return tuple(patch_embed.grid_size)
+    if hasattr(patch_embed, "dynamic_feat_size"):
+        return tuple(patch_embed.dynamic_feat_size(img_size))
+    return (img_size[0] // patch_embed.patch_size[0], img_size[1] // patch_embed.patch_size[1])
 
 
-class TimmViT(SequenceAdapter):
+def attention_pool_macs(pool: nn.Module | None, tokens: int) -> int:
+    """A MAP head (timm ``AttentionPoolLatent``) over ``tokens`` tokens: their keys and values, the latent queries,
+    the two attention products, projection and MLP."""
+    if pool is None:
+        return 0
+    latents, width = pool.latent.shape[1], pool.kv.out_features // 2
+    return (tokens * linear_macs(pool.kv) + 2 * latents * tokens * width
+            + latents * (linear_macs(pool.q) + linear_macs(pool.proj) + linear_macs(pool.mlp)))
+
+
+def has_fixed_length_pool(model: nn.Module) -> bool:
+    """An attention pool with its own position embedding needs every token in order."""
+    return getattr(getattr(model, "attn_pool", None), "pos_embed", None) is not None
+
+
+def check_pool(model: nn.Module) -> None:
+    if model.global_pool not in POOLS:
+        raise TypeError(f"global_pool={model.global_pool!r} of this {type(model).__name__} is not supported; "
+                        f"accepted: {', '.join(map(repr, POOLS))}")
+
+
+class VitParts(BlockParts):
+    """timm ``Block`` + ``Attention``: fused q/k/v, optional per-head q/k norms, inner norm and sigmoid gate."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__(block)
+        attn = self.attn = block.attn
+        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
+        self.width = attn.num_heads * attn.head_dim
+        self.fused = attn.fused_attn
+
+    def dropout(self) -> float:
+        return self.attn.attn_drop.p if self.attn.training else 0.0
+
+    def _split(self, t: torch.Tensor, parts: int) -> torch.Tensor:
+        B, n, _ = t.shape
+        return t.reshape(B, n, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
+    def _weights(self, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Row block j (0: q, 1: k, 2: v) of the fused projection."""
+        qkv, w = self.attn.qkv, self.width
+        return qkv.weight[j * w:(j + 1) * w], None if qkv.bias is None else qkv.bias[j * w:(j + 1) * w]
+
+    def qkv(self, h, where):
+        q, k, v = self._split(self.attn.qkv(h), 3).unbind(0)
+        return self.attn.q_norm(q), self.attn.k_norm(k), v
+
+    def queries(self, h, where):
+        return self.attn.q_norm(self._split(F.linear(h, *self._weights(0)), 1)[0])
+
+    def keys(self, h, where):
+        return self.attn.k_norm(self._split(F.linear(h, *self._weights(1)), 1)[0])
+
+    def out(self, o, h):
+        attn = self.attn
+        o = attn.norm(o)
+        if getattr(attn, "gate", None) is not None:
+            o = o * attn.gate(h).sigmoid()
+        return attn.proj_drop(attn.proj(o))
+
+    def linear_queries(self):
+        return LinearMap(*self._weights(0)) if isinstance(self.attn.q_norm, nn.Identity) else None
+
+    def linear_keys(self):
+        return LinearMap(*self._weights(1)) if isinstance(self.attn.k_norm, nn.Identity) else None
+
+    def shape(self) -> BlockShape:
+        attn = self.attn
+        return BlockShape(dim=attn.qkv.in_features, qk_dim=self.width, v_dim=self.width, qkv=linear_macs(attn.qkv),
+                          proj=linear_macs(attn.proj) + linear_macs(getattr(attn, "gate", None)),
+                          mlp=linear_macs(self.block.mlp))
+
+
+class TimmViT(SequenceFamily):
     name = "timm VisionTransformer"
+    blocks_use_positions = False  # absolute position embeddings are added at the embedding
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
         _, Block, Attention = _timm_classes()
         for i, blk in enumerate(model.blocks):
-            if type(blk) is not Block or type(blk.attn) is not Attention:
+            attn = getattr(blk, "attn", None)
+            if type(blk) is not Block or type(attn) is not Attention:
                 raise TypeError(
-                    f"block {i} of this VisionTransformer is {type(blk).__name__} with {type(blk.attn).__name__}; "
-                    "tokenpace supports timm's pre-norm Block with the standard Attention (DeiT, ViT/AugReg, "
-                    "DeiT-III, register, qk-norm models)"
-                )
+                    f"block {i} of this VisionTransformer is {type(blk).__name__} with "
+                    f"{type(attn).__name__ if attn is not None else 'no separate attention'}; tokenpace supports "
+                    "timm's pre-norm Block with the standard Attention (DeiT, ViT/AugReg, DeiT-III, registers, "
+                    "qk-norm, SigLIP, AIMv2); parallel, post-norm and differential-attention blocks are not supported")
         if not isinstance(model.patch_drop, nn.Identity):
             raise TypeError("patch dropout (patch_drop_rate > 0) changes the token count before the blocks; "
                             "build the model with patch_drop_rate=0 to use tokenpace")
-        self.blocks = model.blocks
+        check_pool(model)
+        super().__init__(model, [model.blocks])
+        self.fixed_length_head = has_fixed_length_pool(model)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         try:
-            VisionTransformer, _, _ = _timm_classes()
+            VisionTransformer = _timm_classes()[0]
         except ImportError:  # timm not installed: nothing of this family can exist
             return False
         return isinstance(model, VisionTransformer)
 
-    @property
-    def depth(self) -> int:
-        return len(self.blocks)
+    def make_parts(self, i: int) -> VitParts:
+        return VitParts(self.blocks[i])
 
     @property
     def num_prefix(self) -> int:
@@ -80,96 +147,36 @@ class TimmViT(SequenceAdapter):
     def has_class_token(self) -> bool:
         return self.model.cls_token is not None
 
-    def resolve_score(self, method: str, score: str | None) -> str:
-        if not self.has_class_token:  # even random ranking runs the class-token paths of the flat policies
-            raise ValueError(f"method {method!r} ranks tokens by the class token's attention, but this "
-                             f"{type(self.model).__name__} has no class token; accepted: models built with "
-                             "class_token=True")
-        return super().resolve_score(method, score)
-
-    def block_grid(self, i: int) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.grid_size)
-
-    def forward_features(self, x: torch.Tensor, run_blocks: RunBlocks) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
         m = self.model
+        grid = patch_grid(m.patch_embed, tuple(x.shape[-2:]))
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
-        return m.norm(run_blocks(x))
+        return x, Frame(grid=grid)
 
-    def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(x)
+
+    def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.blocks[i](x)
 
-    def block_with_cls_attention(self, i: int, x: torch.Tensor, heads: str) -> tuple[torch.Tensor, torch.Tensor]:
-        x, cls_row = self.attention_half(i, x, heads)
-        return self.mlp_half(i, x), cls_row
-
-    def attention_half(self, i: int, x: torch.Tensor, heads: str) -> tuple[torch.Tensor, torch.Tensor]:
-        blk = self.blocks[i]
-        out, cls_row, _ = _attend(blk.attn, blk.norm1(x), heads)
-        return x + blk.drop_path1(blk.ls1(out)), cls_row
-
-    def mlp_half(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        blk = self.blocks[i]
-        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-
-    def attention_module(self, i: int) -> nn.Module:
-        return self.blocks[i].attn
-
-    def block_from_normed(self, i: int, x: torch.Tensor, normed: torch.Tensor, return_qk: bool = False):
-        blk = self.blocks[i]
-        out, _, (q, k) = _attend(blk.attn, normed, None)
-        x = self.mlp_half(i, x + blk.drop_path1(blk.ls1(out)))
-        return (x, (q.transpose(1, 2).flatten(2), k.transpose(1, 2).flatten(2))) if return_qk else x
-
-    def cls_logit_scores(self, i: int, x: torch.Tensor, project_keys: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        blk = self.blocks[i]
-        attn = blk.attn
-        normed = blk.norm1(x)
-        width = attn.num_heads * attn.head_dim
-        weight, bias = attn.qkv.weight, attn.qkv.bias
-        w_q, w_k = weight[:width], weight[width:2 * width]
-        b_q = bias[:width] if bias is not None else None
-        if project_keys or self.scores_project_keys(i):
-            B, n, _ = normed.shape
-            b_k = bias[width:2 * width] if bias is not None else None
-            q_cls = F.linear(normed[:, :1], w_q, b_q).reshape(B, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-            k = F.linear(normed, w_k, b_k).reshape(B, n, attn.num_heads, attn.head_dim).transpose(1, 2)
-            return cls_logits_from_keys(attn.q_norm(q_cls), attn.k_norm(k)), normed
-        B = normed.shape[0]
-        q_cls = F.linear(normed[:, 0], w_q, b_q)
-        q_cls = attn.q_norm(q_cls.reshape(B, attn.num_heads, attn.head_dim)).reshape(B, width)  # per-head norm is fine
-        return cls_logits_linear(normed, q_cls, w_k), normed
-
-    def scores_project_keys(self, i: int) -> bool:
-        return not isinstance(self.blocks[i].attn.k_norm, nn.Identity)
-
+    # --- sizes and cost ------------------------------------------------------------------------------------------
     def input_size(self) -> tuple[int, int, int]:
         pe = self.model.patch_embed
         return (pe.proj.in_channels, *pe.img_size)
 
-    def num_patches(self, img_size: int | tuple[int, int] | None) -> int:
-        pe = self.model.patch_embed
-        if img_size is None:
-            return pe.num_patches
-        img_size = parse_img_size(img_size)
-        grid = pe.dynamic_feat_size(img_size) if hasattr(pe, "dynamic_feat_size") else (
-            img_size[0] // pe.patch_size[0], img_size[1] // pe.patch_size[1])
-        return grid[0] * grid[1]
+    def block_grid(self, i: int) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.grid_size)
 
-    def block_shape(self, i: int) -> BlockShape:
-        attn = self.blocks[i].attn
-        proj = linear_macs(attn.proj) + linear_macs(getattr(attn, "gate", None))
-        return BlockShape(
-            dim=attn.qkv.in_features,
-            attn_dim=attn.num_heads * attn.head_dim,
-            qkv=linear_macs(attn.qkv),
-            proj=proj,
-            mlp=linear_macs(self.blocks[i].mlp),
-        )
+    def stage_patches(self, img_size) -> list[int]:
+        rows, cols = patch_grid(self.model.patch_embed, None if img_size is None else parse_img_size(img_size))
+        return [rows * cols]
 
-    def stem_macs(self, num_patches: int) -> int:
+    def stem_macs(self, img_size) -> int:
         proj = self.model.patch_embed.proj
-        return proj.weight.numel() * num_patches if isinstance(proj, nn.Conv2d) else 0
+        return proj.weight.numel() * self.stage_patches(img_size)[0] if isinstance(proj, nn.Conv2d) else 0
 
-    def head_macs(self) -> int:
+    def head_macs(self, tokens: int) -> int:
         m = self.model
-        return linear_macs(m.head) + linear_macs(getattr(m, "head_dist", None))
+        pooled = tokens if getattr(m, "pool_include_prefix", False) else tokens - self.num_prefix
+        return (linear_macs(m.head) + linear_macs(getattr(m, "head_dist", None))
+                + attention_pool_macs(getattr(m, "attn_pool", None), pooled))

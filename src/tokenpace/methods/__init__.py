@@ -12,7 +12,7 @@ from .topk import TopK
 METHODS: dict[str, type[MethodConfig]] = {cls.name: cls for cls in (Evo, Idle, EViT, TopK)}
 
 __all__ = ["METHODS", "EViT", "Evo", "ForwardState", "Idle", "IdleRecord", "MethodConfig", "Policy", "TopK",
-           "make_config"]
+           "make_config", "make_policy", "methods_for"]
 
 
 def make_config(method: str | MethodConfig, **options) -> MethodConfig:
@@ -28,3 +28,18 @@ def make_config(method: str | MethodConfig, **options) -> MethodConfig:
     except TypeError as err:  # an unknown keyword: name the accepted ones
         accepted = [f.name for f in fields(cls)]
         raise ValueError(f"{cls.__name__} got an unknown option ({err}); accepted: {', '.join(accepted)}") from None
+
+
+def methods_for(family) -> list[str]:
+    """The methods that run on ``family``, in METHODS order."""
+    return [name for name, cls in METHODS.items() if cls().refusal(family) is None]
+
+
+def make_policy(config: MethodConfig, family) -> Policy:
+    """The policy running ``config`` on ``family``; ValueError naming why and what runs there when it cannot."""
+    reason = config.refusal(family)
+    if reason is not None:
+        accepted = ", ".join(map(repr, methods_for(family))) or "none"
+        raise ValueError(f"method {config.name!r} is not available for {family.name} models ({reason}); "
+                         f"accepted here: {accepted}")
+    return config.policy(family)

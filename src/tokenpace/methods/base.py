@@ -1,23 +1,25 @@
 """Shared pieces of the method configs and their policies."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from ..core.macs import BlockWork
+from ..anatomy import Frame
+from ..blockops import run_block
+from ..core.macs import BlockWork, ScoreWork
 from ..core.scores import random_scores
-from ..families.base import FamilyAdapter
-
-# ranking criteria: the class token's attention, the attention a token receives (class-token-free models), the
-# token's feature norm, or random (the control); each family accepts some of them (FamilyAdapter.scores)
-SCORES = ("cls", "received", "norm", "random")
+from ..families.base import SCORES, SEQUENCE, Family
 
 
-def check_keep(name: str, keep: Any) -> None:
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+def check_keep(config: Any, name: str, attr: str = "keep") -> None:
+    """Validate a keep ratio and store it as a float (numpy and other real scalars are accepted)."""
+    keep = getattr(config, attr)
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0.0 < float(keep) <= 1.0:
         raise ValueError(f"{name} must be a number in (0, 1] (the fraction of patch tokens kept); got {keep!r}")
+    object.__setattr__(config, attr, float(keep))
 
 
 def check_choice(name: str, value: Any, accepted: tuple[str, ...], optional: bool = False) -> None:
@@ -25,17 +27,26 @@ def check_choice(name: str, value: Any, accepted: tuple[str, ...], optional: boo
         raise ValueError(f"{name}={value!r} is not accepted; choose one of {', '.join(map(repr, accepted))}")
 
 
-def check_layers_type(name: str, layers: Any) -> None:
+def check_layers(config: Any, name: str, attr: str) -> None:
+    """Layer indices: None (the default), one int, or a tuple/list of ints; stored as a tuple."""
+    layers = getattr(config, attr)
     if layers is None:
         return
-    if not isinstance(layers, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
-        raise ValueError(f"{name} must be a tuple of layer indices (ints) or None for the default; got {layers!r}")
+    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+        layers = (layers,)
+    if (not isinstance(layers, (tuple, list))
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in layers)):
+        raise ValueError(f"{name} must be layer indices (an int or a tuple of ints) or None for the default; "
+                         f"got {layers!r}")
+    object.__setattr__(config, attr, tuple(int(v) for v in layers))
 
 
 @dataclass
 class ForwardState:
     """Everything one forward pass carries between blocks (created per call; never module-level globals)."""
 
+    frame: Frame | None = None  # the family's per-forward position data
+    training: bool = False  # the model is in training mode: keep what training losses need
     kept: list[torch.Tensor | None] | None = None  # per block: original patch indices on the full path (trace)
     records: list[Any] = field(default_factory=list)  # what training losses need (e.g. IdleViT's cut loss)
 
@@ -46,31 +57,84 @@ class ForwardState:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Base of the typed method configs; subclasses validate in ``__post_init__``."""
+    """Base of the typed method configs; subclasses validate in ``__post_init__``.
+
+    ``layouts`` are the family layouts the method runs on, ``scores`` the ranking criteria it knows (the first one
+    a family offers is its default)."""
 
     name: ClassVar[str] = "?"
+    layouts: ClassVar[tuple[str, ...]] = (SEQUENCE,)
+    scores: ClassVar[tuple[str, ...]] = SCORES
 
-    def policy(self, adapter: FamilyAdapter) -> "Policy":
+    def refusal(self, family: Family) -> str | None:
+        """Why this method cannot run on ``family`` (None: it can)."""
+        if family.layout not in self.layouts:
+            return f"it needs a {' or '.join(self.layouts)} layout and {family.name} models are {family.layout}"
+        return None
+
+    def policy(self, family: Family) -> "Policy":
         raise NotImplementedError
 
 
 class Policy:
-    """Runs the block loop for one method on one model (through its family adapter)."""
+    """Runs the block loop for one method on one model, through its family."""
 
-    def __init__(self, config: MethodConfig, adapter: FamilyAdapter) -> None:
+    def __init__(self, config: MethodConfig, family: Family) -> None:
         self.config = config
-        self.adapter = adapter
-        self.depth = adapter.depth
-        self.prefix = adapter.num_prefix
-        self.score = adapter.resolve_score(config.name, getattr(config, "score", None))
+        self.family = family
+        self.depth = family.depth
+        self.prefix = family.num_prefix
+        self.score = resolve_score(config, family)
 
     def run(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         raise NotImplementedError
 
-    def work(self, num_patches: int) -> list[BlockWork]:
-        """Per block, what it computes for an input with ``num_patches`` patch tokens (for MACs)."""
+    def work(self, counts) -> list[BlockWork]:
+        """Per block, what it computes for these selection groups (``Family.group_counts``), for MACs."""
         raise NotImplementedError
 
     def rank(self, scores: torch.Tensor) -> torch.Tensor:
-        """Patch-token scores used for ranking: the class-attention scores, or random ones as a control."""
+        """Patch-token scores used for ranking: the family's scores, or random ones as a control."""
         return random_scores(scores) if self.score == "random" else scores
+
+    def row_query(self) -> str:
+        """The attention row that stands for this method's score while a block runs (the random control still
+        computes its family's default row, which may weight tokens)."""
+        score = self.score if self.score != "random" else default_score(self.config, self.family)
+        return "cls" if score == "cls" else self.family.received_row
+
+    def row_keys(self, keys: int) -> int:
+        """MACs-relevant keys of a score row: one extra query row, except where the row comes from the explicit
+        probabilities the attention computes anyway ("columns")."""
+        return 0 if self.row_query() == "columns" else keys
+
+    def score_work(self, tokens: int, project_keys: bool = False) -> ScoreWork:
+        query = {"cls": "cls", "received": "mean"}.get(self.score, self.score)
+        return ScoreWork(query, tokens, project_keys)
+
+    def run_on(self, i: int, x: torch.Tensor, where, frame: Frame) -> torch.Tensor:
+        """Block i on the tokens ``where`` describes: the model's own block where every token is present or the
+        blocks have no position terms, else the block's anatomy with its position terms taken at ``where``."""
+        if where.pos is None or not self.family.blocks_use_positions:
+            return self.family.block(i, x, frame)
+        return run_block(self.family.parts(i), x, where)[0]
+
+
+def available_scores(config: MethodConfig, family: Family) -> tuple[str, ...]:
+    offered = family.scores()
+    return tuple(s for s in config.scores if s in offered)
+
+
+def default_score(config: MethodConfig, family: Family) -> str:
+    return next(s for s in available_scores(config, family) if s != "random")
+
+
+def resolve_score(config: MethodConfig, family: Family) -> str:
+    """The ranking criterion a method uses on a family: its ``score`` or the default, checked against both."""
+    accepted = available_scores(config, family)
+    score = getattr(config, "score", None)
+    score = default_score(config, family) if score is None else score
+    if score not in accepted:
+        raise ValueError(f"{config.name} score={score!r} is not available for {family.name} models; "
+                         f"accepted here: {', '.join(map(repr, accepted))}")
+    return score

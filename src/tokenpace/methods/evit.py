@@ -3,6 +3,7 @@
 At each shrink layer the attention runs on all current tokens; then the top ceil(keep * n) image tokens by the
 head-mean class attention stay, the others are dropped or fused into one token weighted by their attention, and
 the MLP runs on the reduced sequence. Counts compound across shrink layers (196 -> 138+1 -> 98+1 -> 70+1 at 0.7).
+A fused token has no position: where blocks have position terms (RoPE) it is not rotated, like a prefix token.
 """
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from typing import ClassVar
 
 import torch
 
+from ..blockops import Row, attention_half, mlp_half
 from ..core.macs import BlockWork, dense_work
 from ..core.schedule import keep_count_ceil, scaled_layers, validate_layers
 from ..core.tokens import gather_tokens, gather_values, split_indices, top_indices, weighted_merge
-from .base import SCORES, ForwardState, MethodConfig, Policy, check_choice, check_keep, check_layers_type
+from ..families.base import Family
+from .base import ForwardState, MethodConfig, Policy, check_choice, check_keep, check_layers
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,8 @@ class EViT(MethodConfig):
     keep: fraction of the current image tokens kept at each shrink layer, ceil(keep * n).
     layers: shrink layers; None: (3, 6, 9) at depth 12, scaled for other depths.
     fuse: fuse the inattentive tokens into one token (True, EViT's default) or drop them (False).
-    score: None (the family default), ``"cls"`` (head-mean class attention) or ``"random"`` (control).
+    score: None (the family default), ``"cls"`` (head-mean class attention), ``"received"`` (class-token-free
+        models) or ``"random"`` (control).
     """
 
     keep: float = 0.7
@@ -33,29 +37,46 @@ class EViT(MethodConfig):
     score: str | None = None
 
     name: ClassVar[str] = "evit"
+    scores: ClassVar[tuple[str, ...]] = ("cls", "received", "random")
 
     def __post_init__(self) -> None:
-        check_keep("EViT keep", self.keep)
-        check_layers_type("EViT layers", self.layers)
-        check_choice("EViT score", self.score, SCORES, optional=True)
+        check_keep(self, "EViT keep")
+        check_layers(self, "EViT layers", "layers")
+        check_choice("EViT score", self.score, ("cls", "received", "norm", "random"), optional=True)
         if not isinstance(self.fuse, bool):
             raise ValueError(f"EViT fuse must be True or False; got {self.fuse!r}")
+
+    def refusal(self, family: Family) -> str | None:
+        return token_dropping_refusal(self, family)
 
     def resolved_layers(self, depth: int) -> tuple[int, ...]:
         layers = self.layers if self.layers is not None else scaled_layers(depth, (3, 6, 9))
         validate_layers("EViT layers", layers, depth)
         return layers
 
-    def policy(self, adapter) -> "EViTPolicy":
-        return EViTPolicy(self, adapter)
+    def policy(self, family: Family) -> "EViTPolicy":
+        return EViTPolicy(self, family)
+
+
+def token_dropping_refusal(config: MethodConfig, family: Family) -> str | None:
+    """Why a method that shortens the sequence for good cannot run on ``family`` (None: it can)."""
+    reason = MethodConfig.refusal(config, family)
+    if reason is not None:
+        return reason
+    if len(family.stage_blocks) > 1:
+        return f"it drops tokens for good, and {family.name} models down-sample a full grid between stages"
+    if family.fixed_length_head:
+        return f"it drops tokens for good, and this {family.name}'s head pools with a position for every token"
+    return None
 
 
 class EViTPolicy(Policy):
     config: EViT
 
-    def __init__(self, config: EViT, adapter) -> None:
-        super().__init__(config, adapter)
+    def __init__(self, config: EViT, family: Family) -> None:
+        super().__init__(config, family)
         self.layers = config.resolved_layers(self.depth)
+        self.row = Row(self.row_query(), heads="mean")
 
     def counts(self, num_patches: int) -> list[tuple[int, int]]:
         """Per block: (image tokens entering, image tokens after the block); fused tokens count as image tokens."""
@@ -71,39 +92,43 @@ class EViTPolicy(Policy):
         return out
 
     def run(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
-        ad, prefix, fuse = self.adapter, self.prefix, self.config.fuse
-        origin = None  # original patch index of each image token (-1: a fused token), only when tracing
-        if state.kept is not None:
-            origin = torch.arange(x.shape[1] - prefix, device=x.device).expand(x.shape[0], -1)
+        fam, frame, prefix, fuse = self.family, state.frame, self.prefix, self.config.fuse
+        where = fam.tokens(frame)
         for i, (n, after) in enumerate(self.counts(x.shape[1] - prefix)):
             if after == n:  # not a shrink layer, or nothing to drop
-                x = ad.block(i, x)
+                x = self.run_on(i, x, where, frame)
             else:
-                x, cls_row = ad.attention_half(i, x, "mean")
-                attn = cls_row[:, prefix:]
+                parts = fam.parts(i)
+                x, scores, _ = attention_half(parts, x, where, row=self.row)
+                attn = scores[:, prefix:]
                 k = after - int(fuse)
-                scores = self.rank(attn)
-                keep_idx, rest_idx = split_indices(scores, k) if fuse else (top_indices(scores, k), None)
-                parts = [x[:, :prefix], gather_tokens(x, keep_idx + prefix)]
+                ranking = self.rank(attn)
+                keep_idx, rest_idx = split_indices(ranking, k) if fuse else (top_indices(ranking, k), None)
+                kept = [x[:, :prefix], gather_tokens(x, keep_idx + prefix)]
                 if fuse:  # raw attention weights, not renormalised (EViT)
                     rest = gather_tokens(x, rest_idx + prefix)
-                    parts.append(weighted_merge(rest, gather_values(attn, rest_idx).to(x.dtype), False))
-                x = ad.mlp_half(i, torch.cat(parts, dim=1))
-                if origin is not None:
-                    origin = origin.gather(1, keep_idx)
-                    if fuse:
-                        origin = torch.cat([origin, origin.new_full((origin.shape[0], 1), -1)], dim=1)
-            if origin is not None and i >= self.layers[0]:
-                state.record_kept(i, origin)
+                    kept.append(weighted_merge(rest, gather_values(attn, rest_idx).to(x.dtype), False))
+                where = self._shrunk(where, keep_idx, x.shape[0], n)
+                x = mlp_half(parts, torch.cat(kept, dim=1), where)
+            if i >= self.layers[0]:
+                state.record_kept(i, where.pos)
         return x
 
-    def work(self, num_patches: int) -> list[BlockWork]:
+    def _shrunk(self, where, keep_idx, batch, n):
+        """The token set after a shrink: the kept image tokens' positions, then -1 for the fused token."""
+        pos = keep_idx if where.pos is None else where.pos.gather(1, keep_idx)
+        if self.config.fuse:
+            pos = torch.cat([pos, pos.new_full((batch, 1), -1)], dim=1)
+        return type(where)(prefix=where.prefix, pos=pos, frame=where.frame, holes=where.holes or self.config.fuse)
+
+    def work(self, counts) -> list[BlockWork]:
+        prefix = counts[0].prefix
         works = []
-        for n, after in self.counts(num_patches):
+        for n, after in self.counts(counts[0].tokens):
             if after == n:
-                works.append(dense_work(n + self.prefix))
+                works.append(dense_work(n + prefix))
             else:
                 merged = n - (after - 1) if self.config.fuse else 0
-                works.append(BlockWork(n + self.prefix, after + self.prefix, cls_row_keys=n + self.prefix,
+                works.append(BlockWork(n + prefix, after + prefix, row_keys=self.row_keys(n + prefix),
                                        merged_tokens=merged))
         return works

@@ -3,20 +3,28 @@
 A global class attention g (per image, over patch tokens) is evolved across layers. From the first stage start on,
 the top-K tokens by g (plus prefix tokens) run the full block ("slow"); the placeholders are carried along unchanged
 (official DeiT code) or moved by the residual of one representative token (the paper's fast path).
+
+One policy for every sequence family: flat ViTs (one stage) and LeViT's stages joined by attention down-sampling.
+There every later stage selects again at its first block; at each down-sampling, g is evolved with the scores of
+the full-resolution keys, sub-sampled to the new grid and rescaled to its previous sum (evovit.md §7, steps 1-7).
+Tokens are scattered back to raster order after every segment, so down-sampling and the head see the full grid.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from ..blockops import Row, run_block
 from ..core.macs import BlockWork, dense_work
 from ..core.schedule import keep_count, scaled_layers, validate_layers
 from ..core.scores import evolve
 from ..core.tokens import (gather_tokens, gather_values, scatter_tokens, scatter_values, split_indices,
                            top_indices, weighted_merge, with_prefix)
-from .base import SCORES, ForwardState, MethodConfig, Policy, check_choice, check_keep, check_layers_type
+from ..families.base import Family
+from .base import ForwardState, MethodConfig, Policy, check_choice, check_keep, check_layers
 
 MODES = ("stage", "layer")
 
@@ -27,17 +35,18 @@ class Evo(MethodConfig):
 
     keep: fraction of patch tokens on the slow path, K = int(P * keep) (0.5 in the paper).
     stage_starts: layers where a selection is made in ``"stage"`` mode; the first is where pruning starts.
-        None: (4, 8) at depth 12, scaled proportionally for other depths; on LeViT (2,), and every later stage
-        selects again at its first block.
+        None: (4, 8) at depth 12, scaled proportionally for other depths; on multi-stage models (LeViT) (2,), and
+        every later stage selects again at its first block.
     mode: ``"stage"`` selects at stage starts (inference default, last third of training); ``"layer"`` selects at
         every pruned layer (first two thirds of training).
     representative: False keeps placeholders unchanged (official DeiT code); True moves them with the residual of a
-        global-attention-weighted representative token (paper, official LeViT code); None: the family's default
-        (True on tokenpace's Evo-LeViT, False elsewhere).
+        global-attention-weighted representative token (paper, official LeViT code); None: what the model asks
+        for (True on tokenpace's Evo-LeViT), else False.
     alpha: weight of the new layer's class attention when g evolves in pruned layers (0.5 in the paper); dense
-        layers overwrite g, so the first selection uses the class attention of the layer before it.
-    score: None (the family default), ``"cls"`` (global class attention), ``"received"`` (attention each token
-        receives, class-token-free LeViT) or ``"random"`` (control: random ranking).
+        layers overwrite g, so the first selection uses the class attention of the layer before it. Models with a
+        learned evolution weight (Evo-LeViT) use theirs in stage mode.
+    score: None (the family default), ``"cls"`` (global class attention), ``"received"`` (the attention each token
+        receives; class-token-free models) or ``"random"`` (control: random ranking).
     """
 
     keep: float = 0.5
@@ -48,26 +57,30 @@ class Evo(MethodConfig):
     score: str | None = None
 
     name: ClassVar[str] = "evo"
+    scores: ClassVar[tuple[str, ...]] = ("cls", "received", "random")
 
     def __post_init__(self) -> None:
-        check_keep("Evo keep", self.keep)
-        check_layers_type("Evo stage_starts", self.stage_starts)
+        check_keep(self, "Evo keep")
+        check_layers(self, "Evo stage_starts", "stage_starts")
         check_choice("Evo mode", self.mode, MODES)
-        check_choice("Evo score", self.score, SCORES, optional=True)
+        check_choice("Evo score", self.score, ("cls", "received", "norm", "random"), optional=True)
         if self.representative is not None and not isinstance(self.representative, bool):
             raise ValueError(f"Evo representative must be True, False or None (the family default); "
                              f"got {self.representative!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"Evo alpha must be a number in (0, 1] (weight of the new layer); got {self.alpha!r}")
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < float(alpha) <= 1.0:
+            raise ValueError(f"Evo alpha must be a number in (0, 1] (weight of the new layer); got {alpha!r}")
+        object.__setattr__(self, "alpha", float(alpha))
 
-    def resolved_stage_starts(self, depth: int) -> tuple[int, ...]:
-        starts = self.stage_starts if self.stage_starts is not None else scaled_layers(depth, (4, 8))
+    def resolved_stage_starts(self, family: Family) -> tuple[int, ...]:
+        default = (2,) if len(family.stage_blocks) > 1 else scaled_layers(family.depth, (4, 8))
+        starts = self.stage_starts if self.stage_starts is not None else default
         # the first selection needs the class attention of the layer before it, so pruning starts at layer >= 1
-        validate_layers("Evo stage_starts", starts, depth, minimum=1)
+        validate_layers("Evo stage_starts", starts, family.depth, minimum=1)
         return starts
 
-    def policy(self, adapter) -> "EvoPolicy":
-        return EvoPolicy(self, adapter)
+    def policy(self, family: Family) -> "EvoPolicy":
+        return EvoPolicy(self, family)
 
 
 def gather_slow_path(x: torch.Tensor, g: torch.Tensor, ranking: torch.Tensor, k: int, prefix: int,
@@ -102,53 +115,90 @@ def scatter_slow_path(x: torch.Tensor, seq_idx: torch.Tensor, tokens: torch.Tens
 class EvoPolicy(Policy):
     config: Evo
 
-    def __init__(self, config: Evo, adapter) -> None:
-        super().__init__(config, adapter)
-        starts = config.resolved_stage_starts(self.depth)
+    def __init__(self, config: Evo, family: Family) -> None:
+        super().__init__(config, family)
+        starts = config.resolved_stage_starts(family)
         self.first = starts[0]
-        self.representative = (adapter.default_representative if config.representative is None
-                               else config.representative)
-        bounds = range(self.first, self.depth + 1) if config.mode == "layer" else (*starts, self.depth)
-        # each segment runs its layers on one selection; g is needed only where a later selection reads it
-        self.segments = [(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+        representative = config.representative
+        if representative is None:
+            representative = family.model_defaults("evo").get("representative", False)
+        self.representative = representative
+        if representative and not all(family.parts(i).accepts_extra for i in range(self.first, self.depth)):
+            raise ValueError(f"Evo representative=True needs blocks that accept a token without a position, and "
+                             f"{family.name} attention biases need a position for every token. Accepted here: "
+                             "representative=False")
+        if config.mode == "layer":
+            selections = set(range(self.first, self.depth))
+        else:
+            selections = set(starts) | {r.start for r in family.stage_blocks if r.start > self.first}
+        last_selection = max(selections)
+        # per stage: (lo, hi, pruned, evolve) segments; a pruned segment runs its blocks on one selection, and g is
+        # evolved only where a later selection reads it
+        self.segments = []
+        for r in family.stage_blocks:
+            cuts = sorted({r.start, r.stop} | {i for i in selections if i in r} | ({self.first} & set(r)))
+            self.segments.append([(lo, hi, lo >= self.first, hi <= last_selection) for lo, hi in zip(cuts, cuts[1:])])
+        self.row = Row(self.row_query())
+        self.learned = config.mode == "stage"  # learned evolution weights replace alpha in stage mode
+
+    def _alpha(self, logit: torch.Tensor | None) -> float | torch.Tensor:
+        """The evolution weight: sigmoid(theta) where the model learns one (stage mode), else the fixed alpha."""
+        return torch.sigmoid(logit) if self.learned and logit is not None else self.config.alpha
 
     def run(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
-        ad, prefix = self.adapter, self.prefix
-        num_patches = x.shape[1] - prefix
-        k = keep_count(num_patches, self.config.keep)
-        for i in range(self.first - 1):
-            x = ad.block(i, x)
-        # dense layers overwrite g, so only the last one before pruning matters
-        x, cls_row = ad.block_with_cls_attention(self.first - 1, x, "sum")
-        g = cls_row[:, prefix:]
-        for s, (lo, hi) in enumerate(self.segments):
-            x, g = self._segment(x, g, lo, hi, k, s < len(self.segments) - 1, state)
+        fam, frame, prefix = self.family, state.frame, self.prefix
+        g = None
+        for s, segments in enumerate(self.segments):
+            if s > 0:
+                x, full = fam.enter_stage(s, x, frame, self.row.query if g is not None else None)
+                if g is not None:
+                    entry = fam.stage_entry(s, x.device)
+                    total = g.sum(dim=1, keepdim=True)
+                    g = evolve(g[:, entry.subsample], full[:, entry.subsample], self._alpha(entry.evolution_logit))
+                    g = g * (total / g.sum(dim=1, keepdim=True))
+            for lo, hi, pruned, evolve_g in segments:
+                if pruned:
+                    x, g = self._segment(x, g, lo, hi, evolve_g, state)
+                    continue
+                for i in range(lo, hi):
+                    if i == self.first - 1:  # dense layers overwrite g: only the one before pruning matters
+                        x, scores, _ = run_block(fam.parts(i), x, fam.tokens(frame), row=self.row)
+                        g = scores[:, prefix:]
+                    else:
+                        x = fam.block(i, x, frame)
         return x
 
-    def _segment(self, x, g, lo, hi, k, evolve_g, state):
-        cfg, ad, prefix = self.config, self.adapter, self.prefix
+    def _segment(self, x, g, lo, hi, evolve_g, state):
+        fam, prefix = self.family, self.prefix
+        k = keep_count(x.shape[1] - prefix, self.config.keep)
+        # the representative token's weights g / sum(g) carry gradient to q, k and theta (Evo-LeViT)
         keep_idx, seq_idx, sub, g_sub, rep_in = gather_slow_path(x, g, self.rank(g), k, prefix, self.representative)
+        where = fam.tokens(state.frame).select(keep_idx, extra=int(rep_in is not None))
+        row = self.row if evolve_g else None
         for i in range(lo, hi):
-            if evolve_g:
-                sub, cls_row = ad.block_with_cls_attention(i, sub, "sum")
-                g_sub = evolve(g_sub, cls_row[:, prefix:prefix + k], cfg.alpha)
-            else:
-                sub = ad.block(i, sub)
+            parts = fam.parts(i)
+            sub, scores, _ = run_block(parts, sub, where, row=row)
+            if scores is not None:
+                g_sub = evolve(g_sub, scores[:, prefix:prefix + k], self._alpha(parts.evolution_logit))
             state.record_kept(i, keep_idx)
         x = scatter_slow_path(x, seq_idx, sub, rep_in)
-        if evolve_g:
+        if row is not None:
             g = scatter_values(g, keep_idx, g_sub)
         return x, g
 
-    def work(self, num_patches: int) -> list[BlockWork]:
-        k = keep_count(num_patches, self.config.keep)
-        n_all = num_patches + self.prefix
-        use_rep = self.representative and k < num_patches
-        n = k + self.prefix + int(use_rep)
-        works = [dense_work(n_all)] * (self.first - 1) + [BlockWork(n_all, n_all, cls_row_keys=n_all)]
-        for s, (lo, hi) in enumerate(self.segments):
-            evolve_g = s < len(self.segments) - 1
-            for i in range(lo, hi):
-                merged = (num_patches - k) if (use_rep and i == lo) else 0
-                works.append(BlockWork(n, n, cls_row_keys=n if evolve_g else 0, merged_tokens=merged))
+    def work(self, counts) -> list[BlockWork]:
+        works = []
+        for segments in self.segments:
+            for lo, hi, pruned, evolve_g in segments:
+                patches, prefix = counts[lo].tokens, counts[lo].prefix
+                k = keep_count(patches, self.config.keep)
+                use_rep = pruned and self.representative and k < patches
+                n = (k if pruned else patches) + prefix + int(use_rep)
+                for i in range(lo, hi):
+                    if not pruned:
+                        works.append(BlockWork(n, n, row_keys=self.row_keys(n)) if i == self.first - 1
+                                     else dense_work(n))
+                        continue
+                    works.append(BlockWork(n, n, row_keys=self.row_keys(n) if evolve_g else 0,
+                                           merged_tokens=(patches - k) if use_rep and i == lo else 0))
         return works

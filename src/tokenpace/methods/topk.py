@@ -5,15 +5,19 @@ discarded for good; this is Evo-ViT's first selection without its placeholders.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from ..blockops import Row, run_block
 from ..core.macs import BlockWork, dense_work
 from ..core.schedule import keep_count, scaled_layer, validate_layers
 from ..core.tokens import gather_tokens, top_indices, with_prefix
-from .base import SCORES, ForwardState, MethodConfig, Policy, check_choice, check_keep
+from ..families.base import Family
+from .base import ForwardState, MethodConfig, Policy, check_choice, check_keep
+from .evit import token_dropping_refusal
 
 
 @dataclass(frozen=True)
@@ -22,8 +26,8 @@ class TopK(MethodConfig):
 
     keep: fraction of patch tokens kept, K = int(P * keep).
     layer: first layer that runs on the kept tokens only; None: 4 at depth 12 (Evo-ViT's), scaled otherwise.
-    score: None (the family default), ``"cls"`` (class attention of the layer before, head sum) or ``"random"``
-        (control).
+    score: None (the family default), ``"cls"`` (class attention of the layer before), ``"received"``
+        (class-token-free models) or ``"random"`` (control).
     """
 
     keep: float = 0.5
@@ -31,44 +35,52 @@ class TopK(MethodConfig):
     score: str | None = None
 
     name: ClassVar[str] = "topk"
+    scores: ClassVar[tuple[str, ...]] = ("cls", "received", "random")
 
     def __post_init__(self) -> None:
-        check_keep("TopK keep", self.keep)
-        check_choice("TopK score", self.score, SCORES, optional=True)
-        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+        check_keep(self, "TopK keep")
+        check_choice("TopK score", self.score, ("cls", "received", "norm", "random"), optional=True)
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, numbers.Integral)):
             raise ValueError(f"TopK layer must be an int layer index or None for the default; got {self.layer!r}")
+
+    def refusal(self, family: Family) -> str | None:
+        return token_dropping_refusal(self, family)
 
     def resolved_layer(self, depth: int) -> int:
         layer = self.layer if self.layer is not None else scaled_layer(depth, 4)
         validate_layers("TopK layer", (layer,), depth, minimum=1)
-        return layer
+        return int(layer)
 
-    def policy(self, adapter) -> "TopKPolicy":
-        return TopKPolicy(self, adapter)
+    def policy(self, family: Family) -> "TopKPolicy":
+        return TopKPolicy(self, family)
 
 
 class TopKPolicy(Policy):
     config: TopK
 
-    def __init__(self, config: TopK, adapter) -> None:
-        super().__init__(config, adapter)
+    def __init__(self, config: TopK, family: Family) -> None:
+        super().__init__(config, family)
         self.layer = config.resolved_layer(self.depth)
+        self.row = Row(self.row_query())
 
     def run(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
-        ad, prefix = self.adapter, self.prefix
+        fam, frame, prefix = self.family, state.frame, self.prefix
         k = keep_count(x.shape[1] - prefix, self.config.keep)
         for i in range(self.layer - 1):
-            x = ad.block(i, x)
-        x, cls_row = ad.block_with_cls_attention(self.layer - 1, x, "sum")
-        keep_idx = top_indices(self.rank(cls_row[:, prefix:]), k)
+            x = fam.block(i, x, frame)
+        where = fam.tokens(frame)
+        x, scores, _ = run_block(fam.parts(self.layer - 1), x, where, row=self.row)
+        keep_idx = top_indices(self.rank(scores[:, prefix:]), k)
         x = gather_tokens(x, with_prefix(keep_idx, prefix))
+        where = where.select(keep_idx)
         for i in range(self.layer, self.depth):
-            x = ad.block(i, x)
+            x = self.run_on(i, x, where, frame)
             state.record_kept(i, keep_idx)
         return x
 
-    def work(self, num_patches: int) -> list[BlockWork]:
-        n_all = num_patches + self.prefix
-        n = keep_count(num_patches, self.config.keep) + self.prefix
-        return ([dense_work(n_all)] * (self.layer - 1) + [BlockWork(n_all, n_all, cls_row_keys=n_all)]
+    def work(self, counts) -> list[BlockWork]:
+        prefix = counts[0].prefix
+        n_all = counts[0].tokens + prefix
+        n = keep_count(counts[0].tokens, self.config.keep) + prefix
+        return ([dense_work(n_all)] * (self.layer - 1) + [BlockWork(n_all, n_all, row_keys=self.row_keys(n_all))]
                 + [dense_work(n)] * (self.depth - self.layer))

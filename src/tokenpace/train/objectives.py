@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..families import adapter_for
-from ..losses import distill_kl, feature_mse, token_cut_loss
+from ..losses import distill_kl, feature_mse, model_cut_loss
 from ..patch import get_patch
 from .recipes import Recipe
 
@@ -110,11 +110,8 @@ class IdleDistillObjective(Objective):
         ce = self.criterion(logits, targets)
         terms = {"ce": ce.detach()}
         loss = ce
-        patch = get_patch(self.model)
-        if r.cut_mode != "none" and patch is not None and self.model.training:
-            records = patch.last_state.records
-            attns = [patch.adapter.attention_module(rec.layer) for rec in records]
-            cut = token_cut_loss(records, attns, patch.adapter.num_prefix, r.cut_mode)
+        if r.cut_mode != "none" and get_patch(self.model) is not None and self.model.training:
+            cut = model_cut_loss(self.model, r.cut_mode)
             loss = loss + r.cut_weight * cut
             terms["cut"] = cut.detach()
         if self.teacher is not None:

@@ -1,0 +1,147 @@
+"""Block anatomy: what a model family says its blocks are made of, so that scores, methods, the token cut loss and
+the cost model are written once (``blockops.py``, ``scoring.py``, ``methods/``, ``losses.py``).
+
+Every supported block is read as the pre-norm transformer block
+
+    h = norm1(x);  q, k, v = qkv(h, where);  o = softmax(q k^T * scale + bias(where)) v
+    x = res_attn(x, out(o, h));  x = res_mlp(x, mlp(norm2(x)))
+
+A family without norms (LeViT) returns its input from ``norm1``/``norm2``; ``res_*`` hold LayerScale, drop path and
+scaled residuals; ``out`` the inner norm, the gate, the output projection and its dropout. Position-dependent terms
+(RoPE, relative-position biases, shift masks) are taken where the tokens sit, which ``where`` describes: a
+:class:`TokenSet` on sequence families, the family's own slot description on windowed ones. Methods never read
+module internals; they call these parts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .core.macs import BlockShape
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """Where the tokens of a (sub)sequence sit.
+
+    ``prefix`` position-less tokens come first (class, distillation, registers); then the patch tokens at raster
+    positions ``pos`` (B, m) of the stage grid (None: every patch, in raster order); then ``extra`` position-less
+    tokens (Evo's representative token, EViT's fused token). ``frame`` is the family's per-forward position data
+    (e.g. the RoPE table at the input size), passed through untouched. ``holes`` marks that ``pos`` may hold -1:
+    a token without a position among the patch tokens (EViT's fused token once it is kept).
+    """
+
+    prefix: int
+    pos: torch.Tensor | None = None
+    extra: int = 0
+    frame: Any = None
+    holes: bool = False
+
+    def select(self, idx: torch.Tensor, extra: int = 0) -> "TokenSet":
+        """The set holding this set's prefix, then the patch tokens idx (B, m) (indices into this set's patches),
+        then ``extra`` position-less tokens."""
+        pos = idx if self.pos is None else self.pos.gather(1, idx)
+        return replace(self, pos=pos, extra=extra)
+
+    def patches(self, idx: torch.Tensor) -> "TokenSet":
+        """The set holding only the patch tokens idx (B, m) of this set (no prefix, no extra tokens)."""
+        return replace(self.select(idx), prefix=0)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Per-forward data a family's position terms need: the patch grid (rows, cols) at this input and the family's
+    own tables (e.g. RoPE sin/cos over every patch position)."""
+
+    grid: tuple[int, int]
+    rope: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    """How a stage's tokens come from the previous stage's: the input raster positions they are sub-sampled from
+    (LeViT's stride-2 attention down-sampling), and a learned Evo evolution weight (logit) the down-sampling
+    attention carries, if any."""
+
+    subsample: torch.Tensor
+    evolution_logit: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LinearMap:
+    """An affine projection y = x W^T + b (all heads side by side: W (A, C), b (A,) or None)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class BlockParts:
+    """The anatomy of one block; families subclass it. Defaults fit timm's pre-norm ``Block``."""
+
+    num_heads: int
+    scale: float
+    fused: bool = True  # fused SDPA (timm's ``fused_attn``); False computes the explicit softmax
+    accepts_extra: bool = True  # position-less tokens after the patches are allowed (no bias needs a position)
+    evolution_logit: torch.Tensor | None = None  # a learned Evo evolution weight (logit) the block carries
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    # --- the forward, part by part --------------------------------------------------------------------------------
+    def dropout(self) -> float:
+        """Attention-dropout probability of this forward (0 at inference)."""
+        return 0.0
+
+    def norm1(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.norm1(x)
+
+    def norm2(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.norm2(x)
+
+    def qkv(self, h: torch.Tensor, where: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, H, n, d) of the normed tokens h (B, n, C), with norms and position terms applied."""
+        raise NotImplementedError
+
+    def queries(self, h: torch.Tensor, where: Any) -> torch.Tensor:
+        """q (B, H, n, d) alone (where None: position-less tokens, e.g. the class token)."""
+        return self.qkv(h, where)[0]
+
+    def keys(self, h: torch.Tensor, where: Any) -> torch.Tensor:
+        """k (B, H, n, d) alone, with norms and position terms."""
+        return self.qkv(h, where)[1]
+
+    def bias(self, where: Any) -> torch.Tensor | None:
+        """Additive logits among the tokens at ``where`` (relative-position bias, masks), broadcastable to
+        (B, H, n, n); None when the block has none."""
+        return None
+
+    def out(self, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Attention output o (B, n, H*d_v) -> the branch output (inner norm, gate from h, projection, dropout)."""
+        raise NotImplementedError
+
+    def mlp(self, h: torch.Tensor, where: Any = None) -> torch.Tensor:
+        return self.block.mlp(h)
+
+    def res_attn(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + self.block.drop_path1(self.block.ls1(y))
+
+    def res_mlp(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + self.block.drop_path2(self.block.ls2(y))
+
+    # --- what scoring may skip ------------------------------------------------------------------------------------
+    def linear_queries(self) -> LinearMap | None:
+        """The query projection when q is affine in h (no query norm, no position terms), else None."""
+        return None
+
+    def linear_keys(self) -> LinearMap | None:
+        """The key projection when k is affine in h (no key norm, no position terms), else None: scores then need no
+        key projection (sum_h q_h . k_hj = (W_k^T q) . h_j + const)."""
+        return None
+
+    # --- cost ----------------------------------------------------------------------------------------------------
+    def shape(self) -> BlockShape:
+        raise NotImplementedError
+

@@ -1,0 +1,50 @@
+"""A block, or one of its halves, on any subset of tokens: written once on the block anatomy (``anatomy.py``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .anatomy import BlockParts
+from .core.attention import attend
+
+
+@dataclass(frozen=True)
+class Row:
+    """A score row a method wants while the attention runs (``core.attention``): ``query`` "cls", "mean" or
+    "columns", reduced over heads by ``heads``."""
+
+    query: str
+    heads: str = "mean"
+
+
+def attention_branch(parts: BlockParts, h: torch.Tensor, where: Any, row: Row | None = None,
+                     keep_qk: bool = False):
+    """The attention branch on normed tokens h (B, n, C) -> (its output before the residual, the row's scores over
+    every key or None, and with ``keep_qk`` (q, k) (B, H, n, d) as the attention used them)."""
+    q, k, v = parts.qkv(h, where)
+    o, scores = attend(q, k, v, parts.scale, parts.bias(where), parts.dropout(), parts.fused,
+                       None if row is None else row.query, "mean" if row is None else row.heads)
+    B, H, n, dv = o.shape
+    return parts.out(o.transpose(1, 2).reshape(B, n, H * dv), h), scores, ((q, k) if keep_qk else None)
+
+
+def attention_half(parts: BlockParts, x: torch.Tensor, where: Any, h: torch.Tensor | None = None,
+                   row: Row | None = None, keep_qk: bool = False):
+    """x after the attention residual, with the scores and (q, k) of :func:`attention_branch`. ``h`` is norm1(x)
+    when the caller already has it."""
+    y, scores, qk = attention_branch(parts, parts.norm1(x) if h is None else h, where, row, keep_qk)
+    return parts.res_attn(x, y), scores, qk
+
+
+def mlp_half(parts: BlockParts, x: torch.Tensor, where: Any = None) -> torch.Tensor:
+    """x after the MLP residual."""
+    return parts.res_mlp(x, parts.mlp(parts.norm2(x), where))
+
+
+def run_block(parts: BlockParts, x: torch.Tensor, where: Any, h: torch.Tensor | None = None,
+              row: Row | None = None, keep_qk: bool = False):
+    """The whole block on x: (x, scores, (q, k) or None), as :func:`attention_half`."""
+    x, scores, qk = attention_half(parts, x, where, h, row, keep_qk)
+    return mlp_half(parts, x, where), scores, qk

@@ -1,0 +1,202 @@
+"""timm ``Eva``: EVA-02 (``eva02_*``), DINOv3 (``vit_*_dinov3*``), PE core (``vit_pe_core_*``), RoPE ViTs
+(``vit_*_rope_*``), EVA-CLIP towers.
+
+The blocks are pre-norm with rotary position embeddings applied inside attention to the non-prefix tokens: the RoPE
+table (per depth and head in the ``mixed`` form) is gathered at the positions of the tokens present, and tokens
+without a position (class and register tokens, Evo's representative token, EViT's fused token) are not rotated.
+Also: fused or separate q/k/v with EVA's zero key bias, grouped-query attention, qk-norm, LayerScale (``gamma_*``),
+SwiGLU / GLU MLPs, class token or not, average, token and MAP pooling.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..anatomy import Frame, LinearMap, TokenSet
+from ..core.macs import BlockShape, linear_macs
+from .base import SequenceFamily, parse_img_size
+from .timm_vit import VitParts, attention_pool_macs, check_pool, has_fixed_length_pool, patch_grid
+
+
+def _timm_classes():
+    from timm.layers import AttentionRope
+    from timm.models.eva import Eva, EvaAttention, EvaBlock
+
+    return Eva, EvaBlock, (EvaAttention, AttentionRope)
+
+
+def rope_at(table: torch.Tensor, where: TokenSet) -> torch.Tensor:
+    """The sin/cos rows of ``table`` ((N, D), or (H, N, D) per head) at the patch positions of ``where``, shaped
+    (B, 1 or H, m, D) (or the table itself when every patch is present in order). Position -1 (a token without a
+    position) gets the identity rotation (sin 0, cos 1)."""
+    if where.pos is None:
+        return table
+    pos = where.pos.clamp(min=0) if where.holes else where.pos
+    rows = table[pos].unsqueeze(1) if table.ndim == 2 else table[:, pos].transpose(0, 1)
+    if where.holes:
+        half = table.shape[-1] // 2
+        identity = torch.cat([table.new_zeros(half), table.new_ones(half)])
+        rows = torch.where((where.pos >= 0)[:, None, :, None], rows, identity)
+    return rows
+
+
+class EvaParts(VitParts):
+    """``EvaBlock`` with ``EvaAttention`` or ``AttentionRope``."""
+
+    def __init__(self, block: nn.Module, index: int, has_rope: bool, mixed: bool) -> None:
+        super().__init__(block)
+        attn = self.attn
+        self.index, self.has_rope, self.mixed = index, has_rope, mixed
+        self.kv_heads = getattr(attn, "num_kv_heads", attn.num_heads)
+        self.half = getattr(attn, "rotate_half", False)
+
+    def _bias(self, j: int) -> torch.Tensor | None:
+        """EVA's separate q/k/v biases (the key's is a zero buffer) as one slice of the fused layout."""
+        attn = self.attn
+        if getattr(attn, "q_bias", None) is not None:
+            return (attn.q_bias, attn.k_bias, attn.v_bias)[j]
+        return None if attn.qkv.bias is None else attn.qkv.bias[j * self.width:(j + 1) * self.width]
+
+    def _weights(self, j: int):
+        attn = self.attn
+        if attn.qkv is None:
+            proj = (attn.q_proj, attn.k_proj, attn.v_proj)[j]
+            return proj.weight, proj.bias
+        return attn.qkv.weight[j * self.width:(j + 1) * self.width], self._bias(j)
+
+    def _heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
+        B, n, _ = t.shape
+        return t.reshape(B, n, heads, self.head_dim).transpose(1, 2)
+
+    def _rotate(self, t: torch.Tensor, where: TokenSet | None) -> torch.Tensor:
+        if not self.has_rope or where is None:
+            return t
+        from timm.layers import apply_rot_embed_cat
+
+        table = where.frame.rope[self.index] if self.mixed else where.frame.rope
+        rope = rope_at(table, where)
+        p, m = where.prefix, rope.shape[-2]
+        rotated = apply_rot_embed_cat(t[:, :, p:p + m], rope, half=self.half)
+        return torch.cat([t[:, :, :p], rotated, t[:, :, p + m:]], dim=2)
+
+    def _expand(self, t: torch.Tensor) -> torch.Tensor:
+        groups = self.num_heads // self.kv_heads
+        return t.repeat_interleave(groups, dim=1) if groups > 1 else t
+
+    def qkv(self, h, where):
+        attn = self.attn
+        if attn.qkv is not None:
+            bias = None
+            if getattr(attn, "q_bias", None) is not None:
+                bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            elif attn.qkv.bias is not None:
+                bias = attn.qkv.bias
+            q, k, v = self._split(F.linear(h, attn.qkv.weight, bias), 3).unbind(0)
+        else:
+            q = self._heads(attn.q_proj(h), self.num_heads)
+            k, v = self._heads(attn.k_proj(h), self.kv_heads), self._heads(attn.v_proj(h), self.kv_heads)
+        q, k = self._rotate(attn.q_norm(q), where), self._rotate(attn.k_norm(k), where)
+        return q.type_as(v), self._expand(k.type_as(v)), self._expand(v)
+
+    def queries(self, h, where):
+        q = self._heads(F.linear(h, *self._weights(0)), self.num_heads)
+        return self._rotate(self.attn.q_norm(q), where)
+
+    def keys(self, h, where):
+        k = self._heads(F.linear(h, *self._weights(1)), self.kv_heads)
+        return self._expand(self._rotate(self.attn.k_norm(k), where))
+
+    def res_attn(self, x, y):
+        blk = self.block
+        return x + blk.drop_path1(y if blk.gamma_1 is None else blk.gamma_1 * y)
+
+    def res_mlp(self, x, y):
+        blk = self.block
+        return x + blk.drop_path2(y if blk.gamma_2 is None else blk.gamma_2 * y)
+
+    def linear_queries(self):
+        return None if self.has_rope else super().linear_queries()
+
+    def linear_keys(self):
+        if self.has_rope or self.kv_heads != self.num_heads:
+            return None
+        return LinearMap(*self._weights(1)) if isinstance(self.attn.k_norm, nn.Identity) else None
+
+    def shape(self) -> BlockShape:
+        attn = self.attn
+        qkv = sum(linear_macs(getattr(attn, name, None)) for name in ("qkv", "q_proj", "k_proj", "v_proj"))
+        dim = attn.proj.out_features
+        return BlockShape(dim=dim, qk_dim=self.width, v_dim=self.width, qkv=qkv,
+                          proj=linear_macs(attn.proj) + linear_macs(getattr(attn, "gate", None)),
+                          mlp=linear_macs(self.block.mlp))
+
+
+class TimmEva(SequenceFamily):
+    name = "timm Eva"
+
+    def __init__(self, model: nn.Module) -> None:
+        _, EvaBlock, attentions = _timm_classes()
+        for i, blk in enumerate(model.blocks):
+            if type(blk) is not EvaBlock or type(blk.attn) not in attentions:
+                raise TypeError(f"block {i} of this Eva is {type(blk).__name__} with {type(blk.attn).__name__}; "
+                                "tokenpace supports timm's pre-norm EvaBlock with EvaAttention or AttentionRope "
+                                "(EVA-02, DINOv3, PE, RoPE ViTs); post-norm blocks are not supported")
+        if model.patch_drop is not None:
+            raise TypeError("patch dropout (patch_drop_rate > 0) changes the token count before the blocks; "
+                            "build the model with patch_drop_rate=0 to use tokenpace")
+        check_pool(model)
+        super().__init__(model, [model.blocks])
+        self.blocks_use_positions = model.rope is not None
+        self.fixed_length_head = has_fixed_length_pool(model)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        try:
+            Eva = _timm_classes()[0]
+        except ImportError:
+            return False
+        return isinstance(model, Eva)
+
+    def make_parts(self, i: int) -> EvaParts:
+        m = self.model
+        return EvaParts(self.blocks[i], i, m.rope is not None, getattr(m, "rope_mixed", False))
+
+    @property
+    def num_prefix(self) -> int:
+        return self.model.num_prefix_tokens
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.model.cls_token is not None
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
+        m = self.model
+        grid = patch_grid(m.patch_embed, tuple(x.shape[-2:]))
+        x, rope = m._pos_embed(m.patch_embed(x))
+        return m.norm_pre(x), Frame(grid=grid, rope=rope)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(x)
+
+    def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
+        rope = frame.rope[i] if frame.rope is not None and getattr(self.model, "rope_mixed", False) else frame.rope
+        return self.blocks[i](x, rope=rope)
+
+    # --- sizes and cost ------------------------------------------------------------------------------------------
+    def input_size(self) -> tuple[int, int, int]:
+        pe = self.model.patch_embed
+        return (pe.proj.in_channels, *pe.img_size)
+
+    def block_grid(self, i: int) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.grid_size)
+
+    def stage_patches(self, img_size) -> list[int]:
+        rows, cols = patch_grid(self.model.patch_embed, None if img_size is None else parse_img_size(img_size))
+        return [rows * cols]
+
+    def stem_macs(self, img_size) -> int:
+        return self.model.patch_embed.proj.weight.numel() * self.stage_patches(img_size)[0]
+
+    def head_macs(self, tokens: int) -> int:
+        return linear_macs(self.model.head) + attention_pool_macs(self.model.attn_pool, tokens)

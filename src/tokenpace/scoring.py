@@ -1,0 +1,73 @@
+"""Pre-softmax token scores that need no block run (IdleViT ranks by them), written once on the block anatomy, and
+their cost.
+
+``query_logits`` is the head-summed logit every token receives from one query vector: the class token's query
+(``"cls"``) or the mean of every query (``"mean"``: mean_i q_i . k_j = qbar . k_j, the mean logit token j receives).
+Where the keys are affine in the normed input h, no key is projected: sum_h q_h . (W_k,h h_j + b_k,h) =
+(W_k^T q) . h_j + q . b_k, and the last term is the same for every token of a group, so it is left out (scores rank
+tokens within their group). Where the queries are affine too, qbar = W_q mean_i(h_i) + b_q needs one projection.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .anatomy import BlockParts
+from .core.macs import BlockShape, ScoreWork
+
+QUERIES = ("cls", "mean")
+
+
+def _query_row(parts: BlockParts, h: torch.Tensor, where: Any, query: str) -> torch.Tensor:
+    """The query vector (B, H, 1, d) of ``query`` for the normed tokens h (B, n, C)."""
+    if query == "cls":
+        return parts.queries(h[..., :1, :], None)
+    linear = parts.linear_queries()
+    if linear is not None:
+        q = F.linear(h.mean(dim=-2), linear.weight, linear.bias)  # (..., A)
+        return q.reshape(*q.shape[:-1], parts.num_heads, 1, -1)
+    return parts.queries(h, where).mean(dim=-2, keepdim=True)
+
+
+def query_logits(parts: BlockParts, h: torch.Tensor, where: Any, query: str,
+                 project_keys: bool = False) -> torch.Tensor:
+    """Head-summed scaled logits (..., n) that the tokens of h (..., n, C) receive from the ``query`` vector
+    (per-group constants left out). Additive position terms are not included: see :func:`bias_row`."""
+    q = _query_row(parts, h, where, query)  # (..., H, 1, d)
+    keys = None if project_keys else parts.linear_keys()
+    if keys is not None:
+        u = q.flatten(-3) @ keys.weight  # (..., C): sum over heads of W_k,h^T q_h, every image at once
+        return (h @ (u * parts.scale).unsqueeze(-1)).squeeze(-1)
+    k = parts.keys(h, where)  # (B, H, n, d)
+    return ((q * parts.scale) @ k.transpose(-2, -1)).squeeze(-2).sum(dim=-2)
+
+
+def bias_row(parts: BlockParts, where: Any, query: str) -> torch.Tensor | None:
+    """The additive logit terms (relative-position bias, masks) of the ``query`` row, summed over heads
+    (broadcastable to the scores), or None."""
+    bias = parts.bias(where)
+    if bias is None:
+        return None
+    row = bias[..., 0, :] if query == "cls" else bias.mean(dim=-2)
+    return row.sum(dim=-2)
+
+
+def token_norms(x: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of every token (..., n, C) -> (..., n) in float32: free, and defined for any attention."""
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+
+
+def score_macs(parts: BlockParts, work: ScoreWork) -> int:
+    """MACs of one group's scores as :func:`query_logits` computes them (norms and random scores cost 0)."""
+    if work.query not in QUERIES:
+        return 0
+    shape: BlockShape = parts.shape()
+    C, A, n = shape.dim, shape.qk_dim, work.tokens
+    one_query = C * A  # the class query, or W_q of the mean input
+    if work.query == "mean" and parts.linear_queries() is None:
+        one_query = n * C * A  # every query, then their mean
+    if not work.project_keys and parts.linear_keys() is not None:
+        return one_query + A * C + n * C  # W_k^T q, then one dot per token
+    return one_query + n * C * A + n * A  # every key, then one dot per token and head
