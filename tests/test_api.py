@@ -183,3 +183,69 @@ def test_inference_mode_and_batch_size_one(images):
         model = tokenpace.apply(make_vit("deit"), method)
         with torch.inference_mode():
             assert model(images[:1]).shape == (1, 10)
+
+
+def _selection_share(model, images, dtype):
+    """Mean and least share of each image's fp32 full-path tokens that the ``dtype`` forward selects too."""
+    with torch.no_grad(), tokenpace.trace(model) as tr:
+        model(images)
+    reference = tr.kept
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype), tokenpace.trace(model) as tr:
+        model(images)
+    shares = [len(set(a.tolist()) & set(b.tolist())) / a.numel()
+              for ref, got in zip(reference, tr.kept) if ref is not None for a, b in zip(ref, got)]
+    return sum(shares) / len(shares), min(shares)
+
+
+@pytest.mark.parametrize("method", ["evo", "idle", "evit", "topk"])
+@pytest.mark.parametrize("variant", ["deit", "eva02", "siglip_map"])
+def test_bf16_selections_agree_with_fp32(method, variant):
+    from backbones import make_backbone
+
+    model = make_vit(variant) if variant == "deit" else make_backbone(variant)
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mean, least = _selection_share(tokenpace.apply(model, method), images, torch.bfloat16)
+    assert mean >= 0.9 and least >= 0.75, (mean, least)  # measured: mean 0.94-1.0, least 0.8-1.0
+
+
+def _families():
+    import timm
+    from timm.models.pvt_v2 import PyramidVisionTransformerV2
+    from timm.models.swin_transformer import SwinTransformer
+
+    from backbones import make_backbone
+    from conftest import spread_weights
+
+    small_levit = dict(embed_dim=(32, 48), key_dim=8, num_heads=(2, 3), depth=(2, 1))
+    return {
+        "vit": (make_vit("registers"), "evo", 32),
+        "eva": (make_backbone("dinov3"), "idle", 32),
+        "levit": (spread_weights(timm.create_model("levit_cifar", **small_levit)).eval(), "evo", 32),
+        "evo_levit": (spread_weights(timm.create_model("evo_levit_cifar", **small_levit)).eval(), "evo", 32),
+        "swin": (spread_weights(SwinTransformer(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2),
+                                                num_heads=(2, 2), window_size=4, num_classes=10)).eval(), "idle", 32),
+        "pvt_v2": (spread_weights(PyramidVisionTransformerV2(depths=(1, 2), embed_dims=(16, 32), num_heads=(1, 2),
+                                                              sr_ratios=(4, 2), mlp_ratios=(4, 4),
+                                                              num_classes=10)).eval(), "idle", 64),
+    }
+
+
+@pytest.mark.parametrize("family", ["vit", "eva", "levit", "evo_levit", "swin", "pvt_v2"])
+def test_patched_models_pickle_deepcopy_and_torch_save(family, tmp_path):
+    import copy
+    import pickle
+
+    model, method, size = _families()[family]
+    tokenpace.apply(model, method, keep=0.5)
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    copies = [pickle.loads(pickle.dumps(model)), copy.deepcopy(model), torch.load(path, weights_only=False)]
+    with torch.no_grad():
+        expected = model(images)
+        for other in copies:
+            patch = tokenpace.get_patch(other)
+            assert patch is not None and patch.config == tokenpace.get_patch(model).config
+            assert patch.adapter.model is other  # the copy runs its own weights
+            assert torch.equal(other(images), expected)
+            assert type(tokenpace.remove(other)) is tokenpace.get_patch(model).original_class

@@ -65,6 +65,31 @@ def test_unsupported_vit_block_type():
         tokenpace.apply(model, "evo")
 
 
+def test_unsupported_blocks_pools_and_classes_name_what_is_accepted():
+    from timm.models.eva import Eva
+    from timm.models.naflexvit import NaFlexVit
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+    from timm.models.vision_transformer import ParallelScalingBlock
+
+    parallel = make_vit("deit", depth=2, block_fn=ParallelScalingBlock)  # vit_pwee_*: no separate attention
+    with pytest.raises(TypeError, match="block 0 of this VisionTransformer is ParallelScalingBlock with no separate "
+                                        "attention; tokenpace supports timm's pre-norm Block"):
+        tokenpace.apply(parallel, "idle")
+    post_norm = Eva(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, use_post_norm=True)
+    with pytest.raises(TypeError, match="EvaBlockPostNorm.*post-norm blocks are not supported"):
+        tokenpace.apply(post_norm, "evo")
+    pooled = make_vit("deit", depth=2)
+    pooled.global_pool = "gem"
+    with pytest.raises(TypeError, match="global_pool='gem'.*accepted: 'token', 'avg', 'avgmax', 'max', 'map', ''"):
+        tokenpace.apply(pooled, "idle")
+    with torch.device("meta"):
+        naflex = NaFlexVit(embed_dim=48, depth=2, num_heads=3)
+    swin_v2 = SwinTransformerV2(img_size=32, patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,), window_size=4)
+    for model in (naflex, swin_v2):
+        with pytest.raises(TypeError, match="is not a supported model; tokenpace supports: timm VisionTransformer"):
+            tokenpace.apply(model, "idle")
+
+
 def test_attention_masks_are_refused_on_a_patched_model():
     model = tokenpace.apply(make_vit("deit", depth=4), "idle")
     with pytest.raises(ValueError, match="attention masks"):

@@ -65,9 +65,9 @@ def score_macs(parts: BlockParts, work: ScoreWork) -> int:
         return 0
     shape: BlockShape = parts.shape()
     C, A, n = shape.dim, shape.qk_dim, work.tokens
-    one_query = C * A  # the class query, or W_q of the mean input
+    one_query = shape.query_macs()  # the class query, or W_q of the mean input
     if work.query == "mean" and parts.linear_queries() is None:
-        one_query = n * C * A  # every query, then their mean
+        one_query *= n  # every query, then their mean
     if not work.project_keys and parts.linear_keys() is not None:
         return one_query + A * C + n * C  # W_k^T q, then one dot per token
-    return one_query + n * C * A + n * A  # every key, then one dot per token and head
+    return one_query + n * shape.key_macs() + n * A  # every key, then one dot per token and head

@@ -38,6 +38,14 @@ class BlockShape:
     qkv: int  # per-token MACs of the q, k, v projections
     proj: int  # per-token MACs after the attention (output projection, gate)
     mlp: int  # per-token MACs of the MLP
+    q_proj: int = 0  # per-token MACs of the query projection alone (scores; 0: dim * qk_dim)
+    k_proj: int = 0  # per-token MACs of the key projection alone (scores; 0: dim * qk_dim; less with grouped keys)
+
+    def query_macs(self) -> int:
+        return self.q_proj or self.dim * self.qk_dim
+
+    def key_macs(self) -> int:
+        return self.k_proj or self.dim * self.qk_dim
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class BlockWork:
     row_keys: int = 0  # a score row (one query against this many keys) computed beside the attention
     score: ScoreWork | None = None  # scores computed before the block runs
     merged_tokens: int = 0  # tokens folded into one by a weighted sum (EViT fusion, representative token)
+    out_tokens: int | None = None  # tokens per group leaving the block when a method drops some (None: all)
 
 
 def block_macs(shape: BlockShape, work: BlockWork) -> int:

@@ -248,7 +248,9 @@ class SequenceFamily(Family):
         counts = self.group_counts(img_size)
         if works is None:
             works = [dense_work(c.tokens + c.prefix) for c in counts]
-        total = self.stem_macs(img_size) + self.head_macs(works[-1].mlp_tokens) + sum(
+        last = works[-1].out_tokens
+        total = self.stem_macs(img_size) + self.head_macs(counts[-1].tokens + counts[-1].prefix if last is None
+                                                          else last) + sum(
             self.stage_entry_macs(s, img_size) for s in range(1, len(self.stage_blocks)))
         return total + sum(self.block_work_macs(i, work) for i, work in enumerate(works))
 

@@ -15,8 +15,7 @@ from torch import nn
 
 from ..anatomy import Frame, LinearMap, TokenSet
 from ..core.macs import BlockShape, linear_macs
-from .base import SequenceFamily, parse_img_size
-from .timm_vit import VitParts, attention_pool_macs, check_pool, has_fixed_length_pool, patch_grid
+from .timm_vit import PatchSequenceFamily, VitParts, patch_grid
 
 
 def _timm_classes():
@@ -129,10 +128,10 @@ class EvaParts(VitParts):
         dim = attn.proj.out_features
         return BlockShape(dim=dim, qk_dim=self.width, v_dim=self.width, qkv=qkv,
                           proj=linear_macs(attn.proj) + linear_macs(getattr(attn, "gate", None)),
-                          mlp=linear_macs(self.block.mlp))
+                          mlp=linear_macs(self.block.mlp), k_proj=dim * self.head_dim * self.kv_heads)
 
 
-class TimmEva(SequenceFamily):
+class TimmEva(PatchSequenceFamily):
     name = "timm Eva"
 
     def __init__(self, model: nn.Module) -> None:
@@ -145,10 +144,8 @@ class TimmEva(SequenceFamily):
         if model.patch_drop is not None:
             raise TypeError("patch dropout (patch_drop_rate > 0) changes the token count before the blocks; "
                             "build the model with patch_drop_rate=0 to use tokenpace")
-        check_pool(model)
-        super().__init__(model, [model.blocks])
+        super().__init__(model)
         self.blocks_use_positions = model.rope is not None
-        self.fixed_length_head = has_fixed_length_pool(model)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -162,41 +159,12 @@ class TimmEva(SequenceFamily):
         m = self.model
         return EvaParts(self.blocks[i], i, m.rope is not None, getattr(m, "rope_mixed", False))
 
-    @property
-    def num_prefix(self) -> int:
-        return self.model.num_prefix_tokens
-
-    @property
-    def has_class_token(self) -> bool:
-        return self.model.cls_token is not None
-
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
         m = self.model
         grid = patch_grid(m.patch_embed, tuple(x.shape[-2:]))
         x, rope = m._pos_embed(m.patch_embed(x))
         return m.norm_pre(x), Frame(grid=grid, rope=rope)
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.norm(x)
-
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         rope = frame.rope[i] if frame.rope is not None and getattr(self.model, "rope_mixed", False) else frame.rope
         return self.blocks[i](x, rope=rope)
-
-    # --- sizes and cost ------------------------------------------------------------------------------------------
-    def input_size(self) -> tuple[int, int, int]:
-        pe = self.model.patch_embed
-        return (pe.proj.in_channels, *pe.img_size)
-
-    def block_grid(self, i: int) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.grid_size)
-
-    def stage_patches(self, img_size) -> list[int]:
-        rows, cols = patch_grid(self.model.patch_embed, None if img_size is None else parse_img_size(img_size))
-        return [rows * cols]
-
-    def stem_macs(self, img_size) -> int:
-        return self.model.patch_embed.proj.weight.numel() * self.stage_patches(img_size)[0]
-
-    def head_macs(self, tokens: int) -> int:
-        return linear_macs(self.model.head) + attention_pool_macs(self.model.attn_pool, tokens)

@@ -107,37 +107,14 @@ class VitParts(BlockParts):
                           mlp=linear_macs(self.block.mlp))
 
 
-class TimmViT(SequenceFamily):
-    name = "timm VisionTransformer"
-    blocks_use_positions = False  # absolute position embeddings are added at the embedding
+class PatchSequenceFamily(SequenceFamily):
+    """A flat timm model: one patch embedding (``patch_embed``), ``num_prefix_tokens`` prefix tokens, one stage of
+    ``blocks``, a final ``norm``; the family checks its blocks and pooling before building."""
 
     def __init__(self, model: nn.Module) -> None:
-        _, Block, Attention = _timm_classes()
-        for i, blk in enumerate(model.blocks):
-            attn = getattr(blk, "attn", None)
-            if type(blk) is not Block or type(attn) is not Attention:
-                raise TypeError(
-                    f"block {i} of this VisionTransformer is {type(blk).__name__} with "
-                    f"{type(attn).__name__ if attn is not None else 'no separate attention'}; tokenpace supports "
-                    "timm's pre-norm Block with the standard Attention (DeiT, ViT/AugReg, DeiT-III, registers, "
-                    "qk-norm, SigLIP, AIMv2); parallel, post-norm and differential-attention blocks are not supported")
-        if not isinstance(model.patch_drop, nn.Identity):
-            raise TypeError("patch dropout (patch_drop_rate > 0) changes the token count before the blocks; "
-                            "build the model with patch_drop_rate=0 to use tokenpace")
         check_pool(model)
         super().__init__(model, [model.blocks])
         self.fixed_length_head = has_fixed_length_pool(model)
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        try:
-            VisionTransformer = _timm_classes()[0]
-        except ImportError:  # timm not installed: nothing of this family can exist
-            return False
-        return isinstance(model, VisionTransformer)
-
-    def make_parts(self, i: int) -> VitParts:
-        return VitParts(self.blocks[i])
 
     @property
     def num_prefix(self) -> int:
@@ -147,19 +124,9 @@ class TimmViT(SequenceFamily):
     def has_class_token(self) -> bool:
         return self.model.cls_token is not None
 
-    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
-        m = self.model
-        grid = patch_grid(m.patch_embed, tuple(x.shape[-2:]))
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
-        return x, Frame(grid=grid)
-
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.norm(x)
 
-    def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
-        return self.blocks[i](x)
-
-    # --- sizes and cost ------------------------------------------------------------------------------------------
     def input_size(self) -> tuple[int, int, int]:
         pe = self.model.patch_embed
         return (pe.proj.in_channels, *pe.img_size)
@@ -177,6 +144,46 @@ class TimmViT(SequenceFamily):
 
     def head_macs(self, tokens: int) -> int:
         m = self.model
-        pooled = tokens if getattr(m, "pool_include_prefix", False) else tokens - self.num_prefix
+        pooled = tokens if getattr(m, "pool_include_prefix", True) else tokens - self.num_prefix
         return (linear_macs(m.head) + linear_macs(getattr(m, "head_dist", None))
                 + attention_pool_macs(getattr(m, "attn_pool", None), pooled))
+
+
+class TimmViT(PatchSequenceFamily):
+    name = "timm VisionTransformer"
+    blocks_use_positions = False  # absolute position embeddings are added at the embedding
+
+    def __init__(self, model: nn.Module) -> None:
+        _, Block, Attention = _timm_classes()
+        for i, blk in enumerate(model.blocks):
+            attn = getattr(blk, "attn", None)
+            if type(blk) is not Block or type(attn) is not Attention:
+                raise TypeError(
+                    f"block {i} of this VisionTransformer is {type(blk).__name__} with "
+                    f"{type(attn).__name__ if attn is not None else 'no separate attention'}; tokenpace supports "
+                    "timm's pre-norm Block with the standard Attention (DeiT, ViT/AugReg, DeiT-III, registers, "
+                    "qk-norm, SigLIP, AIMv2); parallel, post-norm and differential-attention blocks are not supported")
+        if not isinstance(model.patch_drop, nn.Identity):
+            raise TypeError("patch dropout (patch_drop_rate > 0) changes the token count before the blocks; "
+                            "build the model with patch_drop_rate=0 to use tokenpace")
+        super().__init__(model)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        try:
+            VisionTransformer = _timm_classes()[0]
+        except ImportError:  # timm not installed: nothing of this family can exist
+            return False
+        return isinstance(model, VisionTransformer)
+
+    def make_parts(self, i: int) -> VitParts:
+        return VitParts(self.blocks[i])
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
+        m = self.model
+        grid = patch_grid(m.patch_embed, tuple(x.shape[-2:]))
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        return x, Frame(grid=grid)
+
+    def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
+        return self.blocks[i](x)

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from ..blockops import Row, attention_half, mlp_half
-from ..core.macs import BlockWork, dense_work
+from ..core.macs import BlockWork
 from ..core.schedule import keep_count_ceil, scaled_layers, validate_layers
 from ..core.tokens import gather_tokens, gather_values, split_indices, top_indices, weighted_merge
 from ..families.base import Family
@@ -126,9 +126,9 @@ class EViTPolicy(Policy):
         works = []
         for n, after in self.counts(counts[0].tokens):
             if after == n:
-                works.append(dense_work(n + prefix))
+                works.append(BlockWork(n + prefix, n + prefix, out_tokens=n + prefix))
             else:
                 merged = n - (after - 1) if self.config.fuse else 0
                 works.append(BlockWork(n + prefix, after + prefix, row_keys=self.row_keys(n + prefix),
-                                       merged_tokens=merged))
+                                       merged_tokens=merged, out_tokens=after + prefix))
         return works

@@ -83,4 +83,4 @@ class TopKPolicy(Policy):
         n_all = counts[0].tokens + prefix
         n = keep_count(counts[0].tokens, self.config.keep) + prefix
         return ([dense_work(n_all)] * (self.layer - 1) + [BlockWork(n_all, n_all, row_keys=self.row_keys(n_all))]
-                + [dense_work(n)] * (self.depth - self.layer))
+                + [BlockWork(n, n, out_tokens=n)] * (self.depth - self.layer))

@@ -1,0 +1,174 @@
+"""Small class-token-free ViTs and timm Eva models (random, well-spread weights) and literal masked references of
+Evo and Idle on them: the full sequence at its original positions, idle keys masked, updates kept where selected."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.layers import GluMlp, RmsNorm, SwiGLU, apply_rot_embed_cat
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
+
+from conftest import spread_weights
+
+SMALL = dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10)
+
+CLASS_FREE = {  # timm VisionTransformer without a class token (SigLIP, AIMv2, *_gap_*)
+    "gap": dict(class_token=False, global_pool="avg", fc_norm=False),
+    "siglip_map": dict(class_token=False, global_pool="map"),
+    "avgmax_registers": dict(class_token=False, global_pool="avgmax", reg_tokens=2),
+    "aimv2": dict(class_token=False, global_pool="avg", qkv_bias=False, proj_bias=False, act_layer="silu",
+                  mlp_layer=SwiGLU, norm_layer=partial(RmsNorm, eps=1e-5), mlp_ratio=2.75),
+    "geglu_token": dict(mlp_layer=GluMlp, act_layer="gelu", global_pool="token"),
+}
+
+EVAS = {  # timm Eva: RoPE plain and mixed, registers, LayerScale, SwiGLU, MAP and average pools, GQA, qk-norm
+    "eva02": dict(mlp_ratio=4 * 2 / 3, swiglu_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(8, 8)),
+    "dinov3": dict(qkv_bias=False, init_values=0.5, rope_type="dinov3", rope_temperature=100, rope_rotate_half=True,
+                   use_rot_pos_emb=True, use_abs_pos_emb=False, num_reg_tokens=4, use_fc_norm=False,
+                   dynamic_img_size=True),
+    "rope_mixed": dict(attn_type="rope", init_values=0.5, global_pool="token", use_abs_pos_emb=False,
+                       use_rot_pos_emb=True, rope_grid_indexing="xy", rope_temperature=10.0, rope_type="mixed"),
+    "pe_core_map": dict(global_pool="map", attn_type="rope", use_pre_transformer_norm=True, use_rot_pos_emb=True,
+                        ref_feat_shape=(8, 8), rope_grid_offset=1.0, rope_grid_indexing="xy", attn_pool_num_heads=3),
+    "gqa_qknorm_no_cls": dict(attn_type="rope", qkv_fused=False, num_kv_heads=1, qk_norm=True, class_token=False,
+                              global_pool="avg", use_rot_pos_emb=True),
+}
+
+
+def make_backbone(variant: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    if variant in CLASS_FREE:
+        model = VisionTransformer(**{**SMALL, "qkv_bias": True, **CLASS_FREE[variant], **overrides})
+    else:
+        model = Eva(**{**SMALL, **EVAS[variant], **overrides})
+    return spread_weights(model, seed).eval()
+
+
+def is_eva(model) -> bool:
+    return isinstance(model, Eva)
+
+
+def embed(model, img):
+    """Tokens before the first block, and the RoPE table (None for ViTs)."""
+    if is_eva(model):
+        x, rope = model._pos_embed(model.patch_embed(img))
+        return model.norm_pre(x), rope
+    return model.norm_pre(model._pos_embed(model.patch_embed(img))), None
+
+
+def block_rope(model, rope, i):
+    return rope[i] if rope is not None and getattr(model, "rope_mixed", False) else rope
+
+
+def call_block(model, i, x, rope, mask=None):
+    blk = model.blocks[i]
+    return blk(x, rope=block_rope(model, rope, i), attn_mask=mask) if is_eva(model) else blk(x, attn_mask=mask)
+
+
+def literal_qk(model, i, x, rope):
+    """q, k (B, H, N, d) of block i on the full sequence, position terms at every token's own position."""
+    blk, P = model.blocks[i], model.num_prefix_tokens
+    attn, h = blk.attn, blk.norm1(x)
+    B, N, _ = h.shape
+    H, d = attn.num_heads, attn.head_dim
+    if getattr(attn, "qkv", None) is not None:
+        bias = attn.qkv.bias
+        if getattr(attn, "q_bias", None) is not None:
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        q, k, _ = F.linear(h, attn.qkv.weight, bias).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q = attn.q_proj(h).reshape(B, N, H, d).transpose(1, 2)
+        k = attn.k_proj(h).reshape(B, N, -1, d).transpose(1, 2)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    r = block_rope(model, rope, i)
+    if r is not None:
+        half = attn.rotate_half
+        q = torch.cat([q[:, :, :P], apply_rot_embed_cat(q[:, :, P:], r, half=half)], dim=2)
+        k = torch.cat([k[:, :, :P], apply_rot_embed_cat(k[:, :, P:], r, half=half)], dim=2)
+    return q, k.repeat_interleave(H // k.shape[1], dim=1)
+
+
+def key_mask(m):
+    """Additive logits (B, 1, 1, N): 0 on present keys, a large negative number on the others."""
+    return ((1.0 - m) * -1e9)[:, None, None, :]
+
+
+def finish(model, x):
+    return model.forward_head(model.norm(x))
+
+
+def ref_idle(model, img, keep, starts, score):
+    """IdleViT, the official masked training path: scores from the full q, k; idle keys masked; updates kept on the
+    selected rows only. score "cls": the class query's logits; "received": the mean over every query's logits."""
+    x, rope = embed(model, img)
+    P = model.num_prefix_tokens
+    N = x.shape[1] - P
+    for i in range(len(model.blocks)):
+        stage = sum(1 for s in starts if i >= s)
+        if stage == 0:
+            x = call_block(model, i, x, rope)
+            continue
+        q, k = literal_qk(model, i, x, rope)
+        logits = q @ k.transpose(-2, -1)
+        scores = (logits[:, :, 0] if score == "cls" else logits.mean(2)).sum(1)[:, P:]
+        top = scores.topk(int(N * keep ** stage), dim=1).indices
+        m = torch.zeros(x.shape[:2]).scatter(1, top + P, 1.0)
+        m[:, :P] = 1.0
+        x = torch.where(m.bool()[..., None], call_block(model, i, x, rope, key_mask(m)), x)
+    return finish(model, x)
+
+
+def _row(q, k, scale, m, row):
+    """The softmax row of the class query (row "cls") or of the mean of the present queries (row "mean") over the
+    present keys, head mean."""
+    query = q[:, :, :1] if row == "cls" else (q * m[:, None, :, None]).sum(2, keepdim=True) / m.sum(1)[:, None,
+                                                                                                   None, None]
+    logits = (query * scale) @ k.transpose(-2, -1) + key_mask(m)
+    return logits.softmax(-1)[:, :, 0].mean(1)
+
+
+def ref_evo(model, img, keep, starts, mode, row, alpha=0.5):
+    """Evo-ViT with placeholders carried unchanged, masked: g from block first-1's row; at each selection the top K
+    by g take the full path among themselves; g evolves for them with their row."""
+    x, rope = embed(model, img)
+    P = model.num_prefix_tokens
+    N = x.shape[1] - P
+    K, first = int(N * keep), starts[0]
+    ones = torch.ones(x.shape[:2])
+    g = m = None
+    for i in range(len(model.blocks)):
+        if i < first:
+            if i == first - 1:
+                q, k = literal_qk(model, i, x, rope)
+                g = _row(q, k, model.blocks[i].attn.scale, ones, row)[:, P:]
+            x = call_block(model, i, x, rope)
+            continue
+        if mode == "layer" or i in starts:
+            m = torch.zeros(x.shape[:2]).scatter(1, g.topk(K, dim=1).indices + P, 1.0)
+            m[:, :P] = 1.0
+        q, k = literal_qk(model, i, x, rope)
+        a = _row(q, k, model.blocks[i].attn.scale, m, row)[:, P:]
+        g = torch.where(m[:, P:].bool(), (1 - alpha) * g + alpha * a, g)
+        x = torch.where(m.bool()[..., None], call_block(model, i, x, rope, key_mask(m)), x)
+    return finish(model, x)
+
+
+def ref_topk(model, img, keep, layer, row):
+    """Top-k dropping, masked: dropped tokens never update again and are never keys again."""
+    x, rope = embed(model, img)
+    P = model.num_prefix_tokens
+    N = x.shape[1] - P
+    m = torch.ones(x.shape[:2])
+    for i in range(len(model.blocks)):
+        if i == layer - 1:
+            q, k = literal_qk(model, i, x, rope)
+            g = _row(q, k, model.blocks[i].attn.scale, m, row)[:, P:]
+        if i == layer:
+            m = torch.zeros(x.shape[:2]).scatter(1, g.topk(int(N * keep), dim=1).indices + P, 1.0)
+            m[:, :P] = 1.0
+        x = torch.where(m.bool()[..., None], call_block(model, i, x, rope, key_mask(m)), x)
+    keep_rows = m.bool()
+    x = x[keep_rows].view(x.shape[0], -1, x.shape[-1])  # the kept tokens, in raster order
+    return finish(model, x)

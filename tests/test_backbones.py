@@ -1,0 +1,135 @@
+"""Today's backbones: timm VisionTransformers without a class token (SigLIP, AIMv2, *_gap_*) and timm Eva (EVA-02,
+DINOv3, PE core, RoPE ViTs). keep=1 is the unpatched model; Evo, Idle and top-k equal literal masked references
+(full sequences at their own positions, idle keys masked); MACs equal FlopCounterMode / 2."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokenpace
+from backbones import CLASS_FREE, EVAS, make_backbone, ref_evo, ref_idle, ref_topk
+
+VARIANTS = sorted(CLASS_FREE) + sorted(EVAS)
+ALL_TOKENS = [("evo", {}), ("evo", {"mode": "layer"}), ("idle", {}), ("evit", {}), ("evit", {"fuse": False}),
+              ("topk", {})]
+
+
+@pytest.fixture
+def images():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def default_row(model):
+    return "cls" if model.cls_token is not None else "mean"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("method,options", ALL_TOKENS, ids=str)
+def test_keep_one_equals_the_unpatched_model(variant, method, options, images):
+    model = make_backbone(variant)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        expected = model(images)
+        got = tokenpace.apply(model, method, keep=1.0, **options)(images)
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
+        assert list(model.state_dict()) == keys
+        assert torch.equal(tokenpace.remove(model)(images), expected)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("keep", [0.7, 0.4])
+def test_idle_equals_the_masked_reference(variant, keep, images):
+    model = make_backbone(variant)
+    score = "cls" if model.cls_token is not None else "received"
+    with torch.no_grad():
+        expected = ref_idle(model, images, keep, (2, 3, 5), score)  # depth 6: the scaled (3, 6, 9)
+        got = tokenpace.apply(model, "idle", keep=keep)(images)
+        assert not torch.allclose(got, tokenpace.remove(model)(images), atol=1e-3)  # it did idle something
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", ["stage", "layer"])
+def test_evo_equals_the_masked_reference(variant, mode, images):
+    model = make_backbone(variant)
+    with torch.no_grad():
+        expected = ref_evo(model, images, 0.5, (2, 4), mode, default_row(model))  # depth 6: the scaled (4, 8)
+        got = tokenpace.apply(model, "evo", keep=0.5, mode=mode)(images)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_topk_equals_the_masked_reference(variant, images):
+    model = make_backbone(variant)
+    with torch.no_grad():
+        expected = ref_topk(model, images, 0.5, 2, default_row(model))
+        got = tokenpace.apply(model, "topk", keep=0.5)(images)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("variant", ["eva02", "rope_mixed", "siglip_map"])
+def test_position_less_tokens_run_on_rope_models(variant, images):
+    """EViT's fused token and Evo's representative token have no position: not rotated, like prefix tokens."""
+    model = make_backbone(variant)
+    with torch.no_grad():
+        dense = model(images)
+        with tokenpace.trace(tokenpace.apply(model, "evit", keep=0.5)) as tr:
+            fused = model(images)
+        rep = tokenpace.apply(model, "evo", keep=0.5, representative=True)(images)
+        plain = tokenpace.apply(model, "evo", keep=0.5)(images)
+    assert (tr.kept[-1] == -1).any(1).all()  # a fused token is still there at the end
+    for out in (fused, rep):
+        assert torch.isfinite(out).all() and not torch.allclose(out, dense, atol=1e-3)
+    assert not torch.allclose(rep, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("method,options", [(None, {}), ("evo", {}), ("evo", {"representative": True}),
+                                            ("idle", {}), ("idle", {"project_keys": True}), ("evit", {}),
+                                            ("topk", {})], ids=str)
+def test_macs_equal_flop_counter_on_the_non_fused_path(variant, method, options):
+    model = make_backbone(variant).requires_grad_(False)  # FlopCounterMode's module hooks trip on leaf inputs
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False  # count explicit matmuls (CPU SDPA has no FLOP formula in some torch versions)
+    if method is not None:
+        tokenpace.apply(model, method, **options)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.randn(1, 3, 32, 32))
+    assert tokenpace.macs(model) == counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("variant", ["gap", "dinov3"])
+def test_scores_each_family_offers(variant):
+    model = make_backbone(variant)
+    if variant == "gap":
+        with pytest.raises(ValueError, match="idle score='cls' is not available.*accepted here: 'received', 'norm', "
+                                             "'random'"):
+            tokenpace.apply(model, "idle", score="cls")
+    for score in ("received", "random") + (("cls",) if variant == "dinov3" else ()):
+        for method in ("evo", "idle", "evit", "topk"):
+            tokenpace.apply(model, method, score=score)
+
+
+def test_random_control_on_a_class_free_model(images):
+    model = make_backbone("siglip_map")
+    with torch.no_grad():
+        ranked = tokenpace.apply(model, "idle", keep=0.5)(images)
+        torch.manual_seed(0)
+        shuffled = tokenpace.apply(model, "idle", keep=0.5, score="random")(images)
+    assert torch.isfinite(shuffled).all() and not torch.allclose(ranked, shuffled, atol=1e-4)
+
+
+def test_idle_cut_loss_records_positions_on_rope_models(images):
+    """The token cut loss projects the idle tokens' q and k at their own positions: reusing the block's q and k for
+    the selected tokens equals projecting every token."""
+    from tokenpace.losses import model_cut_loss, token_cut_loss
+
+    model = tokenpace.apply(make_backbone("rope_mixed"), "idle", keep=0.5).train()
+    model(images)
+    reused = model_cut_loss(model)
+    patch = tokenpace.get_patch(model)
+    records = patch.last_state.records
+    fresh = [type(r)(layer=r.layer, index=r.index, normed=r.normed, where=r.where) for r in records]
+    projected = token_cut_loss(fresh, [patch.adapter.parts(r.layer) for r in records], 1)
+    assert reused.item() > 0 and torch.allclose(reused, projected, rtol=1e-5)
