@@ -34,6 +34,18 @@ def patch_grid(patch_embed: nn.Module, img_size: tuple[int, int] | None) -> tupl
     return (img_size[0] // patch_embed.patch_size[0], img_size[1] // patch_embed.patch_size[1])
 
 
+def counted_macs(module: nn.Module, input_size: tuple[int, int, int]) -> int:
+    """MACs of ``module`` on one image of ``input_size`` (C, H, W), counted by torch's FlopCounterMode on an input of
+    the module's own device (no compute on the meta device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(module.parameters())
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        module(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    return counter.get_total_flops() // 2
+
+
 def attention_pool_macs(pool: nn.Module | None, tokens: int) -> int:
     """A MAP head (timm ``AttentionPoolLatent``) over ``tokens`` tokens: their keys and values, the latent queries,
     the two attention products, projection and MLP."""
@@ -127,10 +139,6 @@ class PatchSequenceFamily(SequenceFamily):
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.norm(x)
 
-    def input_size(self) -> tuple[int, int, int]:
-        pe = self.model.patch_embed
-        return (pe.proj.in_channels, *pe.img_size)
-
     def block_grid(self, i: int) -> tuple[int, int]:
         return tuple(self.model.patch_embed.grid_size)
 
@@ -139,8 +147,20 @@ class PatchSequenceFamily(SequenceFamily):
         return [rows * cols]
 
     def stem_macs(self, img_size) -> int:
-        proj = self.model.patch_embed.proj
+        pe = self.model.patch_embed
+        if hasattr(pe, "backbone"):  # a hybrid stem (ResNet, ViTamin's MbConv stages): counted by running it
+            size = pe.img_size if img_size is None else parse_img_size(img_size)
+            return counted_macs(pe, (self._in_chans(), *size))
+        proj = pe.proj
         return proj.weight.numel() * self.stage_patches(img_size)[0] if isinstance(proj, nn.Conv2d) else 0
+
+    def _in_chans(self) -> int:
+        return getattr(self.model, "in_chans", None) or next(
+            m.in_channels for m in self.model.patch_embed.modules() if isinstance(m, nn.Conv2d))
+
+    def input_size(self) -> tuple[int, int, int]:
+        pe = self.model.patch_embed
+        return (self._in_chans() if hasattr(pe, "backbone") else pe.proj.in_channels, *pe.img_size)
 
     def head_macs(self, tokens: int) -> int:
         m = self.model

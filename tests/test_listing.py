@@ -1,0 +1,34 @@
+"""tokenpace.listing: what each timm model accepts, built on the meta device, with one-line reasons."""
+from tokenpace.listing import format_support, list_support, summarize
+
+
+def _by_name(rows):
+    return {r.name: r for r in rows}
+
+
+def test_supported_and_refused_models_with_reasons():
+    rows = _by_name(list_support("deit_small_patch16_224") + list_support("swin_tiny_patch4_window7_224")
+                    + list_support("vit_pwee") + list_support("swinv2_tiny_window8") + list_support("siglip_224")
+                    + list_support("dinov3"))
+    assert rows["deit_small_patch16_224.fb_in1k"].accepted() == ["evo", "idle", "evit", "topk"]
+    swin = rows["swin_tiny_patch4_window7_224.ms_in1k"]
+    assert swin.model_class == "SwinTransformer" and swin.accepted() == ["idle"]
+    assert "needs a sequence layout" in swin.refusals["evo"]
+    pwee = rows["vit_pwee_patch16_reg1_gap_256.sbb_in1k"]
+    assert pwee.accepted() == [] and "ParallelScalingBlock" in pwee.refusals["idle"]
+    assert "not a supported model" in rows["swinv2_tiny_window8_256.ms_in1k"].refusals["idle"]
+    siglip = [r for name, r in rows.items() if name.startswith("vit_base_patch16_siglip_224")]
+    dinov3 = [r for name, r in rows.items() if "dinov3" in name]
+    assert siglip and dinov3 and all(r.accepted() == ["evo", "idle", "evit", "topk"] for r in siglip + dinov3)
+
+
+def test_tokenpace_models_and_formatting():
+    rows = list_support("levit", pretrained=False)
+    names = {r.name for r in rows}
+    assert {"evo_levit_256", "levit_cifar", "levit_256", "levit_conv_256"} <= names
+    table = format_support(rows)
+    conv = next(line for line in table.splitlines() if line.startswith("levit_conv_256 "))
+    assert "levit_conv" in conv and "yes" not in conv
+    assert next(r for r in rows if r.name == "evo_levit_256").accepted() == ["evo", "idle"]
+    summary = summarize(rows).splitlines()
+    assert summary[-1].split()[:2] == ["all", str(len(rows))]
