@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from tokenpace.core.schedule import keep_count, keep_count_ceil, scaled_layers, stage_of, validate_layers
-from tokenpace.core.scores import cls_attention, cls_logits_from_keys, cls_logits_linear, evolve
+from tokenpace.anatomy import BlockParts, LinearMap
+from tokenpace.core.attention import attend, row_scores
+from tokenpace.core.scores import evolve
+from tokenpace.scoring import query_logits
 from tokenpace.core.tokens import (gather_tokens, scatter_tokens, split_indices, top_indices, weighted_merge,
                                    with_prefix)
 
@@ -50,25 +53,58 @@ def test_weighted_merge():
                           atol=1e-6)
 
 
-def test_cls_attention_is_row_zero_of_the_full_map():
-    q, k = torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4)
-    full = ((q * 0.5) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0]
-    assert torch.allclose(cls_attention(q[:, :, :1], k, 0.5, "sum"), full.sum(1), atol=1e-6)
-    assert torch.allclose(cls_attention(q[:, :, :1], k, 0.5, "mean"), full.mean(1), atol=1e-6)
+def test_score_rows_are_rows_of_the_full_map():
+    q, k, v = torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4)
+    bias = torch.randn(3, 6, 6)
+    probs = ((q * 0.5) @ k.transpose(-2, -1) + bias).softmax(-1)
+    assert torch.allclose(row_scores(q, k, 0.5, bias, "cls", "sum"), probs[:, :, 0].sum(1), atol=1e-6)
+    mean_logits = ((q.mean(2, keepdim=True) * 0.5) @ k.transpose(-2, -1) + bias.mean(1, keepdim=True))
+    assert torch.allclose(row_scores(q, k, 0.5, bias, "mean", "mean"), mean_logits.softmax(-1)[:, :, 0].mean(1),
+                          atol=1e-6)
+    for fused in (True, False):
+        out, columns = attend(q, k, v, 0.5, bias, fused=fused, row="columns")
+        assert torch.allclose(out, probs @ v, atol=1e-5) and torch.allclose(columns, probs.mean(2).mean(1), atol=1e-6)
 
 
-def test_linear_cls_logits_rank_like_projected_keys():
-    B, n, C, H = 3, 20, 12, 3
-    normed = torch.randn(B, n, C)
-    w_q, w_k, b_q, b_k = torch.randn(C, C), torch.randn(C, C), torch.randn(C), torch.randn(C)
-    q_cls = torch.nn.functional.linear(normed[:, 0], w_q, b_q)
-    k = torch.nn.functional.linear(normed, w_k, b_k).reshape(B, n, H, C // H).transpose(1, 2)
-    full = cls_logits_from_keys(q_cls.reshape(B, H, 1, C // H), k)
-    cheap = cls_logits_linear(normed, q_cls, w_k)
-    # identical up to a per-image constant (q . b_k), so identical rankings
-    shift = (q_cls * b_k).sum(-1, keepdim=True)
-    assert torch.allclose(cheap + shift, full, atol=1e-3)
-    assert torch.equal(full.argsort(1), cheap.argsort(1))
+class _LinearParts(BlockParts):
+    """q and k affine in h, H heads side by side (what scoring needs)."""
+
+    def __init__(self, w_q, b_q, w_k, b_k, heads, scale):
+        super().__init__(None)
+        self.w_q, self.b_q, self.w_k, self.b_k, self.num_heads, self.scale = w_q, b_q, w_k, b_k, heads, scale
+
+    def _heads(self, t):
+        return t.reshape(*t.shape[:-1], self.num_heads, -1).transpose(-3, -2)
+
+    def queries(self, h, where):
+        return self._heads(torch.nn.functional.linear(h, self.w_q, self.b_q))
+
+    def keys(self, h, where):
+        return self._heads(torch.nn.functional.linear(h, self.w_k, self.b_k))
+
+    def linear_queries(self):
+        return LinearMap(self.w_q, self.b_q)
+
+    def linear_keys(self):
+        return LinearMap(self.w_k, self.b_k)
+
+
+@pytest.mark.parametrize("query", ["cls", "mean"])
+def test_logit_scores_without_key_projection_rank_like_projected_keys(query):
+    """sum_h q_h . k_hj = (W_k^T q) . h_j + q . b_k: the shortcut differs from projected keys by one constant per
+    group, and the mean query's logits are the mean over every query of the logits a key receives."""
+    gen = torch.Generator().manual_seed(0)
+    G, n, C, H, scale = 3, 7, 8, 2, 0.37
+    h, w_q, w_k = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((G, n, C), (C, C), (C, C)))
+    b_q, b_k = torch.randn(C, generator=gen, dtype=torch.float64), torch.randn(C, generator=gen, dtype=torch.float64)
+    parts = _LinearParts(w_q, b_q, w_k, b_k, H, scale)
+    q, k = h @ w_q.T + b_q, h @ w_k.T + b_k
+    full = scale * q @ k.transpose(-2, -1)  # all heads side by side = the sum over heads
+    explicit = full[:, 0] if query == "cls" else full.mean(1)
+    cheap = query_logits(parts, h, None, query)
+    constant = scale * (q[:, 0] if query == "cls" else q.mean(1)) @ b_k
+    torch.testing.assert_close(cheap, explicit - constant[:, None])
+    torch.testing.assert_close(query_logits(parts, h, None, query, project_keys=True), explicit)
 
 
 def test_evolve_weights_the_new_layer():

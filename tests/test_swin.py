@@ -7,7 +7,6 @@ from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, 
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokenpace
-from tokenpace.core.scores import mean_query_logits_linear
 from tokenpace.families.swin import SwinAdapter
 from conftest import spread_weights
 
@@ -146,20 +145,6 @@ def test_idle_equals_the_masked_window_reference(variant, score, fused):
         dense = tokenpace.remove(model)(img)
     assert not torch.allclose(out, dense, atol=1e-2)  # idling changed the result ...
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # ... exactly as the reference says
-
-
-def test_received_scores_shortcut_equals_mean_of_full_logits():
-    """The linear shortcut = the mean over queries of every logit a key receives, up to qbar . b_k (per group)."""
-    gen = torch.Generator().manual_seed(0)
-    G, n, C, A, scale = 3, 7, 8, 12, 0.37
-    x, w_q, w_k = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((G, n, C), (A, C), (A, C)))
-    b_q, b_k = torch.randn(A, generator=gen, dtype=torch.float64), torch.randn(A, generator=gen, dtype=torch.float64)
-    q, k = x @ w_q.T + b_q, x @ w_k.T + b_k
-    explicit = (scale * q @ k.transpose(-2, -1)).mean(1)  # all heads side by side = the sum over heads
-    constant = scale * q.mean(1) @ b_k  # (G,)
-    torch.testing.assert_close(mean_query_logits_linear(x, w_q, b_q, w_k, scale), explicit - constant[:, None])
-    no_bias = (scale * (x @ w_q.T) @ (x @ w_k.T).transpose(-2, -1)).mean(1)
-    torch.testing.assert_close(mean_query_logits_linear(x, w_q, None, w_k, scale), no_bias)
 
 
 @pytest.mark.parametrize("variant,block,grid", [("shifted", 1, (16, 16)), ("shifted", 2, (8, 8)),

@@ -113,6 +113,10 @@ class BlockParts:
         """k (B, H, n, d) alone, with norms and position terms."""
         return self.qkv(h, where)[1]
 
+    def values(self, h: torch.Tensor, where: Any) -> torch.Tensor:
+        """v (B, H, n, d_v) alone."""
+        return self.qkv(h, where)[2]
+
     def bias(self, where: Any) -> torch.Tensor | None:
         """Additive logits among the tokens at ``where`` (relative-position bias, masks), broadcastable to
         (B, H, n, n); None when the block has none."""

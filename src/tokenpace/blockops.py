@@ -20,10 +20,14 @@ class Row:
 
 
 def attention_branch(parts: BlockParts, h: torch.Tensor, where: Any, row: Row | None = None,
-                     keep_qk: bool = False):
+                     keep_qk: bool = False, keys: torch.Tensor | None = None):
     """The attention branch on normed tokens h (B, n, C) -> (its output before the residual, the row's scores over
-    every key or None, and with ``keep_qk`` (q, k) (B, H, n, d) as the attention used them)."""
-    q, k, v = parts.qkv(h, where)
+    every key or None, and with ``keep_qk`` (q, k) (B, H, n, d) as the attention used them). ``keys``: the tokens'
+    keys when a caller already projected them (scoring did), so only queries and values are projected."""
+    if keys is None:
+        q, k, v = parts.qkv(h, where)
+    else:
+        q, k, v = parts.queries(h, where), keys, parts.values(h, where)
     o, scores = attend(q, k, v, parts.scale, parts.bias(where), parts.dropout(), parts.fused,
                        None if row is None else row.query, "mean" if row is None else row.heads)
     B, H, n, dv = o.shape
@@ -31,10 +35,10 @@ def attention_branch(parts: BlockParts, h: torch.Tensor, where: Any, row: Row | 
 
 
 def attention_half(parts: BlockParts, x: torch.Tensor, where: Any, h: torch.Tensor | None = None,
-                   row: Row | None = None, keep_qk: bool = False):
+                   row: Row | None = None, keep_qk: bool = False, keys: torch.Tensor | None = None):
     """x after the attention residual, with the scores and (q, k) of :func:`attention_branch`. ``h`` is norm1(x)
     when the caller already has it."""
-    y, scores, qk = attention_branch(parts, parts.norm1(x) if h is None else h, where, row, keep_qk)
+    y, scores, qk = attention_branch(parts, parts.norm1(x) if h is None else h, where, row, keep_qk, keys)
     return parts.res_attn(x, y), scores, qk
 
 
@@ -44,7 +48,7 @@ def mlp_half(parts: BlockParts, x: torch.Tensor, where: Any = None) -> torch.Ten
 
 
 def run_block(parts: BlockParts, x: torch.Tensor, where: Any, h: torch.Tensor | None = None,
-              row: Row | None = None, keep_qk: bool = False):
+              row: Row | None = None, keep_qk: bool = False, keys: torch.Tensor | None = None):
     """The whole block on x: (x, scores, (q, k) or None), as :func:`attention_half`."""
-    x, scores, qk = attention_half(parts, x, where, h, row, keep_qk)
+    x, scores, qk = attention_half(parts, x, where, h, row, keep_qk, keys)
     return mlp_half(parts, x, where), scores, qk

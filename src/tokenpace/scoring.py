@@ -31,16 +31,21 @@ def _query_row(parts: BlockParts, h: torch.Tensor, where: Any, query: str) -> to
     return parts.queries(h, where).mean(dim=-2, keepdim=True)
 
 
-def query_logits(parts: BlockParts, h: torch.Tensor, where: Any, query: str,
-                 project_keys: bool = False) -> torch.Tensor:
+def needs_keys(parts: BlockParts, project_keys: bool = False) -> bool:
+    """True when scores must project every key (keys not affine in h, or asked for)."""
+    return project_keys or parts.linear_keys() is None
+
+
+def query_logits(parts: BlockParts, h: torch.Tensor, where: Any, query: str, project_keys: bool = False,
+                 keys: torch.Tensor | None = None) -> torch.Tensor:
     """Head-summed scaled logits (..., n) that the tokens of h (..., n, C) receive from the ``query`` vector
-    (per-group constants left out). Additive position terms are not included: see :func:`bias_row`."""
+    (per-group constants left out). Additive position terms are not included: see :func:`bias_row`. ``keys``:
+    every token's keys (B, H, n, d) when the caller projected them already."""
     q = _query_row(parts, h, where, query)  # (..., H, 1, d)
-    keys = None if project_keys else parts.linear_keys()
-    if keys is not None:
-        u = q.flatten(-3) @ keys.weight  # (..., C): sum over heads of W_k,h^T q_h, every image at once
+    if not needs_keys(parts, project_keys):
+        u = q.flatten(-3) @ parts.linear_keys().weight  # (..., C): sum over heads of W_k,h^T q_h, every image
         return (h @ (u * parts.scale).unsqueeze(-1)).squeeze(-1)
-    k = parts.keys(h, where)  # (B, H, n, d)
+    k = parts.keys(h, where) if keys is None else keys  # (B, H, n, d)
     return ((q * parts.scale) @ k.transpose(-2, -1)).squeeze(-2).sum(dim=-2)
 
 

@@ -17,7 +17,7 @@ from ..anatomy import BlockParts, Frame, StageEntry, TokenSet
 from ..blockops import run_block
 from ..core.macs import BlockWork, block_macs, dense_work
 from ..core.tokens import gather_tokens, scatter_tokens, with_prefix
-from ..scoring import bias_row, query_logits, score_macs, token_norms
+from ..scoring import QUERIES, bias_row, needs_keys, query_logits, score_macs, token_norms
 
 SEQUENCE, GROUPED = "sequence", "grouped"
 # ranking criteria: the class token's attention, the attention a token receives, its feature norm, random (control)
@@ -170,9 +170,13 @@ class Family(ABC):
 
     def block_work_macs(self, i: int, work: BlockWork, groups: int = 1) -> int:
         """Block i's MACs for ``work`` per group in ``groups`` groups, its scores included."""
-        parts = self.parts(i)
-        scores = score_macs(parts, work.score) if work.score is not None else 0
-        return groups * (block_macs(parts.shape(), work) + scores)
+        parts, score = self.parts(i), work.score
+        macs = block_macs(parts.shape(), work)
+        if score is not None and score.query in QUERIES:
+            macs += score_macs(parts, score)
+            if needs_keys(parts, score.project_keys):  # the block reuses the keys scoring projected
+                macs -= work.attn_tokens * parts.shape().key_macs()
+        return groups * macs
 
 
 def parse_img_size(img_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -191,6 +195,7 @@ class SequencePrep:
     x: torch.Tensor
     h: torch.Tensor
     where: TokenSet
+    keys: torch.Tensor | None = None  # every token's keys (B, H, N, d) where scoring had to project them
 
 
 class SequenceFamily(Family):
@@ -217,8 +222,12 @@ class SequenceFamily(Family):
         if score == "norm":
             return token_norms(prep.x[:, prefix:]).unsqueeze(1)
         parts, query = self.parts(i), ("cls" if score == "cls" else "mean")
+        keys = None
+        if needs_keys(parts, project_keys):  # projected anyway: the block reuses the selected tokens' keys
+            prep.keys = parts.keys(prep.h, prep.where)
+            keys = prep.keys.detach()
         with torch.no_grad():  # a top-k follows: no gradient flows through scores
-            logits = query_logits(parts, prep.h, prep.where, query, project_keys)
+            logits = query_logits(parts, prep.h, prep.where, query, project_keys, keys)
             extra = bias_row(parts, prep.where, query)
         if extra is not None:
             logits = logits + extra
@@ -227,8 +236,12 @@ class SequenceFamily(Family):
     def run_selected(self, i: int, x: torch.Tensor, prep: SequencePrep, idx: torch.Tensor, keep_qk: bool = False):
         keep = idx[:, 0]
         seq = with_prefix(keep, self.num_prefix)
+        keys = None
+        if prep.keys is not None:
+            B, H, _, d = prep.keys.shape
+            keys = prep.keys.gather(2, seq[:, None, :, None].expand(B, H, -1, d))
         sub, _, qk = run_block(self.parts(i), gather_tokens(x, seq), prep.where.select(keep),
-                               h=gather_tokens(prep.h, seq), keep_qk=keep_qk)
+                               h=gather_tokens(prep.h, seq), keep_qk=keep_qk, keys=keys)
         return scatter_tokens(x, seq, sub), qk
 
     def raster_positions(self, i: int, prep: SequencePrep, idx: torch.Tensor) -> torch.Tensor:

@@ -106,6 +106,9 @@ class EvaParts(VitParts):
         k = self._heads(F.linear(h, *self._weights(1)), self.kv_heads)
         return self._expand(self._rotate(self.attn.k_norm(k), where))
 
+    def values(self, h, where):
+        return self._expand(self._heads(F.linear(h, *self._weights(2)), self.kv_heads))
+
     def res_attn(self, x, y):
         blk = self.block
         return x + blk.drop_path1(y if blk.gamma_1 is None else blk.gamma_1 * y)

@@ -99,6 +99,9 @@ class VitParts(BlockParts):
     def keys(self, h, where):
         return self.attn.k_norm(self._split(F.linear(h, *self._weights(1)), 1)[0])
 
+    def values(self, h, where):
+        return self._split(F.linear(h, *self._weights(2)), 1)[0]
+
     def out(self, o, h):
         attn = self.attn
         o = attn.norm(o)
