@@ -270,3 +270,62 @@ def test_torch_compile_full_graph(name, images):
         expected = model(images)
         compiled = torch.compile(model, fullgraph=True, backend="eager")
         assert torch.allclose(compiled(images), expected, atol=1e-5)
+
+
+def ref_levit_idle(model, img, keep, starts, score):
+    """IdleViT on a LeViT, masked: scores from the full logits (biases included), idle keys masked, updates kept on
+    the selected rows; down-sampling runs on every token."""
+    evo = hasattr(model, "downsamples")
+    x = model.embed(img) if evo else model.stem(img).flatten(2).transpose(1, 2)
+    P, i = (1 if evo else 0), 0
+    stages = model.stages if evo else [stage.blocks for stage in model.stages]
+    for s, blocks in enumerate(stages):
+        x = model.downsamples[s](x) if evo else model.stages[s].downsample(x)
+        B, N, _ = x.shape
+        for blk in blocks:
+            stage = sum(1 for start in starts if i >= start)
+            i += 1
+            if stage == 0:
+                x = blk(x)
+                continue
+            attn = blk.attn
+            q, k, v = (t.transpose(1, 2) for t in attn.qkv(x).view(B, N, attn.num_heads, -1).split(
+                [attn.key_dim, attn.key_dim, attn.val_dim], dim=3))
+            logits = (q @ k.transpose(-2, -1)) * attn.scale
+            if not evo:
+                logits = logits + attn.get_attention_biases(x.device)
+            scores = (logits[:, :, 0] if score == "cls" else logits.mean(2)).sum(1)[:, P:]
+            top = scores.topk(max(1, int((N - P) * keep ** stage)), dim=1).indices
+            m = torch.zeros(B, N).scatter(1, top + P, 1.0)
+            m[:, :P] = 1.0
+            probs = (logits + ((1 - m) * -1e9)[:, None, None, :]).softmax(-1)
+            y = x + attn.proj((probs @ v).transpose(1, 2).flatten(2))
+            x = torch.where(m.bool()[..., None], y + blk.mlp(y), x)
+    return model.forward_head(x)
+
+
+@pytest.mark.parametrize("name", ["levit_cifar", "evo_levit_cifar"])
+def test_idle_on_levit_equals_the_masked_reference(name, images):
+    model = make_levit(name)
+    for m in model.modules():  # non-trivial running statistics: scores fold BatchNorm into the key projection
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    score = "cls" if name == "evo_levit_cifar" else "received"
+    with torch.no_grad():
+        dense = model(images)
+        assert torch.allclose(tokenpace.apply(model, "idle", keep=1.0)(images), dense, atol=1e-5)
+        expected = ref_levit_idle(model, images, 0.6, (2, 4, 5), score)
+        got = tokenpace.apply(model, "idle", keep=0.6)(images)
+    assert not torch.allclose(got, dense, atol=1e-3)
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("name", ["levit_cifar", "evo_levit_cifar"])
+@pytest.mark.parametrize("options", [{}, {"score": "norm"}, {"project_keys": True}], ids=str)
+def test_idle_macs_on_levit_equal_flop_counter(name, options, images):
+    model = tokenpace.apply(make_levit(name), "idle", **options)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(images[:1])
+    assert tokenpace.macs(model) == counter.get_total_flops() // 2

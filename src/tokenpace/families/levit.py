@@ -12,6 +12,7 @@ receives is read exactly (the mean of its softmax column): token counts are smal
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..anatomy import BlockParts, Frame, LinearMap, StageEntry
@@ -60,7 +61,8 @@ class LevitParts(BlockParts):
         self.evolution_logit = getattr(attn, "theta", None)
         per_head = 2 * attn.key_dim + attn.val_dim
         rows = torch.arange(attn.num_heads * per_head).view(attn.num_heads, per_head)
-        self._rows = (rows[:, :attn.key_dim].reshape(-1), rows[:, attn.key_dim:2 * attn.key_dim].reshape(-1))
+        self._rows = (rows[:, :attn.key_dim].reshape(-1), rows[:, attn.key_dim:2 * attn.key_dim].reshape(-1),
+                      rows[:, 2 * attn.key_dim:].reshape(-1))
 
     def norm1(self, x):
         return x
@@ -73,6 +75,24 @@ class LevitParts(BlockParts):
         q, k, v = self.attn.qkv(h).view(B, n, self.num_heads, -1).split(
             [self.key_dim, self.key_dim, self.val_dim], dim=3)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _project(self, h: torch.Tensor, j: int) -> torch.Tensor:
+        """Queries (j=0), keys (1) or values (2) alone, (B, H, n, d); the whole q/k/v projection while BatchNorm uses
+        batch statistics."""
+        rows = self._affine_rows(j)
+        if rows is None:
+            return self.qkv(h, None)[j]
+        B, n, _ = h.shape
+        return F.linear(h, rows.weight, rows.bias).view(B, n, self.num_heads, -1).transpose(1, 2)
+
+    def queries(self, h, where):
+        return self._project(h, 0)
+
+    def keys(self, h, where):
+        return self._project(h, 1)
+
+    def values(self, h, where):
+        return self._project(h, 2)
 
     def bias(self, where):
         if not self.biases:
@@ -194,9 +214,9 @@ class TimmLevit(_LevitBase):
         return ds, ds.attn_downsample
 
     def enter_stage(self, s: int, x: torch.Tensor, frame: Frame, row: str | None = None):
-        ds, ad = self._downsample_parts(s)
-        if s == 0 or ds is None or isinstance(ds, nn.Identity):
+        if s == 0:  # stage 0 has no down-sampling
             return x, None
+        ds, ad = self._downsample_parts(s)
         if row is None:
             return ds(x), None
         B, n, _ = x.shape
