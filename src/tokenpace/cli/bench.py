@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from ..errors import memory_guard
+from ..errors import TokenpaceError, memory_guard
 from . import source
 
 
@@ -19,14 +19,17 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.train and args.compile:
-        from ..errors import TokenpaceError
-
         raise TokenpaceError("--compile is for inference; --train times eager training steps")
     model, record = source.build(args)
     specs = source.specs(args, model, record, train=args.train)
     if args.fuse_bn:
+        from timm.models.levit import ConvNorm, LinearNorm, NormLinear
+
         from ..families.levit import fuse_batchnorm
 
+        if not any(isinstance(m, (ConvNorm, LinearNorm, NormLinear)) for m in model.modules()):
+            raise TokenpaceError(f"--fuse-bn folds LeViT's BatchNorm layers, and {type(model).__name__} has none; "
+                                 "accepted: timm levit_* and tokenpace's evo_levit_* models")
         fuse_batchnorm(model.eval())
     name = args.model or (record.model if record is not None else None) or "?"
     what = "training step" if args.train else "inference"

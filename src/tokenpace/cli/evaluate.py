@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sys
 
-from ..errors import memory_guard
+from ..errors import TokenpaceError, memory_guard
 from . import source
 
 
@@ -18,6 +18,8 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate, format_rows, plot_sweep
 
     sweep = args.keep_sweep is not None
+    if args.plot is not None and not sweep:
+        raise TokenpaceError("--plot draws a keep sweep; add --keep-sweep START:STOP:STEP")
     source.check_output_file(args.json, "--json")
     plot = args.plot or ("eval_sweep.png" if sweep else None)
     source.check_output_file(plot, "--plot")

@@ -69,6 +69,10 @@ def _recipe(args: argparse.Namespace, recorded):
     updates = {k: v for k, v in (("cut_mode", args.cut_mode), ("cut_weight", args.cut_weight),
                                  ("distill_weight", args.distill_weight), ("warmup_epochs", args.warmup_epochs))
                if v is not None}
+    loss_options = [k for k in ("cut_mode", "cut_weight", "distill_weight") if k in updates]
+    if loss_options and recipe.objective != "idle_distill":
+        raise TokenpaceError(f"--{loss_options[0].replace('_', '-')} sets a loss of the idle-finetune recipe; recipe "
+                             f"{recipe.name!r} has no such loss")
     return dataclasses.replace(recipe, method=method, **updates)
 
 
