@@ -14,12 +14,12 @@ mkdir -p "$RUNS"
 tokenpace train --recipe dense --data "$DATA" --output "$RUNS/dense" $COMMON --epochs "$EPOCHS" --warmup-epochs 1 --lr 1e-3
 tokenpace train --recipe evo-scratch --data "$DATA" --output "$RUNS/evo" $COMMON --epochs "$EPOCHS" --warmup-epochs 1 --lr 1e-3
 INIT="$RUNS/dense/model.safetensors"
-tokenpace train --recipe idle-finetune --data "$DATA" --output "$RUNS/idle_cut" $COMMON --init "$INIT" --epochs "$FT_EPOCHS" --lr 1e-4
-tokenpace train --recipe idle-finetune --cut-mode none --data "$DATA" --output "$RUNS/idle_nocut" $COMMON --init "$INIT" --epochs "$FT_EPOCHS" --lr 1e-4
+tokenpace train --recipe idle-finetune --data "$DATA" --output "$RUNS/idle_cut" $COMMON --checkpoint "$INIT" --epochs "$FT_EPOCHS" --lr 1e-4
+tokenpace train --recipe idle-finetune --cut-mode none --data "$DATA" --output "$RUNS/idle_nocut" $COMMON --checkpoint "$INIT" --epochs "$FT_EPOCHS" --lr 1e-4
 # the teacher's share: the same fine-tune without distillation (no teacher is run), then without the cut loss too
-tokenpace train --recipe idle-finetune --distill-weight 0 --data "$DATA" --output "$RUNS/idle_noteacher" $COMMON --init "$INIT" --epochs "$FT_EPOCHS" --lr 1e-4
-tokenpace train --recipe idle-finetune --distill-weight 0 --cut-mode none --data "$DATA" --output "$RUNS/idle_ce" $COMMON --init "$INIT" --epochs "$FT_EPOCHS" --lr 1e-4
-tokenpace train --recipe finetune --data "$DATA" --output "$RUNS/evit" $COMMON --init "$INIT" --epochs "$FT_EPOCHS" --lr 1e-4
+tokenpace train --recipe idle-finetune --distill-weight 0 --data "$DATA" --output "$RUNS/idle_noteacher" $COMMON --checkpoint "$INIT" --epochs "$FT_EPOCHS" --lr 1e-4
+tokenpace train --recipe idle-finetune --distill-weight 0 --cut-mode none --data "$DATA" --output "$RUNS/idle_ce" $COMMON --checkpoint "$INIT" --epochs "$FT_EPOCHS" --lr 1e-4
+tokenpace train --recipe finetune --data "$DATA" --output "$RUNS/evit" $COMMON --checkpoint "$INIT" --epochs "$FT_EPOCHS" --lr 1e-4
 
 EVAL="--data $DATA --batch-size 128 --workers 1 --quiet"
 tokenpace eval --run "$RUNS/dense" $EVAL --json "$RUNS/eval_dense.json" \
@@ -30,7 +30,7 @@ tokenpace eval --run "$RUNS/idle_nocut" $EVAL --json "$RUNS/eval_idle_nocut.json
 tokenpace eval --run "$RUNS/idle_noteacher" $EVAL --json "$RUNS/eval_idle_noteacher.json" --methods dense,idle,idle:score=random
 tokenpace eval --run "$RUNS/idle_ce" $EVAL --json "$RUNS/eval_idle_ce.json" --methods dense,idle,idle:score=random
 tokenpace eval --run "$RUNS/evit" $EVAL --json "$RUNS/eval_evit.json" --methods dense,evit,evit:score=random
-tokenpace eval --run "$RUNS/dense" $EVAL --methods evo,idle,evit,topk --keep 0.3:1.0:0.1 --plot "$RUNS/sweep_dense.png" \
+tokenpace eval --run "$RUNS/dense" $EVAL --methods evo,idle,evit,topk --keep-sweep 0.3:1.0:0.1 --plot "$RUNS/sweep_dense.png" \
     --json "$RUNS/sweep_dense.json"
 
 # Cluttered variant: each image at a random fixed position on a 64 px noise canvas, patch 8 (64 tokens, a quarter

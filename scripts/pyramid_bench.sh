@@ -6,8 +6,8 @@ set -euo pipefail
 OUT=${1:-bench_pyramid}
 RUNS=${2:-9}
 mkdir -p "$OUT"
-tokenpace bench levit_256 --methods dense,evo@0.7,evo@0.6,evo,evo@0.4,evo@0.3 --runs "$RUNS" --json "$OUT/levit_256.json" --quiet
-tokenpace bench levit_256 --fuse-bn --methods dense,evo --runs "$RUNS" --json "$OUT/levit_256_fused.json" --quiet
-tokenpace bench swin_tiny_patch4_window7_224 --methods dense,idle@0.9,idle@0.8,idle,idle@0.5,idle:score=norm \
+tokenpace bench --model levit_256 --methods dense,evo@0.7,evo@0.6,evo,evo@0.4,evo@0.3 --runs "$RUNS" --json "$OUT/levit_256.json" --quiet
+tokenpace bench --model levit_256 --fuse-bn --methods dense,evo --runs "$RUNS" --json "$OUT/levit_256_fused.json" --quiet
+tokenpace bench --model swin_tiny_patch4_window7_224 --methods dense,idle@0.9,idle@0.8,idle,idle@0.5,idle:score=norm \
     --runs "$RUNS" --json "$OUT/swin_tiny.json" --quiet
-tokenpace bench pvt_v2_b2 --methods dense,idle,idle@0.5,idle@0.4,idle@0.3 --runs "$RUNS" --json "$OUT/pvt_v2_b2.json" --quiet
+tokenpace bench --model pvt_v2_b2 --methods dense,idle,idle@0.5,idle@0.4,idle@0.3 --runs "$RUNS" --json "$OUT/pvt_v2_b2.json" --quiet

@@ -203,3 +203,31 @@ def ref_topk(model, img, keep, layer):
         x, probs = ref_block(blk, x)
         g = probs[:, :, 0, P0:].sum(1)
     return head(model, x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training runs on a few dozen real CIFAR-10 images (../shared/data, or $TOKENPACE_CIFAR) and a tiny timm ViT
+# ----------------------------------------------------------------------------------------------------------------
+import os  # noqa: E402
+
+CIFAR = os.environ.get("TOKENPACE_CIFAR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                                       "cifar10_jpeg.npz"))
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
+TINY_ARGS = "img_size=32,patch_size=8,embed_dim=32,depth=4,num_heads=2"
+needs_cifar = pytest.mark.skipif(not os.path.isfile(CIFAR), reason="../shared/data/cifar10_jpeg.npz not found")
+
+
+def train_config(tmp_path, recipe="dense", name="run", **kw):
+    from tokenpace.data import DataSpec
+    from tokenpace.train import TrainConfig, get_recipe
+
+    return TrainConfig(recipe=get_recipe(recipe), model="vit_tiny_patch16_224", model_args=dict(TINY),
+                       data=DataSpec(CIFAR, limit=kw.pop("limit", 64)), output=str(tmp_path / name),
+                       batch_size=kw.pop("batch_size", 16), workers=kw.pop("workers", 0), epochs=kw.pop("epochs", 2),
+                       progress=False, **kw)
+
+
+def train_argv(out, *extra):
+    """`tokenpace train` on the tiny ViT and 64 CIFAR images."""
+    return ["train", "--data", CIFAR, "--output", str(out), "--model", "vit_tiny_patch16_224", "--model-args",
+            TINY_ARGS, "--limit", "64", "--batch-size", "16", "--workers", "0", "--quiet", *extra]

@@ -22,26 +22,113 @@ def test_parse_methods():
 
 def test_bench_cli_writes_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = main(["bench", "vit_tiny_patch16_224", "--methods", "dense,evo,idle,evit,topk", "--batch-size", "2",
-               "--runs", "1", "--warmup", "0", "--img-size", "64", "--json", str(out)])
+    rc = main(["bench", "--model", "vit_tiny_patch16_224", "--methods", "dense,evo,idle,evit,topk", "--batch-size",
+               "2", "--runs", "1", "--warmup", "0", "--img-size", "64", "--json", str(out)])
     assert rc == 0
     printed = capsys.readouterr()
-    assert "speed-up" in printed.out and "[run 1/1] idle" in printed.err
+    assert "speed-up" in printed.out and "[run 1/1] idle" in printed.err and "deprecated" not in printed.err
     doc = json.loads(out.read_text())
-    assert doc["model"] == "vit_tiny_patch16_224" and doc["batch_size"] == 2 and doc["device"].startswith("cpu")
+    assert doc["model"] == "vit_tiny_patch16_224" and doc["batch_sizes"] == [2] and doc["device"].startswith("cpu")
+    assert set(doc["versions"]) == {"tokenpace", "torch", "timm", "python"}
     rows = doc["results"]
+    assert all(r["batch_size"] == 2 for r in rows)
     assert [r["method"] for r in rows] == ["dense", "evo", "idle", "evit", "topk"]
     assert rows[0]["speedup"] == 1.0 and all(r["img_per_s"] > 0 and r["gmacs"] > 0 for r in rows)
     assert all(r["gmacs"] < rows[0]["gmacs"] for r in rows[1:])
     assert {"method", "config", "gmacs", "img_per_s", "speedup"} <= set(rows[1])
 
 
-def test_bench_several_batch_sizes_write_a_list(tmp_path):
+def test_bench_several_batch_sizes_write_the_same_shape(tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["bench", "vit_tiny_patch16_224", "--methods", "dense,topk", "--batch-size", "1,2", "--runs", "1",
-                 "--warmup", "0", "--img-size", "32", "--quiet", "--json", str(out)]) == 0
+    assert main(["bench", "--model", "vit_tiny_patch16_224", "--methods", "dense,topk", "--batch-size", "1,2",
+                 "--runs", "1", "--warmup", "0", "--img-size", "32", "--quiet", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert [d["batch_size"] for d in doc] == [1, 2]
+    assert doc["batch_sizes"] == [1, 2]
+    assert [(r["batch_size"], r["method"]) for r in doc["results"]] == [(1, "dense"), (1, "topk"), (2, "dense"),
+                                                                        (2, "topk")]
+
+
+def test_bench_without_a_dense_row_prints_dash_and_writes_valid_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "vit_tiny_patch16_224", "--methods", "evo@0.001", "--batch-size", "1",
+                 "--runs", "1", "--warmup", "0", "--img-size", "32", "--quiet", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "nan" not in table.lower() and table.rstrip().endswith("-")
+    text = out.read_text()
+    assert "NaN" not in text and json.loads(text)["results"][0]["speedup"] is None
+
+
+def test_bench_old_positional_model_still_works_with_a_deprecation(capsys):
+    assert main(["bench", "vit_tiny_patch16_224", "--methods", "dense", "--batch-size", "1", "--runs", "1",
+                 "--warmup", "0", "--img-size", "32", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the positional MODEL (vit_tiny_patch16_224) is deprecated" in err and "--model" in err
+
+
+def test_bench_keep_and_keep_sweep(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "vit_tiny_patch16_224", "--methods", "dense,evo,idle", "--keep-sweep",
+                 "0.5:1.0:0.5", "--batch-size", "1", "--runs", "1", "--warmup", "0", "--img-size", "32", "--quiet",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["method"], r["config"]) for r in rows] == [("dense", "-"), ("evo", "keep=0.5"), ("evo", "keep=1.0"),
+                                                          ("idle", "keep=0.5"), ("idle", "keep=1.0")]
+    assert main(["bench", "--model", "vit_tiny_patch16_224", "--methods", "evo,topk", "--keep", "0.25",
+                 "--batch-size", "1", "--runs", "1", "--warmup", "0", "--img-size", "32", "--quiet",
+                 "--json", str(out)]) == 0
+    assert [r["config"] for r in json.loads(out.read_text())["results"]] == ["keep=0.25", "keep=0.25"]
+
+
+def test_benchmark_and_eval_keep_one_model(monkeypatch):
+    """Each configuration is applied to the one model in turn: no copy per configuration."""
+    import copy
+
+    import torch
+
+    import tokenpace
+    from tokenpace.bench import benchmark
+    from tokenpace.evaluate import accuracy_table
+    from conftest import make_vit
+
+    model = tokenpace.apply(make_vit("deit", depth=4), "idle", keep=0.5)
+    specs = parse_methods("dense,evo,evo@0.3,idle,evit,topk")
+    monkeypatch.setattr(copy, "deepcopy", lambda *a, **k: pytest.fail("a configuration was deep-copied"))
+    results = benchmark(model, specs, 2, torch.device("cpu"), runs=1, warmup=0)
+    assert [r.gmacs for r in results][2] < results[1].gmacs < results[0].gmacs
+    images = torch.randn(4, 3, 32, 32)
+    loader = [(images, torch.zeros(4, dtype=torch.long))]
+    table = accuracy_table(model, specs, loader, torch.device("cpu"))
+    assert table[0][2] == 100.0  # dense agrees with itself
+    assert tokenpace.get_patch(model).config == tokenpace.Idle(keep=0.5)  # given back as it came
+    monkeypatch.undo()
+    for spec, row in zip(specs, table):  # the same numbers as a separately configured copy of the model
+        ref = copy.deepcopy(model)
+        tokenpace.remove(ref) if spec.method == "dense" else tokenpace.apply(ref, spec.method, **dict(spec.options))
+        with torch.inference_mode():
+            dense = tokenpace.remove(copy.deepcopy(model))(images).argmax(-1)
+            assert row[2] == 100.0 * (ref(images).argmax(-1) == dense).float().mean().item()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--methods", ""], "--methods '' names no method; accepted: dense"),
+    (["--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
+    (["--keep", "1.5"], "argument --keep: expected a keep ratio in (0, 1], got '1.5'"),
+    (["--keep", "0.5", "--keep-sweep", "0.3:1:0.1"], "--keep and --keep-sweep both set the keep ratio"),
+    (["--methods", "evo@0.6", "--keep", "0.5"], "--keep and the keep of evo in --methods both set keep"),
+    (["--json", "/no/such/folder/bench.json"], "--json '/no/such/folder/bench.json': folder '/no/such/folder' does"),
+    (["--batch-size", "100000000"], "inference at batch size 100000000 does not fit in memory: one allocation asked"),
+])
+def test_bench_bad_input_is_one_line_before_any_work(argv, message, capsys):
+    full = ["bench", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--runs", "1", "--warmup", "0",
+            "--quiet", "--batch-size", "1", *argv]
+    try:
+        code = main(full)
+    except SystemExit as exit_info:  # argparse's own checks
+        code = exit_info.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") <= 2 and "Traceback" not in err
+    if "memory" not in message:
+        assert "benchmarking" not in err  # refused before any work
 
 
 def test_training_specs_take_idle_recipe_options():
@@ -59,7 +146,7 @@ def test_training_specs_take_idle_recipe_options():
 
 
 def test_train_bench_without_teacher(capsys):
-    assert main(["bench", "vit_tiny_patch16_224", "--train", "--methods", "dense,idle,idle:distill_weight=0",
+    assert main(["bench", "--model", "vit_tiny_patch16_224", "--train", "--methods", "dense,idle,idle:distill_weight=0",
                  "--batch-size", "2", "--runs", "1", "--warmup", "0", "--img-size", "32", "--quiet"]) == 0
     assert "distill_weight=0" in capsys.readouterr().out
 
@@ -67,7 +154,8 @@ def test_train_bench_without_teacher(capsys):
 def test_malloc_keep_is_recorded_and_other_values_refused(tmp_path, capsys):
     out = tmp_path / "bench.json"
     # a separate process: mallopt would change this test process's allocator for good
-    run = subprocess.run([sys.executable, "-m", "tokenpace.cli", "bench", "vit_tiny_patch16_224", "--methods", "dense",
+    run = subprocess.run([sys.executable, "-m", "tokenpace.cli", "bench", "--model", "vit_tiny_patch16_224",
+                          "--methods", "dense",
                           "--batch-size", "1", "--runs", "1", "--warmup", "0", "--img-size", "32", "--quiet",
                           "--malloc", "keep", "--json", str(out)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
@@ -75,3 +163,21 @@ def test_malloc_keep_is_recorded_and_other_values_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--malloc", "jemalloc"])
     assert "choose from 'system', 'keep'" in capsys.readouterr().err
+
+
+def test_compiled_benchmark_holds_one_copy_per_configuration(monkeypatch):
+    """--compile: each configuration gets its own copy (a compiled graph is specialised to it); the model itself is
+    given back as it came."""
+    import torch
+
+    import tokenpace
+    from tokenpace.bench import benchmark
+    from conftest import make_vit
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)
+    model = make_vit("deit", depth=4)
+    benchmark(model, parse_methods("dense,evo,idle@0.5"), 1, torch.device("cpu"), compile=True, runs=1, warmup=0)
+    configs = [None if tokenpace.get_patch(m) is None else tokenpace.get_patch(m).config for m in compiled]
+    assert configs == [None, tokenpace.Evo(), tokenpace.Idle(keep=0.5)]
+    assert len({id(m) for m in compiled} | {id(model)}) == 4 and tokenpace.get_patch(model) is None

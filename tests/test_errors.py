@@ -99,10 +99,28 @@ def test_attention_masks_are_refused_on_a_patched_model():
 @pytest.mark.parametrize("argv,message", [
     (["bench", "--methods", "evo@1.5"], "Evo keep must be a number in (0, 1]"),
     (["bench", "--methods", "dense,fast"], "unknown method 'fast' in --methods; accepted: dense, evit, evo, idle, topk"),
-    (["bench", "no_such_model"], "unknown timm model 'no_such_model'"),
-    (["bench", "resnet10t"], "is not a supported model"),
-    (["bench", "--device", "cuda"] if not torch.cuda.is_available() else ["bench", "--runs", "0"], "accepted"),
-    (["bench", "--runs", "0"], "--runs must be >= 1"),
+    (["bench", "--model", "no_such_model"], "unknown timm model 'no_such_model'"),
+    (["bench", "--model", "resnet10t"], "is not a supported model"),
+    (["bench", "--device", "cuda"] if not torch.cuda.is_available() else ["bench", "--model", "x"], "accepted"),
+    (["bench", "--model", "vit_tiny_patch16_224", "--model-args", "depth"], "--model-args entry 'depth' must be"),
+    (["bench", "--model", "vit_tiny_patch16_224", "--model-args", "img_size=32", "--img-size", "64"],
+     "--img-size 64 and --model-args img_size=32 differ"),
+    (["bench", "--model", "vit_tiny_patch16_224", "--model-args", "no_such_arg=1"],
+     "model 'vit_tiny_patch16_224' cannot be built with {'no_such_arg': 1}"),
+    (["bench", "--model", "evo_levit_cifar", "--pretrained"], "evo_levit_cifar has no pretrained weights"),
+    (["bench", "--pretrained", "--checkpoint", "x.pth"], "--pretrained and --checkpoint/--run both give the weights"),
+    (["bench", "--model", "resnet10t", "--methods", "dense,evo"], "is not a supported model"),
+    (["bench", "--model", "swin_tiny_patch4_window7_224", "--img-size", "32", "--methods", "dense,evo"],
+     "method 'evo' is not available for timm SwinTransformer models; accepted here: 'idle'"),
+    (["bench", "--model", "vit_tiny_patch16_224", "--methods", "evo:stage_starts=2/13"],
+     "has layer(s) [13] outside the model"),
+    (["eval", "--model", "resnet10t", "--data", "x.npz"], "is not a supported model"),
+    (["eval", "--data", "x.npz", "--plot", "p.png"], "--plot draws a keep sweep; add --keep-sweep"),
+    (["bench", "--model", "vit_tiny_patch16_224", "--fuse-bn"], "--fuse-bn folds LeViT's BatchNorm layers"),
+    (["train", "--recipe", "dense", "--data", "x.npz", "--output", "/tmp/x", "--cut-mode", "none"],
+     "--cut-mode sets a loss of the idle-finetune recipe; recipe 'dense' has no such loss"),
+    (["show", "x.png", "--model", "vit_tiny_patch16_224", "--method", "evo", "--keep", "0.5", "--mode", "layer",
+      "--output", "/dev/null"], "--output '/dev/null' is a file"),
     (["bench", "--methods", "evo:mode=block"], "mode='block' is not accepted"),
     (["bench", "--checkpoint", "/no/such/file.pth"], "checkpoint '/no/such/file.pth' does not exist"),
 ])
@@ -110,6 +128,13 @@ def test_cli_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tokenpace: error:") and message in err and "\n" not in err
+
+
+def test_out_of_range_integers_are_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--runs", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --runs: expected an integer >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_cli_has_no_traceback_in_a_real_process():

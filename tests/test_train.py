@@ -17,18 +17,9 @@ from tokenpace.cli import main
 from tokenpace.data import DataSpec, PackedJpegDataset, build_dataset
 from tokenpace.train import TrainConfig, get_recipe, train
 
-CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10_jpeg.npz")
-CIFAR = os.environ.get("TOKENPACE_CIFAR", CIFAR)
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
-TINY_ARGS = "img_size=32,patch_size=8,embed_dim=32,depth=4,num_heads=2"
+from conftest import CIFAR, TINY, TINY_ARGS, needs_cifar, train_config as _config
 
-pytestmark = pytest.mark.skipif(not os.path.isfile(CIFAR), reason="../shared/data/cifar10_jpeg.npz not found")
-
-
-def _config(tmp_path, recipe="dense", name="run", **kw):
-    return TrainConfig(recipe=get_recipe(recipe), model="vit_tiny_patch16_224", model_args=dict(TINY),
-                       data=DataSpec(CIFAR, limit=kw.pop("limit", 64)), output=str(tmp_path / name), batch_size=16,
-                       workers=0, epochs=kw.pop("epochs", 2), progress=False, **kw)
+pytestmark = needs_cifar
 
 
 def _final_state(path):
@@ -69,7 +60,8 @@ def test_export_loads_into_plain_timm_and_runs_patched(tmp_path):
     plain = timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY)
     plain.load_state_dict(state, strict=True)
     run = json.load(open(os.path.join(cfg.output, "run.json")))
-    assert run["model_args"]["num_classes"] == 10 and run["recipe"] == "dense"
+    assert run["model_args"]["num_classes"] == 10 and run["recipe"]["name"] == "dense"
+    assert run["processes"] == 1 and run["data"]["limit"] == 64 and run["method"] is None
     assert tokenpace.apply(plain, "idle")(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
@@ -116,21 +108,48 @@ def test_a_killed_run_resumes_from_the_last_complete_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--recipe", "fast"], "unknown recipe 'fast'; accepted: dense, evo-scratch, idle-finetune, finetune"),
+    (["--recipe", "fast"], "argument --recipe: invalid choice: 'fast' (choose from 'dense', 'evo-scratch', 'idle-finetune'"),
     (["--recipe", "dense", "--data", "/no/such.npz"], "data path '/no/such.npz' does not exist"),
     (["--recipe", "dense", "--data", "/no/such/folder"], "does not exist; accepted: a packed-JPEG .npz file"),
-    (["--recipe", "idle-finetune"], "fine-tunes dense weights: pass --init CHECKPOINT"),
-    (["--recipe", "dense", "--cut-mode", "all"], "--cut-mode 'all' is not accepted"),
+    (["--recipe", "idle-finetune"], "fine-tunes dense weights (and builds any teacher from them): pass --checkpoint"),
+    (["--recipe", "dense", "--cut-mode", "all"], "argument --cut-mode: invalid choice: 'all'"),
     (["--recipe", "dense", "--keep", "0.5"], "--keep/--score need a method"),
-    (["--recipe", "dense", "--method", "evo", "--keep", "3"], "Evo keep must be a number in (0, 1]"),
+    (["--recipe", "dense", "--method", "evo", "--keep", "3"], "argument --keep: expected a keep ratio in (0, 1]"),
+    (["--recipe", "dense", "--method", "evo", "--score", "best"], "Evo score='best' is not accepted"),
     (["--recipe", "dense", "--model", "nope"], "unknown timm model 'nope'"),
+    (["--recipe", "dense", "--epochs", "0"], "argument --epochs: expected an integer >= 1, got '0'"),
+    (["--recipe", "dense", "--epochs", "-2"], "argument --epochs: expected an integer >= 1, got '-2'"),
+    (["--recipe", "dense", "--batch-size", "0"], "argument --batch-size: expected an integer >= 1"),
+    (["--recipe", "dense", "--lr", "0"], "argument --lr: expected a number > 0"),
+    (["--recipe", "idle-finetune", "--cut-weight", "-1"], "recipe cut_weight must be a number >= 0; got -1.0"),
+    (["--recipe", "idle-finetune", "--distill-weight", "-0.5"], "recipe distill_weight must be a number >= 0"),
+    (["--recipe", "dense", "--resume", "--overwrite"], "--resume continues a run and --overwrite replaces it"),
+    (["--data", "x.npz"], "--recipe is required (unless --resume continues a run with a run.json)"),
+    (["--recipe", "dense", "--model-args", "num_classes=5"], "has labels 0..9, outside the model's 5 classes"),
+    (["--recipe", "dense", "--device", "cuda"] if not torch.cuda.is_available() else ["--recipe", "nope"],
+     "CUDA is not available" if not torch.cuda.is_available() else "invalid choice"),
 ])
 def test_train_cli_errors_are_one_line(argv, message, tmp_path, capsys):
     full = ["train", "--data", CIFAR, "--output", str(tmp_path / "x"), "--model-args", TINY_ARGS, "--limit", "32",
             "--batch-size", "16", "--workers", "0", "--quiet", *argv]
-    assert main(full) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("tokenpace: error:") and message in err
+    try:
+        code = main(full)
+    except SystemExit as exit_info:  # argparse's own checks
+        code = exit_info.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("tokenpace: error:") and message in err[0], err
+    assert not (tmp_path / "x").exists()  # nothing written
+
+
+def test_recipes_check_their_own_settings():
+    import dataclasses
+
+    from tokenpace.errors import TokenpaceError
+
+    for field, value in (("cut_weight", -1.0), ("distill_weight", -0.1), ("epochs", 0), ("lr", 0.0),
+                         ("cut_mode", "all"), ("objective", "magic")):
+        with pytest.raises(TokenpaceError, match=field.replace("_", "_")):
+            dataclasses.replace(get_recipe("idle-finetune"), **{field: value})
 
 
 def test_malformed_data_and_foreign_checkpoints(tmp_path, capsys):

@@ -7,12 +7,48 @@
         model(x)
     tokenpace.macs(model)
     tokenpace.remove(model)
+
+The API is imported on first use, so that ``tokenpace --help`` and the CLI's argument errors do not wait for torch
+and timm. tokenpace's models (``evo_levit_*``, ``levit_cifar``) are registered with timm by ``import
+tokenpace.archs``, which the API and the CLI do for you; ``import timm, tokenpace`` (timm first) registers them at
+once.
 """
-from . import archs  # registers evo_levit_* and the CIFAR LeViTs with timm
-from .methods import METHODS, EViT, Evo, Idle, MethodConfig, TopK, make_config
-from .patch import Trace, apply, get_patch, macs, remove, supported_methods, trace
+from __future__ import annotations
+
+import importlib
+import sys
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "EViT", "Evo", "Idle", "MethodConfig", "TopK", "Trace", "apply", "get_patch", "macs",
-           "make_config", "remove", "supported_methods", "trace"]
+_API = {
+    "METHODS": "methods", "EViT": "methods", "Evo": "methods", "Idle": "methods", "MethodConfig": "methods",
+    "TopK": "methods", "make_config": "methods",
+    "Trace": "patch", "apply": "patch", "get_patch": "patch", "macs": "patch", "remove": "patch", "trace": "patch",
+    "supported_methods": "patch",
+    "TokenpaceError": "errors",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:  # a submodule (tokenpace.families, tokenpace.train, ...) the caller has not imported
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'tokenpace' has no attribute {name!r}") from None
+    if _API[name] != "errors":
+        importlib.import_module(".archs", __name__)  # the API's users expect tokenpace's models in timm's registry
+    value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
+
+
+if "timm" in sys.modules:  # timm is loaded already: registering tokenpace's models costs nothing more
+    importlib.import_module(".archs", __name__)

@@ -6,16 +6,17 @@ import copy
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .errors import TokenpaceError, user_input
 from .families import adapter_for
-from .methods import METHODS, make_config
-from .patch import apply, macs
+from .methods import METHODS, MethodConfig, make_config
+from .patch import apply, get_patch, macs, remove
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -51,19 +52,24 @@ RECIPE_OPTIONS = ("distill_weight", "cut_mode", "cut_weight")
 
 
 def _check_recipe_options(name: str, options: dict[str, object], item: str, train: bool) -> None:
-    from .losses import CUT_MODES
+    """Recipe options belong to --train specs of idle; their values are checked by the recipe itself."""
+    given = {k: v for k, v in options.items() if k in RECIPE_OPTIONS}
+    if not given:
+        return
+    if not train:
+        raise TokenpaceError(f"{next(iter(given))} in {item!r} is an option of the training recipe; use it with "
+                             "--train")
+    if name != "idle":
+        raise TokenpaceError(f"{next(iter(given))} in {item!r} belongs to the idle-finetune recipe; accepted on idle "
+                             "only")
+    import dataclasses
 
-    for key, value in options.items():
-        if key not in RECIPE_OPTIONS:
-            continue
-        if not train:
-            raise ValueError(f"{key} in {item!r} is an option of the training recipe; use it with --train")
-        if name != "idle":
-            raise ValueError(f"{key} in {item!r} belongs to the idle-finetune recipe; accepted on idle only")
-        if key == "cut_mode" and value not in CUT_MODES:
-            raise ValueError(f"cut_mode {value!r} in {item!r} is not accepted; choose one of {', '.join(CUT_MODES)}")
-        if key != "cut_mode" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise ValueError(f"{key} in {item!r} must be a number >= 0; got {value!r}")
+    from .train.recipes import get_recipe
+
+    try:
+        dataclasses.replace(get_recipe(TRAIN_RECIPES[name]), **given)
+    except TokenpaceError as err:
+        raise TokenpaceError(f"{err} (in {item!r})") from None
 
 
 def parse_methods(text: str, train: bool = False) -> list[MethodSpec]:
@@ -75,23 +81,24 @@ def parse_methods(text: str, train: bool = False) -> list[MethodSpec]:
         name, _, rest = item.partition(":")
         name, _, keep = name.partition("@")
         if name != "dense" and name not in METHODS:
-            raise ValueError(f"unknown method {name!r} in --methods; accepted: dense, {', '.join(sorted(METHODS))}")
+            raise TokenpaceError(f"unknown method {name!r} in --methods; accepted: dense, {', '.join(sorted(METHODS))}")
         options: dict[str, object] = {}
         if keep:
             options["keep"] = _number(keep, item)
         for pair in filter(None, rest.split(":")):
             key, eq, value = pair.partition("=")
             if not eq:
-                raise ValueError(f"option {pair!r} in {item!r} must be key=value")
+                raise TokenpaceError(f"option {pair!r} in {item!r} must be key=value")
             options[key] = _literal(value)
         if name == "dense" and options:
-            raise ValueError("dense takes no options")
+            raise TokenpaceError("dense takes no options")
         if name != "dense":
             _check_recipe_options(name, options, item, train)
-            make_config(name, **{k: v for k, v in options.items() if k not in RECIPE_OPTIONS})  # validate now
+            with user_input():
+                make_config(name, **{k: v for k, v in options.items() if k not in RECIPE_OPTIONS})  # validate now
         specs.append(MethodSpec(name, tuple(options.items())))
     if not specs:
-        raise ValueError("--methods is empty; accepted: dense, " + ", ".join(sorted(METHODS)))
+        raise TokenpaceError(f"--methods {text!r} names no method; accepted: dense, " + ", ".join(sorted(METHODS)))
     return specs
 
 
@@ -99,7 +106,7 @@ def _number(text: str, item: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"keep in {item!r} must be a number; got {text!r}") from None
+        raise TokenpaceError(f"keep in {item!r} must be a number; got {text!r}") from None
 
 
 def _literal(text: str) -> object:
@@ -110,7 +117,7 @@ def _literal(text: str) -> object:
         try:
             return tuple(int(v) for v in text.split("/"))
         except ValueError:
-            raise ValueError(f"list {text!r} must be ints separated by '/', e.g. 4/8") from None
+            raise TokenpaceError(f"list {text!r} must be ints separated by '/', e.g. 4/8") from None
     for cast in (int, float):
         try:
             return cast(text)
@@ -126,11 +133,11 @@ class BenchResult:
     gmacs: float
     img_per_s: float
     ms_per_batch: float
-    speedup: float
+    speedup: float | None  # against the dense row; None when no dense row was run
     times_s: list[float] = field(default_factory=list)
 
 
-def _autocast(device: torch.device, amp: str):
+def autocast_for(device: torch.device, amp: str):
     """A context factory: autocast to the --amp dtype, or nothing for "none"."""
     dtype = AMP_DTYPES[amp]
     return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
@@ -139,6 +146,28 @@ def _autocast(device: torch.device, amp: str):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def spec_config(spec: MethodSpec) -> MethodConfig | None:
+    """The method config a spec runs (None: dense)."""
+    return None if spec.method == "dense" else make_config(spec.method, **spec.method_options())
+
+
+def configure(model: nn.Module, config: MethodConfig | None) -> nn.Module:
+    """Put ``model`` in ``config`` (None: dense). apply adds no parameters and replaces the previous method, so one
+    model serves every configuration in turn."""
+    return remove(model) if config is None else apply(model, config)
+
+
+@contextmanager
+def restored(model: nn.Module):
+    """Run a block that re-configures ``model``, then give it back in the configuration it came in."""
+    patch = get_patch(model)
+    original = None if patch is None else patch.config
+    try:
+        yield model
+    finally:
+        configure(model, original)
 
 
 def benchmark(
@@ -152,20 +181,29 @@ def benchmark(
     warmup: int = 2,
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchResult]:
-    """Time every spec on copies of ``model`` with random input, interleaved round by round; medians."""
+    """Time every spec with random input, interleaved round by round; medians.
+
+    One model (moved to ``device``) is re-configured before each timed call, outside the timing. With ``compile``
+    each configuration gets its own copy instead: a compiled graph is specialised to its configuration, and
+    re-patching one compiled model would recompile it every call."""
     say = progress or (lambda msg: None)
     x = torch.randn(batch_size, *adapter_for(model).input_size(), device=device)
-    autocast = _autocast(device, amp)
-    runners, gmacs = [], []
-    for spec in specs:
-        m = copy.deepcopy(model).to(device).eval()
-        if spec.method != "dense":
-            apply(m, spec.method, **dict(spec.options))
-        gmacs.append(macs(m) / 1e9)
-        runners.append(torch.compile(m) if compile else m)
-    calls = [lambda runner=runner: runner(x) for runner in runners]
-    with torch.inference_mode():
-        times = _time_interleaved([spec.method for spec in specs], calls, device, runs, warmup, autocast, say, "")
+    autocast = autocast_for(device, amp)
+    configs = [spec_config(spec) for spec in specs]
+    model = model.to(device).eval()
+    with restored(model):
+        gmacs = [macs(configure(model, config)) / 1e9 for config in configs]
+        if compile:
+            dense = configure(model, None)  # copies of the unpatched model, each then patched once
+            runners = [torch.compile(configure(copy.deepcopy(dense), config)) for config in configs]
+            prepares = [lambda: None for _ in configs]
+        else:
+            runners = [model] * len(configs)
+            prepares = [lambda config=config: configure(model, config) for config in configs]
+        calls = [lambda runner=runner: runner(x) for runner in runners]
+        with torch.inference_mode():
+            times = _time_interleaved([spec.method for spec in specs], prepares, calls, device, runs, warmup,
+                                      autocast, say, "")
     return _results(specs, gmacs, times, batch_size)
 
 
@@ -176,7 +214,8 @@ TRAIN_RECIPES = {"dense": "dense", "evo": "evo-scratch", "idle": "idle-finetune"
 def train_objective(model: nn.Module, spec: MethodSpec):
     """The training objective a recipe uses for ``spec``: dense and EViT/top-k cross-entropy, Evo's two heads in
     layer mode (the first phase of training), IdleViT's cut loss and dense teacher. Class-token-free models get
-    plain cross-entropy for Evo and no cut loss for Idle (both need a class token)."""
+    plain cross-entropy for Evo and no cut loss for Idle (both need a class token). ``model`` must be unpatched
+    (it is copied as the teacher); the method is applied to it."""
     import dataclasses
 
     from .train.objectives import make_objective
@@ -189,15 +228,17 @@ def train_objective(model: nn.Module, spec: MethodSpec):
     recipe = get_recipe(name)
     if recipe.objective == "idle_distill" and class_free:
         recipe = dataclasses.replace(recipe, cut_mode="none")  # the cut loss needs a class token (Swin, PVTv2)
+    recipe = dataclasses.replace(recipe, method=_train_method(spec), **spec.recipe_options())
+    objective = make_objective(recipe, model, nn.CrossEntropyLoss(), dense_model=model)
+    configure(objective.model, recipe.method)
+    return objective
+
+
+def _train_method(spec: MethodSpec) -> MethodConfig | None:
     options = spec.method_options()
     if spec.method == "evo":
         options.setdefault("mode", "layer")
-    method = None if spec.method == "dense" else make_config(spec.method, **options)
-    recipe = dataclasses.replace(recipe, method=method, **spec.recipe_options())
-    objective = make_objective(recipe, model, nn.CrossEntropyLoss(), dense_model=model)
-    if method is not None:
-        apply(objective.model, method)
-    return objective
+    return None if spec.method == "dense" else make_config(spec.method, **options)
 
 
 def benchmark_train(
@@ -210,35 +251,45 @@ def benchmark_train(
     warmup: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchResult]:
-    """Time one training step (forward, backward, AdamW step; teacher and cut loss included) per spec."""
+    """Time one training step (forward, backward, AdamW step; teacher and cut loss included) per spec.
+
+    The specs share one student (re-configured before each step, outside the timing) and one AdamW over every
+    trainable parameter (parameters without a gradient in a step are skipped); only Idle's frozen teacher and
+    Evo's class-token head are extra. The steps update the model's weights (lr 1e-6)."""
     say = progress or (lambda msg: None)
     x = torch.randn(batch_size, *adapter_for(model).input_size(), device=device)
     y = torch.randint(0, model.num_classes, (batch_size,), device=device)
-    autocast = _autocast(device, amp)
-    steps, gmacs = [], []
-    for spec in specs:
-        objective = train_objective(copy.deepcopy(model), spec).to(device).train()
-        params = [p for module in objective.trainable() for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-6)
-        gmacs.append(macs(objective.model) / 1e9)
+    autocast = autocast_for(device, amp)
+    model = remove(model).to(device)
+    objectives = [train_objective(configure(model, None), spec).to(device).train() for spec in specs]
+    params = list({id(p): p for o in objectives for m in o.trainable() for p in m.parameters()
+                   if p.requires_grad}.values())
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    methods = [_train_method(spec) for spec in specs]
+    gmacs = [macs(configure(model, method)) / 1e9 for method in methods]
 
-        def step(objective=objective, optimizer=optimizer):
-            with autocast():
-                loss = objective(x, y)[0]  # backward and the optimiser step run outside autocast
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def step(objective):
+        with autocast():
+            loss = objective(x, y)[0]  # backward and the optimiser step run outside autocast
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-        steps.append(step)
-    times = _time_interleaved([spec.method for spec in specs], steps, device, runs, warmup, nullcontext, say, "train ")
+    prepares = [lambda method=method: configure(model, method) for method in methods]
+    steps = [lambda objective=objective: step(objective) for objective in objectives]
+    times = _time_interleaved([spec.method for spec in specs], prepares, steps, device, runs, warmup, nullcontext,
+                              say, "train ")
+    remove(model)
     return _results(specs, gmacs, times, batch_size)
 
 
-def _time_interleaved(labels, calls, device, runs, warmup, autocast, say, tag) -> list[list[float]]:
-    """Wall time of each call, round by round (every call once per round), after ``warmup`` untimed rounds."""
+def _time_interleaved(labels, prepares, calls, device, runs, warmup, autocast, say, tag) -> list[list[float]]:
+    """Wall time of each call, round by round (every call once per round), after ``warmup`` untimed rounds; each
+    call's ``prepare`` (re-configuring the model) runs before its timer starts."""
     times: list[list[float]] = [[] for _ in calls]
     for r in range(warmup + runs):
-        for label, call, series in zip(labels, calls, times):
+        for label, prepare, call, series in zip(labels, prepares, calls, times):
+            prepare()
             _sync(device)
             start = time.perf_counter()
             with autocast():
@@ -258,10 +309,14 @@ def _results(specs, gmacs, times, batch_size) -> list[BenchResult]:
     return [
         BenchResult(
             method=spec.method, config=spec.describe(), gmacs=round(g, 6), img_per_s=batch_size / t,
-            ms_per_batch=t * 1000, speedup=(base / t) if base else float("nan"), times_s=series,
+            ms_per_batch=t * 1000, speedup=(base / t) if base else None, times_s=series,
         )
         for spec, g, t, series in zip(specs, gmacs, medians, times)
     ]
+
+
+def speedup_text(speedup: float | None) -> str:
+    return "-" if speedup is None else f"{speedup:.2f}x"
 
 
 def format_table(results: list[BenchResult]) -> str:
@@ -269,20 +324,23 @@ def format_table(results: list[BenchResult]) -> str:
     rows = [head, "-" * len(head)]
     for r in results:
         rows.append(f"{r.method:<7} {r.config:<28} {r.gmacs:>6.3g} {r.img_per_s:>9.1f} {r.ms_per_batch:>9.1f} "
-                    f"{r.speedup:>7.2f}x")
+                    f"{speedup_text(r.speedup):>8}")
     return "\n".join(rows)
 
 
-def result_json(model_name: str, batch_size: int, device: torch.device, results: list[BenchResult],
-                **extra) -> dict:
+def result_json(model_name: str, device: torch.device, batches: dict[int, list[BenchResult]], **extra) -> dict:
+    """One document for one or several batch sizes: the settings, then one row per (batch size, configuration).
+    ``speedup`` is null when no dense row was run."""
     return {
         "model": model_name,
-        "batch_size": batch_size,
         "device": device_name(device),
+        "versions": versions(),
         **extra,
+        "batch_sizes": list(batches),
         "results": [
-            {k: v for k, v in asdict(r).items() if k != "times_s"} | {"times_s": [round(t, 5) for t in r.times_s]}
-            for r in results
+            {"batch_size": bs, **{k: v for k, v in asdict(r).items() if k != "times_s"},
+             "times_s": [round(t, 5) for t in r.times_s]}
+            for bs, results in batches.items() for r in results
         ],
     }
 
@@ -291,6 +349,18 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced a result (written into every JSON output)."""
+    import platform
+
+    import timm
+
+    from . import __version__
+
+    return {"tokenpace": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
 
 
 def stderr_progress(msg: str) -> None:

@@ -2,14 +2,13 @@
 configuration run on each batch), plus GMACs and measured throughput; keep-ratio sweeps and their plot."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .bench import MethodSpec, benchmark
-from .patch import apply
+from .bench import MethodSpec, autocast_for, benchmark, configure, restored, spec_config, speedup_text
+from .errors import TokenpaceError
 
 
 @dataclass
@@ -22,7 +21,7 @@ class EvalRow:
     agreement: float  # % of images where the prediction equals the dense model's
     gmacs: float
     img_per_s: float
-    speedup: float
+    speedup: float | None
 
 
 def topk_hits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int, torch.Tensor]:
@@ -31,29 +30,21 @@ def topk_hits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int, to
     return (top[:, 0] == targets).sum().item(), (top == targets.unsqueeze(1)).any(1).sum().item(), top[:, 0]
 
 
-def _instances(model: nn.Module, specs: list[MethodSpec]) -> list[nn.Module]:
-    out = []
-    for spec in specs:
-        m = copy.deepcopy(model).eval()
-        if spec.method != "dense":
-            apply(m, spec.method, **dict(spec.options))
-        out.append(m)
-    return out
-
-
-def accuracy_table(model: nn.Module, specs: list[MethodSpec], loader, device: torch.device,
+def accuracy_table(model: nn.Module, specs: list[MethodSpec], loader, device: torch.device, amp: str = "none",
                    progress=None) -> list[tuple[float, float, float]]:
-    """(top-1, top-5, agreement with dense) per spec, in percent, from one pass over ``loader``."""
-    models = [m.to(device) for m in _instances(model, specs)]
-    dense = copy.deepcopy(model).eval().to(device)
+    """(top-1, top-5, agreement with dense) per spec, in percent, from one pass over ``loader``. One model (moved to
+    ``device``) is re-configured for each spec on each batch; it is given back in the configuration it came in."""
+    configs = [spec_config(s) for s in specs]
+    autocast = autocast_for(device, amp)
+    model = model.to(device).eval()
     counts = [[0, 0, 0] for _ in specs]
     total = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(), restored(model):
         for step, (images, targets) in enumerate(loader):
             images, targets = images.to(device), targets.to(device)
-            reference = dense(images).argmax(-1)
-            for m, c in zip(models, counts):
-                hits1, hits5, predicted = topk_hits(m(images), targets)
+            reference = configure(model, None)(images).argmax(-1)
+            for config, c in zip(configs, counts):
+                hits1, hits5, predicted = topk_hits(configure(model, config)(images), targets)
                 c[0] += hits1
                 c[1] += hits5
                 c[2] += (predicted == reference).sum().item()
@@ -64,12 +55,12 @@ def accuracy_table(model: nn.Module, specs: list[MethodSpec], loader, device: to
 
 
 def evaluate(model: nn.Module, specs: list[MethodSpec], loader, device: torch.device, batch_size: int,
-             speed_runs: int = 5, progress=None) -> list[EvalRow]:
+             speed_runs: int = 5, amp: str = "none", progress=None) -> list[EvalRow]:
     """One row per spec: accuracy on ``loader``; GMACs; img/s from an interleaved benchmark at ``batch_size``."""
     if specs[0].method != "dense":
         specs = [MethodSpec("dense"), *specs]
-    acc = accuracy_table(model, specs, loader, device, progress)
-    speed = benchmark(model, specs, batch_size, device, runs=speed_runs, warmup=1, progress=progress)
+    acc = accuracy_table(model, specs, loader, device, amp, progress)
+    speed = benchmark(model, specs, batch_size, device, amp=amp, runs=speed_runs, warmup=1, progress=progress)
     return [EvalRow(method=s.method, config=s.describe(), keep=dict(s.options).get("keep", _default_keep(s)),
                     top1=a[0], top5=a[1], agreement=a[2], gmacs=b.gmacs, img_per_s=b.img_per_s, speedup=b.speedup)
             for s, a, b in zip(specs, acc, speed)]
@@ -87,13 +78,13 @@ def parse_sweep(text: str) -> list[float]:
     """"0.3:1.0:0.1" -> [0.3, 0.4, ..., 1.0] (inclusive); every value must lie in (0, 1]."""
     parts = text.split(":")
     if len(parts) != 3:
-        raise ValueError(f"--keep sweep {text!r} must be START:STOP:STEP, e.g. 0.3:1.0:0.1")
+        raise TokenpaceError(f"--keep-sweep {text!r} must be START:STOP:STEP, e.g. 0.3:1.0:0.1")
     try:
         start, stop, step = (float(p) for p in parts)
     except ValueError:
-        raise ValueError(f"--keep sweep {text!r} must hold three numbers, e.g. 0.3:1.0:0.1") from None
+        raise TokenpaceError(f"--keep-sweep {text!r} must hold three numbers, e.g. 0.3:1.0:0.1") from None
     if step <= 0 or not 0 < start <= stop <= 1:
-        raise ValueError(f"--keep sweep {text!r} needs 0 < START <= STOP <= 1 and STEP > 0")
+        raise TokenpaceError(f"--keep-sweep {text!r} needs 0 < START <= STOP <= 1 and STEP > 0")
     n = int(round((stop - start) / step))
     return [round(start + i * step, 6) for i in range(n + 1) if start + i * step <= stop + 1e-9]
 
@@ -104,7 +95,7 @@ def format_rows(rows: list[EvalRow]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r.method:<7} {r.config:<28} {r.top1:>6.2f} {r.top5:>6.2f} {r.agreement:>6.2f} "
-                     f"{r.gmacs:>6.3g} {r.img_per_s:>8.1f} {r.speedup:>7.2f}x")
+                     f"{r.gmacs:>6.3g} {r.img_per_s:>8.1f} {speedup_text(r.speedup):>8}")
     return "\n".join(lines)
 
 

@@ -1,5 +1,7 @@
 """The training loop on Hugging Face Accelerate (one process to many, bf16/fp16) with timm's data and
-optimisation pieces. Resumable bit for bit: every epoch reseeds from (seed, epoch) and checkpoints atomically."""
+optimisation pieces. Resumable bit for bit: every epoch reseeds from (seed, epoch), every sample's augmentation from
+(seed, epoch, index), and checkpoints are written atomically. No host sync per step: loss terms, accuracy and the
+finite-loss check accumulate on the device and are read once per log interval."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,21 +11,26 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..data import DataSpec, build_dataset, num_classes_of
+from ..data import DataSpec, build_dataset, check_labels, data_config, eval_transform, num_classes_of
+from ..errors import TokenpaceError, memory_guard, user_input
 from ..families import adapter_for
 from ..methods import Evo, MethodConfig
 from ..patch import apply, remove
+from ..weights import export_safetensors, file_sha256, load_weights, mismatch
+from . import runfolder
 from .checkpoint import atomic_save, rng_state
 from .objectives import make_objective
 from .recipes import Recipe
+from .runfolder import CHECKPOINT, EMA_EXPORT, METRICS
+from .sampling import EpochSampler, SeededSamples
 
-CHECKPOINT = "last.pth"
-METRICS = "metrics.jsonl"
-EXPORT = "model.safetensors"
-RUN_CONFIG = "run.json"
+AMP_MODES = {"none": "no", "no": "no", "bf16": "bf16", "fp16": "fp16"}  # ours (and Accelerate's "no") -> Accelerate's
+LOG_EVERY = 50  # steps between reads of the device-side loss sums (the only host syncs of an epoch)
+__all__ = ["TrainConfig", "TrainError", "create_student", "eval_transform", "load_weights", "train"]
 
 
 @dataclass
@@ -35,14 +42,16 @@ class TrainConfig:
     data: DataSpec
     output: str
     model_args: dict = field(default_factory=dict)  # passed to timm.create_model (img_size, depth, ...)
-    init: str | None = None  # dense weights to start from (required by fine-tuning recipes)
+    init: str | None = None  # weights to start from (required by fine-tuning recipes unless ``pretrained``)
+    pretrained: bool = False  # start from timm's pretrained weights (hub or local cache)
     epochs: int | None = None  # overrides the recipe
     batch_size: int = 128  # per process
     lr: float | None = None  # absolute peak learning rate; default: recipe lr x global batch / lr_base_batch
-    amp: str = "no"  # no | bf16 | fp16
+    amp: str = "none"  # none | bf16 | fp16
     workers: int = 2
     seed: int = 0
-    resume: bool = False
+    resume: bool = False  # continue the run in ``output`` (its recorded settings must match these)
+    overwrite: bool = False  # replace a run already in ``output``
     crop_pct: float | None = None  # eval resize/crop ratio; default timm's, or 1.0 for tiny (<= 64 px) inputs
     stop_after: int | None = None  # stop after this many epochs in this invocation (time-limited jobs)
     cpu: bool = False  # force CPU even where a GPU is visible
@@ -53,43 +62,62 @@ class TrainConfig:
         return self.epochs if self.epochs is not None else self.recipe.epochs
 
 
-class TrainError(ValueError):
+class TrainError(TokenpaceError):
     """A problem with the run's inputs (data, checkpoint, options), reported as one line."""
 
 
-def create_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    import timm
+def check_config(cfg: TrainConfig) -> None:
+    """Numbers and switches of ``cfg`` (the recipe checks its own settings when it is built)."""
+    def at_least(name: str, value, minimum: int, optional: bool = False) -> None:
+        if optional and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise TrainError(f"{name} must be an integer >= {minimum}; got {value!r}")
 
-    kwargs = dict(cfg.model_args)
-    kwargs.setdefault("num_classes", num_classes)
+    at_least("epochs", cfg.epochs_total, 1)
+    at_least("batch size", cfg.batch_size, 1)
+    at_least("workers", cfg.workers, 0)
+    at_least("stop_after", cfg.stop_after, 1, optional=True)
+    if cfg.lr is not None and (isinstance(cfg.lr, bool) or not isinstance(cfg.lr, (int, float)) or not cfg.lr > 0):
+        raise TrainError(f"lr must be a number > 0; got {cfg.lr!r}")
+    if cfg.amp not in AMP_MODES:
+        raise TrainError(f"amp {cfg.amp!r} is not accepted; choose one of none, bf16, fp16")
+    if cfg.pretrained and cfg.init is not None:
+        raise TrainError("--pretrained and --checkpoint both give the starting weights; choose one")
+    if cfg.recipe.from_checkpoint and cfg.init is None and not cfg.pretrained:
+        raise TrainError(f"recipe {cfg.recipe.name!r} fine-tunes dense weights (and builds any teacher from them): "
+                         "pass --checkpoint FILE, --run DIR (a dense run) or --pretrained")
+
+
+def student_args(cfg: TrainConfig, num_classes: int) -> dict:
+    """timm.create_model arguments of the student as run.json records them (drop path comes from the recipe)."""
+    kwargs = {**cfg.model_args, "num_classes": cfg.model_args.get("num_classes", num_classes)}
     if cfg.recipe.global_pool is not None:
         kwargs["global_pool"] = cfg.recipe.global_pool
+    return kwargs
+
+
+def create_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    from ..models import create_model
+
+    kwargs = student_args(cfg, num_classes)
     kwargs.setdefault("drop_path_rate", cfg.recipe.drop_path)
-    if not timm.is_model(cfg.model):
-        raise TrainError(f"unknown timm model {cfg.model!r}")
-    model = timm.create_model(cfg.model, **kwargs)
+    model = create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
     if cfg.init is not None:
         load_weights(model, cfg.init)
     return model
 
 
-def load_weights(model: nn.Module, path: str) -> None:
-    """Dense weights from a .safetensors file or a checkpoint (.pth with a "model" entry); strict, one-line errors."""
-    if not os.path.isfile(path):
-        raise TrainError(f"checkpoint {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        state = state.get("model", state) if isinstance(state, dict) else state
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise TrainError(f"checkpoint {path!r} does not fit model {type(model).__name__} "
-                         f"(another architecture?): {first}") from None
+def _check_teacher_head(cfg: TrainConfig, model: nn.Module, num_classes: int) -> None:
+    """A teacher built from pretrained weights whose classifier timm re-initialised (another class count) would
+    distil random logits: refuse."""
+    pretrained_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+    if cfg.pretrained and cfg.recipe.distill_weight and cfg.recipe.objective == "idle_distill" \
+            and pretrained_classes not in (None, num_classes):
+        raise TrainError(f"recipe {cfg.recipe.name!r} distils from its starting weights, and the pretrained "
+                         f"{cfg.model} has a {pretrained_classes}-class head while the model predicts {num_classes} "
+                         "classes: the teacher's head would be random. Fine-tune densely first (--recipe finetune "
+                         "--method dense), then start from that run (--run DIR), or use --distill-weight 0")
 
 
 def method_for_epoch(recipe: Recipe, epoch: int, epochs: int) -> MethodConfig | None:
@@ -114,30 +142,11 @@ def set_method(model: nn.Module, method: MethodConfig | None) -> None:
         apply(model, method)
 
 
-def _data_config(model: nn.Module) -> dict:
-    from timm.data import resolve_data_config
-
-    data_cfg = resolve_data_config({}, model=model)
-    data_cfg["input_size"] = adapter_for(model).input_size()  # the size the model was built for, not its weights'
-    return data_cfg
-
-
-def eval_transform(model: nn.Module, crop_pct: float | None = None):
-    """timm's evaluation transform for ``model``: resize, centre crop (crop_pct 1.0 for tiny <= 64 px inputs)."""
-    from timm.data import create_transform
-
-    c = _data_config(model)
-    size = c["input_size"][-1]
-    crop_pct = crop_pct if crop_pct is not None else (1.0 if size <= 64 else c["crop_pct"])
-    return create_transform(input_size=c["input_size"], mean=c["mean"], std=c["std"],
-                            interpolation=c["interpolation"], is_training=False, crop_pct=crop_pct)
-
-
 def build_transforms(cfg: TrainConfig, model: nn.Module):
     from timm.data import create_transform
 
     r = cfg.recipe
-    c = _data_config(model)
+    c = data_config(model)
     size = c["input_size"][-1]
     train_tf = create_transform(input_size=c["input_size"], mean=c["mean"], std=c["std"],
                                 interpolation=c["interpolation"], is_training=True, auto_augment=r.auto_augment,
@@ -147,27 +156,41 @@ def build_transforms(cfg: TrainConfig, model: nn.Module):
 
 
 def evaluate_top1(model: nn.Module, loader, accelerator=None) -> tuple[float, float]:
-    """Top-1 and top-5 (percent) of ``model`` on ``loader``, gathered across processes."""
-    from ..evaluate import topk_hits
+    """Top-1 and top-5 (percent) of ``model`` on ``loader``, gathered across processes, under the accelerator's
+    autocast (the training precision)."""
+    from contextlib import nullcontext
 
     model.eval()
-    correct1 = correct5 = total = 0
-    with torch.inference_mode():
+    hits = None
+    with torch.inference_mode(), (accelerator.autocast() if accelerator is not None else nullcontext()):
         for images, targets in loader:
             logits = model(images)
             if accelerator is not None:
                 logits, targets = accelerator.gather_for_metrics((logits, targets))
-            hits1, hits5, _ = topk_hits(logits, targets)
-            correct1 += hits1
-            correct5 += hits5
-            total += targets.numel()
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            batch = torch.stack([(top[:, 0] == targets).sum(), (top == targets.unsqueeze(1)).any(1).sum(),
+                                 torch.tensor(targets.numel(), device=targets.device)])
+            hits = batch if hits is None else hits + batch
+    correct1, correct5, total = (0, 0, 0) if hits is None else hits.tolist()
     return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
+
+
+def _loaders(cfg: TrainConfig, train_ds, val_ds, device: torch.device):
+    """Epoch-seeded training batches; pinned memory on CUDA, workers kept alive across epochs."""
+    sampler = EpochSampler(len(train_ds), cfg.seed)
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                  persistent_workers=cfg.workers > 0)
+    train_loader = torch.utils.data.DataLoader(SeededSamples(train_ds, cfg.seed), sampler=sampler, drop_last=True,
+                                               **common)
+    val_loader = torch.utils.data.DataLoader(val_ds, **common)
+    return sampler, train_loader, val_loader
 
 
 def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) training; returns the per-epoch metrics. Writes last.pth, metrics.jsonl, run.json and,
-    at the end, model.safetensors (plain timm keys) under ``cfg.output``."""
-    from accelerate import Accelerator
+    at the end, model.safetensors (plain timm keys) under ``cfg.output``. Every input is checked before anything
+    is written."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -175,26 +198,39 @@ def train(cfg: TrainConfig) -> list[dict]:
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
+    if cfg.amp == "no":
+        cfg = dataclasses.replace(cfg, amp="none")
+    check_config(cfg)
     r = cfg.recipe
-    if r.from_checkpoint and cfg.init is None and not cfg.resume:
-        raise TrainError(f"recipe {r.name!r} fine-tunes dense weights: pass --init CHECKPOINT")
-    accelerator = Accelerator(mixed_precision=cfg.amp, cpu=cfg.cpu)
-    os.makedirs(cfg.output, exist_ok=True)
+    runfolder.check_output(cfg.output, cfg.resume, cfg.overwrite)
+    # Some parameters get no gradient in some steps (Evo's learned evolution weights in layer mode, heads a
+    # recipe does not train): DDP must look for them rather than wait for their gradients.
+    accelerator = Accelerator(mixed_precision=AMP_MODES[cfg.amp], cpu=cfg.cpu,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(cfg.seed)
 
     train_ds = build_dataset(cfg.data, "train")
-    num_classes = num_classes_of(train_ds) or 1000
+    num_classes = student_args(cfg, num_classes_of(train_ds) or 1000)["num_classes"]
+    init_sha = file_sha256(cfg.init) if cfg.init is not None and os.path.isfile(cfg.init) else None
+    description = runfolder.describe(cfg, student_args(cfg, num_classes), accelerator.num_processes, init_sha)
+    if cfg.resume:
+        runfolder.check_resume(cfg.output, description)
     model = create_student(cfg, num_classes)
-    adapter_for(model)  # unsupported models fail here, with the supported families named
+    with user_input():
+        adapter_for(model)  # unsupported models fail here, with the supported families named
+    _check_teacher_head(cfg, model, num_classes)
     train_tf, val_tf = build_transforms(cfg, model)
     train_ds = build_dataset(cfg.data, "train", train_tf)
     val_ds = build_dataset(cfg.data, "val", val_tf)
+    check_labels(train_ds, num_classes, f"the training set of {cfg.data.path}")
+    check_labels(val_ds, num_classes, f"the validation set of {cfg.data.path}")
 
     criterion_train = SoftTargetCrossEntropy() if (r.mixup > 0 or r.cutmix > 0) else (
         LabelSmoothingCrossEntropy(r.smoothing) if r.smoothing > 0 else nn.CrossEntropyLoss())
-    objective = make_objective(r, model, criterion_train, dense_model=model)  # teacher copied before patching
-    student = objective.model
-    set_method(student, method_for_epoch(r, 0, cfg.epochs_total))
+    with user_input():
+        objective = make_objective(r, model, criterion_train, dense_model=model)  # teacher copied before patching
+        student = objective.model
+        set_method(student, method_for_epoch(r, 0, cfg.epochs_total))
     for name, p in student.named_parameters():
         if name in r.freeze:
             p.requires_grad_(False)
@@ -208,13 +244,11 @@ def train(cfg: TrainConfig) -> list[dict]:
     groups = [g | {"params": [p for p in g["params"] if p.requires_grad]} for g in groups]
     optimizer = create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=r.weight_decay)
 
-    generator = torch.Generator()
-    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                               num_workers=cfg.workers, generator=generator,
-                                               persistent_workers=False)
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size, num_workers=cfg.workers)
+    sampler, train_loader, val_loader = _loaders(cfg, train_ds, val_ds, accelerator.device)
     if len(train_loader) == 0:
-        raise TrainError(f"the training set has {len(train_ds)} images, fewer than one batch of {cfg.batch_size}")
+        raise TrainError(f"the training set has {len(train_ds)} images, fewer than one batch of {cfg.batch_size}"
+                         + (f" per process ({accelerator.num_processes} processes)"
+                            if accelerator.num_processes > 1 else ""))
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs_total, min_lr=r.min_lr,
                                        warmup_lr=r.warmup_lr, warmup_epochs=r.warmup_epochs, step_on_epochs=False,
                                        updates_per_epoch=len(train_loader))
@@ -230,9 +264,9 @@ def train(cfg: TrainConfig) -> list[dict]:
         start_epoch, history = _resume(ckpt_path, accelerator.unwrap_model(objective), optimizer, scheduler, ema,
                                        accelerator)
     if accelerator.is_main_process:
-        with open(os.path.join(cfg.output, RUN_CONFIG), "w") as f:
-            json.dump(run_description(cfg, num_classes), f, indent=2)
+        runfolder.start(cfg.output, description, fresh=not cfg.resume)
         _rewrite_metrics(cfg.output, history)
+    accelerator.wait_for_everyone()
     writer = _tensorboard(cfg.output) if accelerator.is_main_process else None
 
     steps_per_epoch = len(train_loader)
@@ -240,43 +274,20 @@ def train(cfg: TrainConfig) -> list[dict]:
     for epoch in range(start_epoch, last_epoch):
         # every epoch starts from seeds that depend only on (seed, epoch): resuming replays the same batches
         set_seed(cfg.seed + epoch * 1009 + accelerator.process_index * 7919)
-        generator.manual_seed(cfg.seed + epoch)
+        sampler.start_epoch(epoch)
         method = method_for_epoch(r, epoch, cfg.epochs_total)
         set_method(student, method)
         objective.train()
-        sums: dict[str, float] = {}
-        correct = seen = 0
         start = time.perf_counter()
         bar = _progress(cfg, accelerator, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs_total}")
-        for step, (images, targets) in enumerate(train_loader):
-            hard = targets
-            if mixup is not None:
-                images, targets = mixup(images, targets)
-            loss, terms, logits = objective(images, targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, step {step}")
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step_update(epoch * steps_per_epoch + step + 1)
-            if ema is not None:
-                ema.update(student, step=epoch * steps_per_epoch + step)
-            for k, v in {"loss": loss.detach(), **terms}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            correct += (logits.argmax(-1) == hard).sum().item()
-            seen += hard.numel()
+        try:
+            with memory_guard(f"a training step at --batch-size {cfg.batch_size}"):
+                sums, correct, seen = _run_epoch(epoch, objective, student, train_loader, optimizer, scheduler, ema,
+                                                 mixup, accelerator, bar, cfg)
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}")
-        if bar is not None:
-            bar.close()
+                bar.close()
         elapsed = time.perf_counter() - start
-        # loss terms and train accuracy summed over every process, not just the main one
-        keys = sorted(sums)
-        totals = accelerator.reduce(torch.tensor([sums[k] for k in keys] + [correct, seen], dtype=torch.float64,
-                                                 device=accelerator.device), reduction="sum").tolist()
-        sums = {k: v / accelerator.num_processes for k, v in zip(keys, totals)}
-        correct, seen = totals[-2], totals[-1]
         scheduler.step(epoch + 1)
         set_method(student, inference_method(r))
         val1, val5 = evaluate_top1(student, val_loader, accelerator)
@@ -301,31 +312,57 @@ def train(cfg: TrainConfig) -> list[dict]:
             accelerator.print(json.dumps(metrics))
         accelerator.wait_for_everyone()
     if accelerator.is_main_process and last_epoch == cfg.epochs_total:
-        export_safetensors(accelerator.unwrap_model(objective).model, os.path.join(cfg.output, EXPORT))
+        export_safetensors(accelerator.unwrap_model(objective).model, os.path.join(cfg.output, runfolder.EXPORT))
         if ema is not None:
-            export_safetensors(ema.module, os.path.join(cfg.output, "model_ema.safetensors"))
+            export_safetensors(ema.module, os.path.join(cfg.output, EMA_EXPORT))
     return history
 
 
-def export_safetensors(model: nn.Module, path: str) -> None:
-    """The model's weights with plain timm keys (no method state: a patched model adds none)."""
-    from safetensors.torch import save_file
+def _run_epoch(epoch, objective, student, loader, optimizer, scheduler, ema, mixup, accelerator, bar, cfg):
+    """One epoch of steps. Returns (mean-over-processes sums of the loss terms, correct, seen), all read from the
+    device once per LOG_EVERY steps; a non-finite loss stops the run there, naming its epoch and first step."""
+    steps = len(loader)
+    stats, keys = None, None  # device tensor: [loss terms..., correct, seen]
+    first_bad = torch.tensor(float("inf"), device=accelerator.device)
+    for step, (images, targets) in enumerate(loader):
+        hard = targets
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        loss, terms, logits = objective(images, targets)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step_update(epoch * steps + step + 1)
+        if ema is not None:
+            ema.update(student, step=epoch * steps + step)
+        values = {"loss": loss.detach(), **terms}
+        if stats is None:
+            keys = list(values)
+            stats = torch.zeros(len(keys) + 2, dtype=torch.float64, device=accelerator.device)
+        stats += torch.stack([*(values[k].double() for k in keys), (logits.argmax(-1) == hard).sum().double(),
+                              torch.tensor(float(hard.numel()), dtype=torch.float64, device=stats.device)])
+        first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad < float("inf")), first_bad,
+                                torch.tensor(float(step), device=first_bad.device))
+        if bar is not None:
+            bar.update(1)
+        if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
+            bad = accelerator.gather(first_bad.reshape(1)).min().item()
+            if math.isfinite(bad):
+                raise _nonfinite_loss(cfg, epoch, int(bad), optimizer)
+            if bar is not None:
+                bar.set_postfix(loss=f"{stats[0].item() / (step + 1):.3f}")
+    totals = accelerator.reduce(stats, reduction="sum").tolist()  # every process's terms and accuracy
+    sums = {k: v / accelerator.num_processes for k, v in zip(keys, totals)}
+    return sums, totals[-2], totals[-1]
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(state, tmp)
-    os.replace(tmp, path)
 
-
-def run_description(cfg: TrainConfig, num_classes: int) -> dict:
-    method = inference_method(cfg.recipe)
-    return {"model": cfg.model, "model_args": {**cfg.model_args, "num_classes": num_classes,
-                                               **({"global_pool": cfg.recipe.global_pool}
-                                                  if cfg.recipe.global_pool else {})},
-            "recipe": cfg.recipe.name,
-            "method": None if method is None else {"name": method.name, **dataclasses.asdict(method)},
-            "data": dataclasses.asdict(cfg.data), "epochs": cfg.epochs_total, "batch_size": cfg.batch_size,
-            "seed": cfg.seed, "amp": cfg.amp, "init": cfg.init}
+def _nonfinite_loss(cfg: TrainConfig, epoch: int, step: int, optimizer) -> TrainError:
+    path = os.path.join(cfg.output, CHECKPOINT)
+    kept = (f"the last complete checkpoint, {path} (epoch {epoch}), is kept" if epoch > 0 and os.path.isfile(path)
+            else "no checkpoint was written yet")
+    hint = "Lower --lr" + (", or train with --amp bf16 or none" if cfg.amp == "fp16" else "")
+    return TrainError(f"the loss became NaN or infinite at epoch {epoch + 1}, step {step} (lr "
+                      f"{optimizer.param_groups[0]['lr']:.3g}); training stopped and {kept}. {hint}")
 
 
 def _save_checkpoint(path, epoch, objective, optimizer, scheduler, ema, accelerator, history) -> None:
@@ -344,16 +381,17 @@ def _save_checkpoint(path, epoch, objective, optimizer, scheduler, ema, accelera
 
 
 def _resume(path, objective, optimizer, scheduler, ema, accelerator) -> tuple[int, list[dict]]:
-    if not os.path.isfile(path):
-        raise TrainError(f"--resume: no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file
         raise TrainError(f"--resume: {path} is not a readable checkpoint ({type(err).__name__})") from None
-    try:
-        objective.model.load_state_dict(state["model"], strict=True)
-    except RuntimeError as err:
-        raise TrainError(f"--resume: {path} holds another architecture: {str(err).splitlines()[0]}") from None
+    if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
+        raise TrainError(f"--resume: {path} is not a tokenpace training checkpoint (no model and epoch entries)")
+    problem = mismatch(objective.model.state_dict(), state["model"])
+    if problem:
+        raise TrainError(f"--resume: {path} does not fit the run's model {type(objective.model).__name__}: "
+                         f"{problem}")
+    objective.model.load_state_dict(state["model"], strict=True)
     objective.load_extra_state(state["extra"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

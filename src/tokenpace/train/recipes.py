@@ -1,11 +1,20 @@
 """Training recipes as typed configs, with the official codes' defaults (evovit.md §8, idlevit.md §7 and §9)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
-from ..methods import EViT, Evo, Idle, MethodConfig, TopK
+from ..errors import TokenpaceError
+from ..losses import CUT_MODES
+from ..methods import EViT, Evo, Idle, MethodConfig, TopK, make_config
 
 OBJECTIVES = ("ce", "evo_scratch", "idle_distill")
+
+
+def _check_number(name: str, value, minimum: float, inclusive: bool = True) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (
+        value >= minimum if inclusive else value > minimum)
+    if not ok:
+        raise TokenpaceError(f"recipe {name} must be a number {'>=' if inclusive else '>'} {minimum}; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,19 @@ class Recipe:
     distill_weight: float = 10.0  # IdleViT: logit KL weight (lambda); the feature MSE gets 100 * lambda
     notes: str = field(default="", compare=False)
 
+    def __post_init__(self) -> None:
+        """Every recipe, built in code, from the CLI's overrides or from a run's record, is checked here, once."""
+        if self.objective not in OBJECTIVES:
+            raise TokenpaceError(f"recipe objective {self.objective!r} is not accepted; choose one of "
+                                 f"{', '.join(OBJECTIVES)}")
+        if self.cut_mode not in CUT_MODES:
+            raise TokenpaceError(f"cut_mode {self.cut_mode!r} is not accepted; choose one of {', '.join(CUT_MODES)}")
+        for name in ("cut_weight", "distill_weight", "aux_weight", "weight_decay", "drop_path", "smoothing", "mixup",
+                     "cutmix", "reprob", "warmup_epochs"):
+            _check_number(name, getattr(self, name), minimum=0)
+        for name in ("epochs", "lr", "lr_base_batch"):
+            _check_number(name, getattr(self, name), minimum=0, inclusive=False)
+
     def with_method(self, method: MethodConfig | None) -> "Recipe":
         return replace(self, method=method)
 
@@ -72,5 +94,33 @@ METHOD_DEFAULTS = {"evo": Evo, "idle": Idle, "evit": EViT, "topk": TopK}
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; accepted: {', '.join(RECIPES)}")
+        raise TokenpaceError(f"unknown recipe {name!r}; accepted: {', '.join(RECIPES)}")
     return RECIPES[name]
+
+
+def method_to_dict(method: MethodConfig | None) -> dict | None:
+    """A method config as JSON-ready data: ``{"name": "evo", "keep": 0.5, ...}`` (None: dense)."""
+    return None if method is None else {"name": method.name, **asdict(method)}
+
+
+def method_from_dict(data: dict | None) -> MethodConfig | None:
+    """The inverse of :func:`method_to_dict` (JSON turns tuples into lists; they are turned back)."""
+    if data is None:
+        return None
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "name"}
+    return make_config(data["name"], **options)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """Every setting of ``recipe`` as JSON-ready data (what run.json records)."""
+    data = {f.name: getattr(recipe, f.name) for f in fields(recipe) if f.name not in ("method", "notes")}
+    return {**data, "freeze": list(recipe.freeze), "method": method_to_dict(recipe.method)}
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    """The recipe a run recorded; a record written before a setting existed takes the named recipe's value."""
+    base = RECIPES.get(data.get("name"), Recipe(name=str(data.get("name"))))
+    known = {f.name for f in fields(Recipe)} - {"notes", "method", "name"}
+    updates = {k: tuple(v) if k == "freeze" else v for k, v in data.items() if k in known}
+    method = method_from_dict(data["method"]) if "method" in data else base.method
+    return replace(base, **updates, method=method)

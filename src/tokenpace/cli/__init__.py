@@ -1,0 +1,28 @@
+"""The ``tokenpace`` command line. tokenpace's own input errors (TokenpaceError) end in one line and exit code 2;
+any other exception is a bug and keeps its traceback. torch and timm are imported only once a command runs."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from ..errors import TokenpaceError
+from .parser import make_parser, normalise
+
+__all__ = ["main", "make_parser"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        normalise(args)
+        if getattr(args, "malloc", "system") == "keep":
+            from ..runtime import keep_freed_memory
+
+            try:
+                keep_freed_memory()
+            except RuntimeError as err:
+                raise TokenpaceError(str(err)) from None
+        return importlib.import_module(f"{__name__}.{args.command_module}").run(args)
+    except TokenpaceError as err:
+        print(f"tokenpace: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,58 @@
+"""tokenpace bench: throughput of dense and each method, interleaved."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import TokenpaceError, memory_guard
+from . import source
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..bench import benchmark, benchmark_train, format_table, result_json, stderr_progress
+
+    source.check_output_file(args.json, "--json")
+    device = source.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.train and args.compile:
+        raise TokenpaceError("--compile is for inference; --train times eager training steps")
+    model, record = source.build(args)
+    specs = source.specs(args, model, record, train=args.train)
+    if args.fuse_bn:
+        from timm.models.levit import ConvNorm, LinearNorm, NormLinear
+
+        from ..families.levit import fuse_batchnorm
+
+        if not any(isinstance(m, (ConvNorm, LinearNorm, NormLinear)) for m in model.modules()):
+            raise TokenpaceError(f"--fuse-bn folds LeViT's BatchNorm layers, and {type(model).__name__} has none; "
+                                 "accepted: timm levit_* and tokenpace's evo_levit_* models")
+        fuse_batchnorm(model.eval())
+    name = args.model or (record.model if record is not None else None) or "?"
+    what = "training step" if args.train else "inference"
+    batches = {}
+    for bs in args.batch_size or [256 if device.type == "cuda" else 32]:
+        print(f"benchmarking {name} {what}, batch {bs} on {device.type}, amp={args.amp}, compile={args.compile}, "
+              f"{args.runs} runs after {args.warmup} warm-up, interleaved", file=sys.stderr, flush=True)
+        progress = None if args.quiet else stderr_progress
+        with memory_guard(f"{what} at batch size {bs}"):
+            if args.train:
+                results = benchmark_train(model, specs, bs, device, amp=args.amp, runs=args.runs,
+                                          warmup=args.warmup, progress=progress)
+            else:
+                results = benchmark(model, specs, bs, device, amp=args.amp, compile=args.compile, runs=args.runs,
+                                    warmup=args.warmup, progress=progress)
+        print(f"\n{name}  {what}  batch {bs}  {device.type}  amp={args.amp}  compile={args.compile}  "
+              f"malloc={args.malloc}  (median of {args.runs}; GMACs = multiply-accumulates per image, forward)")
+        print(format_table(results), flush=True)
+        batches[bs] = results
+    if args.json:
+        document = result_json(name, device, batches, run=args.run, amp=args.amp, compile=args.compile,
+                               runs=args.runs, warmup=args.warmup, train=args.train, malloc=args.malloc)
+        with open(args.json, "w") as f:
+            json.dump(document, f, indent=2, allow_nan=False)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0

@@ -1,0 +1,9 @@
+"""Names the CLI offers and checks before torch and timm are imported (so that --help and argument errors are
+instant); tests/test_cli.py keeps them equal to the registries they mirror."""
+
+DEFAULT_MODEL = "deit_small_patch16_224"
+METHOD_NAMES = ("evo", "idle", "evit", "topk")  # tokenpace.METHODS
+RECIPE_NAMES = ("dense", "evo-scratch", "idle-finetune", "finetune")  # tokenpace.train.RECIPES
+CUT_MODES = ("both", "intra", "inter", "none")  # tokenpace.losses.CUT_MODES
+AMP = ("none", "bf16", "fp16")  # tokenpace.bench.AMP_DTYPES
+DEVICES = ("cpu", "cuda")

@@ -1,0 +1,50 @@
+"""tokenpace eval: accuracy, agreement with dense, GMACs and throughput of dense and each method."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from ..errors import TokenpaceError, memory_guard
+from . import source
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..bench import device_name, stderr_progress, versions
+    from ..data import DataSpec, build_dataset, check_labels, eval_transform
+    from ..evaluate import evaluate, format_rows, plot_sweep
+
+    sweep = args.keep_sweep is not None
+    if args.plot is not None and not sweep:
+        raise TokenpaceError("--plot draws a keep sweep; add --keep-sweep START:STOP:STEP")
+    source.check_output_file(args.json, "--json")
+    plot = args.plot or ("eval_sweep.png" if sweep else None)
+    source.check_output_file(plot, "--plot")
+    device = source.device(args.device)
+    model, record = source.build(args)
+    specs = source.specs(args, model, record)
+    ds = build_dataset(DataSpec(args.data, canvas=args.canvas, limit=args.limit), "val", eval_transform(model))
+    check_labels(ds, model.num_classes, f"{args.data}")
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda")
+    with memory_guard(f"evaluation at --batch-size {args.batch_size}"):
+        rows = evaluate(model, specs, loader, device, args.batch_size, speed_runs=args.speed_runs, amp=args.amp,
+                        progress=None if args.quiet else stderr_progress)
+    name = args.run or args.model or source.DEFAULT_MODEL
+    print(f"\n{name} on {args.data} ({len(ds)} images), throughput at batch {args.batch_size} on {device.type}, "
+          f"amp={args.amp}")
+    print(format_rows(rows), flush=True)
+    if args.json:
+        document = {"model": record.model if record is not None else name, "run": args.run, "data": args.data,
+                    "images": len(ds), "batch_size": args.batch_size, "device": device_name(device),
+                    "amp": args.amp, "speed_runs": args.speed_runs, "versions": versions(),
+                    "rows": [dataclasses.asdict(r) for r in rows]}
+        with open(args.json, "w") as f:
+            json.dump(document, f, indent=2, allow_nan=False)
+    if plot is not None and sweep:
+        plot_sweep(rows, plot, f"{name}: top-1 vs throughput (batch {args.batch_size}, {device.type})")
+        print(f"wrote {plot}", file=sys.stderr)
+    return 0

@@ -1,0 +1,258 @@
+"""The argument parser: one model-source convention on every command (as timm's scripts have it), checked
+numbers, and the old spellings, which still work for one release with a deprecation message."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import TokenpaceError
+from .choices import AMP, CUT_MODES, DEFAULT_MODEL, DEVICES, METHOD_NAMES, RECIPE_NAMES
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option ends in one line (no usage dump) and exit code 2, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"tokenpace: error: {message} (see: {self.prog} --help)\n")
+
+
+def _integer(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _number(minimum: float, inclusive: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not (value >= minimum if inclusive else value > minimum) or value != value:
+            raise argparse.ArgumentTypeError(f"expected a number {'>=' if inclusive else '>'} {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _keep(text: str) -> float | str:
+    """A keep ratio in (0, 1]; START:STOP:STEP passes through (the old spelling of --keep-sweep)."""
+    if ":" in text:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a keep ratio in (0, 1], got {text!r}")
+    return value
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+POSITIVE, NON_NEGATIVE = _integer(1), _integer(0)
+
+
+def add_model_source(p: argparse.ArgumentParser, train: bool = False) -> None:
+    """--model --pretrained --checkpoint --run --model-args --img-size --device --amp, the same on every command."""
+    g = p.add_argument_group("model source (as in timm's scripts)")
+    g.add_argument("--model", default=None, metavar="NAME",
+                   help=f"timm model name (default {DEFAULT_MODEL}; with --run, the run's model)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="timm's pretrained weights: from the Hugging Face hub, or its local cache when offline"
+                        + (" (fine-tune from them)" if train else ""))
+    g.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help=("weights to start from" if train else "weights to load")
+                        + ": .safetensors, or a torch checkpoint (a plain state dict, or timm's state_dict/model "
+                          "entries; DDP and torch.compile prefixes are removed)")
+    g.add_argument("--run", default=None, metavar="DIR",
+                   help="a `tokenpace train` output folder: its model, model arguments and weights"
+                        + (" (a dense run to fine-tune from)" if train else
+                           ", and the method it was trained for (--methods/--method and --keep override it)"))
+    g.add_argument("--model-args", default=None, metavar="K=V,...",
+                   help="timm.create_model arguments, e.g. img_size=32,patch_size=4,depth=6 ('/' separates tuple "
+                        "items: depths=2/2/6/2)")
+    g.add_argument("--img-size", type=POSITIVE, default=None, metavar="N",
+                   help="build the model for N x N inputs (timm's img_size; the same as --model-args img_size=N)")
+    if train:
+        g.add_argument("--device", choices=DEVICES, default=None,
+                       help="cpu, or cuda (default: cuda where Accelerate finds one, else cpu)")
+        g.add_argument("--amp", choices=AMP + ("no",), default=None, metavar="{none,bf16,fp16}",
+                       help="mixed precision of training and validation (default none); 'no' is the old spelling")
+        g.add_argument("--init", default=None, metavar="FILE", help="deprecated: the old spelling of --checkpoint")
+    else:
+        g.add_argument("--device", choices=DEVICES, default="cpu", help="cpu (default) or cuda")
+        g.add_argument("--amp", choices=AMP, default="none", help="autocast dtype: none (default), bf16 or fp16")
+
+
+def add_methods(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--methods", default=None, metavar="LIST",
+                   help="comma list of dense, " + ", ".join(METHOD_NAMES) + "; NAME@KEEP or NAME:key=value:... "
+                        "for options, layer lists as 4/8 (e.g. dense,evo@0.6,idle:score=random). Default: " + what)
+    p.add_argument("--keep", type=_keep, default=None, metavar="X",
+                   help="keep ratio in (0, 1] for every method that does not set its own")
+    p.add_argument("--keep-sweep", default=None, metavar="START:STOP:STEP",
+                   help="run every method at each keep ratio from START to STOP (inclusive), e.g. 0.3:1.0:0.1")
+
+
+def add_malloc(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--malloc", choices=("system", "keep"), default="system",
+                   help="CPU: 'keep' makes glibc keep freed memory mapped for reuse (no page faults on every large "
+                        "tensor; the process holds its peak memory); default: the system's behaviour")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="tokenpace", description="Token pacing for vision transformers: Evo-ViT, IdleViT, "
+                           "EViT and top-k on timm models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND")
+
+    bench = sub.add_parser("bench", help="measure throughput of dense vs each method, interleaved in one run",
+                           description="Throughput of the dense model and each method, timed round by round in one "
+                           "process (timm's protocol: random input, warm-up, device sync, median).")
+    bench.add_argument("legacy_model", nargs="?", default=None, metavar="MODEL",
+                       help="deprecated: the old spelling of --model MODEL")
+    add_model_source(bench)
+    add_methods(bench, "dense and every method of the model's family (with --run: dense and the run's method)")
+    bench.add_argument("--batch-size", type=_ints, default=None, metavar="N[,N...]",
+                       help="comma list (default 32 on cpu, 256 on cuda)")
+    bench.add_argument("--compile", action="store_true",
+                       help="torch.compile each configuration (holds one model copy per configuration: each "
+                            "compiled graph is specialised to its configuration)")
+    bench.add_argument("--runs", type=POSITIVE, default=10, help="timed rounds (default 10)")
+    bench.add_argument("--warmup", type=NON_NEGATIVE, default=2, help="untimed warm-up rounds (default 2)")
+    bench.add_argument("--fuse-bn", action="store_true",
+                       help="LeViT: fold each BatchNorm into its linear/conv layer first (the inference form)")
+    bench.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: torch's)")
+    bench.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON to this file")
+    bench.add_argument("--quiet", action="store_true", help="no per-run progress lines")
+    bench.add_argument("--train", action="store_true",
+                       help="time training steps (forward, backward, AdamW; Evo in layer mode with its class-token "
+                            "head, Idle with its dense teacher and cut loss) instead of inference; idle then also "
+                            "takes its recipe's distill_weight, cut_mode, cut_weight (idle:distill_weight=0: no "
+                            "teacher)")
+    add_malloc(bench)
+    bench.set_defaults(command_module="bench")
+
+    tr = sub.add_parser("train", help="train or fine-tune with a recipe (Accelerate; `accelerate launch -m "
+                        "tokenpace.cli train ...` for several processes)",
+                        description="Train or fine-tune with a recipe. An existing run folder is continued only with "
+                        "--resume (its recorded settings) and replaced only with --overwrite.")
+    tr.add_argument("--recipe", choices=RECIPE_NAMES, default=None,
+                    help="dense, evo-scratch, idle-finetune or finetune (required unless --resume)")
+    tr.add_argument("--data", default=None, metavar="PATH",
+                    help="packed-JPEG .npz, 'cifar10', or an ImageNet-style folder (required unless --resume)")
+    tr.add_argument("--output", required=True, metavar="DIR",
+                    help="run folder: run.json, last.pth, metrics.jsonl, model.safetensors")
+    add_model_source(tr, train=True)
+    tr.add_argument("--method", choices=("dense",) + METHOD_NAMES, default=None,
+                    help="replace the recipe's method")
+    tr.add_argument("--keep", type=_keep, default=None, metavar="X", help="the method's keep ratio, in (0, 1]")
+    tr.add_argument("--score", default=None, help="the method's ranking: cls, received, norm or random (the control)")
+    tr.add_argument("--cut-mode", choices=CUT_MODES, default=None, help="idle-finetune: the token cut loss's terms")
+    tr.add_argument("--cut-weight", type=float, default=None, metavar="W",
+                    help="idle-finetune: token cut loss weight (>= 0; default 20)")
+    tr.add_argument("--distill-weight", type=float, default=None, metavar="W",
+                    help="idle-finetune: KL weight (>= 0; the feature MSE gets 100x); 0 runs no teacher")
+    tr.add_argument("--epochs", type=POSITIVE, default=None, help="override the recipe's epochs")
+    tr.add_argument("--batch-size", type=POSITIVE, default=None, help="per process (default 128)")
+    tr.add_argument("--lr", type=_number(0, inclusive=False), default=None,
+                    help="absolute peak lr (default: recipe lr x global batch / recipe base batch)")
+    tr.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=None, help="override the recipe's lr warm-up epochs")
+    tr.add_argument("--workers", type=NON_NEGATIVE, default=2, help="data loading processes (default 2)")
+    tr.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    tr.add_argument("--canvas", type=POSITIVE, default=None, metavar="N",
+                    help="cluttered variant: paste each image on an N x N noise canvas")
+    tr.add_argument("--limit", type=POSITIVE, default=None, metavar="N",
+                    help="use only N images of each split, spread over it")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in --output from last.pth with its recorded settings (options that "
+                         "change them are refused)")
+    tr.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    tr.add_argument("--stop-after", type=POSITIVE, default=None, metavar="N",
+                    help="stop after N epochs in this invocation (resume later)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_malloc(tr)
+    tr.set_defaults(command_module="train")
+
+    ev = sub.add_parser("eval", help="top-1/top-5, agreement with dense, GMACs and img/s of dense and each method",
+                        description="Accuracy of the dense model and every method on one pass over the validation "
+                        "set (images decoded once), GMACs and measured throughput.")
+    add_model_source(ev)
+    ev.add_argument("--data", required=True, metavar="PATH",
+                    help="packed-JPEG .npz, 'cifar10', or an ImageNet-style folder (its val/ split)")
+    add_methods(ev, "dense and every method of the model's family (with --run: dense and the run's method)")
+    ev.add_argument("--plot", default=None, metavar="PNG", help="sweep plot path (default eval_sweep.png)")
+    ev.add_argument("--batch-size", type=POSITIVE, default=128, help="batch size (default 128)")
+    ev.add_argument("--limit", type=POSITIVE, default=None, metavar="N", help="use only N images, spread over the set")
+    ev.add_argument("--canvas", type=POSITIVE, default=None, metavar="N", help="cluttered variant (as in train)")
+    ev.add_argument("--workers", type=NON_NEGATIVE, default=2, help="data loading processes (default 2)")
+    ev.add_argument("--speed-runs", type=POSITIVE, default=5, help="timed rounds for img/s (default 5)")
+    ev.add_argument("--json", default=None, metavar="FILE", help="write the table as JSON to this file")
+    ev.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_malloc(ev)
+    ev.set_defaults(command_module="evaluate")
+
+    sh = sub.add_parser("show", help="PNG per image: which tokens took the full path at each selection layer",
+                        description="One PNG per image: the image as the model saw it (resized and centre-cropped) "
+                        "and, for each distinct selection, the full-path tokens in colour.")
+    sh.add_argument("images", nargs="+", metavar="IMAGE", help="image files (all are read before any is drawn)")
+    add_model_source(sh)
+    sh.add_argument("--method", choices=METHOD_NAMES, default=None,
+                    help="default: the run's method with --run, else the family's first (evo on ViTs and LeViT, "
+                         "idle on Swin and PVTv2)")
+    sh.add_argument("--keep", type=_keep, default=None, metavar="X", help="keep ratio in (0, 1]")
+    sh.add_argument("--mode", choices=("stage", "layer"), default=None, help="Evo's selection mode")
+    sh.add_argument("--output", default="tokenpace_show", metavar="DIR",
+                    help="folder for the PNGs (default tokenpace_show)")
+    sh.set_defaults(command_module="show")
+    return parser
+
+
+def deprecated(old: str, new: str) -> None:
+    print(f"tokenpace: warning: {old} is deprecated and will be removed in the next release; use {new}",
+          file=sys.stderr)
+
+
+def normalise(args: argparse.Namespace) -> None:
+    """Map the old spellings onto the new ones (with a deprecation message) and refuse contradictory options."""
+    if getattr(args, "legacy_model", None) is not None:
+        deprecated(f"the positional MODEL ({args.legacy_model})", f"--model {args.legacy_model}")
+        if args.model is not None and args.model != args.legacy_model:
+            raise TokenpaceError(f"two models given: {args.legacy_model} and --model {args.model}; give one")
+        args.model = args.legacy_model
+    if getattr(args, "init", None) is not None:
+        deprecated("--init", "--checkpoint")
+        if args.checkpoint is not None and args.checkpoint != args.init:
+            raise TokenpaceError("--init and --checkpoint both given; --init is the old spelling of --checkpoint")
+        args.checkpoint = args.init
+    if getattr(args, "amp", None) == "no":
+        deprecated("--amp no", "--amp none")
+        args.amp = "none"
+    if isinstance(getattr(args, "keep", None), str):
+        if not hasattr(args, "keep_sweep"):
+            raise TokenpaceError(f"--keep must be one ratio in (0, 1]; got {args.keep!r}")
+        deprecated(f"--keep {args.keep} (a sweep)", f"--keep-sweep {args.keep}")
+        if args.keep_sweep is not None:
+            raise TokenpaceError("--keep START:STOP:STEP and --keep-sweep both given; give --keep-sweep")
+        args.keep_sweep, args.keep = args.keep, None
+    if getattr(args, "keep_sweep", None) is not None and args.keep is not None:
+        raise TokenpaceError("--keep and --keep-sweep both set the keep ratio; give one")
+    if getattr(args, "pretrained", False) and (args.checkpoint is not None or args.run is not None):
+        raise TokenpaceError("--pretrained and --checkpoint/--run both give the weights; choose one")

@@ -1,0 +1,180 @@
+"""What every command shares: the model from the model-source options, the configurations to run (a run's recorded
+method re-applied unless a flag overrides it, which is said), the device, and outputs checked before any work."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from ..errors import TokenpaceError, user_input
+from .choices import DEFAULT_MODEL
+
+
+def note(message: str) -> None:
+    print(f"tokenpace: note: {message}", file=sys.stderr)
+
+
+def device(name: str):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TokenpaceError("--device cuda was asked for but CUDA is not available here; accepted: cpu")
+    return torch.device(name)
+
+
+def model_args(args: argparse.Namespace) -> dict:
+    """--model-args "img_size=32,patch_size=4,depths=2/2/6/2" (ints, floats, true/false, '/'-separated int tuples,
+    else strings) with --img-size folded in."""
+    from ..bench import _literal
+
+    out: dict = {}
+    for pair in filter(None, (args.model_args or "").split(",")):
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise TokenpaceError(f"--model-args entry {pair!r} must be key=value (e.g. img_size=32,depth=6)")
+        out[key.strip()] = _literal(value)
+    if args.img_size is not None:
+        if out.get("img_size", args.img_size) != args.img_size:
+            raise TokenpaceError(f"--img-size {args.img_size} and --model-args img_size={out['img_size']} differ; "
+                                 "give one")
+        out["img_size"] = args.img_size
+    return out
+
+
+def build(args: argparse.Namespace):
+    """(model, the run's record or None) from --model --pretrained --checkpoint --run --model-args --img-size."""
+    from ..models import build_model, read_run
+
+    record = read_run(args.run) if args.run is not None else None
+    name = args.model if args.run is not None else (args.model or DEFAULT_MODEL)
+    model = build_model(name, checkpoint=args.checkpoint, run=args.run, pretrained=args.pretrained,
+                        model_args=model_args(args))
+    family_methods(model)  # a model no family supports is refused here, naming the supported ones
+    return model, record
+
+
+def family_methods(model) -> list[str]:
+    """Every method the model's family runs (TokenpaceError naming the supported families when none)."""
+    from ..patch import supported_methods
+
+    with user_input():
+        return supported_methods(model)
+
+
+def recorded_method(record):
+    """The run's recorded method config, or None (dense, or no run)."""
+    if record is None or not record.method:
+        return None
+    from ..train.recipes import method_from_dict
+
+    with user_input(f"run {record.folder!r} records a method this version cannot rebuild: "):
+        return method_from_dict(record.method)
+
+
+def spec_of(config):
+    """A MethodSpec that rebuilds ``config``: keep, and every option that differs from the method's defaults."""
+    from ..bench import MethodSpec
+
+    default = type(config)()
+    options = [("keep", config.keep)] + [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
+                                         if f.name != "keep" and getattr(config, f.name) != getattr(default, f.name)]
+    return MethodSpec(config.name, tuple(options))
+
+
+def specs(args: argparse.Namespace, model, record, train: bool = False) -> list:
+    """The configurations bench and eval run: --methods (default: the run's method, else the family's), each
+    method's keep from --keep or --keep-sweep, and a recorded method's settings as the defaults of that method.
+    Each is checked against the model."""
+    chosen = _chosen_specs(args, model, record, train)
+    from ..bench import spec_config
+    from ..families import adapter_for
+
+    adapter = adapter_for(model)
+    for spec in chosen:  # methods, scores and layers the model's family refuses: now, not after other work
+        if spec.method != "dense":
+            with user_input():
+                adapter.make_policy(spec_config(spec))
+    return chosen
+
+
+def _chosen_specs(args: argparse.Namespace, model, record, train: bool) -> list:
+    from ..bench import MethodSpec, parse_methods
+    from ..evaluate import parse_sweep
+
+    recorded = recorded_method(record)
+    if args.methods is not None:
+        chosen = parse_methods(args.methods, train=train)
+    elif recorded is not None:
+        chosen = [MethodSpec("dense"), MethodSpec(recorded.name)]
+    else:
+        chosen = parse_methods(",".join(["dense"] + family_methods(model)), train=train)
+    keeps = parse_sweep(args.keep_sweep) if args.keep_sweep is not None else (
+        [args.keep] if args.keep is not None else None)
+    if keeps is not None:
+        flag = "--keep-sweep" if args.keep_sweep is not None else "--keep"
+        own = [s.method for s in chosen if "keep" in dict(s.options)]
+        if own:
+            raise TokenpaceError(f"{flag} and the keep of {own[0]} in --methods both set keep; give one")
+        chosen = [s for s in chosen if s.method == "dense"][:1] + [
+            MethodSpec(s.method, (("keep", k),) + s.options) for s in chosen if s.method != "dense" for k in keeps]
+    if recorded is None:
+        return chosen
+    if recorded.name not in {s.method for s in chosen}:
+        note(f"--methods replaces the method run {record.folder!r} was trained for ({recorded.name} "
+             f"{spec_of(recorded).describe()})")
+        return chosen
+    base = dict(spec_of(recorded).options)
+    out = []
+    for s in chosen:
+        if s.method != recorded.name:
+            out.append(s)
+            continue
+        given = dict(s.options)
+        replaced = {k: v for k, v in given.items() if k in base and base[k] != v}
+        if replaced:
+            note(f"run {record.folder!r} was trained with {recorded.name} "
+                 + " ".join(f"{k}={base[k]}" for k in replaced) + "; the command line gives "
+                 + " ".join(f"{k}={v}" for k, v in replaced.items()))
+        out.append(MethodSpec(s.method, tuple({**base, **given}.items())))
+    return out
+
+
+def show_method(args: argparse.Namespace, model, record) -> tuple[str, dict]:
+    """(method, options) for show: --method, else the run's, else the family's first; the run's settings are the
+    defaults of its own method; --keep and --mode adjust."""
+    recorded = recorded_method(record)
+    method = args.method or (recorded.name if recorded is not None else family_methods(model)[0])
+    options: dict = {}
+    if recorded is not None:
+        if method == recorded.name:
+            options = dict(spec_of(recorded).options)
+        else:
+            note(f"--method {method} replaces the method run {record.folder!r} was trained for ({recorded.name})")
+    if args.keep is not None:
+        if "keep" in options and options["keep"] != args.keep:
+            note(f"run {record.folder!r} was trained with keep={options['keep']}; --keep gives {args.keep}")
+        options["keep"] = args.keep
+    if args.mode is not None:
+        if method != "evo":
+            raise TokenpaceError("--mode applies to --method evo only")
+        options["mode"] = args.mode
+    return method, options
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """An output file must be writable before the work that produces it starts."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise TokenpaceError(f"{flag} {path!r} is a folder; accepted: a file path")
+    if not os.path.isdir(folder):
+        raise TokenpaceError(f"{flag} {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise TokenpaceError(f"{flag} {path!r}: folder {folder!r} is not writable")
+
+
+def check_output_folder(path: str, flag: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise TokenpaceError(f"{flag} {path!r} is a file; accepted: a folder (created if missing)")

@@ -1,0 +1,85 @@
+"""Weights files in and out: timm's checkpoint reader (safetensors, ``state_dict``/``model`` entries, ``module.``
+and ``_orig_mod.`` prefixes), tensors only (``weights_only=True``), and errors that name the keys that do not fit."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+
+import torch
+from torch import nn
+
+from .errors import TokenpaceError
+
+SHOWN_KEYS = 4  # keys named per kind of mismatch in an error message
+
+
+def read_state_dict(path: str, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict in ``path`` (.safetensors, or a torch checkpoint holding one, with or without DDP/compile
+    prefixes); ``use_ema`` takes timm's EMA entry where there is one. TokenpaceError for a missing, empty,
+    truncated or foreign file."""
+    from timm.models import load_state_dict
+
+    if not os.path.isfile(path):
+        raise TokenpaceError(f"checkpoint {path!r} does not exist")
+    if os.path.getsize(path) == 0:
+        raise TokenpaceError(f"checkpoint {path!r} is an empty file")
+    try:
+        # timm's training checkpoints also hold the run's arguments (an argparse.Namespace, plain data)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = load_state_dict(path, use_ema=use_ema, weights_only=True)
+    except Exception as err:  # truncated zip/pickle, a safetensors header cut short, a pickled foreign object
+        first = (str(err).strip().splitlines() or [""])[0][:160]
+        raise TokenpaceError(f"checkpoint {path!r} cannot be read as a .safetensors or torch checkpoint "
+                             f"(truncated or another format?): {type(err).__name__}: {first}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TokenpaceError(f"checkpoint {path!r} holds no state dict of tensors (keys tried: state_dict, model, "
+                             "or the file itself)")
+    return state
+
+
+def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> None:
+    """Load ``path`` into ``model``, strictly; the error names the missing, unexpected and mismatching keys."""
+    state = read_state_dict(path, use_ema)
+    problem = mismatch(model.state_dict(), state)
+    if problem:
+        raise TokenpaceError(f"checkpoint {path!r} does not fit model {type(model).__name__}: {problem}")
+    model.load_state_dict(state, strict=True)
+
+
+def mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """"" when ``found`` has exactly ``expected``'s keys and shapes; else which keys are missing, unexpected or
+    of another shape (a few of each, with counts)."""
+    def named(keys: list[str]) -> str:
+        more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+        return ", ".join(keys[:SHOWN_KEYS]) + more
+
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k} {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}" for k in expected
+              if k in found and found[k].shape != expected[k].shape]
+    parts = [f"{len(keys)} {label} ({named(keys)})" for label, keys in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("keys of another shape", shapes)) if keys]
+    return "; ".join(parts)
+
+
+def export_safetensors(model: nn.Module, path: str) -> None:
+    """The model's weights with plain timm keys (no method state: a patched model adds none), written atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

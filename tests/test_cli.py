@@ -1,0 +1,114 @@
+"""The command line as a whole: one model-source convention, help on every option, lazy imports, old spellings,
+tokenpace's own errors as one line and everything else with its traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tokenpace.cli import main, make_parser
+from tokenpace.cli.choices import AMP, CUT_MODES, METHOD_NAMES, RECIPE_NAMES
+from tokenpace.errors import TokenpaceError
+
+SOURCE_FLAGS = ("--model", "--pretrained", "--checkpoint", "--run", "--model-args", "--img-size", "--device", "--amp")
+
+
+def _subparsers():
+    parser = make_parser()
+    action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return action.choices
+
+
+def test_every_command_has_the_model_source_flags_and_help_on_every_option():
+    commands = _subparsers()
+    assert set(commands) == {"bench", "train", "eval", "show"}
+    for name, sub in commands.items():
+        flags = {s for a in sub._actions for s in a.option_strings}
+        assert set(SOURCE_FLAGS) <= flags, (name, set(SOURCE_FLAGS) - flags)
+        assert "--keep" in flags, name
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings or action.dest)
+    assert {"--keep-sweep"} <= {s for a in commands["eval"]._actions for s in a.option_strings}
+    assert {"--keep-sweep"} <= {s for a in commands["bench"]._actions for s in a.option_strings}
+
+
+def test_cli_names_match_the_registries():
+    from tokenpace import METHODS
+    from tokenpace.bench import AMP_DTYPES
+    from tokenpace.losses import CUT_MODES as LOSS_MODES
+    from tokenpace.train import RECIPES
+
+    assert set(METHOD_NAMES) == set(METHODS) and tuple(RECIPES) == RECIPE_NAMES
+    assert CUT_MODES == LOSS_MODES and AMP == tuple(AMP_DTYPES)
+
+
+def test_help_and_argument_errors_import_neither_torch_nor_timm():
+    code = ("import sys\nfrom tokenpace.cli import main\n"
+            "for argv in (['--help'], ['bench', '--help'], ['train', '--help'], ['eval', '--help'], ['show', '--help'],"
+            " ['bench', '--runs', '0'], ['train', '--output', 'x', '--epochs', '0']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules, 'timm' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_import_tokenpace_is_lazy_but_the_api_and_models_are_there():
+    code = ("import sys, tokenpace\nlazy = 'torch' not in sys.modules\n"
+            "import timm\nassert tokenpace.apply is tokenpace.patch.apply\n"
+            "print(lazy, timm.is_model('evo_levit_cifar'), tokenpace.families.adapter_for.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True", "adapter_for"]
+
+
+def test_internal_bugs_keep_their_traceback(monkeypatch):
+    """Only tokenpace's own input errors become one line; a ValueError from a bug propagates."""
+    import tokenpace.bench
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(tokenpace.bench, "benchmark", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["bench", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--methods", "dense", "--batch-size",
+              "1", "--runs", "1", "--quiet"])
+
+
+def test_input_errors_are_tokenpace_errors_and_still_value_errors():
+    from tokenpace.bench import parse_methods
+
+    with pytest.raises(TokenpaceError) as info:
+        parse_methods("evo@2")
+    assert isinstance(info.value, ValueError) and "Evo keep must be a number in (0, 1]" in str(info.value)
+
+
+def test_a_worker_wrapped_error_keeps_only_its_message():
+    wrapped = ("Caught TokenpaceError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               "  File \"x.py\", line 1, in f\ntokenpace.errors.TokenpaceError: data.npz (train): image 3 cannot be "
+               "decoded (broken data stream)\n")
+    assert str(TokenpaceError(wrapped)) == "data.npz (train): image 3 cannot be decoded (broken data stream)"
+
+
+@pytest.mark.parametrize("argv,old,new", [
+    (["train", "--output", "{tmp}/a", "--recipe", "finetune", "--data", "/no/such.npz", "--init", "w.pth"], "--init",
+     "--checkpoint"),
+    (["train", "--output", "{tmp}/a", "--recipe", "dense", "--data", "/no/such.npz", "--amp", "no"], "--amp no",
+     "--amp none"),
+    (["eval", "--data", "/no/such.npz", "--keep", "0.5:1:0.5"], "--keep 0.5:1:0.5 (a sweep)", "--keep-sweep"),
+])
+def test_old_spellings_still_work_with_a_deprecation_message(argv, old, new, tmp_path, capsys):
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2  # the run then fails on the missing data
+    err = capsys.readouterr().err
+    assert f"warning: {old} is deprecated" in err and f"use {new}" in err
+    assert "data path '/no/such.npz' does not exist" in err
+
+
+def test_console_script_help_is_fast():
+    """`tokenpace --help` imports neither torch nor timm (it took about 10 s before)."""
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "tokenpace.cli", "--help"], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0 and "bench" in proc.stdout
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert "torch" not in imported and "timm" not in imported
