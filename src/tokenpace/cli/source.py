@@ -89,12 +89,13 @@ def specs(args: argparse.Namespace, model, record, train: bool = False) -> list:
     chosen = _chosen_specs(args, model, record, train)
     from ..bench import spec_config
     from ..families import adapter_for
+    from ..methods import make_policy
 
-    adapter = adapter_for(model)
+    family = adapter_for(model)
     for spec in chosen:  # methods, scores and layers the model's family refuses: now, not after other work
         if spec.method != "dense":
             with user_input():
-                adapter.make_policy(spec_config(spec))
+                make_policy(spec_config(spec), family)
     return chosen
 
 
