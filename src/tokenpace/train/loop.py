@@ -155,6 +155,18 @@ def build_transforms(cfg: TrainConfig, model: nn.Module):
     return train_tf, eval_transform(model, cfg.crop_pct)
 
 
+def param_groups(objective: nn.Module, weight_decay: float) -> list[dict]:
+    """The optimiser's parameter groups over ``objective.trainable()``: no weight decay on biases, norms and each
+    module's ``no_weight_decay()`` names (timm's rule); frozen parameters left out."""
+    from timm.optim import param_groups_weight_decay
+
+    groups = []
+    for module in objective.trainable():
+        skip = module.no_weight_decay() if hasattr(module, "no_weight_decay") else ()
+        groups += param_groups_weight_decay(module, weight_decay, skip)
+    return [g | {"params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+
+
 def evaluate_top1(model: nn.Module, loader, accelerator=None) -> tuple[float, float]:
     """Top-1 and top-5 (percent) of ``model`` on ``loader``, gathered across processes, under the accelerator's
     autocast (the training precision)."""
@@ -194,7 +206,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     from accelerate.utils import set_seed
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2, param_groups_weight_decay
+    from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
@@ -237,12 +249,8 @@ def train(cfg: TrainConfig) -> list[dict]:
 
     global_batch = cfg.batch_size * accelerator.num_processes
     lr = cfg.lr if cfg.lr is not None else r.lr * global_batch / r.lr_base_batch
-    groups = []
-    for module in objective.trainable():
-        skip = module.no_weight_decay() if hasattr(module, "no_weight_decay") else ()
-        groups += param_groups_weight_decay(module, r.weight_decay, skip)
-    groups = [g | {"params": [p for p in g["params"] if p.requires_grad]} for g in groups]
-    optimizer = create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=r.weight_decay)
+    optimizer = create_optimizer_v2(param_groups(objective, r.weight_decay), opt="adamw", lr=lr,
+                                    weight_decay=r.weight_decay)
 
     sampler, train_loader, val_loader = _loaders(cfg, train_ds, val_ds, accelerator.device)
     if len(train_loader) == 0:

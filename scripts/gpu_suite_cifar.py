@@ -1,0 +1,297 @@
+"""CIFAR-10 section of the GPU suite: a DeiT-Tiny-width ViT trained from scratch inside a time box, Evo(0.5)
+trained from scratch the same way, Idle(0.7) fine-tuned from the dense weights, each evaluated with its
+random-score control and a keep sweep.
+
+Training is budgeted in time, not epochs: the learning-rate schedule (linear warm-up, cosine decay) follows the
+fraction of the budget used, so a run ends annealed and on time on any GPU. A step cap (``max_steps``) can end it
+earlier: Evo trains for the dense run's number of steps, the paper's equal-epochs comparison.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+import tokenpace
+from gpu_suite_common import Deadline
+from gpu_suite_data import DeviceSplit, augment, normalize
+from tokenpace.train.objectives import EvoScratchObjective, Objective, make_objective
+from tokenpace.train.loop import param_groups
+from tokenpace.train.recipes import get_recipe
+
+SWEEP_METHODS = ("evo", "idle", "evit", "topk")  # applied to the dense model without fine-tuning
+
+
+@dataclass(frozen=True)
+class CifarConfig:
+    data: str
+    train_limit: int | None = None  # None: all 50,000 training images
+    test_limit: int | None = None  # None: all 10,000 test images
+    img_size: int = 32
+    patch_size: int = 4
+    embed_dim: int = 192  # DeiT-Tiny width
+    depth: int = 12
+    num_heads: int = 3
+    batch_size: int = 512
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup: float = 0.05  # fraction of the budget
+    weight_decay: float = 0.05
+    drop_path: float = 0.1
+    label_smoothing: float = 0.1
+    crop_pad: int = 4
+    erase_prob: float = 0.25
+    amp: str = "bf16"  # "bf16" or "none"
+    max_epochs: int | None = None  # cap (smoke); None: the time budget alone
+    eval_batch: int = 1000
+    eval_reserve_s: float = 10.0  # left at the end of a training section for its evaluation and sweeps
+    evo_keep: float = 0.5
+    idle_keep: float = 0.7
+    idle_lr: float = 1e-4
+    idle_objective: str = "ce"  # "ce" (cross-entropy) or "distill" (the idle-finetune recipe's objective)
+    sweep_keeps: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.amp not in ("bf16", "none"):
+            raise ValueError(f"amp {self.amp!r} is not accepted; choose bf16 or none")
+        if self.idle_objective not in ("ce", "distill"):
+            raise ValueError(f"idle_objective {self.idle_objective!r} is not accepted; choose ce or distill")
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    epochs: float
+    seconds: float
+    stopped_by: str  # "time" or "steps"
+    history: list[dict] = field(default_factory=list)
+
+
+def cifar_vit(cfg: CifarConfig, global_pool: str = "token", drop_path: float | None = None) -> nn.Module:
+    """timm's VisionTransformer at DeiT-Tiny width, patch 4 at 32 px (64 patch tokens + class token)."""
+    import timm
+
+    return timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=cfg.img_size,
+                             patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                             num_heads=cfg.num_heads, global_pool=global_pool,
+                             drop_path_rate=cfg.drop_path if drop_path is None else drop_path)
+
+
+def autocast(cfg: CifarConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else nullcontext()
+
+
+def lr_at(progress: float, peak: float, floor: float, warmup: float) -> float:
+    """Linear warm-up over the first ``warmup`` of the budget, then cosine from ``peak`` down to ``floor``."""
+    if progress < warmup:
+        return peak * max(progress / warmup, 1e-3)
+    t = min(1.0, (progress - warmup) / max(1e-9, 1 - warmup))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
+
+
+def train_timed(objective: Objective, data: DeviceSplit, cfg: CifarConfig, seconds: float, lr: float,
+                min_lr: float, device: torch.device, log, max_steps: int | None = None,
+                on_progress=None) -> TrainReport:
+    """Train until ``seconds`` pass or ``max_steps`` are done, whichever comes first; the schedule follows the
+    larger of the two fractions. ``on_progress(p)`` runs before each step (Evo switches its mode there)."""
+    objective.to(device).train()
+    fused = device.type == "cuda"  # one kernel for the whole AdamW update
+    optimizer = torch.optim.AdamW(param_groups(objective, cfg.weight_decay), lr=lr, weight_decay=cfg.weight_decay,
+                                  fused=fused)
+    steps_per_epoch = len(data) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(data)} training images are fewer than one batch of {cfg.batch_size}")
+    if cfg.max_epochs is not None:
+        cap = cfg.max_epochs * steps_per_epoch
+        max_steps = cap if max_steps is None else min(max_steps, cap)
+    report = TrainReport(steps=0, epochs=0.0, seconds=0.0, stopped_by="time")
+    start = time.perf_counter()
+    last_log = start
+    progress = 0.0
+    while progress < 1.0:
+        order = torch.randperm(len(data), device=device)
+        loss_sum = torch.zeros((), device=device)
+        done = 0
+        for i in range(steps_per_epoch):
+            elapsed = time.perf_counter() - start
+            progress = max(elapsed / seconds, report.steps / max_steps if max_steps else 0.0)
+            if progress >= 1.0:
+                break
+            if on_progress is not None:
+                on_progress(progress)
+            step_lr = lr_at(progress, lr, min_lr, cfg.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            images = augment(data.images[idx], cfg.crop_pad, cfg.erase_prob)
+            with autocast(cfg, device):
+                loss = objective(images, data.labels[idx])[0]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            report.steps += 1
+            done += 1
+        if done == 0:
+            break
+        mean_loss = (loss_sum / done).item()  # the one host sync per epoch
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"training loss is {mean_loss} after {report.steps} steps")
+        now = time.perf_counter()
+        report.epochs += done / steps_per_epoch
+        report.history.append({"epoch": round(report.epochs, 3), "loss": round(mean_loss, 4),
+                               "lr": step_lr, "seconds": round(now - start, 2)})
+        if now - last_log >= 10 or progress >= 1.0:
+            log(f"  epoch {report.epochs:6.2f}  loss {mean_loss:.4f}  lr {step_lr:.2e}  {now - start:6.1f} s")
+            last_log = now
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    report.seconds = time.perf_counter() - start
+    report.stopped_by = "steps" if max_steps and report.steps >= max_steps else "time"
+    objective.eval()
+    return report
+
+
+def top1(model: nn.Module, data: DeviceSplit, cfg: CifarConfig, device: torch.device) -> float:
+    """Top-1 (%) on every image of ``data``; random scores draw from a fixed seed, so controls repeat."""
+    model.eval()
+    torch.manual_seed(0)
+    correct = 0
+    with torch.inference_mode(), autocast(cfg, device):
+        for start in range(0, len(data), cfg.eval_batch):
+            images = normalize(data.images[start:start + cfg.eval_batch])
+            correct += (model(images).argmax(-1) == data.labels[start:start + cfg.eval_batch]).sum().item()
+    return 100.0 * correct / len(data)
+
+
+def keep_sweep(model: nn.Module, method: str, options: dict, data: DeviceSplit, cfg: CifarConfig,
+               device: torch.device) -> dict:
+    """Top-1 of ``method`` at every keep of the sweep, ranked by the model's attention and by random scores.
+    Leaves ``model`` patched with the last configuration: callers re-apply their own."""
+    out = {"keeps": list(cfg.sweep_keeps), "attention": [], "random": []}
+    for keep in cfg.sweep_keeps:
+        for score, series in ((None, "attention"), ("random", "random")):
+            tokenpace.apply(model, method, **{**options, "keep": keep, "score": score})
+            out[series].append(round(top1(model, data, cfg, device), 3))
+    return out
+
+
+def evaluate_model(model: nn.Module, own: tuple[str, dict] | None, sweep_methods: tuple[str, ...],
+                   data: DeviceSplit, cfg: CifarConfig, device: torch.device) -> dict:
+    """Accuracy of ``model`` as trained (``own``: its method and options, None for dense), of the same weights run
+    dense, of its random-score control, and the keep sweeps of ``sweep_methods``."""
+    tokenpace.remove(model)
+    result = {"dense_form_top1": round(top1(model, data, cfg, device), 3), "test_images": len(data)}
+    if own is None:
+        result["top1"] = result["dense_form_top1"]
+    else:
+        method, options = own
+        tokenpace.apply(model, method, **options)
+        result["top1"] = round(top1(model, data, cfg, device), 3)
+        result["macs"] = tokenpace.macs(model)
+        tokenpace.apply(model, method, **{**options, "score": "random"})
+        result["random_top1"] = round(top1(model, data, cfg, device), 3)
+        result["config"] = {"method": method, **options}
+    result["sweeps"] = {}
+    for method in sweep_methods:
+        base = dict(own[1]) if own is not None and own[0] == method else {}
+        result["sweeps"][method] = keep_sweep(model, method, base, data, cfg, device)
+    tokenpace.remove(model)
+    if own is not None:
+        tokenpace.apply(model, own[0], **own[1])
+    return result
+
+
+def training_seconds(deadline: Deadline, cfg: CifarConfig) -> float:
+    seconds = deadline.remaining() - cfg.eval_reserve_s
+    if seconds <= 1:
+        raise RuntimeError(f"only {deadline.remaining():.1f} s left: no time to train")
+    return seconds
+
+
+def train_dense(train: DeviceSplit, cfg: CifarConfig, device: torch.device, deadline: Deadline, log):
+    model = cifar_vit(cfg)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    report = train_timed(Objective(model, criterion), train, cfg, training_seconds(deadline, cfg), cfg.lr,
+                         cfg.min_lr, device, log)
+    return model, report
+
+
+def train_evo(train: DeviceSplit, cfg: CifarConfig, device: torch.device, deadline: Deadline, log,
+              max_steps: int | None):
+    """Evo-ViT from scratch (the evo-scratch recipe): average-pool head + auxiliary class-token head (0.5 / 0.5),
+    layer-wise selection for the first 2/3 of training, then stage-wise."""
+    recipe = get_recipe("evo-scratch")
+    model = cifar_vit(cfg, global_pool=recipe.global_pool)
+    objective = EvoScratchObjective(model, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+                                    recipe.aux_weight)
+    tokenpace.apply(model, "evo", keep=cfg.evo_keep, mode="layer")
+    switched = []
+
+    def to_stage_mode(progress: float) -> None:
+        if not switched and progress >= recipe.layer_to_stage:
+            tokenpace.apply(model, "evo", keep=cfg.evo_keep, mode="stage")
+            switched.append(progress)
+            log(f"  Evo: layer -> stage mode at {progress:.2f} of training")
+
+    report = train_timed(objective, train, cfg, training_seconds(deadline, cfg), cfg.lr, cfg.min_lr, device, log,
+                         max_steps=max_steps, on_progress=to_stage_mode)
+    tokenpace.apply(model, "evo", keep=cfg.evo_keep, mode="stage")
+    return model, report
+
+
+def finetune_idle(dense: nn.Module, train: DeviceSplit, cfg: CifarConfig, device: torch.device,
+                  deadline: Deadline, log):
+    """Idle from the dense weights: cross-entropy, or the idle-finetune recipe's objective (frozen dense teacher,
+    token cut loss, distillation); cls_token and pos_embed frozen as in that recipe."""
+    recipe = get_recipe("idle-finetune")
+    model = copy.deepcopy(dense).train()
+    for name, p in model.named_parameters():
+        if name in recipe.freeze:
+            p.requires_grad_(False)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    if cfg.idle_objective == "distill":
+        objective = make_objective(replace(recipe, method=tokenpace.Idle(keep=cfg.idle_keep)), model, criterion,
+                                   dense_model=dense)
+    else:
+        objective = Objective(model, criterion)
+    tokenpace.apply(model, "idle", keep=cfg.idle_keep)
+    fine = replace(cfg, warmup=0.0)
+    report = train_timed(objective, train, fine, training_seconds(deadline, cfg), cfg.idle_lr, cfg.idle_lr / 100,
+                         device, log)
+    return model, report
+
+
+def plot_sweeps(results: dict, path: str) -> None:
+    """Top-1 against keep per trained model: class attention (solid) against random scores (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ("dense", "evo", "idle") if n in results and results[n].get("sweeps")]
+    if not names:
+        return
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.8), dpi=120, squeeze=False)
+    titles = {"dense": "dense, methods applied without training", "evo": "Evo(0.5) trained from scratch",
+              "idle": "Idle(0.7) fine-tuned from dense"}
+    for ax, name in zip(axes[0], names):
+        res = results[name]
+        for i, (method, sweep) in enumerate(res["sweeps"].items()):
+            color = f"C{i}"
+            ax.plot(sweep["keeps"], sweep["attention"], "-o", color=color, ms=3, label=f"{method}: attention")
+            ax.plot(sweep["keeps"], sweep["random"], "--x", color=color, ms=3, label=f"{method}: random")
+        ax.axhline(res["dense_form_top1"], color="black", lw=0.8, ls=":", label="same weights, dense")
+        ax.set_title(f"{titles[name]}\n(top-1 {res['top1']:.2f}%, {res['test_images']} test images)", fontsize=8)
+        ax.set_xlabel("keep")
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

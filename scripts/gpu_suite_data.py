@@ -1,0 +1,107 @@
+"""CIFAR-10 held on the training device: the packed JPEGs decoded once (in parallel worker processes) into one
+uint8 tensor per split, and batched augmentation run on that device (random crop with padding, flip, random
+erasing), so no data loader or CPU transform sits in the training loop."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tokenpace.data import PackedJpegDataset
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class HostSplit:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    labels: np.ndarray  # (N,)
+
+
+@dataclass
+class DeviceSplit:
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+
+def _decode(path: str, split: str, indices: np.ndarray) -> np.ndarray:
+    ds = PackedJpegDataset(path, split)
+    return np.stack([np.asarray(ds.image(int(i)), dtype=np.uint8) for i in indices])
+
+
+def decode_split(path: str, split: str, limit: int | None, workers: int) -> HostSplit:
+    """Every image of ``split`` (or ``limit`` of them, spread over the classes), decoded by ``workers``
+    processes. Run it before CUDA or torch.compile start threads: the workers are forked."""
+    ds = PackedJpegDataset(path, split, limit=limit)
+    chunks = np.array_split(ds.index, max(1, min(workers, len(ds.index) // 500)))
+    if len(chunks) == 1:
+        images = _decode(path, split, chunks[0])
+    else:
+        with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("fork")) as pool:
+            images = np.concatenate(list(pool.map(_decode, [path] * len(chunks), [split] * len(chunks), chunks)))
+    return HostSplit(images, ds.labels[ds.index])
+
+
+def decode_cifar(path: str, train_limit: int | None, test_limit: int | None) -> tuple[HostSplit, HostSplit]:
+    workers = min(16, os.cpu_count() or 1)
+    return decode_split(path, "train", train_limit, workers), decode_split(path, "test", test_limit, workers)
+
+
+def to_device(split: HostSplit, device: torch.device) -> DeviceSplit:
+    """One uint8 tensor on ``device`` (50,000 CIFAR images: 154 MB), channels first."""
+    x = torch.from_numpy(split.images).to(device).permute(0, 3, 1, 2).contiguous()
+    return DeviceSplit(x, torch.from_numpy(split.labels.astype(np.int64)).to(device))
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float, standardised with the CIFAR-10 channel statistics."""
+    mean = torch.tensor(CIFAR_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CIFAR_STD, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
+def random_crop_flip(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Per-image random crop of the reflect-padded image back to its size, then a random horizontal flip."""
+    B, C, H, W = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (B, 1), device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (B, 1), device=x.device)
+    rows = (dy + torch.arange(H, device=x.device))[:, :, None]  # (B, H, 1)
+    cols = (dx + torch.arange(W, device=x.device))[:, None, :]  # (B, 1, W)
+    batch = torch.arange(B, device=x.device)[:, None, None]
+    out = padded[batch, :, rows, cols].permute(0, 3, 1, 2)  # advanced indices first: (B, H, W, C) -> (B, C, H, W)
+    flip = torch.rand(B, 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flip, out.flip(3), out)
+
+
+def random_erase(x: torch.Tensor, prob: float, area=(0.02, 0.25), log_ratio=(-1.2, 1.2)) -> torch.Tensor:
+    """timm's random erasing, batched: with probability ``prob`` one box per image is set to normal noise."""
+    B, C, H, W = x.shape
+    dev = x.device
+    target = torch.empty(B, device=dev).uniform_(*area) * H * W
+    ratio = torch.empty(B, device=dev).uniform_(*log_ratio).exp()
+    h = (target * ratio).sqrt().round().clamp(1, H).long()
+    w = (target / ratio).sqrt().round().clamp(1, W).long()
+    top = (torch.rand(B, device=dev) * (H - h + 1)).long()
+    left = (torch.rand(B, device=dev) * (W - w + 1)).long()
+    r = torch.arange(H, device=dev)[None, :]
+    c = torch.arange(W, device=dev)[None, :]
+    inside_r = (r >= top[:, None]) & (r < (top + h)[:, None])  # (B, H)
+    inside_c = (c >= left[:, None]) & (c < (left + w)[:, None])  # (B, W)
+    box = inside_r[:, :, None] & inside_c[:, None, :] & (torch.rand(B, 1, 1, device=dev) < prob)
+    return torch.where(box[:, None], torch.randn_like(x), x)
+
+
+def augment(images: torch.Tensor, pad: int, erase_prob: float) -> torch.Tensor:
+    """A training batch: uint8 images -> normalised, cropped, flipped and erased floats."""
+    x = random_crop_flip(normalize(images), pad)
+    return random_erase(x, erase_prob) if erase_prob > 0 else x

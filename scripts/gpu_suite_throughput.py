@@ -1,0 +1,229 @@
+"""Throughput section of the GPU suite: groups of (model, batch, precision, eager/compiled), each timing dense and
+the methods interleaved with tokenpace's own benchmark, run in priority order until the section's deadline.
+
+Groups that cannot fit are listed with the reason: dropped by plan (too slow for any budget) or not run (the
+deadline came first), never silently left out.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch._dynamo  # its config is set before any compilation
+
+from gpu_suite_common import Deadline, DeadlineReached
+
+ALL_METHODS = "dense,evo,idle,evit,topk"
+TARGET_METHODS = "dense,evo,idle"  # the methods the targets name: compiled first, the others if time is left
+OTHER_METHODS = "dense,evit,topk"
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    label: str
+    timm_name: str
+    kwargs: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True)
+class BenchGroup:
+    """One call of the benchmark: every method of ``methods`` timed interleaved under one setting."""
+
+    model: BenchModel
+    batch: int
+    amp: str  # "none" (fp32) or "bf16"
+    compile: bool
+    methods: str = ALL_METHODS
+    runs: int = 10
+    warmup: int = 2
+
+    @property
+    def key(self) -> str:
+        mode = "compiled" if self.compile else "eager"
+        return f"{self.model.label} b{self.batch} {'fp32' if self.amp == 'none' else self.amp} {mode} [{self.methods}]"
+
+
+@dataclass(frozen=True)
+class ThroughputPlan:
+    groups: tuple[BenchGroup, ...]  # priority order: the targets' groups first
+    dropped: tuple[tuple[str, str], ...]  # (group key, why it is left out of every run)
+    compile_estimate_s: float  # planning figure: seconds to compile one model; a compiled group starts only if
+    # its methods' compilations fit in the time left
+    target_model: str  # the model and batch the speed targets name
+    target_batch: int
+
+
+DEIT_S = BenchModel("deit_small_patch16_224", "deit_small_patch16_224")
+DEIT_B = BenchModel("deit_base_patch16_224", "deit_base_patch16_224")
+VIT_B_1024 = BenchModel("vit_base_patch16_224@1024", "vit_base_patch16_224", (("img_size", 1024),))
+
+
+def full_plan() -> ThroughputPlan:
+    """24 groups in priority order: the targets' (DeiT-S bf16 at batch 256 and 1, then compiled at 256), every eager
+    setting of DeiT-S and DeiT-B, ViT-B at 1024 px (fewer rounds: up to a second per call), then more compiled."""
+    S, B, L = DEIT_S, DEIT_B, VIT_B_1024
+    G = BenchGroup
+    targets = [G(S, 256, "bf16", False), G(S, 1, "bf16", False), G(S, 256, "bf16", True, TARGET_METHODS)]
+    eager = [G(S, 64, "bf16", False), G(S, 256, "none", False), G(S, 64, "none", False), G(S, 1, "none", False),
+             *(G(B, b, amp, False) for amp in ("bf16", "none") for b in (256, 64, 1))]
+    large = [G(L, 1, "bf16", False), G(L, 64, "bf16", False, runs=5, warmup=1),
+             G(L, 256, "bf16", False, runs=3, warmup=1), G(L, 1, "none", False, runs=5),
+             G(L, 64, "none", False, runs=3, warmup=1)]
+    compiled = [G(S, 256, "bf16", True, OTHER_METHODS), G(S, 1, "bf16", True, TARGET_METHODS),
+                G(S, 64, "bf16", True, TARGET_METHODS), G(S, 256, "none", True, TARGET_METHODS),
+                G(B, 256, "bf16", True, TARGET_METHODS), G(L, 64, "bf16", True, TARGET_METHODS, runs=5, warmup=1)]
+    dropped = ((G(L, 256, "none", False).key,
+                "fp32 at 1024 px and batch 256 is about 340 TFLOP per forward (660 GMACs per image), seconds each "
+                "on an H100/H200 without TF32: five methods x several rounds would take the whole throughput budget"),
+               ("the other compiled 1024 px groups", "one compilation per method and shape; the batch-64 bf16 group "
+                "stands for them"))
+    return ThroughputPlan((*targets, *eager, *large, *compiled), dropped, compile_estimate_s=25.0,
+                          target_model=S.label, target_batch=256)
+
+
+def smoke_plan() -> ThroughputPlan:
+    """Tiny ViTs on the CPU, eager only, covering both precisions and a model built at another image size."""
+    tiny = BenchModel("deit_tiny@32", "deit_tiny_patch16_224",
+                      (("img_size", 32), ("patch_size", 4), ("depth", 4), ("embed_dim", 48)))
+    large = BenchModel("deit_tiny@64", "deit_tiny_patch16_224",
+                       (("img_size", 64), ("patch_size", 8), ("depth", 4), ("embed_dim", 48)))
+    G = BenchGroup
+    groups = (G(tiny, 4, "bf16", False, runs=2, warmup=1), G(tiny, 1, "bf16", False, runs=2, warmup=1),
+              G(tiny, 4, "none", False, runs=2, warmup=1), G(large, 2, "bf16", False, TARGET_METHODS, runs=2, warmup=1))
+    dropped = ((G(large, 4, "none", False).key, "smoke: stands for the dropped 1024 px fp32 group"),)
+    return ThroughputPlan(groups, dropped, compile_estimate_s=25.0, target_model=tiny.label, target_batch=4)
+
+
+class CallWatch:
+    """The benchmark's per-call progress hook. It stops the group once ``cut_at`` has passed, counts each method's
+    timed calls, keeps the first call's seconds (with torch.compile: compilation included), and records each
+    method's peak CUDA memory over its timed calls (the peak counter is reset after every call, so each call is
+    measured alone; ``resident_mib`` is what stays allocated between calls: every method's weights, the input)."""
+
+    PATTERN = re.compile(r"\[(?:\w+ )?(?P<phase>warm-up|run) (?P<round>\d+)/\d+\] (?P<label>\S+)\s+(?P<ms>[\d.]+) ms")
+
+    def __init__(self, device: torch.device, cut_at: Deadline) -> None:
+        self.device, self.cut_at = device, cut_at
+        self.timed_calls: dict[str, int] = {}
+        self.first_call_s: dict[str, float] = {}
+        self.peak_mib: dict[str, float] = {}
+        self.resident_mib: float | None = None
+
+    def __call__(self, message: str) -> None:
+        match = self.PATTERN.search(message)
+        if match is None:  # another format after a merge: keep timing, lose the per-call figures (a test notices)
+            self.cut_at.check(f"the benchmark, after {message.strip()}")
+            return
+        label = match["label"]
+        self.first_call_s.setdefault(label, float(match["ms"]) / 1000)
+        if match["phase"] == "run":
+            self.timed_calls[label] = self.timed_calls.get(label, 0) + 1
+        if self.device.type == "cuda":
+            if match["phase"] == "run":
+                peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+                self.peak_mib[label] = max(self.peak_mib.get(label, 0.0), peak)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.resident_mib = torch.cuda.memory_allocated(self.device) / 2**20
+        self.cut_at.check(f"the benchmark, after {message.strip()}")
+
+
+def time_group(model: torch.nn.Module, group: BenchGroup, device: torch.device, watch: CallWatch):
+    """The one call into tokenpace's benchmark (its signature may change at merge: adapt it here only)."""
+    from tokenpace.bench import benchmark, parse_methods
+
+    return benchmark(model, parse_methods(group.methods), group.batch, device, amp=group.amp,
+                     compile=group.compile, runs=group.runs, warmup=group.warmup, progress=watch)
+
+
+def build_model(spec: BenchModel) -> torch.nn.Module:
+    """Random weights: there is no hub access on the GPU machine. A 1024 px model is built at that size (timm sizes
+    the position embedding to the grid; with pretrained weights it would resample them)."""
+    import timm
+
+    return timm.create_model(spec.timm_name, pretrained=False, **dict(spec.kwargs)).eval()
+
+
+def run_group(group: BenchGroup, model: torch.nn.Module, device: torch.device, cut_at: Deadline) -> dict:
+    """Rows of one group (one per method), with peak memory; raises DeadlineReached if ``cut_at`` passes first."""
+    if group.compile:
+        torch._dynamo.reset()  # each group compiles its own copies; start from an empty cache
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    watch = CallWatch(device, cut_at)
+    results = time_group(model, group, device, watch)
+    rows = []
+    for r in results:
+        peak = watch.peak_mib.get(r.method)
+        rows.append({"method": r.method, "config": r.config, "gmacs": r.gmacs, "img_per_s": round(r.img_per_s, 2),
+                     "ms_per_batch": round(r.ms_per_batch, 4), "speedup": round(r.speedup, 4),
+                     "peak_mib": None if peak is None else round(peak, 1),
+                     "first_call_s": round(watch.first_call_s[r.method], 3),
+                     "timed_calls": watch.timed_calls.get(r.method, 0),
+                     "times_ms": [round(t * 1000, 4) for t in r.times_s]})
+    return {"key": group.key, "model": group.model.label, "timm_name": group.model.timm_name,
+            "model_args": dict(group.model.kwargs), "batch": group.batch,
+            "precision": "fp32" if group.amp == "none" else group.amp, "compile": group.compile,
+            "runs": group.runs, "warmup": group.warmup,
+            "resident_mib": None if watch.resident_mib is None else round(watch.resident_mib, 1), "rows": rows}
+
+
+def fits(group: BenchGroup, compile_s: float, deadline: Deadline) -> bool:
+    """A compiled group starts only if its compilations (``compile_s`` each) fit in the time left."""
+    if not group.compile:
+        return not deadline.expired()
+    return deadline.remaining() > compile_s * len(group.methods.split(","))
+
+
+def run_throughput(plan: ThroughputPlan, device: torch.device, deadline: Deadline, grace_s: float, log,
+                   save) -> dict:
+    """Every group in order while time is left; ``save(doc)`` is called after each group."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.automatic_dynamic_shapes = False  # each batch size compiles static, as timm benchmarks
+    doc = {"protocol": "tokenpace.bench.benchmark: random weights, random input, inference mode, methods interleaved "
+                       "round by round after warm-up rounds, device sync around each call, median per method; "
+                       "peak_mib = torch.cuda.max_memory_allocated over the method's timed calls (reset per call), "
+                       "all methods' weights resident",
+           "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+           "groups": [], "failed": [], "not_run": [], "dropped": [{"key": k, "why": w} for k, w in plan.dropped]}
+    models: dict[str, torch.nn.Module] = {}
+    compile_s = plan.compile_estimate_s
+    for group in plan.groups:
+        if not fits(group, compile_s, deadline):
+            why = ("deadline passed" if deadline.expired() else
+                   f"its {len(group.methods.split(','))} compilations (~{compile_s:.0f} s each) do not fit "
+                   f"the {deadline.remaining():.0f} s left")
+            doc["not_run"].append({"key": group.key, "why": why})
+            continue
+        log(f"throughput: {group.key}")
+        # a compiled group near its end may run past the deadline by a little rather than lose its compilations
+        cut_at = Deadline(deadline.at + (grace_s * 0.75 if group.compile else 0.0))
+        try:
+            if group.model.label not in models:
+                models[group.model.label] = build_model(group.model)
+            result = run_group(group, models[group.model.label], device, cut_at)
+            doc["groups"].append(result)
+            if group.compile:  # the first call of each method compiled it: plan later groups with that figure
+                compile_s = max(r["first_call_s"] for r in result["rows"])
+            log("  " + ", ".join(f"{r['method']} {r['img_per_s']:.0f} img/s ({r['speedup']:.2f}x)"
+                                 for r in result["rows"]))
+        except DeadlineReached as err:
+            doc["not_run"].append({"key": group.key, "why": f"cut: {err}"})
+            log(f"  cut by the deadline: {err}")
+        except Exception as err:  # one failed group (out of memory, a compile error) must not stop the others
+            doc["failed"].append({"key": group.key, "error": f"{type(err).__name__}: {str(err)[:500]}"})
+            log(f"  failed: {type(err).__name__}: {str(err)[:300]}")
+        save(doc)
+    return doc
+
+
+def find_row(doc: dict, model: str, batch: int, precision: str, compile: bool, method: str) -> dict | None:
+    """The row of ``method`` in the group with these settings, or None where it was not measured."""
+    for group in doc.get("groups", []):
+        if (group["model"], group["batch"], group["precision"], group["compile"]) == (model, batch, precision,
+                                                                                     compile):
+            for row in group["rows"]:
+                if row["method"] == method:
+                    return row
+    return None

@@ -1,0 +1,179 @@
+"""The GPU suite (scripts/gpu_suite.py) in its --smoke mode: every section runs at toy size on the CPU and writes
+the files the real run writes, so the one-shot GPU run cannot rot. Plus its fail-soft pieces: deadlines, the
+alarm backstop, a failing section, and the on-device augmentation."""
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import gpu_suite  # noqa: E402
+from gpu_suite_cifar import lr_at  # noqa: E402
+from gpu_suite_common import Deadline, DeadlineReached, alarm_at  # noqa: E402
+from gpu_suite_data import random_crop_flip, random_erase  # noqa: E402
+from gpu_suite_throughput import build_model, run_group, run_throughput, smoke_plan  # noqa: E402
+
+CIFAR = os.environ.get("TOKENPACE_CIFAR", str(Path(__file__).resolve().parents[2] / "shared" / "data" /
+                                              "cifar10_jpeg.npz"))
+FILES = {"suite.log", "summary.json", "throughput.json", "cifar.json", "cifar_sweep.png"}
+
+
+def packed_jpeg_npz(path: Path, n_train: int = 1100, n_test: int = 500) -> str:
+    """A stand-in in the packed-JPEG format where the shared CIFAR-10 file is absent: class = dominant colour."""
+    rng = np.random.default_rng(0)
+    arrays = {"classes": np.array([f"c{i}" for i in range(10)])}
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.integers(0, 10, n)
+        blobs = []
+        for label in labels:
+            img = rng.integers(0, 80, (32, 32, 3)) + np.array([label * 17, 255 - label * 17, 120])
+            buf = io.BytesIO()
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG")
+            blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
+        arrays[f"{split}_jpeg"] = np.concatenate(blobs)
+        arrays[f"{split}_offsets"] = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+        arrays[f"{split}_labels"] = labels.astype(np.uint8)
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    if os.path.isfile(CIFAR):
+        return CIFAR
+    return packed_jpeg_npz(tmp_path_factory.mktemp("data") / "cifar.npz")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("suite")
+    start = time.perf_counter()
+    summary = gpu_suite.main(["--smoke", str(out), "--data", data])
+    return out, summary, time.perf_counter() - start
+
+
+def load(out: Path, name: str) -> dict:
+    return json.loads((out / name).read_text())
+
+
+def test_smoke_run_writes_every_file_in_time(smoke):
+    out, summary, seconds = smoke
+    assert {p.name for p in out.iterdir()} == FILES  # at most 8 files, no leftovers (.tmp)
+    assert (out / "cifar_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["elapsed_s"] <= seconds + 0.05 and seconds < 120  # the clock starts at main(), not at import
+    assert {name: s["status"] for name, s in summary["sections"].items()} == dict.fromkeys(gpu_suite.SECTIONS, "ok")
+    log = (out / "suite.log").read_text()
+    assert "== idle: ok" in log and "CIFAR-10 decoded" in log
+    assert load(out, "summary.json") == json.loads(json.dumps(summary))  # the file holds the final summary
+
+
+def test_summary_has_environment_figures_and_targets(smoke):
+    _, summary, _ = smoke
+    assert summary["mode"] == "smoke" and summary["device"].startswith("cpu")
+    assert summary["torch"] == torch.__version__ and summary["timm"]
+    targets = summary["targets"]
+    assert set(targets) == {"evo_speedup", "idle_speedup", "evo_speedup_compiled", "idle_speedup_compiled",
+                            "batch1_not_slower", "cifar_dense", "cifar_evo_vs_dense", "cifar_idle_vs_dense",
+                            "attention_vs_random"}
+    for name, t in targets.items():
+        measured = not name.endswith("_compiled")  # the smoke run compiles nothing
+        assert (t["value"] is not None) == measured, name
+        assert t["met"] == (t["value"] >= t["threshold"] if measured else None), name
+    f = summary["figures"]
+    for key in ("cifar_dense_top1", "cifar_evo_top1", "cifar_evo_random_top1", "cifar_idle_top1"):
+        assert 0 <= f[key] <= 100
+    assert f["speedup_bf16_eager"]["evo"] > 0 and f["speedup_b1_bf16_eager"]["idle"] > 0
+
+
+def test_throughput_rows(smoke):
+    out, _, _ = smoke
+    doc = load(out, "throughput.json")
+    plan = smoke_plan()
+    assert [g["key"] for g in doc["groups"]] == [g.key for g in plan.groups]
+    assert doc["failed"] == [] and doc["not_run"] == [] and doc["dropped"][0]["why"]
+    for group, spec in zip(doc["groups"], plan.groups):
+        rows = group["rows"]
+        assert [r["method"] for r in rows] == spec.methods.split(",")
+        assert rows[0]["speedup"] == 1.0 and all(r["img_per_s"] > 0 for r in rows)
+        assert all(r["gmacs"] < rows[0]["gmacs"] for r in rows[1:])
+        assert all(r["timed_calls"] == spec.runs == len(r["times_ms"]) for r in rows)
+        assert all(r["peak_mib"] is None for r in rows)  # CUDA only
+
+
+def test_cifar_results(smoke):
+    out, _, _ = smoke
+    doc = load(out, "cifar.json")
+    keeps = doc["config"]["sweep_keeps"]
+    assert doc["evo"]["train"]["steps"] == doc["dense"]["train"]["steps"] > 0  # Evo trains the dense step count
+    assert doc["idle"]["train"]["steps"] > 0
+    assert set(doc["dense"]["sweeps"]) == {"evo", "idle", "evit", "topk"}
+    assert set(doc["evo"]["sweeps"]) == {"evo"} and set(doc["idle"]["sweeps"]) == {"idle"}
+    assert doc["evo"]["config"] == {"method": "evo", "keep": 0.5, "mode": "stage"}
+    for name in ("dense", "evo", "idle"):
+        res = doc[name]
+        assert res["test_images"] == 500 and 0 <= res["top1"] <= 100
+        for sweep in res["sweeps"].values():
+            assert sweep["keeps"] == keeps and len(sweep["attention"]) == len(sweep["random"]) == len(keeps)
+            # keep 1 runs every token: both rankings give the model's own dense accuracy (one image of slack)
+            assert abs(sweep["attention"][-1] - res["dense_form_top1"]) <= 0.2
+            assert abs(sweep["random"][-1] - res["dense_form_top1"]) <= 0.2
+    for name in ("evo", "idle"):
+        assert 0 <= doc[name]["random_top1"] <= 100 and doc[name]["macs"] > 0
+
+
+def test_failing_section_is_recorded_and_the_others_still_run(tmp_path, data):
+    summary = gpu_suite.main(["--smoke", str(tmp_path), "--data", data, "--sections", "idle,throughput"])
+    assert summary["sections"]["idle"]["status"].startswith("failed: RuntimeError: Idle fine-tunes the dense")
+    assert summary["sections"]["throughput"]["status"] == "ok"
+    assert load(tmp_path, "throughput.json")["groups"] and "idle failed" in (tmp_path / "suite.log").read_text()
+
+
+def test_throughput_past_its_deadline_lists_every_group_as_not_run():
+    plan = smoke_plan()
+    doc = run_throughput(plan, torch.device("cpu"), Deadline.after(-1), 0.0, lambda msg: None, lambda doc: None)
+    assert doc["groups"] == [] and [g["key"] for g in doc["not_run"]] == [g.key for g in plan.groups]
+    assert all(g["why"] == "deadline passed" for g in doc["not_run"])
+
+
+def test_a_group_is_cut_between_calls_at_its_deadline():
+    group = smoke_plan().groups[0]
+    with pytest.raises(DeadlineReached, match="after \\[warm-up 1/1\\] dense"):
+        run_group(group, build_model(group.model), torch.device("cpu"), Deadline.after(-1))
+
+
+def test_alarm_interrupts_code_that_does_not_check_the_deadline():
+    start = time.perf_counter()
+    with pytest.raises(DeadlineReached, match="hard limit"):
+        with alarm_at(Deadline.after(0.05), grace_s=0.05):
+            time.sleep(5)
+    assert time.perf_counter() - start < 2
+
+
+def test_crop_flip_keeps_image_content_and_erasing_draws_boxes():
+    torch.manual_seed(0)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    same = random_crop_flip(x, pad=0)  # no padding: each image is itself or its mirror
+    for a, b in zip(same, x):
+        assert torch.equal(a, b) or torch.equal(a, b.flip(2))
+    shifted = random_crop_flip(x, pad=2)
+    assert shifted.shape == x.shape and not torch.equal(shifted, x)
+    assert torch.equal(random_erase(x, prob=0.0), x)
+    erased = random_erase(x, prob=1.0)
+    changed = (erased != x).any(1)  # (B, H, W): the erased box of each image, all channels
+    assert all(0 < c.sum() <= 0.25 * 64 * 1.5 for c in changed)
+
+
+def test_time_schedule_warms_up_then_anneals():
+    assert lr_at(0.0, 1e-3, 1e-5, 0.1) == pytest.approx(1e-6)
+    assert lr_at(0.1, 1e-3, 1e-5, 0.1) == pytest.approx(1e-3)
+    assert lr_at(0.55, 1e-3, 1e-5, 0.1) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert lr_at(1.0, 1e-3, 1e-5, 0.1) == pytest.approx(1e-5)
