@@ -111,7 +111,7 @@ def test_attention_masks_are_refused_on_a_patched_model():
     (["bench", "--pretrained", "--checkpoint", "x.pth"], "--pretrained and --checkpoint/--run both give the weights"),
     (["bench", "--model", "resnet10t", "--methods", "dense,evo"], "is not a supported model"),
     (["bench", "--model", "swin_tiny_patch4_window7_224", "--img-size", "32", "--methods", "dense,evo"],
-     "method 'evo' is not available for timm SwinTransformer models; accepted here: 'idle'"),
+     "method 'evo' is not available for timm SwinTransformer models (it needs a sequence layout"),
     (["bench", "--model", "vit_tiny_patch16_224", "--methods", "evo:stage_starts=2/13"],
      "has layer(s) [13] outside the model"),
     (["eval", "--model", "resnet10t", "--data", "x.npz"], "is not a supported model"),
