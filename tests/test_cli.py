@@ -21,8 +21,12 @@ def _subparsers():
 
 def test_every_command_has_the_model_source_flags_and_help_on_every_option():
     commands = _subparsers()
-    assert set(commands) == {"bench", "train", "eval", "show"}
+    assert set(commands) == {"bench", "train", "eval", "show", "models"}
+    for action in commands["models"]._actions:  # a listing: no model source, but help on every option
+        assert action.help, ("models", action.option_strings or action.dest)
     for name, sub in commands.items():
+        if name == "models":
+            continue
         flags = {s for a in sub._actions for s in a.option_strings}
         assert set(SOURCE_FLAGS) <= flags, (name, set(SOURCE_FLAGS) - flags)
         assert "--keep" in flags, name

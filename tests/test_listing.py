@@ -32,3 +32,18 @@ def test_tokenpace_models_and_formatting():
     assert next(r for r in rows if r.name == "evo_levit_256").accepted() == ["evo", "idle"]
     summary = summarize(rows).splitlines()
     assert summary[-1].split()[:2] == ["all", str(len(rows))]
+
+
+def test_models_command(tmp_path, capsys):
+    import json
+
+    from tokenpace.cli import main
+
+    path = tmp_path / "models.json"
+    assert main(["models", "deit_small_patch16_224", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "deit_small_patch16_224.fb_in1k" in out and out.strip().splitlines()[-1].split()[0] == "all"
+    listed = json.loads(path.read_text())
+    assert listed[0]["refusals"] == {"evo": None, "idle": None, "evit": None, "topk": None}
+    assert main(["models", "no_such_model_anywhere"]) == 2
+    assert "no timm model of the ViT-like families matches" in capsys.readouterr().err

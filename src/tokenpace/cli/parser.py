@@ -222,6 +222,18 @@ def make_parser() -> argparse.ArgumentParser:
     sh.add_argument("--output", default="tokenpace_show", metavar="DIR",
                     help="folder for the PNGs (default tokenpace_show)")
     sh.set_defaults(command_module="show")
+
+    ls = sub.add_parser("models", help="timm models and the methods each accepts (built on the meta device: no weights)",
+                        description="List timm model names (pretrained tags included) of the ViT-like families and "
+                                    "which tokenpace methods each accepts, with a one-line reason for each refusal. "
+                                    "Every model is built on the meta device, so nothing is downloaded.")
+    ls.add_argument("pattern", nargs="?", default=None,
+                    help="shell-style wildcard or a word the name contains (e.g. 'siglip', 'eva02_*')")
+    ls.add_argument("--all", action="store_true",
+                    help="every registered architecture, not only those with pretrained weights (names without tags)")
+    ls.add_argument("--summary", action="store_true", help="only the counts per model class")
+    ls.add_argument("--json", default=None, metavar="FILE", help="also write the listing as JSON to FILE")
+    ls.set_defaults(command_module="models")
     return parser
 
 
