@@ -179,5 +179,5 @@ def test_compiled_benchmark_holds_one_copy_per_configuration(monkeypatch):
     model = make_vit("deit", depth=4)
     benchmark(model, parse_methods("dense,evo,idle@0.5"), 1, torch.device("cpu"), compile=True, runs=1, warmup=0)
     configs = [None if tokenpace.get_patch(m) is None else tokenpace.get_patch(m).config for m in compiled]
-    assert configs == [None, tokenpace.Evo(), tokenpace.Idle(keep=0.5)]
+    assert configs == [None, tokenpace.Evo(keep=0.5), tokenpace.Idle(keep=0.5)]  # as applied: defaults filled
     assert len({id(m) for m in compiled} | {id(model)}) == 4 and tokenpace.get_patch(model) is None

@@ -12,7 +12,7 @@ from conftest import make_vit
 
 
 @pytest.mark.parametrize("method", ["evo", "idle", "evit", "topk"])
-@pytest.mark.parametrize("keep", [0, 0.0, -0.5, 1.01, 2, "0.5", True, None])
+@pytest.mark.parametrize("keep", [0, 0.0, -0.5, 1.01, 2, "0.5", True, float("nan")])
 def test_keep_outside_zero_one(method, keep):
     with pytest.raises(ValueError, match=r"keep must be a number in \(0, 1\]"):
         tokenpace.apply(make_vit("deit", depth=6), method, keep=keep)

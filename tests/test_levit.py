@@ -94,16 +94,28 @@ def ref_timm_levit_evo(model, img, keep, first=2, alpha=0.5):
     return model.forward_head(x)
 
 
-def test_timm_levit_matches_the_literal_reference(images):
+@pytest.mark.parametrize("first", [1, 2])
+def test_timm_levit_matches_the_literal_reference(first, images):
     model = make_levit("levit_cifar")
     with torch.no_grad():
-        expected = ref_timm_levit_evo(model, images, keep=0.5)
-        out = tokenpace.apply(model, "evo", keep=0.5)(images)
+        expected = ref_timm_levit_evo(model, images, keep=0.5, first=first)
+        out = tokenpace.apply(model, "evo", keep=0.5, stage_starts=(first,))(images)
     assert torch.allclose(out, expected, atol=1e-4), (out - expected).abs().max()
 
 
+def test_defaults_that_pay_on_levit():
+    """timm LeViT off the shelf prunes from block 1 (tokenpace.defaults); tokenpace's Evo-LeViT asks for the
+    official block 2 and the representative token; an explicit option wins over both."""
+    timm_levit = tokenpace.apply(make_levit("levit_cifar"), "evo")
+    assert tokenpace.get_patch(timm_levit).config.stage_starts == (1,)
+    evo_levit = tokenpace.apply(make_levit("evo_levit_cifar"), "evo")
+    assert tokenpace.get_patch(evo_levit).config.stage_starts == (2,) and tokenpace.get_patch(evo_levit).policy.representative
+    explicit = tokenpace.apply(make_levit("evo_levit_cifar"), "evo", stage_starts=(3,), representative=False)
+    assert tokenpace.get_patch(explicit).config.stage_starts == (3,) and not tokenpace.get_patch(explicit).policy.representative
+
+
 def test_trace_and_bias_gathering(images):
-    model = tokenpace.apply(make_levit("levit_cifar"), "evo", keep=0.5)
+    model = tokenpace.apply(make_levit("levit_cifar"), "evo", keep=0.5, stage_starts=(2,))
     with torch.no_grad(), tokenpace.trace(model) as tr:
         model(images)
     shapes = [None if k is None else tuple(k.shape) for k in tr.kept]

@@ -114,7 +114,8 @@ class EvoDownsample(nn.Module):
 class EvoLevit(nn.Module):
     """Evo-LeViT (dense until patched with ``tokenpace.apply(model, "evo")``); timm-style API."""
 
-    tokenpace_defaults = {"evo": {"representative": True}}  # designed with Evo's representative token
+    # the official Evo-LeViT: Evo's representative token, pruning from block 2 (blocks 0-1 dense)
+    tokenpace_defaults = {"evo": {"representative": True, "stage_starts": (2,)}}
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: tuple[int, ...] = (256, 384, 512), key_dim: int = 32, depth: tuple[int, ...] = (4, 4, 4),

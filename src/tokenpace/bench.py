@@ -34,13 +34,14 @@ class MethodSpec:
     def recipe_options(self) -> dict[str, object]:
         return {k: v for k, v in self.options if k in RECIPE_OPTIONS}
 
-    def describe(self) -> str:
-        """keep, plus every option that differs from the method's defaults, plus any recipe option."""
+    def describe(self, config: MethodConfig | None = None) -> str:
+        """keep, plus every option that differs from the method's defaults, plus any recipe option. ``config``: the
+        configuration as applied to a model (its defaults filled in), else the spec's own."""
         if self.method == "dense":
             return "-"
-        config = make_config(self.method, **self.method_options())
+        config = config or make_config(self.method, **self.method_options())
         default = type(config)()
-        shown = [f"keep={config.keep}"]
+        shown = [f"keep={config.keep if config.keep is not None else config.default_keep}"]
         shown += [f"{f.name}={getattr(config, f.name)}" for f in fields(config)
                   if f.name != "keep" and getattr(config, f.name) != getattr(default, f.name)]
         shown += [f"{k}={v}" for k, v in self.recipe_options().items()]
@@ -135,6 +136,7 @@ class BenchResult:
     ms_per_batch: float
     speedup: float | None  # against the dense row; None when no dense row was run
     times_s: list[float] = field(default_factory=list)
+    keep: float | None = None  # the keep ratio as applied (None: dense)
 
 
 def autocast_for(device: torch.device, amp: str):
@@ -193,6 +195,7 @@ def benchmark(
     model = model.to(device).eval()
     with restored(model):
         gmacs = [macs(configure(model, config)) / 1e9 for config in configs]
+        applied = [applied_config(configure(model, config)) for config in configs]
         if compile:
             dense = configure(model, None)  # copies of the unpatched model, each then patched once
             runners = [torch.compile(configure(copy.deepcopy(dense), config)) for config in configs]
@@ -204,7 +207,13 @@ def benchmark(
         with torch.inference_mode():
             times = _time_interleaved([spec.method for spec in specs], prepares, calls, device, runs, warmup,
                                       autocast, say, "")
-    return _results(specs, gmacs, times, batch_size)
+    return _results(specs, gmacs, times, batch_size, applied)
+
+
+def applied_config(model: nn.Module) -> MethodConfig | None:
+    """The configuration a model runs, its defaults filled in (None: dense)."""
+    patch = get_patch(model)
+    return None if patch is None else patch.config
 
 
 TRAIN_RECIPES = {"dense": "dense", "evo": "evo-scratch", "idle": "idle-finetune", "evit": "finetune",
@@ -267,6 +276,7 @@ def benchmark_train(
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     methods = [_train_method(spec) for spec in specs]
     gmacs = [macs(configure(model, method)) / 1e9 for method in methods]
+    applied = [applied_config(configure(model, method)) for method in methods]
 
     def step(objective):
         with autocast():
@@ -280,7 +290,7 @@ def benchmark_train(
     times = _time_interleaved([spec.method for spec in specs], prepares, steps, device, runs, warmup, nullcontext,
                               say, "train ")
     remove(model)
-    return _results(specs, gmacs, times, batch_size)
+    return _results(specs, gmacs, times, batch_size, applied)
 
 
 def _time_interleaved(labels, prepares, calls, device, runs, warmup, autocast, say, tag) -> list[list[float]]:
@@ -303,15 +313,16 @@ def _time_interleaved(labels, prepares, calls, device, runs, warmup, autocast, s
     return times
 
 
-def _results(specs, gmacs, times, batch_size) -> list[BenchResult]:
+def _results(specs, gmacs, times, batch_size, applied) -> list[BenchResult]:
     medians = [statistics.median(series) for series in times]
     base = medians[0] if specs[0].method == "dense" else None
     return [
         BenchResult(
-            method=spec.method, config=spec.describe(), gmacs=round(g, 6), img_per_s=batch_size / t,
+            method=spec.method, config=spec.describe(config), gmacs=round(g, 6), img_per_s=batch_size / t,
             ms_per_batch=t * 1000, speedup=(base / t) if base else None, times_s=series,
+            keep=None if config is None else config.keep,
         )
-        for spec, g, t, series in zip(specs, gmacs, medians, times)
+        for spec, g, t, series, config in zip(specs, gmacs, medians, times, applied)
     ]
 
 

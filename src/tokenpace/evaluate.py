@@ -61,17 +61,9 @@ def evaluate(model: nn.Module, specs: list[MethodSpec], loader, device: torch.de
         specs = [MethodSpec("dense"), *specs]
     acc = accuracy_table(model, specs, loader, device, amp, progress)
     speed = benchmark(model, specs, batch_size, device, amp=amp, runs=speed_runs, warmup=1, progress=progress)
-    return [EvalRow(method=s.method, config=s.describe(), keep=dict(s.options).get("keep", _default_keep(s)),
+    return [EvalRow(method=s.method, config=b.config, keep=b.keep,
                     top1=a[0], top5=a[1], agreement=a[2], gmacs=b.gmacs, img_per_s=b.img_per_s, speedup=b.speedup)
             for s, a, b in zip(specs, acc, speed)]
-
-
-def _default_keep(spec: MethodSpec) -> float | None:
-    if spec.method == "dense":
-        return None
-    from .methods import make_config
-
-    return make_config(spec.method).keep
 
 
 def parse_sweep(text: str) -> list[float]:

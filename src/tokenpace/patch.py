@@ -108,7 +108,7 @@ def apply(model: nn.Module, method: str | MethodConfig, **options) -> nn.Module:
     policy = make_policy(config, family)  # validates method, score and layer indices against this model
     remove(model)
     original = type(model)
-    model.__dict__[_ATTR] = Patch(config=config, policy=policy, adapter=family, original_class=original)
+    model.__dict__[_ATTR] = Patch(config=policy.config, policy=policy, adapter=family, original_class=original)
     model.__class__ = _patched_class(original)
     return model
 

@@ -98,9 +98,11 @@ class Family(ABC):
             "norm", "random")
 
     def model_defaults(self, method: str) -> dict[str, Any]:
-        """Options the model itself asks for (a model class may define ``tokenpace_defaults``, e.g. tokenpace's
-        Evo-LeViT was designed with Evo's representative token)."""
-        return dict(getattr(self.model, "tokenpace_defaults", {}).get(method, {}))
+        """Options the model asks for under ``method`` (``tokenpace.defaults``: its own ``tokenpace_defaults``,
+        e.g. tokenpace's Evo-LeViT was designed with Evo's representative token, else the measured table)."""
+        from ..defaults import model_defaults
+
+        return model_defaults(self.model, method)
 
     # --- the forward around the blocks ---------------------------------------------------------------------------
     @abstractmethod

@@ -42,4 +42,4 @@ def make_policy(config: MethodConfig, family) -> Policy:
         accepted = ", ".join(map(repr, methods_for(family))) or "none"
         raise ValueError(f"method {config.name!r} is not available for {family.name} models ({reason}); "
                          f"accepted here: {accepted}")
-    return config.policy(family)
+    return config.resolved(family).policy(family)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -15,8 +15,11 @@ from ..families.base import SCORES, SEQUENCE, Family
 
 
 def check_keep(config: Any, name: str, attr: str = "keep") -> None:
-    """Validate a keep ratio and store it as a float (numpy and other real scalars are accepted)."""
+    """Validate a keep ratio and store it as a float (numpy and other real scalars are accepted); None: the
+    default (the model's, else the method's), filled in when the method is applied."""
     keep = getattr(config, attr)
+    if keep is None and attr == "keep":
+        return
     if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0.0 < float(keep) <= 1.0:
         raise ValueError(f"{name} must be a number in (0, 1] (the fraction of patch tokens kept); got {keep!r}")
     object.__setattr__(config, attr, float(keep))
@@ -65,6 +68,14 @@ class MethodConfig:
     name: ClassVar[str] = "?"
     layouts: ClassVar[tuple[str, ...]] = (SEQUENCE,)
     scores: ClassVar[tuple[str, ...]] = SCORES
+    default_keep: ClassVar[float] = 0.5
+
+    def resolved(self, family: Family) -> "MethodConfig":
+        """This config with the fields left at None filled in: first what the model asks for
+        (``defaults.model_defaults``), then the method's own keep."""
+        filled = {k: v for k, v in family.model_defaults(self.name).items() if getattr(self, k, 0) is None}
+        config = replace(self, **filled) if filled else self
+        return replace(config, keep=self.default_keep) if config.keep is None else config
 
     def refusal(self, family: Family) -> str | None:
         """Why this method cannot run on ``family`` (None: it can)."""

@@ -31,12 +31,13 @@ class EViT(MethodConfig):
         models) or ``"random"`` (control).
     """
 
-    keep: float = 0.7
+    keep: float | None = None
     layers: tuple[int, ...] | None = None
     fuse: bool = True
     score: str | None = None
 
     name: ClassVar[str] = "evit"
+    default_keep: ClassVar[float] = 0.7
     scores: ClassVar[tuple[str, ...]] = ("cls", "received", "random")
 
     def __post_init__(self) -> None:

@@ -35,8 +35,9 @@ class Evo(MethodConfig):
 
     keep: fraction of patch tokens on the slow path, K = int(P * keep) (0.5 in the paper).
     stage_starts: layers where a selection is made in ``"stage"`` mode; the first is where pruning starts.
-        None: (4, 8) at depth 12, scaled proportionally for other depths; on multi-stage models (LeViT) (2,), and
-        every later stage selects again at its first block.
+        None: what the model asks for (``tokenpace.defaults``: (1,) on timm LeViT, (2,) on tokenpace's Evo-LeViT as
+        in the official code), else (4, 8) at depth 12, scaled for other depths, and (2,) on multi-stage models.
+        On multi-stage models every later stage selects again at its first block.
     mode: ``"stage"`` selects at stage starts (inference default, last third of training); ``"layer"`` selects at
         every pruned layer (first two thirds of training).
     representative: False keeps placeholders unchanged (official DeiT code); True moves them with the residual of a
@@ -49,7 +50,7 @@ class Evo(MethodConfig):
         receives; class-token-free models) or ``"random"`` (control: random ranking).
     """
 
-    keep: float = 0.5
+    keep: float | None = None
     stage_starts: tuple[int, ...] | None = None
     mode: str = "stage"
     representative: bool | None = None
@@ -57,6 +58,7 @@ class Evo(MethodConfig):
     score: str | None = None
 
     name: ClassVar[str] = "evo"
+    default_keep: ClassVar[float] = 0.5
     scores: ClassVar[tuple[str, ...]] = ("cls", "received", "random")
 
     def __post_init__(self) -> None:
@@ -119,10 +121,7 @@ class EvoPolicy(Policy):
         super().__init__(config, family)
         starts = config.resolved_stage_starts(family)
         self.first = starts[0]
-        representative = config.representative
-        if representative is None:
-            representative = family.model_defaults("evo").get("representative", False)
-        self.representative = representative
+        representative = self.representative = bool(config.representative)
         if representative and not all(family.parts(i).accepts_extra for i in range(self.first, self.depth)):
             raise ValueError(f"Evo representative=True needs blocks that accept a token without a position, and "
                              f"{family.name} attention biases need a position for every token. Accepted here: "

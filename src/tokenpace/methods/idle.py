@@ -38,12 +38,13 @@ class Idle(MethodConfig):
         (kept for comparing MACs; models whose keys are not affine in the input always project keys).
     """
 
-    keep: float = 0.7
+    keep: float | None = None
     stage_starts: tuple[int, ...] | None = None
     score: str | None = None
     project_keys: bool = False
 
     name: ClassVar[str] = "idle"
+    default_keep: ClassVar[float] = 0.7
     layouts: ClassVar[tuple[str, ...]] = (SEQUENCE, GROUPED)
 
     def __post_init__(self) -> None:

@@ -30,11 +30,12 @@ class TopK(MethodConfig):
         (class-token-free models) or ``"random"`` (control).
     """
 
-    keep: float = 0.5
+    keep: float | None = None
     layer: int | None = None
     score: str | None = None
 
     name: ClassVar[str] = "topk"
+    default_keep: ClassVar[float] = 0.5
     scores: ClassVar[tuple[str, ...]] = ("cls", "received", "random")
 
     def __post_init__(self) -> None:
