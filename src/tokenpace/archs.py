@@ -16,6 +16,8 @@ from torch import nn
 
 from timm.layers import DropPath, get_act_layer, trunc_normal_
 from timm.models import register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
 from timm.models.levit import ConvNorm, Levit, LevitMlp, LinearNorm, NormLinear
 
 
@@ -149,6 +151,11 @@ class EvoLevit(nn.Module):
         head = (lambda: NormLinear(self.num_features, num_classes, drop=drop_rate)) if num_classes > 0 else nn.Identity
         self.head, self.head_dist = head(), head()
         self.head_cls, self.head_cls_dist = head(), head()  # training-only: the assisted class-token loss
+        self.grad_checkpointing = False
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -164,8 +171,25 @@ class EvoLevit(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
         for down, stage in zip(self.downsamples, self.stages):
-            x = stage(down(x))
+            x = down(x)
+            x = checkpoint_seq(stage, x) if self.grad_checkpointing and self.training else stage(x)
         return x
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's LeViT interface: each stage's patch tokens (the class token left out) as an NCHW grid."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"Evo-LeViT feature maps are NCHW grids; got output_fmt={output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        x, maps = self.embed(x), []
+        for s, (down, stage) in enumerate(zip(self.downsamples, self.stages)):
+            if stop_early and s > max_index:
+                break
+            x = stage(down(x))
+            if s in take:
+                rows, cols = self.resolutions[s]
+                maps.append(x[:, 1:].reshape(x.shape[0], rows, cols, -1).permute(0, 3, 1, 2))
+        return maps if intermediates_only else (x, maps)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         pooled = x[:, 1:].mean(dim=1)  # the class token steers selection; classification uses the pooled tokens

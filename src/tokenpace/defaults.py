@@ -12,7 +12,8 @@ from typing import Any, Callable
 def _pvt_v2_idle(model: Any) -> dict[str, Any]:
     """Idle from the last block of PVTv2's first stage; the ratio steps down at its third and fourth stages."""
     d = list(model.depths)
-    return {"keep": 0.4, "stage_starts": (d[0] - 1, d[0] + d[1], d[0] + d[1] + d[2])}
+    starts = {max(0, d[0] - 1)} | {sum(d[:j]) for j in (2, 3) if sum(d[:j]) < sum(d)}
+    return {"keep": 0.4, "stage_starts": tuple(sorted(starts))}
 
 
 MODEL_DEFAULTS: dict[str, dict[str, dict[str, Any] | Callable[[Any], dict[str, Any]]]] = {

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from .families import Family, adapter_for
+from .families.base import IntermediateOptions
 from .methods import ForwardState, MethodConfig, Policy, make_config, make_policy, methods_for
+from .methods.base import StopForward
 
 _ATTR = "_tokenpace"
 _CONFIG_KEY = "_tokenpace_config"  # the method config in a patched model's pickled state
@@ -39,23 +41,63 @@ class Patch:
     tracer: Trace | None = None
     last_state: ForwardState | None = None  # the latest forward's state (what training losses read)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _state(self, **taps) -> ForwardState:
         family = self.adapter
-        state = ForwardState(training=family.model.training,
-                             kept=[None] * family.depth if self.tracer is not None else None)
-        x, state.frame = family.embed(x)
-        x = family.finish(self.policy.run(x, state))
+        return ForwardState(training=family.model.training, checkpoint=family.checkpointing,
+                            kept=[None] * family.depth if self.tracer is not None else None, **taps)
+
+    def _done(self, state: ForwardState) -> None:
         self.last_state = state
         if self.tracer is not None:
             self.tracer.kept = state.kept
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        family, state = self.adapter, self._state()
+        x, state.frame = family.embed(x)
+        x = family.finish(self.policy.run(x, state))
+        self._done(state)
         return x
 
+    def forward_intermediates(self, x: torch.Tensor, indices=None, stop_early: bool = False, **options):
+        """timm's ``forward_intermediates`` through the method: the full token map after each feature point (idle
+        tokens and placeholders included; tokens a method dropped keep the features they entered their last block
+        with), formatted as the model's own method formats it."""
+        from timm.models._features import feature_take_indices
 
-def _forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        family = self.adapter
+        points = family.feature_points()
+        taken, last = feature_take_indices(len(points), indices)
+        state = self._state(taps=frozenset(points[j] for j in taken), stop_after=points[last] if stop_early else None)
+        x, state.frame = family.embed(x)
+        stopped = False
+        try:
+            x = self.policy.run(x, state)
+        except StopForward as stop:
+            x, stopped = stop.tokens, True
+        self._done(state)
+        maps = [state.maps[points[j]] for j in taken]
+        return family.intermediates(maps, x, state.frame, list(taken), stopped, IntermediateOptions(**options))
+
+
+def _refuse_masks(args, kwargs) -> None:
     if args or any(v is not None and v is not False for v in kwargs.values()):
         raise ValueError("attention masks and causal attention are not supported on a tokenpace-patched model; "
                          "call tokenpace.remove(model) first")
+
+
+def _forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    _refuse_masks(args, kwargs)
     return get_patch(self).forward_features(x)
+
+
+def _forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                           output_fmt: str = "NCHW", intermediates_only: bool = False,
+                           return_prefix_tokens: bool = False, output_dict: bool = False, attn_mask=None,
+                           is_causal: bool = False):
+    _refuse_masks((), {"attn_mask": attn_mask, "is_causal": is_causal})
+    return get_patch(self).forward_intermediates(
+        x, indices, stop_early, norm=norm, output_fmt=output_fmt, intermediates_only=intermediates_only,
+        return_prefix_tokens=return_prefix_tokens, output_dict=output_dict)
 
 
 def _reduce_ex(self, protocol):
@@ -83,17 +125,34 @@ def _new_patched(original_class: type) -> nn.Module:
 def _patched_class(cls: type) -> type:
     if cls not in _PATCHED_CLASSES:
         _PATCHED_CLASSES[cls] = type(f"TokenPace{cls.__name__}", (cls,), {
-            "forward_features": _forward_features, "__reduce_ex__": _reduce_ex, "__setstate__": _setstate})
+            "forward_features": _forward_features, "forward_intermediates": _forward_intermediates,
+            "__reduce_ex__": _reduce_ex, "__setstate__": _setstate})
     return _PATCHED_CLASSES[cls]
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The model a feature extractor wraps: timm's ``features_only`` models of the flat families and LeViT
+    (``FeatureGetterNet``) call its ``forward_intermediates``, so the method runs there. Pyramids' default
+    ``FeatureListNet`` calls the stage modules one by one, around any method: refused."""
+    kind = type(model).__name__
+    if kind == "FeatureGetterNet":
+        return model.model
+    if kind in ("FeatureListNet", "FeatureDictNet", "FeatureHookNet"):
+        raise TypeError(f"this features_only model is a timm {kind}, which calls the stage modules one by one and "
+                        "would run dense; build it with timm.create_model(..., features_only=True, "
+                        "feature_cls='getter') so that features come from forward_intermediates")
+    return model
 
 
 def supported_methods(model: nn.Module) -> list[str]:
     """The methods that run on ``model`` ("evo", "idle", "evit", "topk"); TypeError for an unsupported model."""
-    return methods_for(adapter_for(model))
+    return methods_for(adapter_for(_inner(model)))
 
 
 def get_patch(model: nn.Module) -> Patch | None:
-    """The patch on ``model``, or None when it is not patched."""
+    """The patch on ``model`` (or on the model a feature extractor wraps), or None when it is not patched."""
+    if type(model).__name__ == "FeatureGetterNet":
+        model = model.model
     return model.__dict__.get(_ATTR)
 
 
@@ -104,20 +163,22 @@ def apply(model: nn.Module, method: str | MethodConfig, **options) -> nn.Module:
     previous method. No parameters or buffers are added, so ``state_dict`` keys stay those of the plain model.
     """
     config = make_config(method, **options)
-    family = adapter_for(model)
+    target = _inner(model)
+    family = adapter_for(target)
     policy = make_policy(config, family)  # validates method, score and layer indices against this model
-    remove(model)
-    original = type(model)
-    model.__dict__[_ATTR] = Patch(config=policy.config, policy=policy, adapter=family, original_class=original)
-    model.__class__ = _patched_class(original)
+    remove(target)
+    original = type(target)
+    target.__dict__[_ATTR] = Patch(config=policy.config, policy=policy, adapter=family, original_class=original)
+    target.__class__ = _patched_class(original)
     return model
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply`: the model's own class and forward come back; a model that is not patched is returned as is."""
-    patch = model.__dict__.pop(_ATTR, None)
+    target = model.model if type(model).__name__ == "FeatureGetterNet" else model
+    patch = target.__dict__.pop(_ATTR, None)
     if patch is not None:
-        model.__class__ = patch.original_class
+        target.__class__ = patch.original_class
     return model
 
 
@@ -142,6 +203,6 @@ def macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> int
     and attention product, the scoring work, and the head. ``img_size`` overrides the model's own.
     """
     patch = get_patch(model)
-    family = patch.adapter if patch is not None else adapter_for(model)
+    family = patch.adapter if patch is not None else adapter_for(_inner(model))
     works = patch.policy.work(family.group_counts(img_size)) if patch is not None else None
     return family.count_macs(works, img_size)

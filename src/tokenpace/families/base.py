@@ -25,6 +25,24 @@ SCORES = ("cls", "received", "norm", "random")
 
 
 @dataclass(frozen=True)
+class IntermediateOptions:
+    """The formatting arguments of timm's ``forward_intermediates``."""
+
+    norm: bool = False
+    output_fmt: str = "NCHW"
+    intermediates_only: bool = False
+    return_prefix_tokens: bool = False
+    output_dict: bool = False
+
+    def only_nchw(self, family: str) -> None:
+        """Pyramid and LeViT feature maps come as NCHW grids without prefix tokens, as timm gives them."""
+        if self.output_fmt != "NCHW" or self.return_prefix_tokens or self.output_dict:
+            raise ValueError(f"{family} feature maps are NCHW grids: accepted output_fmt='NCHW', without "
+                             f"return_prefix_tokens or output_dict; got output_fmt={self.output_fmt!r}, "
+                             f"return_prefix_tokens={self.return_prefix_tokens}, output_dict={self.output_dict}")
+
+
+@dataclass(frozen=True)
 class GroupCount:
     """Block i's tokens as selection sees them: ``groups`` groups of ``tokens`` patch tokens, each group led by
     ``prefix`` position-less tokens that always take the full path."""
@@ -126,6 +144,23 @@ class Family(ABC):
     @abstractmethod
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         """Block i on every token, exactly as the model runs it."""
+
+    @property
+    def checkpointing(self) -> bool:
+        """The model asks for gradient checkpointing (``set_grad_checkpointing(True)``)."""
+        return bool(getattr(self.model, "grad_checkpointing", False))
+
+    # --- feature maps (forward_intermediates) --------------------------------------------------------------------
+    def feature_points(self) -> list[int]:
+        """Per feature index of the model's ``forward_intermediates``, the block after which it is taken: the last
+        block of each stage (pyramids index stages)."""
+        return [blocks.stop - 1 for blocks in self.stage_blocks]
+
+    @abstractmethod
+    def intermediates(self, maps: list[torch.Tensor], final: torch.Tensor, frame: Frame, taken: list[int],
+                      stopped: bool, options: "IntermediateOptions"):
+        """What the model's ``forward_intermediates`` returns, from the full token maps after the ``taken`` feature
+        points and the tokens ``final`` where the run ended (``stopped``: early, after the last point taken)."""
 
     # --- selection groups ----------------------------------------------------------------------------------------
     @abstractmethod

@@ -150,6 +150,19 @@ class _LevitBase(SequenceFamily):
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.blocks[i](x)
 
+    def intermediates(self, maps, final, frame, taken, stopped, options):
+        """As timm's LeViT: each stage's patch tokens as an NCHW grid (a class token is left out); the tokens
+        where the run ended are the final."""
+        options.only_nchw(self.name)
+        rows, cols = frame.grid
+        grids = [(rows, cols)]
+        for _ in range(1, len(self.stage_blocks)):
+            rows, cols = (rows - 1) // 2 + 1, (cols - 1) // 2 + 1
+            grids.append((rows, cols))
+        p = self.num_prefix
+        maps = [y[:, p:].reshape(y.shape[0], *grids[j], -1).permute(0, 3, 1, 2) for j, y in zip(taken, maps)]
+        return maps if options.intermediates_only else (final, maps)
+
     def block_grid(self, i: int) -> tuple[int, int]:
         return self.resolutions(None)[self.stage_of_block(i)]
 

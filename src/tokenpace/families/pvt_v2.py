@@ -159,7 +159,7 @@ class PvtV2Adapter(Family):
         return x, Frame(grid=tuple(x.shape[1:3]))
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.stages[-1].norm(x).permute(0, 3, 1, 2).contiguous()
+        return self._stage_map(len(self.model.stages) - 1, x)
 
     def enter_stage(self, s: int, x: torch.Tensor, frame: Frame, row: str | None = None):
         stages = self.model.stages
@@ -168,6 +168,22 @@ class PvtV2Adapter(Family):
         if stages[s].downsample is not None:
             return stages[s].downsample(x), None  # (B, C, H, W) -> (B, H', W', C')
         return (x.permute(0, 2, 3, 1) if s > 0 else x), None
+
+    @property
+    def checkpointing(self) -> bool:
+        return any(stage.grad_checkpointing for stage in self.model.stages)
+
+    def _stage_map(self, s: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage s's output as timm gives it: its norm, then NCHW."""
+        return self.model.stages[s].norm(x).permute(0, 3, 1, 2).contiguous()
+
+    def intermediates(self, maps, final, frame, taken, stopped, options):
+        """As timm's PVTv2: each stage's output (its norm applied) as NCHW; the last stage run is the final."""
+        options.only_nchw(self.name)
+        maps = [self._stage_map(j, y) for j, y in zip(taken, maps)]
+        if options.intermediates_only:
+            return maps
+        return (self._stage_map(max(taken), final) if stopped else self.finish(final)), maps
 
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         B, H, W, C = x.shape

@@ -194,6 +194,20 @@ class SwinAdapter(Family):
     def enter_stage(self, s: int, x: torch.Tensor, frame: Frame, row: str | None = None):
         return self.model.layers[s].downsample(x), None
 
+    @property
+    def checkpointing(self) -> bool:
+        return any(stage.grad_checkpointing for stage in self.model.layers)
+
+    def intermediates(self, maps, final, frame, taken, stopped, options):
+        """As timm's Swin: each stage's (B, H, W, C) map as NCHW; the final norm only on the last stage's."""
+        options.only_nchw(self.name)
+        last = len(self.stage_blocks) - 1
+        maps = [(self.model.norm(y) if options.norm and j == last else y).permute(0, 3, 1, 2).contiguous()
+                for j, y in zip(taken, maps)]
+        if options.intermediates_only:
+            return maps
+        return (final if stopped and max(taken) < last else self.model.norm(final)), maps
+
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.blocks[i](x)
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..anatomy import Frame
 from ..blockops import run_block
@@ -50,12 +51,32 @@ class ForwardState:
 
     frame: Frame | None = None  # the family's per-forward position data
     training: bool = False  # the model is in training mode: keep what training losses need
+    checkpoint: bool = False  # recompute each block in the backward pass (the model's gradient checkpointing)
     kept: list[torch.Tensor | None] | None = None  # per block: original patch indices on the full path (trace)
     records: list[Any] = field(default_factory=list)  # what training losses need (e.g. IdleViT's cut loss)
+    taps: frozenset[int] = frozenset()  # blocks after which the full token map is wanted (forward_intermediates)
+    stop_after: int | None = None  # the last block needed (forward_intermediates' stop_early)
+    maps: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> the full token map after it
 
     def record_kept(self, layer: int, patch_idx: torch.Tensor | None) -> None:
         if self.kept is not None:
             self.kept[layer] = patch_idx
+
+    def tap(self, block: int, full_map: Callable[[], torch.Tensor]) -> None:
+        """After ``block``: keep the full token map where it was asked for (a copy: later blocks may write their
+        tokens in place), and end the forward after the last block asked for when stopping early."""
+        if block in self.taps:
+            self.maps[block] = full_map().clone()
+        if block == self.stop_after:
+            raise StopForward(self.maps[block] if block in self.maps else full_map().clone())
+
+
+class StopForward(Exception):
+    """Raised after the last block a ``stop_early`` forward needs, carrying the full token map at that point."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        super().__init__("stop early")
+        self.tokens = tokens
 
 
 @dataclass(frozen=True)
@@ -123,12 +144,20 @@ class Policy:
         query = {"cls": "cls", "received": "mean"}.get(self.score, self.score)
         return ScoreWork(query, tokens, project_keys)
 
-    def run_on(self, i: int, x: torch.Tensor, where, frame: Frame) -> torch.Tensor:
+    def run_on(self, i: int, x: torch.Tensor, where, state: "ForwardState") -> torch.Tensor:
         """Block i on the tokens ``where`` describes: the model's own block where every token is present or the
         blocks have no position terms, else the block's anatomy with its position terms taken at ``where``."""
         if where.pos is None or not self.family.blocks_use_positions:
-            return self.family.block(i, x, frame)
-        return run_block(self.family.parts(i), x, where)[0]
+            return self.step(state, self.family.block, i, x, state.frame)
+        return self.step(state, run_block, self.family.parts(i), x, where)[0]
+
+    @staticmethod
+    def step(state: "ForwardState", fn: Callable, *args, **kwargs):
+        """``fn(*args, **kwargs)``: one block's computation, recomputed in the backward pass when the model asks for
+        gradient checkpointing (activations inside the block are not kept)."""
+        if state.checkpoint and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return fn(*args, **kwargs)
 
 
 def available_scores(config: MethodConfig, family: Family) -> tuple[str, ...]:

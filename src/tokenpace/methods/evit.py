@@ -15,7 +15,7 @@ import torch
 from ..blockops import Row, attention_half, mlp_half
 from ..core.macs import BlockWork
 from ..core.schedule import keep_count_ceil, scaled_layers, validate_layers
-from ..core.tokens import gather_tokens, gather_values, split_indices, top_indices, weighted_merge
+from ..core.tokens import gather_tokens, gather_values, scatter_tokens, split_indices, top_indices, weighted_merge
 from ..families.base import Family
 from .base import ForwardState, MethodConfig, Policy, check_choice, check_keep, check_layers
 
@@ -71,6 +71,17 @@ def token_dropping_refusal(config: MethodConfig, family: Family) -> str | None:
     return None
 
 
+def paint(canvas: torch.Tensor, where, x: torch.Tensor) -> torch.Tensor:
+    """Write the tokens of x (prefix, then patch tokens at ``where.pos``; -1: a fused token, which has no place)
+    onto the full map ``canvas`` (B, prefix + P, C)."""
+    B, N, C = canvas.shape
+    prefix = where.prefix
+    rows = torch.where(where.pos < 0, N - prefix, where.pos)  # fused tokens land in one extra row, dropped after
+    rows = torch.cat([torch.arange(prefix, device=x.device).expand(B, -1), rows + prefix], dim=1)
+    grown = torch.cat([canvas, canvas.new_zeros(B, 1, C)], dim=1)
+    return scatter_tokens(grown, rows, x)[:, :N]
+
+
 class EViTPolicy(Policy):
     config: EViT
 
@@ -95,24 +106,29 @@ class EViTPolicy(Policy):
     def run(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         fam, frame, prefix, fuse = self.family, state.frame, self.prefix, self.config.fuse
         where = fam.tokens(frame)
+        canvas = x  # the full map: every dropped token keeps the features it entered its last block with
         for i, (n, after) in enumerate(self.counts(x.shape[1] - prefix)):
             if after == n:  # not a shrink layer, or nothing to drop
-                x = self.run_on(i, x, where, frame)
+                x = self.run_on(i, x, where, state)
             else:
+                if state.taps:
+                    canvas = x if where.pos is None else paint(canvas, where, x)
                 parts = fam.parts(i)
-                x, scores, _ = attention_half(parts, x, where, row=self.row)
+                x, scores, _ = self.step(state, attention_half, parts, x, where, row=self.row)
                 attn = scores[:, prefix:]
                 k = after - int(fuse)
                 ranking = self.rank(attn)
                 keep_idx, rest_idx = split_indices(ranking, k) if fuse else (top_indices(ranking, k), None)
+                keep_idx = keep_idx.sort(dim=1).values  # the kept tokens stay in raster order
                 kept = [x[:, :prefix], gather_tokens(x, keep_idx + prefix)]
                 if fuse:  # raw attention weights, not renormalised (EViT)
                     rest = gather_tokens(x, rest_idx + prefix)
                     kept.append(weighted_merge(rest, gather_values(attn, rest_idx).to(x.dtype), False))
                 where = self._shrunk(where, keep_idx, x.shape[0], n)
-                x = mlp_half(parts, torch.cat(kept, dim=1), where)
+                x = self.step(state, mlp_half, parts, torch.cat(kept, dim=1), where)
             if i >= self.layers[0]:
                 state.record_kept(i, where.pos)
+            state.tap(i, lambda: x if where.pos is None else paint(canvas, where, x))
         return x
 
     def _shrunk(self, where, keep_idx, batch, n):

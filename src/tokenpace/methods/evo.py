@@ -161,10 +161,11 @@ class EvoPolicy(Policy):
                     continue
                 for i in range(lo, hi):
                     if i == self.first - 1:  # dense layers overwrite g: only the one before pruning matters
-                        x, scores, _ = run_block(fam.parts(i), x, fam.tokens(frame), row=self.row)
+                        x, scores, _ = self.step(state, run_block, fam.parts(i), x, fam.tokens(frame), row=self.row)
                         g = scores[:, prefix:]
                     else:
-                        x = fam.block(i, x, frame)
+                        x = self.step(state, fam.block, i, x, frame)
+                    state.tap(i, lambda: x)
         return x
 
     def _segment(self, x, g, lo, hi, evolve_g, state):
@@ -176,10 +177,12 @@ class EvoPolicy(Policy):
         row = self.row if evolve_g else None
         for i in range(lo, hi):
             parts = fam.parts(i)
-            sub, scores, _ = run_block(parts, sub, where, row=row)
+            sub, scores, _ = self.step(state, run_block, parts, sub, where, row=row)
             if scores is not None:
                 g_sub = evolve(g_sub, scores[:, prefix:prefix + k], self._alpha(parts.evolution_logit))
             state.record_kept(i, keep_idx)
+            # the full map as if the segment ended here: placeholders moved by the representative's residual so far
+            state.tap(i, lambda: scatter_slow_path(x.clone(), seq_idx, sub, rep_in))
         x = scatter_slow_path(x, seq_idx, sub, rep_in)
         if row is not None:
             g = scatter_values(g, keep_idx, g_sub)

@@ -99,7 +99,8 @@ class IdlePolicy(Policy):
                 n = fam.group_size(i, x)
                 k = keep_count(n, ratio) if ratio is not None else n
                 if k == n:
-                    x = fam.block(i, x, frame)
+                    x = self.step(state, fam.block, i, x, frame)
+                    state.tap(i, lambda: x)
                     continue
                 prep = fam.prepare(i, x, frame)
                 if self.score == "random":
@@ -107,12 +108,13 @@ class IdlePolicy(Policy):
                 else:
                     scores = fam.token_scores(i, prep, self.score, self.config.project_keys)
                 idx = top_indices(scores, k)
-                x, qk = fam.run_selected(i, x, prep, idx, keep_qk=record)
+                x, qk = self.step(state, fam.run_selected, i, x, prep, idx, keep_qk=record)
                 if record:
                     state.records.append(IdleRecord(layer=i, index=with_prefix(idx[:, 0], self.prefix),
                                                     normed=prep.h, qk=qk, where=prep.where))
                 if state.kept is not None:
                     state.record_kept(i, fam.raster_positions(i, prep, idx))
+                state.tap(i, lambda: x)
         return x
 
     def work(self, counts) -> list[BlockWork]:

@@ -14,7 +14,7 @@ import torch
 from ..blockops import Row, run_block
 from ..core.macs import BlockWork, dense_work
 from ..core.schedule import keep_count, scaled_layer, validate_layers
-from ..core.tokens import gather_tokens, top_indices, with_prefix
+from ..core.tokens import gather_tokens, scatter_tokens, top_indices, with_prefix
 from ..families.base import Family
 from .base import ForwardState, MethodConfig, Policy, check_choice, check_keep
 from .evit import token_dropping_refusal
@@ -68,15 +68,20 @@ class TopKPolicy(Policy):
         fam, frame, prefix = self.family, state.frame, self.prefix
         k = keep_count(x.shape[1] - prefix, self.config.keep)
         for i in range(self.layer - 1):
-            x = fam.block(i, x, frame)
+            x = self.step(state, fam.block, i, x, frame)
+            state.tap(i, lambda: x)
         where = fam.tokens(frame)
-        x, scores, _ = run_block(fam.parts(self.layer - 1), x, where, row=self.row)
-        keep_idx = top_indices(self.rank(scores[:, prefix:]), k)
-        x = gather_tokens(x, with_prefix(keep_idx, prefix))
+        x, scores, _ = self.step(state, run_block, fam.parts(self.layer - 1), x, where, row=self.row)
+        state.tap(self.layer - 1, lambda: x)
+        keep_idx = top_indices(self.rank(scores[:, prefix:]), k).sort(dim=1).values  # raster order stays
+        seq_idx = with_prefix(keep_idx, prefix)
+        dropped_at = x  # dropped tokens keep the features they entered their last block with, as idle tokens do
+        x = gather_tokens(x, seq_idx)
         where = where.select(keep_idx)
         for i in range(self.layer, self.depth):
-            x = self.run_on(i, x, where, frame)
+            x = self.run_on(i, x, where, state)
             state.record_kept(i, keep_idx)
+            state.tap(i, lambda: scatter_tokens(dropped_at.clone(), seq_idx, x))
         return x
 
     def work(self, counts) -> list[BlockWork]:

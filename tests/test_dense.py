@@ -1,0 +1,176 @@
+"""Dense outputs through the method: forward_intermediates, get_intermediate_layers and features_only models return
+the full grid at each requested index; gradient checkpointing is honoured."""
+import copy
+
+import pytest
+import timm
+import torch
+
+import tokenpace
+from backbones import make_backbone
+from conftest import make_vit, spread_weights
+
+SMALL_LEVIT = dict(embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4), depth=(2, 2, 2))
+
+
+def _swin():
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    return spread_weights(SwinTransformer(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 4),
+                                          window_size=4, num_classes=10)).eval()
+
+
+def _pvt():
+    from timm.models.pvt_v2 import PyramidVisionTransformerV2
+
+    torch.manual_seed(0)
+    return spread_weights(PyramidVisionTransformerV2(depths=(1, 2, 1), embed_dims=(16, 32, 48), num_heads=(1, 2, 3),
+                                                     sr_ratios=(4, 2, 1), mlp_ratios=(4, 4, 4),
+                                                     num_classes=10)).eval()
+
+
+def _levit(name):
+    torch.manual_seed(0)
+    return spread_weights(timm.create_model(name, **SMALL_LEVIT)).eval()
+
+
+FAMILIES = {  # name: (build, input size, methods, flat)
+    "vit_registers": (lambda: make_vit("registers", depth=6), 32, ("evo", "idle", "evit", "topk"), True),
+    "vit_siglip_map": (lambda: make_backbone("siglip_map"), 32, ("evo", "idle", "evit", "topk"), True),
+    "eva_rope_mixed": (lambda: make_backbone("rope_mixed"), 32, ("evo", "idle", "evit", "topk"), True),
+    "eva_dinov3": (lambda: make_backbone("dinov3"), 32, ("evo", "idle"), True),
+    "levit": (lambda: _levit("levit_cifar"), 32, ("evo", "idle"), False),
+    "evo_levit": (lambda: _levit("evo_levit_cifar"), 32, ("evo", "idle"), False),
+    "swin": (_swin, 32, ("idle",), False),
+    "pvt_v2": (_pvt, 64, ("idle",), False),
+}
+
+
+def _images(size, batch=2):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _flatten(out):
+    """Every tensor of a forward_intermediates result, in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for key in sorted(out) for t in _flatten(out[key])]
+    return [t for item in out for t in _flatten(item)]
+
+
+def _option_sets(flat):
+    sets = [dict(), dict(indices=2), dict(indices=[0], stop_early=True), dict(intermediates_only=True, norm=True)]
+    if flat:
+        sets += [dict(output_fmt="NLC", return_prefix_tokens=True, norm=True), dict(output_dict=True, indices=[1, 3])]
+    return sets
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_keep_one_intermediates_equal_the_unpatched_model(family):
+    build, size, methods, flat = FAMILIES[family]
+    model, images = build(), _images(size)
+    for options in _option_sets(flat):
+        if options.get("output_dict") and not hasattr(model, "pool_include_prefix"):
+            continue  # output_dict is timm VisionTransformer's alone
+        with torch.no_grad():
+            expected = _flatten(tokenpace.remove(model).forward_intermediates(images, **options))
+            for method in methods:
+                got = _flatten(tokenpace.apply(model, method, keep=1.0).forward_intermediates(images, **options))
+                assert len(got) == len(expected), (method, options)
+                for a, b in zip(got, expected):
+                    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5), (method, options)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_reduced_intermediates_are_full_grids_and_end_at_forward_features(family):
+    build, size, methods, flat = FAMILIES[family]
+    model, images = build(), _images(size)
+    with torch.no_grad():
+        dense_final, dense_maps = model.forward_intermediates(images)
+        for method in methods:
+            tokenpace.apply(model, method, keep=0.5)
+            final, maps = model.forward_intermediates(images)
+            assert [m.shape for m in maps] == [m.shape for m in dense_maps], method
+            assert torch.allclose(final, model.forward_features(images), atol=1e-5), method
+            assert not torch.allclose(maps[-1], dense_maps[-1], atol=1e-3), method  # the method ran
+            if flat and method in ("evo", "idle"):  # every token kept: the last map is forward_features' patches
+                last = model.forward_intermediates(images, indices=[len(model.blocks) - 1], norm=True,
+                                                   output_fmt="NLC", intermediates_only=True)[0]
+                assert torch.allclose(last, model.forward_features(images)[:, model.num_prefix_tokens:], atol=1e-5)
+
+
+def test_get_intermediate_layers_and_features_only_models_run_the_method():
+    images = _images(32)
+    model = make_vit("deit", depth=6)
+    with torch.no_grad():
+        dense = model.get_intermediate_layers(images, n=2, reshape=True)
+        tokenpace.apply(model, "idle", keep=0.5)
+        idled = model.get_intermediate_layers(images, n=2, reshape=True)
+    assert [t.shape for t in idled] == [t.shape for t in dense] == [(2, 48, 8, 8)] * 2
+    assert not torch.allclose(idled[-1], dense[-1], atol=1e-3)
+    for name, kwargs in [("vit_tiny_patch16_224", dict(img_size=32, patch_size=4)),
+                         ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4,
+                                                               feature_cls="getter"))]:
+        torch.manual_seed(0)
+        features = timm.create_model(name, features_only=True, **kwargs).eval()
+        with torch.no_grad():
+            dense = features(images)
+            got = tokenpace.apply(features, "idle", keep=0.5)(images)
+            assert tokenpace.get_patch(features) is not None
+            assert [t.shape for t in got] == [t.shape for t in dense]
+            assert not torch.allclose(got[-1], dense[-1], atol=1e-4)
+            assert all(torch.equal(a, b) for a, b in zip(tokenpace.remove(features)(images), dense))
+
+
+def test_refused_feature_requests_name_what_is_accepted():
+    swin = tokenpace.apply(_swin(), "idle")
+    with pytest.raises(ValueError, match="NCHW grids: accepted output_fmt='NCHW'"):
+        swin.forward_intermediates(_images(32), output_fmt="NLC")
+    with pytest.raises(ValueError, match="without return_prefix_tokens"):
+        swin.forward_intermediates(_images(32), return_prefix_tokens=True)
+    vit = tokenpace.apply(make_vit("deit", depth=4), "evo")
+    with pytest.raises(ValueError, match="output_fmt='NHWC' is not accepted; choose 'NCHW' or 'NLC'"):
+        vit.forward_intermediates(_images(32), output_fmt="NHWC")
+    with pytest.raises(ValueError, match="attention masks"):
+        vit.forward_intermediates(_images(32), attn_mask=torch.zeros(65, 65))
+    torch.manual_seed(0)
+    listed = timm.create_model("swin_tiny_patch4_window7_224", features_only=True, img_size=32, patch_size=2,
+                               window_size=4)
+    with pytest.raises(TypeError, match="FeatureListNet.*feature_cls='getter'"):
+        tokenpace.apply(listed, "idle")
+
+
+def _linear_calls(block):
+    """Count the calls of every Linear inside ``block`` (however the block is run: whole or through its parts)."""
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda module, args: calls.append(1))
+             for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    return calls, hooks
+
+
+@pytest.mark.parametrize("family,method", [("vit_registers", "evo"), ("vit_registers", "idle"),
+                                           ("vit_registers", "evit"), ("eva_rope_mixed", "idle"),
+                                           ("eva_rope_mixed", "topk"), ("levit", "evo"), ("evo_levit", "evo"),
+                                           ("swin", "idle"), ("pvt_v2", "idle")])
+def test_gradient_checkpointing_is_honoured_with_equal_gradients(family, method):
+    build, size, _, _ = FAMILIES[family]
+    plain = build().train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpointing(True)
+    images = _images(size)
+    counts = []
+    for model in (plain, checkpointed):
+        tokenpace.apply(model, method, keep=0.5)
+        calls, hooks = _linear_calls(tokenpace.get_patch(model).adapter.blocks[-1])
+        torch.manual_seed(0)  # random drop path and dropout are replayed in the recomputation
+        model(images).logsumexp(-1).mean().backward()
+        for hook in hooks:
+            hook.remove()
+        counts.append(len(calls))
+    assert counts[1] > counts[0] > 0  # the last block ran again in the backward pass
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
