@@ -174,3 +174,24 @@ def test_gradient_checkpointing_is_honoured_with_equal_gradients(family, method)
         assert (a.grad is None) == (b.grad is None), name
         if a.grad is not None:
             assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_bench_memory_reports_a_positive_peak_per_configuration(tmp_path, capsys):
+    import json
+
+    from tokenpace.cli import main
+
+    path = tmp_path / "memory.json"
+    argv = ["bench", "--model", "vit_tiny_patch16_224", "--model-args", "img_size=32,patch_size=4", "--memory",
+            "--batch-size", "4", "--methods", "dense,idle", "--json", str(path), "--quiet"]
+    assert main(argv) == 0
+    doc = json.loads(path.read_text())
+    assert doc["measure"].startswith("peak RSS") and doc["train"] is False and doc["versions"]["torch"]
+    rows = doc["results"]
+    assert [r["method"] for r in rows] == ["dense", "idle"] and rows[1]["keep"] == 0.7
+    for row in rows:
+        assert set(row) >= {"config", "batch_size", "mode", "grad_checkpointing", "peak_mib", "baseline_mib"}
+        assert row["peak_mib"] > 0 and row["baseline_mib"] > 0 and row["mode"] == "inference"
+    assert "peak memory above the baseline" in capsys.readouterr().out
+    assert main(["bench", "--model", "vit_tiny_patch16_224", "--memory", "--grad-checkpointing"]) == 2
+    assert "--grad-checkpointing applies to training steps" in capsys.readouterr().err

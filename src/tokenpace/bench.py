@@ -376,3 +376,22 @@ def versions() -> dict[str, str]:
 
 def stderr_progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def format_memory_table(rows: list[dict]) -> str:
+    head = f"{'batch':>5} {'method':<7} {'config':<28} {'mode':<9} {'ckpt':<4} {'peak MiB':>9} {'vs dense':>8}"
+    lines = [head, "-" * len(head)]
+    dense = {(r["batch_size"], r["mode"]): r["peak_mib"] for r in rows if r["method"] == "dense"}
+    for r in rows:
+        base = dense.get((r["batch_size"], r["mode"]))
+        ratio = f"{r['peak_mib'] / base:.2f}x" if base else "-"
+        lines.append(f"{r['batch_size']:>5} {r['method']:<7} {r['config']:<28} {r['mode']:<9} "
+                     f"{'yes' if r['grad_checkpointing'] else 'no':<4} {r['peak_mib']:>9.1f} {ratio:>8}")
+    return "\n".join(lines)
+
+
+def memory_json(model_name: str, device: torch.device, rows: list[dict], **settings) -> dict:
+    """One document for a --memory run: the settings, versions and device, then one row per measurement."""
+    return {"model": model_name, "device": device_name(device), "versions": versions(), **settings,
+            "measure": "peak RSS above the process baseline (CPU) or max_memory_allocated above the allocated "
+                       "baseline (CUDA)", "results": rows}

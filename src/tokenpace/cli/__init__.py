@@ -13,6 +13,7 @@ __all__ = ["main", "make_parser"]
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a child process of this command repeats
     try:
         normalise(args)
         if getattr(args, "malloc", "system") == "keep":

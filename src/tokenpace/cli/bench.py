@@ -20,8 +20,14 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.train and args.compile:
         raise TokenpaceError("--compile is for inference; --train times eager training steps")
+    if args.memory_probe is not None:
+        return _probe(args, device)
+    if args.grad_checkpointing and not args.train:
+        raise TokenpaceError("--grad-checkpointing applies to training steps; add --train")
     model, record = source.build(args)
     specs = source.specs(args, model, record, train=args.train)
+    if args.memory:
+        return _memory(args, device, model, specs, record)
     if args.fuse_bn:
         from timm.models.levit import ConvNorm, LinearNorm, NormLinear
 
@@ -55,4 +61,40 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(document, f, indent=2, allow_nan=False)
         print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _memory(args, device, model, specs, record) -> int:
+    """Peak memory of every configuration, each measured by a child process that repeats this command."""
+    from ..bench import format_memory_table, memory_json
+    from ..memory import measure_in_child
+
+    if args.compile:
+        raise TokenpaceError("--memory measures eager runs; drop --compile")
+    name = args.model or (record.model if record is not None else None) or "?"
+    mode = "train" if args.train else "inference"
+    rows = []
+    for bs in args.batch_size or [256 if device.type == "cuda" else 32]:
+        for spec in specs:
+            rows.append(measure_in_child(args.argv, spec, bs, mode, args.grad_checkpointing))
+            if not args.quiet:
+                print(f"[memory] batch {bs} {spec.method} {rows[-1]['config']}: {rows[-1]['peak_mib']:.0f} MiB",
+                      file=sys.stderr, flush=True)
+    print(f"\n{name}  {mode}  {device.type}  peak memory above the baseline (model, inputs)"
+          + ("  gradient checkpointing" if args.grad_checkpointing else ""))
+    print(format_memory_table(rows), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(memory_json(name, device, rows, amp=args.amp, train=args.train,
+                                  grad_checkpointing=args.grad_checkpointing), f, indent=2, allow_nan=False)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _probe(args, device) -> int:
+    """The child's side: build the model as the parent does, measure one configuration, print one JSON line."""
+    from ..memory import probe
+
+    model, _ = source.build(args)
+    print(json.dumps(probe(model, json.loads(args.memory_probe), device, args.amp)), flush=True)
     return 0

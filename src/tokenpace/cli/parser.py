@@ -147,6 +147,13 @@ def make_parser() -> argparse.ArgumentParser:
                             "head, Idle with its dense teacher and cut loss) instead of inference; idle then also "
                             "takes its recipe's distill_weight, cut_mode, cut_weight (idle:distill_weight=0: no "
                             "teacher)")
+    bench.add_argument("--memory", action="store_true",
+                       help="report peak memory instead of time: one forward (or one training step with --train) "
+                            "per configuration, each in its own process on the CPU (peak RSS above the process's "
+                            "baseline), max_memory_allocated on CUDA")
+    bench.add_argument("--grad-checkpointing", action="store_true",
+                       help="call the model's set_grad_checkpointing(True) first (for --train)")
+    bench.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # one measurement, in a child process
     add_malloc(bench)
     bench.set_defaults(command_module="bench")
 
