@@ -8,7 +8,7 @@ import torch
 
 import tokenpace
 from backbones import make_backbone
-from conftest import make_vit, spread_weights
+from conftest import CIFAR, make_vit, needs_cifar, spread_weights
 
 SMALL_LEVIT = dict(embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4), depth=(2, 2, 2))
 
@@ -195,3 +195,29 @@ def test_bench_memory_reports_a_positive_peak_per_configuration(tmp_path, capsys
     assert "peak memory above the baseline" in capsys.readouterr().out
     assert main(["bench", "--model", "vit_tiny_patch16_224", "--memory", "--grad-checkpointing"]) == 2
     assert "--grad-checkpointing applies to training steps" in capsys.readouterr().err
+
+
+def test_the_dense_backbone_example_runs():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "examples" / "dense_backbone.py"
+    spec = importlib.util.spec_from_file_location("dense_backbone", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    for method in ("idle", "evo"):
+        out = example.main(["--smoke", "--method", method])
+        assert out["masks"].shape == (2, 64, 64) and out["loss"] > 0 and out["macs"][1] < out["macs"][0]
+
+
+@needs_cifar
+def test_cluttered_samples_know_their_box():
+    from tokenpace.data import ClutteredDataset, PackedJpegDataset
+
+    base = PackedJpegDataset(CIFAR, "test", limit=4)
+    cluttered = ClutteredDataset(base, 64, seed=1)
+    image, label, (x, y, w, h) = cluttered.sample(2)
+    assert (w, h) == (32, 32) and 0 <= x <= 32 and 0 <= y <= 32 and image.size == (64, 64)
+    assert label == cluttered[2][1] and (x, y) == cluttered.sample(2)[2][:2]  # the same box every time
+    assert (torch.tensor(list(image.crop((x, y, x + w, y + h)).getdata())) ==
+            torch.tensor(list(base.image(base.index[2].item()).getdata()))).all()

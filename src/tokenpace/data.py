@@ -103,7 +103,8 @@ class ClutteredDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int):
+    def sample(self, i: int) -> tuple[Image.Image, int, tuple[int, int, int, int]]:
+        """(the composed image, its label, the object's box (x, y, width, height) in canvas pixels)."""
         img, label = self.base[i]
         rng = np.random.default_rng(self.seed * 1_000_003 + i)
         canvas = rng.integers(0, 256, (self.canvas, self.canvas, 3), dtype=np.uint8)
@@ -111,9 +112,12 @@ class ClutteredDataset(Dataset):
         if w > self.canvas or h > self.canvas:
             raise TokenpaceError(f"--canvas {self.canvas} is smaller than image {i} ({w}x{h}); accepted: a canvas "
                                  "at least as large as the images")
-        x, y = rng.integers(0, self.canvas - w + 1), rng.integers(0, self.canvas - h + 1)
+        x, y = int(rng.integers(0, self.canvas - w + 1)), int(rng.integers(0, self.canvas - h + 1))
         canvas[y:y + h, x:x + w] = np.asarray(img)
-        out = Image.fromarray(canvas)
+        return Image.fromarray(canvas), label, (x, y, w, h)
+
+    def __getitem__(self, i: int):
+        out, label, _ = self.sample(i)
         return (self.transform(out) if self.transform is not None else out), label
 
 
