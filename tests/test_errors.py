@@ -141,3 +141,18 @@ def test_cli_has_no_traceback_in_a_real_process():
     proc = subprocess.run([sys.executable, "-m", "tokenpace.cli", "bench", "--methods", "idle@0"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "Idle keep" in proc.stderr
+
+
+def test_numpy_keep_and_a_single_stage_start_are_accepted(capsys):
+    import numpy as np
+
+    model = make_vit("deit", depth=6)
+    tokenpace.apply(model, "idle", keep=np.float32(0.5), stage_starts=3)
+    config = tokenpace.get_patch(model).config
+    assert config.keep == 0.5 and type(config.keep) is float and config.stage_starts == (3,)
+    tokenpace.apply(model, "evo", keep=np.float64(0.5), stage_starts=[2, 4])
+    assert tokenpace.get_patch(model).config.stage_starts == (2, 4)
+    argv = ["bench", "--model", "vit_tiny_patch16_224", "--model-args", "img_size=32,patch_size=4", "--batch-size",
+            "1", "--runs", "1", "--warmup", "0", "--methods", "dense,evo:stage_starts=4", "--quiet"]
+    assert main(argv) == 0
+    assert "stage_starts=(4,)" in capsys.readouterr().out
