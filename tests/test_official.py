@@ -137,3 +137,28 @@ def test_convert_writes_timm_keys_and_a_configuration(tmp_path):
         assert torch.equal(rebuilt(x), model(x))
     with pytest.raises(TokenpaceError, match="must end in .safetensors"):
         tokenpace.official.convert(release, str(tmp_path / "out.pth"), "EvoLeViT_128S")
+
+
+def test_cli_convert_then_commands_pick_up_the_configuration(tmp_path, capsys):
+    import json
+
+    from tokenpace.cli import main
+
+    model = source_model("evo_levit_128s", "evo", 0.5)
+    release = str(tmp_path / "EvoLeViT_128S.pth")
+    torch.save(to_evo_levit(model.state_dict(), (2, 3, 4)), release)  # a bare state dict this time
+    dst = str(tmp_path / "converted.safetensors")
+    assert main(["convert", release, dst, "--arch", "EvoLeViT_128S"]) == 0
+    assert capsys.readouterr().out.split() == [dst, str(tmp_path / "converted.json")]
+    out = str(tmp_path / "bench.json")
+    assert main(["bench", "--checkpoint", dst, "--batch-size", "1", "--runs", "1", "--warmup", "0", "--quiet",
+                 "--json", out]) == 0
+    assert "applying the method configuration beside the checkpoint" in capsys.readouterr().err
+    document = json.load(open(out))
+    rows = document["results"]
+    assert document["model"] == "evo_levit_128s"  # the configuration's model: no --model given
+    assert [r["method"] for r in rows] == ["dense", "evo"] and "representative=True" in rows[1]["config"]
+    assert main(["bench", "--checkpoint", dst, "--model", "evo_levit_128", "--runs", "1"]) == 2
+    assert "differs from the model of configuration" in capsys.readouterr().err
+    assert main(["convert", release, str(tmp_path / "c.safetensors"), "--arch", "EvoLeViT_256"]) == 2
+    assert "does not fit EvoLeViT_256 (Evo-LeViT layout" in capsys.readouterr().err
