@@ -1,12 +1,15 @@
 """ONNX export: one model per family, patched with a method, exported with the batch dynamic, and ONNX Runtime's
 logits equal PyTorch's (max abs difference <= 1e-4) at batch 1 and 8; the CLI command; exports that cannot be done
 are refused with a clear error."""
-import onnx
+import json
+
 import pytest
 import torch
 
+onnx = pytest.importorskip("onnx", reason="torch.onnx's exporter needs onnx: pip install -e '.[onnx]'")
 pytest.importorskip("onnxscript", reason="torch.onnx's exporter needs onnxscript: pip install -e '.[onnx]'")
-pytest.importorskip("onnxruntime", reason="the ONNX Runtime check needs onnxruntime: pip install -e '.[onnx]'")
+onnxruntime = pytest.importorskip("onnxruntime", reason="the ONNX Runtime check needs onnxruntime: pip install -e "
+                                  "'.[onnx]'")
 
 import tokenpace  # noqa: E402
 from tokenpace.cli import main  # noqa: E402
@@ -48,12 +51,21 @@ def test_onnx_runtime_equals_pytorch_at_batch_1_and_8(family, tmp_path):
     assert tokenpace.get_patch(model) is not None and not model.training  # the model is left as it was
 
 
-def test_cli_export_and_refusals(tmp_path, capsys):
+def test_cli_export_bench_onnx_and_refusals(tmp_path, capsys):
     out = str(tmp_path / "vit.onnx")
     assert main(["export", "--model", "vit_tiny_patch16_224", "--model-args", "img_size=32,patch_size=4,depth=4",
                  "--method", "topk@0.5", "--onnx", out]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}: topk keep=0.5, opset 18" in printed and "at batch 8" in printed
+    bench = str(tmp_path / "bench.json")
+    assert main(["bench", "--onnx", "--model", "vit_tiny_patch16_224", "--model-args",
+                 "img_size=32,patch_size=4,depth=2", "--methods", "dense,topk@0.5", "--batch-size", "2", "--runs", "1",
+                 "--warmup", "0", "--quiet", "--json", bench]) == 0
+    document = json.load(open(bench))
+    assert document["onnx"] is True and document["onnxruntime"] == onnxruntime.__version__
+    assert [r["method"] for r in document["results"]] == ["dense", "topk"]
+    assert main(["bench", "--onnx", "--compile", "--model", "vit_tiny_patch16_224"]) == 2
+    assert "--onnx times fp32 ONNX Runtime sessions on the CPU; --compile does not apply" in capsys.readouterr().err
     model = make_vit("deit", depth=6)
     with pytest.raises(TokenpaceError, match="ranks tokens at random"):
         tokenpace.export_onnx(tokenpace.apply(model, "idle", score="random"), str(tmp_path / "r.onnx"))

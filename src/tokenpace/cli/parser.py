@@ -144,6 +144,10 @@ def make_parser() -> argparse.ArgumentParser:
                             "compiled graph is specialised to its configuration)")
     bench.add_argument("--runs", type=POSITIVE, default=10, help="timed rounds (default 10)")
     bench.add_argument("--warmup", type=NON_NEGATIVE, default=2, help="untimed warm-up rounds (default 2)")
+    bench.add_argument("--onnx", action="store_true",
+                       help="time ONNX Runtime instead of PyTorch: each configuration is exported once (checked "
+                            "against PyTorch), then its CPU session is timed the same way, fp32 (--threads sets the "
+                            "session's threads); needs the onnx extra")
     bench.add_argument("--fuse-bn", action="store_true",
                        help="LeViT: fold each BatchNorm into its linear/conv layer first (the inference form)")
     bench.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: torch's)")
