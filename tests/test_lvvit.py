@@ -5,10 +5,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenpace
 from tokenpace.archs import LvVit
+from backbones import assert_keep_one_equals_unpatched, assert_macs_equal_flop_counter
 from conftest import spread_weights
 
 SMALL = dict(img_size=32, patch_size=4, embed_dim=48, depth=8, num_heads=3, num_classes=10, stem_width=16)
@@ -71,14 +71,7 @@ def test_the_authors_architecture_and_inference_head(images):
 @pytest.mark.parametrize("method,options", [("evo", {}), ("evo", {"mode": "layer"}), ("idle", {}), ("evit", {}),
                                             ("topk", {})], ids=str)
 def test_keep_one_equals_the_unpatched_model(method, options, images):
-    model = make_lvvit()
-    keys = list(model.state_dict())
-    with torch.no_grad():
-        expected = model(images)
-        got = tokenpace.apply(model, method, keep=1.0, **options)(images)
-        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
-        assert list(model.state_dict()) == keys
-        assert torch.equal(tokenpace.remove(model)(images), expected)
+    assert_keep_one_equals_unpatched(make_lvvit(), method, options, images)
 
 
 @pytest.mark.parametrize("keep", [0.7, 0.5])
@@ -111,12 +104,4 @@ def test_official_schedules_and_spec_macs():
 @pytest.mark.parametrize("method,options", [(None, {}), ("evo", {}), ("idle", {}), ("idle", {"project_keys": True}),
                                             ("evit", {}), ("topk", {})], ids=str)
 def test_macs_equal_flop_counter_on_the_non_fused_path(method, options):
-    model = make_lvvit().requires_grad_(False)
-    for blk in model.blocks:
-        blk.attn.fused_attn = False  # count explicit matmuls (CPU SDPA has no FLOP formula in some torch versions)
-    if method is not None:
-        tokenpace.apply(model, method, **options)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(torch.randn(1, 3, 32, 32))
-    assert tokenpace.macs(model) == counter.get_total_flops() // 2
+    assert_macs_equal_flop_counter(make_lvvit(), method, options, torch.randn(1, 3, 32, 32))
