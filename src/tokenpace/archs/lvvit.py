@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, DropPath, Mlp, trunc_normal_
+from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from .registry import no_pretrained, register, without_plumbing
@@ -95,6 +96,11 @@ class LvVit(nn.Module):
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
+        self.grad_checkpointing = False
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -136,8 +142,11 @@ class LvVit(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
-        for blk in self.blocks:
-            x = blk(x)
+        if self.grad_checkpointing and self.training:
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            for blk in self.blocks:
+                x = blk(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
