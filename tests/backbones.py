@@ -7,6 +7,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.layers import GluMlp, RmsNorm, SwiGLU, apply_rot_embed_cat
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokenpace
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
@@ -172,3 +175,29 @@ def ref_topk(model, img, keep, layer, row):
     keep_rows = m.bool()
     x = x[keep_rows].view(x.shape[0], -1, x.shape[-1])  # the kept tokens, in raster order
     return finish(model, x)
+
+
+def assert_keep_one_equals_unpatched(model, method, options, images):
+    """keep=1 gives the unpatched model's logits, adds no state-dict key, and remove() restores it exactly."""
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        expected = model(images)
+        got = tokenpace.apply(model, method, keep=1.0, **options)(images)
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
+        assert list(model.state_dict()) == keys
+        assert torch.equal(tokenpace.remove(model)(images), expected)
+
+
+def assert_macs_equal_flop_counter(model, method, options, image):
+    """tokenpace.macs equals FlopCounterMode / 2 on the non-fused attention path (CPU SDPA has no FLOP formula in
+    some torch versions); ``method`` None: the dense model."""
+    model.requires_grad_(False)  # FlopCounterMode's module hooks trip on leaf inputs
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    if method is not None:
+        tokenpace.apply(model, method, **options)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(image)
+    assert tokenpace.macs(model) == counter.get_total_flops() // 2

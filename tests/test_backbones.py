@@ -3,10 +3,10 @@ DINOv3, PE core, RoPE ViTs). keep=1 is the unpatched model; Evo, Idle and top-k 
 (full sequences at their own positions, idle keys masked); MACs equal FlopCounterMode / 2."""
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenpace
-from backbones import CLASS_FREE, EVAS, make_backbone, ref_evo, ref_idle, ref_topk
+from backbones import (CLASS_FREE, EVAS, assert_keep_one_equals_unpatched, assert_macs_equal_flop_counter,
+                       make_backbone, ref_evo, ref_idle, ref_topk)
 
 VARIANTS = sorted(CLASS_FREE) + sorted(EVAS)
 ALL_TOKENS = [("evo", {}), ("evo", {"mode": "layer"}), ("idle", {}), ("evit", {}), ("evit", {"fuse": False}),
@@ -25,14 +25,7 @@ def default_row(model):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("method,options", ALL_TOKENS, ids=str)
 def test_keep_one_equals_the_unpatched_model(variant, method, options, images):
-    model = make_backbone(variant)
-    keys = list(model.state_dict())
-    with torch.no_grad():
-        expected = model(images)
-        got = tokenpace.apply(model, method, keep=1.0, **options)(images)
-        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
-        assert list(model.state_dict()) == keys
-        assert torch.equal(tokenpace.remove(model)(images), expected)
+    assert_keep_one_equals_unpatched(make_backbone(variant), method, options, images)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -87,16 +80,7 @@ def test_position_less_tokens_run_on_rope_models(variant, images):
                                             ("idle", {}), ("idle", {"project_keys": True}), ("evit", {}),
                                             ("topk", {})], ids=str)
 def test_macs_equal_flop_counter_on_the_non_fused_path(variant, method, options):
-    model = make_backbone(variant).requires_grad_(False)  # FlopCounterMode's module hooks trip on leaf inputs
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = False  # count explicit matmuls (CPU SDPA has no FLOP formula in some torch versions)
-    if method is not None:
-        tokenpace.apply(model, method, **options)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(torch.randn(1, 3, 32, 32))
-    assert tokenpace.macs(model) == counter.get_total_flops() // 2
+    assert_macs_equal_flop_counter(make_backbone(variant), method, options, torch.randn(1, 3, 32, 32))
 
 
 @pytest.mark.parametrize("variant", ["gap", "dinov3"])

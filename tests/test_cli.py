@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tokenpace.cli import main, make_parser
-from tokenpace.cli.choices import AMP, CUT_MODES, METHOD_NAMES, RECIPE_NAMES
+from tokenpace.cli.choices import AMP, CUT_MODES, METHOD_NAMES, OFFICIAL_ARCHS, RECIPE_NAMES
 from tokenpace.errors import TokenpaceError
 
 SOURCE_FLAGS = ("--model", "--pretrained", "--checkpoint", "--run", "--model-args", "--img-size", "--device", "--amp")
@@ -21,17 +21,20 @@ def _subparsers():
 
 def test_every_command_has_the_model_source_flags_and_help_on_every_option():
     commands = _subparsers()
-    assert set(commands) == {"bench", "train", "eval", "show", "models"}
-    for action in commands["models"]._actions:  # a listing: no model source, but help on every option
-        assert action.help, ("models", action.option_strings or action.dest)
+    assert set(commands) == {"bench", "train", "eval", "show", "models", "convert", "export"}
+    for name in ("models", "convert"):  # a listing and a file conversion: no model source, but help on every option
+        for action in commands[name]._actions:
+            assert action.help, (name, action.option_strings or action.dest)
     for name, sub in commands.items():
-        if name == "models":
+        if name in ("models", "convert"):
             continue
         flags = {s for a in sub._actions for s in a.option_strings}
         assert set(SOURCE_FLAGS) <= flags, (name, set(SOURCE_FLAGS) - flags)
         assert "--keep" in flags, name
         for action in sub._actions:
             assert action.help, (name, action.option_strings or action.dest)
+    for name in ("bench", "eval", "show", "export"):  # the commands that run a model read a method configuration
+        assert "--config" in {s for a in commands[name]._actions for s in a.option_strings}, name
     assert {"--keep-sweep"} <= {s for a in commands["eval"]._actions for s in a.option_strings}
     assert {"--keep-sweep"} <= {s for a in commands["bench"]._actions for s in a.option_strings}
 
@@ -40,15 +43,18 @@ def test_cli_names_match_the_registries():
     from tokenpace import METHODS
     from tokenpace.bench import AMP_DTYPES
     from tokenpace.losses import CUT_MODES as LOSS_MODES
+    from tokenpace.official import OFFICIAL_ARCHS as ARCHS
     from tokenpace.train import RECIPES
 
     assert set(METHOD_NAMES) == set(METHODS) and tuple(RECIPES) == RECIPE_NAMES
+    assert set(OFFICIAL_ARCHS) == set(ARCHS)
     assert CUT_MODES == LOSS_MODES and AMP == tuple(AMP_DTYPES)
 
 
 def test_help_and_argument_errors_import_neither_torch_nor_timm():
     code = ("import sys\nfrom tokenpace.cli import main\n"
             "for argv in (['--help'], ['bench', '--help'], ['train', '--help'], ['eval', '--help'], ['show', '--help'],"
+            " ['convert', '--help'], ['export', '--help'], ['convert', 'a', 'b', '--arch', 'x'],"
             " ['bench', '--runs', '0'], ['train', '--output', 'x', '--epochs', '0']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "print('torch' in sys.modules, 'timm' in sys.modules)")

@@ -7,11 +7,13 @@
         model(x)
     tokenpace.macs(model)
     tokenpace.remove(model)
+    model = tokenpace.load_official("evo_deit_small_patch16_224.pth", "evo_deit_small_patch16_224")
+    tokenpace.export_onnx(model, "model.onnx")
 
 The API is imported on first use, so that ``tokenpace --help`` and the CLI's argument errors do not wait for torch
-and timm. tokenpace's models (``evo_levit_*``, ``levit_cifar``) are registered with timm by ``import
-tokenpace.archs``, which the API and the CLI do for you; ``import timm, tokenpace`` (timm first) registers them at
-once.
+and timm. tokenpace's models (``evo_levit_*``, ``evo_deit_*``, ``lvvit_*``, ``levit_cifar``) are registered with
+timm by ``import tokenpace.archs``, which the API and the CLI do for you; ``import timm, tokenpace`` (timm first)
+registers them at once.
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ _API = {
     "Trace": "patch", "apply": "patch", "get_patch": "patch", "macs": "patch", "remove": "patch", "trace": "patch",
     "supported_methods": "patch",
     "TokenpaceError": "errors",
+    "load_config": "config_io", "save_config": "config_io",
+    "load_official": "official",
+    "export_onnx": "onnx_export",
 }
 
 __all__ = sorted(_API)
@@ -39,7 +44,7 @@ def __getattr__(name: str):
             if err.name != f"{__name__}.{name}":
                 raise
             raise AttributeError(f"module 'tokenpace' has no attribute {name!r}") from None
-    if _API[name] != "errors":
+    if _API[name] not in ("errors", "config_io"):
         importlib.import_module(".archs", __name__)  # the API's users expect tokenpace's models in timm's registry
     value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
     globals()[name] = value

@@ -22,14 +22,20 @@ class ModelSourceError(TokenpaceError):
 
 @dataclass(frozen=True)
 class RunRecord:
-    """What a training run folder says about its model: timm name, create_model arguments, the method it was
-    trained for (``{"name": "evo", "keep": 0.5, ...}``, None for dense) and its exported weights."""
+    """What a training run folder (or a method configuration file) says about its model: timm name, create_model
+    arguments, the method it was trained for (``{"name": "evo", "keep": 0.5, ...}``, None for dense) and its exported
+    weights."""
 
     folder: str
-    model: str
+    model: str | None
     model_args: dict = field(default_factory=dict)
     method: dict | None = None
     weights: str = ""
+    kind: str = "run"  # "run": a training run folder; "configuration": a method configuration file (--config)
+
+    def origin(self) -> str:
+        """How messages name it: run 'runs/evo', configuration 'w.json'."""
+        return f"{self.kind} {self.folder!r}"
 
 
 def read_run(folder: str) -> RunRecord:

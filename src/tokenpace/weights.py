@@ -50,14 +50,19 @@ def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> None:
 def mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
     """"" when ``found`` has exactly ``expected``'s keys and shapes; else which keys are missing, unexpected or
     of another shape (a few of each, with counts)."""
-    def named(keys: list[str]) -> str:
-        more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
-        return ", ".join(keys[:SHOWN_KEYS]) + more
-
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     shapes = [f"{k} {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}" for k in expected
               if k in found and found[k].shape != expected[k].shape]
+    return key_problems(missing, unexpected, shapes)
+
+
+def key_problems(missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+    """One line naming a few keys of each kind of mismatch, with counts ("" when there is none)."""
+    def named(keys: list[str]) -> str:
+        more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+        return ", ".join(keys[:SHOWN_KEYS]) + more
+
     parts = [f"{len(keys)} {label} ({named(keys)})" for label, keys in
              (("missing keys", missing), ("unexpected keys", unexpected), ("keys of another shape", shapes)) if keys]
     return "; ".join(parts)

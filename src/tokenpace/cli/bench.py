@@ -1,7 +1,8 @@
-"""tokenpace bench: throughput of dense and each method, interleaved."""
+"""tokenpace bench: throughput of dense and each method, interleaved (PyTorch, or ONNX Runtime with --onnx)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -12,7 +13,7 @@ from . import source
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench import benchmark, benchmark_train, format_table, result_json, stderr_progress
+    from ..bench import result_json, stderr_progress
 
     source.check_output_file(args.json, "--json")
     device = source.device(args.device)
@@ -24,6 +25,13 @@ def run(args: argparse.Namespace) -> int:
         return _probe(args, device)
     if args.grad_checkpointing and not args.train:
         raise TokenpaceError("--grad-checkpointing applies to training steps; add --train")
+    if args.onnx:
+        refused = [flag for flag, given in (("--train", args.train), ("--compile", args.compile),
+                                            ("--memory", args.memory), (f"--amp {args.amp}", args.amp != "none"),
+                                            (f"--device {args.device}", args.device != "cpu")) if given]
+        if refused:
+            raise TokenpaceError(f"--onnx times fp32 ONNX Runtime sessions on the CPU; {', '.join(refused)} does not "
+                                 "apply there")
     model, record = source.build(args)
     specs = source.specs(args, model, record, train=args.train)
     if args.memory:
@@ -38,30 +46,54 @@ def run(args: argparse.Namespace) -> int:
                                  "accepted: timm levit_* and tokenpace's evo_levit_* models")
         fuse_batchnorm(model.eval())
     name = args.model or (record.model if record is not None else None) or "?"
-    what = "training step" if args.train else "inference"
+    what = "training step" if args.train else ("ONNX Runtime inference" if args.onnx else "inference")
+    progress = None if args.quiet else stderr_progress
     batches = {}
-    for bs in args.batch_size or [256 if device.type == "cuda" else 32]:
-        print(f"benchmarking {name} {what}, batch {bs} on {device.type}, amp={args.amp}, compile={args.compile}, "
-              f"{args.runs} runs after {args.warmup} warm-up, interleaved", file=sys.stderr, flush=True)
-        progress = None if args.quiet else stderr_progress
-        with memory_guard(f"{what} at batch size {bs}"):
-            if args.train:
-                results = benchmark_train(model, specs, bs, device, amp=args.amp, runs=args.runs,
-                                          warmup=args.warmup, progress=progress)
-            else:
-                results = benchmark(model, specs, bs, device, amp=args.amp, compile=args.compile, runs=args.runs,
-                                    warmup=args.warmup, progress=progress)
-        print(f"\n{name}  {what}  batch {bs}  {device.type}  amp={args.amp}  compile={args.compile}  "
-              f"malloc={args.malloc}  (median of {args.runs}; GMACs = multiply-accumulates per image, forward)")
-        print(format_table(results), flush=True)
-        batches[bs] = results
+    with contextlib.ExitStack() as stack:
+        sessions = None
+        if args.onnx:
+            from ..onnx_bench import onnx_sessions
+
+            sessions = stack.enter_context(onnx_sessions(model, specs, args.threads, progress))
+        for bs in args.batch_size or [256 if device.type == "cuda" else 32]:
+            batches[bs] = _one_batch_size(args, model, specs, sessions, bs, device, name, what, progress)
     if args.json:
+        extra = {"onnxruntime": _onnxruntime_version()} if args.onnx else {}
         document = result_json(name, device, batches, run=args.run, amp=args.amp, compile=args.compile,
-                               runs=args.runs, warmup=args.warmup, train=args.train, malloc=args.malloc)
+                               runs=args.runs, warmup=args.warmup, train=args.train, onnx=args.onnx,
+                               malloc=args.malloc, **extra)
         with open(args.json, "w") as f:
             json.dump(document, f, indent=2, allow_nan=False)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def _one_batch_size(args, model, specs, sessions, bs, device, name, what, progress):
+    from ..bench import benchmark, benchmark_train, format_table
+
+    print(f"benchmarking {name} {what}, batch {bs} on {device.type}, amp={args.amp}, compile={args.compile}, "
+          f"{args.runs} runs after {args.warmup} warm-up, interleaved", file=sys.stderr, flush=True)
+    with memory_guard(f"{what} at batch size {bs}"):
+        if sessions is not None:
+            from ..onnx_bench import benchmark_onnx
+
+            results = benchmark_onnx(model, sessions, bs, runs=args.runs, warmup=args.warmup, progress=progress)
+        elif args.train:
+            results = benchmark_train(model, specs, bs, device, amp=args.amp, runs=args.runs, warmup=args.warmup,
+                                      progress=progress)
+        else:
+            results = benchmark(model, specs, bs, device, amp=args.amp, compile=args.compile, runs=args.runs,
+                                warmup=args.warmup, progress=progress)
+    print(f"\n{name}  {what}  batch {bs}  {device.type}  amp={args.amp}  compile={args.compile}  "
+          f"malloc={args.malloc}  (median of {args.runs}; GMACs = multiply-accumulates per image, forward)")
+    print(format_table(results), flush=True)
+    return results
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def _memory(args, device, model, specs, record) -> int:

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     with memory_guard(f"evaluation at --batch-size {args.batch_size}"):
         rows = evaluate(model, specs, loader, device, args.batch_size, speed_runs=args.speed_runs, amp=args.amp,
                         progress=None if args.quiet else stderr_progress)
-    name = args.run or args.model or source.DEFAULT_MODEL
+    name = args.run or args.model or (record.model if record is not None else None) or source.DEFAULT_MODEL
     print(f"\n{name} on {args.data} ({len(ds)} images), throughput at batch {args.batch_size} on {device.type}, "
           f"amp={args.amp}")
     print(format_rows(rows), flush=True)

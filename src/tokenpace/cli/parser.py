@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import TokenpaceError
-from .choices import AMP, CUT_MODES, DEFAULT_MODEL, DEVICES, METHOD_NAMES, RECIPE_NAMES
+from .choices import AMP, CUT_MODES, DEFAULT_MODEL, DEVICES, METHOD_NAMES, OFFICIAL_ARCHS, RECIPE_NAMES
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -81,7 +81,9 @@ def add_model_source(p: argparse.ArgumentParser, train: bool = False) -> None:
     g.add_argument("--checkpoint", default=None, metavar="FILE",
                    help=("weights to start from" if train else "weights to load")
                         + ": .safetensors, or a torch checkpoint (a plain state dict, or timm's state_dict/model "
-                          "entries; DDP and torch.compile prefixes are removed)")
+                          "entries; DDP and torch.compile prefixes are removed)"
+                        + ("" if train else "; a method configuration beside it (W.json for W.safetensors, as "
+                                            "`tokenpace convert` writes) is applied, as with --config"))
     g.add_argument("--run", default=None, metavar="DIR",
                    help="a `tokenpace train` output folder: its model, model arguments and weights"
                         + (" (a dense run to fine-tune from)" if train else
@@ -98,6 +100,11 @@ def add_model_source(p: argparse.ArgumentParser, train: bool = False) -> None:
                        help="mixed precision of training and validation (default none); 'no' is the old spelling")
         g.add_argument("--init", default=None, metavar="FILE", help="deprecated: the old spelling of --checkpoint")
     else:
+        g.add_argument("--config", default=None, metavar="JSON",
+                       help="a method configuration ({\"method\": ..., \"options\": {...}}, as `tokenpace convert` "
+                            "writes beside its weights; a --checkpoint W.safetensors picks up W.json by itself): its "
+                            "method is re-applied (--methods/--method and --keep override it) and its model is used "
+                            "when --model is not given")
         g.add_argument("--device", choices=DEVICES, default="cpu", help="cpu (default) or cuda")
         g.add_argument("--amp", choices=AMP, default="none", help="autocast dtype: none (default), bf16 or fp16")
 
@@ -137,6 +144,10 @@ def make_parser() -> argparse.ArgumentParser:
                             "compiled graph is specialised to its configuration)")
     bench.add_argument("--runs", type=POSITIVE, default=10, help="timed rounds (default 10)")
     bench.add_argument("--warmup", type=NON_NEGATIVE, default=2, help="untimed warm-up rounds (default 2)")
+    bench.add_argument("--onnx", action="store_true",
+                       help="time ONNX Runtime instead of PyTorch: each configuration is exported once (checked "
+                            "against PyTorch), then its CPU session is timed the same way, fp32 (--threads sets the "
+                            "session's threads); needs the onnx extra")
     bench.add_argument("--fuse-bn", action="store_true",
                        help="LeViT: fold each BatchNorm into its linear/conv layer first (the inference form)")
     bench.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads (default: torch's)")
@@ -229,6 +240,38 @@ def make_parser() -> argparse.ArgumentParser:
     sh.add_argument("--output", default="tokenpace_show", metavar="DIR",
                     help="folder for the PNGs (default tokenpace_show)")
     sh.set_defaults(command_module="show")
+
+    cv = sub.add_parser("convert", help="a released Evo-ViT / Evo-LeViT / IdleViT checkpoint as timm / tokenpace "
+                        "keys (.safetensors) and its method configuration (.json)",
+                        description="Read a released checkpoint in its official layout (DeiT training format or a "
+                        "bare state dict), check it, and write plain timm / tokenpace keys to DST plus the method "
+                        "configuration it was trained for beside it (DST with .json), which tokenpace.load_config, "
+                        "apply and every command's --checkpoint/--config accept.")
+    cv.add_argument("src", metavar="SRC", help="the released file: .pth, .pth.tar or .safetensors")
+    cv.add_argument("dst", metavar="DST", help="the converted weights, ending in .safetensors (the configuration is "
+                                               "written beside it, ending in .json)")
+    cv.add_argument("--arch", required=True, choices=OFFICIAL_ARCHS, metavar="ARCH",
+                    help="the official code's model name: evo_deit_{tiny,small,base}_patch16_{224,384}, "
+                         "EvoLeViT_{128S,128,192,256,384} (+ _384), deit_small, deit_base, lvvit_s, lvvit_m")
+    cv.add_argument("--keep", type=_keep, default=None, metavar="X",
+                    help="the keep ratio the checkpoint was trained for (default: 0.7 for IdleViT's files, 0.5 for "
+                         "Evo-ViT's)")
+    cv.set_defaults(command_module="convert")
+
+    ex = sub.add_parser("export", help="ONNX export of the model, dense or with a method, checked with ONNX Runtime",
+                        description="Export the model (dense, or patched with one method) to ONNX for inference: "
+                        "opset 17 or newer, batch dimension dynamic, input 'images', output 'logits'. ONNX Runtime "
+                        "must then match PyTorch within 1e-4 at batch 1 and 8. Needs the onnx extra.")
+    add_model_source(ex)
+    ex.add_argument("--method", default=None, metavar="SPEC",
+                    help="dense, or one method as in bench's --methods: " + ", ".join(METHOD_NAMES) + ", NAME@KEEP "
+                         "or NAME:key=value:... (default: the method of --run/--config, else dense)")
+    ex.add_argument("--keep", type=_keep, default=None, metavar="X", help="the method's keep ratio, in (0, 1]")
+    ex.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    ex.add_argument("--opset", type=_integer(17), default=18, help="ONNX opset, >= 17 (default 18)")
+    ex.add_argument("--no-check", action="store_true",
+                    help="skip the ONNX Runtime check (then onnxruntime need not be installed)")
+    ex.set_defaults(command_module="export")
 
     ls = sub.add_parser("models", help="timm models and the methods each accepts (built on the meta device: no weights)",
                         description="List timm model names (pretrained tags included) of the ViT-like families and "

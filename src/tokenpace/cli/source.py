@@ -43,15 +43,46 @@ def model_args(args: argparse.Namespace) -> dict:
 
 
 def build(args: argparse.Namespace):
-    """(model, the run's record or None) from --model --pretrained --checkpoint --run --model-args --img-size."""
+    """(model, the run's or the configuration's record, or None) from --model --pretrained --checkpoint --run
+    --config --model-args --img-size."""
     from ..models import build_model, read_run
 
-    record = read_run(args.run) if args.run is not None else None
-    name = args.model if args.run is not None else (args.model or DEFAULT_MODEL)
+    config = configuration(args)
+    record = read_run(args.run) if args.run is not None else config
+    given = model_args(args)
+    if config is not None and config.model:
+        if args.model is not None and args.model != config.model:
+            raise TokenpaceError(f"--model {args.model} differs from the model of {config.origin()} "
+                                 f"({config.model}); drop --model (the configuration's model is used)")
+        given = {**config.model_args, **given}
+    name = args.model if args.run is not None else (
+        args.model or (config.model if config is not None else None) or DEFAULT_MODEL)
     model = build_model(name, checkpoint=args.checkpoint, run=args.run, pretrained=args.pretrained,
-                        model_args=model_args(args))
+                        model_args=given)
     family_methods(model)  # a model no family supports is refused here, naming the supported ones
     return model, record
+
+
+def configuration(args: argparse.Namespace):
+    """The method configuration --config names, else the one beside --checkpoint (W.safetensors -> W.json, as
+    `tokenpace convert` writes it), as a record like a run's; None when there is neither."""
+    from ..config_io import config_from, config_path_for, read_config_document
+    from ..models import RunRecord
+    from ..train.recipes import method_to_dict
+
+    path = getattr(args, "config", None)
+    if path is None and args.checkpoint is not None and os.path.isfile(config_path_for(args.checkpoint)):
+        path = config_path_for(args.checkpoint)
+        note(f"applying the method configuration beside the checkpoint, {path} (--methods/--method override it)")
+    if path is None:
+        return None
+    if args.run is not None:
+        raise TokenpaceError(f"--run and the method configuration {path!r} both give the method; give one")
+    document = read_config_document(path)
+    with user_input(f"method configuration {path!r}: "):
+        config = config_from(document["method"], document.get("options", {}))
+    return RunRecord(folder=path, model=document.get("model"), model_args=dict(document.get("model_args") or {}),
+                     method=method_to_dict(config), kind="configuration")
 
 
 def family_methods(model) -> list[str]:
@@ -68,7 +99,7 @@ def recorded_method(record):
         return None
     from ..train.recipes import method_from_dict
 
-    with user_input(f"run {record.folder!r} records a method this version cannot rebuild: "):
+    with user_input(f"{record.origin()} records a method this version cannot rebuild: "):
         return method_from_dict(record.method)
 
 
@@ -122,7 +153,7 @@ def _chosen_specs(args: argparse.Namespace, model, record, train: bool) -> list:
     if recorded is None:
         return chosen
     if recorded.name not in {s.method for s in chosen}:
-        note(f"--methods replaces the method run {record.folder!r} was trained for ({recorded.name} "
+        note(f"--methods replaces the method {record.origin()} was trained for ({recorded.name} "
              f"{spec_of(recorded).describe()})")
         return chosen
     base = dict(spec_of(recorded).options)
@@ -134,7 +165,7 @@ def _chosen_specs(args: argparse.Namespace, model, record, train: bool) -> list:
         given = dict(s.options)
         replaced = {k: v for k, v in given.items() if k in base and base[k] != v}
         if replaced:
-            note(f"run {record.folder!r} was trained with {recorded.name} "
+            note(f"{record.origin()} was trained with {recorded.name} "
                  + " ".join(f"{k}={base[k]}" for k in replaced) + "; the command line gives "
                  + " ".join(f"{k}={v}" for k, v in replaced.items()))
         out.append(MethodSpec(s.method, tuple({**base, **given}.items())))
@@ -151,10 +182,10 @@ def show_method(args: argparse.Namespace, model, record) -> tuple[str, dict]:
         if method == recorded.name:
             options = dict(spec_of(recorded).options)
         else:
-            note(f"--method {method} replaces the method run {record.folder!r} was trained for ({recorded.name})")
+            note(f"--method {method} replaces the method {record.origin()} was trained for ({recorded.name})")
     if args.keep is not None:
         if "keep" in options and options["keep"] != args.keep:
-            note(f"run {record.folder!r} was trained with keep={options['keep']}; --keep gives {args.keep}")
+            note(f"{record.origin()} was trained with keep={options['keep']}; --keep gives {args.keep}")
         options["keep"] = args.keep
     if args.mode is not None:
         if method != "evo":

@@ -59,10 +59,6 @@ class LevitParts(BlockParts):
         self.biases = biases
         self.accepts_extra = not biases  # a bias needs a position for every token
         self.evolution_logit = getattr(attn, "theta", None)
-        per_head = 2 * attn.key_dim + attn.val_dim
-        rows = torch.arange(attn.num_heads * per_head).view(attn.num_heads, per_head)
-        self._rows = (rows[:, :attn.key_dim].reshape(-1), rows[:, attn.key_dim:2 * attn.key_dim].reshape(-1),
-                      rows[:, 2 * attn.key_dim:].reshape(-1))
 
     def norm1(self, x):
         return x
@@ -117,8 +113,16 @@ class LevitParts(BlockParts):
         affine = affine_of(self.attn.qkv)
         if affine is None:
             return None
-        rows = self._rows[j].to(affine.weight.device)
+        rows = self._row_index(j, affine.weight.device)
         return LinearMap(affine.weight[rows], None if affine.bias is None else affine.bias[rows])
+
+    def _row_index(self, j: int, device: torch.device) -> torch.Tensor:
+        """Rows of the q/k/v projection holding queries (j=0), keys (1) or values (2): per head, q, k, v side by
+        side. Made per call, not kept: a tensor kept from a traced call (torch.export, ONNX) would outlive it."""
+        per_head = 2 * self.key_dim + self.val_dim
+        start, stop = (0, self.key_dim, 2 * self.key_dim, per_head)[j:j + 2]
+        rows = torch.arange(self.num_heads * per_head, device=device).view(self.num_heads, per_head)
+        return rows[:, start:stop].reshape(-1)
 
     def linear_queries(self):
         return self._affine_rows(0)

@@ -222,7 +222,10 @@ class SwinAdapter(Family):
             pos = F.pad(pos, (0, 0, 0, pad[1], 0, pad[0]), value=-1)
             pos = _partition(pos, window).squeeze(-1)
             padding = pos < 0 if any(pad) else None
-            self._layouts[key] = _Layout(window, shift, pad, pos.shape[0], pos, padding)
+            layout = _Layout(window, shift, pad, pos.shape[0], pos, padding)
+            if torch.compiler.is_compiling():  # traced tensors (torch.export, ONNX) must not outlive the trace
+                return layout
+            self._layouts[key] = layout
         return self._layouts[key]
 
     def _to_windows(self, t: torch.Tensor, layout: _Layout) -> torch.Tensor:

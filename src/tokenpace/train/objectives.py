@@ -39,8 +39,9 @@ class Objective(nn.Module):
 class EvoScratchObjective(Objective):
     """Average-pool head + an auxiliary class-token head, losses weighted 0.5 / 0.5.
 
-    timm ViTs get a training-only LayerNorm + Linear class-token head (Evo-ViT DeiT). Evo-LeViT models bring their
-    four heads (``forward_train_heads``): each pooling's two twins are averaged, and without a teacher the
+    timm ViTs get a training-only LayerNorm + Linear class-token head (Evo-ViT DeiT). Models with their own heads
+    (``forward_train_heads``: average-pool heads, then as many class-token heads) bring them: tokenpace's Evo-ViT DeiT
+    its two, Evo-LeViT its four, where each pooling's two twins are averaged and, without a teacher, the
     distillation twins learn from the labels too (the official code distils them from a RegNetY-160).
     """
 
@@ -49,7 +50,8 @@ class EvoScratchObjective(Objective):
         self.own_heads = hasattr(model, "forward_train_heads")
         if not self.own_heads and not adapter_for(model).has_class_token:
             raise ValueError(f"the evo-scratch recipe trains a class-token head and {type(model).__name__} has no "
-                             "class token; accepted: timm ViTs with a class token, tokenpace's evo_levit_* models, "
+                             "class token; accepted: timm ViTs with a class token, tokenpace's evo_deit_* and "
+                             "evo_levit_* models, "
                              "or --recipe finetune --method evo for class-token-free models")
         width = model.num_features
         self.aux_head = None if self.own_heads else nn.Sequential(nn.LayerNorm(width, eps=1e-6),
@@ -68,11 +70,12 @@ class EvoScratchObjective(Objective):
 
     def forward(self, images, targets):
         feats = self.model.forward_features(images)
-        if self.own_heads:
-            avg, avg_dist, cls, cls_dist = self.model.forward_train_heads(feats)
-            logits = (avg + avg_dist) / 2
-            main_loss = (self.criterion(avg, targets) + self.criterion(avg_dist, targets)) / 2
-            aux_loss = (self.criterion(cls, targets) + self.criterion(cls_dist, targets)) / 2
+        if self.own_heads:  # the average-pool heads, then as many class-token heads
+            heads = self.model.forward_train_heads(feats)
+            pooled, cls = heads[:len(heads) // 2], heads[len(heads) // 2:]
+            logits = sum(pooled) / len(pooled)
+            main_loss = sum(self.criterion(h, targets) for h in pooled) / len(pooled)
+            aux_loss = sum(self.criterion(h, targets) for h in cls) / len(cls)
         else:
             logits = self.model.forward_head(feats)
             main_loss, aux_loss = self.criterion(logits, targets), self.criterion(self.aux_head(feats[:, 0]), targets)

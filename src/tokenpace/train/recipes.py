@@ -1,11 +1,13 @@
 """Training recipes as typed configs, with the official codes' defaults (evovit.md §8, idlevit.md §7 and §9)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
+
+from ..config_io import config_from, config_options
 
 from ..errors import TokenpaceError
 from ..losses import CUT_MODES
-from ..methods import EViT, Evo, Idle, MethodConfig, TopK, make_config
+from ..methods import EViT, Evo, Idle, MethodConfig, TopK
 
 OBJECTIVES = ("ce", "evo_scratch", "idle_distill")
 
@@ -100,15 +102,14 @@ def get_recipe(name: str) -> Recipe:
 
 def method_to_dict(method: MethodConfig | None) -> dict | None:
     """A method config as JSON-ready data: ``{"name": "evo", "keep": 0.5, ...}`` (None: dense)."""
-    return None if method is None else {"name": method.name, **asdict(method)}
+    return None if method is None else {"name": method.name, **config_options(method)}
 
 
 def method_from_dict(data: dict | None) -> MethodConfig | None:
     """The inverse of :func:`method_to_dict` (JSON turns tuples into lists; they are turned back)."""
     if data is None:
         return None
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "name"}
-    return make_config(data["name"], **options)
+    return config_from(data["name"], {k: v for k, v in data.items() if k != "name"})
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -1,4 +1,4 @@
-"""Model definitions tokenpace trains itself, registered with timm on ``import tokenpace``.
+"""Evo-LeViT and the CIFAR LeViTs, registered with timm by ``import tokenpace.archs``.
 
 - ``evo_levit_*``: the official Evo-LeViT (evovit.md §7): LeViT with a class token and learned absolute position
   embeddings (after the stem and before each down-sampling attention), no attention biases, a learnable evolution
@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from timm.layers import DropPath, get_act_layer, trunc_normal_
-from timm.models import register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models.levit import ConvNorm, Levit, LevitMlp, LinearNorm, NormLinear
+
+from .registry import no_pretrained, register, without_plumbing
 
 
 class ConvStem(nn.Sequential):
@@ -216,40 +217,27 @@ CIFAR_CFG = dict(img_size=32, embed_dim=(96, 144, 192), key_dim=16, num_heads=(4
                  num_classes=10)
 
 
-_TIMM_PLUMBING = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")  # create_model passes these along
-
-
-def _without_plumbing(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if k not in _TIMM_PLUMBING}
-
-
 def _evo_levit(name: str, pretrained: bool, **kwargs) -> EvoLevit:
-    if pretrained:
-        raise ValueError(f"{name} has no pretrained weights (Evo-LeViT trains from scratch); use pretrained=False "
-                         "and a --checkpoint of your own run")
-    return EvoLevit(**{**EVO_LEVIT_CFGS.get(name, {}), **_without_plumbing(kwargs)})
-
-
-def _register(name: str, fn) -> None:
-    fn.__name__ = name
-    fn.__module__ = __name__
-    register_model(fn)
+    no_pretrained(name, pretrained, "a --checkpoint of your own run (Evo-LeViT trains from scratch), or "
+                  "tokenpace.load_official for the released files")
+    return EvoLevit(**{**EVO_LEVIT_CFGS.get(name, {}), **without_plumbing(kwargs)})
 
 
 for _name in EVO_LEVIT_CFGS:
-    _register(_name, lambda pretrained=False, _n=_name, **kw: _evo_levit(_n, pretrained, **kw))
+    register(_name, lambda pretrained=False, _n=_name, **kw: _evo_levit(_n, pretrained, **kw))
 
 
-@register_model
 def evo_levit_cifar(pretrained: bool = False, **kwargs) -> EvoLevit:
     return _evo_levit("evo_levit_cifar", pretrained, **{**CIFAR_CFG, "stem_stride": 4, **kwargs})
 
 
-@register_model
 def levit_cifar(pretrained: bool = False, **kwargs) -> Levit:
     """The dense baseline of evo_levit_cifar: timm's LeViT (attention biases, no class token) with the same stem."""
-    if pretrained:
-        raise ValueError("levit_cifar has no pretrained weights; use pretrained=False")
-    cfg = {**CIFAR_CFG, **_without_plumbing(kwargs)}
+    no_pretrained("levit_cifar", pretrained, "a --checkpoint of your own run")
+    cfg = {**CIFAR_CFG, **without_plumbing(kwargs)}
     stem = ConvStem(cfg.get("in_chans", 3), cfg["embed_dim"][0], 4, get_act_layer(cfg.get("act_layer", "hard_swish")))
     return Levit(stem_backbone=stem, stem_stride=4, **cfg)
+
+
+register("evo_levit_cifar", evo_levit_cifar)
+register("levit_cifar", levit_cifar)

@@ -1,0 +1,115 @@
+"""The papers' released checkpoints: ``load_official(checkpoint, arch)`` builds the tokenpace / timm model the
+official code's ``arch`` names, loads the file through its layout's key map (``layouts.py``) and patches the model
+with the method and keep ratio the checkpoint was trained for; ``convert`` writes it as plain timm / tokenpace keys
+(``.safetensors``) with the method configuration beside it (``.json``, ``tokenpace.load_config`` reads it).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import TokenpaceError, user_input
+from .layouts import EVO_DEIT, EVO_LEVIT, TIMM, Layout, remap
+
+
+@dataclass(frozen=True)
+class OfficialArch:
+    """One ``arch`` name of the official code: the model tokenpace builds for it, the checkpoint layout, and the
+    method (with its default keep ratio) its checkpoints were trained for."""
+
+    model: str
+    layout: Layout
+    method: str
+    keep: float
+    code: str  # whose code names it
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+
+def _table() -> dict[str, OfficialArch]:
+    table = {}
+    for size in ("tiny", "small", "base"):
+        for img in (224, 384):
+            name = f"evo_deit_{size}_patch16_{img}"
+            table[name] = OfficialArch(name, EVO_DEIT, "evo", 0.5, "Evo-ViT")
+    for size in ("128S", "128", "192", "256", "384"):
+        table[f"EvoLeViT_{size}"] = OfficialArch(f"evo_levit_{size.lower()}", EVO_LEVIT, "evo", 0.5, "Evo-ViT")
+        table[f"EvoLeViT_{size}_384"] = OfficialArch(f"evo_levit_{size.lower()}", EVO_LEVIT, "evo", 0.5, "Evo-ViT",
+                                                     {"img_size": 384})
+    for name, model in (("deit_small", "deit_small_patch16_224"), ("deit_base", "deit_base_patch16_224"),
+                        ("lvvit_s", "lvvit_s"), ("lvvit_m", "lvvit_m")):
+        table[name] = OfficialArch(model, TIMM, "idle", 0.7, "IdleViT")
+    return table
+
+
+OFFICIAL_ARCHS: dict[str, OfficialArch] = _table()
+
+
+def official_arch(arch: str) -> OfficialArch:
+    if arch not in OFFICIAL_ARCHS:
+        raise TokenpaceError(f"unknown official arch {arch!r}; accepted (the official code's names): "
+                             f"{', '.join(OFFICIAL_ARCHS)}")
+    return OFFICIAL_ARCHS[arch]
+
+
+def official_state(checkpoint) -> tuple[dict, str]:
+    """(state dict, a label for errors) of a path (.pth, .pth.tar, .safetensors) or a loaded dict, in the DeiT
+    training format (``model``, ``optimizer``, ...; ``state_dict``) or bare; DDP / compile prefixes removed."""
+    import torch
+    from timm.models import clean_state_dict
+
+    from ..weights import read_state_dict
+
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return read_state_dict(os.fspath(checkpoint)), repr(os.fspath(checkpoint))
+    if not isinstance(checkpoint, dict):
+        raise TokenpaceError(f"checkpoint must be a file path or a loaded dict; got {type(checkpoint).__name__}")
+    state = next((checkpoint[k] for k in ("state_dict", "model") if isinstance(checkpoint.get(k), dict)), checkpoint)
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TokenpaceError("the checkpoint dict holds no state dict of tensors (entries tried: state_dict, model, "
+                             "or the dict itself)")
+    return clean_state_dict(state), "(the given dict)"
+
+
+def load_official(checkpoint, arch: str, keep: float | None = None):
+    """A released checkpoint as a tokenpace-patched model in eval mode.
+
+    ``arch`` is the official code's name: ``evo_deit_{tiny,small,base}_patch16_{224,384}`` and
+    ``EvoLeViT_{128S,128,192,256,384}`` (``_384`` for 384 px) from Evo-ViT, run with Evo (keep 0.5);
+    ``deit_small``, ``deit_base``, ``lvvit_s``, ``lvvit_m`` from IdleViT, run with Idle (``keep`` the checkpoint's
+    ratio, default 0.7; released files cover 0.9 to 0.5). Training-only heads are loaded and kept for fine-tuning.
+    TokenpaceError for an unknown arch, or a file whose keys or shapes do not fit (naming them and the layout).
+    """
+    from ..methods import make_config
+    from ..models import create_model
+    from ..patch import apply
+
+    spec = official_arch(arch)
+    with user_input(f"{arch}: "):  # a bad keep is refused before anything is read
+        config = make_config(spec.method, keep=spec.keep if keep is None else keep)
+    state, label = official_state(checkpoint)
+    model = create_model(spec.model, **spec.model_args)
+    model.load_state_dict(remap(spec.layout, model, state, label, arch), strict=True)
+    return apply(model.eval(), config)
+
+
+def convert(checkpoint, dst: str, arch: str, keep: float | None = None) -> str:
+    """Write the released ``checkpoint`` as ``dst`` (.safetensors, plain timm / tokenpace keys) and its method
+    configuration as the sibling ``.json`` (with the model name and arguments); returns the configuration's path."""
+    from ..config_io import config_path_for, save_config
+    from ..patch import get_patch
+    from ..weights import export_safetensors
+
+    if not dst.endswith(".safetensors"):
+        raise TokenpaceError(f"the converted weights are written as safetensors; DST must end in .safetensors, got "
+                             f"{dst!r}")
+    spec = official_arch(arch)
+    model = load_official(checkpoint, arch, keep)
+    export_safetensors(model, dst)
+    path = config_path_for(dst)
+    save_config(get_patch(model).config, path, model=spec.model, model_args=spec.model_args, official_arch=arch)
+    return path
+
+
+__all__ = ["OFFICIAL_ARCHS", "OfficialArch", "convert", "load_official", "official_arch",
+           "official_state"]

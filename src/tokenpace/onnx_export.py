@@ -1,0 +1,141 @@
+"""ONNX export of a plain or tokenpace-patched model with torch's own exporter (``torch.onnx.export``, the
+``torch.export`` path), the batch dimension dynamic, checked against PyTorch with ONNX Runtime.
+
+A patched model exports as it runs: its token counts are fixed per configuration, so the graph is static apart
+from the batch; selection becomes ONNX ``TopK`` and ``GatherElements``/``ScatterElements``. Needs the ``onnx`` extra
+(``pip install "tokenpace[onnx]"``: onnx, onnxscript for the exporter, onnxruntime for the check).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import TokenpaceError
+
+MIN_OPSET = 17
+DEFAULT_OPSET = 18
+CHECK_BATCHES = (1, 8)
+TOLERANCE = 1e-4  # max |ONNX Runtime - PyTorch| on the logits
+_PROTOBUF_LIMIT = 1_800_000_000  # bytes of weights above which they go to an external data file (protobuf: 2 GB)
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """What :func:`export_onnx` wrote: the file, its opset, the input it takes ((batch, C, H, W), batch dynamic)
+    and, per checked batch size, the max absolute difference of ONNX Runtime's logits from PyTorch's."""
+
+    path: str
+    opset: int
+    input_size: tuple[int, int, int]
+    max_abs_diff: dict[int, float] = field(default_factory=dict)
+
+
+def _need(*packages: str) -> None:
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        raise TokenpaceError(f"ONNX export needs {', '.join(missing)}, not installed here: pip install "
+                             "\"tokenpace[onnx]\" (onnx, onnxscript, onnxruntime)")
+
+
+def _input_size(model: nn.Module, img_size: int | tuple[int, int] | None) -> tuple[int, int, int]:
+    from .families import adapter_for
+    from .families.base import parse_img_size
+
+    try:
+        chans, *size = adapter_for(model).input_size()
+    except TypeError:  # a model tokenpace does not patch still exports dense: its timm config says the input
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if "input_size" not in cfg and img_size is None:
+            raise TokenpaceError(f"{type(model).__name__} states no input size; pass img_size") from None
+        chans, *size = cfg.get("input_size", (3, 224, 224))
+    if img_size is not None:
+        size = parse_img_size(img_size)
+    return (chans, *size)
+
+
+def _refusal(model: nn.Module) -> str | None:
+    from .patch import get_patch
+
+    patch = get_patch(model)
+    if patch is not None and patch.policy.score == "random":
+        return ("its method ranks tokens at random (score='random', a control): the graph would draw other random "
+                "numbers than PyTorch; export the method with its ranking score")
+    return None
+
+
+def run_onnx(path: str, images: torch.Tensor) -> torch.Tensor:
+    """The logits ONNX Runtime (CPU) computes for ``images`` with the model at ``path``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return torch.from_numpy(session.run(None, {name: images.detach().cpu().float().numpy()})[0])
+
+
+def export_onnx(model: nn.Module, path: str, *, img_size: int | tuple[int, int] | None = None,
+                opset: int = DEFAULT_OPSET, check: tuple[int, ...] = CHECK_BATCHES) -> OnnxExport:
+    """Export ``model`` (as it is now: dense, or patched with a method) to ``path`` for inference.
+
+    The graph is traced in eval mode (the model's mode is restored), takes ``images`` (batch, C, H, W) with the
+    batch dynamic and returns ``logits``. ``check``: batch sizes at which ONNX Runtime must match PyTorch within
+    1e-4 (``()`` skips the check). TokenpaceError when the export cannot be done (what is missing or refused), or
+    when the check fails (the file is kept for inspection).
+    """
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise TokenpaceError(f"opset must be an integer >= {MIN_OPSET}; got {opset!r}")
+    _need("onnx", "onnxscript", *(("onnxruntime",) if check else ()))
+    reason = _refusal(model)
+    if reason is not None:
+        raise TokenpaceError(f"this {type(model).__name__} cannot be exported: {reason}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise TokenpaceError(f"ONNX output {path!r}: folder {folder!r} does not exist")
+    size = _input_size(model, img_size)
+    param = next(model.parameters())
+    example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        _export(model, path, example, opset)
+        try:
+            diffs = {b: _check(model, path, size, b, param) for b in check}
+        except Exception as err:
+            raise TokenpaceError(f"ONNX Runtime could not run the exported {path!r}: {_first_line(err)}") from err
+    finally:
+        model.train(was_training)
+    bad = {b: d for b, d in diffs.items() if not d <= TOLERANCE}
+    if bad:
+        raise TokenpaceError(f"ONNX Runtime's logits differ from PyTorch's by "
+                             + ", ".join(f"{d:.2e} at batch {b}" for b, d in bad.items())
+                             + f" (tolerance {TOLERANCE:g}); the file was kept at {path!r} for inspection")
+    return OnnxExport(path=path, opset=opset, input_size=size, max_abs_diff=diffs)
+
+
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0][:300]
+
+
+def _export(model: nn.Module, path: str, example: torch.Tensor, opset: int) -> None:
+    try:
+        with torch.no_grad():
+            model(example)  # builds the families' per-shape tables with real tensors before tracing sees them
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+            torch.onnx.export(model, (example,), path, dynamo=True, opset_version=opset, input_names=["images"],
+                              output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                              external_data=weights > _PROTOBUF_LIMIT)
+    except Exception as err:  # the exporter's own failures: say which model and why, in one line
+        raise TokenpaceError(f"torch.onnx could not export this {type(model).__name__}: {_first_line(err)}") from err
+
+
+def _check(model: nn.Module, path: str, size: tuple[int, int, int], batch: int, param: torch.Tensor) -> float:
+    images = torch.randn(batch, *size, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        expected = model(images.to(param.device, param.dtype)).float().cpu()
+    return (run_onnx(path, images) - expected).abs().max().item()

@@ -1,0 +1,107 @@
+"""LV-ViT (IdleViT's second family): the authors' architecture and inference head, keep=1 equals the unpatched model
+for every method, Idle equals a literal masked reference of IdleViT's LV-ViT code (residuals divided by skip_lam,
+idle keys masked, updates kept on the selected rows), the official schedules, and MACs equal FlopCounterMode / 2."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import tokenpace
+from tokenpace.archs import LvVit
+from backbones import assert_keep_one_equals_unpatched, assert_macs_equal_flop_counter
+from conftest import spread_weights
+
+SMALL = dict(img_size=32, patch_size=4, embed_dim=48, depth=8, num_heads=3, num_classes=10, stem_width=16)
+
+
+def make_lvvit(seed: int = 0, **overrides) -> LvVit:
+    torch.manual_seed(seed)
+    return spread_weights(LvVit(**{**SMALL, **overrides}), seed).eval()
+
+
+@pytest.fixture
+def images():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def literal_forward(model, img, keep=None, starts=()):
+    """LV-ViT as the authors write it, with IdleViT's masked training path in the idling layers: the class query's
+    head-mean logits pick the top int(N * keep**s) tokens; idle keys are masked out of the attention; both residuals
+    are divided by skip_lam and added on the selected rows only; the head is cls + 0.5 * max over tokens of aux."""
+    pe = model.patch_embed
+    x = F.relu(pe.bn1(pe.conv1(img)))
+    x = F.relu(pe.bn2(pe.conv2(x)))
+    x = F.relu(pe.bn3(pe.conv3(x)))
+    x = pe.proj(x).flatten(2).transpose(1, 2)
+    x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + model.pos_embed
+    B, N1, C = x.shape
+    for i, blk in enumerate(model.blocks):
+        attn, lam = blk.attn, blk.skip_lam
+        H, d = attn.num_heads, C // attn.num_heads
+        stage = sum(1 for s in starts if i >= s)
+        h = blk.norm1(x)
+        q, k, v = F.linear(h, attn.qkv.weight).reshape(B, N1, 3, H, d).permute(2, 0, 3, 1, 4)
+        logits = (q * d ** -0.5) @ k.transpose(-2, -1)
+        m = torch.ones(B, N1)
+        if stage:
+            top = logits[:, :, 0, 1:].mean(1).topk(int((N1 - 1) * keep ** stage), dim=1).indices
+            m = torch.zeros(B, N1).scatter(1, top + 1, 1.0)
+            m[:, 0] = 1.0
+            logits = logits + ((1 - m) * -1e5)[:, None, None, :]
+        out = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N1, C))
+        x = x + out / lam * m[..., None]
+        x = x + blk.mlp(blk.norm2(x)) / lam * m[..., None]
+    x = model.norm(x)
+    return model.head(x[:, 0]) + 0.5 * model.aux_head(x[:, 1:]).max(1)[0]
+
+
+def test_the_authors_architecture_and_inference_head(images):
+    model = make_lvvit()
+    with torch.no_grad():
+        assert torch.allclose(model(images), literal_forward(model, images), atol=1e-5, rtol=1e-5)
+    with torch.device("meta"):  # shapes only
+        s, m, s384 = (timm.create_model(n) for n in ("lvvit_s", "lvvit_m", "lvvit_s_384"))
+    assert round(sum(p.numel() for p in s.parameters()) / 1e6) == 26  # the authors' 26 M and 56 M
+    assert round(sum(p.numel() for p in m.parameters()) / 1e6) == 56
+    assert (len(s.blocks), s.embed_dim, len(m.blocks), m.embed_dim) == (16, 384, 20, 512)
+    assert s.blocks[0].mlp.fc1.out_features == 3 * 384 and s.blocks[0].attn.qkv.bias is None
+    assert s384.patch_embed.grid_size == (24, 24) and s384.pos_embed.shape[1] == 24 * 24 + 1
+
+
+@pytest.mark.parametrize("method,options", [("evo", {}), ("evo", {"mode": "layer"}), ("idle", {}), ("evit", {}),
+                                            ("topk", {})], ids=str)
+def test_keep_one_equals_the_unpatched_model(method, options, images):
+    assert_keep_one_equals_unpatched(make_lvvit(), method, options, images)
+
+
+@pytest.mark.parametrize("keep", [0.7, 0.5])
+def test_idle_equals_the_literal_masked_reference_at_the_official_schedule(keep, images):
+    model = make_lvvit()
+    tokenpace.apply(model, "idle", keep=keep)
+    assert tokenpace.get_patch(model).policy.starts == (2, 4, 6)  # depth 8: a quarter, a half, three quarters
+    with torch.no_grad():
+        expected = literal_forward(model, images, keep, (2, 4, 6))
+        got = model(images)
+        assert not torch.allclose(got, tokenpace.remove(model)(images), atol=1e-3)  # it did idle something
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+
+
+def test_official_schedules_and_spec_macs():
+    """IdleViT's layers 4-15 (LV-ViT-S) and 5-19 (LV-ViT-M), r, r^2, r^3; MACs against idlevit.md §4.5, which
+    counts the official code (every key projected) without the token-labelling head's 196 tokens."""
+    for name, starts, dense, idle in (("lvvit_s", (4, 8, 12), 6.48, 4.69), ("lvvit_m", (5, 10, 15), 12.58, 8.76)):
+        with torch.device("meta"):  # shapes only: MACs are counted analytically
+            model = timm.create_model(name)
+        aux = 196 * model.aux_head.in_features * model.aux_head.out_features
+        assert round((tokenpace.macs(model) - aux) / 1e9, 2) == dense
+        tokenpace.apply(model, "idle", project_keys=True)
+        assert tokenpace.get_patch(model).policy.starts == starts
+        assert round((tokenpace.macs(model) - aux) / 1e9, 2) == idle
+        shortcut = tokenpace.macs(tokenpace.apply(model, "idle"))  # scores without projecting idle keys
+        assert shortcut < tokenpace.macs(tokenpace.apply(model, "idle", project_keys=True))
+
+
+@pytest.mark.parametrize("method,options", [(None, {}), ("evo", {}), ("idle", {}), ("idle", {"project_keys": True}),
+                                            ("evit", {}), ("topk", {})], ids=str)
+def test_macs_equal_flop_counter_on_the_non_fused_path(method, options):
+    assert_macs_equal_flop_counter(make_lvvit(), method, options, torch.randn(1, 3, 32, 32))

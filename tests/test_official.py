@@ -1,0 +1,164 @@
+"""Released checkpoints: synthetic files in each official layout (built from random tokenpace / timm weights by the
+specs' key maps) load through tokenpace.load_official, patched as trained, and give the logits of the model they
+came from; Evo-ViT's DeiT also equals a literal forward on the official keys; errors name the keys and the layout;
+convert writes timm keys and a configuration that apply and the CLI accept."""
+import os
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import tokenpace
+from tokenpace.errors import TokenpaceError
+from tokenpace.official import OFFICIAL_ARCHS
+from tokenpace.official.layouts import EVO_LEVIT
+from conftest import spread_weights
+from official_layouts import (EVO_LEVIT_256_SPEC, LVVIT_S_SPEC, deit_training_format, official_evo_deit,
+                              parse_listing, to_evo_deit, to_evo_levit)
+
+
+def source_model(name: str, method: str, keep: float, **options):
+    """A randomly initialised (well-spread) model, patched as its official checkpoints were trained."""
+    torch.manual_seed(0)
+    model = spread_weights(timm.create_model(name), seed=0).eval()
+    for m in model.modules():  # BatchNorm statistics that are not the identity
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return tokenpace.apply(model, method, keep=keep, **options)
+
+
+def images(size=224, batch=2):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def test_the_writers_produce_the_specs_listings():
+    with torch.device("meta"):
+        levit, lvvit = timm.create_model("evo_levit_256"), timm.create_model("lvvit_s")
+    official = to_evo_levit(levit.state_dict(), (4, 4, 4))
+    listed = {k: tuple(v.shape) for k, v in official.items()
+              if ".bn." not in k and not k.startswith("stage_blocks.")}
+    assert listed == parse_listing(EVO_LEVIT_256_SPEC)
+    assert {k: tuple(v.shape) for k, v in lvvit.state_dict().items()} == parse_listing(LVVIT_S_SPEC)
+    # tokenpace's map names the same official keys for every tokenpace key
+    named = {s.keys[0] for s in EVO_LEVIT.sources(levit).values()}
+    assert named == {k for k in official if not k.startswith("stage_blocks.")}
+
+
+CASES = {  # arch: (tokenpace / timm model, method and the keep its checkpoints run at, writer, image size)
+    "evo_deit_tiny_patch16_224": ("evo_deit_tiny_patch16_224", "evo", 0.5, to_evo_deit),
+    "EvoLeViT_128S": ("evo_levit_128s", "evo", 0.5, lambda sd: to_evo_levit(sd, (2, 3, 4))),
+    "deit_small": ("deit_small_patch16_224", "idle", 0.7, dict),
+    "lvvit_s": ("lvvit_s", "idle", 0.6, dict),
+}
+
+
+@pytest.mark.parametrize("arch,form", [("evo_deit_tiny_patch16_224", "pth.tar"), ("EvoLeViT_128S", "pth.tar"),
+                                       ("deit_small", "safetensors"), ("lvvit_s", "dict")])
+def test_synthetic_official_checkpoints_give_the_source_models_logits(arch, form, tmp_path):
+    name, method, keep, writer = CASES[arch]
+    model = source_model(name, method, keep)
+    official = writer({k: v.clone() for k, v in model.state_dict().items()})
+    if form == "pth.tar":  # the DeiT training format the releases use
+        checkpoint = str(tmp_path / "release.pth.tar")
+        torch.save(deit_training_format(official), checkpoint)
+    elif form == "safetensors":  # a bare state dict
+        checkpoint = str(tmp_path / "release.safetensors")
+        save_file({k: v.contiguous() for k, v in official.items()}, checkpoint)
+    else:  # already loaded, with DDP's prefix
+        checkpoint = {"model": {f"module.{k}": v for k, v in official.items()}}
+    loaded = tokenpace.load_official(checkpoint, arch, keep=keep if keep != OFFICIAL_ARCHS[arch].keep else None)
+    assert not loaded.training and type(loaded).__mro__[1] is type(tokenpace.remove(model))
+    assert tokenpace.get_patch(loaded).config == tokenpace.get_patch(tokenpace.apply(model, method, keep=keep)).config
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    for key, value in model.state_dict().items():  # training-only heads included
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_evo_deit_equals_the_official_forward_on_the_official_keys():
+    model = source_model("evo_deit_tiny_patch16_224", "evo", 0.5)
+    official = to_evo_deit(model.state_dict())
+    loaded = tokenpace.load_official(official, "evo_deit_tiny_patch16_224")
+    x = images()
+    with torch.no_grad():
+        expected = official_evo_deit(official, x, heads=3)
+        got = loaded(x)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+
+
+def test_defaults_per_arch_and_a_bad_keep():
+    assert OFFICIAL_ARCHS["EvoLeViT_256_384"].model_args == {"img_size": 384}
+    assert OFFICIAL_ARCHS["lvvit_m"].model == "lvvit_m" and OFFICIAL_ARCHS["deit_base"].keep == 0.7
+    assert {(a.method, a.keep) for n, a in OFFICIAL_ARCHS.items() if "vo" in n} == {("evo", 0.5)}
+    with pytest.raises(TokenpaceError, match="lvvit_s: Idle keep must be a number in"):
+        tokenpace.load_official("/never/read.pth", "lvvit_s", keep=1.5)
+
+
+def test_errors_name_the_arch_the_keys_and_the_layout():
+    with pytest.raises(TokenpaceError, match="unknown official arch 'deit_tiny'; accepted .*evo_deit_tiny_patch16_224"
+                                             ".*EvoLeViT_128S_384.*lvvit_m"):
+        tokenpace.load_official({}, "deit_tiny")
+    with torch.device("meta"):
+        deit = timm.create_model("deit_small_patch16_224").state_dict()
+        lvvit = timm.create_model("lvvit_s").state_dict()
+    # an IdleViT DeiT file given for Evo-ViT's arch: the split attention's keys are missing
+    with pytest.raises(TokenpaceError, match=r"does not fit evo_deit_small_patch16_224 \(Evo-ViT DeiT layout: .*qks"
+                                             r".*\): \d+ missing keys \(norms.0.weight, .*unexpected keys "
+                                             r"\(blocks.0.norm1.weight"):
+        tokenpace.load_official(deit, "evo_deit_small_patch16_224")
+    lvvit["pos_embed"] = torch.zeros(1, 50, 384, device="meta")
+    del lvvit["aux_head.bias"]
+    with pytest.raises(TokenpaceError, match=r"1 missing keys \(aux_head.bias\); 1 keys of another shape "
+                                             r"\(pos_embed \(1, 50, 384\) vs \(1, 197, 384\) expected\)"):
+        tokenpace.load_official({"model": lvvit}, "lvvit_s")
+    with pytest.raises(TokenpaceError, match="does not exist"):
+        tokenpace.load_official("/nonexistent/release.pth", "deit_small")
+    with pytest.raises(TokenpaceError, match="no state dict of tensors"):
+        tokenpace.load_official({"epoch": 3}, "deit_small")
+
+
+def test_convert_writes_timm_keys_and_a_configuration(tmp_path):
+    model = source_model("evo_levit_128s", "evo", 0.5)
+    release = str(tmp_path / "EvoLeViT_128S.pth")
+    torch.save(deit_training_format(to_evo_levit(model.state_dict(), (2, 3, 4))), release)
+    dst = str(tmp_path / "evo_levit_128s.safetensors")
+    config_path = tokenpace.official.convert(release, dst, "EvoLeViT_128S")
+    assert config_path == str(tmp_path / "evo_levit_128s.json") and os.path.isfile(dst)
+    config = tokenpace.load_config(config_path)
+    assert config == tokenpace.get_patch(model).config and config.representative is True
+    rebuilt = timm.create_model("evo_levit_128s")
+    rebuilt.load_state_dict(__import__("safetensors.torch").torch.load_file(dst))
+    tokenpace.apply(rebuilt.eval(), config)
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+    with pytest.raises(TokenpaceError, match="must end in .safetensors"):
+        tokenpace.official.convert(release, str(tmp_path / "out.pth"), "EvoLeViT_128S")
+
+
+def test_cli_convert_then_commands_pick_up_the_configuration(tmp_path, capsys):
+    import json
+
+    from tokenpace.cli import main
+
+    model = source_model("evo_levit_128s", "evo", 0.5)
+    release = str(tmp_path / "EvoLeViT_128S.pth")
+    torch.save(to_evo_levit(model.state_dict(), (2, 3, 4)), release)  # a bare state dict this time
+    dst = str(tmp_path / "converted.safetensors")
+    assert main(["convert", release, dst, "--arch", "EvoLeViT_128S"]) == 0
+    assert capsys.readouterr().out.split() == [dst, str(tmp_path / "converted.json")]
+    out = str(tmp_path / "bench.json")
+    assert main(["bench", "--checkpoint", dst, "--batch-size", "1", "--runs", "1", "--warmup", "0", "--quiet",
+                 "--json", out]) == 0
+    assert "applying the method configuration beside the checkpoint" in capsys.readouterr().err
+    document = json.load(open(out))
+    rows = document["results"]
+    assert document["model"] == "evo_levit_128s"  # the configuration's model: no --model given
+    assert [r["method"] for r in rows] == ["dense", "evo"] and "representative=True" in rows[1]["config"]
+    assert main(["bench", "--checkpoint", dst, "--model", "evo_levit_128", "--runs", "1"]) == 2
+    assert "differs from the model of configuration" in capsys.readouterr().err
+    assert main(["convert", release, str(tmp_path / "c.safetensors"), "--arch", "EvoLeViT_256"]) == 2
+    assert "does not fit EvoLeViT_256 (Evo-LeViT layout" in capsys.readouterr().err

@@ -1,0 +1,78 @@
+"""ONNX export: one model per family, patched with a method, exported with the batch dynamic, and ONNX Runtime's
+logits equal PyTorch's (max abs difference <= 1e-4) at batch 1 and 8; the CLI command; exports that cannot be done
+are refused with a clear error."""
+import json
+
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="torch.onnx's exporter needs onnx: pip install -e '.[onnx]'")
+pytest.importorskip("onnxscript", reason="torch.onnx's exporter needs onnxscript: pip install -e '.[onnx]'")
+onnxruntime = pytest.importorskip("onnxruntime", reason="the ONNX Runtime check needs onnxruntime: pip install -e "
+                                  "'.[onnx]'")
+
+import tokenpace  # noqa: E402
+from tokenpace.cli import main  # noqa: E402
+from tokenpace.errors import TokenpaceError  # noqa: E402
+from tokenpace.onnx_export import run_onnx  # noqa: E402
+from backbones import make_backbone  # noqa: E402
+from conftest import make_vit  # noqa: E402
+from test_levit import make_levit  # noqa: E402
+from test_lvvit import make_lvvit  # noqa: E402
+from test_pvt_v2 import make_pvt  # noqa: E402
+from test_swin import make_swin  # noqa: E402
+
+FAMILIES = {  # family: (a small model, the method exported on it); each method's own graph ops appear once at least
+    "vit": (lambda: make_vit("deit", depth=4), ("evit", {})),
+    "eva": (lambda: make_backbone("eva02", depth=4), ("idle", {})),
+    "levit": (lambda: make_levit("levit_cifar", depth=(2, 1, 1)), ("evo", {})),
+    "evo_levit": (lambda: make_levit("evo_levit_cifar", depth=(2, 1, 1)), ("evo", {})),
+    "swin": (lambda: make_swin("padded"), ("idle", {})),  # padded windows, shifted, dynamic mask
+    "pvt_v2": (lambda: make_pvt("sr", depths=(1, 1, 1, 1)), ("idle", {})),
+    "lvvit": (lambda: make_lvvit(depth=4), ("idle", {"keep": 0.5})),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_onnx_runtime_equals_pytorch_at_batch_1_and_8(family, tmp_path):
+    build, (method, options) = FAMILIES[family]
+    model = tokenpace.apply(build(), method, **options)
+    path = str(tmp_path / f"{family}.onnx")
+    result = tokenpace.export_onnx(model, path)
+    assert set(result.max_abs_diff) == {1, 8} and max(result.max_abs_diff.values()) <= 1e-4
+    graph = onnx.load(path)
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch dimension is symbolic
+    size = result.input_size
+    images = torch.randn(3, *size)  # a batch size neither checked nor traced
+    with torch.no_grad():
+        expected = model(images)
+    assert (run_onnx(path, images) - expected).abs().max() <= 1e-4
+    assert tokenpace.get_patch(model) is not None and not model.training  # the model is left as it was
+
+
+def test_cli_export_bench_onnx_and_refusals(tmp_path, capsys):
+    out = str(tmp_path / "vit.onnx")
+    assert main(["export", "--model", "vit_tiny_patch16_224", "--model-args", "img_size=32,patch_size=4,depth=4",
+                 "--method", "topk@0.5", "--onnx", out]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}: topk keep=0.5, opset 18" in printed and "at batch 8" in printed
+    bench = str(tmp_path / "bench.json")
+    assert main(["bench", "--onnx", "--model", "vit_tiny_patch16_224", "--model-args",
+                 "img_size=32,patch_size=4,depth=2", "--methods", "dense,topk@0.5", "--batch-size", "2", "--runs", "1",
+                 "--warmup", "0", "--quiet", "--json", bench]) == 0
+    document = json.load(open(bench))
+    assert document["onnx"] is True and document["onnxruntime"] == onnxruntime.__version__
+    assert [r["method"] for r in document["results"]] == ["dense", "topk"]
+    assert main(["bench", "--onnx", "--compile", "--model", "vit_tiny_patch16_224"]) == 2
+    assert "--onnx times fp32 ONNX Runtime sessions on the CPU; --compile does not apply" in capsys.readouterr().err
+    model = make_vit("deit", depth=6)
+    with pytest.raises(TokenpaceError, match="ranks tokens at random"):
+        tokenpace.export_onnx(tokenpace.apply(model, "idle", score="random"), str(tmp_path / "r.onnx"))
+    with pytest.raises(TokenpaceError, match="opset must be an integer >= 17"):
+        tokenpace.export_onnx(model, str(tmp_path / "o.onnx"), opset=16)
+    assert main(["export", "--model", "vit_tiny_patch16_224", "--onnx", str(tmp_path / "x.pt")]) == 2
+    assert "--onnx must name a file ending in .onnx" in capsys.readouterr().err
+    assert main(["export", "--model", "vit_tiny_patch16_224", "--method", "dense,evo",
+                 "--onnx", str(tmp_path / "y.onnx")]) == 2
+    assert "--method takes one configuration" in capsys.readouterr().err
