@@ -26,6 +26,7 @@ _API = {
     "Trace": "patch", "apply": "patch", "get_patch": "patch", "macs": "patch", "remove": "patch", "trace": "patch",
     "supported_methods": "patch",
     "TokenpaceError": "errors",
+    "load_config": "config_io", "save_config": "config_io",
 }
 
 __all__ = sorted(_API)

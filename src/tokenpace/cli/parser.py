@@ -102,14 +102,23 @@ def add_model_source(p: argparse.ArgumentParser, train: bool = False) -> None:
         g.add_argument("--amp", choices=AMP, default="none", help="autocast dtype: none (default), bf16 or fp16")
 
 
-def add_methods(p: argparse.ArgumentParser, what: str) -> None:
+def add_methods(p: argparse.ArgumentParser, what: str,
+                sweep: str = "run every method at each keep ratio from START to STOP (inclusive), e.g. 0.3:1.0:0.1",
+                config: bool = True) -> None:
     p.add_argument("--methods", default=None, metavar="LIST",
                    help="comma list of dense, " + ", ".join(METHOD_NAMES) + "; NAME@KEEP or NAME:key=value:... "
                         "for options, layer lists as 4/8 (e.g. dense,evo@0.6,idle:score=random). Default: " + what)
     p.add_argument("--keep", type=_keep, default=None, metavar="X",
                    help="keep ratio in (0, 1] for every method that does not set its own")
-    p.add_argument("--keep-sweep", default=None, metavar="START:STOP:STEP",
-                   help="run every method at each keep ratio from START to STOP (inclusive), e.g. 0.3:1.0:0.1")
+    p.add_argument("--keep-sweep", default=None, metavar="START:STOP:STEP", help=sweep)
+    if config:
+        add_config(p, "dense and the file's configuration, instead of --methods/--keep")
+
+
+def add_config(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a method configuration file (`tokenpace tune`'s DIR/tokenpace.json, checked against the "
+                        "model): run " + what)
 
 
 def add_malloc(p: argparse.ArgumentParser) -> None:
@@ -226,6 +235,7 @@ def make_parser() -> argparse.ArgumentParser:
                          "idle on Swin and PVTv2)")
     sh.add_argument("--keep", type=_keep, default=None, metavar="X", help="keep ratio in (0, 1]")
     sh.add_argument("--mode", choices=("stage", "layer"), default=None, help="Evo's selection mode")
+    add_config(sh, "its configuration, instead of --method/--keep/--mode")
     sh.add_argument("--output", default="tokenpace_show", metavar="DIR",
                     help="folder for the PNGs (default tokenpace_show)")
     sh.set_defaults(command_module="show")
