@@ -21,7 +21,7 @@ def _subparsers():
 
 def test_every_command_has_the_model_source_flags_and_help_on_every_option():
     commands = _subparsers()
-    assert set(commands) == {"bench", "train", "eval", "show", "models"}
+    assert set(commands) == {"bench", "train", "eval", "show", "models", "tune"}
     for action in commands["models"]._actions:  # a listing: no model source, but help on every option
         assert action.help, ("models", action.option_strings or action.dest)
     for name, sub in commands.items():
@@ -34,6 +34,10 @@ def test_every_command_has_the_model_source_flags_and_help_on_every_option():
             assert action.help, (name, action.option_strings or action.dest)
     assert {"--keep-sweep"} <= {s for a in commands["eval"]._actions for s in a.option_strings}
     assert {"--keep-sweep"} <= {s for a in commands["bench"]._actions for s in a.option_strings}
+    for name in ("bench", "eval", "show"):  # tune's configuration file runs on every command that runs a method
+        assert "--config" in {s for a in commands[name]._actions for s in a.option_strings}, name
+    assert {"--max-drop", "--min-speedup", "--time-budget", "--keep-sweep", "--output"} <= {
+        s for a in commands["tune"]._actions for s in a.option_strings}
 
 
 def test_cli_names_match_the_registries():
@@ -49,6 +53,7 @@ def test_cli_names_match_the_registries():
 def test_help_and_argument_errors_import_neither_torch_nor_timm():
     code = ("import sys\nfrom tokenpace.cli import main\n"
             "for argv in (['--help'], ['bench', '--help'], ['train', '--help'], ['eval', '--help'], ['show', '--help'],"
+            " ['tune', '--help'], ['tune', '--data', 'x', '--output', 'y', '--time-budget', '0'],"
             " ['bench', '--runs', '0'], ['train', '--output', 'x', '--epochs', '0']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "print('torch' in sys.modules, 'timm' in sys.modules)")
