@@ -21,7 +21,7 @@ def _subparsers():
 
 def test_every_command_has_the_model_source_flags_and_help_on_every_option():
     commands = _subparsers()
-    assert set(commands) == {"bench", "train", "eval", "show", "models", "convert", "export"}
+    assert set(commands) == {"bench", "train", "eval", "show", "models", "convert", "export", "tune"}
     for name in ("models", "convert"):  # a listing and a file conversion: no model source, but help on every option
         for action in commands[name]._actions:
             assert action.help, (name, action.option_strings or action.dest)
@@ -37,6 +37,8 @@ def test_every_command_has_the_model_source_flags_and_help_on_every_option():
         assert "--config" in {s for a in commands[name]._actions for s in a.option_strings}, name
     assert {"--keep-sweep"} <= {s for a in commands["eval"]._actions for s in a.option_strings}
     assert {"--keep-sweep"} <= {s for a in commands["bench"]._actions for s in a.option_strings}
+    assert {"--max-drop", "--min-speedup", "--time-budget", "--keep-sweep", "--output"} <= {
+        s for a in commands["tune"]._actions for s in a.option_strings}
 
 
 def test_cli_names_match_the_registries():
@@ -55,6 +57,7 @@ def test_help_and_argument_errors_import_neither_torch_nor_timm():
     code = ("import sys\nfrom tokenpace.cli import main\n"
             "for argv in (['--help'], ['bench', '--help'], ['train', '--help'], ['eval', '--help'], ['show', '--help'],"
             " ['convert', '--help'], ['export', '--help'], ['convert', 'a', 'b', '--arch', 'x'],"
+            " ['tune', '--help'], ['tune', '--data', 'x', '--output', 'y', '--time-budget', '0'],"
             " ['bench', '--runs', '0'], ['train', '--output', 'x', '--epochs', '0']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "print('torch' in sys.modules, 'timm' in sys.modules)")

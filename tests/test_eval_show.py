@@ -202,3 +202,19 @@ def test_show_of_a_run_reapplies_its_recorded_method(evo_run, tmp_path, monkeypa
     assert main(["show", str(image), "--run", evo_run, "--keep", "0.5", "--output", str(tmp_path / "o")]) == 0
     assert seen == [tokenpace.Evo(keep=0.25, stage_starts=(1,)), tokenpace.Evo(keep=0.5, stage_starts=(1,))]
     assert "was trained with keep=0.25; --keep gives 0.5" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.isfile(CIFAR), reason="shared CIFAR-10 not found")
+def test_eval_of_a_run_with_a_config_runs_the_file_and_says_it_replaces_the_run(evo_run, tmp_path, capsys):
+    import tokenpace
+
+    config = str(tmp_path / "idle.json")
+    tokenpace.save_config(tokenpace.Idle(keep=0.5), config)
+    out = tmp_path / "eval.json"
+    common = ["eval", "--run", evo_run, "--data", CIFAR, "--limit", "8", "--batch-size", "8", "--workers", "0",
+              "--speed-runs", "1", "--quiet", "--json", str(out), "--config", config]
+    assert main(common) == 0
+    assert [r["method"] for r in json.loads(out.read_text())["rows"]] == ["dense", "idle"]
+    assert f"--config {config} replaces the method run {evo_run!r} was trained for (evo)" in capsys.readouterr().err
+    assert main(common + ["--keep", "0.3"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--config and --keep both choose the configuration; give one")

@@ -28,6 +28,14 @@ class MethodSpec:
     method: str
     options: tuple[tuple[str, object], ...] = ()
 
+    @classmethod
+    def from_config(cls, config: MethodConfig) -> "MethodSpec":
+        """The spec that rebuilds ``config``: keep, and every option that differs from the method's defaults."""
+        default = type(config)()
+        options = [("keep", config.keep)] + [(f.name, getattr(config, f.name)) for f in fields(config)
+                                             if f.name != "keep" and getattr(config, f.name) != getattr(default, f.name)]
+        return cls(config.name, tuple(options))
+
     def method_options(self) -> dict[str, object]:
         return {k: v for k, v in self.options if k not in RECIPE_OPTIONS}
 

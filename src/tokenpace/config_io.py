@@ -1,17 +1,17 @@
-"""Method configurations as small JSON files: ``{"method": "idle", "options": {"keep": 0.7, ...}, ...extra}``.
+"""Method configurations as JSON files: ``{"method": "evo", "options": {"keep": 0.5, ...}, ...extra}``.
 
-``tokenpace convert`` writes one beside the weights it converts (extra: the model and its arguments); the CLI reads
-it with ``--config`` or as a checkpoint's sibling (``W.safetensors`` -> ``W.json``); ``load_config`` gives the
-``MethodConfig`` that ``tokenpace.apply`` takes.
-"""
+``tokenpace tune`` writes its choice this way (the extra keys record the model and what was measured), ``tokenpace
+convert`` writes one beside the weights it converts (``W.safetensors`` -> ``W.json``), and
+``tokenpace.apply(model, tokenpace.load_config(path))`` or the CLI's ``--config`` runs it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import fields
 from typing import Any
 
-from .errors import TokenpaceError
+from .errors import TokenpaceError, user_input
+from .methods import METHODS, MethodConfig, make_config
 
 RESERVED = ("method", "options")
 
@@ -21,59 +21,94 @@ def config_path_for(weights_path: str) -> str:
     return os.path.splitext(weights_path)[0] + ".json"
 
 
-def config_options(config) -> dict[str, Any]:
+def config_options(config: MethodConfig) -> dict[str, Any]:
     """A config's fields as JSON-ready data (tuples become lists)."""
-    return {f.name: list(v) if isinstance(v, tuple) else v
-            for f in fields(config) for v in [getattr(config, f.name)]}
+    return {f.name: _json_ready(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 
-def config_from(method: str, options: dict[str, Any]):
-    """The config of ``method`` with ``options`` (lists from JSON turned back into tuples); ValueError naming the
+def config_from(method: str, options: dict[str, Any]) -> MethodConfig:
+    """The config of ``method`` with JSON ``options`` (lists turned back into tuples); ValueError naming the
     method's accepted options when one does not fit."""
-    from .methods import make_config
-
     return make_config(method, **{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
 
 
-def save_config(config, path: str, **extra: Any) -> None:
-    """Write ``config`` (a MethodConfig) to ``path`` as JSON, with ``extra`` top-level entries (e.g. ``model``),
-    atomically."""
+def save_config(config: MethodConfig, path: str, **extra: Any) -> None:
+    """Write ``config`` (every field) and the JSON-ready ``extra`` entries to ``path``, atomically."""
     clash = [k for k in extra if k in RESERVED]
     if clash:
-        raise ValueError(f"extra entries may not be named {', '.join(RESERVED)}; got {', '.join(clash)}")
+        raise ValueError(f"extra entries may not be named {', '.join(RESERVED)}; got {clash}")
     document = {"method": config.name, "options": config_options(config), **extra}
     tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(document, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with open(tmp, "w") as f:
+        json.dump(document, f, indent=2, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
-def read_config_document(path: str) -> dict[str, Any]:
-    """The whole JSON document at ``path`` (extra entries included), checked to name a method and its options."""
+def load_config(path: str) -> MethodConfig:
+    """The method configuration a file written by :func:`save_config` names; TokenpaceError naming the problem
+    for a missing or malformed file, an unknown method or option, or a value the method refuses."""
+    return config_of(read_document(path), path)
+
+
+def read_document(path: str) -> dict:
+    """The JSON object of a configuration file, with its ``method`` and ``options`` entries checked for shape."""
     if not os.path.isfile(path):
-        raise TokenpaceError(f"method configuration {path!r} does not exist")
+        raise TokenpaceError(f"configuration file {path!r} does not exist")
     try:
         with open(path) as f:
             document = json.load(f)
-    except (OSError, ValueError) as err:
-        raise TokenpaceError(f"method configuration {path!r} is not readable JSON ({type(err).__name__}: "
-                             f"{err})") from None
-    if (not isinstance(document, dict) or not isinstance(document.get("method"), str)
-            or not isinstance(document.get("options", {}), dict)):
-        raise TokenpaceError(f"method configuration {path!r} must be a JSON object "
-                             '{"method": NAME, "options": {...}}')
+    except (ValueError, UnicodeDecodeError) as err:
+        raise TokenpaceError(f"configuration file {path!r} is not JSON ({err})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("method"), str):
+        raise TokenpaceError(f"configuration file {path!r} must hold an object with a \"method\" name and "
+                             "\"options\", e.g. {\"method\": \"evo\", \"options\": {\"keep\": 0.5}}")
+    if not isinstance(document.get("options", {}), dict):
+        raise TokenpaceError(f"configuration file {path!r}: \"options\" must be an object of field: value")
     return document
 
 
-def load_config(path: str):
-    """The MethodConfig saved at ``path`` by :func:`save_config` (``tokenpace convert`` writes one)."""
-    document = read_config_document(path)
-    try:
-        return config_from(document["method"], document.get("options", {}))
-    except (ValueError, TypeError) as err:
-        raise TokenpaceError(f"method configuration {path!r}: {err}") from None
+def config_of(document: dict, path: str) -> MethodConfig:
+    """The configuration a checked document names; TokenpaceError naming the file for an unknown method or option."""
+    name = document["method"]
+    if name not in METHODS:
+        raise TokenpaceError(f"configuration file {path!r} names an unknown method {name!r}; accepted: "
+                             f"{', '.join(sorted(METHODS))}")
+    with user_input(f"configuration file {path!r}: "):
+        return config_from(name, document.get("options", {}))
+
+
+def _json_ready(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def model_record(model, name: str | None = None) -> dict:
+    """What a configuration file records about the model it was made for: the timm name (``name``, else the
+    model's own record of it), depth and input size. :func:`load_config_for` compares them."""
+    from .families import adapter_for
+
+    family = adapter_for(model)
+    name = name or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    return {"model": name, "depth": family.depth, "input_size": list(family.input_size())}
+
+
+def load_config_for(path: str, model, name: str | None = None) -> MethodConfig:
+    """:func:`load_config`, checked against ``model`` (timm name ``name``): a file recorded for another model
+    (name, depth or input size) or a configuration the model's family cannot run gives a TokenpaceError."""
+    from .families import adapter_for
+    from .methods import make_policy
+
+    document = read_document(path)
+    config = config_of(document, path)
+    here = model_record(model, name)
+    differ = [key for key in ("model", "depth", "input_size")
+              if document.get(key) is not None and here[key] is not None and document[key] != here[key]]
+    if differ:
+        def text(record):
+            return ", ".join(f"{key} {record.get(key)}" for key in differ)
+
+        raise TokenpaceError(f"configuration file {path!r} was made for another model ({text(document)}; this one "
+                             f"has {text(here)}); run `tokenpace tune` on this model, or use the model it names")
+    with user_input(f"configuration file {path!r} does not run on this model: "):
+        make_policy(config, adapter_for(model))
+    return config

@@ -18,20 +18,23 @@ NPZ_SPLITS = {"train": "train", "val": "test", "test": "test"}
 
 class PackedJpegDataset(Dataset):
     """Images stored as concatenated JPEG bytes: keys ``{split}_jpeg`` (uint8 blob), ``{split}_offsets`` (N+1),
-    ``{split}_labels`` and ``classes``. ``split`` is "train" or "test" ("val" reads "test")."""
+    ``{split}_labels`` and ``classes``. ``split`` is "train" or "test" ("val" reads "test"). A file without
+    ``{split}_labels`` holds unlabelled images (label -1)."""
 
     def __init__(self, path: str, split: str = "train", transform=None, limit: int | None = None) -> None:
         if split not in NPZ_SPLITS:
             raise TokenpaceError(f"split {split!r} is not accepted for {path}; choose one of train, val, test")
         prefix = NPZ_SPLITS[split]
-        needed = [f"{prefix}_jpeg", f"{prefix}_offsets", f"{prefix}_labels"]
+        needed = [f"{prefix}_jpeg", f"{prefix}_offsets"]
         try:  # members are read here, so a truncated member fails now, not in a DataLoader worker
             with np.load(path) as z:
                 missing = [k for k in needed if k not in z.files]
                 if missing:
                     raise TokenpaceError(f"{path} is not a packed-JPEG .npz: missing keys {missing} (has "
                                          f"{sorted(z.files)})")
-                self.blob, offsets, labels = (z[k] for k in needed)
+                self.blob, offsets = (z[k] for k in needed)
+                labelled = f"{prefix}_labels" in z.files
+                labels = z[f"{prefix}_labels"] if labelled else np.full(max(len(offsets) - 1, 0), -1)
                 self.classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
         except TokenpaceError:
             raise
@@ -66,6 +69,8 @@ class PackedJpegDataset(Dataset):
         if not whole.all():
             raise TokenpaceError(f"{where}: image {np.flatnonzero(~whole)[0]} is not a whole JPEG (no start or end "
                                  "marker: truncated or another format)")
+        if (labels < 0).all():  # unlabelled images
+            return
         if labels.min() < 0 or (self.classes and labels.max() >= len(self.classes)):
             accepted = f"0..{len(self.classes) - 1} (its {len(self.classes)} classes)" if self.classes else ">= 0"
             raise TokenpaceError(f"{where}: labels must lie in {accepted}; found {labels.min()}..{labels.max()}")
@@ -221,6 +226,9 @@ def labels_of(ds: Dataset) -> np.ndarray | None:
 def check_labels(ds: Dataset, num_classes: int, what: str) -> None:
     """TokenpaceError when a label of ``ds`` is not a class index of a ``num_classes``-way classifier."""
     labels = labels_of(ds)
+    if labels is not None and len(labels) and (labels < 0).all():
+        raise TokenpaceError(f"{what} has no labels (unlabelled images); this command needs class labels "
+                             "(`tokenpace tune` can use agreement with the dense model instead)")
     if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise TokenpaceError(f"{what} has labels {labels.min()}..{labels.max()}, outside the model's "
                              f"{num_classes} classes (0..{num_classes - 1}); build the model with "

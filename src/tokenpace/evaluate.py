@@ -108,8 +108,15 @@ def plot_sweep(rows: list[EvalRow], path: str, title: str) -> None:
         if r.method == "dense":
             ax.scatter([r.img_per_s], [r.top1], marker="*", s=160, color="black", zorder=5, label="dense")
             break
-    ax.set_xlabel("throughput (images/s, measured)")
-    ax.set_ylabel("top-1 (%)")
+    save_plot(fig, ax, path, title, "throughput (images/s, measured)", "top-1 (%)")
+
+
+def save_plot(fig, ax, path: str, title: str, xlabel: str, ylabel: str) -> None:
+    """Label, grid and legend the axes the way every tokenpace plot is, write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     device = source.device(args.device)
     model, record = source.build(args)
     args.methods, args.keep_sweep = args.method, None
-    if args.methods is None and source.recorded_method(record) is None:
+    if args.methods is None and source.recorded_method(record) is None and args.config is None:
         args.methods = "dense"
     chosen = source.specs(args, model, record)
     if args.method is None:

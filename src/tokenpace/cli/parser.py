@@ -57,21 +57,55 @@ def _keep(text: str) -> float | str:
     return value
 
 
-def _ints(text: str) -> list[int]:
+def _int_list(positive: bool):
+    """Comma-separated integers, each > 0 (batch sizes) or of any sign (block shifts)."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values or (positive and any(v <= 0 for v in values)):
+            what = "positive integers" if positive else "integers (blocks, may be negative)"
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+        return values
+
+    parse.__name__ = "integer list"
+    return parse
+
+
+_ints, _shifts = _int_list(positive=True), _int_list(positive=False)
+
+
+def _duration(text: str) -> float:
+    """"90", "90s", "10m", "1h30m" -> seconds (> 0)."""
+    import re
+
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text.strip())
+    seconds = None
+    if text.strip() and match is not None and any(match.groups()):
+        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+        seconds = hours * 3600 + minutes * 60 + secs
+    if not seconds:
+        raise argparse.ArgumentTypeError(f"expected a duration > 0 such as 90s, 10m or 1h30m, got {text!r}")
+    return seconds
+
+
+def _fraction(text: str) -> float:
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        value = float(text)
     except ValueError:
-        values = []
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return values
+        value = None
+    if value is None or not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
+    return value
 
 
 POSITIVE, NON_NEGATIVE = _integer(1), _integer(0)
 
 
-def add_model_source(p: argparse.ArgumentParser, train: bool = False) -> None:
-    """--model --pretrained --checkpoint --run --model-args --img-size --device --amp, the same on every command."""
+def add_model_source(p: argparse.ArgumentParser, train: bool = False, config: bool = True) -> None:
+    """--model --pretrained --checkpoint --run --model-args --img-size --device --amp, the same on every command, and
+    --config where the command runs a method (``config``; never on train)."""
     g = p.add_argument_group("model source (as in timm's scripts)")
     g.add_argument("--model", default=None, metavar="NAME",
                    help=f"timm model name (default {DEFAULT_MODEL}; with --run, the run's model)")
@@ -100,23 +134,27 @@ def add_model_source(p: argparse.ArgumentParser, train: bool = False) -> None:
                        help="mixed precision of training and validation (default none); 'no' is the old spelling")
         g.add_argument("--init", default=None, metavar="FILE", help="deprecated: the old spelling of --checkpoint")
     else:
-        g.add_argument("--config", default=None, metavar="JSON",
-                       help="a method configuration ({\"method\": ..., \"options\": {...}}, as `tokenpace convert` "
-                            "writes beside its weights; a --checkpoint W.safetensors picks up W.json by itself): its "
-                            "method is re-applied (--methods/--method and --keep override it) and its model is used "
-                            "when --model is not given")
+        if config:
+            g.add_argument("--config", default=None, metavar="JSON",
+                           help="a method configuration file ({\"method\": ..., \"options\": {...}}: `tokenpace "
+                                "tune`'s DIR/tokenpace.json, or what `tokenpace convert` writes beside its weights), "
+                                "checked against the model: dense and its configuration run (--methods/--method, "
+                                "--keep and --mode are refused beside it); its model is used when neither --model "
+                                "nor --run is given. A --checkpoint W.safetensors picks up W.json by itself, and "
+                                "there --methods/--method and --keep override it")
         g.add_argument("--device", choices=DEVICES, default="cpu", help="cpu (default) or cuda")
         g.add_argument("--amp", choices=AMP, default="none", help="autocast dtype: none (default), bf16 or fp16")
 
 
-def add_methods(p: argparse.ArgumentParser, what: str) -> None:
+def add_methods(p: argparse.ArgumentParser, what: str,
+                sweep: str = "run every method at each keep ratio from START to STOP (inclusive), e.g. 0.3:1.0:0.1"
+                ) -> None:
     p.add_argument("--methods", default=None, metavar="LIST",
                    help="comma list of dense, " + ", ".join(METHOD_NAMES) + "; NAME@KEEP or NAME:key=value:... "
                         "for options, layer lists as 4/8 (e.g. dense,evo@0.6,idle:score=random). Default: " + what)
     p.add_argument("--keep", type=_keep, default=None, metavar="X",
                    help="keep ratio in (0, 1] for every method that does not set its own")
-    p.add_argument("--keep-sweep", default=None, metavar="START:STOP:STEP",
-                   help="run every method at each keep ratio from START to STOP (inclusive), e.g. 0.3:1.0:0.1")
+    p.add_argument("--keep-sweep", default=None, metavar="START:STOP:STEP", help=sweep)
 
 
 def add_malloc(p: argparse.ArgumentParser) -> None:
@@ -273,6 +311,8 @@ def make_parser() -> argparse.ArgumentParser:
                     help="skip the ONNX Runtime check (then onnxruntime need not be installed)")
     ex.set_defaults(command_module="export")
 
+    add_tune(sub)
+
     ls = sub.add_parser("models", help="timm models and the methods each accepts (built on the meta device: no weights)",
                         description="List timm model names (pretrained tags included) of the ViT-like families and "
                                     "which tokenpace methods each accepts, with a one-line reason for each refusal. "
@@ -285,6 +325,53 @@ def make_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", default=None, metavar="FILE", help="also write the listing as JSON to FILE")
     ls.set_defaults(command_module="models")
     return parser
+
+
+def add_tune(sub) -> None:
+    tu = sub.add_parser("tune", help="the fastest configuration within an accuracy budget, measured on this device "
+                        "and data (writes DIR/tokenpace.json)",
+                        description="Search methods x keep x where selection starts (x Evo's mode) for the fastest "
+                        "configuration within --max-drop points of dense (or the most accurate that reaches "
+                        "--min-speedup): MACs first, then an interleaved benchmark, then accuracy on a tuning split; "
+                        "the reported accuracy comes from a check split the search never saw.")
+    add_model_source(tu, config=False)
+    tu.add_argument("--data", required=True, metavar="PATH",
+                    help="packed-JPEG .npz, 'cifar10', or an ImageNet-style folder (its val/ split), split "
+                         "deterministically into tuning and check images")
+    budget = tu.add_mutually_exclusive_group()
+    budget.add_argument("--max-drop", type=_number(0, inclusive=True), default=None, metavar="POINTS",
+                        help="the fastest configuration whose top-1 (agreement with dense without labels) on the "
+                             "tuning split is at most POINTS below dense (default 0.5)")
+    budget.add_argument("--min-speedup", type=_number(1, inclusive=False), default=None, metavar="X",
+                        help="instead: the most accurate configuration measured at least X times faster than dense")
+    add_methods(tu, "every method of the model's family (with --run: the method the run was trained for); options "
+                "a method sets (e.g. evo:mode=layer) are not searched",
+                sweep="the keep ratios searched, START to STOP inclusive (default 0.3:0.9:0.1)")
+    tu.add_argument("--start-shifts", type=_shifts, default=None, metavar="N[,N...]",
+                    help="where selection starts: each method's default selection layers shifted by each of these "
+                         "many blocks (default -1,0,1; 0 keeps the defaults)")
+    tu.add_argument("--batch-size", type=POSITIVE, default=None, metavar="N",
+                    help="batch size of every measurement (default 32 on cpu, 256 on cuda)")
+    tu.add_argument("--time-budget", type=_duration, default=600.0, metavar="DURATION",
+                    help="stop with the best answer so far after this long, e.g. 90s, 10m, 1h (default 10m)")
+    tu.add_argument("--labels", choices=("auto", "none"), default="auto",
+                    help="auto (default): the budget is on top-1 when every image has a label; none: on agreement "
+                         "with the dense model's predictions")
+    tu.add_argument("--check-fraction", type=_fraction, default=0.5, metavar="F",
+                    help="share of the images held out as the check split (default 0.5)")
+    tu.add_argument("--limit", type=POSITIVE, default=None, metavar="N", help="use only N images, spread over the set")
+    tu.add_argument("--runs", type=POSITIVE, default=10, help="timed rounds of the finalists' benchmark (default 10)")
+    tu.add_argument("--screen-runs", type=POSITIVE, default=3,
+                    help="timed rounds of the quick benchmark every candidate gets (default 3)")
+    tu.add_argument("--finalists", type=POSITIVE, default=6,
+                    help="configurations re-timed in the final benchmark (default 6)")
+    tu.add_argument("--workers", type=NON_NEGATIVE, default=2, help="data loading processes (default 2)")
+    tu.add_argument("--output", required=True, metavar="DIR",
+                    help="folder for tokenpace.json (the choice), search.json (every candidate) and frontier.png")
+    tu.add_argument("--overwrite", action="store_true", help="replace the results of an earlier search in --output")
+    tu.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_malloc(tu)
+    tu.set_defaults(command_module="tune")
 
 
 def deprecated(old: str, new: str) -> None:

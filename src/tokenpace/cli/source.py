@@ -3,7 +3,6 @@ method re-applied unless a flag overrides it, which is said), the device, and ou
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -49,8 +48,12 @@ def build(args: argparse.Namespace):
 
     config = configuration(args)
     record = read_run(args.run) if args.run is not None else config
+    if args.run is not None and config is not None:
+        recorded = recorded_method(record)
+        if recorded is not None:
+            note(f"--config {args.config} replaces the method {record.origin()} was trained for ({recorded.name})")
     given = model_args(args)
-    if config is not None and config.model:
+    if config is not None and config.model and args.run is None:
         if args.model is not None and args.model != config.model:
             raise TokenpaceError(f"--model {args.model} differs from the model of {config.origin()} "
                                  f"({config.model}); drop --model (the configuration's model is used)")
@@ -65,22 +68,21 @@ def build(args: argparse.Namespace):
 
 def configuration(args: argparse.Namespace):
     """The method configuration --config names, else the one beside --checkpoint (W.safetensors -> W.json, as
-    `tokenpace convert` writes it), as a record like a run's; None when there is neither."""
-    from ..config_io import config_from, config_path_for, read_config_document
+    `tokenpace convert` writes it), as a record like a run's; None when there is neither. Beside --run, --config
+    gives the method and the run the model and weights."""
+    from ..config_io import config_of, config_path_for, read_document
     from ..models import RunRecord
     from ..train.recipes import method_to_dict
 
     path = getattr(args, "config", None)
-    if path is None and args.checkpoint is not None and os.path.isfile(config_path_for(args.checkpoint)):
+    if (path is None and args.run is None and args.checkpoint is not None
+            and os.path.isfile(config_path_for(args.checkpoint))):
         path = config_path_for(args.checkpoint)
         note(f"applying the method configuration beside the checkpoint, {path} (--methods/--method override it)")
     if path is None:
         return None
-    if args.run is not None:
-        raise TokenpaceError(f"--run and the method configuration {path!r} both give the method; give one")
-    document = read_config_document(path)
-    with user_input(f"method configuration {path!r}: "):
-        config = config_from(document["method"], document.get("options", {}))
+    document = read_document(path)
+    config = config_of(document, path)
     return RunRecord(folder=path, model=document.get("model"), model_args=dict(document.get("model_args") or {}),
                      method=method_to_dict(config), kind="configuration")
 
@@ -103,31 +105,48 @@ def recorded_method(record):
         return method_from_dict(record.method)
 
 
-def spec_of(config):
-    """A MethodSpec that rebuilds ``config``: keep, and every option that differs from the method's defaults."""
+def specs(args: argparse.Namespace, model, record, train: bool = False) -> list:
+    """The configurations bench and eval run: --config (dense and the file's configuration), else --methods
+    (default: the run's method, else the family's), each method's keep from --keep or --keep-sweep, and a recorded
+    method's settings as the defaults of that method. Each is checked against the model."""
     from ..bench import MethodSpec
 
-    default = type(config)()
-    options = [("keep", config.keep)] + [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
-                                         if f.name != "keep" and getattr(config, f.name) != getattr(default, f.name)]
-    return MethodSpec(config.name, tuple(options))
+    config = file_config(args, model, record, ("--methods", "--keep", "--keep-sweep"))
+    if config is not None:
+        return [MethodSpec("dense"), MethodSpec.from_config(config)]
+    return check_specs(_chosen_specs(args, model, record, train), model)
 
 
-def specs(args: argparse.Namespace, model, record, train: bool = False) -> list:
-    """The configurations bench and eval run: --methods (default: the run's method, else the family's), each
-    method's keep from --keep or --keep-sweep, and a recorded method's settings as the defaults of that method.
-    Each is checked against the model."""
-    chosen = _chosen_specs(args, model, record, train)
+def check_specs(chosen: list, model) -> list:
+    """TokenpaceError for a spec the model's family refuses (method, score, layers): now, not after other work."""
     from ..bench import spec_config
     from ..families import adapter_for
     from ..methods import make_policy
 
     family = adapter_for(model)
-    for spec in chosen:  # methods, scores and layers the model's family refuses: now, not after other work
+    for spec in chosen:
         if spec.method != "dense":
             with user_input():
                 make_policy(spec_config(spec), family)
     return chosen
+
+
+def model_name(args: argparse.Namespace, record) -> str:
+    """The timm name of the model the options build."""
+    return record.model if record is not None else (args.model or DEFAULT_MODEL)
+
+
+def file_config(args: argparse.Namespace, model, record, replaced_flags: tuple[str, ...]):
+    """The configuration of --config (checked against the model), or None without --config. The flags that also
+    choose the configuration are refused beside it; a run's recorded method is replaced, which is said."""
+    if getattr(args, "config", None) is None:
+        return None
+    given = [flag for flag in replaced_flags if getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None]
+    if given:
+        raise TokenpaceError(f"--config and {given[0]} both choose the configuration; give one")
+    from ..config_io import load_config_for
+
+    return load_config_for(args.config, model, model_name(args, record))
 
 
 def _chosen_specs(args: argparse.Namespace, model, record, train: bool) -> list:
@@ -154,9 +173,9 @@ def _chosen_specs(args: argparse.Namespace, model, record, train: bool) -> list:
         return chosen
     if recorded.name not in {s.method for s in chosen}:
         note(f"--methods replaces the method {record.origin()} was trained for ({recorded.name} "
-             f"{spec_of(recorded).describe()})")
+             f"{MethodSpec.from_config(recorded).describe()})")
         return chosen
-    base = dict(spec_of(recorded).options)
+    base = dict(MethodSpec.from_config(recorded).options)
     out = []
     for s in chosen:
         if s.method != recorded.name:
@@ -173,14 +192,19 @@ def _chosen_specs(args: argparse.Namespace, model, record, train: bool) -> list:
 
 
 def show_method(args: argparse.Namespace, model, record) -> tuple[str, dict]:
-    """(method, options) for show: --method, else the run's, else the family's first; the run's settings are the
-    defaults of its own method; --keep and --mode adjust."""
+    """(method, options) for show: --config, else --method, else the run's, else the family's first; the run's
+    settings are the defaults of its own method; --keep and --mode adjust."""
+    from ..bench import MethodSpec
+
+    config = file_config(args, model, record, ("--method", "--keep", "--mode"))
+    if config is not None:
+        return config.name, dict(MethodSpec.from_config(config).options)
     recorded = recorded_method(record)
     method = args.method or (recorded.name if recorded is not None else family_methods(model)[0])
     options: dict = {}
     if recorded is not None:
         if method == recorded.name:
-            options = dict(spec_of(recorded).options)
+            options = dict(MethodSpec.from_config(recorded).options)
         else:
             note(f"--method {method} replaces the method {record.origin()} was trained for ({recorded.name})")
     if args.keep is not None:

@@ -1,0 +1,72 @@
+"""Method configuration files (config_io): a round trip into apply gives the same outputs, and a malformed or
+mismatched file (another model, unknown method or option, keep out of range, layers the model lacks) is refused
+with one line naming the file and the problem."""
+import json
+
+import pytest
+import torch
+
+import tokenpace
+from tokenpace.config_io import load_config, load_config_for, model_record, save_config
+from tokenpace.errors import TokenpaceError
+
+from conftest import make_vit
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_vit(depth=6)
+
+
+def images(n, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("config", [tokenpace.Evo(keep=0.4, stage_starts=(2, 4), mode="layer"),
+                                    tokenpace.Idle(keep=0.6, score="random"), tokenpace.EViT(keep=0.8, fuse=False),
+                                    tokenpace.TopK(keep=0.3, layer=2)])
+def test_a_config_file_round_trips_into_apply(config, model, tmp_path):
+    path = str(tmp_path / "c.json")
+    save_config(config, path, note="made by hand")
+    assert json.loads(open(path).read())["note"] == "made by hand"
+    assert tokenpace.load_config(path) == config
+    x = images(2, seed=3)
+    with torch.no_grad():
+        torch.manual_seed(0)  # the random-score control draws its ranking
+        expected = tokenpace.apply(model, config)(x)
+        torch.manual_seed(0)
+        got = tokenpace.apply(model, tokenpace.load_config(path))(x)
+    tokenpace.remove(model)
+    assert torch.equal(expected, got)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("not json", "is not JSON"),
+    ('["evo"]', 'must hold an object with a "method"'),
+    ('{"options": {"keep": 0.5}}', 'must hold an object with a "method"'),
+    ('{"method": "fast", "options": {}}', "unknown method 'fast'; accepted: evit, evo, idle, topk"),
+    ('{"method": "evo", "options": [0.5]}', '"options" must be an object'),
+    ('{"method": "evo", "options": {"keep": 1.5}}', r"Evo keep must be a number in \(0, 1\]"),
+    ('{"method": "idle", "options": {"keep": 0}}', r"Idle keep must be a number in \(0, 1\]"),
+    ('{"method": "evo", "options": {"speed": 2}}', "unknown option.*accepted: keep, stage_starts"),
+])
+def test_malformed_config_files_give_clear_errors(text, match, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(TokenpaceError, match=match) as info:
+        load_config(str(path))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(TokenpaceError, match="does not exist"):
+        load_config(str(tmp_path / "missing.json"))
+
+
+def test_mismatched_config_files_give_clear_errors(model, tmp_path):
+    path = str(tmp_path / "c.json")
+    save_config(tokenpace.Evo(keep=0.5), path, model="deit_small_patch16_224", depth=12, input_size=[3, 224, 224])
+    with pytest.raises(TokenpaceError, match=r"made for another model \(model deit_small_patch16_224, depth 12, "
+                                             r"input_size \[3, 224, 224\]; this one has model vit_tiny_patch16_224, "
+                                             r"depth 6, input_size \[3, 32, 32\]\)"):
+        load_config_for(path, model, "vit_tiny_patch16_224")
+    save_config(tokenpace.Idle(keep=0.5, stage_starts=(3, 9)), path, **model_record(model, "vit_tiny_patch16_224"))
+    with pytest.raises(TokenpaceError, match=r"does not run on this model: Idle stage_starts=\(3, 9\) has layer"):
+        load_config_for(path, model, "vit_tiny_patch16_224")
