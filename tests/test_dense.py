@@ -36,11 +36,19 @@ def _levit(name):
     return spread_weights(timm.create_model(name, **SMALL_LEVIT)).eval()
 
 
+def _small(name):
+    torch.manual_seed(0)
+    return spread_weights(timm.create_model(name, img_size=32, patch_size=4, depth=4, embed_dim=32, num_heads=2,
+                                            num_classes=10)).eval()
+
+
 FAMILIES = {  # name: (build, input size, methods, flat)
     "vit_registers": (lambda: make_vit("registers", depth=6), 32, ("evo", "idle", "evit", "topk"), True),
     "vit_siglip_map": (lambda: make_backbone("siglip_map"), 32, ("evo", "idle", "evit", "topk"), True),
     "eva_rope_mixed": (lambda: make_backbone("rope_mixed"), 32, ("evo", "idle", "evit", "topk"), True),
     "eva_dinov3": (lambda: make_backbone("dinov3"), 32, ("evo", "idle"), True),
+    "lvvit": (lambda: _small("lvvit_s"), 32, ("evo", "idle", "evit", "topk"), True),
+    "evo_deit": (lambda: _small("evo_deit_small_patch16_224"), 32, ("evo", "idle", "evit", "topk"), True),
     "levit": (lambda: _levit("levit_cifar"), 32, ("evo", "idle"), False),
     "evo_levit": (lambda: _levit("evo_levit_cifar"), 32, ("evo", "idle"), False),
     "swin": (_swin, 32, ("idle",), False),

@@ -38,11 +38,13 @@ class EvoDeit(VisionTransformer):
 EVO_DEIT_WIDTHS = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
 
 
-def _evo_deit(name: str, size: str, img_size: int, pretrained: bool, **kwargs) -> EvoDeit:
+def _evo_deit(name: str, size: str, native_size: int, pretrained: bool, **kwargs) -> EvoDeit:
     no_pretrained(name, pretrained, "tokenpace.load_official(path, \"" + name + "\") for the released files")
     dim, heads = EVO_DEIT_WIDTHS[size]
+    kwargs = without_plumbing(kwargs)
+    img_size = kwargs.pop("img_size", native_size)  # create_model(img_size=...) resizes, as on timm's ViT
     model = EvoDeit(**{"img_size": img_size, "patch_size": 16, "embed_dim": dim, "depth": 12, "num_heads": heads,
-                       **without_plumbing(kwargs)})
+                       **kwargs})
     model.pretrained_cfg = model.default_cfg = {  # DeiT's evaluation transform (what the official code uses)
         "input_size": (3, img_size, img_size), "crop_pct": 0.875 if img_size == 224 else 1.0,
         "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,

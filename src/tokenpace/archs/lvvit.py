@@ -149,6 +149,38 @@ class LvVit(nn.Module):
                 x = blk(x)
         return self.norm(x)
 
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              return_prefix_tokens: bool = False, output_dict: bool = False):
+        """timm's ViT ``forward_intermediates``: the token map after each requested block (``indices``: the last n
+        blocks, or a list of block indices), optionally normed, as NCHW grids or NLC sequences, the class token
+        split off (returned beside the grid on request); then the final features unless ``intermediates_only``."""
+        from timm.models._features import feature_take_indices
+
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r} is not accepted; choose 'NCHW' or 'NLC'")
+        taken, last = feature_take_indices(len(self.blocks), indices)
+        x = self.embed(x)
+        maps = []
+        for i, blk in enumerate(self.blocks[:last + 1] if stop_early else self.blocks):
+            x = blk(x)
+            if i in taken:
+                maps.append(self.norm(x) if norm else x)
+        prefix, maps = [y[:, :1] for y in maps], [y[:, 1:] for y in maps]
+        if output_fmt == "NCHW":
+            rows, cols = self.patch_embed.grid_size
+            maps = [y.reshape(y.shape[0], rows, cols, -1).permute(0, 3, 1, 2).contiguous() for y in maps]
+        if output_dict:
+            out = {"image_intermediates": maps}
+            if return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if return_prefix_tokens:
+            maps = list(zip(maps, prefix))
+        return maps if intermediates_only else (self.norm(x), maps)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if pre_logits:
             return x[:, 0]
