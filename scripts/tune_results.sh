@@ -27,7 +27,10 @@ mkdir -p "$RUNS"
     tokenpace train --recipe dense --model levit_cifar --output "$RUNS/levit_dense" --epochs "$LEVIT_EPOCHS" $TRAIN
 
 # exit code 1 is "no configuration meets the budget" (reported, with the closest one); anything else stops the script
-TUNE="--data $DATA --batch-size $BATCH --workers 1 --time-budget $BUDGET --overwrite ${LIMIT:+--limit $LIMIT} ${TUNE_EXTRA:-}"
+# --malloc keep: with glibc's default the dense model's large tensors are mapped and unmapped on every call, whose
+# page-fault cost varies from process to process on this VM (the same configuration measured 1.26x in one search
+# and 1.80x in another); kept memory makes the speed-ups repeatable (MALLOC=system measures the default)
+TUNE="--data $DATA --batch-size $BATCH --workers 1 --time-budget $BUDGET --overwrite --malloc ${MALLOC:-keep} ${LIMIT:+--limit $LIMIT} ${TUNE_EXTRA:-}"
 for model in dense levit_dense; do
     tokenpace tune --run "$RUNS/$model" $TUNE --max-drop 0.5 --output "$RUNS/tune_${model}_drop0.5" \
         | tee "$RUNS/tune_${model}_drop0.5.txt" || [ "${PIPESTATUS[0]}" -eq 1 ]
