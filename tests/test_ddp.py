@@ -6,6 +6,7 @@
 CPU. run.json records the number of processes, so the test knows DDP really ran."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -23,13 +24,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# A gloo rank on this shared 2-core machine once died with "terminate called without an active exception" (SIGABRT
+# inside the C++ runtime, no Python error) in 1 of 5 suite runs; that signature gets one fresh launch. A Python
+# failure, or the abort twice in a row, still fails the test.
+_GLOO_ABORT = ("terminate called without an active exception", "Signal 6 (SIGABRT)")
+
+
 def _launch(out, *argv):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "tokenpace.cli", "train", "--device", "cpu", "--data", CIFAR, "--output", str(out), "--limit", "8",
-           "--batch-size", "4", "--workers", "0", "--quiet", *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    for attempt in range(2):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(_free_port()), "-m", "tokenpace.cli", "train", "--device", "cpu", "--data", CIFAR, "--output",
+               str(out), "--limit", "8", "--batch-size", "4", "--workers", "0", "--quiet", "--overwrite", *argv]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        rank_error = re.search(r"\[rank\d+\]: Traceback", proc.stderr)
+        if proc.returncode == 0 or rank_error or not all(sign in proc.stderr for sign in _GLOO_ABORT):
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     assert run["processes"] == 2 and run["batch_size"] == 4
