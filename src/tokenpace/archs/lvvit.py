@@ -19,6 +19,7 @@ from timm.layers import Attention, DropPath, Mlp, trunc_normal_
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from ..core.feature_maps import vit_intermediates
 from .registry import no_pretrained, register, without_plumbing
 
 
@@ -157,29 +158,16 @@ class LvVit(nn.Module):
         split off (returned beside the grid on request); then the final features unless ``intermediates_only``."""
         from timm.models._features import feature_take_indices
 
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt={output_fmt!r} is not accepted; choose 'NCHW' or 'NLC'")
         taken, last = feature_take_indices(len(self.blocks), indices)
         x = self.embed(x)
         maps = []
         for i, blk in enumerate(self.blocks[:last + 1] if stop_early else self.blocks):
             x = blk(x)
             if i in taken:
-                maps.append(self.norm(x) if norm else x)
-        prefix, maps = [y[:, :1] for y in maps], [y[:, 1:] for y in maps]
-        if output_fmt == "NCHW":
-            rows, cols = self.patch_embed.grid_size
-            maps = [y.reshape(y.shape[0], rows, cols, -1).permute(0, 3, 1, 2).contiguous() for y in maps]
-        if output_dict:
-            out = {"image_intermediates": maps}
-            if return_prefix_tokens:
-                out["image_intermediates_prefix"] = prefix
-            if not intermediates_only:
-                out["image_features"] = self.norm(x)
-            return out
-        if return_prefix_tokens:
-            maps = list(zip(maps, prefix))
-        return maps if intermediates_only else (self.norm(x), maps)
+                maps.append(x)
+        return vit_intermediates(maps, x, self.norm, 1, self.patch_embed.grid_size, norm=norm, output_fmt=output_fmt,
+                                 intermediates_only=intermediates_only, return_prefix_tokens=return_prefix_tokens,
+                                 output_dict=output_dict)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if pre_logits:

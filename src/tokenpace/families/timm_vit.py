@@ -6,11 +6,14 @@ blocks (absolute position embeddings are added at the embedding), so a block run
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..anatomy import BlockParts, Frame, LinearMap
+from ..core.feature_maps import vit_intermediates
 from ..core.macs import BlockShape, linear_macs
 from .base import SequenceFamily, parse_img_size
 
@@ -146,27 +149,8 @@ class PatchSequenceFamily(SequenceFamily):
         return list(range(self.depth))  # flat models index blocks
 
     def intermediates(self, maps, final, frame, taken, stopped, options):
-        """As timm's ViT/Eva ``forward_intermediates``: optional final norm, prefix tokens split off (returned beside
-        the grid on request), NCHW grids or NLC sequences, a dict on request."""
-        if options.output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt={options.output_fmt!r} is not accepted; choose 'NCHW' or 'NLC'")
-        norm, p = self.model.norm, self.num_prefix
-        maps = [norm(y) if options.norm else y for y in maps]
-        prefix = [y[:, :p] for y in maps] if p else None
-        maps = [y[:, p:] for y in maps]
-        if options.output_fmt == "NCHW":
-            rows, cols = frame.grid
-            maps = [y.reshape(y.shape[0], rows, cols, -1).permute(0, 3, 1, 2).contiguous() for y in maps]
-        if options.output_dict:
-            out = {"image_intermediates": maps}
-            if prefix is not None and options.return_prefix_tokens:
-                out["image_intermediates_prefix"] = prefix
-            if not options.intermediates_only:
-                out["image_features"] = norm(final)
-            return out
-        if options.return_prefix_tokens and prefix is not None:
-            maps = list(zip(maps, prefix))
-        return maps if options.intermediates_only else (norm(final), maps)
+        """As timm's ViT/Eva ``forward_intermediates`` (core.feature_maps)."""
+        return vit_intermediates(maps, final, self.model.norm, self.num_prefix, frame.grid, **asdict(options))
 
     def block_grid(self, i: int) -> tuple[int, int]:
         return tuple(self.model.patch_embed.grid_size)

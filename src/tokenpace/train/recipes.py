@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 from ..config_io import config_from, config_options
-
 from ..errors import TokenpaceError
 from ..losses import CUT_MODES
 from ..methods import EViT, Evo, Idle, MethodConfig, TopK
