@@ -177,3 +177,18 @@ def test_time_schedule_warms_up_then_anneals():
     assert lr_at(0.1, 1e-3, 1e-5, 0.1) == pytest.approx(1e-3)
     assert lr_at(0.55, 1e-3, 1e-5, 0.1) == pytest.approx((1e-3 + 1e-5) / 2)
     assert lr_at(1.0, 1e-3, 1e-5, 0.1) == pytest.approx(1e-5)
+
+
+def test_device_script_installs_carried_wheels_and_runs_the_suite(tmp_path, data):
+    """scripts/gpu_device_run.sh, the one command of a GPU loan, end to end on the CPU (data section only)."""
+    import subprocess
+
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "TOKENPACE_SITE": str(tmp_path / "site")}
+    os.makedirs(env["OUT"])
+    done = subprocess.run(["bash", str(SCRIPTS / "gpu_device_run.sh"), "--smoke", "--sections", "data", "--data",
+                           data], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "torch " in done.stdout and " timm " in done.stdout
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(summary["sections"]) == ["data"] and summary["sections"]["data"]["status"] == "ok"
+    assert summary["mode"] == "smoke" and (tmp_path / "out" / "suite.log").is_file()
