@@ -57,7 +57,7 @@ class Budgets:
     grace: float = 20.0  # the alarm backstop fires this long after a section's deadline
 
 
-SMOKE_BUDGETS = Budgets(total=110.0, data=20.0, throughput=25.0, dense=30.0, evo=30.0, idle=20.0, grace=10.0)
+SMOKE_BUDGETS = Budgets(total=110.0, data=20.0, throughput=60.0, dense=30.0, evo=30.0, idle=20.0, grace=10.0)
 
 
 @dataclass(frozen=True)

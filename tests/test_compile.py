@@ -52,3 +52,19 @@ def test_inductor_full_graph(family):
         compiled = torch.compile(model, fullgraph=True, backend="inductor")
         got = compiled(images)
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("family", ["vit", "vit_no_class_token", "eva_rope_mixed", "swin", "pvt_v2"])
+def test_compiled_fresh_patch_does_not_recompile(family):
+    """A model compiled straight after ``apply`` (as ``tokenpace bench --compile`` does) compiles once: nothing the
+    first forward builds (the block anatomy) may change what the compiled graph's guards check. (Not LeViT: timm's
+    own per-device attention-bias cache, filled by the first eval forward, recompiles the dense model once too.)"""
+    build, method, options, size = CASES[family]
+    torch._dynamo.reset()
+    model = tokenpace.apply(build(), method, keep=0.5, **options)
+    compiled = torch.compile(model, backend="eager")
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        first = compiled(images)
+        for _ in range(2):
+            assert torch.equal(compiled(images), first)

@@ -166,6 +166,7 @@ def apply(model: nn.Module, method: str | MethodConfig, **options) -> nn.Module:
     target = _inner(model)
     family = adapter_for(target)
     policy = make_policy(config, family)  # validates method, score and layer indices against this model
+    family.anatomy()  # now, not in the first forward (a compiled model would compile twice)
     remove(target)
     original = type(target)
     target.__dict__[_ATTR] = Patch(config=policy.config, policy=policy, adapter=family, original_class=original)

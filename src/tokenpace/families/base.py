@@ -101,11 +101,16 @@ class Family(ABC):
     def stage_of_block(self, i: int) -> int:
         return next(s for s, blocks in enumerate(self.stage_blocks) if i in blocks)
 
-    def parts(self, i: int) -> BlockParts:
-        """The anatomy of block i (built once)."""
+    def anatomy(self) -> list[BlockParts]:
+        """Every block's anatomy, built once. ``apply`` builds it before any forward: were the first forward of a
+        compiled model to build it, the graph's guards would see it change and compile the model a second time."""
         if self._parts is None:
             self._parts = [self.make_parts(i) for i in range(self.depth)]
-        return self._parts[i]
+        return self._parts
+
+    def parts(self, i: int) -> BlockParts:
+        """The anatomy of block i."""
+        return self.anatomy()[i]
 
     @abstractmethod
     def make_parts(self, i: int) -> BlockParts: ...
