@@ -29,6 +29,7 @@ def test_bench_cli_writes_table_and_json(tmp_path, capsys):
     assert "speed-up" in printed.out and "[run 1/1] idle" in printed.err and "deprecated" not in printed.err
     doc = json.loads(out.read_text())
     assert doc["model"] == "vit_tiny_patch16_224" and doc["batch_sizes"] == [2] and doc["device"].startswith("cpu")
+    assert doc["input_size"] == [3, 64, 64] and doc["model_args"] == {"img_size": 64}  # what was timed, repeatable
     assert set(doc["versions"]) == {"tokenpace", "torch", "timm", "python"}
     rows = doc["results"]
     assert all(r["batch_size"] == 2 for r in rows)

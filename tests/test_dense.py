@@ -196,6 +196,7 @@ def test_bench_memory_reports_a_positive_peak_per_configuration(tmp_path, capsys
     assert main(argv) == 0
     doc = json.loads(path.read_text())
     assert doc["measure"].startswith("peak RSS") and doc["train"] is False and doc["versions"]["torch"]
+    assert doc["input_size"] == [3, 32, 32] and doc["model_args"] == {"img_size": 32, "patch_size": 4}
     rows = doc["results"]
     assert [r["method"] for r in rows] == ["dense", "idle"] and rows[1]["keep"] == 0.7
     for row in rows:
