@@ -306,3 +306,23 @@ def test_durations():
     from tokenpace.cli.parser import _duration
 
     assert [_duration(t) for t in ("90", "90s", "10m", "1h30m", "1.5m")] == [90, 90, 600, 5400, 90]
+
+
+def test_progress_to_a_log_file_is_plain_lines():
+    """Redirected stderr gets one line per status (no carriage-return redraws); disabled shows nothing."""
+    from tokenpace.tune.clock import Progress
+
+    log = io.StringIO()  # not a terminal
+    bar = Progress(True, 120.0, stream=log)
+    bar.plan(10.0)
+    bar.say("timing the dense model")
+    bar.advance(5.0, "timed 2/4")
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 2
+    assert lines[0].startswith("tune:   0% after 0s: timing the dense model") and "50%" in lines[1]
+    quiet = io.StringIO()
+    silent = Progress(False, 120.0, stream=quiet)
+    silent.say("x")
+    silent.close()
+    assert quiet.getvalue() == ""

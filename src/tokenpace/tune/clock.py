@@ -60,23 +60,37 @@ class _Timed:
 
 class Progress:
     """A tqdm bar counted in estimated seconds of work, so its rate and time left follow the estimates' accuracy;
-    the plan is re-estimated as the search prunes. Writes to stderr; ``enabled=False`` shows nothing."""
+    the plan is re-estimated as the search prunes. Writes to stderr; ``enabled=False`` shows nothing. Where stderr
+    is not a terminal (a log file), each status is one plain line instead of carriage-return redraws."""
 
-    def __init__(self, enabled: bool, budget_s: float) -> None:
-        self.bar = tqdm(total=1.0, disable=not enabled, file=sys.stderr, dynamic_ncols=True, leave=True,
-                        desc=f"tune (budget {format_duration(budget_s)})",
+    def __init__(self, enabled: bool, budget_s: float, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.lines = enabled and not (hasattr(self.stream, "isatty") and self.stream.isatty())
+        self.bar = tqdm(total=1.0, disable=not enabled or self.lines, file=self.stream, dynamic_ncols=True,
+                        leave=True, desc=f"tune (budget {format_duration(budget_s)})",
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+        self.done_s, self.total_s, self.start = 0.0, 1.0, time.perf_counter()
 
     def plan(self, remaining_s: float) -> None:
-        self.bar.total = max(self.bar.n + max(remaining_s, 0.0), 1e-9)
+        self.total_s = max(self.done_s + max(remaining_s, 0.0), 1e-9)
+        self.bar.total = self.total_s
         self.bar.refresh()
 
     def advance(self, estimated_s: float, status: str) -> None:
+        self.done_s += estimated_s
         self.bar.set_postfix_str(status, refresh=False)
         self.bar.update(estimated_s)
+        self._line(status)
 
     def say(self, status: str) -> None:
         self.bar.set_postfix_str(status)
+        self._line(status)
+
+    def _line(self, status: str) -> None:
+        if self.lines:
+            done = min(100.0, 100.0 * self.done_s / self.total_s)
+            print(f"tune: {done:3.0f}% after {format_duration(time.perf_counter() - self.start)}: {status}",
+                  file=self.stream, flush=True)
 
     def close(self) -> None:
         self.bar.n = self.bar.total
