@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import tokenpace
-from tokenpace.cli import main
+from tokenpace.cli import main, make_parser
 from tokenpace.data import DataSpec, PackedJpegDataset, build_dataset
 from tokenpace.train import TrainConfig, get_recipe, train
 
@@ -194,3 +194,25 @@ def test_cli_unknown_option_is_one_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tokenpace: error: unrecognized arguments: --bogus 1") and "\n" not in err
+
+
+def test_train_builds_the_model_the_configuration_beside_the_checkpoint_names(tmp_path, capsys):
+    """W.safetensors with W.json beside it (as `tokenpace convert` writes): train builds that model with its
+    arguments (flags override them), says so, and still trains the recipe's method; --model that differs is refused."""
+    from safetensors.torch import save_file
+
+    from tokenpace.cli import train as train_cli
+
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY)
+    weights = str(tmp_path / "w.safetensors")
+    save_file(model.state_dict(), weights)
+    tokenpace.save_config(tokenpace.Idle(keep=0.5), str(tmp_path / "w.json"), model="vit_tiny_patch16_224",
+                          model_args=TINY)
+    argv = ["train", "--data", CIFAR, "--output", str(tmp_path / "run"), "--recipe", "finetune", "--checkpoint",
+            weights, "--model-args", "drop_path_rate=0.1"]
+    cfg = train_cli.config(make_parser().parse_args(argv))
+    assert cfg.model == "vit_tiny_patch16_224" and cfg.init == weights
+    assert cfg.model_args == {**TINY, "drop_path_rate": 0.1} and cfg.recipe.name == "finetune"
+    assert "w.json (beside the checkpoint)" in capsys.readouterr().err
+    with pytest.raises(tokenpace.errors.TokenpaceError, match="--model deit_small_patch16_224 differs"):
+        train_cli.config(make_parser().parse_args([*argv, "--model", "deit_small_patch16_224"]))

@@ -116,8 +116,10 @@ def add_model_source(p: argparse.ArgumentParser, train: bool = False, config: bo
                    help=("weights to start from" if train else "weights to load")
                         + ": .safetensors, or a torch checkpoint (a plain state dict, or timm's state_dict/model "
                           "entries; DDP and torch.compile prefixes are removed)"
-                        + ("" if train else "; a method configuration beside it (W.json for W.safetensors, as "
-                                            "`tokenpace convert` writes) is applied, as with --config"))
+                        + ("; the model a configuration beside it names (W.json for W.safetensors, as `tokenpace "
+                           "convert` writes) is built" if train else
+                           "; a method configuration beside it (W.json for W.safetensors, as `tokenpace convert` "
+                           "writes) is applied, as with --config"))
     g.add_argument("--run", default=None, metavar="DIR",
                    help="a `tokenpace train` output folder: its model, model arguments and weights"
                         + (" (a dense run to fine-tune from)" if train else
