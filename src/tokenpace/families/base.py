@@ -16,7 +16,7 @@ from torch import nn
 from ..anatomy import BlockParts, Frame, StageEntry, TokenSet
 from ..blockops import run_block
 from ..core.macs import BlockWork, block_macs, dense_work
-from ..core.tokens import gather_tokens, scatter_tokens, with_prefix
+from ..core.tokens import flat_rows, gather_rows, scatter_rows, with_prefix
 from ..scoring import QUERIES, bias_row, needs_keys, query_logits, score_macs, token_norms
 
 SEQUENCE, GROUPED = "sequence", "grouped"
@@ -282,9 +282,10 @@ class SequenceFamily(Family):
         if prep.keys is not None:
             B, H, _, d = prep.keys.shape
             keys = prep.keys.gather(2, seq[:, None, :, None].expand(B, H, -1, d))
-        sub, _, qk = run_block(self.parts(i), gather_tokens(x, seq), prep.where.select(keep),
-                               h=gather_tokens(prep.h, seq), keep_qk=keep_qk, keys=keys)
-        return scatter_tokens(x, seq, sub), qk
+        rows = flat_rows(seq, x.shape[1])  # once for the block's input, its norm1 output and its output
+        sub, _, qk = run_block(self.parts(i), gather_rows(x, rows), prep.where.select(keep),
+                               h=gather_rows(prep.h, rows), keep_qk=keep_qk, keys=keys)
+        return scatter_rows(x, rows, sub), qk
 
     def raster_positions(self, i: int, prep: SequencePrep, idx: torch.Tensor) -> torch.Tensor:
         return idx[:, 0]

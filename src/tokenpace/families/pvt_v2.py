@@ -37,7 +37,7 @@ from torch import nn
 from ..anatomy import BlockParts, Frame, LinearMap
 from ..blockops import attention_branch
 from ..core.macs import BlockShape, BlockWork, conv_macs, linear_macs
-from ..core.tokens import gather_tokens, scatter_tokens
+from ..core.tokens import flat_rows, gather_rows, scatter_rows
 from ..scoring import token_norms
 from .base import GROUPED, Family, GroupCount, parse_img_size
 
@@ -65,10 +65,12 @@ class _Prep:
 
 @dataclass(frozen=True)
 class _Selected:
-    """The selected queries ``sel`` (B, k) of a map; keys and values come from the whole map in ``prep``."""
+    """The selected queries ``sel`` (B, k) of a map; keys and values come from the whole map in ``prep``. ``rows``:
+    ``sel`` as rows of the flattened map (core.tokens.flat_rows), shared by every gather and scatter of the block."""
 
     prep: _Prep
     sel: torch.Tensor
+    rows: torch.Tensor
 
 
 class PvtParts(BlockParts):
@@ -102,12 +104,12 @@ class PvtParts(BlockParts):
 
     def mlp(self, h, where: _Selected):
         """``MlpWithDepthwiseConv`` on the selected tokens h (B, k, C); idle grid positions hold zero hidden."""
-        mlp, sel, grid = self.block.mlp, where.sel, where.prep.grid
+        mlp, grid = self.block.mlp, where.prep.grid
         h = mlp.relu(mlp.fc1(h))  # ReLU before scattering: relu(0) = 0 at the idle positions either way
         B, k, hidden = h.shape
-        full = scatter_tokens(h.new_zeros(B, grid[0] * grid[1], hidden), sel, h)
+        full = scatter_rows(h.new_zeros(B, grid[0] * grid[1], hidden), where.rows, h)
         full = mlp.dwconv(full.transpose(1, 2).reshape(B, hidden, *grid)).flatten(2).transpose(1, 2)
-        return mlp.drop(mlp.fc2(mlp.drop(mlp.act(gather_tokens(full, sel)))))
+        return mlp.drop(mlp.fc2(mlp.drop(mlp.act(gather_rows(full, where.rows)))))
 
     def res_attn(self, x, y):
         return x + self.block.drop_path1(y)
@@ -209,12 +211,13 @@ class PvtV2Adapter(Family):
 
     def run_selected(self, i: int, x: torch.Tensor, prep: _Prep, idx: torch.Tensor, keep_qk: bool = False):
         parts, sel = self.parts(i), idx[:, 0]  # one group per image
-        where = _Selected(prep, sel)
         tokens = x.reshape(prep.tokens.shape)
-        y = parts.res_attn(gather_tokens(tokens, sel), attention_branch(parts, gather_tokens(prep.normed, sel),
-                                                                        where)[0])
+        rows = flat_rows(sel, tokens.shape[1])  # once for every gather and scatter of the block
+        where = _Selected(prep, sel, rows)
+        y = parts.res_attn(gather_rows(tokens, rows), attention_branch(parts, gather_rows(prep.normed, rows),
+                                                                       where)[0])
         y = parts.res_mlp(y, parts.mlp(parts.norm2(y), where))
-        return scatter_tokens(tokens, sel, y).reshape(x.shape), None  # in place under no_grad, as on flat models
+        return scatter_rows(tokens, rows, y).reshape(x.shape), None  # in place under no_grad, as on flat models
 
     def raster_positions(self, i: int, prep: _Prep, idx: torch.Tensor) -> torch.Tensor:
         return idx.reshape(idx.shape[0], -1)  # tokens are the stage grid in raster order

@@ -33,7 +33,7 @@ from torch import nn
 from ..anatomy import BlockParts, Frame, LinearMap
 from ..blockops import attention_branch, mlp_half
 from ..core.macs import BlockShape, BlockWork, linear_macs
-from ..core.tokens import gather_tokens, scatter_tokens
+from ..core.tokens import flat_rows, gather_rows, gather_tokens, scatter_rows
 from ..scoring import bias_row, query_logits, token_norms
 from .base import GROUPED, Family, GroupCount, parse_img_size
 
@@ -278,8 +278,9 @@ class SwinAdapter(Family):
         if prep.layout.padding is not None:  # padding slots write into one extra row, dropped afterwards
             tokens = torch.cat([tokens, tokens.new_zeros(B, 1, C)], dim=1)
             pos = torch.where(pos < 0, H * W, pos)
-        y = mlp_half(parts, parts.res_attn(gather_tokens(tokens, pos), attn_out.reshape(B, nW * k, C)))
-        tokens = scatter_tokens(tokens, pos, y)
+        rows = flat_rows(pos, tokens.shape[1])
+        y = mlp_half(parts, parts.res_attn(gather_rows(tokens, rows), attn_out.reshape(B, nW * k, C)))
+        tokens = scatter_rows(tokens, rows, y)
         return tokens[:, :H * W].reshape(B, H, W, C), None
 
     def raster_positions(self, i: int, prep: _Prep, idx: torch.Tensor) -> torch.Tensor:

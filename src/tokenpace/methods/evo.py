@@ -21,8 +21,8 @@ from ..blockops import Row, run_block
 from ..core.macs import BlockWork, dense_work
 from ..core.schedule import keep_count, scaled_layers, validate_layers
 from ..core.scores import evolve
-from ..core.tokens import (gather_tokens, gather_values, scatter_tokens, scatter_values, split_indices,
-                           top_indices, weighted_merge, with_prefix)
+from ..core.tokens import (flat_rows, gather_rows, gather_tokens, gather_values, scatter_rows, scatter_values,
+                           split_indices, top_indices, weighted_merge, with_prefix)
 from ..families.base import Family
 from .base import ForwardState, MethodConfig, Policy, check_choice, check_keep, check_layers
 
@@ -87,7 +87,8 @@ class Evo(MethodConfig):
 
 def gather_slow_path(x: torch.Tensor, g: torch.Tensor, ranking: torch.Tensor, k: int, prefix: int,
                      representative: bool):
-    """The slow path of one selection: (keep_idx (B, k), seq_idx (B, prefix + k), tokens, their g, rep_in).
+    """The slow path of one selection: (keep_idx (B, k), rows (the prefix and kept tokens as rows of the flattened
+    sequence, core.tokens.flat_rows), tokens, their g, rep_in).
 
     tokens are the prefix and the top-k patch tokens by ``ranking``. With ``representative`` (and placeholders
     left), the placeholders pooled with weights g / sum(g) (Evo-LeViT merge_tokens) are appended as one more token,
@@ -95,23 +96,23 @@ def gather_slow_path(x: torch.Tensor, g: torch.Tensor, ranking: torch.Tensor, k:
     """
     use_rep = representative and k < g.shape[1]
     keep_idx, ph_idx = split_indices(ranking, k) if use_rep else (top_indices(ranking, k), None)
-    seq_idx = with_prefix(keep_idx, prefix)
-    tokens = gather_tokens(x, seq_idx)
+    rows = flat_rows(with_prefix(keep_idx, prefix), x.shape[1])  # once, for the gather here and the scatter after
+    tokens = gather_rows(x, rows)
     rep_in = None
     if use_rep:
         rep_in = weighted_merge(gather_tokens(x, ph_idx + prefix), gather_values(g, ph_idx).to(x.dtype), True)
         tokens = torch.cat([tokens, rep_in], dim=1)
-    return keep_idx, seq_idx, tokens, gather_values(g, keep_idx), rep_in
+    return keep_idx, rows, tokens, gather_values(g, keep_idx), rep_in
 
 
-def scatter_slow_path(x: torch.Tensor, seq_idx: torch.Tensor, tokens: torch.Tensor,
+def scatter_slow_path(x: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor,
                       rep_in: torch.Tensor | None) -> torch.Tensor:
     """Write the slow path's tokens back; with a representative token (last in ``tokens``), every placeholder
     first receives its total residual (the fast path)."""
     if rep_in is not None:
         x = x + (tokens[:, -1:] - rep_in)
         tokens = tokens[:, :-1]
-    return scatter_tokens(x, seq_idx, tokens)
+    return scatter_rows(x, rows, tokens)
 
 
 class EvoPolicy(Policy):
@@ -172,7 +173,7 @@ class EvoPolicy(Policy):
         fam, prefix = self.family, self.prefix
         k = keep_count(x.shape[1] - prefix, self.config.keep)
         # the representative token's weights g / sum(g) carry gradient to q, k and theta (Evo-LeViT)
-        keep_idx, seq_idx, sub, g_sub, rep_in = gather_slow_path(x, g, self.rank(g), k, prefix, self.representative)
+        keep_idx, rows, sub, g_sub, rep_in = gather_slow_path(x, g, self.rank(g), k, prefix, self.representative)
         where = fam.tokens(state.frame).select(keep_idx, extra=int(rep_in is not None))
         row = self.row if evolve_g else None
         for i in range(lo, hi):
@@ -182,8 +183,8 @@ class EvoPolicy(Policy):
                 g_sub = evolve(g_sub, scores[:, prefix:prefix + k], self._alpha(parts.evolution_logit))
             state.record_kept(i, keep_idx)
             # the full map as if the segment ended here: placeholders moved by the representative's residual so far
-            state.tap(i, lambda: scatter_slow_path(x.clone(), seq_idx, sub, rep_in))
-        x = scatter_slow_path(x, seq_idx, sub, rep_in)
+            state.tap(i, lambda: scatter_slow_path(x.clone(), rows, sub, rep_in))
+        x = scatter_slow_path(x, rows, sub, rep_in)
         if row is not None:
             g = scatter_values(g, keep_idx, g_sub)
         return x, g
