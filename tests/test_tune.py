@@ -28,7 +28,7 @@ SHAPE = dict(depth=6)  # 64 patch tokens at 32 px
 MODEL_ARGS = "img_size=32,patch_size=4,embed_dim=48,depth=6,num_heads=3,num_classes=10"
 QUICK = dict(keeps=(0.3, 0.5, 0.7, 0.9), start_shifts=(0,), batch_size=16, runs=2, screen_runs=3)
 CLI_QUICK = ["--methods", "evo,idle", "--keep-sweep", "0.3:0.9:0.2", "--start-shifts", "0", "--batch-size", "16",
-             "--runs", "2", "--workers", "0", "--quiet"]
+             "--runs", "2", "--workers", "0", "--quiet", "--malloc", "system"]  # keep: a subprocess test below
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +233,7 @@ def test_cli_tune_writes_the_choice_and_config_runs_it(checkpoint, tmp_path, cap
     assert "24 tuning + 24 check images" in printed and "chosen: " in printed and "check split (24 images" in printed
     document = json.loads((out / "tokenpace.json").read_text())
     assert document["model"] == "vit_tiny_patch16_224" and document["model_args"]["img_size"] == 32
+    assert document["malloc"] == "system" and json.loads((out / "search.json").read_text())["malloc"] == "system"
     assert document["measured"]["tuning_split"]["images"] == 24 and (out / "frontier.png").exists()
     config = str(out / "tokenpace.json")
     described = tokenpace.bench.MethodSpec.from_config(load_config(config)).describe(load_config(config))
@@ -326,3 +327,18 @@ def test_progress_to_a_log_file_is_plain_lines():
     silent.say("x")
     silent.close()
     assert quiet.getvalue() == ""
+
+
+def test_tune_keeps_freed_memory_by_default_where_glibc_allows():
+    """tune's --malloc default: keep on glibc (its choice rests on CPU timings that the default allocator made vary
+    by up to 0.5x between processes); bench keeps the system's behaviour unless asked. In a child process: the
+    setting is process-wide."""
+    import subprocess
+    import sys
+
+    code = ("from tokenpace.cli import _set_malloc, make_parser; p = make_parser(); "
+            "print(p.parse_args(['tune', '--data', 'd', '--output', 'o']).malloc, p.parse_args(['bench']).malloc, "
+            "_set_malloc(None))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    glibc = hasattr(__import__("ctypes").CDLL(None), "gnu_get_libc_version")
+    assert done.stdout.split() == ["None", "system", "keep" if glibc else "system"], done.stderr

@@ -159,10 +159,13 @@ def add_methods(p: argparse.ArgumentParser, what: str,
     p.add_argument("--keep-sweep", default=None, metavar="START:STOP:STEP", help=sweep)
 
 
-def add_malloc(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--malloc", choices=("system", "keep"), default="system",
+def add_malloc(p: argparse.ArgumentParser, keep_by_default: bool = False) -> None:
+    """--malloc; ``keep_by_default`` (tune, whose choice rests on timings): keep where glibc allows it."""
+    default = ("keep where the C library is glibc (with the system's behaviour, CPU speed-ups varied by up to 0.5x "
+               "between processes), else system" if keep_by_default else "the system's behaviour")
+    p.add_argument("--malloc", choices=("system", "keep"), default=None if keep_by_default else "system",
                    help="CPU: 'keep' makes glibc keep freed memory mapped for reuse (no page faults on every large "
-                        "tensor; the process holds its peak memory); default: the system's behaviour")
+                        f"tensor; the process holds its peak memory); default: {default}")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -372,7 +375,7 @@ def add_tune(sub) -> None:
                     help="folder for tokenpace.json (the choice), search.json (every candidate) and frontier.png")
     tu.add_argument("--overwrite", action="store_true", help="replace the results of an earlier search in --output")
     tu.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_malloc(tu)
+    add_malloc(tu, keep_by_default=True)
     tu.set_defaults(command_module="tune")
 
 

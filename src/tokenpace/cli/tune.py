@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     print(summary(result, args.run or name), flush=True)
     described = {**model_record(model, name), "model_args": {**(record.model_args if record else {}),
                                                                **source.model_args(args)},
-                 "run": args.run, "data": args.data, "limit": args.limit}
+                 "run": args.run, "data": args.data, "limit": args.limit, "malloc": args.malloc}
     for path in write_outputs(result, args.output, described,
                               f"{args.run or name}: {result.metric} vs speed-up ({result.device}, batch "
                               f"{settings.batch_size})"):
