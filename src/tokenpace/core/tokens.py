@@ -27,8 +27,8 @@ def flat_rows(idx: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Row indices (B*K,) into x.reshape(B*N, C) for per-image indices idx (B, K). Compute them once per selection
     and pass them to :func:`gather_rows`/:func:`scatter_rows` for every tensor of that selection: each recomputation
     is three more kernels, and small batches on a GPU are bound by kernel launches."""
-    offsets = torch.arange(idx.shape[0], device=idx.device, dtype=idx.dtype).unsqueeze(1) * seq_len
-    return (idx + offsets).reshape(-1)
+    offsets = torch.arange(0, idx.shape[0] * seq_len, seq_len, device=idx.device, dtype=idx.dtype)  # one kernel
+    return (idx + offsets.unsqueeze(1)).reshape(-1)
 
 
 def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
