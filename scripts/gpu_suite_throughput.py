@@ -57,19 +57,24 @@ class ThroughputPlan:
 DEIT_S = BenchModel("deit_small_patch16_224", "deit_small_patch16_224")
 DEIT_B = BenchModel("deit_base_patch16_224", "deit_base_patch16_224")
 VIT_B_1024 = BenchModel("vit_base_patch16_224@1024", "vit_base_patch16_224", (("img_size", 1024),))
+# the backbones issue's encoders: no class token and an attention-pool head; RoPE inside attention
+SIGLIP_B = BenchModel("vit_base_patch16_siglip_224", "vit_base_patch16_siglip_224")
+EVA02_S = BenchModel("eva02_small_patch14_224", "eva02_small_patch14_224")
 
 
 def full_plan() -> ThroughputPlan:
-    """24 groups in priority order: the targets' (DeiT-S bf16 at batch 256 and 1, then compiled at 256), every eager
-    setting of DeiT-S and DeiT-B, ViT-B at 1024 px (fewer rounds: up to a second per call), then more compiled."""
+    """27 groups in priority order: the targets' (DeiT-S bf16 at batch 256 and 1, then compiled at 256), every eager
+    setting of DeiT-S and DeiT-B, SigLIP-B (bf16, batch 256 and 1), ViT-B at 1024 px (fewer rounds: up to a second
+    per call), EVA-02-S (bf16, batch 256), then more compiled."""
     S, B, L = DEIT_S, DEIT_B, VIT_B_1024
     G = BenchGroup
     targets = [G(S, 256, "bf16", False), G(S, 1, "bf16", False), G(S, 256, "bf16", True, TARGET_METHODS)]
     eager = [G(S, 64, "bf16", False), G(S, 256, "none", False), G(S, 64, "none", False), G(S, 1, "none", False),
-             *(G(B, b, amp, False) for amp in ("bf16", "none") for b in (256, 64, 1))]
+             *(G(B, b, amp, False) for amp in ("bf16", "none") for b in (256, 64, 1)),
+             G(SIGLIP_B, 256, "bf16", False), G(SIGLIP_B, 1, "bf16", False)]
     large = [G(L, 1, "bf16", False), G(L, 64, "bf16", False, runs=5, warmup=1),
              G(L, 256, "bf16", False, runs=3, warmup=1), G(L, 1, "none", False, runs=5),
-             G(L, 64, "none", False, runs=3, warmup=1)]
+             G(L, 64, "none", False, runs=3, warmup=1), G(EVA02_S, 256, "bf16", False)]
     compiled = [G(S, 256, "bf16", True, OTHER_METHODS), G(S, 1, "bf16", True, TARGET_METHODS),
                 G(S, 64, "bf16", True, TARGET_METHODS), G(S, 256, "none", True, TARGET_METHODS),
                 G(B, 256, "bf16", True, TARGET_METHODS), G(L, 64, "bf16", True, TARGET_METHODS, runs=5, warmup=1)]
@@ -83,14 +88,19 @@ def full_plan() -> ThroughputPlan:
 
 
 def smoke_plan() -> ThroughputPlan:
-    """Tiny ViTs on the CPU: both precisions, a model built at another image size, and one compiled group of the
-    targets' methods (inductor's C++ backend: ~20-30 s of compilation on two cores)."""
+    """Tiny ViTs on the CPU: both precisions, a model built at another image size, tiny SigLIP- and EVA-02-shaped
+    encoders, and one compiled group of the targets' methods (inductor's C++ backend: ~20-30 s of compilation on
+    two cores)."""
     tiny = BenchModel("deit_tiny@32", "deit_tiny_patch16_224",
                       (("img_size", 32), ("patch_size", 4), ("depth", 4), ("embed_dim", 48)))
     large = BenchModel("deit_tiny@64", "deit_tiny_patch16_224",
                        (("img_size", 64), ("patch_size", 8), ("depth", 4), ("embed_dim", 48)))
+    shrink = (("img_size", 32), ("patch_size", 4), ("depth", 4), ("embed_dim", 48), ("num_heads", 3))
+    siglip = BenchModel("siglip_tiny@32", SIGLIP_B.timm_name, shrink)
+    eva = BenchModel("eva02_tiny@32", EVA02_S.timm_name, shrink)
     G = BenchGroup
     groups = (G(tiny, 4, "bf16", False, runs=2, warmup=1), G(tiny, 1, "bf16", False, runs=2, warmup=1),
+              G(siglip, 4, "bf16", False, runs=2, warmup=1), G(eva, 4, "bf16", False, runs=2, warmup=1),
               G(tiny, 4, "none", False, runs=2, warmup=1), G(large, 2, "bf16", False, TARGET_METHODS, runs=2, warmup=1),
               G(tiny, 4, "bf16", True, TARGET_METHODS, runs=2, warmup=1))
     dropped = ((G(large, 4, "none", False).key, "smoke: stands for the dropped 1024 px fp32 group"),)
