@@ -10,7 +10,10 @@ SHARED=${TOKENPACE_SHARED:-../shared}
 mkdir -p data .whl
 cp -f "$SHARED/data/cifar10_jpeg.npz" data/
 TIMM=$(python3 -c "import timm; print(timm.__version__)")
-rm -f .whl/*.whl
-python3 -m pip download -q --no-deps --only-binary=:all: -d .whl "timm==$TIMM"
-{ git check-ignore -q data/cifar10_jpeg.npz && git check-ignore -q .whl/x.whl; } || { echo "data/ or .whl/ is not git-ignored" >&2; exit 1; }
-du -ch data .whl | tail -1
+fresh=$(mktemp -d)
+trap 'rm -rf "$fresh"' EXIT
+python3 -m pip download -q --no-deps --only-binary=:all: -d "$fresh" "timm==$TIMM"  # the old wheel stays if offline
+rm -f .whl/*.whl && mv "$fresh"/*.whl .whl/
+{ git check-ignore -q data/cifar10_jpeg.npz && git check-ignore -q .whl/x.whl; } || {
+  echo "data/ or .whl/ is not git-ignored" >&2; exit 1; }
+ls .whl && du -ch data .whl | tail -1

@@ -178,11 +178,22 @@ def test_torch_compile_full_graph(images):
         assert torch.allclose(compiled(images), expected, atol=1e-5)
 
 
-def test_inference_mode_and_batch_size_one(images):
+def test_inference_mode_and_batch_size_one_and_zero(images):
     for method in ("evo", "idle", "evit", "topk"):
         model = tokenpace.apply(make_vit("deit"), method)
         with torch.inference_mode():
             assert model(images[:1]).shape == (1, 10)
+            assert model(images[:0]).shape == (0, 10)  # an empty batch, as the plain model runs it
+
+
+def test_fused_attention_switch_after_apply_takes_effect(images):
+    """timm's per-module ``fused_attn`` switch, flipped after ``apply``, is read by the patched forward too."""
+    model = tokenpace.apply(make_vit("deit"), "idle", keep=0.5)
+    parts = tokenpace.patch.get_patch(model).adapter.parts(0)
+    assert parts.fused is model.blocks[0].attn.fused_attn
+    for block in model.blocks:
+        block.attn.fused_attn = not block.attn.fused_attn
+    assert parts.fused is model.blocks[0].attn.fused_attn
 
 
 def _selection_share(model, images, dtype):

@@ -54,11 +54,12 @@ def test_inductor_full_graph(family):
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
 
 
-@pytest.mark.parametrize("family", ["vit", "vit_no_class_token", "eva_rope_mixed", "swin", "pvt_v2"])
+@pytest.mark.parametrize("family", ["vit", "vit_no_class_token", "eva_rope_mixed", "evo_levit", "swin", "pvt_v2"])
 def test_compiled_fresh_patch_does_not_recompile(family):
     """A model compiled straight after ``apply`` (as ``tokenpace bench --compile`` does) compiles once: nothing the
-    first forward builds (the block anatomy) may change what the compiled graph's guards check. (Not LeViT: timm's
-    own per-device attention-bias cache, filled by the first eval forward, recompiles the dense model once too.)"""
+    first forward builds (the block anatomy) may change what the compiled graph's guards check. (Not timm's LeViT:
+    its own per-device attention-bias cache, filled by the first eval forward, recompiles the dense model once too;
+    tokenpace's Evo-LeViT has none.)"""
     build, method, options, size = CASES[family]
     torch._dynamo.reset()
     model = tokenpace.apply(build(), method, keep=0.5, **options)

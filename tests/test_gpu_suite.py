@@ -84,7 +84,11 @@ def test_summary_has_environment_figures_and_targets(smoke):
     assert set(targets) == {"evo_speedup", "idle_speedup", "evo_speedup_compiled", "idle_speedup_compiled",
                             "batch1_not_slower", "cifar_dense", "cifar_evo_vs_dense", "cifar_idle_vs_dense",
                             "attention_vs_random"}
-    for name, t in targets.items():  # every target measured (the compiled ones by the compiled smoke group)
+    compiled_cut = any("compiled" in g["key"] for g in load(smoke[0], "throughput.json")["not_run"])
+    for name, t in targets.items():  # every target measured (the compiled ones by the compiled smoke group) ...
+        if name.endswith("_compiled") and compiled_cut:  # ... unless a slow machine ran out of its time for it
+            assert t["value"] is None and t["met"] is None, name
+            continue
         assert t["value"] is not None and t["met"] == (t["value"] >= t["threshold"]), name
     f = summary["figures"]
     for key in ("cifar_dense_top1", "cifar_evo_top1", "cifar_evo_random_top1", "cifar_idle_top1"):
@@ -96,8 +100,10 @@ def test_throughput_rows(smoke):
     out, _, _ = smoke
     doc = load(out, "throughput.json")
     plan = smoke_plan()
-    assert [g["key"] for g in doc["groups"]] == [g.key for g in plan.groups]
-    assert doc["failed"] == [] and doc["not_run"] == [] and doc["dropped"][0]["why"]
+    # every group ran, but the compiled one may be left out on a slow machine (listed with why; never failed)
+    assert doc["failed"] == [] and all("compiled" in g["key"] and g["why"] for g in doc["not_run"])
+    assert [g["key"] for g in doc["groups"]] + [g["key"] for g in doc["not_run"]] == [g.key for g in plan.groups]
+    assert doc["dropped"][0]["why"]
     for group, spec in zip(doc["groups"], plan.groups):
         rows = group["rows"]
         assert [r["method"] for r in rows] == spec.methods.split(",")
@@ -106,6 +112,8 @@ def test_throughput_rows(smoke):
         assert all(r["timed_calls"] == spec.runs == len(r["times_ms"]) for r in rows)
         assert all(r["peak_mib"] is None for r in rows)  # CUDA only
     compiled = [g for g in doc["groups"] if g["compile"]]
+    if not compiled:
+        pytest.skip(f"the compiled smoke group did not fit this machine's time: {doc['not_run']}")
     assert len(compiled) == 1 and [r["method"] for r in compiled[0]["rows"]] == ["dense", "evo", "idle"]
     # each compiled model compiles once, in its warm-up call: its timed calls are no slower than a few times the
     # dense model's (a recompilation costs seconds, the calls milliseconds)
@@ -183,16 +191,34 @@ def test_time_schedule_warms_up_then_anneals():
     assert lr_at(1.0, 1e-3, 1e-5, 0.1) == pytest.approx(1e-5)
 
 
+def probe_wheel(folder: Path) -> Path:
+    """A minimal pure-Python wheel, standing in for the carried timm wheel."""
+    import zipfile
+
+    folder.mkdir()
+    path = folder / "tokenpace_probe-1.0-py3-none-any.whl"
+    info = "tokenpace_probe-1.0.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("tokenpace_probe/__init__.py", "VERSION = '1.0'\n")
+        z.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: tokenpace-probe\nVersion: 1.0\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    return folder
+
+
 def test_device_script_installs_carried_wheels_and_runs_the_suite(tmp_path, data):
-    """scripts/gpu_device_run.sh, the one command of a GPU loan, end to end on the CPU (data section only)."""
+    """scripts/gpu_device_run.sh, the one command of a GPU loan, end to end on the CPU (data section only): the
+    carried wheels are installed into a site folder put on the path, every import is checked first."""
     import subprocess
 
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "TOKENPACE_SITE": str(tmp_path / "site")}
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "TOKENPACE_SITE": str(tmp_path / "site"),
+           "TOKENPACE_WHEELS": str(probe_wheel(tmp_path / "wheels")), "PYTHON": sys.executable}
     os.makedirs(env["OUT"])
     done = subprocess.run(["bash", str(SCRIPTS / "gpu_device_run.sh"), "--smoke", "--sections", "data", "--data",
                            data], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "torch " in done.stdout and " timm " in done.stdout
+    assert (tmp_path / "site" / "tokenpace_probe" / "__init__.py").is_file()  # the wheel went into the site folder
+    assert f"torch {torch.__version__} timm " in done.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert list(summary["sections"]) == ["data"] and summary["sections"]["data"]["status"] == "ok"
     assert summary["mode"] == "smoke" and (tmp_path / "out" / "suite.log").is_file()

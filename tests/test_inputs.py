@@ -110,7 +110,9 @@ def test_reachable_is_bounded():
 
     start = time.time()
     assert reachable("host.invalid", timeout=1.0) is False
-    assert time.time() - start < 3
+    # bounded by the timeout, not by a resolver's retries (a minute); the margin covers a loaded 2-core machine
+    # (seen: 5 s once in a full suite run)
+    assert time.time() - start < 10
 
 
 def _broken_checkpoints(tmp_path, weights):

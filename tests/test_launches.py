@@ -35,9 +35,10 @@ def launches(model, images) -> collections.Counter:
     return collections.Counter(counter.ops)
 
 
-# per method: options, selections in the forward, and the most launches one selection may add (measured: Idle 13 =
-# class-query score 4, top-k 1, index arithmetic 5, two row gathers and one row scatter; Evo 15 per stage)
-BUDGETS = {"idle": (dict(stage_starts=(1, 2, 3)), 3, 13), "evo": (dict(stage_starts=(1, 2)), 2, 15)}
+# per method: options, selections in the forward, and the most launches one selection may add: measured Idle 13
+# (class-query score 4, top-k 1, index arithmetic 5, two row gathers and one row scatter) and Evo 15 per stage, plus
+# one for an op that another torch release decomposes differently
+BUDGETS = {"idle": (dict(stage_starts=(1, 2, 3)), 3, 14), "evo": (dict(stage_starts=(1, 2)), 2, 16)}
 
 
 @pytest.mark.parametrize("method", list(BUDGETS))

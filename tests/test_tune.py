@@ -246,6 +246,11 @@ def test_cli_tune_writes_the_choice_and_config_runs_it(checkpoint, tmp_path, cap
     capsys.readouterr()
     assert main(["bench", *source(checkpoint), "--config", config, "--batch-size", "2", "--runs", "1", "--quiet"]) == 0
     assert described in capsys.readouterr().out
+    bench_json = tmp_path / "b.json"  # the model from the file alone: its arguments are recorded with the timings
+    assert main(["bench", "--checkpoint", checkpoint, "--config", config, "--batch-size", "2", "--runs", "1",
+                 "--warmup", "0", "--quiet", "--json", str(bench_json)]) == 0
+    timed = json.loads(bench_json.read_text())
+    assert timed["model_args"] == document["model_args"] and timed["input_size"] == [3, 32, 32]
     picture = tmp_path / "img.png"
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(picture)
     assert main(["show", str(picture), *source(checkpoint), "--config", config, "--output", str(tmp_path / "s")]) == 0
@@ -320,8 +325,9 @@ def test_progress_to_a_log_file_is_plain_lines():
     bar.advance(5.0, "timed 2/4")
     bar.close()
     lines = log.getvalue().splitlines()
-    assert "\r" not in log.getvalue() and len(lines) == 2
+    assert "\r" not in log.getvalue() and len(lines) == 3
     assert lines[0].startswith("tune:   0% after 0s: timing the dense model") and "50%" in lines[1]
+    assert lines[2].startswith("tune: 100% after") and lines[2].endswith(": done")
     quiet = io.StringIO()
     silent = Progress(False, 120.0, stream=quiet)
     silent.say("x")
@@ -336,9 +342,9 @@ def test_tune_keeps_freed_memory_by_default_where_glibc_allows():
     import subprocess
     import sys
 
-    code = ("from tokenpace.cli import _set_malloc, make_parser; p = make_parser(); "
-            "print(p.parse_args(['tune', '--data', 'd', '--output', 'o']).malloc, p.parse_args(['bench']).malloc, "
-            "_set_malloc(None))")
+    code = ("from tokenpace.cli import make_parser; from tokenpace.runtime import keep_freed_memory_where_possible;"
+            " p = make_parser(); print(p.parse_args(['tune', '--data', 'd', '--output', 'o']).malloc, "
+            "p.parse_args(['bench']).malloc, keep_freed_memory_where_possible())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     glibc = hasattr(__import__("ctypes").CDLL(None), "gnu_get_libc_version")
     assert done.stdout.split() == ["None", "system", "keep" if glibc else "system"], done.stderr

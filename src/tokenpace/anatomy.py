@@ -83,12 +83,17 @@ class BlockParts:
 
     num_heads: int
     scale: float
-    fused: bool = True  # fused SDPA (timm's ``fused_attn``); False computes the explicit softmax
     accepts_extra: bool = True  # position-less tokens after the patches are allowed (no bias needs a position)
     evolution_logit: torch.Tensor | None = None  # a learned Evo evolution weight (logit) the block carries
 
     def __init__(self, block: nn.Module) -> None:
         self.block = block
+
+    @property
+    def fused(self) -> bool:
+        """Fused SDPA (timm's ``fused_attn``), read at each forward, so flipping it after ``apply`` takes effect as
+        on the plain model; False computes the explicit softmax. True where the attention has no such switch."""
+        return getattr(getattr(self.block, "attn", None), "fused_attn", True)
 
     # --- the forward, part by part --------------------------------------------------------------------------------
     def dropout(self) -> float:

@@ -17,9 +17,26 @@ def keep_freed_memory() -> None:
     PyTorch's CPU tuning guide recommends, without a preloaded library. Raises RuntimeError where the C library
     has no glibc mallopt (macOS, musl).
     """
-    libc = ctypes.CDLL(None)  # the symbols already loaded into this process, the C library's among them
-    if not hasattr(libc, "gnu_get_libc_version"):
+    try:
+        libc = ctypes.CDLL(None)  # the symbols already loaded into this process, the C library's among them
+    except (OSError, TypeError):  # Windows has no such handle
+        libc = None
+    if libc is None or not hasattr(libc, "gnu_get_libc_version"):
         raise RuntimeError("--malloc keep needs glibc (Linux) and this process runs on another C library; "
                            "accepted here: --malloc system")
     if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, -1)):
         raise RuntimeError("glibc refused mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1); use --malloc system")
+
+
+def keep_freed_memory_where_possible() -> str:
+    """A command's default of ``--malloc keep`` where glibc allows it; returns what is in effect ("keep", or
+    "system" after a note on stderr)."""
+    import sys
+
+    try:
+        keep_freed_memory()
+    except RuntimeError:
+        print("tokenpace: note: the C library is not glibc: freed memory goes back to the system (--malloc system); "
+              "CPU timings may vary more between runs", file=sys.stderr)
+        return "system"
+    return "keep"

@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
             batches[bs] = _one_batch_size(args, model, specs, sessions, bs, device, name, what, progress)
     if args.json:
         extra = {"onnxruntime": _onnxruntime_version()} if args.onnx else {}
-        document = result_json(name, device, batches, **_model_settings(args, model), run=args.run, amp=args.amp,
-                               compile=args.compile, runs=args.runs, warmup=args.warmup, train=args.train,
+        document = result_json(name, device, batches, **_model_settings(args, model, record), run=args.run,
+                               amp=args.amp, compile=args.compile, runs=args.runs, warmup=args.warmup, train=args.train,
                                onnx=args.onnx, malloc=args.malloc, **extra)
         with open(args.json, "w") as f:
             json.dump(document, f, indent=2, allow_nan=False)
@@ -90,11 +90,14 @@ def _one_batch_size(args, model, specs, sessions, bs, device, name, what, progre
     return results
 
 
-def _model_settings(args, model) -> dict:
-    """What a JSON result needs to be repeated: the input it timed and the model arguments given on the command."""
+def _model_settings(args, model, record) -> dict:
+    """What a JSON result needs to be repeated: the input it timed and the model arguments the model was built with
+    (a run's or a configuration file's, then the command's)."""
     from ..families import adapter_for
 
-    return {"input_size": list(adapter_for(model).input_size()), "model_args": source.model_args(args)}
+    recorded = record.model_args if record is not None else {}
+    return {"input_size": list(adapter_for(model).input_size()),
+            "model_args": {**recorded, **source.model_args(args)}}
 
 
 def _onnxruntime_version() -> str:
@@ -124,8 +127,9 @@ def _memory(args, device, model, specs, record) -> int:
     print(format_memory_table(rows), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(memory_json(name, device, rows, **_model_settings(args, model), amp=args.amp, train=args.train,
-                                  grad_checkpointing=args.grad_checkpointing), f, indent=2, allow_nan=False)
+            json.dump(memory_json(name, device, rows, **_model_settings(args, model, record), amp=args.amp,
+                                  train=args.train, grad_checkpointing=args.grad_checkpointing), f, indent=2,
+                      allow_nan=False)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

@@ -54,9 +54,7 @@ def build(args: argparse.Namespace):
             note(f"--config {args.config} replaces the method {record.origin()} was trained for ({recorded.name})")
     given = model_args(args)
     if config is not None and config.model and args.run is None:
-        if args.model is not None and args.model != config.model:
-            raise TokenpaceError(f"--model {args.model} differs from the model of {config.origin()} "
-                                 f"({config.model}); drop --model (the configuration's model is used)")
+        recorded_model(config, args.model)
         given = {**config.model_args, **given}
     name = args.model if args.run is not None else (
         args.model or (config.model if config is not None else None) or DEFAULT_MODEL)
@@ -70,21 +68,40 @@ def configuration(args: argparse.Namespace):
     """The method configuration --config names, else the one beside --checkpoint (W.safetensors -> W.json, as
     `tokenpace convert` writes it), as a record like a run's; None when there is neither. Beside --run, --config
     gives the method and the run the model and weights."""
-    from ..config_io import config_of, config_path_for, read_document
+    path = getattr(args, "config", None)
+    if path is None and args.run is None and config_beside(args.checkpoint) is not None:
+        path = config_beside(args.checkpoint)
+        note(f"applying the method configuration beside the checkpoint, {path} (--methods/--method override it)")
+    return None if path is None else config_record(path)
+
+
+def config_beside(checkpoint: str | None) -> str | None:
+    """The configuration file beside a weights file (W.json for W.safetensors, as `tokenpace convert` writes it),
+    or None where there is none."""
+    from ..config_io import config_path_for
+
+    path = None if checkpoint is None else config_path_for(checkpoint)
+    return path if path is not None and os.path.isfile(path) else None
+
+
+def config_record(path: str):
+    """A configuration file (its method checked) as a record like a run's: model, model arguments, method."""
+    from ..config_io import config_of, read_document
     from ..models import RunRecord
     from ..train.recipes import method_to_dict
 
-    path = getattr(args, "config", None)
-    if (path is None and args.run is None and args.checkpoint is not None
-            and os.path.isfile(config_path_for(args.checkpoint))):
-        path = config_path_for(args.checkpoint)
-        note(f"applying the method configuration beside the checkpoint, {path} (--methods/--method override it)")
-    if path is None:
-        return None
     document = read_document(path)
     config = config_of(document, path)
     return RunRecord(folder=path, model=document.get("model"), model_args=dict(document.get("model_args") or {}),
                      method=method_to_dict(config), kind="configuration")
+
+
+def recorded_model(record, given: str | None) -> str:
+    """The model a run or configuration ``record`` names; a different --model ``given`` is refused."""
+    if given is not None and given != record.model:
+        raise TokenpaceError(f"--model {given} differs from the model of {record.origin()} ({record.model}); drop "
+                             f"--model (the {record.kind}'s model is used)")
+    return record.model
 
 
 def family_methods(model) -> list[str]:

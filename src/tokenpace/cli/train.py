@@ -84,36 +84,16 @@ def _model_source(args: argparse.Namespace, base) -> tuple[str, dict, str | None
     given_args = source.model_args(args)
     if args.run is not None:
         record = read_run(args.run)
-        if args.model is not None and args.model != record.model:
-            raise TokenpaceError(f"--model {args.model} differs from the model of run {args.run!r} "
-                                 f"({record.model}); drop --model (the run's model is used)")
-        return record.model, {**record.model_args, **given_args}, args.checkpoint or record.weights, False
+        return (source.recorded_model(record, args.model), {**record.model_args, **given_args},
+                args.checkpoint or record.weights, False)
     if base is not None:
         return (args.model or base.model, {**base.model_args, **given_args}, args.checkpoint or base.init,
                 args.pretrained or base.pretrained)
-    beside = _model_beside(args.checkpoint)
-    if beside is not None:
-        path, model, recorded_args = beside
-        if args.model is not None and args.model != model:
-            raise TokenpaceError(f"--model {args.model} differs from the model of {path} ({model}), the "
-                                 "configuration beside --checkpoint; drop --model (that model is built)")
-        source.note(f"building {model} as {path} (beside the checkpoint) records it; the method trained is the "
+    beside = source.config_beside(args.checkpoint)
+    record = source.config_record(beside) if beside is not None else None
+    if record is not None and record.model:  # the weights were made for the model the file names
+        model = source.recorded_model(record, args.model)
+        source.note(f"building {model} as {beside} (beside the checkpoint) records it; the method trained is the "
                     "recipe's (--recipe/--method), not that file's")
-        return model, {**recorded_args, **given_args}, args.checkpoint, args.pretrained
+        return model, {**record.model_args, **given_args}, args.checkpoint, args.pretrained
     return args.model or DEFAULT_MODEL, given_args, args.checkpoint, args.pretrained
-
-
-def _model_beside(checkpoint: str | None) -> tuple[str, str, dict] | None:
-    """(path, model, model arguments) of the configuration beside ``checkpoint`` (W.json for W.safetensors, as
-    `tokenpace convert` writes it), when it exists and names a model; the weights were made for that model."""
-    import os
-
-    from ..config_io import config_path_for, read_document
-
-    if checkpoint is None or not os.path.isfile(config_path_for(checkpoint)):
-        return None
-    path = config_path_for(checkpoint)
-    document = read_document(path)
-    if not document.get("model"):
-        return None
-    return path, document["model"], dict(document.get("model_args") or {})

@@ -38,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
     ds = build_dataset(DataSpec(args.data, limit=args.limit), "val", eval_transform(model))
     if args.labels == "auto" and has_labels(ds):
         check_labels(ds, model.num_classes, args.data)
+    if args.malloc is None:  # the default, applied once the input is checked: keep where glibc allows it
+        from ..runtime import keep_freed_memory_where_possible
+
+        args.malloc = keep_freed_memory_where_possible()
     name = source.model_name(args, record)
     with memory_guard(f"tuning at --batch-size {settings.batch_size}"):
         result = tune(model, ds, device, settings, methods=specs, progress=not args.quiet)

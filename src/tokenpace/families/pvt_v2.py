@@ -80,7 +80,7 @@ class PvtParts(BlockParts):
     def __init__(self, block: nn.Module) -> None:
         super().__init__(block)
         attn = self.attn = block.attn
-        self.num_heads, self.scale, self.fused = attn.num_heads, attn.scale, attn.fused_attn
+        self.num_heads, self.scale = attn.num_heads, attn.scale
 
     def dropout(self) -> float:
         return self.attn.attn_drop.p if self.attn.training else 0.0

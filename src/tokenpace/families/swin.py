@@ -101,7 +101,7 @@ class SwinParts(BlockParts):
     def __init__(self, block: nn.Module) -> None:
         super().__init__(block)
         attn = self.attn = block.attn
-        self.num_heads, self.scale, self.fused = attn.num_heads, attn.scale, attn.fused_attn
+        self.num_heads, self.scale = attn.num_heads, attn.scale
         self.width = attn.qkv.out_features // 3
 
     def dropout(self) -> float:

@@ -78,7 +78,6 @@ class VitParts(BlockParts):
         attn = self.attn = block.attn
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
         self.width = attn.num_heads * attn.head_dim
-        self.fused = attn.fused_attn
 
     def dropout(self) -> float:
         return self.attn.attn_drop.p if self.attn.training else 0.0

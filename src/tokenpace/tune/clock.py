@@ -95,6 +95,8 @@ class Progress:
     def close(self) -> None:
         self.bar.n = self.bar.total
         self.bar.close()
+        self.done_s = self.total_s
+        self._line("done")
 
 
 def format_duration(seconds: float) -> str:
