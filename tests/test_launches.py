@@ -35,19 +35,21 @@ def launches(model, images) -> collections.Counter:
     return collections.Counter(counter.ops)
 
 
-# per method: options, selections in the forward, and the most launches one selection may add: measured Idle 13
-# (class-query score 4, top-k 1, index arithmetic 5, two row gathers and one row scatter) and Evo 15 per stage, plus
-# one for an op that another torch release decomposes differently
-BUDGETS = {"idle": (dict(stage_starts=(1, 2, 3)), 3, 14), "evo": (dict(stage_starts=(1, 2)), 2, 16)}
+# per method: options, selections in the forward, the most launches one selection may add, and launches made once
+# per forward. Measured: Idle 10 per selection (class-query score 4, top-k 1, row index 2, two row gathers and one
+# row scatter) + 4 for the row offsets every selection shares; Evo 15 per stage. Each budget allows one more per
+# selection for an op that another torch release decomposes differently.
+BUDGETS = {"idle": (dict(stage_starts=(1, 2, 3)), 3, 11, 4), "evo": (dict(stage_starts=(1, 2)), 2, 16, 0)}
 
 
 @pytest.mark.parametrize("method", list(BUDGETS))
 def test_launches_added_per_selection_stay_within_budget(method):
-    options, selections, per_selection = BUDGETS[method]
+    options, selections, per_selection, once = BUDGETS[method]
     model = make_vit("deit", depth=4)
     images = torch.randn(2, 3, 32, 32)
     dense = launches(model, images)
     tokenpace.apply(model, method, keep=0.5, **options)
     added = launches(model, images) - dense
-    assert sum(added.values()) <= selections * per_selection, dict(added)
+    assert sum(added.values()) <= selections * per_selection + once, dict(added)
     assert added["index_select"] <= 2 * selections  # at most the block's input and norm1 output are gathered
+    assert added["arange"] <= 4  # index offsets are made once per forward (Evo: twice per stage), not per block

@@ -14,7 +14,7 @@ module internals; they call these parts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -54,10 +54,12 @@ class TokenSet:
 @dataclass(frozen=True)
 class Frame:
     """Per-forward data a family's position terms need: the patch grid (rows, cols) at this input and the family's
-    own tables (e.g. RoPE sin/cos over every patch position)."""
+    own tables (e.g. RoPE sin/cos over every patch position). ``cache`` holds what every selection of this forward
+    shares (core.tokens.sequence_rows' row offsets), made once instead of once per block."""
 
     grid: tuple[int, int]
     rope: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

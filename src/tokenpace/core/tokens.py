@@ -31,6 +31,23 @@ def flat_rows(idx: torch.Tensor, seq_len: int) -> torch.Tensor:
     return idx + offsets.unsqueeze(1)
 
 
+def sequence_rows(idx: torch.Tensor, prefix: int, seq_len: int, cache: dict | None = None) -> torch.Tensor:
+    """:func:`flat_rows` of :func:`with_prefix`: rows (B, prefix + K) of the flattened sequence for the prefix tokens
+    and the patches idx (B, K). The row offsets depend only on (B, N, prefix): with a per-forward ``cache`` they are
+    made once, and each selection costs two kernels (an add, a concatenation) instead of five."""
+    B = idx.shape[0]
+    key = ("sequence_rows", B, seq_len, prefix, idx.device, idx.dtype)
+    offsets = None if cache is None else cache.get(key)
+    if offsets is None:
+        image = torch.arange(0, B * seq_len, seq_len, device=idx.device, dtype=idx.dtype).unsqueeze(1)
+        offsets = (image + torch.arange(prefix, device=idx.device, dtype=idx.dtype), image + prefix)
+        if cache is not None:
+            cache[key] = offsets
+    prefix_rows, patch_base = offsets
+    patches = idx + patch_base
+    return torch.cat([prefix_rows, patches], dim=1) if prefix else patches
+
+
 def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """x (B, N, C), rows (B, K) from :func:`flat_rows` -> (B, K, C).
 

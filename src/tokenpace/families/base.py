@@ -16,7 +16,7 @@ from torch import nn
 from ..anatomy import BlockParts, Frame, StageEntry, TokenSet
 from ..blockops import run_block
 from ..core.macs import BlockWork, block_macs, dense_work
-from ..core.tokens import flat_rows, gather_rows, scatter_rows, with_prefix
+from ..core.tokens import gather_rows, scatter_rows, sequence_rows, with_prefix
 from ..scoring import QUERIES, bias_row, needs_keys, query_logits, score_macs, token_norms
 
 SEQUENCE, GROUPED = "sequence", "grouped"
@@ -277,12 +277,14 @@ class SequenceFamily(Family):
 
     def run_selected(self, i: int, x: torch.Tensor, prep: SequencePrep, idx: torch.Tensor, keep_qk: bool = False):
         keep = idx[:, 0]
-        seq = with_prefix(keep, self.num_prefix)
         keys = None
         if prep.keys is not None:
+            seq = with_prefix(keep, self.num_prefix)
             B, H, _, d = prep.keys.shape
             keys = prep.keys.gather(2, seq[:, None, :, None].expand(B, H, -1, d))
-        rows = flat_rows(seq, x.shape[1])  # once for the block's input, its norm1 output and its output
+        frame = prep.where.frame
+        # once for the block's input, its norm1 output and its output; offsets shared by the forward's selections
+        rows = sequence_rows(keep, self.num_prefix, x.shape[1], frame.cache if isinstance(frame, Frame) else None)
         sub, _, qk = run_block(self.parts(i), gather_rows(x, rows), prep.where.select(keep),
                                h=gather_rows(prep.h, rows), keep_qk=keep_qk, keys=keys)
         return scatter_rows(x, rows, sub), qk
