@@ -36,7 +36,8 @@ def sequence_rows(idx: torch.Tensor, prefix: int, seq_len: int, cache: dict | No
     and the patches idx (B, K). The row offsets depend only on (B, N, prefix): with a per-forward ``cache`` they are
     made once, and each selection costs two kernels (an add, a concatenation) instead of five."""
     B = idx.shape[0]
-    key = ("sequence_rows", B, seq_len, prefix, idx.device, idx.dtype)
+    # no batch size in the key (one forward has one; a symbolic batch in an ONNX export must not be specialised)
+    key = ("sequence_rows", seq_len, prefix, idx.device, idx.dtype)
     offsets = None if cache is None else cache.get(key)
     if offsets is None:
         image = torch.arange(0, B * seq_len, seq_len, device=idx.device, dtype=idx.dtype).unsqueeze(1)
