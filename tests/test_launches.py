@@ -37,8 +37,9 @@ def launches(model, images) -> collections.Counter:
 
 # per method: options, selections in the forward, the most launches one selection may add, and launches made once
 # per forward. Measured: Idle 10 per selection (class-query score 4, top-k 1, row index 2, two row gathers and one
-# row scatter) + 4 for the row offsets every selection shares; Evo 15 per stage. Each budget allows one more per
-# selection for an op that another torch release decomposes differently.
+# row scatter) + 4 for the row offsets every selection shares; Evo 12 per stage + the same 4 (28 at two stages, held
+# to 16 per stage). Each budget allows at least one more per selection for an op that another torch release
+# decomposes differently.
 BUDGETS = {"idle": (dict(stage_starts=(1, 2, 3)), 3, 11, 4), "evo": (dict(stage_starts=(1, 2)), 2, 16, 0)}
 
 
@@ -52,4 +53,4 @@ def test_launches_added_per_selection_stay_within_budget(method):
     added = launches(model, images) - dense
     assert sum(added.values()) <= selections * per_selection + once, dict(added)
     assert added["index_select"] <= 2 * selections  # at most the block's input and norm1 output are gathered
-    assert added["arange"] <= 4  # index offsets are made once per forward (Evo: twice per stage), not per block
+    assert added["arange"] <= 4  # index offsets are made once per forward, not per block

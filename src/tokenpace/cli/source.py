@@ -69,9 +69,10 @@ def configuration(args: argparse.Namespace):
     `tokenpace convert` writes it), as a record like a run's; None when there is neither. Beside --run, --config
     gives the method and the run the model and weights."""
     path = getattr(args, "config", None)
-    if path is None and args.run is None and config_beside(args.checkpoint) is not None:
+    if path is None and args.run is None:
         path = config_beside(args.checkpoint)
-        note(f"applying the method configuration beside the checkpoint, {path} (--methods/--method override it)")
+        if path is not None:
+            note(f"applying the method configuration beside the checkpoint, {path} (--methods/--method override it)")
     return None if path is None else config_record(path)
 
 

@@ -23,24 +23,27 @@ def with_prefix(idx: torch.Tensor, num_prefix: int) -> torch.Tensor:
     return torch.cat([prefix, idx + num_prefix], dim=1)
 
 
+def _image_offsets(idx: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(B, 1): the first row of each image in the flattened (B*N, C) batch, in one kernel."""
+    return torch.arange(0, idx.shape[0] * seq_len, seq_len, device=idx.device, dtype=idx.dtype).unsqueeze(1)
+
+
 def flat_rows(idx: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Row indices (B, K) into x.reshape(B*N, C) for per-image indices idx (B, K). Compute them once per selection
     and pass them to :func:`gather_rows`/:func:`scatter_rows` for every tensor of that selection: each recomputation
     is more kernels, and small batches on a GPU are bound by kernel launches."""
-    offsets = torch.arange(0, idx.shape[0] * seq_len, seq_len, device=idx.device, dtype=idx.dtype)  # one kernel
-    return idx + offsets.unsqueeze(1)
+    return idx + _image_offsets(idx, seq_len)
 
 
 def sequence_rows(idx: torch.Tensor, prefix: int, seq_len: int, cache: dict | None = None) -> torch.Tensor:
     """:func:`flat_rows` of :func:`with_prefix`: rows (B, prefix + K) of the flattened sequence for the prefix tokens
     and the patches idx (B, K). The row offsets depend only on (B, N, prefix): with a per-forward ``cache`` they are
     made once, and each selection costs two kernels (an add, a concatenation) instead of five."""
-    B = idx.shape[0]
     # no batch size in the key (one forward has one; a symbolic batch in an ONNX export must not be specialised)
     key = ("sequence_rows", seq_len, prefix, idx.device, idx.dtype)
     offsets = None if cache is None else cache.get(key)
     if offsets is None:
-        image = torch.arange(0, B * seq_len, seq_len, device=idx.device, dtype=idx.dtype).unsqueeze(1)
+        image = _image_offsets(idx, seq_len)
         offsets = (image + torch.arange(prefix, device=idx.device, dtype=idx.dtype), image + prefix)
         if cache is not None:
             cache[key] = offsets

@@ -282,9 +282,8 @@ class SequenceFamily(Family):
             seq = with_prefix(keep, self.num_prefix)
             B, H, _, d = prep.keys.shape
             keys = prep.keys.gather(2, seq[:, None, :, None].expand(B, H, -1, d))
-        frame = prep.where.frame
         # once for the block's input, its norm1 output and its output; offsets shared by the forward's selections
-        rows = sequence_rows(keep, self.num_prefix, x.shape[1], frame.cache if isinstance(frame, Frame) else None)
+        rows = sequence_rows(keep, self.num_prefix, x.shape[1], getattr(prep.where.frame, "cache", None))
         sub, _, qk = run_block(self.parts(i), gather_rows(x, rows), prep.where.select(keep),
                                h=gather_rows(prep.h, rows), keep_qk=keep_qk, keys=keys)
         return scatter_rows(x, rows, sub), qk

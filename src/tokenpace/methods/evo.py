@@ -21,8 +21,8 @@ from ..blockops import Row, run_block
 from ..core.macs import BlockWork, dense_work
 from ..core.schedule import keep_count, scaled_layers, validate_layers
 from ..core.scores import evolve
-from ..core.tokens import (flat_rows, gather_rows, gather_tokens, gather_values, scatter_rows, scatter_values,
-                           split_indices, top_indices, weighted_merge, with_prefix)
+from ..core.tokens import (gather_rows, gather_tokens, gather_values, scatter_rows, scatter_values, sequence_rows,
+                           split_indices, top_indices, weighted_merge)
 from ..families.base import Family
 from .base import ForwardState, MethodConfig, Policy, check_choice, check_keep, check_layers
 
@@ -86,9 +86,9 @@ class Evo(MethodConfig):
 
 
 def gather_slow_path(x: torch.Tensor, g: torch.Tensor, ranking: torch.Tensor, k: int, prefix: int,
-                     representative: bool):
+                     representative: bool, cache: dict | None = None):
     """The slow path of one selection: (keep_idx (B, k), rows (the prefix and kept tokens as rows of the flattened
-    sequence, core.tokens.flat_rows), tokens, their g, rep_in).
+    sequence, core.tokens.sequence_rows, with the forward's ``cache``), tokens, their g, rep_in).
 
     tokens are the prefix and the top-k patch tokens by ``ranking``. With ``representative`` (and placeholders
     left), the placeholders pooled with weights g / sum(g) (Evo-LeViT merge_tokens) are appended as one more token,
@@ -96,7 +96,7 @@ def gather_slow_path(x: torch.Tensor, g: torch.Tensor, ranking: torch.Tensor, k:
     """
     use_rep = representative and k < g.shape[1]
     keep_idx, ph_idx = split_indices(ranking, k) if use_rep else (top_indices(ranking, k), None)
-    rows = flat_rows(with_prefix(keep_idx, prefix), x.shape[1])  # once, for the gather here and the scatter after
+    rows = sequence_rows(keep_idx, prefix, x.shape[1], cache)  # once, for the gather here and the scatter after
     tokens = gather_rows(x, rows)
     rep_in = None
     if use_rep:
@@ -173,7 +173,8 @@ class EvoPolicy(Policy):
         fam, prefix = self.family, self.prefix
         k = keep_count(x.shape[1] - prefix, self.config.keep)
         # the representative token's weights g / sum(g) carry gradient to q, k and theta (Evo-LeViT)
-        keep_idx, rows, sub, g_sub, rep_in = gather_slow_path(x, g, self.rank(g), k, prefix, self.representative)
+        keep_idx, rows, sub, g_sub, rep_in = gather_slow_path(x, g, self.rank(g), k, prefix, self.representative,
+                                                              getattr(state.frame, "cache", None))
         where = fam.tokens(state.frame).select(keep_idx, extra=int(rep_in is not None))
         row = self.row if evolve_g else None
         for i in range(lo, hi):
