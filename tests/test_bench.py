@@ -59,6 +59,14 @@ def test_bench_without_a_dense_row_prints_dash_and_writes_valid_json(tmp_path, c
     assert "NaN" not in text and json.loads(text)["results"][0]["speedup"] is None
 
 
+def test_bench_without_model_names_the_default_model_it_built(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--methods", "dense", "--batch-size", "1", "--runs", "1", "--warmup", "0", "--img-size",
+                 "32", "--quiet", "--json", str(out)]) == 0
+    assert "\ndeit_small_patch16_224  inference  batch 1" in capsys.readouterr().out
+    assert json.loads(out.read_text())["model"] == "deit_small_patch16_224"
+
+
 def test_bench_old_positional_model_still_works_with_a_deprecation(capsys):
     assert main(["bench", "vit_tiny_patch16_224", "--methods", "dense", "--batch-size", "1", "--runs", "1",
                  "--warmup", "0", "--img-size", "32", "--quiet"]) == 0

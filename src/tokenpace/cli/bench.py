@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             raise TokenpaceError(f"--fuse-bn folds LeViT's BatchNorm layers, and {type(model).__name__} has none; "
                                  "accepted: timm levit_* and tokenpace's evo_levit_* models")
         fuse_batchnorm(model.eval())
-    name = args.model or (record.model if record is not None else None) or "?"
+    name = source.model_name(args, record)
     what = "training step" if args.train else ("ONNX Runtime inference" if args.onnx else "inference")
     progress = None if args.quiet else stderr_progress
     batches = {}
@@ -113,7 +113,7 @@ def _memory(args, device, model, specs, record) -> int:
 
     if args.compile:
         raise TokenpaceError("--memory measures eager runs; drop --compile")
-    name = args.model or (record.model if record is not None else None) or "?"
+    name = source.model_name(args, record)
     mode = "train" if args.train else "inference"
     rows = []
     for bs in args.batch_size or [256 if device.type == "cuda" else 32]:

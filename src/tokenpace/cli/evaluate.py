@@ -33,12 +33,12 @@ def run(args: argparse.Namespace) -> int:
     with memory_guard(f"evaluation at --batch-size {args.batch_size}"):
         rows = evaluate(model, specs, loader, device, args.batch_size, speed_runs=args.speed_runs, amp=args.amp,
                         progress=None if args.quiet else stderr_progress)
-    name = args.run or args.model or (record.model if record is not None else None) or source.DEFAULT_MODEL
+    name = args.run or source.model_name(args, record)
     print(f"\n{name} on {args.data} ({len(ds)} images), throughput at batch {args.batch_size} on {device.type}, "
           f"amp={args.amp}")
     print(format_rows(rows), flush=True)
     if args.json:
-        document = {"model": record.model if record is not None else name, "run": args.run, "data": args.data,
+        document = {"model": source.model_name(args, record), "run": args.run, "data": args.data,
                     "images": len(ds), "batch_size": args.batch_size, "device": device_name(device),
                     "amp": args.amp, "speed_runs": args.speed_runs, "versions": versions(),
                     "rows": [dataclasses.asdict(r) for r in rows]}

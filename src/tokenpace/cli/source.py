@@ -56,8 +56,7 @@ def build(args: argparse.Namespace):
     if config is not None and config.model and args.run is None:
         recorded_model(config, args.model)
         given = {**config.model_args, **given}
-    name = args.model if args.run is not None else (
-        args.model or (config.model if config is not None else None) or DEFAULT_MODEL)
+    name = args.model if args.run is not None else model_name(args, config)  # a run's own model is read with it
     model = build_model(name, checkpoint=args.checkpoint, run=args.run, pretrained=args.pretrained,
                         model_args=given)
     family_methods(model)  # a model no family supports is refused here, naming the supported ones
@@ -150,8 +149,8 @@ def check_specs(chosen: list, model) -> list:
 
 
 def model_name(args: argparse.Namespace, record) -> str:
-    """The timm name of the model the options build."""
-    return record.model if record is not None else (args.model or DEFAULT_MODEL)
+    """The timm name of the model the options build: --model, else the run's or configuration's, else the default."""
+    return args.model or (record.model if record is not None else None) or DEFAULT_MODEL
 
 
 def file_config(args: argparse.Namespace, model, record, replaced_flags: tuple[str, ...]):
