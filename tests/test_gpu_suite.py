@@ -222,3 +222,38 @@ def test_device_script_installs_carried_wheels_and_runs_the_suite(tmp_path, data
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert list(summary["sections"]) == ["data"] and summary["sections"]["data"]["status"] == "ok"
     assert summary["mode"] == "smoke" and (tmp_path / "out" / "suite.log").is_file()
+
+
+def test_tables_render_every_figure_of_the_run(smoke, tmp_path):
+    import gpu_tables
+
+    out, summary, _ = smoke
+    text = gpu_tables.render(out)
+    for name, t in summary["targets"].items():
+        verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
+        assert f"| {name} | {t['what']} |" in text and text.split(f"| {name} |")[1].split("\n")[0].endswith(
+            f"| {verdict} |")
+    for g in load(out, "throughput.json")["groups"]:
+        rows = {r["method"]: r for r in g["rows"]}
+        dense = rows.pop("dense")
+        cells = [f"{dense['img_per_s']:.0f}"] + [f"{r['speedup']:.2f}x / {dense['gmacs'] / r['gmacs']:.2f}x"
+                                                 for r in rows.values()]
+        mode = "compiled" if g["compile"] else "eager"
+        assert f"({g['model']}) | {g['batch']} | {g['precision']} | {mode} | " + " | ".join(cells) in text
+    cifar = load(out, "cifar.json")
+    assert f"| dense, from scratch | {cifar['dense']['top1']:.2f} |" in text
+    assert f"| evo(0.5), from scratch | {cifar['evo']['top1']:.2f} | {cifar['evo']['random_top1']:.2f} |" in text
+    assert "Not run or failed" not in text and "Peak memory" not in text  # the CPU measures no CUDA peak
+
+    # a failed section and a group that did not fit are listed, not dropped
+    for name in ("summary.json", "throughput.json", "cifar.json"):
+        (tmp_path / name).write_text((out / name).read_text())
+    broken = load(tmp_path, "summary.json")
+    broken["sections"]["idle"]["status"] = "failed: RuntimeError: boom"
+    (tmp_path / "summary.json").write_text(json.dumps(broken))
+    doc = load(tmp_path, "throughput.json")
+    doc["not_run"].append({"key": "vit_b@1024 b64 fp32 eager [dense,evo]", "why": "needs 40 s, 12 s left"})
+    (tmp_path / "throughput.json").write_text(json.dumps(doc))
+    text = gpu_tables.render(tmp_path)
+    assert "- section idle: failed: RuntimeError: boom" in text
+    assert "- throughput group vit_b@1024 b64 fp32 eager [dense,evo]: not run (needs 40 s, 12 s left)" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+
 def evolve(previous: torch.Tensor, current: torch.Tensor, alpha: float | torch.Tensor) -> torch.Tensor:
     """Global class attention update (Evo-ViT): (1 - alpha) * previous + alpha * current; alpha weights the new layer
     (a float, or Evo-LeViT's learned sigmoid(theta) tensor: never branched on, so compiled graphs stay static)."""

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Markdown for the README from one GPU suite folder (what `scripts/gpu_suite.py OUTDIR` wrote): the machine, the
+targets (met or missed, with the number), throughput (dense img/s and each method's speed-up; peak memory), the
+CIFAR-10 results, and whatever did not run. Usage: python scripts/gpu_tables.py OUTDIR"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+METHOD_ORDER = ("dense", "evo", "idle", "evit", "topk")
+
+
+def _load(folder: Path, name: str) -> dict:
+    path = folder / name
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _number(value, digits: int = 2, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def machine(summary: dict) -> list[str]:
+    gpu = summary.get("gpu") or {}
+    where = f"{gpu['name']} ({gpu['memory_gib']} GiB)" if gpu else summary.get("device", "?")
+    return [f"Machine: {where}; torch {summary.get('torch')}, CUDA {summary.get('cuda')}, timm {summary.get('timm')}, "
+            f"Python {summary.get('python')}. Suite mode {summary.get('mode')}, started {summary.get('started')}, "
+            f"{summary.get('elapsed_s')} s in all."]
+
+
+def targets(summary: dict) -> list[str]:
+    rows = []
+    for name, t in summary.get("targets", {}).items():
+        verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
+        unit = "" if t["unit"] in ("", "points") else t["unit"]
+        rows.append([name, t["what"], _number(t["value"], 3 if unit == "x" else 2, unit),
+                     f">= {t['threshold']:g}{unit}", verdict])
+    return _table(["target", "what", "measured", "target", "verdict"], rows)
+
+
+def _methods(groups: list[dict]) -> list[str]:
+    present = {r["method"] for g in groups for r in g["rows"]}
+    return [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+
+
+def _group_cells(g: dict) -> list[str]:
+    return [f"`{g['timm_name']}` ({g['model']})", str(g["batch"]), g["precision"],
+            "compiled" if g["compile"] else "eager"]
+
+
+def _speed_cell(row: dict | None, dense: dict | None, config: str | None) -> str:
+    """speed-up / MACs ratio, both over dense; the configuration too where the column's header cannot name it."""
+    if row is None or row["speedup"] is None:
+        return "-"
+    macs = f" / {dense['gmacs'] / row['gmacs']:.2f}x" if dense and row["gmacs"] else ""
+    return f"{row['speedup']:.2f}x{macs}" + ("" if config is not None else f" ({row['config']})")
+
+
+def throughput(doc: dict) -> list[str]:
+    groups = doc.get("groups", [])
+    if not groups:
+        return ["No throughput group ran."]
+    methods = _methods(groups)
+    configs = {m: {r["config"] for g in groups for r in g["rows"] if r["method"] == m} for m in methods}
+    header = {m: next(iter(c)) if len(c) == 1 else None for m, c in configs.items()}  # None: said per cell
+    speed, memory = [], []
+    for g in groups:
+        by_method = {r["method"]: r for r in g["rows"]}
+        dense = by_method.get("dense")
+        speed.append(_group_cells(g) + [_number(dense and dense["img_per_s"], 0)]
+                     + [_speed_cell(by_method.get(m), dense, header[m]) for m in methods if m != "dense"])
+        memory.append(_group_cells(g) + [_number(by_method[m]["peak_mib"], 0) if m in by_method else "-"
+                                         for m in methods])
+    reduced = [m + (f" {header[m]}" if header[m] else "") for m in methods if m != "dense"]
+    out = ["Speed-up over dense (img/s ratio, median of the rounds, methods interleaved) / MACs ratio over dense:",
+           ""]
+    out += _table(["model", "batch", "precision", "mode", "dense img/s"] + reduced, speed)
+    if any(r["peak_mib"] is not None for g in groups for r in g["rows"]):
+        out += ["", "Peak memory (MiB, torch.cuda.max_memory_allocated during the method's timed calls):", ""]
+        out += _table(["model", "batch", "precision", "mode"] + methods, memory)
+    return out
+
+
+def cifar(doc: dict) -> list[str]:
+    trained = [name for name in ("dense", "evo", "idle") if name in doc]
+    if not trained:
+        return ["No CIFAR-10 model was trained."]
+    dense = doc.get("dense", {}).get("top1")
+    rows = []
+    for name in trained:
+        r = doc[name]
+        config = r.get("config")
+        how = ", from scratch" if name == "evo" else ", fine-tuned from dense"
+        what = "dense, from scratch" if config is None else f"{config['method']}({config['keep']}){how}"
+        vs = "-" if dense is None or name == "dense" else f"{r['top1'] - dense:+.2f}"
+        train = r["train"]
+        rows.append([what, _number(r["top1"]), _number(r.get("random_top1")), vs, _number(r.get("dense_form_top1")),
+                     f"{train['epochs']:.1f}", str(train["steps"]), f"{train['seconds']:.0f}", train["stopped_by"]])
+    out = _table(["model", "top-1 %", "random scores %", "vs dense", "its weights run dense %", "epochs", "steps",
+                  "seconds", "stopped by"], rows)
+    sweeps = doc.get("dense", {}).get("sweeps", {})
+    if sweeps:
+        keeps = next(iter(sweeps.values()))["keeps"]
+        out += ["", "The dense model with each method applied, no fine-tuning (top-1 %, class attention / random "
+                    "scores):", ""]
+        out += _table(["method"] + [f"keep {k:g}" for k in keeps],
+                      [[m] + [f"{a:.2f} / {r:.2f}" for a, r in zip(s["attention"], s["random"])]
+                       for m, s in sweeps.items()])
+    return out
+
+
+def left_out(summary: dict, doc: dict) -> list[str]:
+    lines = [f"- section {name}: {s['status']}" for name, s in summary.get("sections", {}).items()
+             if s.get("status") != "ok"]
+    lines += [f"- throughput group {g['key']}: not run ({g['why']})" for g in doc.get("not_run", [])]
+    lines += [f"- throughput group {g['key']}: failed ({g['error']})" for g in doc.get("failed", [])]
+    return lines
+
+
+def render(folder: str | Path) -> str:
+    folder = Path(folder)
+    summary, doc, results = (_load(folder, n) for n in ("summary.json", "throughput.json", "cifar.json"))
+    if not summary:
+        raise SystemExit(f"{folder}: no summary.json; give the folder scripts/gpu_suite.py wrote")
+    parts = [machine(summary), targets(summary), throughput(doc), cifar(results)]
+    missing = left_out(summary, doc)
+    if missing:
+        parts.append(["Not run or failed:", ""] + missing)
+    return "\n\n".join("\n".join(p) for p in parts) + "\n"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    print(render(sys.argv[1]), end="")
