@@ -107,6 +107,22 @@ def test_logit_scores_without_key_projection_rank_like_projected_keys(query):
     torch.testing.assert_close(query_logits(parts, h, None, query, project_keys=True), explicit)
 
 
+def test_logit_scores_under_autocast_read_the_normed_tokens_in_float32():
+    """Under bf16 autocast the normed tokens h are float32 (the norm's output): the shortcut's dot product stays in
+    float32, so no half-size copy of every token is written (one pass over the sequence less per selection) and the
+    ranking is that of the float32 product."""
+    gen = torch.Generator().manual_seed(0)
+    G, n, C, H, scale = 2, 9, 8, 2, 0.37
+    h = torch.randn(G, n, C, generator=gen)
+    w_q, w_k = torch.randn(C, C, generator=gen), torch.randn(C, C, generator=gen)
+    parts = _LinearParts(w_q, torch.zeros(C), w_k, torch.zeros(C), H, scale)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = query_logits(parts, h, None, "cls")
+        u = torch.nn.functional.linear(h[:, 0], w_q, torch.zeros(C)) @ w_k  # the query side, bf16 as in scoring
+    assert got.dtype == torch.float32 and u.dtype == torch.bfloat16
+    torch.testing.assert_close(got, (h @ (u * scale).float().unsqueeze(-1)).squeeze(-1), rtol=0, atol=0)
+
+
 def test_evolve_weights_the_new_layer():
     g, a = torch.tensor([1.0, 3.0]), torch.tensor([3.0, 1.0])
     assert evolve(g, a, 0.5).tolist() == [2.0, 2.0]

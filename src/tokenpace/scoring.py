@@ -31,6 +31,17 @@ def _query_row(parts: BlockParts, h: torch.Tensor, where: Any, query: str) -> to
     return parts.queries(h, where).mean(dim=-2, keepdim=True)
 
 
+def _dots_in_own_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """h (..., n, C) . w (..., C) -> (..., n) in h's dtype. Under autocast h is the norm's float32 output, and a
+    bfloat16 product would first write a half-size copy of every token and then read it: one more pass over the
+    whole sequence per selection, the kind that bounds an eager GPU forward at large batch. Float32 ranks exactly."""
+    device = h.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return (h @ w.to(h.dtype).unsqueeze(-1)).squeeze(-1)
+    return (h @ w.unsqueeze(-1)).squeeze(-1)
+
+
 def needs_keys(parts: BlockParts, project_keys: bool = False) -> bool:
     """True when scores must project every key (keys not affine in h, or asked for)."""
     return project_keys or parts.linear_keys() is None
@@ -44,7 +55,7 @@ def query_logits(parts: BlockParts, h: torch.Tensor, where: Any, query: str, pro
     q = _query_row(parts, h, where, query)  # (..., H, 1, d)
     if not needs_keys(parts, project_keys):
         u = q.flatten(-3) @ parts.linear_keys().weight  # (..., C): sum over heads of W_k,h^T q_h, every image
-        return (h @ (u * parts.scale).unsqueeze(-1)).squeeze(-1)
+        return _dots_in_own_dtype(h, u * parts.scale)
     k = parts.keys(h, where) if keys is None else keys  # (B, H, n, d)
     return ((q * parts.scale) @ k.transpose(-2, -1)).squeeze(-2).sum(dim=-2)
 
