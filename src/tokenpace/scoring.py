@@ -53,8 +53,9 @@ def query_logits(parts: BlockParts, h: torch.Tensor, where: Any, query: str, pro
     (per-group constants left out). Additive position terms are not included: see :func:`bias_row`. ``keys``:
     every token's keys (B, H, n, d) when the caller projected them already."""
     q = _query_row(parts, h, where, query)  # (..., H, 1, d)
-    if not needs_keys(parts, project_keys):
-        u = q.flatten(-3) @ parts.linear_keys().weight  # (..., C): sum over heads of W_k,h^T q_h, every image
+    linear = None if project_keys else parts.linear_keys()  # asked once: families slice it from a fused weight
+    if linear is not None:
+        u = q.flatten(-3) @ linear.weight  # (..., C): sum over heads of W_k,h^T q_h, every image
         return _dots_in_own_dtype(h, u * parts.scale)
     k = parts.keys(h, where) if keys is None else keys  # (B, H, n, d)
     return ((q * parts.scale) @ k.transpose(-2, -1)).squeeze(-2).sum(dim=-2)
