@@ -67,6 +67,16 @@ def test_bench_without_model_names_the_default_model_it_built(tmp_path, capsys):
     assert json.loads(out.read_text())["model"] == "deit_small_patch16_224"
 
 
+def test_bench_keep_applies_to_the_methods_without_their_own(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "vit_tiny_patch16_224", "--methods", "dense,evo@0.6,idle,topk:layer=2",
+                 "--keep", "0.5", "--batch-size", "1", "--runs", "1", "--warmup", "0", "--img-size", "32", "--quiet",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["method"], r["config"]) for r in rows] == [("dense", "-"), ("evo", "keep=0.6"), ("idle", "keep=0.5"),
+                                                          ("topk", "keep=0.5 layer=2")]
+
+
 def test_bench_old_positional_model_still_works_with_a_deprecation(capsys):
     assert main(["bench", "vit_tiny_patch16_224", "--methods", "dense", "--batch-size", "1", "--runs", "1",
                  "--warmup", "0", "--img-size", "32", "--quiet"]) == 0
@@ -123,7 +133,8 @@ def test_benchmark_and_eval_keep_one_model(monkeypatch):
     (["--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
     (["--keep", "1.5"], "argument --keep: expected a keep ratio in (0, 1], got '1.5'"),
     (["--keep", "0.5", "--keep-sweep", "0.3:1:0.1"], "--keep and --keep-sweep both set the keep ratio"),
-    (["--methods", "evo@0.6", "--keep", "0.5"], "--keep and the keep of evo in --methods both set keep"),
+    (["--methods", "evo@0.6", "--keep-sweep", "0.3:1:0.1"], "--keep-sweep sets the keep of every method, and evo in "
+                                                             "--methods sets its own; give one"),
     (["--json", "/no/such/folder/bench.json"], "--json '/no/such/folder/bench.json': folder '/no/such/folder' does"),
     (["--batch-size", "100000000"], "inference at batch size 100000000 does not fit in memory: one allocation asked"),
 ])

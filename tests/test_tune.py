@@ -275,7 +275,8 @@ def test_cli_tune_on_unlabelled_images_says_the_budget_is_agreement(checkpoint, 
                  str(tmp_path / "o"), *CLI_QUICK]) == 0
     printed = capsys.readouterr().out
     assert "note: no labels in the data: the budget is on agreement with the dense model's predictions" in printed
-    assert "budget: agreement at least 1.5x faster than dense (measured, interleaved with dense)" in printed
+    assert ("budget: at least 1.5x faster than dense (measured, interleaved with dense), the best agreement among "
+            "those") in printed
     chosen = json.loads((tmp_path / "o" / "tokenpace.json").read_text())["measured"]
     assert chosen["metric"] == "agreement" and chosen["speedup"] >= 1.5 and chosen["check_split"]["images"] == 12
     assert main(["eval", *source(checkpoint), "--data", data, "--workers", "0"]) == 2
@@ -299,7 +300,6 @@ def run(argv):
     (["--time-budget", "ten"], "got 'ten'"),
     (["--start-shifts", "a"], "expected comma-separated integers"),
     (["--check-fraction", "1"], "expected a fraction in (0, 1)"),
-    (["--keep", "0.5", "--methods", "evo@0.4"], "--keep and the keep of evo in --methods both set keep"),
     (["--methods", "evit", "--model", "swin_tiny_patch4_window7_224"], "method 'evit' is not available for timm SwinTransformer models"),
 ])
 def test_cli_tune_refuses_bad_input_in_one_line(argv, message, tmp_path, capsys):
@@ -348,3 +348,15 @@ def test_tune_keeps_freed_memory_by_default_where_glibc_allows():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     glibc = hasattr(__import__("ctypes").CDLL(None), "gnu_get_libc_version")
     assert done.stdout.split() == ["None", "system", "keep" if glibc else "system"], done.stderr
+
+
+def test_tune_keep_fixes_the_methods_without_their_own():
+    import argparse
+
+    import timm
+
+    from tokenpace.cli.tune import _methods
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=4)
+    specs = _methods(argparse.Namespace(methods="evo@0.4,idle", keep=0.5), model, None)
+    assert [(s.method, dict(s.options)["keep"]) for s in specs] == [("evo", 0.4), ("idle", 0.5)]

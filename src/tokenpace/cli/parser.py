@@ -103,9 +103,11 @@ def _fraction(text: str) -> float:
 POSITIVE, NON_NEGATIVE = _integer(1), _integer(0)
 
 
-def add_model_source(p: argparse.ArgumentParser, train: bool = False, config: bool = True) -> None:
+def add_model_source(p: argparse.ArgumentParser, train: bool = False, config: bool = True,
+                     overrides: str = "--methods and --keep", search: bool = False) -> None:
     """--model --pretrained --checkpoint --run --model-args --img-size --device --amp, the same on every command, and
-    --config where the command runs a method (``config``; never on train)."""
+    --config where the command runs a method (``config``; never on train). ``overrides``: this command's options
+    that replace a recorded method; ``search``: tune, where a recorded method is the one searched."""
     g = p.add_argument_group("model source (as in timm's scripts)")
     g.add_argument("--model", default=None, metavar="NAME",
                    help=f"timm model name (default {DEFAULT_MODEL}; with --run, the run's model)")
@@ -118,12 +120,15 @@ def add_model_source(p: argparse.ArgumentParser, train: bool = False, config: bo
                           "entries; DDP and torch.compile prefixes are removed)"
                         + ("; the model a configuration beside it names (W.json for W.safetensors, as `tokenpace "
                            "convert` writes) is built" if train else
+                           "; the method of a configuration beside it (W.json for W.safetensors, as `tokenpace "
+                           "convert` writes) is the one searched (--methods searches others)" if search else
                            "; a method configuration beside it (W.json for W.safetensors, as `tokenpace convert` "
-                           "writes) is applied, as with --config"))
+                           f"writes) is applied, as with --config ({overrides} override it)"))
     g.add_argument("--run", default=None, metavar="DIR",
                    help="a `tokenpace train` output folder: its model, model arguments and weights"
                         + (" (a dense run to fine-tune from)" if train else
-                           ", and the method it was trained for (--methods/--method and --keep override it)"))
+                           ", and the method it was trained for, the one searched (--methods searches others)"
+                           if search else f", and the method it was trained for ({overrides} override it)"))
     g.add_argument("--model-args", default=None, metavar="K=V,...",
                    help="timm.create_model arguments, e.g. img_size=32,patch_size=4,depth=6 ('/' separates tuple "
                         "items: depths=2/2/6/2)")
@@ -140,20 +145,21 @@ def add_model_source(p: argparse.ArgumentParser, train: bool = False, config: bo
             g.add_argument("--config", default=None, metavar="JSON",
                            help="a method configuration file ({\"method\": ..., \"options\": {...}}: `tokenpace "
                                 "tune`'s DIR/tokenpace.json, or what `tokenpace convert` writes beside its weights), "
-                                "checked against the model: dense and its configuration run (--methods/--method, "
-                                "--keep and --mode are refused beside it); its model is used when neither --model "
-                                "nor --run is given. A --checkpoint W.safetensors picks up W.json by itself, and "
-                                "there --methods/--method and --keep override it")
+                                f"checked against the model: dense and its configuration run ({overrides} are "
+                                "refused beside it); its model is used when neither --model nor --run is given. A "
+                                "--checkpoint W.safetensors picks up W.json by itself, and there they override it")
         g.add_argument("--device", choices=DEVICES, default="cpu", help="cpu (default) or cuda")
         g.add_argument("--amp", choices=AMP, default="none", help="autocast dtype: none (default), bf16 or fp16")
 
 
 def add_methods(p: argparse.ArgumentParser, what: str,
-                sweep: str = "run every method at each keep ratio from START to STOP (inclusive), e.g. 0.3:1.0:0.1"
-                ) -> None:
+                sweep: str = "run every method at each keep ratio from START to STOP (inclusive), e.g. 0.3:1.0:0.1",
+                dense: bool = True) -> None:
+    """--methods, --keep, --keep-sweep; ``dense``: dense may be listed (not on tune, where it is the reference)."""
     p.add_argument("--methods", default=None, metavar="LIST",
-                   help="comma list of dense, " + ", ".join(METHOD_NAMES) + "; NAME@KEEP or NAME:key=value:... "
-                        "for options, layer lists as 4/8 (e.g. dense,evo@0.6,idle:score=random). Default: " + what)
+                   help="comma list of " + ("dense, " if dense else "") + ", ".join(METHOD_NAMES)
+                        + "; NAME@KEEP or NAME:key=value:... for options, layer lists as 4/8 (e.g. "
+                        + ("dense," if dense else "") + "evo@0.6,idle:score=random). Default: " + what)
     p.add_argument("--keep", type=_keep, default=None, metavar="X",
                    help="keep ratio in (0, 1] for every method that does not set its own")
     p.add_argument("--keep-sweep", default=None, metavar="START:STOP:STEP", help=sweep)
@@ -274,7 +280,7 @@ def make_parser() -> argparse.ArgumentParser:
                         description="One PNG per image: the image as the model saw it (resized and centre-cropped) "
                         "and, for each distinct selection, the full-path tokens in colour.")
     sh.add_argument("images", nargs="+", metavar="IMAGE", help="image files (all are read before any is drawn)")
-    add_model_source(sh)
+    add_model_source(sh, overrides="--method, --keep and --mode")
     sh.add_argument("--method", choices=METHOD_NAMES, default=None,
                     help="default: the run's method with --run, else the family's first (evo on ViTs and LeViT, "
                          "idle on Swin and PVTv2)")
@@ -305,7 +311,7 @@ def make_parser() -> argparse.ArgumentParser:
                         description="Export the model (dense, or patched with one method) to ONNX for inference: "
                         "opset 17 or newer, batch dimension dynamic, input 'images', output 'logits'. ONNX Runtime "
                         "must then match PyTorch within 1e-4 at batch 1 and 8. Needs the onnx extra.")
-    add_model_source(ex)
+    add_model_source(ex, overrides="--method and --keep")
     ex.add_argument("--method", default=None, metavar="SPEC",
                     help="dense, or one method as in bench's --methods: " + ", ".join(METHOD_NAMES) + ", NAME@KEEP "
                          "or NAME:key=value:... (default: the method of --run/--config, else dense)")
@@ -339,7 +345,7 @@ def add_tune(sub) -> None:
                         "configuration within --max-drop points of dense (or the most accurate that reaches "
                         "--min-speedup): MACs first, then an interleaved benchmark, then accuracy on a tuning split; "
                         "the reported accuracy comes from a check split the search never saw.")
-    add_model_source(tu, config=False)
+    add_model_source(tu, config=False, search=True)
     tu.add_argument("--data", required=True, metavar="PATH",
                     help="packed-JPEG .npz, 'cifar10', or an ImageNet-style folder (its val/ split), split "
                          "deterministically into tuning and check images")
@@ -351,7 +357,7 @@ def add_tune(sub) -> None:
                         help="instead: the most accurate configuration measured at least X times faster than dense")
     add_methods(tu, "every method of the model's family (with --run: the method the run was trained for); options "
                 "a method sets (e.g. evo:mode=layer) are not searched",
-                sweep="the keep ratios searched, START to STOP inclusive (default 0.3:0.9:0.1)")
+                sweep="the keep ratios searched, START to STOP inclusive (default 0.3:0.9:0.1)", dense=False)
     tu.add_argument("--start-shifts", type=_shifts, default=None, metavar="N[,N...]",
                     help="where selection starts: each method's default selection layers shifted by each of these "
                          "many blocks (default -1,0,1; 0 keeps the defaults)")

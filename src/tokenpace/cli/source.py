@@ -71,7 +71,8 @@ def configuration(args: argparse.Namespace):
     if path is None and args.run is None:
         path = config_beside(args.checkpoint)
         if path is not None:
-            note(f"applying the method configuration beside the checkpoint, {path} (--methods/--method override it)")
+            note(f"applying the method configuration beside the checkpoint, {path} ({method_flag(args)} "
+                 "overrides it)")
     return None if path is None else config_record(path)
 
 
@@ -177,15 +178,16 @@ def _chosen_specs(args: argparse.Namespace, model, record, train: bool) -> list:
         chosen = [MethodSpec("dense"), MethodSpec(recorded.name)]
     else:
         chosen = parse_methods(",".join(["dense"] + family_methods(model)), train=train)
-    keeps = parse_sweep(args.keep_sweep) if args.keep_sweep is not None else (
-        [args.keep] if args.keep is not None else None)
-    if keeps is not None:
-        flag = "--keep-sweep" if args.keep_sweep is not None else "--keep"
+    if args.keep_sweep is not None:
         own = [s.method for s in chosen if "keep" in dict(s.options)]
         if own:
-            raise TokenpaceError(f"{flag} and the keep of {own[0]} in --methods both set keep; give one")
+            raise TokenpaceError(f"--keep-sweep sets the keep of every method, and {own[0]} in --methods sets its "
+                                 "own; give one")
         chosen = [s for s in chosen if s.method == "dense"][:1] + [
-            MethodSpec(s.method, (("keep", k),) + s.options) for s in chosen if s.method != "dense" for k in keeps]
+            MethodSpec(s.method, (("keep", k),) + s.options) for s in chosen if s.method != "dense"
+            for k in parse_sweep(args.keep_sweep)]
+    elif args.keep is not None:
+        chosen = with_keep(chosen, args.keep, method_flag(args))
     if recorded is None:
         return chosen
     if recorded.name not in {s.method for s in chosen}:
@@ -206,6 +208,25 @@ def _chosen_specs(args: argparse.Namespace, model, record, train: bool) -> list:
                  + " ".join(f"{k}={v}" for k, v in replaced.items()))
         out.append(MethodSpec(s.method, tuple({**base, **given}.items())))
     return out
+
+
+def method_flag(args: argparse.Namespace) -> str:
+    """The option that names the methods on this command: --method (show, export) or --methods."""
+    return "--method" if hasattr(args, "method") else "--methods"
+
+
+def with_keep(specs: list, keep: float, flag: str = "--methods") -> list:
+    """--keep X: the keep of every method in ``specs`` that does not set its own (dense has none); refused where
+    every method sets its own, since --keep would then change nothing."""
+    from ..bench import MethodSpec
+
+    own = [s.method for s in specs if "keep" in dict(s.options)]
+    if own and len(own) == sum(s.method != "dense" for s in specs):
+        raise TokenpaceError(f"--keep {keep} applies to no method: {', '.join(own)} in {flag} "
+                             f"set{'s' if len(own) == 1 else ''} {'its' if len(own) == 1 else 'their'} own keep; "
+                             "give one")
+    return [s if s.method == "dense" or "keep" in dict(s.options) else
+            MethodSpec(s.method, (("keep", keep),) + s.options) for s in specs]
 
 
 def show_method(args: argparse.Namespace, model, record) -> tuple[str, dict]:

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _methods(args: argparse.Namespace, model, record) -> list:
     """The method specs to search: --methods (dense refused: it is the reference), else the run's method, else the
-    family's; --keep fixes every method's keep."""
+    family's; --keep fixes the keep of every method that does not set its own."""
     from ..bench import MethodSpec, parse_methods
 
     recorded = source.recorded_method(record)
@@ -74,8 +74,5 @@ def _methods(args: argparse.Namespace, model, record) -> list:
     else:
         specs = [MethodSpec(name) for name in source.family_methods(model)]
     if args.keep is not None:
-        own = [s.method for s in specs if "keep" in dict(s.options)]
-        if own:
-            raise TokenpaceError(f"--keep and the keep of {own[0]} in --methods both set keep; give one")
-        specs = [MethodSpec(s.method, (("keep", args.keep),) + s.options) for s in specs]
+        specs = source.with_keep(specs, args.keep)
     return source.check_specs(specs, model)

@@ -60,8 +60,8 @@ def summary(r: TuneResult, name: str) -> str:
     lines = [
         f"tokenpace tune: {name}, {r.tune_images} tuning + {r.check_images} check images, {r.device}, "
         f"batch {s.batch_size}, {r.dtype}",
-        f"budget: {r.metric} {s.budget_text()}" + (" on the tuning split" if s.max_drop is not None else
-                                                   " (measured, interleaved with dense)"),
+        (f"budget: {r.metric} {s.budget_text()} on the tuning split" if s.max_drop is not None else
+         f"budget: {s.budget_text()} (measured, interleaved with dense), the best {r.metric} among those"),
         f"searched {len(r.candidates)} configurations in {format_duration(r.elapsed_s)}: {r.macs_pruned} dropped by "
         f"their MACs, {timed} timed, {len(r.evaluated())} evaluated on the tuning split"
         + (" (stopped by the time budget)" if r.stopped else ""),
