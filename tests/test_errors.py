@@ -156,3 +156,12 @@ def test_numpy_keep_and_a_single_stage_start_are_accepted(capsys):
             "1", "--runs", "1", "--warmup", "0", "--methods", "dense,evo:stage_starts=4", "--quiet"]
     assert main(argv) == 0
     assert "stage_starts=(4,)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["evo", "topk"])
+def test_methods_that_need_a_block_before_them_refuse_a_one_block_model(method):
+    """Evo and top-k select by the attention of an earlier block: at depth 1 there is none, said as such (not as
+    an empty 'accepted layers 1..0' range of a layer the user never gave)."""
+    with pytest.raises(ValueError, match="a model of depth 1 has no layer this method can act at .accepted layers "
+                                         r"start at 1.; it needs at least 2 blocks"):
+        tokenpace.apply(make_vit("deit", depth=1), method)

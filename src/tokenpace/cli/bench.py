@@ -33,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
             raise TokenpaceError(f"--onnx times fp32 ONNX Runtime sessions on the CPU; {', '.join(refused)} does not "
                                  "apply there")
     model, record = source.build(args)
+    if args.train and not getattr(model, "num_classes", 0):
+        raise TokenpaceError(f"--train times a classification training step, and {source.model_name(args, record)} "
+                             "is built without a classifier head (num_classes=0, as timm builds image encoders); "
+                             "give it one, e.g. --model-args num_classes=1000")
     specs = source.specs(args, model, record, train=args.train)
     if args.memory:
         return _memory(args, device, model, specs, record)

@@ -33,6 +33,9 @@ def validate_layers(name: str, layers: tuple[int, ...], depth: int, minimum: int
     """Raise ValueError unless ``layers`` is a non-empty, strictly increasing tuple inside [minimum, depth)."""
     if not layers:
         raise ValueError(f"{name} must name at least one layer; got an empty tuple")
+    if minimum >= depth:
+        raise ValueError(f"{name}: a model of depth {depth} has no layer this method can act at (accepted layers "
+                         f"start at {minimum}); it needs at least {minimum + 1} blocks")
     bad = [layer for layer in layers if not minimum <= layer < depth]
     if bad:
         raise ValueError(
