@@ -79,6 +79,20 @@ def _show(tiny_checkpoint, out, *images, extra=()):
                  "--model-args", TINY_ARGS, "--output", str(out), *extra])
 
 
+def test_show_gives_inputs_with_one_stem_distinct_outputs(tiny_checkpoint, tmp_path, capsys):
+    from tokenpace.cli.show import output_names
+
+    assert output_names(["a/x.png", "b/x.jpg", "c.png", "d1/y.png", "d2/y.png"]) == [
+        "x_png", "x_jpg", "c", "y_png-1", "y_png-2"]
+    for folder, colour in (("d1", "red"), ("d2", "blue")):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (40, 40), colour).save(tmp_path / folder / "y.png")
+    assert _show(tiny_checkpoint, tmp_path / "out", tmp_path / "d1" / "y.png", tmp_path / "d2" / "y.png",
+                 extra=("--method", "topk")) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["y_png-1_topk.png", "y_png-2_topk.png"]
+    assert f"y_png-2_topk.png ({tmp_path / 'd2' / 'y.png'})" in capsys.readouterr().out  # which input is which
+
+
 def test_show_checks_every_input_before_drawing(tiny_checkpoint, tmp_path, capsys):
     good = tmp_path / "a.png"
     Image.new("RGB", (40, 30), (200, 10, 10)).save(good)

@@ -24,11 +24,31 @@ def run(args: argparse.Namespace) -> int:
     transform = eval_transform(model)
     os.makedirs(args.output, exist_ok=True)
     described = " ".join(f"{k}={v}" for k, v in options.items())
-    for path, image in images:
+    for (path, image), name in zip(images, output_names(args.images)):
         with autocast_for(device, args.amp)():
             figure = selection_figure(model, transform(image),
                                       title=f"{os.path.basename(path)}  {method} {described}  (colour: full path)")
-        out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + f"_{method}.png")
+        out = os.path.join(args.output, f"{name}_{method}.png")
         figure.save(out)
-        print(out)
+        print(out if name == _stem(path) else f"{out} ({path})")
     return 0
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def output_names(paths: list[str]) -> list[str]:
+    """One distinct output name per input: its file stem; where stems repeat (a.png and a.jpg, or x.png in two
+    folders), the extension is added, then a counter, so no figure overwrites another."""
+    stems = [_stem(p) for p in paths]
+    names = [f"{s}_{os.path.splitext(p)[1].lstrip('.') or 'file'}" if stems.count(s) > 1 else s
+             for s, p in zip(stems, paths)]
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        if names.count(name) > 1:
+            seen[name] = seen.get(name, 0) + 1
+            name = f"{name}-{seen[name]}"
+        out.append(name)
+    return out
