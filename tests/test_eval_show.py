@@ -232,3 +232,17 @@ def test_eval_of_a_run_with_a_config_runs_the_file_and_says_it_replaces_the_run(
     assert f"--config {config} replaces the method run {evo_run!r} was trained for (evo)" in capsys.readouterr().err
     assert main(common + ["--keep", "0.3"]) == 2
     assert capsys.readouterr().err.strip().endswith("--config and --keep both choose the configuration; give one")
+
+
+@pytest.mark.skipif(not os.path.isfile(CIFAR), reason="shared CIFAR-10 not found")
+def test_eval_without_weights_says_they_are_random_and_names_the_tuned_run(tmp_path, capsys):
+    config = tmp_path / "tokenpace.json"
+    config.write_text(json.dumps({"method": "topk", "options": {"keep": 0.5}, "run": "runs/dense"}))
+    common = ["eval", "--model", "vit_tiny_patch16_224", "--model-args", TINY_ARGS, "--data", CIFAR, "--limit", "8",
+              "--batch-size", "8", "--workers", "0", "--speed-runs", "1", "--quiet"]
+    assert main(common + ["--config", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert ("no --run, --checkpoint or --pretrained: the model has random weights (timm's initialisation); "
+            f"{config} was tuned on the run 'runs/dense': add --run runs/dense") in err
+    assert main([*common[:4], TINY_ARGS.replace(",num_classes=10", ""), *common[5:], "--methods", "dense"]) == 0
+    assert "the model predicts 1000 classes and" in capsys.readouterr().err  # a head not made for these labels

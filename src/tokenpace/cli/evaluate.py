@@ -14,7 +14,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench import device_name, stderr_progress, versions
-    from ..data import DataSpec, build_dataset, check_labels, eval_transform
+    from ..data import DataSpec, build_dataset, check_labels, eval_transform, num_classes_of
     from ..evaluate import evaluate, format_rows, plot_sweep
 
     sweep = args.keep_sweep is not None
@@ -28,6 +28,11 @@ def run(args: argparse.Namespace) -> int:
     specs = source.specs(args, model, record)
     ds = build_dataset(DataSpec(args.data, canvas=args.canvas, limit=args.limit), "val", eval_transform(model))
     check_labels(ds, model.num_classes, f"{args.data}")
+    source.note_random_weights(args)
+    classes = num_classes_of(ds)
+    if classes is not None and classes != model.num_classes:
+        source.note(f"the model predicts {model.num_classes} classes and {args.data} has {classes}; top-1 compares "
+                    "its predictions with these labels as they are")
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
                                          pin_memory=device.type == "cuda")
     with memory_guard(f"evaluation at --batch-size {args.batch_size}"):

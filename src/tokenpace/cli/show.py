@@ -18,6 +18,7 @@ def run(args: argparse.Namespace) -> int:
     images = [(path, load_image(path)) for path in args.images]  # every input is read before anything is drawn
     device = source.device(args.device)
     model, record = source.build(args)
+    source.note_random_weights(args)
     method, options = source.show_method(args, model, record)
     with user_input():
         apply(model.to(device), method, **options)

@@ -63,6 +63,20 @@ def build(args: argparse.Namespace):
     return model, record
 
 
+def note_random_weights(args: argparse.Namespace) -> None:
+    """Says so where no weights were asked for (eval and show judge a model by them); with --config, names the run
+    the configuration was tuned on."""
+    if args.run is not None or args.checkpoint is not None or args.pretrained:
+        return
+    tuned_on = None
+    if getattr(args, "config", None) is not None:
+        from ..config_io import read_document
+
+        tuned_on = read_document(args.config).get("run")
+    note("no --run, --checkpoint or --pretrained: the model has random weights (timm's initialisation)"
+         + (f"; {args.config} was tuned on the run {tuned_on!r}: add --run {tuned_on}" if tuned_on else ""))
+
+
 def configuration(args: argparse.Namespace):
     """The method configuration --config names, else the one beside --checkpoint (W.safetensors -> W.json, as
     `tokenpace convert` writes it), as a record like a run's; None when there is neither. Beside --run, --config
