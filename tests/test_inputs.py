@@ -218,3 +218,28 @@ def test_train_pretrained_from_the_local_cache(tmp_path):
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "the teacher's head would be random" in proc.stderr
     assert not (tmp_path / "idle").exists()
+
+
+def test_load_weights_leaves_a_classifier_of_another_class_count_at_its_initialisation(tmp_path):
+    torch.manual_seed(0)
+    source = timm.create_model("vit_tiny_patch16_224", **TINY)  # 1000 classes
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    model = timm.create_model("vit_tiny_patch16_224", **TINY10)
+    head = model.head.weight.detach().clone()
+    with pytest.raises(TokenpaceError, match=r"2 keys of another shape \(head.weight \(1000, 32\) vs model \(10"):
+        load_weights(model, str(tmp_path / "w.safetensors"))  # strict by default: eval and bench need the head
+    assert load_weights(model, str(tmp_path / "w.safetensors"), new_head=("head",)) == ["head.weight", "head.bias"]
+    assert torch.equal(model.head.weight, head)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+@needs_cifar
+def test_fine_tuning_a_checkpoint_made_for_other_classes_starts_a_new_head(tmp_path, capsys):
+    torch.manual_seed(0)
+    save_file(timm.create_model("vit_tiny_patch16_224", **TINY).state_dict(), str(tmp_path / "in1k.safetensors"))
+    common = ["--checkpoint", str(tmp_path / "in1k.safetensors"), "--epochs", "1", "--limit", "16"]
+    assert main(train_argv(tmp_path / "ft", "--recipe", "finetune", "--method", "dense", *common)) == 0
+    assert ("in1k.safetensors: its classifier (head.weight, head.bias) was made for another class count than this "
+            "model's 10; it starts from timm's initialisation") in capsys.readouterr().err
+    assert main(train_argv(tmp_path / "idle", "--recipe", "idle-finetune", *common)) == 2
+    assert "the classifier of" in capsys.readouterr().err and not (tmp_path / "idle").exists()

@@ -137,8 +137,8 @@ from conftest import train_config
 from tokenpace.train import loop, train
 from pathlib import Path
 dtypes, create = set(), loop.create_student
-def spied(cfg, num_classes):
-    model = create(cfg, num_classes)
+def spied(cfg, num_classes, notes=None):
+    model = create(cfg, num_classes, notes)
     model.head.register_forward_hook(lambda m, i, out: None if m.training else dtypes.add(out.dtype))
     return model
 loop.create_student = spied

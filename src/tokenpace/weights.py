@@ -38,13 +38,27 @@ def read_state_dict(path: str, use_ema: bool = False) -> dict[str, torch.Tensor]
     return state
 
 
-def load_weights(model: nn.Module, path: str, use_ema: bool = False) -> None:
-    """Load ``path`` into ``model``, strictly; the error names the missing, unexpected and mismatching keys."""
+def load_weights(model: nn.Module, path: str, use_ema: bool = False, new_head: tuple[str, ...] = ()) -> list[str]:
+    """Load ``path`` into ``model``, strictly; the error names the missing, unexpected and mismatching keys.
+    ``new_head``: module names of the classifier (timm's ``pretrained_cfg["classifier"]``) whose weights may be of
+    another shape (another class count, as when fine-tuning): those stay at the model's initialisation, as timm
+    does for pretrained weights. Returns the keys left so."""
     state = read_state_dict(path, use_ema)
-    problem = mismatch(model.state_dict(), state)
+    expected = model.state_dict()
+    left = [k for k in expected if k in state and state[k].shape != expected[k].shape
+            and any(k.startswith(f"{name}.") for name in new_head)]
+    state = {k: v for k, v in state.items() if k not in left}
+    problem = mismatch({k: v for k, v in expected.items() if k not in left}, state)
     if problem:
         raise TokenpaceError(f"checkpoint {path!r} does not fit model {type(model).__name__}: {problem}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=not left)
+    return left
+
+
+def classifier_names(model: nn.Module) -> tuple[str, ...]:
+    """The classifier's module names timm records for the model (``pretrained_cfg["classifier"]``), or ()."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 def mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from ..errors import TokenpaceError, memory_guard, user_input
 from ..families import adapter_for
 from ..methods import Evo, MethodConfig
 from ..patch import apply, remove
-from ..weights import export_safetensors, file_sha256, load_weights, mismatch
+from ..weights import classifier_names, export_safetensors, file_sha256, load_weights, mismatch
 from . import runfolder
 from .checkpoint import atomic_save, rng_state
 from .objectives import make_objective
@@ -97,27 +98,41 @@ def student_args(cfg: TrainConfig, num_classes: int) -> dict:
     return kwargs
 
 
-def create_student(cfg: TrainConfig, num_classes: int) -> nn.Module:
+def create_student(cfg: TrainConfig, num_classes: int, notes: list[str] | None = None) -> nn.Module:
+    """The student with its starting weights. A checkpoint's classifier made for another class count is left at
+    timm's initialisation, as timm does for pretrained weights (said in ``notes``)."""
     from ..models import create_model
 
     kwargs = student_args(cfg, num_classes)
     kwargs.setdefault("drop_path_rate", cfg.recipe.drop_path)
     model = create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
     if cfg.init is not None:
-        load_weights(model, cfg.init)
+        fresh = load_weights(model, cfg.init, new_head=classifier_names(model))
+        if fresh:
+            _refuse_random_teacher(cfg, f"the classifier of {cfg.init} was made for another class count")
+            if notes is not None:
+                notes.append(f"{cfg.init}: its classifier ({', '.join(fresh)}) was made for another class count "
+                             f"than this model's {num_classes}; it starts from timm's initialisation, as with "
+                             "--pretrained")
     return model
+
+
+def _refuse_random_teacher(cfg: TrainConfig, why: str) -> None:
+    """Idle's distillation takes the starting weights as its teacher: with a re-initialised head it would distil
+    random logits."""
+    if cfg.recipe.distill_weight and cfg.recipe.objective == "idle_distill":
+        raise TrainError(f"recipe {cfg.recipe.name!r} distils from its starting weights, and {why}: the teacher's "
+                         "head would be random. Fine-tune densely first (--recipe finetune --method dense), then "
+                         "start from that run (--run DIR), or use --distill-weight 0")
 
 
 def _check_teacher_head(cfg: TrainConfig, model: nn.Module, num_classes: int) -> None:
     """A teacher built from pretrained weights whose classifier timm re-initialised (another class count) would
     distil random logits: refuse."""
     pretrained_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
-    if cfg.pretrained and cfg.recipe.distill_weight and cfg.recipe.objective == "idle_distill" \
-            and pretrained_classes not in (None, num_classes):
-        raise TrainError(f"recipe {cfg.recipe.name!r} distils from its starting weights, and the pretrained "
-                         f"{cfg.model} has a {pretrained_classes}-class head while the model predicts {num_classes} "
-                         "classes: the teacher's head would be random. Fine-tune densely first (--recipe finetune "
-                         "--method dense), then start from that run (--run DIR), or use --distill-weight 0")
+    if cfg.pretrained and pretrained_classes not in (None, num_classes):
+        _refuse_random_teacher(cfg, f"the pretrained {cfg.model} has a {pretrained_classes}-class head while the "
+                                    f"model predicts {num_classes} classes")
 
 
 def method_for_epoch(recipe: Recipe, epoch: int, epochs: int) -> MethodConfig | None:
@@ -227,7 +242,11 @@ def train(cfg: TrainConfig) -> list[dict]:
     description = runfolder.describe(cfg, student_args(cfg, num_classes), accelerator.num_processes, init_sha)
     if cfg.resume:
         runfolder.check_resume(cfg.output, description)
-    model = create_student(cfg, num_classes)
+    notes: list[str] = []
+    model = create_student(cfg, num_classes, notes)
+    if accelerator.is_main_process:
+        for line in notes:
+            print(f"tokenpace: note: {line}", file=sys.stderr, flush=True)
     with user_input():
         adapter_for(model)  # unsupported models fail here, with the supported families named
     _check_teacher_head(cfg, model, num_classes)
