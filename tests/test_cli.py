@@ -125,3 +125,11 @@ def test_console_script_help_is_fast():
     assert proc.returncode == 0 and "bench" in proc.stdout
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "torch" not in imported and "timm" not in imported
+
+
+def test_version(capsys):
+    import tokenpace
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"tokenpace {tokenpace.__version__}"

@@ -341,3 +341,18 @@ def test_idle_macs_on_levit_equal_flop_counter(name, options, images):
     with torch.no_grad(), counter:
         model(images[:1])
     assert tokenpace.macs(model) == counter.get_total_flops() // 2
+
+
+def test_bench_fuse_bn_is_recorded_and_refused_where_it_cannot_apply(tmp_path, capsys):
+    import json
+
+    from tokenpace.cli import main
+
+    out = tmp_path / "bench.json"
+    common = ["bench", "--model", "levit_cifar", "--methods", "dense", "--batch-size", "1", "--runs", "1", "--warmup",
+              "0", "--quiet", "--fuse-bn"]
+    assert main(common + ["--json", str(out)]) == 0
+    assert "BatchNorm fused" in capsys.readouterr().out and json.loads(out.read_text())["fuse_bn"] is True
+    for flag in ("--memory", "--train"):
+        assert main(common + [flag]) == 2
+        assert f"--fuse-bn folds BatchNorm for inference timing; {flag} measures" in capsys.readouterr().err

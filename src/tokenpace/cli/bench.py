@@ -23,6 +23,10 @@ def run(args: argparse.Namespace) -> int:
         raise TokenpaceError("--compile is for inference; --train times eager training steps")
     if args.memory_probe is not None:
         return _probe(args, device)
+    if args.fuse_bn and (args.memory or args.train):
+        flag = "--memory" if args.memory else "--train"
+        raise TokenpaceError(f"--fuse-bn folds BatchNorm for inference timing; {flag} measures the model as built "
+                             "(drop --fuse-bn)")
     if args.grad_checkpointing and not args.train:
         raise TokenpaceError("--grad-checkpointing applies to training steps; add --train")
     if args.onnx:
@@ -63,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
             batches[bs] = _one_batch_size(args, model, specs, sessions, bs, device, name, what, progress)
     if args.json:
         extra = {"onnxruntime": _onnxruntime_version()} if args.onnx else {}
-        document = result_json(name, device, batches, **_model_settings(args, model, record), run=args.run,
+        document = result_json(name, device, batches, **source.model_settings(args, model, record), run=args.run,
                                amp=args.amp, compile=args.compile, runs=args.runs, warmup=args.warmup, train=args.train,
-                               onnx=args.onnx, malloc=args.malloc, **extra)
+                               onnx=args.onnx, malloc=args.malloc, fuse_bn=args.fuse_bn, **extra)
         with open(args.json, "w") as f:
             json.dump(document, f, indent=2, allow_nan=False)
         print(f"wrote {args.json}", file=sys.stderr)
@@ -89,19 +93,10 @@ def _one_batch_size(args, model, specs, sessions, bs, device, name, what, progre
             results = benchmark(model, specs, bs, device, amp=args.amp, compile=args.compile, runs=args.runs,
                                 warmup=args.warmup, progress=progress)
     print(f"\n{name}  {what}  batch {bs}  {device.type}  amp={args.amp}  compile={args.compile}  "
-          f"malloc={args.malloc}  (median of {args.runs}; GMACs = multiply-accumulates per image, forward)")
+          f"malloc={args.malloc}" + ("  BatchNorm fused" if args.fuse_bn else "")
+          + f"  (median of {args.runs}; GMACs = multiply-accumulates per image, forward)")
     print(format_table(results), flush=True)
     return results
-
-
-def _model_settings(args, model, record) -> dict:
-    """What a JSON result needs to be repeated: the input it timed and the model arguments the model was built with
-    (a run's or a configuration file's, then the command's)."""
-    from ..families import adapter_for
-
-    recorded = record.model_args if record is not None else {}
-    return {"input_size": list(adapter_for(model).input_size()),
-            "model_args": {**recorded, **source.model_args(args)}}
 
 
 def _onnxruntime_version() -> str:
@@ -131,7 +126,7 @@ def _memory(args, device, model, specs, record) -> int:
     print(format_memory_table(rows), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(memory_json(name, device, rows, **_model_settings(args, model, record), amp=args.amp,
+            json.dump(memory_json(name, device, rows, **source.model_settings(args, model, record), amp=args.amp,
                                   train=args.train, grad_checkpointing=args.grad_checkpointing), f, indent=2,
                       allow_nan=False)
         print(f"wrote {args.json}", file=sys.stderr)

@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
           f"amp={args.amp}")
     print(format_rows(rows), flush=True)
     if args.json:
-        document = {"model": source.model_name(args, record), "run": args.run, "data": args.data,
+        document = {"model": source.model_name(args, record), "run": args.run,
+                    **source.model_settings(args, model, record), "data": args.data,
                     "images": len(ds), "batch_size": args.batch_size, "device": device_name(device),
                     "amp": args.amp, "speed_runs": args.speed_runs, "versions": versions(),
                     "rows": [dataclasses.asdict(r) for r in rows]}

@@ -174,9 +174,16 @@ def add_malloc(p: argparse.ArgumentParser, keep_by_default: bool = False) -> Non
                         f"tensor; the process holds its peak memory); default: {default}")
 
 
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="tokenpace", description="Token pacing for vision transformers: Evo-ViT, IdleViT, "
                            "EViT and top-k on timm models.")
+    parser.add_argument("--version", action="version", version=f"tokenpace {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND")
 
     bench = sub.add_parser("bench", help="measure throughput of dense vs each method, interleaved in one run",

@@ -77,6 +77,16 @@ def note_random_weights(args: argparse.Namespace) -> None:
          + (f"; {args.config} was tuned on the run {tuned_on!r}: add --run {tuned_on}" if tuned_on else ""))
 
 
+def model_settings(args: argparse.Namespace, model, record) -> dict:
+    """What a JSON result needs to be repeated: the input the model takes, the model arguments it was built with
+    (a run's or a configuration file's, then the command's), and the weights and configuration files given."""
+    from ..families import adapter_for
+
+    recorded = record.model_args if record is not None else {}
+    return {"input_size": list(adapter_for(model).input_size()), "model_args": {**recorded, **model_args(args)},
+            "checkpoint": args.checkpoint, "config": getattr(args, "config", None)}
+
+
 def configuration(args: argparse.Namespace):
     """The method configuration --config names, else the one beside --checkpoint (W.safetensors -> W.json, as
     `tokenpace convert` writes it), as a record like a run's; None when there is neither. Beside --run, --config
