@@ -34,9 +34,11 @@ def test_packed_jpeg_reader_and_limits():
     assert build_dataset(DataSpec(CIFAR, canvas=64, limit=3), "train")[0][0].size == (64, 64)
 
 
-def test_resume_is_bit_exact(tmp_path):
+def test_resume_is_bit_exact(tmp_path, capsys):
     straight = _config(tmp_path, "evo-scratch", "straight")
     train(straight)
+    assert "the learning rate warms up over 5 epochs and the run has 2: it never reaches its peak" in \
+        capsys.readouterr().err  # said; the tests' short runs are meant so
     first = _config(tmp_path, "evo-scratch", "split", stop_after=1)
     train(first)
     assert _final_state(first.output)["epoch"] == 1 and not os.path.exists(os.path.join(first.output,
@@ -48,6 +50,9 @@ def test_resume_is_bit_exact(tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key in a["extra"]["aux_head"]:
         assert torch.equal(a["extra"]["aux_head"][key], b["extra"]["aux_head"][key])
+    capsys.readouterr()
+    train(_config(tmp_path, "evo-scratch", "split", resume=True))  # a finished run: said, not silent
+    assert "already holds all 2 epochs; nothing to resume" in capsys.readouterr().err
     lines = [json.loads(l) for l in open(os.path.join(first.output, "metrics.jsonl"))]
     assert [m["epoch"] for m in lines] == [1, 2] and lines[0]["method_mode"] == "layer"
     assert lines[1]["method_mode"] == "stage"  # layer-to-stage: 2/3 of 2 epochs -> epoch 1 layer, epoch 2 stage

@@ -21,6 +21,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.train and args.compile:
         raise TokenpaceError("--compile is for inference; --train times eager training steps")
+    if args.compile and args.warmup == 0:
+        source.note("--compile with --warmup 0: each configuration's first timed call includes its compilation")
     if args.memory_probe is not None:
         return _probe(args, device)
     if args.fuse_bn and (args.memory or args.train):

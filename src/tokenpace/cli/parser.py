@@ -67,6 +67,9 @@ def _int_list(positive: bool):
         if not values or (positive and any(v <= 0 for v in values)):
             what = "positive integers" if positive else "integers (blocks, may be negative)"
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise argparse.ArgumentTypeError(f"{text!r} lists {', '.join(map(str, repeated))} more than once")
         return values
 
     parse.__name__ = "integer list"

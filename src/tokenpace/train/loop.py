@@ -279,6 +279,10 @@ def train(cfg: TrainConfig) -> list[dict]:
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs_total, min_lr=r.min_lr,
                                        warmup_lr=r.warmup_lr, warmup_epochs=r.warmup_epochs, step_on_epochs=False,
                                        updates_per_epoch=len(train_loader))
+    if r.warmup_epochs >= cfg.epochs_total and accelerator.is_main_process and not cfg.resume:
+        print(f"tokenpace: note: the learning rate warms up over {r.warmup_epochs} epochs and the run has "
+              f"{cfg.epochs_total}: it never reaches its peak ({lr:.3g}); shorten --warmup-epochs", file=sys.stderr,
+              flush=True)
     mixup = Mixup(mixup_alpha=r.mixup, cutmix_alpha=r.cutmix, switch_prob=r.mixup_switch_prob,
                   label_smoothing=r.smoothing, num_classes=num_classes) if (r.mixup > 0 or r.cutmix > 0) else None
     ema = ModelEmaV3(student, decay=r.ema_decay) if r.ema_decay else None
@@ -290,6 +294,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     if cfg.resume:
         start_epoch, history = _resume(ckpt_path, accelerator.unwrap_model(objective), optimizer, scheduler, ema,
                                        accelerator)
+        if start_epoch >= cfg.epochs_total and accelerator.is_main_process:
+            print(f"tokenpace: note: {cfg.output} already holds all {cfg.epochs_total} epochs; nothing to resume",
+                  file=sys.stderr, flush=True)
     if accelerator.is_main_process:
         runfolder.start(cfg.output, description, fresh=not cfg.resume)
         _rewrite_metrics(cfg.output, history)
