@@ -206,3 +206,15 @@ def test_compiled_benchmark_holds_one_copy_per_configuration(monkeypatch):
     configs = [None if tokenpace.get_patch(m) is None else tokenpace.get_patch(m).config for m in compiled]
     assert configs == [None, tokenpace.Evo(keep=0.5), tokenpace.Idle(keep=0.5)]  # as applied: defaults filled
     assert len({id(m) for m in compiled} | {id(model)}) == 4 and tokenpace.get_patch(model) is None
+
+
+def test_table_columns_hold_long_configurations():
+    from tokenpace.bench import BenchResult, format_table
+
+    long = "keep=0.7 stage_starts=(1, 4, 6) project_keys=True"
+    rows = [BenchResult("dense", "-", 4.6, 100.0, 10.0, 1.0, [0.01]), BenchResult("idle", long, 2.9, 150.0, 6.7, 1.5,
+                                                                                  [0.0067])]
+    lines = format_table(rows).splitlines()
+    ends = {line.index(mark) + len(mark) for line, mark in zip((lines[0], lines[2], lines[3]), ("GMACs", "4.6", "2.9"))}
+    assert len({len(line) for line in (lines[0], lines[2], lines[3])}) == 1 and len(ends) == 1  # aligned
+    assert long in lines[3]

@@ -341,11 +341,17 @@ def speedup_text(speedup: float | None) -> str:
     return "-" if speedup is None else f"{speedup:.2f}x"
 
 
+def config_width(configs) -> int:
+    """The config column's width: 28, or the longest configuration (long option lists stay in their column)."""
+    return max([28, *(len(c) for c in configs)])
+
+
 def format_table(results: list[BenchResult]) -> str:
-    head = f"{'method':<7} {'config':<28} {'GMACs':>6} {'img/s':>9} {'ms/batch':>9} {'speed-up':>8}"
+    w = config_width(r.config for r in results)
+    head = f"{'method':<7} {'config':<{w}} {'GMACs':>6} {'img/s':>9} {'ms/batch':>9} {'speed-up':>8}"
     rows = [head, "-" * len(head)]
     for r in results:
-        rows.append(f"{r.method:<7} {r.config:<28} {r.gmacs:>6.3g} {r.img_per_s:>9.1f} {r.ms_per_batch:>9.1f} "
+        rows.append(f"{r.method:<7} {r.config:<{w}} {r.gmacs:>6.3g} {r.img_per_s:>9.1f} {r.ms_per_batch:>9.1f} "
                     f"{speedup_text(r.speedup):>8}")
     return "\n".join(rows)
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .bench import MethodSpec, autocast_for, benchmark, configure, restored, spec_config, speedup_text
+from .bench import (MethodSpec, autocast_for, benchmark, config_width, configure, restored, spec_config,
+                    speedup_text)
 from .errors import TokenpaceError
 
 
@@ -82,11 +83,12 @@ def parse_sweep(text: str) -> list[float]:
 
 
 def format_rows(rows: list[EvalRow]) -> str:
-    head = (f"{'method':<7} {'config':<28} {'top-1':>6} {'top-5':>6} {'agree':>6} {'GMACs':>6} {'img/s':>8} "
+    w = config_width(r.config for r in rows)
+    head = (f"{'method':<7} {'config':<{w}} {'top-1':>6} {'top-5':>6} {'agree':>6} {'GMACs':>6} {'img/s':>8} "
             f"{'speed-up':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.method:<7} {r.config:<28} {r.top1:>6.2f} {r.top5:>6.2f} {r.agreement:>6.2f} "
+        lines.append(f"{r.method:<7} {r.config:<{w}} {r.top1:>6.2f} {r.top5:>6.2f} {r.agreement:>6.2f} "
                      f"{r.gmacs:>6.3g} {r.img_per_s:>8.1f} {speedup_text(r.speedup):>8}")
     return "\n".join(lines)
 
