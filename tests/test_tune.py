@@ -323,11 +323,15 @@ def test_progress_to_a_log_file_is_plain_lines():
     bar.plan(10.0)
     bar.say("timing the dense model")
     bar.advance(5.0, "timed 2/4")
+    bar.plan(15.0)  # the plan grows (20 s in all): the percentage shown holds at 50, never goes back
+    bar.advance(2.0, "evaluated 1")
+    bar.advance(8.0, "evaluated 2")
     bar.close()
     lines = log.getvalue().splitlines()
-    assert "\r" not in log.getvalue() and len(lines) == 3
+    assert "\r" not in log.getvalue() and len(lines) == 5
     assert lines[0].startswith("tune:   0% after 0s: timing the dense model") and "50%" in lines[1]
-    assert lines[2].startswith("tune: 100% after") and lines[2].endswith(": done")
+    assert " 50% " in lines[2] and " 75% " in lines[3]  # 7/20 = 35% held at 50; 15/20
+    assert lines[4].startswith("tune: 100% after") and lines[4].endswith(": done")
     quiet = io.StringIO()
     silent = Progress(False, 120.0, stream=quiet)
     silent.say("x")

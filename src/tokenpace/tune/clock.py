@@ -59,43 +59,47 @@ class _Timed:
 
 
 class Progress:
-    """A tqdm bar counted in estimated seconds of work, so its rate and time left follow the estimates' accuracy;
-    the plan is re-estimated as the search prunes. Writes to stderr; ``enabled=False`` shows nothing. Where stderr
-    is not a terminal (a log file), each status is one plain line instead of carriage-return redraws."""
+    """A tqdm bar in percent of the estimated seconds of work, so its rate and time left follow the estimates'
+    accuracy; the plan is re-estimated as the search prunes, and the percentage shown never goes back (a plan that
+    grows holds it until the work catches up). Writes to stderr; ``enabled=False`` shows nothing. Where stderr is not
+    a terminal (a log file), each status is one plain line instead of carriage-return redraws."""
 
     def __init__(self, enabled: bool, budget_s: float, stream=None) -> None:
         self.stream = stream or sys.stderr
         self.lines = enabled and not (hasattr(self.stream, "isatty") and self.stream.isatty())
-        self.bar = tqdm(total=1.0, disable=not enabled or self.lines, file=self.stream, dynamic_ncols=True,
+        self.bar = tqdm(total=100.0, disable=not enabled or self.lines, file=self.stream, dynamic_ncols=True,
                         leave=True, desc=f"tune (budget {format_duration(budget_s)})",
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
-        self.done_s, self.total_s, self.start = 0.0, 1.0, time.perf_counter()
+        self.done_s, self.total_s, self.shown, self.start = 0.0, 1.0, 0.0, time.perf_counter()
 
     def plan(self, remaining_s: float) -> None:
         self.total_s = max(self.done_s + max(remaining_s, 0.0), 1e-9)
-        self.bar.total = self.total_s
-        self.bar.refresh()
+        self._show()
 
     def advance(self, estimated_s: float, status: str) -> None:
         self.done_s += estimated_s
         self.bar.set_postfix_str(status, refresh=False)
-        self.bar.update(estimated_s)
+        self._show()
         self._line(status)
 
     def say(self, status: str) -> None:
         self.bar.set_postfix_str(status)
         self._line(status)
 
+    def _show(self) -> None:
+        self.shown = max(self.shown, min(100.0, 100.0 * self.done_s / self.total_s))
+        self.bar.n = self.shown
+        self.bar.refresh()
+
     def _line(self, status: str) -> None:
         if self.lines:
-            done = min(100.0, 100.0 * self.done_s / self.total_s)
-            print(f"tune: {done:3.0f}% after {format_duration(time.perf_counter() - self.start)}: {status}",
+            print(f"tune: {self.shown:3.0f}% after {format_duration(time.perf_counter() - self.start)}: {status}",
                   file=self.stream, flush=True)
 
     def close(self) -> None:
-        self.bar.n = self.bar.total
-        self.bar.close()
         self.done_s = self.total_s
+        self._show()
+        self.bar.close()
         self._line("done")
 
 
