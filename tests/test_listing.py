@@ -16,7 +16,8 @@ def test_supported_and_refused_models_with_reasons():
     assert "needs a sequence layout" in swin.refusals["evo"]
     pwee = rows["vit_pwee_patch16_reg1_gap_256.sbb_in1k"]
     assert pwee.accepted() == [] and "ParallelScalingBlock" in pwee.refusals["idle"]
-    assert "not a supported model" in rows["swinv2_tiny_window8_256.ms_in1k"].refusals["idle"]
+    swinv2 = rows["swinv2_tiny_window8_256.ms_in1k"].refusals["idle"]
+    assert swinv2 == "no tokenpace family runs SwinTransformerV2 models"  # one line, not the families' list
     siglip = [r for name, r in rows.items() if name.startswith("vit_base_patch16_siglip_224")]
     dinov3 = [r for name, r in rows.items() if "dinov3" in name]
     assert siglip and dinov3 and all(r.accepted() == ["evo", "idle", "evit", "topk"] for r in siglip + dinov3)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .families import UnsupportedModel
 from .methods import METHODS
 from .patch import apply, remove
 
@@ -67,6 +68,8 @@ def check_model(arch: str) -> ModelSupport:
         try:
             apply(model, method)
             support.refusals[method] = None
+        except UnsupportedModel:  # the supported families' list belongs to the README, not to every row
+            support.refusals[method] = f"no tokenpace family runs {type(model).__name__} models"
         except (TypeError, ValueError) as err:
             support.refusals[method] = _one_line(err)
         finally:

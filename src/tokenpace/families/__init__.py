@@ -20,13 +20,19 @@ SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-
              "timm SwinTransformer (swin_*) and PyramidVisionTransformerV2 (pvt_v2_*)")
 
 
+class UnsupportedModel(TypeError):
+    """No family adapter fits the model's class (its message names the supported families)."""
+
+
 def adapter_for(model: nn.Module) -> Family:
-    """The family adapter for ``model``; TypeError naming the supported families when there is none."""
+    """The family adapter for ``model``; UnsupportedModel (a TypeError) naming the supported families when there is
+    none."""
     for family in FAMILIES:
         if family.matches(model):
             return family(model)
-    raise TypeError(f"{type(model).__module__}.{type(model).__name__} is not a supported model; "
-                    f"tokenpace supports: {SUPPORTED}")
+    raise UnsupportedModel(f"{type(model).__module__}.{type(model).__name__} is not a supported model; "
+                           f"tokenpace supports: {SUPPORTED}")
 
 
-__all__ = ["FAMILIES", "GROUPED", "SEQUENCE", "SUPPORTED", "Family", "GroupCount", "SequenceFamily", "adapter_for"]
+__all__ = ["FAMILIES", "GROUPED", "SEQUENCE", "SUPPORTED", "Family", "GroupCount", "SequenceFamily",
+           "UnsupportedModel", "adapter_for"]
