@@ -116,6 +116,7 @@ def cifar(doc: dict) -> list[str]:
 def left_out(summary: dict, doc: dict) -> list[str]:
     lines = [f"- section {name}: {s['status']}" for name, s in summary.get("sections", {}).items()
              if s.get("status") != "ok"]
+    lines += [f"- throughput group {g['key']}: dropped by the plan ({g['why']})" for g in doc.get("dropped", [])]
     lines += [f"- throughput group {g['key']}: not run ({g['why']})" for g in doc.get("not_run", [])]
     lines += [f"- throughput group {g['key']}: failed ({g['error']})" for g in doc.get("failed", [])]
     return lines

@@ -130,7 +130,12 @@ def test_benchmark_and_eval_keep_one_model(monkeypatch):
 
 @pytest.mark.parametrize("argv,message", [
     (["--methods", ""], "--methods '' names no method; accepted: dense"),
-    (["--methods", "dense,evo@0.5,evo@0.5"], "--methods lists 'evo@0.5' more than once"),
+    (["--methods", "dense,evo@0.5,evo:keep=0.5"], "the configurations list evo keep=0.5 more than once"),
+    (["--methods", "dense,evo,evo@0.5", "--keep", "0.5"], "the configurations list evo keep=0.5 more than once"),
+    (["--methods", "dense,dense"], "the configurations list dense more than once"),
+    (["--methods", "dense", "--keep", "0.5"], "--keep 0.5 applies to no method: only dense runs; name a method with "
+                                             "--methods"),
+    (["--methods", "evo@0.4", "--keep", "0.5"], "--keep 0.5 applies to no method: evo in --methods sets its own keep"),
     (["--batch-size", "1,2,1"], "argument --batch-size: '1,2,1' lists 1 more than once"),
     (["--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
     (["--keep", "1.5"], "argument --keep: expected a keep ratio in (0, 1], got '1.5'"),

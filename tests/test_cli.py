@@ -133,3 +133,17 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"tokenpace {tokenpace.__version__}"
+
+
+def test_messages_name_the_commands_own_method_option(tmp_path, capsys):
+    import tokenpace
+
+    config = str(tmp_path / "c.json")
+    tokenpace.save_config(tokenpace.Idle(keep=0.5), config)
+    common = ["--model", "vit_tiny_patch16_224", "--img-size", "32"]
+    assert main(["export", *common, "--config", config, "--method", "idle", "--onnx", str(tmp_path / "m.onnx")]) == 2
+    assert "--config and --method both choose the configuration" in capsys.readouterr().err
+    assert main(["export", *common, "--keep", "0.5", "--onnx", str(tmp_path / "m.onnx")]) == 2
+    assert "--keep 0.5 applies to no method: only dense runs; name a method with --method" in capsys.readouterr().err
+    assert main(["bench", *common, "--config", config, "--methods", "idle", "--runs", "1"]) == 2
+    assert "--config and --methods both choose the configuration" in capsys.readouterr().err

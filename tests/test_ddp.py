@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 
-from conftest import CIFAR, TINY_ARGS, needs_cifar, train_argv
+from conftest import CIFAR, needs_cifar, train_argv
 from tokenpace.cli import main
 
 pytestmark = needs_cifar

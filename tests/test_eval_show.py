@@ -86,6 +86,8 @@ def test_show_gives_inputs_with_one_stem_distinct_outputs(tiny_checkpoint, tmp_p
 
     assert output_names(["a/x.png", "b/x.jpg", "c.png", "d1/y.png", "d2/y.png"]) == [
         "x_png", "x_jpg", "c", "y_png-1", "y_png-2"]
+    assert output_names(["x/a.png", "y/a.png", "a_png-1.png"]) == ["a_png-2", "a_png-3", "a_png-1"]
+    assert output_names(["A.png", "a.png"]) == ["A_png-1", "a_png-2"]  # one file on case-insensitive systems
     for folder, colour in (("d1", "red"), ("d2", "blue")):
         (tmp_path / folder).mkdir()
         Image.new("RGB", (40, 40), colour).save(tmp_path / folder / "y.png")

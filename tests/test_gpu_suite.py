@@ -243,7 +243,10 @@ def test_tables_render_every_figure_of_the_run(smoke, tmp_path):
     cifar = load(out, "cifar.json")
     assert f"| dense, from scratch | {cifar['dense']['top1']:.2f} |" in text
     assert f"| evo(0.5), from scratch | {cifar['evo']['top1']:.2f} | {cifar['evo']['random_top1']:.2f} |" in text
-    assert "Not run or failed" not in text and "Peak memory" not in text  # the CPU measures no CUDA peak
+    assert "Peak memory" not in text  # the CPU measures no CUDA peak
+    dropped = load(out, "throughput.json")["dropped"][0]
+    assert f"- throughput group {dropped['key']}: dropped by the plan ({dropped['why']})" in text
+    assert "failed" not in text.split("Not run or failed:")[1]
 
     # a failed section and a group that did not fit are listed, not dropped
     for name in ("summary.json", "throughput.json", "cifar.json"):

@@ -157,6 +157,7 @@ def test_cli_convert_then_commands_pick_up_the_configuration(tmp_path, capsys):
     document = json.load(open(out))
     rows = document["results"]
     assert document["model"] == "evo_levit_128s"  # the configuration's model: no --model given
+    assert document["config"] == str(tmp_path / "converted.json") and document["checkpoint"] == dst  # what ran
     assert [r["method"] for r in rows] == ["dense", "evo"] and "representative=True" in rows[1]["config"]
     assert main(["bench", "--checkpoint", dst, "--model", "evo_levit_128", "--runs", "1"]) == 2
     assert "differs from the model of configuration" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import tokenpace
 from tokenpace.cli import main, make_parser
 from tokenpace.data import DataSpec, PackedJpegDataset, build_dataset
-from tokenpace.train import TrainConfig, get_recipe, train
+from tokenpace.train import get_recipe, train
 
 from conftest import CIFAR, TINY, TINY_ARGS, needs_cifar, train_config as _config
 

@@ -105,10 +105,7 @@ def parse_methods(text: str, train: bool = False) -> list[MethodSpec]:
             _check_recipe_options(name, options, item, train)
             with user_input():
                 make_config(name, **{k: v for k, v in options.items() if k not in RECIPE_OPTIONS})  # validate now
-        spec = MethodSpec(name, tuple(options.items()))
-        if spec in specs:
-            raise TokenpaceError(f"--methods lists {item!r} more than once (each configuration runs once)")
-        specs.append(spec)
+        specs.append(MethodSpec(name, tuple(options.items())))
     if not specs:
         raise TokenpaceError(f"--methods {text!r} names no method; accepted: dense, " + ", ".join(sorted(METHODS)))
     return specs

@@ -1,10 +1,17 @@
 """tokenpace's own exception for input it cannot use: the CLI prints it as one line (exit code 2), while every
-other exception, an internal bug included, keeps its traceback."""
+other exception, an internal bug included, keeps its traceback. And notes: what a run should know but that does not
+stop it, one line each on stderr."""
 from __future__ import annotations
 
 import contextlib
 import re
+import sys
 from typing import Iterator
+
+
+def note(message: str) -> None:
+    """One line on stderr: ``tokenpace: note: message``."""
+    print(f"tokenpace: note: {message}", file=sys.stderr, flush=True)
 
 
 class TokenpaceError(ValueError):

@@ -111,7 +111,7 @@ def export_onnx(model: nn.Module, path: str, *, img_size: int | tuple[int, int] 
         model.train(was_training)
     bad = {b: d for b, d in diffs.items() if not d <= TOLERANCE}
     if bad:
-        raise TokenpaceError(f"ONNX Runtime's logits differ from PyTorch's by "
+        raise TokenpaceError("ONNX Runtime's logits differ from PyTorch's by "
                              + ", ".join(f"{d:.2e} at batch {b}" for b, d in bad.items())
                              + f" (tolerance {TOLERANCE:g}); the file was kept at {path!r} for inspection")
     return OnnxExport(path=path, opset=opset, input_size=size, max_abs_diff=diffs)

@@ -31,12 +31,20 @@ def _query_row(parts: BlockParts, h: torch.Tensor, where: Any, query: str) -> to
     return parts.queries(h, where).mean(dim=-2, keepdim=True)
 
 
+if hasattr(torch.amp, "is_autocast_available"):  # torch >= 2.4: autocast asked by device type
+    def _autocast_on(device: str) -> bool:
+        return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+else:
+    def _autocast_on(device: str) -> bool:
+        return torch.is_autocast_cpu_enabled() if device == "cpu" else device == "cuda" and torch.is_autocast_enabled()
+
+
 def _dots_in_own_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """h (..., n, C) . w (..., C) -> (..., n) in h's dtype. Under autocast h is the norm's float32 output, and a
     bfloat16 product would first write a half-size copy of every token and then read it: one more pass over the
     whole sequence per selection, the kind that bounds an eager GPU forward at large batch. Float32 ranks exactly."""
     device = h.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    if _autocast_on(device):
         with torch.autocast(device, enabled=False):
             return (h @ w.to(h.dtype).unsqueeze(-1)).squeeze(-1)
     return (h @ w.unsqueeze(-1)).squeeze(-1)

@@ -21,8 +21,6 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.train and args.compile:
         raise TokenpaceError("--compile is for inference; --train times eager training steps")
-    if args.compile and args.warmup == 0:
-        source.note("--compile with --warmup 0: each configuration's first timed call includes its compilation")
     if args.memory_probe is not None:
         return _probe(args, device)
     if args.fuse_bn and (args.memory or args.train):
@@ -55,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
             raise TokenpaceError(f"--fuse-bn folds LeViT's BatchNorm layers, and {type(model).__name__} has none; "
                                  "accepted: timm levit_* and tokenpace's evo_levit_* models")
         fuse_batchnorm(model.eval())
+    if args.compile and args.warmup == 0:
+        source.note("--compile with --warmup 0: each configuration's first timed call includes its compilation")
     name = source.model_name(args, record)
     what = "training step" if args.train else ("ONNX Runtime inference" if args.onnx else "inference")
     progress = None if args.quiet else stderr_progress

@@ -107,7 +107,7 @@ POSITIVE, NON_NEGATIVE = _integer(1), _integer(0)
 
 
 def add_model_source(p: argparse.ArgumentParser, train: bool = False, config: bool = True,
-                     overrides: str = "--methods and --keep", search: bool = False) -> None:
+                     overrides: str = "--methods, --keep and --keep-sweep", search: bool = False) -> None:
     """--model --pretrained --checkpoint --run --model-args --img-size --device --amp, the same on every command, and
     --config where the command runs a method (``config``; never on train). ``overrides``: this command's options
     that replace a recorded method; ``search``: tune, where a recorded method is the one searched."""

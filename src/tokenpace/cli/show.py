@@ -41,15 +41,20 @@ def _stem(path: str) -> str:
 
 def output_names(paths: list[str]) -> list[str]:
     """One distinct output name per input: its file stem; where stems repeat (a.png and a.jpg, or x.png in two
-    folders), the extension is added, then a counter, so no figure overwrites another."""
-    stems = [_stem(p) for p in paths]
-    names = [f"{s}_{os.path.splitext(p)[1].lstrip('.') or 'file'}" if stems.count(s) > 1 else s
-             for s, p in zip(stems, paths)]
-    seen: dict[str, int] = {}
+    folders; compared case-folded), the extension is added, then a counter no other output uses, so no figure
+    overwrites another."""
+    folded = [_stem(p).casefold() for p in paths]  # A.png and a.png are one file on some file systems
+    names = [f"{_stem(p)}_{os.path.splitext(p)[1].lstrip('.') or 'file'}" if folded.count(f) > 1 else _stem(p)
+             for f, p in zip(folded, paths)]
+    unique = [[m.casefold() for m in names].count(n.casefold()) == 1 for n in names]
+    taken = {n.casefold() for n, alone in zip(names, unique) if alone}
     out = []
-    for name in names:
-        if names.count(name) > 1:
-            seen[name] = seen.get(name, 0) + 1
-            name = f"{name}-{seen[name]}"
+    for name, alone in zip(names, unique):
+        if not alone:  # a counter no other output uses
+            n = 1
+            while f"{name}-{n}".casefold() in taken:
+                n += 1
+            name = f"{name}-{n}"
+            taken.add(name.casefold())
         out.append(name)
     return out

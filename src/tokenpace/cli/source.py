@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from ..errors import TokenpaceError, user_input
+from ..errors import TokenpaceError, note, user_input
 from .choices import DEFAULT_MODEL
-
-
-def note(message: str) -> None:
-    print(f"tokenpace: note: {message}", file=sys.stderr)
 
 
 def device(name: str):
@@ -82,9 +77,16 @@ def model_settings(args: argparse.Namespace, model, record) -> dict:
     (a run's or a configuration file's, then the command's), and the weights and configuration files given."""
     from ..families import adapter_for
 
-    recorded = record.model_args if record is not None else {}
-    return {"input_size": list(adapter_for(model).input_size()), "model_args": {**recorded, **model_args(args)},
-            "checkpoint": args.checkpoint, "config": getattr(args, "config", None)}
+    applied = record.folder if record is not None and record.kind == "configuration" else None
+    return {"input_size": list(adapter_for(model).input_size()), "model_args": built_model_args(args, record),
+            "checkpoint": args.checkpoint, "config": getattr(args, "config", None) or applied}
+
+
+def built_model_args(args: argparse.Namespace, record) -> dict:
+    """The timm.create_model arguments the model was built with: a run's, or a configuration's where it names the
+    model (as :func:`build` reads them), then the command's."""
+    built_from = record is not None and (record.kind == "run" or record.model)
+    return {**(record.model_args if built_from else {}), **model_args(args)}
 
 
 def configuration(args: argparse.Namespace):
@@ -153,7 +155,7 @@ def specs(args: argparse.Namespace, model, record, train: bool = False) -> list:
     method's settings as the defaults of that method. Each is checked against the model."""
     from ..bench import MethodSpec
 
-    config = file_config(args, model, record, ("--methods", "--keep", "--keep-sweep"))
+    config = file_config(args, model, record, (method_flag(args), "--keep", "--keep-sweep"))
     if config is not None:
         return [MethodSpec("dense"), MethodSpec.from_config(config)]
     return check_specs(_chosen_specs(args, model, record, train), model)
@@ -166,10 +168,19 @@ def check_specs(chosen: list, model) -> list:
     from ..methods import make_policy
 
     family = adapter_for(model)
+    seen = []
     for spec in chosen:
-        if spec.method != "dense":
+        config = None if spec.method == "dense" else spec_config(spec)
+        if config is not None:
             with user_input():
-                make_policy(spec_config(spec), family)
+                make_policy(config, family)
+        # one configuration however it was spelled (option order, @KEEP, --keep, a run's options); a training
+        # step's recipe options (idle's distill_weight, ...) make another
+        key = (spec.method, config, sorted(spec.recipe_options().items()))
+        if key in seen:
+            what = spec.method if spec.method == "dense" else f"{spec.method} {spec.describe()}"
+            raise TokenpaceError(f"the configurations list {what} more than once (each runs once)")
+        seen.append(key)
     return chosen
 
 
@@ -215,7 +226,7 @@ def _chosen_specs(args: argparse.Namespace, model, record, train: bool) -> list:
     if recorded is None:
         return chosen
     if recorded.name not in {s.method for s in chosen}:
-        note(f"--methods replaces the method {record.origin()} was trained for ({recorded.name} "
+        note(f"{method_flag(args)} replaces the method {record.origin()} was trained for ({recorded.name} "
              f"{MethodSpec.from_config(recorded).describe()})")
         return chosen
     base = dict(MethodSpec.from_config(recorded).options)
@@ -245,6 +256,8 @@ def with_keep(specs: list, keep: float, flag: str = "--methods") -> list:
     from ..bench import MethodSpec
 
     own = [s.method for s in specs if "keep" in dict(s.options)]
+    if not own and not any(s.method != "dense" for s in specs):
+        raise TokenpaceError(f"--keep {keep} applies to no method: only dense runs; name a method with {flag}")
     if own and len(own) == sum(s.method != "dense" for s in specs):
         raise TokenpaceError(f"--keep {keep} applies to no method: {', '.join(own)} in {flag} "
                              f"set{'s' if len(own) == 1 else ''} {'its' if len(own) == 1 else 'their'} own keep; "

@@ -46,9 +46,8 @@ def run(args: argparse.Namespace) -> int:
     with memory_guard(f"tuning at --batch-size {settings.batch_size}"):
         result = tune(model, ds, device, settings, methods=specs, progress=not args.quiet)
     print(summary(result, args.run or name), flush=True)
-    described = {**model_record(model, name), "model_args": {**(record.model_args if record else {}),
-                                                               **source.model_args(args)},
-                 "run": args.run, "data": args.data, "limit": args.limit, "malloc": args.malloc}
+    described = {**model_record(model, name), "model_args": source.built_model_args(args, record), "run": args.run,
+                 "data": args.data, "limit": args.limit, "malloc": args.malloc}
     for path in write_outputs(result, args.output, described,
                               f"{args.run or name}: {result.metric} vs speed-up ({result.device}, batch "
                               f"{settings.batch_size})"):

@@ -8,16 +8,14 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..data import DataSpec, build_dataset, check_labels, data_config, eval_transform, num_classes_of
-from ..errors import TokenpaceError, memory_guard, user_input
+from ..errors import TokenpaceError, memory_guard, note, user_input
 from ..families import adapter_for
 from ..methods import Evo, MethodConfig
 from ..patch import apply, remove
@@ -110,7 +108,7 @@ def create_student(cfg: TrainConfig, num_classes: int, notes: list[str] | None =
         fresh = load_weights(model, cfg.init, new_head=classifier_names(model))
         if fresh:
             _refuse_random_teacher(cfg, f"the classifier of {cfg.init} was made for another class count")
-            if notes is not None:
+            if notes is not None and not cfg.resume:  # resuming, the head comes from the run's checkpoint
                 notes.append(f"{cfg.init}: its classifier ({', '.join(fresh)}) was made for another class count "
                              f"than this model's {num_classes}; it starts from timm's initialisation, as with "
                              "--pretrained")
@@ -246,7 +244,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     model = create_student(cfg, num_classes, notes)
     if accelerator.is_main_process:
         for line in notes:
-            print(f"tokenpace: note: {line}", file=sys.stderr, flush=True)
+            note(line)
     with user_input():
         adapter_for(model)  # unsupported models fail here, with the supported families named
     _check_teacher_head(cfg, model, num_classes)
@@ -280,9 +278,8 @@ def train(cfg: TrainConfig) -> list[dict]:
                                        warmup_lr=r.warmup_lr, warmup_epochs=r.warmup_epochs, step_on_epochs=False,
                                        updates_per_epoch=len(train_loader))
     if r.warmup_epochs >= cfg.epochs_total and accelerator.is_main_process and not cfg.resume:
-        print(f"tokenpace: note: the learning rate warms up over {r.warmup_epochs} epochs and the run has "
-              f"{cfg.epochs_total}: it never reaches its peak ({lr:.3g}); shorten --warmup-epochs", file=sys.stderr,
-              flush=True)
+        note(f"the learning rate warms up over {r.warmup_epochs} epochs and the run has {cfg.epochs_total}: it never "
+             f"reaches its peak ({lr:.3g}); shorten --warmup-epochs")
     mixup = Mixup(mixup_alpha=r.mixup, cutmix_alpha=r.cutmix, switch_prob=r.mixup_switch_prob,
                   label_smoothing=r.smoothing, num_classes=num_classes) if (r.mixup > 0 or r.cutmix > 0) else None
     ema = ModelEmaV3(student, decay=r.ema_decay) if r.ema_decay else None
@@ -295,8 +292,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         start_epoch, history = _resume(ckpt_path, accelerator.unwrap_model(objective), optimizer, scheduler, ema,
                                        accelerator)
         if start_epoch >= cfg.epochs_total and accelerator.is_main_process:
-            print(f"tokenpace: note: {cfg.output} already holds all {cfg.epochs_total} epochs; nothing to resume",
-                  file=sys.stderr, flush=True)
+            note(f"{cfg.output} already holds all {cfg.epochs_total} epochs; nothing to resume")
     if accelerator.is_main_process:
         runfolder.start(cfg.output, description, fresh=not cfg.resume)
         _rewrite_metrics(cfg.output, history)
