@@ -145,8 +145,11 @@ def test_benchmark_and_eval_keep_one_model(monkeypatch):
     (["--json", "/no/such/folder/bench.json"], "--json '/no/such/folder/bench.json': folder '/no/such/folder' does"),
     (["--batch-size", "100000000"], "inference at batch size 100000000 does not fit in memory: one allocation asked"),
     (["--train", "--model-args", "num_classes=0"], "--train times a classification training step, and "
-                                                   "vit_tiny_patch16_224 is built without a classifier head"),
-    (["--train", "--memory", "--model-args", "num_classes=0"], "give it one, e.g. --model-args num_classes=1000"),
+                                                   "vit_tiny_patch16_224 is built without a classifier head (num_"
+                                                   "classes=0, as timm builds image encoders); give it one, e.g. "
+                                                   "--model-args num_classes=1000"),
+    (["--memory"], "--memory measures one call per configuration, each in its own process; --runs and --warmup set "
+                   "timed rounds (drop them)"),
 ])
 def test_bench_bad_input_is_one_line_before_any_work(argv, message, capsys):
     full = ["bench", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--runs", "1", "--warmup", "0",

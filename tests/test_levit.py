@@ -349,9 +349,8 @@ def test_bench_fuse_bn_is_recorded_and_refused_where_it_cannot_apply(tmp_path, c
     from tokenpace.cli import main
 
     out = tmp_path / "bench.json"
-    common = ["bench", "--model", "levit_cifar", "--methods", "dense", "--batch-size", "1", "--runs", "1", "--warmup",
-              "0", "--quiet", "--fuse-bn"]
-    assert main(common + ["--json", str(out)]) == 0
+    common = ["bench", "--model", "levit_cifar", "--methods", "dense", "--batch-size", "1", "--quiet", "--fuse-bn"]
+    assert main(common + ["--json", str(out), "--runs", "1", "--warmup", "0"]) == 0
     assert "BatchNorm fused" in capsys.readouterr().out and json.loads(out.read_text())["fuse_bn"] is True
     for flag in ("--memory", "--train"):
         assert main(common + [flag]) == 2

@@ -23,6 +23,11 @@ def run(args: argparse.Namespace) -> int:
         raise TokenpaceError("--compile is for inference; --train times eager training steps")
     if args.memory_probe is not None:
         return _probe(args, device)
+    if args.memory and (args.runs is not None or args.warmup is not None):
+        raise TokenpaceError("--memory measures one call per configuration, each in its own process; --runs and "
+                             "--warmup set timed rounds (drop them)")
+    args.runs = 10 if args.runs is None else args.runs
+    args.warmup = 2 if args.warmup is None else args.warmup
     if args.fuse_bn and (args.memory or args.train):
         flag = "--memory" if args.memory else "--train"
         raise TokenpaceError(f"--fuse-bn folds BatchNorm for inference timing; {flag} measures the model as built "

@@ -201,8 +201,9 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", action="store_true",
                        help="torch.compile each configuration (holds one model copy per configuration: each "
                             "compiled graph is specialised to its configuration)")
-    bench.add_argument("--runs", type=POSITIVE, default=10, help="timed rounds (default 10)")
-    bench.add_argument("--warmup", type=NON_NEGATIVE, default=2, help="untimed warm-up rounds (default 2)")
+    bench.add_argument("--runs", type=POSITIVE, default=None, help="timed rounds (default 10; not with --memory)")
+    bench.add_argument("--warmup", type=NON_NEGATIVE, default=None,
+                       help="untimed warm-up rounds (default 2; not with --memory)")
     bench.add_argument("--onnx", action="store_true",
                        help="time ONNX Runtime instead of PyTorch: each configuration is exported once (checked "
                             "against PyTorch), then its CPU session is timed the same way, fp32 (--threads sets the "
