@@ -147,3 +147,16 @@ def test_messages_name_the_commands_own_method_option(tmp_path, capsys):
     assert "--keep 0.5 applies to no method: only dense runs; name a method with --method" in capsys.readouterr().err
     assert main(["bench", *common, "--config", config, "--methods", "idle", "--runs", "1"]) == 2
     assert "--config and --methods both choose the configuration" in capsys.readouterr().err
+
+
+def test_model_args_may_be_repeated_and_a_key_given_twice_differently_is_refused(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "b.json"
+    common = ["bench", "--model", "vit_tiny_patch16_224", "--methods", "dense", "--batch-size", "1", "--runs", "1",
+              "--warmup", "0", "--quiet"]
+    assert main(common + ["--model-args", "img_size=32,depth=2", "--model-args", "patch_size=8", "--json",
+                          str(out)]) == 0
+    assert json.loads(out.read_text())["model_args"] == {"img_size": 32, "depth": 2, "patch_size": 8}
+    assert main(common + ["--model-args", "img_size=32,depth=2", "--model-args", "depth=3"]) == 2
+    assert "--model-args gives depth twice (2 and 3); give one" in capsys.readouterr().err

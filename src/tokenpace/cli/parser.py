@@ -132,9 +132,9 @@ def add_model_source(p: argparse.ArgumentParser, train: bool = False, config: bo
                         + (" (a dense run to fine-tune from)" if train else
                            ", and the method it was trained for, the one searched (--methods searches others)"
                            if search else f", and the method it was trained for ({overrides} override it)"))
-    g.add_argument("--model-args", default=None, metavar="K=V,...",
+    g.add_argument("--model-args", action="append", default=None, metavar="K=V,...",
                    help="timm.create_model arguments, e.g. img_size=32,patch_size=4,depth=6 ('/' separates tuple "
-                        "items: depths=2/2/6/2)")
+                        "items: depths=2/2/6/2); may be repeated")
     g.add_argument("--img-size", type=POSITIVE, default=None, metavar="N",
                    help="build the model for N x N inputs (timm's img_size; the same as --model-args img_size=N)")
     if train:

@@ -19,15 +19,19 @@ def device(name: str):
 
 def model_args(args: argparse.Namespace) -> dict:
     """--model-args "img_size=32,patch_size=4,depths=2/2/6/2" (ints, floats, true/false, '/'-separated int tuples,
-    else strings) with --img-size folded in."""
+    else strings; the option may be repeated) with --img-size folded in."""
     from ..bench import _literal
 
+    given = args.model_args or ""
     out: dict = {}
-    for pair in filter(None, (args.model_args or "").split(",")):
+    for pair in filter(None, (",".join(given) if isinstance(given, list) else given).split(",")):
         key, eq, value = pair.partition("=")
         if not eq or not key.strip():
             raise TokenpaceError(f"--model-args entry {pair!r} must be key=value (e.g. img_size=32,depth=6)")
-        out[key.strip()] = _literal(value)
+        key, value = key.strip(), _literal(value)
+        if out.get(key, value) != value:
+            raise TokenpaceError(f"--model-args gives {key} twice ({out[key]!r} and {value!r}); give one")
+        out[key] = value
     if args.img_size is not None:
         if out.get("img_size", args.img_size) != args.img_size:
             raise TokenpaceError(f"--img-size {args.img_size} and --model-args img_size={out['img_size']} differ; "
