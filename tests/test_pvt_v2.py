@@ -222,3 +222,23 @@ def test_torch_compile_full_graph(images):
         expected = model(images)
         compiled = torch.compile(model, fullgraph=True, backend="eager")
         assert torch.allclose(compiled(images), expected, atol=1e-5)
+
+
+def test_img_size_sets_the_input_of_a_model_built_for_any_size(tmp_path):
+    """PVTv2 takes no img_size argument: --img-size is the input it is used at, recorded in its pretrained_cfg,
+    where bench, MACs and the data transforms read it."""
+    import json
+
+    from tokenpace.cli import main
+    from tokenpace.data import data_config
+    from tokenpace.families import adapter_for
+    from tokenpace.models import create_model
+
+    model = create_model("pvt_v2_b0", img_size=64)
+    assert adapter_for(model).input_size() == (3, 64, 64) and data_config(model)["input_size"] == (3, 64, 64)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "pvt_v2_b0", "--img-size", "64", "--methods", "dense", "--batch-size", "1",
+                 "--runs", "1", "--warmup", "0", "--quiet", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["input_size"] == [3, 64, 64] and doc["model_args"] == {"img_size": 64}
+    assert main(["bench", "--model", "pvt_v2_b0", "--model-args", "no_such_arg=1", "--runs", "1"]) == 2

@@ -68,11 +68,25 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
         raise ModelSourceError(f"unknown timm model {name!r}; e.g. deit_small_patch16_224, vit_base_patch16_224 "
                                "(see timm.list_models('deit*'))")
     offline = pretrained and (hub_offline_requested() or not reachable(hub_host()))
-    try:
+
+    def build(**given):
         if offline:
             with hub_offline():
-                return timm.create_model(name, pretrained=True, **kwargs)
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+                return timm.create_model(name, pretrained=True, **given)
+        return timm.create_model(name, pretrained=pretrained, **given)
+
+    try:
+        try:
+            return build(**kwargs)
+        except TypeError as err:
+            if "img_size" not in kwargs or "'img_size'" not in str(err):
+                raise
+            # a model built for any input size (PVTv2): img_size is the input it is used at, which timm records in
+            # its pretrained_cfg (where bench, MACs and the data transforms read it)
+            size = kwargs["img_size"]
+            hw = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+            rest = {k: v for k, v in kwargs.items() if k != "img_size"}
+            return build(**rest, pretrained_cfg_overlay={"input_size": (rest.get("in_chans", 3), *hw)})
     except (TypeError, ValueError, AssertionError) as err:  # arguments the model's constructor refuses
         raise ModelSourceError(f"model {name!r} cannot be built with {kwargs or 'its defaults'}: {err}") from None
     except OSError as err:

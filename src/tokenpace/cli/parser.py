@@ -136,7 +136,8 @@ def add_model_source(p: argparse.ArgumentParser, train: bool = False, config: bo
                    help="timm.create_model arguments, e.g. img_size=32,patch_size=4,depth=6 ('/' separates tuple "
                         "items: depths=2/2/6/2); may be repeated")
     g.add_argument("--img-size", type=POSITIVE, default=None, metavar="N",
-                   help="build the model for N x N inputs (timm's img_size; the same as --model-args img_size=N)")
+                   help="build the model for N x N inputs (timm's img_size; the same as --model-args img_size=N); "
+                        "a model built for any size (PVTv2) is used at N x N")
     if train:
         g.add_argument("--device", choices=DEVICES, default=None,
                        help="cpu, or cuda (default: cuda where Accelerate finds one, else cpu)")
