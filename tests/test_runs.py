@@ -80,8 +80,9 @@ def test_an_existing_run_is_neither_overwritten_nor_changed_unasked(tmp_path, ca
     assert {name: (out / name).read_bytes() for name in names} == before
     # a checkpoint of another architecture (no run.json to compare with): the keys are named
     (out / "run.json").unlink()
-    assert main(train_argv(out, "--recipe", "dense", "--epochs", "1", "--resume", "--model-args",
-                           "img_size=32,patch_size=8,embed_dim=32,depth=2,num_heads=2")) == 2
+    argv = train_argv(out, "--recipe", "dense", "--epochs", "1", "--resume")
+    argv[argv.index("--model-args") + 1] = "img_size=32,patch_size=8,embed_dim=32,depth=2,num_heads=2"
+    assert main(argv) == 2
     assert "unexpected keys (blocks.2.norm1.weight" in _err(capsys)
     # --overwrite starts afresh
     assert main(train_argv(out, "--recipe", "dense", "--epochs", "1", "--limit", "32", "--overwrite")) == 0
