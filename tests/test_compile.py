@@ -69,3 +69,16 @@ def test_compiled_fresh_patch_does_not_recompile(family):
         first = compiled(images)
         for _ in range(2):
             assert torch.equal(compiled(images), first)
+
+
+@pytest.mark.parametrize("method", ["evo", "idle", "evit", "topk"])
+def test_full_graph_under_autocast(method):
+    """The GPU suite times compiled models under bf16 autocast: the score paths that ask whether autocast is on
+    (scoring's float32 dot product) must trace into the one graph too (torch.amp.is_autocast_available did not
+    before torch 2.12)."""
+    model = tokenpace.apply(make_vit("deit", depth=3), method, keep=0.5)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(images)
+        got = torch.compile(model, fullgraph=True, backend="eager")(images)
+    assert torch.equal(got, expected)

@@ -33,7 +33,9 @@ def _query_row(parts: BlockParts, h: torch.Tensor, where: Any, query: str) -> to
 
 if hasattr(torch.amp, "is_autocast_available"):  # torch >= 2.4: autocast asked by device type
     def _autocast_on(device: str) -> bool:
-        return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        # a fixed list rather than torch.amp.is_autocast_available, which torch.compile cannot trace before torch
+        # 2.12 (a graph break in every selection); other devices (meta) have no autocast to ask about
+        return device in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device)
 else:
     def _autocast_on(device: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device == "cpu" else device == "cuda" and torch.is_autocast_enabled()
