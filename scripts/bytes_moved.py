@@ -11,7 +11,6 @@ forward can reach, where the MACs ratio is the one a compute-bound forward can.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 import timm  # noqa: E402
 
 import tokenpace  # noqa: E402
-from tokenpace.bench import parse_methods, spec_config  # noqa: E402
+from tokenpace.bench import AMP_DTYPES, autocast_for, parse_methods, spec_config  # noqa: E402
 from tokenpace.families import adapter_for  # noqa: E402
 
 
@@ -52,9 +51,7 @@ class TrafficCounter(TorchDispatchMode):
 
 
 def forward_bytes(model: torch.nn.Module, images: torch.Tensor, amp: str) -> int:
-    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    cast = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    with torch.inference_mode(), cast:
+    with torch.inference_mode(), autocast_for(torch.device("cpu"), amp)():
         model(images)  # once before counting: lazily built caches are not traffic
         counter = TrafficCounter()
         with counter:
@@ -65,7 +62,7 @@ def forward_bytes(model: torch.nn.Module, images: torch.Tensor, amp: str) -> int
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="deit_small_patch16_224")
-    p.add_argument("--amp", default="bf16", choices=("none", "bf16", "fp16"))
+    p.add_argument("--amp", default="bf16", choices=tuple(AMP_DTYPES))
     p.add_argument("--methods", default="dense,evo,idle,evit,topk", help="as tokenpace bench --methods")
     p.add_argument("--batch-sizes", default="2,4", help="two batch sizes; their difference gives bytes per image")
     p.add_argument("--model-args", default="", help="key=value,... passed to timm.create_model (ints only)")

@@ -31,12 +31,12 @@ def keep_freed_memory() -> None:
 def keep_freed_memory_where_possible() -> str:
     """A command's default of ``--malloc keep`` where glibc allows it; returns what is in effect ("keep", or
     "system" after a note on stderr)."""
-    import sys
+    from .errors import note
 
     try:
         keep_freed_memory()
     except RuntimeError:
-        print("tokenpace: note: the C library is not glibc: freed memory goes back to the system (--malloc system); "
-              "CPU timings may vary more between runs", file=sys.stderr)
+        note("the C library is not glibc: freed memory goes back to the system (--malloc system); CPU timings may "
+             "vary more between runs")
         return "system"
     return "keep"

@@ -46,7 +46,8 @@ def output_names(paths: list[str]) -> list[str]:
     folded = [_stem(p).casefold() for p in paths]  # A.png and a.png are one file on some file systems
     names = [f"{_stem(p)}_{os.path.splitext(p)[1].lstrip('.') or 'file'}" if folded.count(f) > 1 else _stem(p)
              for f, p in zip(folded, paths)]
-    unique = [[m.casefold() for m in names].count(n.casefold()) == 1 for n in names]
+    folded_names = [n.casefold() for n in names]
+    unique = [folded_names.count(f) == 1 for f in folded_names]
     taken = {n.casefold() for n, alone in zip(names, unique) if alone}
     out = []
     for name, alone in zip(names, unique):

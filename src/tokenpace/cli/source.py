@@ -260,9 +260,9 @@ def with_keep(specs: list, keep: float, flag: str = "--methods") -> list:
     from ..bench import MethodSpec
 
     own = [s.method for s in specs if "keep" in dict(s.options)]
-    if not own and not any(s.method != "dense" for s in specs):
-        raise TokenpaceError(f"--keep {keep} applies to no method: only dense runs; name a method with {flag}")
-    if own and len(own) == sum(s.method != "dense" for s in specs):
+    if len(own) == sum(s.method != "dense" for s in specs):  # no method left for --keep (none at all, or all set)
+        if not own:
+            raise TokenpaceError(f"--keep {keep} applies to no method: only dense runs; name a method with {flag}")
         raise TokenpaceError(f"--keep {keep} applies to no method: {', '.join(own)} in {flag} "
                              f"set{'s' if len(own) == 1 else ''} {'its' if len(own) == 1 else 'their'} own keep; "
                              "give one")
