@@ -82,3 +82,16 @@ def test_full_graph_under_autocast(method):
         expected = model(images)
         got = torch.compile(model, fullgraph=True, backend="eager")(images)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("method", ["evo", "idle", "evit", "topk"])
+def test_export_under_autocast_runs_without_it(method):
+    """A model exported with torch.export under an autocast the caller had on runs outside it, as the plain timm
+    model does: no cast in the forward may pin a dtype the trace saw (casts ride in the reductions, the score side
+    runs in the normed tokens' own dtype)."""
+    model = tokenpace.apply(make_vit("deit", depth=3), method, keep=0.5)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exported = torch.export.export(model, (images,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(images), model(images), rtol=1e-5, atol=1e-5)

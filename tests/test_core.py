@@ -107,20 +107,23 @@ def test_logit_scores_without_key_projection_rank_like_projected_keys(query):
     torch.testing.assert_close(query_logits(parts, h, None, query, project_keys=True), explicit)
 
 
-def test_logit_scores_under_autocast_read_the_normed_tokens_in_float32():
-    """Under bf16 autocast the normed tokens h are float32 (the norm's output): the shortcut's dot product stays in
-    float32, so no half-size copy of every token is written (one pass over the sequence less per selection) and the
-    ranking is that of the float32 product."""
+@pytest.mark.parametrize("query", ["cls", "mean"])
+def test_logit_scores_under_autocast_are_the_float32_scores(query):
+    """Under bf16 autocast the normed tokens h are float32 (the norm's output): the whole score side (a few vectors)
+    runs in float32, so no half-size copy of every token is written, no weight slice is cast, and the scores are
+    exactly those of the float32 model."""
     gen = torch.Generator().manual_seed(0)
     G, n, C, H, scale = 2, 9, 8, 2, 0.37
     h = torch.randn(G, n, C, generator=gen)
-    w_q, w_k = torch.randn(C, C, generator=gen), torch.randn(C, C, generator=gen)
-    parts = _LinearParts(w_q, torch.zeros(C), w_k, torch.zeros(C), H, scale)
+    w_q, w_k, b_q = torch.randn(C, C, generator=gen), torch.randn(C, C, generator=gen), torch.randn(C, generator=gen)
+    parts = _LinearParts(w_q, b_q, w_k, torch.zeros(C), H, scale)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = query_logits(parts, h, None, "cls")
-        u = torch.nn.functional.linear(h[:, 0], w_q, torch.zeros(C)) @ w_k  # the query side, bf16 as in scoring
-    assert got.dtype == torch.float32 and u.dtype == torch.bfloat16
-    torch.testing.assert_close(got, (h @ (u * scale).float().unsqueeze(-1)).squeeze(-1), rtol=0, atol=0)
+        got = query_logits(parts, h, None, query)
+        assert torch.nn.functional.linear(h, w_q).dtype == torch.bfloat16  # autocast is on for the model's products
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, query_logits(parts, h, None, query), rtol=0, atol=0)
+    grouped = query_logits(parts, h.view(1, G, n, C), None, query)  # any leading dims: groups as a batch
+    torch.testing.assert_close(grouped, query_logits(parts, h, None, query).view(1, G, n), rtol=0, atol=0)
 
 
 def test_evolve_weights_the_new_layer():

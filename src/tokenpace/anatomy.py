@@ -44,7 +44,8 @@ class TokenSet:
         """The set holding this set's prefix, then the patch tokens idx (B, m) (indices into this set's patches),
         then ``extra`` position-less tokens."""
         pos = idx if self.pos is None else self.pos.gather(1, idx)
-        return replace(self, pos=pos, extra=extra)
+        # built directly: dataclasses.replace costs several times more, once per selection
+        return TokenSet(self.prefix, pos, extra, self.frame, self.holes)
 
     def patches(self, idx: torch.Tensor) -> "TokenSet":
         """The set holding only the patch tokens idx (B, m) of this set (no prefix, no extra tokens)."""
@@ -151,6 +152,11 @@ class BlockParts:
         """The key projection when k is affine in h (no key norm, no position terms), else None: scores then need no
         key projection (sum_h q_h . k_hj = (W_k^T q) . h_j + const)."""
         return None
+
+    def keys_affine(self) -> bool:
+        """Whether :meth:`linear_keys` gives a map. Scoring asks on every selection: families override it where
+        the answer costs less than building the map (slicing or fusing weights)."""
+        return self.linear_keys() is not None
 
     # --- cost ----------------------------------------------------------------------------------------------------
     def shape(self) -> BlockShape:

@@ -9,26 +9,40 @@ tokens within their group). Where the queries are affine too, qbar = W_q mean_i(
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .anatomy import BlockParts
+from .anatomy import BlockParts, LinearMap
 from .core.macs import BlockShape, ScoreWork
 
 QUERIES = ("cls", "mean")
 
 
 def _query_row(parts: BlockParts, h: torch.Tensor, where: Any, query: str) -> torch.Tensor:
-    """The query vector (B, H, 1, d) of ``query`` for the normed tokens h (B, n, C)."""
+    """The query vector (B, H, 1, d) of ``query`` for the normed tokens h (B, n, C), through the anatomy."""
     if query == "cls":
         return parts.queries(h[..., :1, :], None)
-    linear = parts.linear_queries()
-    if linear is not None:
-        q = F.linear(h.mean(dim=-2), linear.weight, linear.bias)  # (..., A)
-        return q.reshape(*q.shape[:-1], parts.num_heads, 1, -1)
     return parts.queries(h, where).mean(dim=-2, keepdim=True)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in ``dtype``; no call at all where it is already (a traced ``to`` would pin t's dtype in the graph)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _affine_query(h: torch.Tensor, query: str, linear: LinearMap, scale: float) -> torch.Tensor:
+    """scale * q (..., A) of the ``query`` vector where q is affine in h: W_q h_0 + b_q for the class token,
+    W_q mean_i(h_i) + b_q for the mean query, in one matrix product with the scale folded in."""
+    src = h[..., 0, :] if query == "cls" else h.mean(dim=-2)  # (..., C)
+    flat = src.reshape(-1, src.shape[-1])
+    weight = _as(linear.weight, h.dtype).t()
+    if linear.bias is None:
+        q = torch.mm(flat, weight).mul_(scale)
+    else:
+        q = torch.addmm(_as(linear.bias, h.dtype), flat, weight, beta=scale, alpha=scale)
+    return q.view(*src.shape[:-1], q.shape[-1])
 
 
 if hasattr(torch.amp, "is_autocast_available"):  # torch >= 2.4: autocast asked by device type
@@ -41,20 +55,19 @@ else:
         return torch.is_autocast_cpu_enabled() if device == "cpu" else device == "cuda" and torch.is_autocast_enabled()
 
 
-def _dots_in_own_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """h (..., n, C) . w (..., C) -> (..., n) in h's dtype. Under autocast h is the norm's float32 output, and a
-    bfloat16 product would first write a half-size copy of every token and then read it: one more pass over the
-    whole sequence per selection, the kind that bounds an eager GPU forward at large batch. Float32 ranks exactly."""
+def _in_own_dtype(h: torch.Tensor):
+    """A context in which products run in h's dtype: autocast off where it is on. Under autocast h is the norm's
+    float32 output; a bfloat16 product over every token would first write a half-size copy of the whole sequence
+    and then read it (one more pass per selection, the kind that bounds an eager GPU forward at large batch), and
+    casting the weight slices would be one more kernel each. The score side is a few vectors: float32 costs
+    nothing there and ranks exactly."""
     device = h.device.type
-    if _autocast_on(device):
-        with torch.autocast(device, enabled=False):
-            return (h @ w.to(h.dtype).unsqueeze(-1)).squeeze(-1)
-    return (h @ w.unsqueeze(-1)).squeeze(-1)
+    return torch.autocast(device, enabled=False) if _autocast_on(device) else nullcontext()
 
 
 def needs_keys(parts: BlockParts, project_keys: bool = False) -> bool:
     """True when scores must project every key (keys not affine in h, or asked for)."""
-    return project_keys or parts.linear_keys() is None
+    return project_keys or not parts.keys_affine()
 
 
 def query_logits(parts: BlockParts, h: torch.Tensor, where: Any, query: str, project_keys: bool = False,
@@ -62,13 +75,24 @@ def query_logits(parts: BlockParts, h: torch.Tensor, where: Any, query: str, pro
     """Head-summed scaled logits (..., n) that the tokens of h (..., n, C) receive from the ``query`` vector
     (per-group constants left out). Additive position terms are not included: see :func:`bias_row`. ``keys``:
     every token's keys (B, H, n, d) when the caller projected them already."""
-    q = _query_row(parts, h, where, query)  # (..., H, 1, d)
-    linear = None if project_keys else parts.linear_keys()  # asked once: families slice it from a fused weight
-    if linear is not None:
-        u = q.flatten(-3) @ linear.weight  # (..., C): sum over heads of W_k,h^T q_h, every image
-        return _dots_in_own_dtype(h, u * parts.scale)
-    k = parts.keys(h, where) if keys is None else keys  # (B, H, n, d)
-    return ((q * parts.scale) @ k.transpose(-2, -1)).squeeze(-2).sum(dim=-2)
+    # each asked once: families slice them from a fused weight
+    linear_keys = None if project_keys else parts.linear_keys()
+    linear_queries = parts.linear_queries()
+    if linear_keys is None:
+        if linear_queries is None:
+            q = _query_row(parts, h, where, query) * parts.scale  # (..., H, 1, d)
+        else:
+            q = _affine_query(h, query, linear_queries, parts.scale)
+            q = q.view(*q.shape[:-1], parts.num_heads, 1, -1)
+        k = parts.keys(h, where) if keys is None else keys  # (B, H, n, d)
+        return (q @ k.transpose(-2, -1)).squeeze(-2).sum(dim=-2)
+    # a query through the anatomy (norms, position terms) runs as the model does, under its autocast
+    q = None if linear_queries is not None else _query_row(parts, h, where, query).flatten(-3) * parts.scale
+    with _in_own_dtype(h):
+        if q is None:
+            q = _affine_query(h, query, linear_queries, parts.scale)
+        u = _as(q, h.dtype) @ _as(linear_keys.weight, h.dtype)  # (..., C): sum over heads of W_k,h^T q_h, every group
+        return (h @ u.unsqueeze(-1)).squeeze(-1)
 
 
 def bias_row(parts: BlockParts, where: Any, query: str) -> torch.Tensor | None:

@@ -69,7 +69,9 @@ def scatter_rows(x: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> torc
     which saves a copy of the whole sequence per call under ``torch.inference_mode``/``no_grad``.
     """
     B, N, C = x.shape
-    rows, flat_src = rows.reshape(-1), src.reshape(-1, C).to(x.dtype)
+    rows, flat_src = rows.reshape(-1), src.reshape(-1, C)
+    if flat_src.dtype != x.dtype:  # no call where they agree (every call costs on a launch-bound GPU)
+        flat_src = flat_src.to(x.dtype)
     if torch.is_grad_enabled() or not x.is_contiguous():
         return x.reshape(B * N, C).index_copy(0, rows, flat_src).view(B, N, C)
     x.view(B * N, C).index_copy_(0, rows, flat_src)

@@ -120,10 +120,8 @@ class EvaParts(VitParts):
     def linear_queries(self):
         return None if self.has_rope else super().linear_queries()
 
-    def linear_keys(self):
-        if self.has_rope or self.kv_heads != self.num_heads:
-            return None
-        return LinearMap(*self._weights(1)) if isinstance(self.attn.k_norm, nn.Identity) else None
+    def keys_affine(self):
+        return not self.has_rope and self.kv_heads == self.num_heads and super().keys_affine()
 
     def shape(self) -> BlockShape:
         attn = self.attn

@@ -34,14 +34,22 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_affine(layer: nn.Module) -> bool:
+    """Whether :func:`affine_of` gives a map, without fusing one."""
+    if isinstance(layer, nn.Linear):
+        return True
+    linear, bn = getattr(layer, "linear", None), getattr(layer, "bn", None)
+    return linear is not None and bn is not None and not bn.training
+
+
 def affine_of(layer: nn.Module) -> LinearMap | None:
     """A Linear, or timm's LinearNorm (Linear + BatchNorm1d) in eval mode, as one affine map; None while BatchNorm
     uses batch statistics (training)."""
     if isinstance(layer, nn.Linear):
         return LinearMap(layer.weight, layer.bias)
-    linear, bn = getattr(layer, "linear", None), getattr(layer, "bn", None)
-    if linear is None or bn is None or bn.training:
+    if not is_affine(layer):
         return None
+    linear, bn = layer.linear, layer.bn
     gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     bias = bn.bias - bn.running_mean * gain + (0 if linear.bias is None else linear.bias * gain)
     return LinearMap(linear.weight * gain[:, None], bias)
@@ -129,6 +137,9 @@ class LevitParts(BlockParts):
 
     def linear_keys(self):
         return self._affine_rows(1)
+
+    def keys_affine(self):
+        return is_affine(self.attn.qkv)
 
     def shape(self) -> BlockShape:
         attn = self.attn

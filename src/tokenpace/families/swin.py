@@ -147,6 +147,9 @@ class SwinParts(BlockParts):
     def linear_keys(self):
         return self._rows(1)
 
+    def keys_affine(self):
+        return True
+
     def shape(self) -> BlockShape:
         attn = self.attn
         return BlockShape(dim=attn.qkv.in_features, qk_dim=self.width, v_dim=self.width, qkv=linear_macs(attn.qkv),

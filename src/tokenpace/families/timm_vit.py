@@ -115,7 +115,10 @@ class VitParts(BlockParts):
         return LinearMap(*self._weights(0)) if isinstance(self.attn.q_norm, nn.Identity) else None
 
     def linear_keys(self):
-        return LinearMap(*self._weights(1)) if isinstance(self.attn.k_norm, nn.Identity) else None
+        return LinearMap(*self._weights(1)) if self.keys_affine() else None
+
+    def keys_affine(self):
+        return isinstance(self.attn.k_norm, nn.Identity)
 
     def shape(self) -> BlockShape:
         attn = self.attn

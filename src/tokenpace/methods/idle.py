@@ -83,11 +83,15 @@ class IdlePolicy(Policy):
             raise ValueError(f"Idle project_keys applies to scores of token sequences; {family.name} models accept "
                              "only project_keys=False")
         self.starts = config.resolved_stage_starts(self.depth)
+        self.ratios = [self._ratio(i) for i in range(self.depth)]  # asked per block and forward
+
+    def _ratio(self, i: int) -> float | None:
+        ratio = self.config.keep ** stage_of(i, self.starts)
+        return None if i < self.starts[0] or ratio >= 1.0 else ratio
 
     def keep_ratio(self, i: int) -> float | None:
         """The keep ratio r**s of block i, or None where the block runs on every token."""
-        ratio = self.config.keep ** stage_of(i, self.starts)
-        return None if i < self.starts[0] or ratio >= 1.0 else ratio
+        return self.ratios[i]
 
     def run(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         fam, frame = self.family, state.frame
