@@ -150,6 +150,8 @@ def test_numpy_keep_and_a_single_stage_start_are_accepted(capsys):
     tokenpace.apply(model, "idle", keep=np.float32(0.5), stage_starts=3)
     config = tokenpace.get_patch(model).config
     assert config.keep == 0.5 and type(config.keep) is float and config.stage_starts == (3,)
+    assert tokenpace.Idle(keep=np.float32(0.7)).keep == 0.7  # the value meant, not 0.699999988079071
+    assert tokenpace.Idle(keep=np.float16(0.7)).keep == 0.7
     tokenpace.apply(model, "evo", keep=np.float64(0.5), stage_starts=[2, 4])
     assert tokenpace.get_patch(model).config.stage_starts == (2, 4)
     argv = ["bench", "--model", "vit_tiny_patch16_224", "--model-args", "img_size=32,patch_size=4", "--batch-size",

@@ -23,7 +23,15 @@ def check_keep(config: Any, name: str, attr: str = "keep") -> None:
         return
     if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0.0 < float(keep) <= 1.0:
         raise ValueError(f"{name} must be a number in (0, 1] (the fraction of patch tokens kept); got {keep!r}")
-    object.__setattr__(config, attr, float(keep))
+    object.__setattr__(config, attr, _as_float(keep))
+
+
+def _as_float(value: numbers.Real) -> float:
+    """A real number as a Python float; a narrower float (numpy float32, e.g. from a float32 sweep) as the shortest
+    decimal it stands for, so np.float32(0.7) is 0.7 in configs, records and JSON, not 0.699999988079071."""
+    if getattr(getattr(value, "dtype", None), "itemsize", 8) < 8 and isinstance(value, numbers.Real):
+        return float(str(value))
+    return float(value)
 
 
 def check_choice(name: str, value: Any, accepted: tuple[str, ...], optional: bool = False) -> None:
