@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .anatomy import BlockParts, LinearMap
+from .core.autocast import autocast_on
 from .core.macs import BlockShape, ScoreWork
 
 QUERIES = ("cls", "mean")
@@ -27,42 +28,28 @@ def _query_row(parts: BlockParts, h: torch.Tensor, where: Any, query: str) -> to
     return parts.queries(h, where).mean(dim=-2, keepdim=True)
 
 
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in ``dtype``; no call at all where it is already (a traced ``to`` would pin t's dtype in the graph)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _affine_query(h: torch.Tensor, query: str, linear: LinearMap, scale: float) -> torch.Tensor:
     """scale * q (..., A) of the ``query`` vector where q is affine in h: W_q h_0 + b_q for the class token,
     W_q mean_i(h_i) + b_q for the mean query, in one matrix product with the scale folded in."""
     src = h[..., 0, :] if query == "cls" else h.mean(dim=-2)  # (..., C)
     flat = src.reshape(-1, src.shape[-1])
-    weight = _as(linear.weight, h.dtype).t()
     if linear.bias is None:
-        q = torch.mm(flat, weight).mul_(scale)
+        q = torch.mm(flat, linear.weight.t()).mul_(scale)
     else:
-        q = torch.addmm(_as(linear.bias, h.dtype), flat, weight, beta=scale, alpha=scale)
+        q = torch.addmm(linear.bias, flat, linear.weight.t(), beta=scale, alpha=scale)
     return q.view(*src.shape[:-1], q.shape[-1])
 
 
-if hasattr(torch.amp, "is_autocast_available"):  # torch >= 2.4: autocast asked by device type
-    def _autocast_on(device: str) -> bool:
-        # a fixed list rather than torch.amp.is_autocast_available, which torch.compile cannot trace before torch
-        # 2.12 (a graph break in every selection); other devices (meta) have no autocast to ask about
-        return device in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device)
-else:
-    def _autocast_on(device: str) -> bool:
-        return torch.is_autocast_cpu_enabled() if device == "cpu" else device == "cuda" and torch.is_autocast_enabled()
-
-
-def _in_own_dtype(h: torch.Tensor):
-    """A context in which products run in h's dtype: autocast off where it is on. Under autocast h is the norm's
-    float32 output; a bfloat16 product over every token would first write a half-size copy of the whole sequence
-    and then read it (one more pass per selection, the kind that bounds an eager GPU forward at large batch), and
-    casting the weight slices would be one more kernel each. The score side is a few vectors: float32 costs
-    nothing there and ranks exactly."""
+def _in_own_dtype(h: torch.Tensor, weight: torch.Tensor):
+    """A context for the score side: autocast off where it is on and h has the weights' dtype, else as it is.
+    Under autocast h is often the norm's float32 output; a bfloat16 product over every token would first write a
+    half-size copy of the whole sequence and then read it (one more pass per selection, the kind that bounds an
+    eager GPU forward at large batch), and every weight slice would be cast (one more kernel each). The score side
+    is a few vectors: float32 costs nothing there and ranks exactly. Where h is already narrower than the weights,
+    autocast keeps doing the casts: no explicit cast pins a traced dtype (torch.export)."""
     device = h.device.type
-    return torch.autocast(device, enabled=False) if _autocast_on(device) else nullcontext()
+    own = h.dtype == weight.dtype and autocast_on(device)
+    return torch.autocast(device, enabled=False) if own else nullcontext()
 
 
 def needs_keys(parts: BlockParts, project_keys: bool = False) -> bool:
@@ -86,13 +73,12 @@ def query_logits(parts: BlockParts, h: torch.Tensor, where: Any, query: str, pro
             q = q.view(*q.shape[:-1], parts.num_heads, 1, -1)
         k = parts.keys(h, where) if keys is None else keys  # (B, H, n, d)
         return (q @ k.transpose(-2, -1)).squeeze(-2).sum(dim=-2)
-    # a query through the anatomy (norms, position terms) runs as the model does, under its autocast
-    q = None if linear_queries is not None else _query_row(parts, h, where, query).flatten(-3) * parts.scale
-    with _in_own_dtype(h):
-        if q is None:
-            q = _affine_query(h, query, linear_queries, parts.scale)
-        u = _as(q, h.dtype) @ _as(linear_keys.weight, h.dtype)  # (..., C): sum over heads of W_k,h^T q_h, every group
+    if linear_queries is None:  # a query through the anatomy (norms, position terms), under the model's autocast
+        u = (_query_row(parts, h, where, query).flatten(-3) * parts.scale) @ linear_keys.weight
         return (h @ u.unsqueeze(-1)).squeeze(-1)
+    with _in_own_dtype(h, linear_keys.weight):
+        u = _affine_query(h, query, linear_queries, parts.scale) @ linear_keys.weight  # (..., C): sum over heads
+        return (h @ u.unsqueeze(-1)).squeeze(-1)  # of W_k,h^T q_h, every group
 
 
 def bias_row(parts: BlockParts, where: Any, query: str) -> torch.Tensor | None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .autocast import operand_as
+
 ROWS = ("cls", "mean", "columns")
 HEAD_REDUCTIONS = ("sum", "mean")
 
@@ -56,7 +58,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias
     ``fused_attn=False`` path). ``dropout`` is the attention-dropout probability (0 at inference).
     """
     if bias is not None:
-        bias = bias.to(q.dtype)
+        bias = operand_as(bias, q.dtype)
     if row == "columns":
         out, probs = _explicit(q, k, v, scale, bias, dropout)
         return out, _reduce_heads(probs.mean(dim=2, dtype=torch.float32), heads)

@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 
 from ..blockops import Row, run_block
+from ..core.autocast import operand_as
 from ..core.macs import BlockWork, dense_work
 from ..core.schedule import keep_count, scaled_layers, validate_layers
 from ..core.scores import evolve
@@ -100,7 +101,7 @@ def gather_slow_path(x: torch.Tensor, g: torch.Tensor, ranking: torch.Tensor, k:
     tokens = gather_rows(x, rows)
     rep_in = None
     if use_rep:
-        rep_in = weighted_merge(gather_tokens(x, ph_idx + prefix), gather_values(g, ph_idx).to(x.dtype), True)
+        rep_in = weighted_merge(gather_tokens(x, ph_idx + prefix), operand_as(gather_values(g, ph_idx), x.dtype), True)
         tokens = torch.cat([tokens, rep_in], dim=1)
     return keep_idx, rows, tokens, gather_values(g, keep_idx), rep_in
 
