@@ -24,6 +24,8 @@ import timm  # noqa: E402
 
 import tokenpace  # noqa: E402
 from tokenpace.bench import AMP_DTYPES, autocast_for, parse_methods, spec_config  # noqa: E402
+from tokenpace.cli.source import parse_model_args  # noqa: E402
+from tokenpace.errors import TokenpaceError  # noqa: E402
 from tokenpace.families import adapter_for  # noqa: E402
 
 
@@ -65,12 +67,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--amp", default="bf16", choices=tuple(AMP_DTYPES))
     p.add_argument("--methods", default="dense,evo,idle,evit,topk", help="as tokenpace bench --methods")
     p.add_argument("--batch-sizes", default="2,4", help="two batch sizes; their difference gives bytes per image")
-    p.add_argument("--model-args", default="", help="key=value,... passed to timm.create_model (ints only)")
+    p.add_argument("--model-args", default="", help="key=value,... passed to timm.create_model, as tokenpace --model-args")
     a = p.parse_args(argv)
     small, large = (int(b) for b in a.batch_sizes.split(","))
     if not 0 < small < large:
         p.error(f"--batch-sizes {a.batch_sizes!r}: two increasing positive sizes, e.g. 2,4")
-    kwargs = {k: int(v) for k, v in (pair.split("=") for pair in filter(None, a.model_args.split(",")))}
+    try:
+        kwargs = parse_model_args(a.model_args)
+    except TokenpaceError as err:
+        p.error(str(err))
     torch.manual_seed(0)
     rows = []
     for spec in parse_methods(a.methods):

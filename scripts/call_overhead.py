@@ -25,6 +25,8 @@ import timm  # noqa: E402
 
 import tokenpace  # noqa: E402
 from tokenpace.bench import AMP_DTYPES, autocast_for, parse_methods, spec_config  # noqa: E402
+from tokenpace.cli.source import parse_model_args  # noqa: E402
+from tokenpace.errors import TokenpaceError  # noqa: E402
 from tokenpace.families import adapter_for  # noqa: E402
 
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--model-args", default="embed_dim=48,img_size=64",
-                   help="key=value,... passed to timm.create_model (ints only); the default keeps DeiT-S's depth "
+                   help="key=value,... passed to timm.create_model, as tokenpace --model-args; the default keeps DeiT-S's depth "
                         "and heads at a width and input where dispatch dominates")
     p.add_argument("--methods", default="dense,evo,idle,evit,topk", help="as tokenpace bench --methods")
     p.add_argument("--amp", default="none", choices=tuple(AMP_DTYPES))
@@ -49,7 +51,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a = p.parse_args(argv)
     if a.rounds < 1 or a.calls < 1:
         p.error(f"--rounds and --calls must be at least 1; got {a.rounds} and {a.calls}")
-    kwargs = {k: int(v) for k, v in (pair.split("=") for pair in filter(None, a.model_args.split(",")))}
+    try:
+        kwargs = parse_model_args(a.model_args)
+    except TokenpaceError as err:
+        p.error(str(err))
     torch.set_num_threads(1)
     torch.manual_seed(0)
     specs, models = parse_methods(a.methods), []

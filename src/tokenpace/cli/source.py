@@ -18,13 +18,23 @@ def device(name: str):
 
 
 def model_args(args: argparse.Namespace) -> dict:
+    """--model-args with --img-size folded in."""
+    out = parse_model_args(args.model_args)
+    if args.img_size is not None:
+        if out.get("img_size", args.img_size) != args.img_size:
+            raise TokenpaceError(f"--img-size {args.img_size} and --model-args img_size={out['img_size']} differ; "
+                                 "give one")
+        out["img_size"] = args.img_size
+    return out
+
+
+def parse_model_args(given: str | list[str] | None) -> dict:
     """--model-args "img_size=32,patch_size=4,depths=2/2/6/2" (ints, floats, true/false, '/'-separated int tuples,
-    else strings; the option may be repeated) with --img-size folded in."""
+    else strings; a list when the option was repeated) -> timm.create_model keyword arguments."""
     from ..bench import _literal
 
-    given = args.model_args or ""
     out: dict = {}
-    for pair in filter(None, (",".join(given) if isinstance(given, list) else given).split(",")):
+    for pair in filter(None, (",".join(given) if isinstance(given, list) else given or "").split(",")):
         key, eq, value = pair.partition("=")
         if not eq or not key.strip():
             raise TokenpaceError(f"--model-args entry {pair!r} must be key=value (e.g. img_size=32,depth=6)")
@@ -32,11 +42,6 @@ def model_args(args: argparse.Namespace) -> dict:
         if out.get(key, value) != value:
             raise TokenpaceError(f"--model-args gives {key} twice ({out[key]!r} and {value!r}); give one")
         out[key] = value
-    if args.img_size is not None:
-        if out.get("img_size", args.img_size) != args.img_size:
-            raise TokenpaceError(f"--img-size {args.img_size} and --model-args img_size={out['img_size']} differ; "
-                                 "give one")
-        out["img_size"] = args.img_size
     return out
 
 

@@ -45,10 +45,10 @@ def is_affine(layer: nn.Module) -> bool:
 def affine_of(layer: nn.Module) -> LinearMap | None:
     """A Linear, or timm's LinearNorm (Linear + BatchNorm1d) in eval mode, as one affine map; None while BatchNorm
     uses batch statistics (training)."""
-    if isinstance(layer, nn.Linear):
-        return LinearMap(layer.weight, layer.bias)
     if not is_affine(layer):
         return None
+    if isinstance(layer, nn.Linear):
+        return LinearMap(layer.weight, layer.bias)
     linear, bn = layer.linear, layer.bn
     gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     bias = bn.bias - bn.running_mean * gain + (0 if linear.bias is None else linear.bias * gain)

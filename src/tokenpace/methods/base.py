@@ -29,7 +29,7 @@ def check_keep(config: Any, name: str, attr: str = "keep") -> None:
 def _as_float(value: numbers.Real) -> float:
     """A real number as a Python float; a narrower float (numpy float32, e.g. from a float32 sweep) as the shortest
     decimal it stands for, so np.float32(0.7) is 0.7 in configs, records and JSON, not 0.699999988079071."""
-    if getattr(getattr(value, "dtype", None), "itemsize", 8) < 8 and isinstance(value, numbers.Real):
+    if getattr(getattr(value, "dtype", None), "itemsize", 8) < 8:
         return float(str(value))
     return float(value)
 
