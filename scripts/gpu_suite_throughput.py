@@ -17,6 +17,7 @@ from gpu_suite_common import Deadline, DeadlineReached
 ALL_METHODS = "dense,evo,idle,evit,topk"
 TARGET_METHODS = "dense,evo,idle"  # the methods the targets name: compiled first, the others if time is left
 OTHER_METHODS = "dense,evit,topk"
+CUDA_GRAPHS = "reduce-overhead"  # the torch.compile mode that replays CUDA graphs
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,20 @@ class BenchGroup:
     compile: bool
     methods: str = ALL_METHODS
     runs: int = 10
-    warmup: int = 2
+    warmup: int = 2  # two at least for compile mode reduce-overhead: it records its graphs in the second call
+    compile_mode: str = "default"  # torch.compile's; "reduce-overhead" replays CUDA graphs
+    cuda_graph: bool = False  # eager kernels captured once in a CUDA graph per method, then replayed
+
+    @property
+    def mode(self) -> str:
+        from tokenpace.runners import RunMode
+
+        return RunMode(self.compile, self.compile_mode, self.cuda_graph).describe()
 
     @property
     def key(self) -> str:
-        mode = "compiled" if self.compile else "eager"
-        return f"{self.model.label} b{self.batch} {'fp32' if self.amp == 'none' else self.amp} {mode} [{self.methods}]"
+        return (f"{self.model.label} b{self.batch} {'fp32' if self.amp == 'none' else self.amp} {self.mode} "
+                f"[{self.methods}]")
 
 
 @dataclass(frozen=True)
@@ -63,20 +72,28 @@ EVA02_S = BenchModel("eva02_small_patch14_224", "eva02_small_patch14_224")
 
 
 def full_plan() -> ThroughputPlan:
-    """27 groups in priority order: the targets' (DeiT-S bf16 at batch 256 and 1, then compiled at 256), every eager
-    setting of DeiT-S and DeiT-B, SigLIP-B (bf16, batch 256 and 1), ViT-B at 1024 px (fewer rounds: up to a second
-    per call) with EVA-02-S (bf16, batch 256) before its slowest group, then more compiled."""
+    """29 groups in priority order: the targets' (DeiT-S bf16 at batch 256 and 1, batch 1 replayed from CUDA graphs,
+    then compiled at 256), every eager setting of DeiT-S (batch 64 bf16 also from CUDA graphs) and DeiT-B, SigLIP-B
+    (bf16, batch 256 and 1), ViT-B at 1024 px (fewer rounds: up to a second per call) with EVA-02-S (bf16, batch
+    256) before its slowest group, then more compiled (batch 1 in reduce-overhead mode: CUDA graphs)."""
     S, B, L = DEIT_S, DEIT_B, VIT_B_1024
     G = BenchGroup
-    targets = [G(S, 256, "bf16", False), G(S, 1, "bf16", False), G(S, 256, "bf16", True, TARGET_METHODS)]
-    eager = [G(S, 64, "bf16", False), G(S, 256, "none", False), G(S, 64, "none", False), G(S, 1, "none", False),
+    # at batch 1 (and 64) a GPU waits on the host's launches; a CUDA graph replays a forward's kernels in one host
+    # call (capture: seconds, no compilation)
+    targets = [G(S, 256, "bf16", False), G(S, 1, "bf16", False), G(S, 1, "bf16", False, cuda_graph=True),
+               G(S, 256, "bf16", True, TARGET_METHODS)]
+    eager = [G(S, 64, "bf16", False), G(S, 64, "bf16", False, cuda_graph=True), G(S, 256, "none", False),
+             G(S, 64, "none", False), G(S, 1, "none", False),
              *(G(B, b, amp, False) for amp in ("bf16", "none") for b in (256, 64, 1)),
              G(SIGLIP_B, 256, "bf16", False), G(SIGLIP_B, 1, "bf16", False)]
     large = [G(L, 1, "bf16", False), G(L, 64, "bf16", False, runs=5, warmup=1),
              G(L, 256, "bf16", False, runs=3, warmup=1), G(L, 1, "none", False, runs=5),
              G(EVA02_S, 256, "bf16", False),  # ~1 s, before the ~25 s fp32 group below
              G(L, 64, "none", False, runs=3, warmup=1)]
-    compiled = [G(S, 256, "bf16", True, OTHER_METHODS), G(S, 1, "bf16", True, TARGET_METHODS),
+    # at batch 1 the host's launch cost bounds a forward: its compiled group replays CUDA graphs, as a latency
+    # deployment would
+    compiled = [G(S, 256, "bf16", True, OTHER_METHODS),
+                G(S, 1, "bf16", True, TARGET_METHODS, compile_mode=CUDA_GRAPHS),
                 G(S, 64, "bf16", True, TARGET_METHODS), G(S, 256, "none", True, TARGET_METHODS),
                 G(B, 256, "bf16", True, TARGET_METHODS), G(L, 64, "bf16", True, TARGET_METHODS, runs=5, warmup=1)]
     dropped = ((G(L, 256, "none", False).key,
@@ -147,7 +164,8 @@ def time_group(model: torch.nn.Module, group: BenchGroup, device: torch.device, 
     from tokenpace.bench import benchmark, parse_methods
 
     return benchmark(model, parse_methods(group.methods), group.batch, device, amp=group.amp,
-                     compile=group.compile, runs=group.runs, warmup=group.warmup, progress=watch)
+                     compile=group.compile, runs=group.runs, warmup=group.warmup, progress=watch,
+                     compile_mode=group.compile_mode, cuda_graph=group.cuda_graph)
 
 
 def build_model(spec: BenchModel) -> torch.nn.Module:
@@ -160,12 +178,15 @@ def build_model(spec: BenchModel) -> torch.nn.Module:
 
 def run_group(group: BenchGroup, model: torch.nn.Module, device: torch.device, cut_at: Deadline) -> dict:
     """Rows of one group (one per method), with peak memory; raises DeadlineReached if ``cut_at`` passes first."""
+    from tokenpace.runners import cudagraph_skips
+
     if group.compile:
         torch._dynamo.reset()  # each group compiles its own copies; start from an empty cache
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     watch = CallWatch(device, cut_at)
+    skips_before = cudagraph_skips()
     results = time_group(model, group, device, watch)
     rows = []
     for r in results:
@@ -179,6 +200,9 @@ def run_group(group: BenchGroup, model: torch.nn.Module, device: torch.device, c
     return {"key": group.key, "model": group.model.label, "timm_name": group.model.timm_name,
             "model_args": dict(group.model.kwargs), "batch": group.batch,
             "precision": "fp32" if group.amp == "none" else group.amp, "compile": group.compile,
+            "compile_mode": group.compile_mode if group.compile else None, "cuda_graph": group.cuda_graph,
+            # graphs inductor ran without their CUDA graphs (in a CUDA-graph mode, those rows are plain compiled)
+            "cudagraph_skips": cudagraph_skips() - skips_before if group.compile_mode == CUDA_GRAPHS else None,
             "runs": group.runs, "warmup": group.warmup,
             "resident_mib": None if watch.resident_mib is None else round(watch.resident_mib, 1), "rows": rows}
 
@@ -198,7 +222,9 @@ def run_throughput(plan: ThroughputPlan, device: torch.device, deadline: Deadlin
     doc = {"protocol": "tokenpace.bench.benchmark: random weights, random input, inference mode, methods interleaved "
                        "round by round after warm-up rounds, device sync around each call, median per method; "
                        "peak_mib = torch.cuda.max_memory_allocated over the method's timed calls (reset per call), "
-                       "all methods' weights resident",
+                       "all methods' weights resident; a replayed CUDA graph allocates nothing, so in cuda_graph "
+                       "groups and compile mode reduce-overhead peak_mib is what is allocated, the graphs' memory "
+                       "pools included",
            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
            "groups": [], "failed": [], "not_run": [], "dropped": [{"key": k, "why": w} for k, w in plan.dropped]}
     models: dict[str, torch.nn.Module] = {}
@@ -232,11 +258,14 @@ def run_throughput(plan: ThroughputPlan, device: torch.device, deadline: Deadlin
     return doc
 
 
-def find_row(doc: dict, model: str, batch: int, precision: str, compile: bool, method: str) -> dict | None:
+def find_row(doc: dict, model: str, batch: int, precision: str, compile: bool, method: str,
+             compile_mode: str = "default", cuda_graph: bool = False) -> dict | None:
     """The row of ``method`` in the group with these settings, or None where it was not measured."""
+    wanted = (model, batch, precision, compile, compile_mode if compile else None, cuda_graph)
     for group in doc.get("groups", []):
-        if (group["model"], group["batch"], group["precision"], group["compile"]) == (model, batch, precision,
-                                                                                     compile):
+        mode = group.get("compile_mode", "default" if group["compile"] else None)  # files from before the mode
+        if (group["model"], group["batch"], group["precision"], group["compile"], mode,
+                group.get("cuda_graph", False)) == wanted:
             for row in group["rows"]:
                 if row["method"] == method:
                     return row

@@ -49,7 +49,15 @@ def _methods(groups: list[dict]) -> list[str]:
 
 def _group_cells(g: dict) -> list[str]:
     return [f"`{g['timm_name']}` ({g['model']})", str(g["batch"]), g["precision"],
-            "compiled" if g["compile"] else "eager"]
+            _mode(g)]
+
+
+def _mode(g: dict) -> str:
+    """eager, compiled, compiled (MODE) or eager+cuda-graph (files from before the modes hold compile alone)."""
+    mode = g.get("compile_mode") or "default"
+    if g["compile"]:
+        return "compiled" if mode == "default" else f"compiled ({mode})"
+    return "eager+cuda-graph" if g.get("cuda_graph") else "eager"
 
 
 def _speed_cell(row: dict | None, dense: dict | None, config: str | None) -> str:

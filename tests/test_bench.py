@@ -1,7 +1,9 @@
 """The benchmark command: table, JSON layout, method parsing."""
+import contextlib
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -214,6 +216,166 @@ def test_compiled_benchmark_holds_one_copy_per_configuration(monkeypatch):
     configs = [None if tokenpace.get_patch(m) is None else tokenpace.get_patch(m).config for m in compiled]
     assert configs == [None, tokenpace.Evo(keep=0.5), tokenpace.Idle(keep=0.5)]  # as applied: defaults filled
     assert len({id(m) for m in compiled} | {id(model)}) == 4 and tokenpace.get_patch(model) is None
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    import torch
+
+    from tokenpace.bench import benchmark
+    from conftest import make_vit
+
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: modes.append(kw["mode"]) or m)
+    model = make_vit("deit", depth=2)
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        benchmark(model, parse_methods("dense,evo"), 1, torch.device("cpu"), compile=True, runs=1, warmup=0,
+                  compile_mode=mode)
+    assert modes == [None, None, "max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"]
+
+
+@pytest.mark.parametrize("mode, error", [
+    (dict(compile_mode="fast"), "unknown compile mode 'fast'; accepted: default, reduce-overhead"),
+    (dict(compile_mode="max-autotune-no-cudagraphs"), "sets how compiled runs compile; compile is off"),
+    (dict(compile=True, compile_mode="reduce-overhead"), "needs a CUDA device \\(got cpu\\); accepted on cpu: "
+                                                          "default, max-autotune-no-cudagraphs"),
+    (dict(compile=True, compile_mode="max-autotune"), "replays CUDA graphs"),
+    (dict(cuda_graph=True), "CUDA-graph capture .* needs a CUDA device \\(got cpu\\)"),
+    (dict(cuda_graph=True, compile=True), "for compiled code with CUDA graphs use compile mode 'reduce-overhead'"),
+])
+def test_run_modes_that_do_not_apply_are_refused(mode, error):
+    import torch
+
+    from tokenpace.bench import benchmark
+    from tokenpace.errors import TokenpaceError
+    from conftest import make_vit
+
+    with pytest.raises(TokenpaceError, match=error):
+        benchmark(make_vit("deit", depth=1), parse_methods("dense"), 1, torch.device("cpu"), **mode)
+
+
+def test_cuda_graph_runners_capture_one_copy_per_configuration(monkeypatch):
+    """--cuda-graph: each configuration is captured once from its own patched copy (a graph keeps reading the tensors
+    it was captured with), replays need no autocast around them, and the model comes back as it was."""
+    import torch
+
+    import tokenpace
+    from tokenpace import runners
+    from tokenpace.bench import configure, spec_config
+    from conftest import make_vit
+
+    captured = []
+
+    def fake_capture(call, device, autocast, what):
+        with autocast():
+            out = call()  # the capture runs the forward once, under the timing's autocast
+        captured.append((call, out.dtype, what))
+        return lambda: None
+
+    monkeypatch.setattr(runners, "capture_cuda_graph", fake_capture)
+    model = make_vit("deit", depth=2)
+    configs = [spec_config(s) for s in parse_methods("dense,evo,idle")]
+    x = torch.randn(1, 3, 32, 32)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    run = runners.make_runners(model, configs, configure, x, runners.RunMode(cuda_graph=True), autocast)
+    assert len(run.calls) == 3 and [w for _, _, w in captured] == [f"configuration {i}" for i in range(3)]
+    assert all(dtype == torch.bfloat16 for _, dtype, _ in captured)
+    assert run.autocast is contextlib.nullcontext and all(p() is None for p in run.prepares)
+    patched = [call.__defaults__[0] for call, _, _ in captured]  # the copy each capture ran
+    assert [None if tokenpace.get_patch(m) is None else type(tokenpace.get_patch(m).config).__name__
+            for m in patched] == [None, "Evo", "Idle"]
+    assert model not in patched and len({id(m) for m in patched}) == 3
+
+
+def test_cuda_graph_capture_keeps_what_its_replay_reads(monkeypatch):
+    """capture_cuda_graph on stand-ins for torch.cuda's stream and graph classes (this machine has no GPU): warm-up
+    calls on a side stream, then one capture; the replay keeps the captured model alive (a collected copy would
+    leave the graph reading freed memory); a failed capture names the configuration."""
+    import gc
+    import weakref
+
+    import torch
+
+    from tokenpace import runners
+    from tokenpace.bench import configure, spec_config
+    from conftest import make_vit
+
+    events = []
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            events.append("wait")
+
+    class Graph:
+        def replay(self):
+            events.append("replay")
+
+    class Capture:
+        fail = False
+
+        def __init__(self, graph):
+            pass
+
+        def __enter__(self):
+            events.append("capture")
+
+        def __exit__(self, *exc):
+            if Capture.fail:
+                raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    model = make_vit("deit", depth=2)
+    calls = []
+    monkeypatch.setattr(type(model), "__call__", lambda self, x: calls.append(weakref.ref(self)) or torch.zeros(1))
+    configs = [spec_config(s) for s in parse_methods("dense,evo")]
+    run = runners.make_runners(model, configs, configure, torch.randn(1, 3, 32, 32),
+                               runners.RunMode(cuda_graph=True), contextlib.nullcontext)
+    copies = calls[::4]  # 3 warm-up calls and the capture per configuration
+    assert len(calls) == 8 and len({id(ref()) for ref in copies} | {id(model)}) == 3
+    assert events.count("capture") == 2
+    gc.collect()
+    assert all(ref() is not None for ref in copies)  # held by the replays
+    events.clear()
+    run.calls[1]()
+    assert events == ["replay"]
+    del run
+    gc.collect()
+    assert all(ref() is None for ref in copies)
+    Capture.fail = True
+    with pytest.raises(RuntimeError, match="could not capture configuration 0 in a CUDA graph: operation not "):
+        runners.make_runners(model, configs, configure, torch.randn(1, 3, 32, 32), runners.RunMode(cuda_graph=True),
+                             contextlib.nullcontext)
+
+
+def test_skipped_cuda_graphs_warn_only_where_graphs_were_asked_for():
+    from torch._dynamo.utils import counters
+
+    from tokenpace.runners import RunMode, warn_if_graphs_skipped
+
+    with pytest.warns(UserWarning, match="ran 1 compiled graph\\(s\\) without CUDA graphs"):
+        with warn_if_graphs_skipped(RunMode(compile=True, compile_mode="reduce-overhead")):
+            counters["inductor"]["cudagraph_skips"] += 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with warn_if_graphs_skipped(RunMode(compile=True)):
+            counters["inductor"]["cudagraph_skips"] += 1
+        with warn_if_graphs_skipped(RunMode(compile=True, compile_mode="reduce-overhead")):
+            pass
+
+
+def test_bench_cli_refuses_run_modes_that_do_not_apply(capsys):
+    for argv, error in ((["--compile-mode", "reduce-overhead"], "sets how --compile compiles; add --compile"),
+                        (["--train", "--cuda-graph"], "--cuda-graph is for inference"),
+                        (["--cuda-graph"], "needs a CUDA device (got cpu)"),
+                        (["--memory", "--cuda-graph"], "needs a CUDA device (got cpu)")):
+        assert main(["bench", "--model", "vit_tiny_patch16_224", *argv]) == 2
+        assert error in capsys.readouterr().err
 
 
 def test_table_columns_hold_long_configurations():

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tokenpace.cli import main, make_parser
-from tokenpace.cli.choices import AMP, CUT_MODES, METHOD_NAMES, OFFICIAL_ARCHS, RECIPE_NAMES
+from tokenpace.cli.choices import AMP, COMPILE_MODES, CUT_MODES, METHOD_NAMES, OFFICIAL_ARCHS, RECIPE_NAMES
 from tokenpace.errors import TokenpaceError
 
 SOURCE_FLAGS = ("--model", "--pretrained", "--checkpoint", "--run", "--model-args", "--img-size", "--device", "--amp")
@@ -46,11 +46,12 @@ def test_cli_names_match_the_registries():
     from tokenpace.bench import AMP_DTYPES
     from tokenpace.losses import CUT_MODES as LOSS_MODES
     from tokenpace.official import OFFICIAL_ARCHS as ARCHS
+    from tokenpace.runners import COMPILE_MODES as RUN_COMPILE_MODES
     from tokenpace.train import RECIPES
 
     assert set(METHOD_NAMES) == set(METHODS) and tuple(RECIPES) == RECIPE_NAMES
     assert set(OFFICIAL_ARCHS) == set(ARCHS)
-    assert CUT_MODES == LOSS_MODES and AMP == tuple(AMP_DTYPES)
+    assert CUT_MODES == LOSS_MODES and AMP == tuple(AMP_DTYPES) and COMPILE_MODES == RUN_COMPILE_MODES
 
 
 def test_help_and_argument_errors_import_neither_torch_nor_timm():

@@ -20,7 +20,7 @@ import gpu_suite  # noqa: E402
 from gpu_suite_cifar import lr_at  # noqa: E402
 from gpu_suite_common import Deadline, DeadlineReached, alarm_at  # noqa: E402
 from gpu_suite_data import random_crop_flip, random_erase  # noqa: E402
-from gpu_suite_throughput import build_model, run_group, run_throughput, smoke_plan  # noqa: E402
+from gpu_suite_throughput import build_model, find_row, full_plan, run_group, run_throughput, smoke_plan  # noqa: E402
 
 CIFAR = os.environ.get("TOKENPACE_CIFAR", str(Path(__file__).resolve().parents[2] / "shared" / "data" /
                                               "cifar10_jpeg.npz"))
@@ -82,8 +82,9 @@ def test_summary_has_environment_figures_and_targets(smoke):
     assert summary["torch"] == torch.__version__ and summary["timm"]
     targets = summary["targets"]
     assert set(targets) == {"evo_speedup", "idle_speedup", "evo_speedup_compiled", "idle_speedup_compiled",
-                            "batch1_not_slower", "cifar_dense", "cifar_evo_vs_dense", "cifar_idle_vs_dense",
-                            "attention_vs_random"}
+                            "batch1_not_slower", "batch1_not_slower_cuda_graph", "cifar_dense", "cifar_evo_vs_dense",
+                            "cifar_idle_vs_dense", "attention_vs_random"}
+    assert targets.pop("batch1_not_slower_cuda_graph")["met"] is None  # CUDA graphs: CUDA only, not in the smoke
     compiled_cut = any("compiled" in g["key"] for g in load(smoke[0], "throughput.json")["not_run"])
     for name, t in targets.items():  # every target measured (the compiled ones by the compiled smoke group) ...
         if name.endswith("_compiled") and compiled_cut:  # ... unless a slow machine ran out of its time for it
@@ -140,6 +141,35 @@ def test_cifar_results(smoke):
             assert abs(sweep["random"][-1] - res["dense_form_top1"]) <= 0.2
     for name in ("evo", "idle"):
         assert 0 <= doc[name]["random_top1"] <= 100 and doc[name]["macs"] > 0
+
+
+def test_full_plan_times_batch_1_from_cuda_graphs_among_the_targets():
+    """The batch-1 target is read eager and from CUDA graphs (capture costs seconds: it runs before the compiled
+    target group); every group's key is its own, and find_row tells the groups of one setting apart by mode."""
+    plan = full_plan()
+    keys = [g.key for g in plan.groups]
+    assert len(set(keys)) == len(keys)
+    graphed = [i for i, g in enumerate(plan.groups) if g.cuda_graph]
+    first_compiled = next(i for i, g in enumerate(plan.groups) if g.compile)
+    assert plan.groups[graphed[0]].batch == 1 and graphed[0] < first_compiled
+    assert all(not g.compile for g in plan.groups if g.cuda_graph) and all(g.warmup >= 2 for g in plan.groups
+                                                                         if g.cuda_graph or g.compile_mode != "default")
+    assert "b1 bf16 eager+cuda-graph" in keys[graphed[0]]
+    assert any(g.compile_mode == "reduce-overhead" and g.batch == 1 for g in plan.groups)
+
+    def group(compile, mode, graph, speedup):
+        return {"model": "m", "batch": 1, "precision": "bf16", "compile": compile, "compile_mode": mode,
+                "cuda_graph": graph, "rows": [{"method": "evo", "speedup": speedup}]}
+
+    doc = {"groups": [group(False, None, False, 0.8), group(False, None, True, 1.1), group(True, "default", False, 1.2),
+                      group(True, "reduce-overhead", False, 1.3)]}
+    assert find_row(doc, "m", 1, "bf16", False, "evo")["speedup"] == 0.8
+    assert find_row(doc, "m", 1, "bf16", False, "evo", cuda_graph=True)["speedup"] == 1.1
+    assert find_row(doc, "m", 1, "bf16", True, "evo")["speedup"] == 1.2
+    assert find_row(doc, "m", 1, "bf16", True, "evo", compile_mode="reduce-overhead")["speedup"] == 1.3
+    old = {"groups": [{k: v for k, v in group(True, None, False, 1.4).items() if k not in ("compile_mode",
+                                                                                         "cuda_graph")}]}
+    assert find_row(old, "m", 1, "bf16", True, "evo")["speedup"] == 1.4  # a file from before the modes
 
 
 def test_failing_section_is_recorded_and_the_others_still_run(tmp_path, data):
@@ -238,7 +268,9 @@ def test_tables_render_every_figure_of_the_run(smoke, tmp_path):
         dense = rows.pop("dense")
         cells = [f"{dense['img_per_s']:.0f}"] + [f"{r['speedup']:.2f}x / {dense['gmacs'] / r['gmacs']:.2f}x"
                                                  for r in rows.values()]
-        mode = "compiled" if g["compile"] else "eager"
+        mode = {(False, False): "eager", (False, True): "eager+cuda-graph"}.get((g["compile"], g["cuda_graph"]),
+                                                                             f"compiled ({g['compile_mode']})")
+        mode = "compiled" if mode == "compiled (default)" else mode
         assert f"({g['model']}) | {g['batch']} | {g['precision']} | {mode} | " + " | ".join(cells) in text
     cifar = load(out, "cifar.json")
     assert f"| dense, from scratch | {cifar['dense']['top1']:.2f} |" in text

@@ -2,7 +2,6 @@
 method are timed interleaved in one process, so their ratio is measured under the same machine state."""
 from __future__ import annotations
 
-import copy
 import statistics
 import sys
 import time
@@ -17,6 +16,7 @@ from .errors import TokenpaceError, user_input
 from .families import adapter_for
 from .methods import METHODS, MethodConfig, make_config
 from .patch import apply, get_patch, macs, remove
+from .runners import RunMode, make_runners, warn_if_graphs_skipped
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -147,10 +147,13 @@ class BenchResult:
     keep: float | None = None  # the keep ratio as applied (None: dense)
 
 
-def autocast_for(device: torch.device, amp: str):
-    """A context factory: autocast to the --amp dtype, or nothing for "none"."""
+def autocast_for(device: torch.device, amp: str, cache: bool = True):
+    """A context factory: autocast to the --amp dtype, or nothing for "none". ``cache=False``: no cast is cached
+    (as CUDA-graph capture needs)."""
     dtype = AMP_DTYPES[amp]
-    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
+    if dtype is None:
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def _sync(device: torch.device) -> None:
@@ -190,31 +193,29 @@ def benchmark(
     runs: int = 10,
     warmup: int = 2,
     progress: Callable[[str], None] | None = None,
+    compile_mode: str = "default",
+    cuda_graph: bool = False,
 ) -> list[BenchResult]:
     """Time every spec with random input, interleaved round by round; medians.
 
     One model (moved to ``device``) is re-configured before each timed call, outside the timing. With ``compile``
-    each configuration gets its own copy instead: a compiled graph is specialised to its configuration, and
-    re-patching one compiled model would recompile it every call."""
+    (in torch.compile's ``compile_mode``, one of ``runners.COMPILE_MODES``) or ``cuda_graph`` (CUDA: eager kernels
+    captured once in a CUDA graph, then replayed) each configuration gets its own copy instead (``runners``).
+    torch.compile's CUDA-graph modes record their graphs in the second call: give them two warm-up rounds; they warn
+    if inductor ran any graph without its CUDA graph."""
+    mode = RunMode(compile=compile, compile_mode=compile_mode, cuda_graph=cuda_graph)
+    mode.check(device)
     say = progress or (lambda msg: None)
     x = torch.randn(batch_size, *adapter_for(model).input_size(), device=device)
-    autocast = autocast_for(device, amp)
     configs = [spec_config(spec) for spec in specs]
     model = model.to(device).eval()
     with restored(model):
         gmacs = [macs(configure(model, config)) / 1e9 for config in configs]
         applied = [applied_config(configure(model, config)) for config in configs]
-        if compile:
-            dense = configure(model, None)  # copies of the unpatched model, each then patched once
-            runners = [torch.compile(configure(copy.deepcopy(dense), config)) for config in configs]
-            prepares = [lambda: None for _ in configs]
-        else:
-            runners = [model] * len(configs)
-            prepares = [lambda config=config: configure(model, config) for config in configs]
-        calls = [lambda runner=runner: runner(x) for runner in runners]
-        with torch.inference_mode():
-            times = _time_interleaved([spec.method for spec in specs], prepares, calls, device, runs, warmup,
-                                      autocast, say, "")
+        with warn_if_graphs_skipped(mode), torch.inference_mode():
+            run = make_runners(model, configs, configure, x, mode, autocast_for(device, amp, cache=not cuda_graph))
+            times = _time_interleaved([spec.method for spec in specs], run.prepares, run.calls, device, runs,
+                                      warmup, run.autocast, say, "")
     return _results(specs, gmacs, times, batch_size, applied)
 
 

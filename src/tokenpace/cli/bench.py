@@ -14,13 +14,19 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench import result_json, stderr_progress
+    from ..runners import CUDA_GRAPH_MODES, RunMode
 
     source.check_output_file(args.json, "--json")
     device = source.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.train and args.compile:
-        raise TokenpaceError("--compile is for inference; --train times eager training steps")
+    for flag, given in (("--compile", args.compile), ("--cuda-graph", args.cuda_graph)):
+        if args.train and given:
+            raise TokenpaceError(f"{flag} is for inference; --train times eager training steps")
+    if args.compile_mode != "default" and not args.compile:
+        raise TokenpaceError(f"--compile-mode {args.compile_mode} sets how --compile compiles; add --compile")
+    args.run_mode = RunMode(compile=args.compile, compile_mode=args.compile_mode, cuda_graph=args.cuda_graph)
+    args.run_mode.check(device)
     if args.memory_probe is not None:
         return _probe(args, device)
     if args.memory and (args.runs is not None or args.warmup is not None):
@@ -36,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         raise TokenpaceError("--grad-checkpointing applies to training steps; add --train")
     if args.onnx:
         refused = [flag for flag, given in (("--train", args.train), ("--compile", args.compile),
-                                            ("--memory", args.memory), (f"--amp {args.amp}", args.amp != "none"),
+                                            ("--cuda-graph", args.cuda_graph), ("--memory", args.memory),
+                                            (f"--amp {args.amp}", args.amp != "none"),
                                             (f"--device {args.device}", args.device != "cpu")) if given]
         if refused:
             raise TokenpaceError(f"--onnx times fp32 ONNX Runtime sessions on the CPU; {', '.join(refused)} does not "
@@ -60,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
         fuse_batchnorm(model.eval())
     if args.compile and args.warmup == 0:
         source.note("--compile with --warmup 0: each configuration's first timed call includes its compilation")
+    elif args.compile and args.compile_mode in CUDA_GRAPH_MODES and args.warmup < 2:
+        source.note(f"--compile-mode {args.compile_mode} with --warmup {args.warmup}: CUDA graphs are recorded in "
+                    "each configuration's second call, so its first timed call includes the recording")
     name = source.model_name(args, record)
     what = "training step" if args.train else ("ONNX Runtime inference" if args.onnx else "inference")
     progress = None if args.quiet else stderr_progress
@@ -75,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         extra = {"onnxruntime": _onnxruntime_version()} if args.onnx else {}
         document = result_json(name, device, batches, **source.model_settings(args, model, record), run=args.run,
-                               amp=args.amp, compile=args.compile, runs=args.runs, warmup=args.warmup, train=args.train,
+                               amp=args.amp, compile=args.compile, compile_mode=args.compile_mode,
+                               cuda_graph=args.cuda_graph, runs=args.runs, warmup=args.warmup, train=args.train,
                                onnx=args.onnx, malloc=args.malloc, fuse_bn=args.fuse_bn, **extra)
         with open(args.json, "w") as f:
             json.dump(document, f, indent=2, allow_nan=False)
@@ -86,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 def _one_batch_size(args, model, specs, sessions, bs, device, name, what, progress):
     from ..bench import benchmark, benchmark_train, format_table
 
-    print(f"benchmarking {name} {what}, batch {bs} on {device.type}, amp={args.amp}, compile={args.compile}, "
+    print(f"benchmarking {name} {what}, batch {bs} on {device.type}, amp={args.amp}, {args.run_mode.describe()}, "
           f"{args.runs} runs after {args.warmup} warm-up, interleaved", file=sys.stderr, flush=True)
     with memory_guard(f"{what} at batch size {bs}"):
         if sessions is not None:
@@ -98,8 +109,9 @@ def _one_batch_size(args, model, specs, sessions, bs, device, name, what, progre
                                       progress=progress)
         else:
             results = benchmark(model, specs, bs, device, amp=args.amp, compile=args.compile, runs=args.runs,
-                                warmup=args.warmup, progress=progress)
-    print(f"\n{name}  {what}  batch {bs}  {device.type}  amp={args.amp}  compile={args.compile}  "
+                                warmup=args.warmup, progress=progress, compile_mode=args.compile_mode,
+                                cuda_graph=args.cuda_graph)
+    print(f"\n{name}  {what}  batch {bs}  {device.type}  amp={args.amp}  {args.run_mode.describe()}  "
           f"malloc={args.malloc}" + ("  BatchNorm fused" if args.fuse_bn else "")
           + f"  (median of {args.runs}; GMACs = multiply-accumulates per image, forward)")
     print(format_table(results), flush=True)
@@ -117,8 +129,9 @@ def _memory(args, device, model, specs, record) -> int:
     from ..bench import format_memory_table, memory_json
     from ..memory import measure_in_child
 
-    if args.compile:
-        raise TokenpaceError("--memory measures eager runs; drop --compile")
+    for flag, given in (("--compile", args.compile), ("--cuda-graph", args.cuda_graph)):
+        if given:
+            raise TokenpaceError(f"--memory measures eager runs; drop {flag}")
     name = source.model_name(args, record)
     mode = "train" if args.train else "inference"
     rows = []

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import TokenpaceError
-from .choices import AMP, CUT_MODES, DEFAULT_MODEL, DEVICES, METHOD_NAMES, OFFICIAL_ARCHS, RECIPE_NAMES
+from .choices import AMP, COMPILE_MODES, CUT_MODES, DEFAULT_MODEL, DEVICES, METHOD_NAMES, OFFICIAL_ARCHS, RECIPE_NAMES
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -202,6 +202,13 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", action="store_true",
                        help="torch.compile each configuration (holds one model copy per configuration: each "
                             "compiled graph is specialised to its configuration)")
+    bench.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                       help="torch.compile mode for --compile (default: default); reduce-overhead and max-autotune "
+                            "also replay CUDA graphs (CUDA only), which removes the per-kernel host cost that "
+                            "bounds small batches")
+    bench.add_argument("--cuda-graph", action="store_true",
+                       help="CUDA: capture each configuration's eager forward once in a CUDA graph and time its "
+                            "replays (one host call per forward: the kernels' own time, without compilation)")
     bench.add_argument("--runs", type=POSITIVE, default=None, help="timed rounds (default 10; not with --memory)")
     bench.add_argument("--warmup", type=NON_NEGATIVE, default=None,
                        help="untimed warm-up rounds (default 2; not with --memory)")

@@ -1,0 +1,138 @@
+"""How a benchmark runs its configurations: one eager model re-configured before each call, a torch.compile'd copy
+per configuration, or a CUDA graph per configuration, captured once and replayed.
+
+At small batches a GPU waits on the host: a forward costs about one kernel launch per operation, and a reduced
+forward makes more operations than the dense one. A replayed graph launches all of them in one host call, so its
+time is the kernels' own; torch.compile's "reduce-overhead" mode does the same for compiled code.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import TokenpaceError
+
+# torch.compile's modes; "reduce-overhead" and "max-autotune" also replay CUDA graphs, so they need a CUDA device
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+@dataclass(frozen=True)
+class RunMode:
+    """How each configuration runs: eager (the default), compiled (``compile``, in torch.compile's ``compile_mode``)
+    or eager kernels captured in a CUDA graph (``cuda_graph``)."""
+
+    compile: bool = False
+    compile_mode: str = "default"
+    cuda_graph: bool = False
+
+    def check(self, device: torch.device) -> None:
+        """Refuse a mode that is unknown, that does not apply to the others given, or that needs CUDA off CUDA."""
+        mode = self.compile_mode
+        if mode not in COMPILE_MODES:
+            raise TokenpaceError(f"unknown compile mode {mode!r}; accepted: {', '.join(COMPILE_MODES)}")
+        if mode != "default" and not self.compile:
+            raise TokenpaceError(f"compile mode {mode!r} sets how compiled runs compile; compile is off")
+        if mode in CUDA_GRAPH_MODES and device.type != "cuda":
+            raise TokenpaceError(f"compile mode {mode!r} replays CUDA graphs and needs a CUDA device (got "
+                                 f"{device.type}); accepted on {device.type}: default, max-autotune-no-cudagraphs")
+        if self.cuda_graph and self.compile:
+            raise TokenpaceError("CUDA-graph capture (cuda_graph, --cuda-graph) takes eager kernels; for compiled "
+                                 "code with CUDA graphs use compile mode 'reduce-overhead'")
+        if self.cuda_graph and device.type != "cuda":
+            raise TokenpaceError(f"CUDA-graph capture (cuda_graph, --cuda-graph) needs a CUDA device (got "
+                                 f"{device.type})")
+
+    def describe(self) -> str:
+        """The mode in a table header: eager, compiled, compiled (MODE), eager+cuda-graph."""
+        if self.compile:
+            return "compiled" if self.compile_mode == "default" else f"compiled ({self.compile_mode})"
+        return "eager+cuda-graph" if self.cuda_graph else "eager"
+
+
+@dataclass
+class Runners:
+    """Per configuration: ``prepare`` (outside the timing) and ``call``; ``autocast`` wraps each call."""
+
+    prepares: list[Callable[[], object]]
+    calls: list[Callable[[], object]]
+    autocast: Callable[[], object]
+
+
+def make_runners(model: nn.Module, configs: list, configure: Callable, x: torch.Tensor, mode: RunMode,
+                 autocast: Callable[[], object]) -> Runners:
+    """Runners for every configuration of ``model``; call under torch.inference_mode (graphs are captured here).
+
+    Eager runs share ``model``, re-configured before each call. Compiled and graphed runs get a copy per
+    configuration: a compiled graph is specialised to its configuration (re-patching would recompile it every
+    call), and a captured graph keeps reading its configuration's tensors."""
+    if not (mode.compile or mode.cuda_graph):
+        return Runners([lambda config=config: configure(model, config) for config in configs],
+                       [lambda: model(x)] * len(configs), autocast)
+    dense = configure(model, None)  # copies of the unpatched model, each then patched once
+    copies = [configure(copy.deepcopy(dense), config) for config in configs]
+    idle = [lambda: None for _ in configs]
+    if mode.compile:
+        compile_mode = None if mode.compile_mode == "default" else mode.compile_mode
+        compiled = [torch.compile(m, mode=compile_mode) for m in copies]
+        return Runners(idle, [lambda m=m: m(x) for m in compiled], autocast)
+    # a replay runs the kernels captured under autocast, and needs no autocast around it
+    return Runners(idle, [capture_cuda_graph(lambda m=m: m(x), x.device, autocast, f"configuration {i}")
+                          for i, m in enumerate(copies)], nullcontext)
+
+
+def capture_cuda_graph(call: Callable[[], object], device: torch.device, autocast: Callable[[], object],
+                       what: str) -> Callable[[], None]:
+    """Capture ``call`` in a CUDA graph and return its replay. Three warm-up calls on a side stream first (lazy
+    initialisation, cuBLAS workspaces), as capture requires. ``autocast`` must not cache casts (a cast cached in the
+    capture would be freed when autocast exits). A forward that syncs with the host or changes shape cannot be
+    captured: that fails here, naming ``what``."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            with autocast():
+                call()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph), autocast():
+            output = call()
+    except RuntimeError as err:
+        raise RuntimeError(f"could not capture {what} in a CUDA graph: {err}") from err
+    # the replay reads the tensors the capture read (the model ``call`` holds, its input) and writes into ``output``:
+    # they live as long as the replay does
+    kept = (graph, output, call)
+
+    def replay() -> None:
+        kept[0].replay()
+
+    return replay
+
+
+def cudagraph_skips() -> int:
+    """How many compiled graphs inductor has run without their CUDA graphs so far in this process (it logs why
+    under TORCH_LOGS=cudagraphs)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
+@contextmanager
+def warn_if_graphs_skipped(mode: RunMode) -> Iterator[None]:
+    """Warn after a block in which inductor ran any compiled graph without its CUDA graph, when ``mode`` asked
+    torch.compile for graph replay (the times then are plain compiled ones)."""
+    watch = mode.compile and mode.compile_mode in CUDA_GRAPH_MODES
+    before = cudagraph_skips() if watch else 0
+    yield
+    skipped = cudagraph_skips() - before if watch else 0
+    if skipped:
+        warnings.warn(f"compile mode {mode.compile_mode!r}: inductor ran {skipped} compiled graph(s) without CUDA "
+                      "graphs (TORCH_LOGS=cudagraphs says why); their times are torch.compile's without graph replay",
+                      stacklevel=3)
