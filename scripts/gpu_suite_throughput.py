@@ -17,7 +17,6 @@ from gpu_suite_common import Deadline, DeadlineReached
 ALL_METHODS = "dense,evo,idle,evit,topk"
 TARGET_METHODS = "dense,evo,idle"  # the methods the targets name: compiled first, the others if time is left
 OTHER_METHODS = "dense,evit,topk"
-CUDA_GRAPHS = "reduce-overhead"  # the torch.compile mode that replays CUDA graphs
 
 
 @dataclass(frozen=True)
@@ -42,14 +41,15 @@ class BenchGroup:
     cuda_graph: bool = False  # eager kernels captured once in a CUDA graph per method, then replayed
 
     @property
-    def mode(self) -> str:
+    def run_mode(self):
         from tokenpace.runners import RunMode
 
-        return RunMode(self.compile, self.compile_mode, self.cuda_graph).describe()
+        return RunMode(self.compile, self.compile_mode, self.cuda_graph)
 
     @property
     def key(self) -> str:
-        return (f"{self.model.label} b{self.batch} {'fp32' if self.amp == 'none' else self.amp} {self.mode} "
+        return (f"{self.model.label} b{self.batch} {'fp32' if self.amp == 'none' else self.amp} "
+                f"{self.run_mode.describe()} "
                 f"[{self.methods}]")
 
 
@@ -93,7 +93,7 @@ def full_plan() -> ThroughputPlan:
     # at batch 1 the host's launch cost bounds a forward: its compiled group replays CUDA graphs, as a latency
     # deployment would
     compiled = [G(S, 256, "bf16", True, OTHER_METHODS),
-                G(S, 1, "bf16", True, TARGET_METHODS, compile_mode=CUDA_GRAPHS),
+                G(S, 1, "bf16", True, TARGET_METHODS, compile_mode="reduce-overhead"),
                 G(S, 64, "bf16", True, TARGET_METHODS), G(S, 256, "none", True, TARGET_METHODS),
                 G(B, 256, "bf16", True, TARGET_METHODS), G(L, 64, "bf16", True, TARGET_METHODS, runs=5, warmup=1)]
     dropped = ((G(L, 256, "none", False).key,
@@ -190,7 +190,9 @@ def run_group(group: BenchGroup, model: torch.nn.Module, device: torch.device, c
     results = time_group(model, group, device, watch)
     rows = []
     for r in results:
-        peak = watch.peak_mib.get(r.method)
+        # a replayed graph allocates nothing (its intermediates live in the graph's pool, counted as reserved):
+        # max_memory_allocated would give every method the same figure
+        peak = None if group.run_mode.replays_graphs else watch.peak_mib.get(r.method)
         rows.append({"method": r.method, "config": r.config, "gmacs": r.gmacs, "img_per_s": round(r.img_per_s, 2),
                      "ms_per_batch": round(r.ms_per_batch, 4), "speedup": round(r.speedup, 4),
                      "peak_mib": None if peak is None else round(peak, 1),
@@ -202,7 +204,8 @@ def run_group(group: BenchGroup, model: torch.nn.Module, device: torch.device, c
             "precision": "fp32" if group.amp == "none" else group.amp, "compile": group.compile,
             "compile_mode": group.compile_mode if group.compile else None, "cuda_graph": group.cuda_graph,
             # graphs inductor ran without their CUDA graphs (in a CUDA-graph mode, those rows are plain compiled)
-            "cudagraph_skips": cudagraph_skips() - skips_before if group.compile_mode == CUDA_GRAPHS else None,
+            "cudagraph_skips": cudagraph_skips() - skips_before if group.compile and group.run_mode.replays_graphs
+            else None,
             "runs": group.runs, "warmup": group.warmup,
             "resident_mib": None if watch.resident_mib is None else round(watch.resident_mib, 1), "rows": rows}
 
@@ -222,9 +225,8 @@ def run_throughput(plan: ThroughputPlan, device: torch.device, deadline: Deadlin
     doc = {"protocol": "tokenpace.bench.benchmark: random weights, random input, inference mode, methods interleaved "
                        "round by round after warm-up rounds, device sync around each call, median per method; "
                        "peak_mib = torch.cuda.max_memory_allocated over the method's timed calls (reset per call), "
-                       "all methods' weights resident; a replayed CUDA graph allocates nothing, so in cuda_graph "
-                       "groups and compile mode reduce-overhead peak_mib is what is allocated, the graphs' memory "
-                       "pools included",
+                       "all methods' weights resident; null in groups replayed from CUDA graphs (cuda_graph, "
+                       "compile mode reduce-overhead), whose intermediates live in the graphs' memory pools",
            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
            "groups": [], "failed": [], "not_run": [], "dropped": [{"key": k, "why": w} for k, w in plan.dropped]}
     models: dict[str, torch.nn.Module] = {}

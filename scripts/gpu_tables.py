@@ -53,10 +53,13 @@ def _group_cells(g: dict) -> list[str]:
 
 
 def _mode(g: dict) -> str:
-    """eager, compiled, compiled (MODE) or eager+cuda-graph (files from before the modes hold compile alone)."""
+    """eager, compiled, compiled (MODE) or eager+cuda-graph (files from before the modes hold compile alone); a
+    CUDA-graph compile mode that ran graphs without their CUDA graphs says so."""
     mode = g.get("compile_mode") or "default"
     if g["compile"]:
-        return "compiled" if mode == "default" else f"compiled ({mode})"
+        skipped = g.get("cudagraph_skips")
+        return ("compiled" if mode == "default" else f"compiled ({mode})") + (
+            f", {skipped} graph(s) run without CUDA graphs" if skipped else "")
     return "eager+cuda-graph" if g.get("cuda_graph") else "eager"
 
 

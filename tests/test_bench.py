@@ -230,17 +230,18 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     for mode in ("default", "max-autotune-no-cudagraphs"):
         benchmark(model, parse_methods("dense,evo"), 1, torch.device("cpu"), compile=True, runs=1, warmup=0,
                   compile_mode=mode)
-    assert modes == [None, None, "max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"]
+    assert modes == ["default", "default", "max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"]
 
 
 @pytest.mark.parametrize("mode, error", [
     (dict(compile_mode="fast"), "unknown compile mode 'fast'; accepted: default, reduce-overhead"),
-    (dict(compile_mode="max-autotune-no-cudagraphs"), "sets how compiled runs compile; compile is off"),
+    (dict(compile_mode="max-autotune-no-cudagraphs"), "sets how compiled runs compile, and compile \\(--compile\\) is "
+                                                      "off"),
     (dict(compile=True, compile_mode="reduce-overhead"), "needs a CUDA device \\(got cpu\\); accepted on cpu: "
                                                           "default, max-autotune-no-cudagraphs"),
     (dict(compile=True, compile_mode="max-autotune"), "replays CUDA graphs"),
     (dict(cuda_graph=True), "CUDA-graph capture .* needs a CUDA device \\(got cpu\\)"),
-    (dict(cuda_graph=True, compile=True), "for compiled code with CUDA graphs use compile mode 'reduce-overhead'"),
+    (dict(cuda_graph=True, compile=True), "needs a CUDA device \\(got cpu\\)"),  # the device is checked first
 ])
 def test_run_modes_that_do_not_apply_are_refused(mode, error):
     import torch
@@ -251,6 +252,28 @@ def test_run_modes_that_do_not_apply_are_refused(mode, error):
 
     with pytest.raises(TokenpaceError, match=error):
         benchmark(make_vit("deit", depth=1), parse_methods("dense"), 1, torch.device("cpu"), **mode)
+
+
+def test_run_mode_checks_on_a_cuda_device_object():
+    """RunMode.check reads only the device's type, so its CUDA-side refusals are checked here without a GPU."""
+    import torch
+
+    from tokenpace.errors import TokenpaceError
+    from tokenpace.runners import RunMode
+
+    cuda = torch.device("cuda")
+    for ok in (RunMode(cuda_graph=True), RunMode(compile=True, compile_mode="reduce-overhead"), RunMode()):
+        ok.check(cuda)
+    with pytest.raises(TokenpaceError, match="takes eager kernels; for compiled code with CUDA graphs use compile "
+                                             "mode 'reduce-overhead'"):
+        RunMode(compile=True, cuda_graph=True).check(cuda)
+    with pytest.raises(TokenpaceError, match="compile mode 'reduce-overhead' \\(--compile-mode\\) sets how"):
+        RunMode(compile_mode="reduce-overhead").check(cuda)
+    assert [m.describe() for m in (RunMode(), RunMode(compile=True), RunMode(True, "reduce-overhead"),
+                                   RunMode(cuda_graph=True))] == ["eager", "compiled", "compiled (reduce-overhead)",
+                                                                   "eager+cuda-graph"]
+    assert RunMode(True, "max-autotune").replays_graphs
+    assert not RunMode(True, "max-autotune-no-cudagraphs").replays_graphs
 
 
 def test_cuda_graph_runners_capture_one_copy_per_configuration(monkeypatch):
@@ -265,10 +288,10 @@ def test_cuda_graph_runners_capture_one_copy_per_configuration(monkeypatch):
 
     captured = []
 
-    def fake_capture(call, device, autocast, what):
+    def fake_capture(call, device, autocast):
         with autocast():
             out = call()  # the capture runs the forward once, under the timing's autocast
-        captured.append((call, out.dtype, what))
+        captured.append((call, out.dtype, torch.is_inference_mode_enabled()))
         return lambda: None
 
     monkeypatch.setattr(runners, "capture_cuda_graph", fake_capture)
@@ -276,20 +299,24 @@ def test_cuda_graph_runners_capture_one_copy_per_configuration(monkeypatch):
     configs = [spec_config(s) for s in parse_methods("dense,evo,idle")]
     x = torch.randn(1, 3, 32, 32)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    run = runners.make_runners(model, configs, configure, x, runners.RunMode(cuda_graph=True), autocast)
-    assert len(run.calls) == 3 and [w for _, _, w in captured] == [f"configuration {i}" for i in range(3)]
-    assert all(dtype == torch.bfloat16 for _, dtype, _ in captured)
+    said = []
+    run = runners.make_runners(model, configs, ["dense", "evo", "idle"], configure, x,
+                               runners.RunMode(cuda_graph=True), autocast, said.append)
+    assert len(run.calls) == 3 and said == [f"capturing {m} in a CUDA graph" for m in ("dense", "evo", "idle")]
+    assert all(dtype == torch.bfloat16 and inference for _, dtype, inference in captured)
     assert run.autocast is contextlib.nullcontext and all(p() is None for p in run.prepares)
     patched = [call.__defaults__[0] for call, _, _ in captured]  # the copy each capture ran
     assert [None if tokenpace.get_patch(m) is None else type(tokenpace.get_patch(m).config).__name__
             for m in patched] == [None, "Evo", "Idle"]
     assert model not in patched and len({id(m) for m in patched}) == 3
+    assert not any(p.is_inference() for m in patched for p in m.parameters())  # copied outside inference mode
 
 
 def test_cuda_graph_capture_keeps_what_its_replay_reads(monkeypatch):
     """capture_cuda_graph on stand-ins for torch.cuda's stream and graph classes (this machine has no GPU): warm-up
     calls on a side stream, then one capture; the replay keeps the captured model alive (a collected copy would
-    leave the graph reading freed memory); a failed capture names the configuration."""
+    leave the graph reading freed memory); a failed capture raises its own error after a progress line naming the
+    method."""
     import gc
     import weakref
 
@@ -334,8 +361,8 @@ def test_cuda_graph_capture_keeps_what_its_replay_reads(monkeypatch):
     calls = []
     monkeypatch.setattr(type(model), "__call__", lambda self, x: calls.append(weakref.ref(self)) or torch.zeros(1))
     configs = [spec_config(s) for s in parse_methods("dense,evo")]
-    run = runners.make_runners(model, configs, configure, torch.randn(1, 3, 32, 32),
-                               runners.RunMode(cuda_graph=True), contextlib.nullcontext)
+    run = runners.make_runners(model, configs, ["dense", "evo"], configure, torch.randn(1, 3, 32, 32),
+                               runners.RunMode(cuda_graph=True), contextlib.nullcontext, lambda msg: None)
     copies = calls[::4]  # 3 warm-up calls and the capture per configuration
     assert len(calls) == 8 and len({id(ref()) for ref in copies} | {id(model)}) == 3
     assert events.count("capture") == 2
@@ -348,9 +375,11 @@ def test_cuda_graph_capture_keeps_what_its_replay_reads(monkeypatch):
     gc.collect()
     assert all(ref() is None for ref in copies)
     Capture.fail = True
-    with pytest.raises(RuntimeError, match="could not capture configuration 0 in a CUDA graph: operation not "):
-        runners.make_runners(model, configs, configure, torch.randn(1, 3, 32, 32), runners.RunMode(cuda_graph=True),
-                             contextlib.nullcontext)
+    said = []
+    with pytest.raises(RuntimeError, match="^operation not permitted when stream is capturing$"):
+        runners.make_runners(model, configs, ["dense", "evo"], configure, torch.randn(1, 3, 32, 32),
+                             runners.RunMode(cuda_graph=True), contextlib.nullcontext, said.append)
+    assert said == ["capturing dense in a CUDA graph"]  # the last progress line names what failed
 
 
 def test_skipped_cuda_graphs_warn_only_where_graphs_were_asked_for():
@@ -370,7 +399,8 @@ def test_skipped_cuda_graphs_warn_only_where_graphs_were_asked_for():
 
 
 def test_bench_cli_refuses_run_modes_that_do_not_apply(capsys):
-    for argv, error in ((["--compile-mode", "reduce-overhead"], "sets how --compile compiles; add --compile"),
+    for argv, error in ((["--compile-mode", "max-autotune-no-cudagraphs"], "(--compile-mode) sets how compiled "
+                         "runs compile, and compile (--compile) is off"),
                         (["--train", "--cuda-graph"], "--cuda-graph is for inference"),
                         (["--cuda-graph"], "needs a CUDA device (got cpu)"),
                         (["--memory", "--cuda-graph"], "needs a CUDA device (got cpu)")):

@@ -172,6 +172,20 @@ def test_full_plan_times_batch_1_from_cuda_graphs_among_the_targets():
     assert find_row(old, "m", 1, "bf16", True, "evo")["speedup"] == 1.4  # a file from before the modes
 
 
+def test_tables_name_each_run_mode():
+    import gpu_tables
+
+    def group(**kw):
+        return {"compile": False, **kw}
+
+    assert gpu_tables._mode(group()) == "eager" and gpu_tables._mode(group(cuda_graph=True)) == "eager+cuda-graph"
+    assert gpu_tables._mode(group(compile=True)) == "compiled"  # a file from before the modes
+    assert gpu_tables._mode(group(compile=True, compile_mode="reduce-overhead", cudagraph_skips=0)) == (
+        "compiled (reduce-overhead)")
+    assert gpu_tables._mode(group(compile=True, compile_mode="reduce-overhead", cudagraph_skips=2)) == (
+        "compiled (reduce-overhead), 2 graph(s) run without CUDA graphs")
+
+
 def test_failing_section_is_recorded_and_the_others_still_run(tmp_path, data):
     summary = gpu_suite.main(["--smoke", str(tmp_path), "--data", data, "--sections", "idle,throughput"])
     assert summary["sections"]["idle"]["status"].startswith("failed: RuntimeError: Idle fine-tunes the dense")
@@ -268,9 +282,7 @@ def test_tables_render_every_figure_of_the_run(smoke, tmp_path):
         dense = rows.pop("dense")
         cells = [f"{dense['img_per_s']:.0f}"] + [f"{r['speedup']:.2f}x / {dense['gmacs'] / r['gmacs']:.2f}x"
                                                  for r in rows.values()]
-        mode = {(False, False): "eager", (False, True): "eager+cuda-graph"}.get((g["compile"], g["cuda_graph"]),
-                                                                             f"compiled ({g['compile_mode']})")
-        mode = "compiled" if mode == "compiled (default)" else mode
+        mode = "compiled" if g["compile"] else "eager"  # the smoke runs neither CUDA graphs nor another mode
         assert f"({g['model']}) | {g['batch']} | {g['precision']} | {mode} | " + " | ".join(cells) in text
     cifar = load(out, "cifar.json")
     assert f"| dense, from scratch | {cifar['dense']['top1']:.2f} |" in text

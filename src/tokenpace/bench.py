@@ -212,10 +212,13 @@ def benchmark(
     with restored(model):
         gmacs = [macs(configure(model, config)) / 1e9 for config in configs]
         applied = [applied_config(configure(model, config)) for config in configs]
-        with warn_if_graphs_skipped(mode), torch.inference_mode():
-            run = make_runners(model, configs, configure, x, mode, autocast_for(device, amp, cache=not cuda_graph))
-            times = _time_interleaved([spec.method for spec in specs], run.prepares, run.calls, device, runs,
-                                      warmup, run.autocast, say, "")
+        labels = [spec.method for spec in specs]
+        with warn_if_graphs_skipped(mode):
+            run = make_runners(model, configs, labels, configure, x, mode,
+                               autocast_for(device, amp, cache=not cuda_graph), say)
+            with torch.inference_mode():
+                times = _time_interleaved(labels, run.prepares, run.calls, device, runs, warmup, run.autocast, say,
+                                          "")
     return _results(specs, gmacs, times, batch_size, applied)
 
 

@@ -33,21 +33,27 @@ class RunMode:
     cuda_graph: bool = False
 
     def check(self, device: torch.device) -> None:
-        """Refuse a mode that is unknown, that does not apply to the others given, or that needs CUDA off CUDA."""
+        """Refuse a mode that is unknown, that needs CUDA off CUDA, or that does not apply to the others given."""
         mode = self.compile_mode
         if mode not in COMPILE_MODES:
             raise TokenpaceError(f"unknown compile mode {mode!r}; accepted: {', '.join(COMPILE_MODES)}")
-        if mode != "default" and not self.compile:
-            raise TokenpaceError(f"compile mode {mode!r} sets how compiled runs compile; compile is off")
-        if mode in CUDA_GRAPH_MODES and device.type != "cuda":
-            raise TokenpaceError(f"compile mode {mode!r} replays CUDA graphs and needs a CUDA device (got "
-                                 f"{device.type}); accepted on {device.type}: default, max-autotune-no-cudagraphs")
-        if self.cuda_graph and self.compile:
-            raise TokenpaceError("CUDA-graph capture (cuda_graph, --cuda-graph) takes eager kernels; for compiled "
-                                 "code with CUDA graphs use compile mode 'reduce-overhead'")
         if self.cuda_graph and device.type != "cuda":
             raise TokenpaceError(f"CUDA-graph capture (cuda_graph, --cuda-graph) needs a CUDA device (got "
                                  f"{device.type})")
+        if mode in CUDA_GRAPH_MODES and device.type != "cuda":
+            without = ", ".join(m for m in COMPILE_MODES if m not in CUDA_GRAPH_MODES)
+            raise TokenpaceError(f"compile mode {mode!r} replays CUDA graphs and needs a CUDA device (got "
+                                 f"{device.type}); accepted on {device.type}: {without}")
+        if mode != "default" and not self.compile:
+            raise TokenpaceError(f"compile mode {mode!r} (--compile-mode) sets how compiled runs compile, and "
+                                 "compile (--compile) is off")
+        if self.cuda_graph and self.compile:
+            raise TokenpaceError("CUDA-graph capture (cuda_graph, --cuda-graph) takes eager kernels; for compiled "
+                                 "code with CUDA graphs use compile mode 'reduce-overhead'")
+
+    @property
+    def replays_graphs(self) -> bool:
+        return self.cuda_graph or (self.compile and self.compile_mode in CUDA_GRAPH_MODES)
 
     def describe(self) -> str:
         """The mode in a table header: eager, compiled, compiled (MODE), eager+cuda-graph."""
@@ -65,9 +71,10 @@ class Runners:
     autocast: Callable[[], object]
 
 
-def make_runners(model: nn.Module, configs: list, configure: Callable, x: torch.Tensor, mode: RunMode,
-                 autocast: Callable[[], object]) -> Runners:
-    """Runners for every configuration of ``model``; call under torch.inference_mode (graphs are captured here).
+def make_runners(model: nn.Module, configs: list, labels: list[str], configure: Callable, x: torch.Tensor,
+                 mode: RunMode, autocast: Callable[[], object], say: Callable[[str], None]) -> Runners:
+    """Runners for every configuration of ``model`` (``labels`` name them); call outside torch.inference_mode (the
+    copies it makes hold ordinary parameters; graphs are captured in inference mode here).
 
     Eager runs share ``model``, re-configured before each call. Compiled and graphed runs get a copy per
     configuration: a compiled graph is specialised to its configuration (re-patching would recompile it every
@@ -79,20 +86,35 @@ def make_runners(model: nn.Module, configs: list, configure: Callable, x: torch.
     copies = [configure(copy.deepcopy(dense), config) for config in configs]
     idle = [lambda: None for _ in configs]
     if mode.compile:
-        compile_mode = None if mode.compile_mode == "default" else mode.compile_mode
-        compiled = [torch.compile(m, mode=compile_mode) for m in copies]
+        compiled = [torch.compile(m, mode=mode.compile_mode) for m in copies]
         return Runners(idle, [lambda m=m: m(x) for m in compiled], autocast)
+    replays = []
+    for label, m in zip(labels, copies):
+        say(f"capturing {label} in a CUDA graph")  # a forward that cannot be captured fails right after this line
+        with torch.inference_mode():
+            replays.append(capture_cuda_graph(lambda m=m: m(x), x.device, autocast))
     # a replay runs the kernels captured under autocast, and needs no autocast around it
-    return Runners(idle, [capture_cuda_graph(lambda m=m: m(x), x.device, autocast, f"configuration {i}")
-                          for i, m in enumerate(copies)], nullcontext)
+    return Runners(idle, replays, nullcontext)
 
 
-def capture_cuda_graph(call: Callable[[], object], device: torch.device, autocast: Callable[[], object],
-                       what: str) -> Callable[[], None]:
-    """Capture ``call`` in a CUDA graph and return its replay. Three warm-up calls on a side stream first (lazy
-    initialisation, cuBLAS workspaces), as capture requires. ``autocast`` must not cache casts (a cast cached in the
-    capture would be freed when autocast exits). A forward that syncs with the host or changes shape cannot be
-    captured: that fails here, naming ``what``."""
+@dataclass
+class GraphReplay:
+    """A captured graph with what its replays read (the model and input ``call`` holds) and write (``output``):
+    they live as long as the replay does."""
+
+    graph: torch.cuda.CUDAGraph
+    output: object
+    call: Callable[[], object]
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
+def capture_cuda_graph(call: Callable[[], object], device: torch.device,
+                       autocast: Callable[[], object]) -> GraphReplay:
+    """Capture ``call`` in a CUDA graph. Three warm-up calls on a side stream first (lazy initialisation, cuBLAS
+    workspaces), as capture requires. ``autocast`` must not cache casts (a cast cached in the capture would be
+    freed when autocast exits). A forward that syncs with the host or changes shape cannot be captured."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -101,19 +123,9 @@ def capture_cuda_graph(call: Callable[[], object], device: torch.device, autocas
                 call()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph), autocast():
-            output = call()
-    except RuntimeError as err:
-        raise RuntimeError(f"could not capture {what} in a CUDA graph: {err}") from err
-    # the replay reads the tensors the capture read (the model ``call`` holds, its input) and writes into ``output``:
-    # they live as long as the replay does
-    kept = (graph, output, call)
-
-    def replay() -> None:
-        kept[0].replay()
-
-    return replay
+    with torch.cuda.graph(graph), autocast():
+        output = call()
+    return GraphReplay(graph, output, call)
 
 
 def cudagraph_skips() -> int:
@@ -128,7 +140,7 @@ def cudagraph_skips() -> int:
 def warn_if_graphs_skipped(mode: RunMode) -> Iterator[None]:
     """Warn after a block in which inductor ran any compiled graph without its CUDA graph, when ``mode`` asked
     torch.compile for graph replay (the times then are plain compiled ones)."""
-    watch = mode.compile and mode.compile_mode in CUDA_GRAPH_MODES
+    watch = mode.compile and mode.replays_graphs
     before = cudagraph_skips() if watch else 0
     yield
     skipped = cudagraph_skips() - before if watch else 0

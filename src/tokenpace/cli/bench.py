@@ -23,8 +23,6 @@ def run(args: argparse.Namespace) -> int:
     for flag, given in (("--compile", args.compile), ("--cuda-graph", args.cuda_graph)):
         if args.train and given:
             raise TokenpaceError(f"{flag} is for inference; --train times eager training steps")
-    if args.compile_mode != "default" and not args.compile:
-        raise TokenpaceError(f"--compile-mode {args.compile_mode} sets how --compile compiles; add --compile")
     args.run_mode = RunMode(compile=args.compile, compile_mode=args.compile_mode, cuda_graph=args.cuda_graph)
     args.run_mode.check(device)
     if args.memory_probe is not None:
