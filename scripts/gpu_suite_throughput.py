@@ -48,9 +48,8 @@ class BenchGroup:
 
     @property
     def key(self) -> str:
-        return (f"{self.model.label} b{self.batch} {'fp32' if self.amp == 'none' else self.amp} "
-                f"{self.run_mode.describe()} "
-                f"[{self.methods}]")
+        precision = "fp32" if self.amp == "none" else self.amp
+        return f"{self.model.label} b{self.batch} {precision} {self.run_mode.describe()} [{self.methods}]"
 
 
 @dataclass(frozen=True)
@@ -203,6 +202,7 @@ def run_group(group: BenchGroup, model: torch.nn.Module, device: torch.device, c
             "model_args": dict(group.model.kwargs), "batch": group.batch,
             "precision": "fp32" if group.amp == "none" else group.amp, "compile": group.compile,
             "compile_mode": group.compile_mode if group.compile else None, "cuda_graph": group.cuda_graph,
+            "mode": group.run_mode.describe(),
             # graphs inductor ran without their CUDA graphs (in a CUDA-graph mode, those rows are plain compiled)
             "cudagraph_skips": cudagraph_skips() - skips_before if group.compile and group.run_mode.replays_graphs
             else None,

@@ -53,14 +53,11 @@ def _group_cells(g: dict) -> list[str]:
 
 
 def _mode(g: dict) -> str:
-    """eager, compiled, compiled (MODE) or eager+cuda-graph (files from before the modes hold compile alone); a
-    CUDA-graph compile mode that ran graphs without their CUDA graphs says so."""
-    mode = g.get("compile_mode") or "default"
-    if g["compile"]:
-        skipped = g.get("cudagraph_skips")
-        return ("compiled" if mode == "default" else f"compiled ({mode})") + (
-            f", {skipped} graph(s) run without CUDA graphs" if skipped else "")
-    return "eager+cuda-graph" if g.get("cuda_graph") else "eager"
+    """The group's run mode as the suite named it (files from before the modes hold compile alone); a CUDA-graph
+    compile mode that ran graphs without their CUDA graphs says so."""
+    mode = g.get("mode") or ("compiled" if g["compile"] else "eager")
+    skipped = g.get("cudagraph_skips")
+    return mode + (f", {skipped} graph(s) run without CUDA graphs" if skipped else "")
 
 
 def _speed_cell(row: dict | None, dense: dict | None, config: str | None) -> str:

@@ -20,7 +20,8 @@ import gpu_suite  # noqa: E402
 from gpu_suite_cifar import lr_at  # noqa: E402
 from gpu_suite_common import Deadline, DeadlineReached, alarm_at  # noqa: E402
 from gpu_suite_data import random_crop_flip, random_erase  # noqa: E402
-from gpu_suite_throughput import build_model, find_row, full_plan, run_group, run_throughput, smoke_plan  # noqa: E402
+from gpu_suite_throughput import (DEIT_S, build_model, find_row, full_plan, run_group, run_throughput,  # noqa: E402
+                                  smoke_plan)
 
 CIFAR = os.environ.get("TOKENPACE_CIFAR", str(Path(__file__).resolve().parents[2] / "shared" / "data" /
                                               "cifar10_jpeg.npz"))
@@ -175,11 +176,16 @@ def test_full_plan_times_batch_1_from_cuda_graphs_among_the_targets():
 def test_tables_name_each_run_mode():
     import gpu_tables
 
-    def group(**kw):
-        return {"compile": False, **kw}
+    from gpu_suite_throughput import BenchGroup
+
+    def group(compile=False, compile_mode="default", cuda_graph=False, **kw):
+        """A group record as run_group writes it."""
+        mode = BenchGroup(DEIT_S, 1, "bf16", compile, compile_mode=compile_mode, cuda_graph=cuda_graph).run_mode
+        return {"compile": compile, "mode": mode.describe(), **kw}
 
     assert gpu_tables._mode(group()) == "eager" and gpu_tables._mode(group(cuda_graph=True)) == "eager+cuda-graph"
-    assert gpu_tables._mode(group(compile=True)) == "compiled"  # a file from before the modes
+    assert gpu_tables._mode({"compile": True}) == "compiled"  # a file from before the modes
+    assert gpu_tables._mode({"compile": False}) == "eager"
     assert gpu_tables._mode(group(compile=True, compile_mode="reduce-overhead", cudagraph_skips=0)) == (
         "compiled (reduce-overhead)")
     assert gpu_tables._mode(group(compile=True, compile_mode="reduce-overhead", cudagraph_skips=2)) == (

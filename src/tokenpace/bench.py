@@ -215,10 +215,10 @@ def benchmark(
         labels = [spec.method for spec in specs]
         with warn_if_graphs_skipped(mode):
             run = make_runners(model, configs, labels, configure, x, mode,
-                               autocast_for(device, amp, cache=not cuda_graph), say)
+                               autocast_for(device, amp, cache=not mode.cuda_graph), say)
             with torch.inference_mode():
-                times = _time_interleaved(labels, run.prepares, run.calls, device, runs, warmup, run.autocast, say,
-                                          "")
+                times = _time_interleaved(labels, run.prepares, run.calls, device, runs, warmup, run.autocast,
+                                          say, "")
     return _results(specs, gmacs, times, batch_size, applied)
 
 
