@@ -63,6 +63,19 @@ def test_evit_matches_reference(variant, fuse, images):
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
 
 
+def test_evit_fuses_a_single_leftover_token(images):
+    """At keep 0.98 each shrink layer keeps ceil(0.98 * 64) = 63 of 64 tokens: the official code still fuses the one
+    left over (its attention times itself), so the layer is not dense although the count stays 64."""
+    model = make_vit("deit")
+    with torch.no_grad():
+        dense = model(images)
+        expected = ref_evit(model, images, 0.98, (3, 6, 9), True)
+        tokenpace.apply(model, "evit", keep=0.98)
+        got = model(images)
+    assert not torch.allclose(expected, dense, atol=1e-3)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+
+
 @pytest.mark.parametrize("variant", ["deit", "avg"])
 def test_topk_matches_reference(variant, images):
     model = make_vit(variant)

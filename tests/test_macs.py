@@ -61,7 +61,8 @@ def test_topk_matches_evo_and_img_size_override():
 
 
 CASES = [(None, {}), ("evo", {}), ("evo", {"representative": True}), ("evo", {"mode": "layer"}),
-         ("idle", {}), ("idle", {"project_keys": True}), ("evit", {}), ("evit", {"fuse": False}), ("topk", {})]
+         ("idle", {}), ("idle", {"project_keys": True}), ("evit", {}), ("evit", {"fuse": False}),
+         ("evit", {"keep": 0.98}), ("topk", {})]  # keep 0.98: one token left over per shrink, fused
 
 
 @pytest.mark.parametrize("variant", ["deit", "distilled", "registers", "qknorm"])

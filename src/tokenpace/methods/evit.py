@@ -91,25 +91,28 @@ class EViTPolicy(Policy):
         self.layers = config.resolved_layers(self.depth)
         self.row = Row(self.row_query(), heads="mean")
 
-    def counts(self, num_patches: int) -> list[tuple[int, int]]:
-        """Per block: (image tokens entering, image tokens after the block); fused tokens count as image tokens."""
+    def counts(self, num_patches: int) -> list[tuple[int, int, int]]:
+        """Per block: (image tokens entering, kept, after the block); fused tokens count as image tokens.
+
+        A block shrinks where it keeps fewer than it receives (kept < entering). With one token left over, the fused
+        token replaces it and the count stays (the official code fuses whenever a token is left over)."""
         n, out = num_patches, []
         for i in range(self.depth):
             if i in self.layers:
                 k = keep_count_ceil(n, self.config.keep)
                 after = k + int(self.config.fuse and k < n)
-                out.append((n, after))
+                out.append((n, k, after))
                 n = after
             else:
-                out.append((n, n))
+                out.append((n, n, n))
         return out
 
     def run(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         fam, frame, prefix, fuse = self.family, state.frame, self.prefix, self.config.fuse
         where = fam.tokens(frame)
         canvas = x  # the full map: every dropped token keeps the features it entered its last block with
-        for i, (n, after) in enumerate(self.counts(x.shape[1] - prefix)):
-            if after == n:  # not a shrink layer, or nothing to drop
+        for i, (n, k, after) in enumerate(self.counts(x.shape[1] - prefix)):
+            if k == n:  # not a shrink layer, or nothing to drop
                 x = self.run_on(i, x, where, state)
             else:
                 if state.taps:
@@ -117,7 +120,6 @@ class EViTPolicy(Policy):
                 parts = fam.parts(i)
                 x, scores, _ = self.step(state, attention_half, parts, x, where, row=self.row)
                 attn = scores[:, prefix:]
-                k = after - int(fuse)
                 ranking = self.rank(attn)
                 keep_idx, rest_idx = split_indices(ranking, k) if fuse else (top_indices(ranking, k), None)
                 keep_idx = keep_idx.sort(dim=1).values  # the kept tokens stay in raster order
@@ -142,11 +144,11 @@ class EViTPolicy(Policy):
     def work(self, counts) -> list[BlockWork]:
         prefix = counts[0].prefix
         works = []
-        for n, after in self.counts(counts[0].tokens):
-            if after == n:
+        for n, k, after in self.counts(counts[0].tokens):
+            if k == n:
                 works.append(BlockWork(n + prefix, n + prefix, out_tokens=n + prefix))
             else:
-                merged = n - (after - 1) if self.config.fuse else 0
+                merged = n - k if self.config.fuse else 0
                 works.append(BlockWork(n + prefix, after + prefix, row_keys=self.row_keys(n + prefix),
                                        merged_tokens=merged, out_tokens=after + prefix))
         return works
