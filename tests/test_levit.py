@@ -130,6 +130,74 @@ def test_trace_and_bias_gathering(images):
     assert torch.equal(gathered[b], full[:, pos[b]][:, :, pos[b]])
 
 
+def _evo_levit_block(blk, x, alpha, g, cols):
+    """One EvoBlock with explicit attention; g evolved with the head-mean class row over the columns ``cols``
+    (initialised by the first attention of the forward)."""
+    attn = blk.attn
+    B, N, _ = x.shape
+    qkv = attn.qkv(x).view(B, N, attn.num_heads, -1).split([attn.key_dim, attn.key_dim, attn.val_dim], dim=3)
+    out, probs = _explicit(*(t.transpose(1, 2) for t in qkv), 0.0, attn.scale)
+    y = x + attn.proj(out)
+    row = probs[:, :, 0, cols].mean(1)
+    g = row if g is None else (1 - alpha) * g + alpha * row
+    return y + blk.mlp(y), g
+
+
+def _take(t, idx):
+    return t.gather(1, idx) if t.dim() == 2 else t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def ref_official_evo_levit(model, img, keep, first=2, mode="stage"):
+    """The official Evo-LeViT forward (evovit.md §3.2, §4.3, §7), literally: every attention evolves g from block 0
+    on (head-mean class row; learned sigmoid(theta) in stage mode, 0.5 in layer mode); a selection sorts by g,
+    pools the placeholders into a representative token (weights g / sum g) appended last, runs the slow blocks on
+    [class, kept, representative] and adds the representative's summed residual to every placeholder; down-sampling
+    evolves g with its sub-sampled class row over the full-resolution keys and rescales g to its previous sum."""
+    alpha = (lambda m: torch.sigmoid(m.theta)) if mode == "stage" else (lambda m: 0.5)
+    x, g, j = model.embed(img), None, 0
+    for s, stage in enumerate(model.stages):
+        if s > 0:
+            ds = model.downsamples[s]
+            total = g.sum(1, keepdim=True)
+            x, probs = ds.attend(x)
+            sub, t = ds.subsample_index(), alpha(ds)
+            g = (1 - t) * g[:, sub] + t * probs[:, :, 0, 1:].mean(1)[:, sub]
+            g = g * total / g.sum(1, keepdim=True)
+        slow = []
+        for blk in stage:
+            if j < first:
+                x, g = _evo_levit_block(blk, x, alpha(blk.attn), g, slice(1, None))
+            else:
+                slow.append(blk)
+            j += 1
+        for segment in ([[b] for b in slow] if mode == "layer" else [slow] if slow else []):
+            k = int((x.shape[1] - 1) * keep)
+            order = g.argsort(dim=1, descending=True)
+            kept, ph = order[:, :k], order[:, k:]
+            w = _take(g, ph) / _take(g, ph).sum(1, keepdim=True)
+            rep = (w.unsqueeze(-1) * _take(x[:, 1:], ph)).sum(1, keepdim=True)
+            y, g_kept = torch.cat([x[:, :1], _take(x[:, 1:], kept), rep], dim=1), _take(g, kept)
+            for blk in segment:
+                y, g_kept = _evo_levit_block(blk, y, alpha(blk.attn), g_kept, slice(1, -1))
+            patches = x[:, 1:] + (y[:, -1:] - rep)  # every placeholder moved by the representative's residual
+            patches = patches.scatter(1, kept[..., None].expand(-1, -1, x.shape[-1]), y[:, 1:-1])
+            x, g = torch.cat([y[:, :1], patches], dim=1), g.scatter(1, kept, g_kept)
+    return model.forward_head(x)
+
+
+@pytest.mark.parametrize("mode", ["stage", "layer"])
+@pytest.mark.parametrize("first", [2, 4])  # 4: the first selection in the second stage
+def test_evo_levit_matches_the_official_forward(mode, first, images):
+    model = make_levit("evo_levit_cifar")
+    with torch.no_grad():
+        for m in model.modules():  # learned evolution weights away from sigmoid(0) = 0.5
+            if hasattr(m, "theta"):
+                m.theta.uniform_(-2.0, 2.0)
+        expected = ref_official_evo_levit(model, images, 0.5, first, mode)
+        out = tokenpace.apply(model, "evo", keep=0.5, mode=mode, stage_starts=(first,))(images)
+    assert torch.allclose(out, expected, atol=1e-4), (out - expected).abs().max()
+
+
 def test_evo_levit_representative_moves_every_placeholder_by_one_residual(images):
     model = tokenpace.apply(make_levit("evo_levit_cifar"), "evo", keep=0.5)
     patch = tokenpace.get_patch(model)

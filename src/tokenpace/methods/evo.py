@@ -45,8 +45,9 @@ class Evo(MethodConfig):
         global-attention-weighted representative token (paper, official LeViT code); None: what the model asks
         for (True on tokenpace's Evo-LeViT), else False.
     alpha: weight of the new layer's class attention when g evolves in pruned layers (0.5 in the paper); dense
-        layers overwrite g, so the first selection uses the class attention of the layer before it. Models with a
-        learned evolution weight (Evo-LeViT) use theirs in stage mode.
+        layers overwrite g (DeiT), so the first selection uses the class attention of the layer before it. Models
+        with a learned evolution weight (Evo-LeViT) evolve g in every layer from the first on, as the official code,
+        with their learned weight in stage mode and alpha in layer mode.
     score: None (the family default), ``"cls"`` (global class attention), ``"received"`` (the attention each token
         receives; class-token-free models) or ``"random"`` (control: random ranking).
     """
@@ -141,6 +142,11 @@ class EvoPolicy(Policy):
             self.segments.append([(lo, hi, lo >= self.first, hi <= last_selection) for lo, hi in zip(cuts, cuts[1:])])
         self.row = Row(self.row_query())
         self.learned = config.mode == "stage"  # learned evolution weights replace alpha in stage mode
+        # blocks with a learned evolution weight (Evo-LeViT) evolve g from block 0 on, as every attention of the
+        # official LeViT code does; the others overwrite it in dense blocks (DeiT's tradeoff 1), so only the block
+        # before the first selection is scored
+        learns = all(family.parts(i).evolution_logit is not None for i in range(self.first))
+        self.scored_dense = range(0 if learns else self.first - 1, self.first)
 
     def _alpha(self, logit: torch.Tensor | None) -> float | torch.Tensor:
         """The evolution weight: sigmoid(theta) where the model learns one (stage mode), else the fixed alpha."""
@@ -162,9 +168,11 @@ class EvoPolicy(Policy):
                     x, g = self._segment(x, g, lo, hi, evolve_g, state)
                     continue
                 for i in range(lo, hi):
-                    if i == self.first - 1:  # dense layers overwrite g: only the one before pruning matters
-                        x, scores, _ = self.step(state, run_block, fam.parts(i), x, fam.tokens(frame), row=self.row)
-                        g = scores[:, prefix:]
+                    if i in self.scored_dense:
+                        parts = fam.parts(i)
+                        x, scores, _ = self.step(state, run_block, parts, x, fam.tokens(frame), row=self.row)
+                        row = scores[:, prefix:]
+                        g = row if g is None else evolve(g, row, self._alpha(parts.evolution_logit))
                     else:
                         x = self.step(state, fam.block, i, x, frame)
                     state.tap(i, lambda: x)
@@ -201,7 +209,7 @@ class EvoPolicy(Policy):
                 n = (k if pruned else patches) + prefix + int(use_rep)
                 for i in range(lo, hi):
                     if not pruned:
-                        works.append(BlockWork(n, n, row_keys=self.row_keys(n)) if i == self.first - 1
+                        works.append(BlockWork(n, n, row_keys=self.row_keys(n)) if i in self.scored_dense
                                      else dense_work(n))
                         continue
                     works.append(BlockWork(n, n, row_keys=self.row_keys(n) if evolve_g else 0,
