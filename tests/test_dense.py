@@ -93,6 +93,29 @@ def test_keep_one_intermediates_equal_the_unpatched_model(family):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+def test_positional_intermediate_arguments_keep_the_models_own_order(family):
+    """timm's ViT and Eva take return_prefix_tokens third, the others norm: a patched model reads them as its class."""
+    build, size, methods, _ = FAMILIES[family]
+    model, images = build(), _images(size)
+    with torch.no_grad():
+        expected = _flatten(tokenpace.remove(model).forward_intermediates(images, [1], True))
+        got = _flatten(tokenpace.apply(model, methods[0], keep=1.0).forward_intermediates(images, [1], True))
+    assert len(got) == len(expected) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, expected))
+
+
+def test_intermediate_arguments_the_class_does_not_take_are_refused_as_unpatched():
+    model = make_backbone("rope_mixed")  # timm's Eva has no output_dict
+    images = _images(32)
+    with pytest.raises(TypeError, match="output_dict"):
+        model.forward_intermediates(images, output_dict=True)
+    tokenpace.apply(model, "idle")
+    with pytest.raises(TypeError, match="output_dict"):
+        model.forward_intermediates(images, output_dict=True)
+    with pytest.raises(ValueError, match="attention masks"):
+        model.forward_intermediates(images, attn_mask=torch.ones(1, 1, 65, 65, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_reduced_intermediates_are_full_grids_and_end_at_forward_features(family):
     build, size, methods, flat = FAMILIES[family]
     model, images = build(), _images(size)
@@ -137,7 +160,7 @@ def test_refused_feature_requests_name_what_is_accepted():
     swin = tokenpace.apply(_swin(), "idle")
     with pytest.raises(ValueError, match="NCHW grids: accepted output_fmt='NCHW'"):
         swin.forward_intermediates(_images(32), output_fmt="NLC")
-    with pytest.raises(ValueError, match="without return_prefix_tokens"):
+    with pytest.raises(TypeError, match="return_prefix_tokens"):  # as unpatched: timm's Swin does not take it
         swin.forward_intermediates(_images(32), return_prefix_tokens=True)
     vit = tokenpace.apply(make_vit("deit", depth=4), "evo")
     with pytest.raises(ValueError, match="output_fmt='NHWC' is not accepted; choose 'NCHW' or 'NLC'"):

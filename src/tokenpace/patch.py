@@ -6,6 +6,7 @@ reduces to (the original class, its state, the method config) and is re-patched 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -90,14 +91,26 @@ def _forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return get_patch(self).forward_features(x)
 
 
-def _forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False, stop_early: bool = False,
-                           output_fmt: str = "NCHW", intermediates_only: bool = False,
-                           return_prefix_tokens: bool = False, output_dict: bool = False, attn_mask=None,
-                           is_causal: bool = False):
-    _refuse_masks((), {"attn_mask": attn_mask, "is_causal": is_causal})
-    return get_patch(self).forward_intermediates(
-        x, indices, stop_early, norm=norm, output_fmt=output_fmt, intermediates_only=intermediates_only,
-        return_prefix_tokens=return_prefix_tokens, output_dict=output_dict)
+def _forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+    """timm's ``forward_intermediates`` with the arguments the model's own class takes, in its order (ViT and Eva
+    put ``return_prefix_tokens`` third, the pyramids ``norm``); an argument the class does not take is a TypeError,
+    as it is unpatched."""
+    patch = get_patch(self)
+    given = _bound_arguments(patch.original_class.forward_intermediates, self, x, args, kwargs)
+    _refuse_masks((), {name: given.pop(name, None) for name in ("attn_mask", "is_causal")})
+    indices, stop_early = given.pop("indices", None), given.pop("stop_early", False)
+    return patch.forward_intermediates(x, indices, stop_early, **given)
+
+
+def _bound_arguments(method, model: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> dict:
+    """The arguments after (self, x) that a call of ``method`` names, by name (defaults left out)."""
+    signature = inspect.signature(method)
+    bound = signature.bind(model, x, *args, **kwargs).arguments
+    given = {}
+    for name, param in list(signature.parameters.items())[2:]:
+        if name in bound:
+            given.update(bound[name] if param.kind is inspect.Parameter.VAR_KEYWORD else {name: bound[name]})
+    return given
 
 
 def _reduce_ex(self, protocol):
