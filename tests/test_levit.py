@@ -401,6 +401,63 @@ def test_idle_on_levit_equals_the_masked_reference(name, images):
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
 
 
+def ref_evo_levit_idle_training(model, img, keep, starts):
+    """IdleViT on Evo-LeViT in training, gathered: class-query scores with the q/k BatchNorm's running statistics
+    (the score side never uses or updates batch statistics), then the block runs on [class token, top-K], its
+    BatchNorms normalising over those tokens and updating their running statistics once."""
+    x, i = model.embed(img), 0
+    for s, blocks in enumerate(model.stages):
+        x = model.downsamples[s](x)
+        B, N, C = x.shape
+        for blk in blocks:
+            stage = sum(1 for start in starts if i >= start)
+            i += 1
+            if stage == 0:
+                x = blk(x)
+                continue
+            attn, bn = blk.attn, blk.attn.qkv.bn
+            with torch.no_grad():
+                qkv = torch.nn.functional.batch_norm(attn.qkv.linear(x).flatten(0, 1), bn.running_mean,
+                                                     bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+                q, k, _ = (t.transpose(1, 2) for t in qkv.view(B, N, attn.num_heads, -1).split(
+                    [attn.key_dim, attn.key_dim, attn.val_dim], dim=3))
+                scores = (q[:, :, :1] @ k.transpose(-2, -1)).sum(1)[:, 0, 1:]
+            top = scores.topk(max(1, int((N - 1) * keep ** stage)), dim=1).indices
+            rows = torch.cat([torch.zeros(B, 1, dtype=torch.long), 1 + top], dim=1)
+            x = x.scatter(1, rows[..., None].expand(-1, -1, C), blk(_take(x, rows)))
+    return model.forward_head(x)
+
+
+def test_idle_in_training_normalises_each_block_once_over_its_tokens(images):
+    """In training, LeViT's q/k/v BatchNorm of an idling block runs once, over the tokens the block runs on; scores
+    and the cut loss use its running statistics and leave them as they are (they updated them up to 4 times per
+    block, with statistics of other token sets)."""
+    from tokenpace.losses import model_cut_loss
+
+    model = make_levit("evo_levit_cifar")
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    reference = copy.deepcopy(model).train()
+    expected = ref_evo_levit_idle_training(reference, images, 0.6, (2, 4, 5))
+    tokenpace.apply(model.train(), "idle", keep=0.6)
+    rows = []
+    hooks = [b.attn.qkv.bn.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+             for stage in model.stages for b in stage]
+    got = model(images)
+    for h in hooks:
+        h.remove()
+    assert rows == [3 * 65, 3 * 65, 3 * 39, 3 * 10, 3 * 6, 3 * 2, 3 * 2]  # once per block: 3 images x (1 + K)
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    assert all(torch.allclose(buffers[k], v, atol=1e-6) for k, v in reference.state_dict().items() if k in buffers)
+    model_cut_loss(model).backward()
+    assert all(torch.equal(buffers[k], v) for k, v in model.state_dict().items() if k in buffers)
+    with pytest.raises(ValueError, match="accepted in training: project_keys=False"):
+        tokenpace.apply(model, "idle", keep=0.6, project_keys=True)(images)
+
+
 @pytest.mark.parametrize("name", ["levit_cifar", "evo_levit_cifar"])
 @pytest.mark.parametrize("options", [{}, {"score": "norm"}, {"project_keys": True}], ids=str)
 def test_idle_macs_on_levit_equal_flop_counter(name, options, images):

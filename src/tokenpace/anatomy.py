@@ -153,6 +153,13 @@ class BlockParts:
         key projection (sum_h q_h . k_hj = (W_k^T q) . h_j + const)."""
         return None
 
+    def batch_statistics(self) -> bool:
+        """Whether the block's q/k/v projection normalises with the statistics of the tokens it is called on
+        (BatchNorm in training): a token's keys then depend on which tokens share the call, so keys projected for
+        scoring are not the block's. The separate projections (:meth:`queries`, :meth:`keys`) must not depend on
+        the call then (LeViT uses the running statistics there)."""
+        return False
+
     def keys_affine(self) -> bool:
         """Whether :meth:`linear_keys` gives a map. Scoring asks on every selection: families override it where
         the answer costs less than building the map (slicing or fusing weights)."""

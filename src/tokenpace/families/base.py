@@ -266,6 +266,11 @@ class SequenceFamily(Family):
         parts, query = self.parts(i), ("cls" if score == "cls" else "mean")
         keys = None
         if needs_keys(parts, project_keys):  # projected anyway: the block reuses the selected tokens' keys
+            if parts.batch_statistics():
+                raise ValueError(f"project_keys=True reuses the keys scoring projects in the block, and block {i} "
+                                 "normalises its q/k/v with batch statistics (BatchNorm in training), which differ "
+                                 "between the two calls; accepted in training: project_keys=False (or an eval-mode "
+                                 "or BatchNorm-fused model)")
             prep.keys = parts.keys(prep.h, prep.where)
             keys = prep.keys.detach()
         with torch.no_grad():  # a top-k follows: no gradient flows through scores

@@ -34,19 +34,16 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def is_affine(layer: nn.Module) -> bool:
-    """Whether :func:`affine_of` gives a map, without fusing one."""
-    if isinstance(layer, nn.Linear):
-        return True
-    linear, bn = getattr(layer, "linear", None), getattr(layer, "bn", None)
-    return linear is not None and bn is not None and not bn.training
+def batch_normalised(layer: nn.Module) -> bool:
+    """Whether ``layer`` (a Linear, or timm's LinearNorm: Linear + BatchNorm1d) normalises with the statistics of
+    the tokens it is called on (BatchNorm in training), so that a token's output depends on the others in the call."""
+    bn = getattr(layer, "bn", None)
+    return bn is not None and bn.training
 
 
-def affine_of(layer: nn.Module) -> LinearMap | None:
-    """A Linear, or timm's LinearNorm (Linear + BatchNorm1d) in eval mode, as one affine map; None while BatchNorm
-    uses batch statistics (training)."""
-    if not is_affine(layer):
-        return None
+def inference_map(layer: nn.Module) -> LinearMap:
+    """A Linear, or timm's LinearNorm with BatchNorm's running statistics, as one affine map: the layer in eval mode
+    (in training too, where BatchNorm itself would use batch statistics and update its running ones)."""
     if isinstance(layer, nn.Linear):
         return LinearMap(layer.weight, layer.bias)
     linear, bn = layer.linear, layer.bn
@@ -81,11 +78,13 @@ class LevitParts(BlockParts):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _project(self, h: torch.Tensor, j: int) -> torch.Tensor:
-        """Queries (j=0), keys (1) or values (2) alone, (B, H, n, d); the whole q/k/v projection while BatchNorm uses
-        batch statistics."""
+        """Queries (j=0), keys (1) or values (2) alone, (B, H, n, d), with BatchNorm's running statistics.
+
+        Only the score side and the token cut loss project alone (the block calls :meth:`qkv`). In training, batch
+        statistics would depend on which tokens share the call (all of them, one class token per image, the idle
+        ones) and every call would update the running statistics: the side uses the statistics inference uses and
+        leaves them as they are."""
         rows = self._affine_rows(j)
-        if rows is None:
-            return self.qkv(h, None)[j]
         B, n, _ = h.shape
         return F.linear(h, rows.weight, rows.bias).view(B, n, self.num_heads, -1).transpose(1, 2)
 
@@ -117,10 +116,8 @@ class LevitParts(BlockParts):
     def res_mlp(self, x, y):
         return x + self.block.drop_path2(y)
 
-    def _affine_rows(self, j: int) -> LinearMap | None:
-        affine = affine_of(self.attn.qkv)
-        if affine is None:
-            return None
+    def _affine_rows(self, j: int) -> LinearMap:
+        affine = inference_map(self.attn.qkv)
         rows = self._row_index(j, affine.weight.device)
         return LinearMap(affine.weight[rows], None if affine.bias is None else affine.bias[rows])
 
@@ -139,7 +136,10 @@ class LevitParts(BlockParts):
         return self._affine_rows(1)
 
     def keys_affine(self):
-        return is_affine(self.attn.qkv)
+        return True  # with the running statistics in training (see _project)
+
+    def batch_statistics(self):
+        return batch_normalised(self.attn.qkv)
 
     def shape(self) -> BlockShape:
         attn = self.attn
