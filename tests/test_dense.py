@@ -253,3 +253,18 @@ def test_cluttered_samples_know_their_box():
     assert (w, h) == (32, 32) and 0 <= x <= 32 and 0 <= y <= 32 and image.size == (64, 64)
     assert label == cluttered[2][1] and (x, y) == cluttered.sample(2)[2][:2]  # the same box every time
     assert (np.asarray(image.crop((x, y, x + w, y + h))) == np.asarray(base.image(base.index[2].item()))).all()
+
+
+def test_pruning_a_patched_model_is_refused_and_pruning_first_works():
+    """The method is resolved for the blocks at apply: pruning after it would leave the method running the old ones."""
+    images = _images(32)
+    model = tokenpace.apply(make_vit("deit", depth=6), "idle", keep=1.0)
+    with pytest.raises(RuntimeError, match="prune first, then apply"):
+        model.prune_intermediate_layers([2])
+    assert len(model.blocks) == 6
+    tokenpace.remove(model).prune_intermediate_layers([2])
+    with torch.no_grad():
+        expected = model.forward_intermediates(images, [2])
+        got = tokenpace.apply(model, "idle", keep=1.0).forward_intermediates(images, [2])
+    assert len(model.blocks) == 3
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(_flatten(got), _flatten(expected)))

@@ -135,11 +135,19 @@ def _new_patched(original_class: type) -> nn.Module:
     return cls.__new__(cls)
 
 
+def _refuse_pruning(self, *args, **kwargs):
+    raise RuntimeError("prune_intermediate_layers changes the blocks of a patched model, whose method was resolved "
+                       "for the blocks it had at tokenpace.apply (layer schedule, scores, cost): prune first, then "
+                       "apply (tokenpace.remove(model), model.prune_intermediate_layers(...), tokenpace.apply(...))")
+
+
 def _patched_class(cls: type) -> type:
     if cls not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[cls] = type(f"TokenPace{cls.__name__}", (cls,), {
-            "forward_features": _forward_features, "forward_intermediates": _forward_intermediates,
-            "__reduce_ex__": _reduce_ex, "__setstate__": _setstate})
+        members = {"forward_features": _forward_features, "forward_intermediates": _forward_intermediates,
+                   "__reduce_ex__": _reduce_ex, "__setstate__": _setstate}
+        if hasattr(cls, "prune_intermediate_layers"):
+            members["prune_intermediate_layers"] = _refuse_pruning
+        _PATCHED_CLASSES[cls] = type(f"TokenPace{cls.__name__}", (cls,), members)
     return _PATCHED_CLASSES[cls]
 
 
