@@ -157,6 +157,21 @@ def test_recipes_check_their_own_settings():
             dataclasses.replace(get_recipe("idle-finetune"), **{field: value})
 
 
+def test_evo_modes_in_training_and_in_evaluation():
+    """evo-scratch runs layer mode for 2/3 of the epochs and is evaluated in stage mode; a fine-tune keeps the mode
+    it was given in both (a layer-mode fine-tune was evaluated and exported in stage mode)."""
+    import dataclasses
+
+    from tokenpace.methods import Evo
+    from tokenpace.train.loop import inference_method, method_for_epoch
+
+    scratch = get_recipe("evo-scratch")
+    assert [method_for_epoch(scratch, e, 3).mode for e in range(3)] == ["layer", "layer", "stage"]
+    assert inference_method(scratch).mode == "stage"
+    finetune = dataclasses.replace(get_recipe("finetune"), method=Evo(mode="layer"))
+    assert method_for_epoch(finetune, 0, 3).mode == inference_method(finetune).mode == "layer"
+
+
 def test_malformed_data_and_foreign_checkpoints(tmp_path, capsys):
     bad = tmp_path / "bad.npz"
     np.savez(bad, images=np.zeros((2, 4)))

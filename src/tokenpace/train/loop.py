@@ -143,9 +143,12 @@ def method_for_epoch(recipe: Recipe, epoch: int, epochs: int) -> MethodConfig | 
 
 
 def inference_method(recipe: Recipe) -> MethodConfig | None:
-    """The configuration evaluated and exported: Evo always in stage mode."""
+    """The configuration evaluated and exported: evo-scratch's schedule ends in stage mode (the official inference
+    form); every other recipe's method as it was given (a fine-tune in layer mode is evaluated in layer mode)."""
     method = recipe.method
-    return dataclasses.replace(method, mode="stage") if isinstance(method, Evo) else method
+    if isinstance(method, Evo) and recipe.objective == "evo_scratch":
+        return dataclasses.replace(method, mode="stage")
+    return method
 
 
 def set_method(model: nn.Module, method: MethodConfig | None) -> None:
