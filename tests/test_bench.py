@@ -135,6 +135,9 @@ def test_benchmark_and_eval_keep_one_model(monkeypatch):
     (["--methods", "dense,evo@0.5,evo:keep=0.5"], "the configurations list evo keep=0.5 more than once"),
     (["--methods", "dense,evo,evo@0.5", "--keep", "0.5"], "the configurations list evo keep=0.5 more than once"),
     (["--methods", "dense,dense"], "the configurations list dense more than once"),
+    (["--methods", "dense,evo,evo@0.5"], "the configurations list evo keep=0.5 more than once"),  # the default keep
+    (["--methods", "idle:keep=0.7,idle"], "the configurations list idle keep=0.7 more than once"),
+    (["--train", "--methods", "evo:mode=layer,evo"], "the configurations list evo keep=0.5 mode=layer more than once"),
     (["--methods", "dense", "--keep", "0.5"], "--keep 0.5 applies to no method: only dense runs; name a method with "
                                              "--methods"),
     (["--methods", "evo@0.4", "--keep", "0.5"], "--keep 0.5 applies to no method: evo in --methods sets its own keep"),
@@ -142,6 +145,8 @@ def test_benchmark_and_eval_keep_one_model(monkeypatch):
     (["--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
     (["--keep", "1.5"], "argument --keep: expected a keep ratio in (0, 1], got '1.5'"),
     (["--keep", "0.5", "--keep-sweep", "0.3:1:0.1"], "--keep and --keep-sweep both set the keep ratio"),
+    (["--methods", "dense", "--keep-sweep", "0.3:0.5:0.1"], "--keep-sweep 0.3:0.5:0.1 applies to no method: only "
+                                                            "dense runs; name a method with --methods"),
     (["--methods", "evo@0.6", "--keep-sweep", "0.3:1:0.1"], "--keep-sweep sets the keep of every method, and evo in "
                                                              "--methods sets its own; give one"),
     (["--json", "/no/such/folder/bench.json"], "--json '/no/such/folder/bench.json': folder '/no/such/folder' does"),
@@ -166,6 +171,15 @@ def test_bench_bad_input_is_one_line_before_any_work(argv, message, capsys):
         assert "benchmarking" not in err  # refused before any work
 
 
+def test_training_steps_differ_where_their_training_configs_do():
+    """bench --train runs Evo in layer mode unless told: evo and evo:mode=stage are two training steps."""
+    from tokenpace.cli.source import check_specs
+    from conftest import make_vit
+
+    specs = parse_methods("dense,evo:mode=stage,evo", train=True)
+    assert check_specs(specs, make_vit("deit", depth=4), train=True) == specs
+
+
 def test_training_specs_take_idle_recipe_options():
     spec = parse_methods("idle:distill_weight=0:cut_mode=none", train=True)[0]
     assert spec.method_options() == {} and spec.recipe_options() == {"distill_weight": 0, "cut_mode": "none"}
@@ -176,7 +190,7 @@ def test_training_specs_take_idle_recipe_options():
         parse_methods("evit:cut_mode=none", train=True)
     with pytest.raises(ValueError, match="choose one of both, intra, inter, none"):
         parse_methods("idle:cut_mode=all", train=True)
-    with pytest.raises(ValueError, match="must be a number >= 0"):
+    with pytest.raises(ValueError, match="must be a finite number >= 0"):
         parse_methods("idle:cut_weight=-1", train=True)
 
 
@@ -399,8 +413,9 @@ def test_skipped_cuda_graphs_warn_only_where_graphs_were_asked_for():
 
 
 def test_bench_cli_refuses_run_modes_that_do_not_apply(capsys):
-    for argv, error in ((["--compile-mode", "max-autotune-no-cudagraphs"], "(--compile-mode) sets how compiled "
-                         "runs compile, and compile (--compile) is off"),
+    for argv, error in ((["--compile-mode", "max-autotune-no-cudagraphs"], "--compile-mode max-autotune-no-cudagraphs"
+                         " sets how --compile compiles, and --compile is off (add --compile)"),
+                        (["--compile-mode", "default"], "--compile-mode default sets how --compile compiles"),
                         (["--train", "--cuda-graph"], "--cuda-graph is for inference"),
                         (["--cuda-graph"], "needs a CUDA device (got cpu)"),
                         (["--memory", "--cuda-graph"], "needs a CUDA device (got cpu)")):

@@ -70,3 +70,12 @@ def test_mismatched_config_files_give_clear_errors(model, tmp_path):
     save_config(tokenpace.Idle(keep=0.5, stage_starts=(3, 9)), path, **model_record(model, "vit_tiny_patch16_224"))
     with pytest.raises(TokenpaceError, match=r"does not run on this model: Idle stage_starts=\(3, 9\) has layer"):
         load_config_for(path, model, "vit_tiny_patch16_224")
+
+
+def test_save_config_refuses_what_it_cannot_write(tmp_path):
+    with pytest.raises(TypeError, match="save_config takes a method config .*got str"):
+        save_config("evo", str(tmp_path / "c.json"))
+    missing = tmp_path / "no" / "c.json"
+    with pytest.raises(TokenpaceError, match="folder .* does not exist"):
+        save_config(tokenpace.Evo(), str(missing))
+    assert not missing.parent.exists()

@@ -57,6 +57,18 @@ def test_unsupported_models_raise_type_error_naming_the_families(model):
         tokenpace.macs(model)
 
 
+def test_compile_wrappers_and_non_modules_are_refused_by_apply_and_remove():
+    """A torch.compile wrapper keeps the forward it traced: remove on it did nothing, silently."""
+    model = tokenpace.apply(make_vit("deit", depth=2), "idle")
+    compiled = torch.compile(model)
+    for call in (lambda: tokenpace.apply(compiled, "evo"), lambda: tokenpace.remove(compiled)):
+        with pytest.raises(TypeError, match="torch.compile wrapper.*apply or remove the method on the model first"):
+            call()
+    assert tokenpace.get_patch(model) is not None
+    with pytest.raises(TypeError, match="patches a torch.nn.Module \\(a timm model\\); got str"):
+        tokenpace.remove("model")
+
+
 def test_unsupported_vit_block_type():
     from timm.models.vision_transformer import ResPostBlock
 

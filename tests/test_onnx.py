@@ -69,8 +69,14 @@ def test_cli_export_bench_onnx_and_refusals(tmp_path, capsys):
     model = make_vit("deit", depth=6)
     with pytest.raises(TokenpaceError, match="ranks tokens at random"):
         tokenpace.export_onnx(tokenpace.apply(model, "idle", score="random"), str(tmp_path / "r.onnx"))
-    with pytest.raises(TokenpaceError, match="opset must be an integer >= 17"):
-        tokenpace.export_onnx(model, str(tmp_path / "o.onnx"), opset=16)
+    newest = __import__("onnx").defs.onnx_opset_version()
+    for opset in (16, newest + 1):
+        with pytest.raises(TokenpaceError, match=f"opset must be an integer from 17 to {newest}"):
+            tokenpace.export_onnx(model, str(tmp_path / "o.onnx"), opset=opset, check=())
+    for check in ((0,), None):
+        with pytest.raises(TokenpaceError, match=r"check must be batch sizes \(positive integers"):
+            tokenpace.export_onnx(model, str(tmp_path / "o.onnx"), check=check)
+    assert not (tmp_path / "o.onnx").exists()  # refused before anything was written
     assert main(["export", "--model", "vit_tiny_patch16_224", "--onnx", str(tmp_path / "x.pt")]) == 2
     assert "--onnx must name a file ending in .onnx" in capsys.readouterr().err
     assert main(["export", "--model", "vit_tiny_patch16_224", "--method", "dense,evo",

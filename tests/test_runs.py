@@ -182,8 +182,8 @@ def test_training_steps_do_not_sync_with_the_host(tmp_path, monkeypatch):
     def host_reads(steps):
         reads.clear()
         batches = [(torch.randn(2, 4), torch.tensor([0, 1]))] * steps
-        sums, correct, seen = loop._run_epoch(0, objective, objective.model, batches, optimizer, scheduler, None,
-                                              None, accelerator, None, cfg)
+        sums, correct, seen, _ = loop._run_epoch(0, objective, objective.model, batches, optimizer, scheduler,
+                                                 None, None, accelerator, None, cfg)
         assert seen == 2 * steps and set(sums) == {"loss", "ce"}
         return sum(reads.values())
 

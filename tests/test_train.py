@@ -26,7 +26,9 @@ def _final_state(path):
     return torch.load(os.path.join(path, "last.pth"), map_location="cpu", weights_only=False)
 
 
-def test_packed_jpeg_reader_and_limits():
+def test_packed_jpeg_reader_and_limits(capsys):
+    assert len(PackedJpegDataset(CIFAR, "val", limit=10001)) == 10000  # all of them, and said
+    assert "limit 10001 (--limit) is more than the 10000 images of" in capsys.readouterr().err
     ds = PackedJpegDataset(CIFAR, "val", limit=20)
     labels = [ds[i][1] for i in range(20)]
     assert len(ds) == 20 and ds[0][0].size == (32, 32) and len(set(labels)) == 10  # spread over the classes
@@ -80,6 +82,7 @@ def test_idle_finetune_logs_every_loss_term(tmp_path, cut_mode):
     terms = set(history[0])
     assert {"loss", "ce", "kl", "feature", "lr", "train_top1", "val_top1", "val_top5", "img_per_s"} <= terms
     assert ("cut" in terms) == (cut_mode != "none")
+    assert 0 < history[0]["lr"] <= history[0]["lr_peak"]  # the rates the epoch's steps used, not the next one's
     state = _final_state(cfg.output)
     init = load_file(os.path.join(dense.output, "model.safetensors"))
     assert torch.equal(state["model"]["pos_embed"], init["pos_embed"])  # frozen, as in the official recipe
@@ -116,6 +119,7 @@ def test_a_killed_run_resumes_from_the_last_complete_checkpoint(tmp_path):
     (["--recipe", "fast"], "argument --recipe: invalid choice: 'fast' (choose from 'dense', 'evo-scratch', 'idle-finetune'"),
     (["--recipe", "dense", "--data", "/no/such.npz"], "data path '/no/such.npz' does not exist"),
     (["--recipe", "dense", "--data", "/no/such/folder"], "does not exist; accepted: a packed-JPEG .npz file"),
+    (["--recipe", "dense", "--data", __file__], "is not a data set; accepted: a packed-JPEG .npz file"),
     (["--recipe", "idle-finetune"], "fine-tunes dense weights (and builds any teacher from them): pass --checkpoint"),
     (["--recipe", "dense", "--cut-mode", "all"], "argument --cut-mode: invalid choice: 'all'"),
     (["--recipe", "dense", "--keep", "0.5"], "--keep/--score need a method"),
@@ -125,11 +129,14 @@ def test_a_killed_run_resumes_from_the_last_complete_checkpoint(tmp_path):
     (["--recipe", "dense", "--epochs", "0"], "argument --epochs: expected an integer >= 1, got '0'"),
     (["--recipe", "dense", "--epochs", "-2"], "argument --epochs: expected an integer >= 1, got '-2'"),
     (["--recipe", "dense", "--batch-size", "0"], "argument --batch-size: expected an integer >= 1"),
-    (["--recipe", "dense", "--lr", "0"], "argument --lr: expected a number > 0"),
-    (["--recipe", "idle-finetune", "--cut-weight", "-1"], "recipe cut_weight must be a number >= 0; got -1.0"),
-    (["--recipe", "idle-finetune", "--distill-weight", "-0.5"], "recipe distill_weight must be a number >= 0"),
+    (["--recipe", "dense", "--lr", "0"], "argument --lr: expected a finite number > 0"),
+    (["--recipe", "idle-finetune", "--cut-weight", "-1"], "argument --cut-weight: expected a finite number >= 0"),
+    (["--recipe", "idle-finetune", "--distill-weight", "inf"], "argument --distill-weight: expected a finite number"),
+    (["--recipe", "dense", "--lr", "inf"], "argument --lr: expected a finite number > 0, got 'inf'"),
+    (["--recipe", "dense", "--seed", "-5"], "argument --seed: expected an integer from 0 to 4294967295, got '-5'"),
     (["--recipe", "dense", "--resume", "--overwrite"], "--resume continues a run and --overwrite replaces it"),
     (["--data", "x.npz"], "--recipe is required (unless --resume continues a run with a run.json)"),
+    (["--resume"], "holds no run to continue (no run.json); start it with --recipe"),
     (["--recipe", "dense", "--model-args", "num_classes=5"], "has labels 0..9, outside the model's 5 classes"),
     (["--recipe", "dense", "--device", "cuda"] if not torch.cuda.is_available() else ["--recipe", "nope"],
      "CUDA is not available" if not torch.cuda.is_available() else "invalid choice"),
@@ -151,7 +158,7 @@ def test_recipes_check_their_own_settings():
 
     from tokenpace.errors import TokenpaceError
 
-    for field, value in (("cut_weight", -1.0), ("distill_weight", -0.1), ("epochs", 0), ("lr", 0.0),
+    for field, value in (("cut_weight", -1.0), ("distill_weight", float("inf")), ("epochs", 0), ("lr", 0.0),
                          ("cut_mode", "all"), ("objective", "magic")):
         with pytest.raises(TokenpaceError, match=field.replace("_", "_")):
             dataclasses.replace(get_recipe("idle-finetune"), **{field: value})

@@ -143,6 +143,15 @@ def test_an_unreachable_speedup_gives_no_choice_but_the_closest(model, tmp_path,
     assert not (tmp_path / "tokenpace.json").exists()
 
 
+def test_the_default_mark_is_the_methods_own_keep_not_a_fixed_one(model):
+    """--keep 0.5 fixes the keep searched; Idle's default (0.7) is then not among the candidates, Evo's (0.5) is."""
+    from tokenpace.cli.source import with_keep
+
+    pool = candidates(model, with_keep(parse_methods("evo,idle"), 0.5), QUICK["keeps"], (0,))
+    marked = {(c.config.name, c.config.keep) for c in pool if c.default}
+    assert ("evo", 0.5) in marked and not any(name == "idle" for name, _ in marked)
+
+
 def test_the_time_budget_stops_the_search_with_the_best_answer_so_far(model, monkeypatch, macs_speed):
     """The clock jumps past most of the budget after the first accuracy pass (the methods' defaults, timed and
     evaluated first): the search stops there and answers with what it has."""
@@ -295,7 +304,9 @@ def run(argv):
     ([], "data path"),
     (["--methods", "dense,evo"], "--methods: dense is the reference"),
     (["--max-drop", "1", "--min-speedup", "2"], "argument --min-speedup: not allowed with argument --max-drop"),
-    (["--min-speedup", "1"], "expected a number > 1"),
+    (["--min-speedup", "1"], "expected a finite number > 1"),
+    (["--min-speedup", "inf"], "expected a finite number > 1, got 'inf'"),
+    (["--max-drop", "inf"], "expected a finite number >= 0, got 'inf'"),
     (["--time-budget", "0s"], "expected a duration > 0 such as 90s, 10m or 1h30m, got '0s'"),
     (["--time-budget", "ten"], "got 'ten'"),
     (["--start-shifts", "a"], "expected comma-separated integers"),

@@ -249,13 +249,14 @@ def train_objective(model: nn.Module, spec: MethodSpec):
     recipe = get_recipe(name)
     if recipe.objective == "idle_distill" and class_free:
         recipe = dataclasses.replace(recipe, cut_mode="none")  # the cut loss needs a class token (Swin, PVTv2)
-    recipe = dataclasses.replace(recipe, method=_train_method(spec), **spec.recipe_options())
+    recipe = dataclasses.replace(recipe, method=train_config(spec), **spec.recipe_options())
     objective = make_objective(recipe, model, nn.CrossEntropyLoss(), dense_model=model)
     configure(objective.model, recipe.method)
     return objective
 
 
-def _train_method(spec: MethodSpec) -> MethodConfig | None:
+def train_config(spec: MethodSpec) -> MethodConfig | None:
+    """The method config a training step of ``spec`` runs (None: dense): Evo in layer mode unless it says."""
     options = spec.method_options()
     if spec.method == "evo":
         options.setdefault("mode", "layer")
@@ -286,7 +287,7 @@ def benchmark_train(
     params = list({id(p): p for o in objectives for m in o.trainable() for p in m.parameters()
                    if p.requires_grad}.values())
     optimizer = torch.optim.AdamW(params, lr=1e-6)
-    methods = [_train_method(spec) for spec in specs]
+    methods = [train_config(spec) for spec in specs]
     gmacs = [macs(configure(model, method)) / 1e9 for method in methods]
     applied = [applied_config(configure(model, method)) for method in methods]
 

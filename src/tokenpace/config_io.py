@@ -34,6 +34,12 @@ def config_from(method: str, options: dict[str, Any]) -> MethodConfig:
 
 def save_config(config: MethodConfig, path: str, **extra: Any) -> None:
     """Write ``config`` (every field) and the JSON-ready ``extra`` entries to ``path``, atomically."""
+    if not isinstance(config, MethodConfig):
+        raise TypeError(f"save_config takes a method config (tokenpace.Evo(...), Idle, EViT, TopK, or a patched "
+                        f"model's tokenpace.get_patch(model).config); got {type(config).__name__}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise TokenpaceError(f"configuration file {path!r}: folder {folder!r} does not exist")
     clash = [k for k in extra if k in RESERVED]
     if clash:
         raise ValueError(f"extra entries may not be named {', '.join(RESERVED)}; got {clash}")

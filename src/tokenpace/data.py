@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .errors import TokenpaceError
+from .errors import TokenpaceError, note
 
 NPZ_SPLITS = {"train": "train", "val": "test", "test": "test"}
 
@@ -45,7 +45,7 @@ class PackedJpegDataset(Dataset):
         self.offsets = offsets.astype(np.int64)
         self.labels = labels.astype(np.int64)
         self._check()
-        self.index = _spread(len(self.labels), limit)
+        self.index = _spread(len(self.labels), limit, f"{path} ({prefix})")
         self.transform = transform
 
     def _check(self) -> None:
@@ -91,8 +91,11 @@ class PackedJpegDataset(Dataset):
         return (self.transform(img) if self.transform is not None else img), int(self.labels[j])
 
 
-def _spread(length: int, limit: int | None) -> np.ndarray:
-    """Indices of ``limit`` images spread evenly over the set (files are often in class order), or all of them."""
+def _spread(length: int, limit: int | None, what: str = "the set") -> np.ndarray:
+    """Indices of ``limit`` images spread evenly over the set (files are often in class order), or all of them
+    (said in a note where ``limit`` asked for more than ``what`` holds)."""
+    if limit is not None and limit > length:
+        note(f"limit {limit} (--limit) is more than the {length} images of {what}: all of them are used")
     if limit is None or limit >= length:
         return np.arange(length)
     return np.linspace(0, length - 1, limit).round().astype(np.int64)
@@ -150,10 +153,11 @@ def build_dataset(spec: DataSpec, split: str, transform=None) -> Dataset:
     elif os.path.isdir(path):
         ds = _image_folder(path, split, inner)
     else:
-        raise TokenpaceError(f"data path {path!r} does not exist; accepted: a packed-JPEG .npz file, 'cifar10', or "
+        problem = "is not a data set" if os.path.exists(path) else "does not exist"
+        raise TokenpaceError(f"data path {path!r} {problem}; accepted: a packed-JPEG .npz file, 'cifar10', or "
                              "an ImageNet-style folder with train/ and val/")
     if spec.limit is not None and not isinstance(ds, PackedJpegDataset):
-        ds = torch.utils.data.Subset(ds, _spread(len(ds), spec.limit).tolist())
+        ds = torch.utils.data.Subset(ds, _spread(len(ds), spec.limit, f"{path} ({split})").tolist())
     if spec.canvas:
         ds = ClutteredDataset(ds, spec.canvas, transform, seed=0 if split == "train" else 1)
         ds[0]  # a canvas smaller than the images fails here, not in a worker

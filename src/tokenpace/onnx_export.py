@@ -87,9 +87,16 @@ def export_onnx(model: nn.Module, path: str, *, img_size: int | tuple[int, int] 
     1e-4 (``()`` skips the check). TokenpaceError when the export cannot be done (what is missing or refused), or
     when the check fails (the file is kept for inspection).
     """
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise TokenpaceError(f"opset must be an integer >= {MIN_OPSET}; got {opset!r}")
+    if (not isinstance(check, (tuple, list))
+            or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in check)):
+        raise TokenpaceError(f"check must be batch sizes (positive integers; () skips the check); got {check!r}")
     _need("onnx", "onnxscript", *(("onnxruntime",) if check else ()))
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()  # what the installed onnx defines
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise TokenpaceError(f"opset must be an integer from {MIN_OPSET} to {newest} (the newest the installed onnx "
+                             f"defines); got {opset!r}")
     reason = _refusal(model)
     if reason is not None:
         raise TokenpaceError(f"this {type(model).__name__} cannot be exported: {reason}")

@@ -151,13 +151,26 @@ def _patched_class(cls: type) -> type:
     return _PATCHED_CLASSES[cls]
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model a ``FeatureGetterNet`` wraps, else the model; TypeError for what is not a module or is a
+    torch.compile wrapper."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"tokenpace patches a torch.nn.Module (a timm model); got {type(model).__name__}")
+    kind = type(model).__name__
+    if kind == "OptimizedModule":
+        raise TypeError("this is a torch.compile wrapper, whose graphs keep the forward the model had when it was "
+                        "compiled: apply or remove the method on the model first, then compile it "
+                        "(tokenpace.apply(model, ...); torch.compile(model))")
+    return model.model if kind == "FeatureGetterNet" else model
+
+
 def _inner(model: nn.Module) -> nn.Module:
     """The model a feature extractor wraps: timm's ``features_only`` models of the flat families and LeViT
     (``FeatureGetterNet``) call its ``forward_intermediates``, so the method runs there. Pyramids' default
-    ``FeatureListNet`` calls the stage modules one by one, around any method: refused."""
+    ``FeatureListNet`` calls the stage modules one by one, around any method: refused. So is a torch.compile
+    wrapper: its graphs were traced from the forward the model had when it was compiled."""
+    model = _unwrapped(model)
     kind = type(model).__name__
-    if kind == "FeatureGetterNet":
-        return model.model
     if kind in ("FeatureListNet", "FeatureDictNet", "FeatureHookNet"):
         raise TypeError(f"this features_only model is a timm {kind}, which calls the stage modules one by one and "
                         "would run dense; build it with timm.create_model(..., features_only=True, "
@@ -197,7 +210,7 @@ def apply(model: nn.Module, method: str | MethodConfig, **options) -> nn.Module:
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply`: the model's own class and forward come back; a model that is not patched is returned as is."""
-    target = model.model if type(model).__name__ == "FeatureGetterNet" else model
+    target = _unwrapped(model)
     patch = target.__dict__.pop(_ATTR, None)
     if patch is not None:
         target.__class__ = patch.original_class

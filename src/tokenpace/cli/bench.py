@@ -23,6 +23,10 @@ def run(args: argparse.Namespace) -> int:
     for flag, given in (("--compile", args.compile), ("--cuda-graph", args.cuda_graph)):
         if args.train and given:
             raise TokenpaceError(f"{flag} is for inference; --train times eager training steps")
+    if args.compile_mode is not None and not args.compile:  # even "default": a flag given is never ignored
+        raise TokenpaceError(f"--compile-mode {args.compile_mode} sets how --compile compiles, and --compile is off "
+                             "(add --compile)")
+    args.compile_mode = args.compile_mode or "default"
     args.run_mode = RunMode(compile=args.compile, compile_mode=args.compile_mode, cuda_graph=args.cuda_graph)
     args.run_mode.check(device)
     if args.memory_probe is not None:

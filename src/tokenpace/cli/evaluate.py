@@ -40,13 +40,13 @@ def run(args: argparse.Namespace) -> int:
                         progress=None if args.quiet else stderr_progress)
     name = args.run or source.model_name(args, record)
     print(f"\n{name} on {args.data} ({len(ds)} images), throughput at batch {args.batch_size} on {device.type}, "
-          f"amp={args.amp}")
+          f"amp={args.amp}  malloc={args.malloc}")
     print(format_rows(rows), flush=True)
     if args.json:
         document = {"model": source.model_name(args, record), "run": args.run,
                     **source.model_settings(args, model, record), "data": args.data,
                     "images": len(ds), "batch_size": args.batch_size, "device": device_name(device),
-                    "amp": args.amp, "speed_runs": args.speed_runs, "versions": versions(),
+                    "amp": args.amp, "malloc": args.malloc, "speed_runs": args.speed_runs, "versions": versions(),
                     "rows": [dataclasses.asdict(r) for r in rows]}
         with open(args.json, "w") as f:
             json.dump(document, f, indent=2, allow_nan=False)

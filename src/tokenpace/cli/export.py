@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     spec = chosen[0]
     configure(model.to(device), spec_config(spec))
     result = export_onnx(model, args.onnx, opset=args.opset, check=() if args.no_check else CHECK_BATCHES)
-    print(f"wrote {result.path}: {spec.method} {spec.describe()}, opset {result.opset}, input 'images' "
+    what = spec.method if spec.method == "dense" else f"{spec.method} {spec.describe()}"
+    print(f"wrote {result.path}: {what}, opset {result.opset}, input 'images' "
           f"(batch, {', '.join(map(str, result.input_size))}) with the batch dynamic, output 'logits'")
     if result.max_abs_diff:
         print("ONNX Runtime vs PyTorch, max |logit difference|: "

@@ -3,6 +3,7 @@ numbers, and the old spellings, which still work for one release with a deprecat
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from ..errors import TokenpaceError
@@ -16,14 +17,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"tokenpace: error: {message} (see: {self.prog} --help)\n")
 
 
-def _integer(minimum: int):
+def _integer(minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            within = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"expected an integer {within}, got {text!r}")
         return value
 
     parse.__name__ = f"integer >= {minimum}"
@@ -36,8 +38,9 @@ def _number(minimum: float, inclusive: bool):
             value = float(text)
         except ValueError:
             value = None
-        if value is None or not (value >= minimum if inclusive else value > minimum) or value != value:
-            raise argparse.ArgumentTypeError(f"expected a number {'>=' if inclusive else '>'} {minimum}, got {text!r}")
+        if value is None or not math.isfinite(value) or not (value >= minimum if inclusive else value > minimum):
+            raise argparse.ArgumentTypeError(f"expected a finite number {'>=' if inclusive else '>'} {minimum}, "
+                                             f"got {text!r}")
         return value
 
     parse.__name__ = "number"
@@ -202,7 +205,7 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", action="store_true",
                        help="torch.compile each configuration (holds one model copy per configuration: each "
                             "compiled graph is specialised to its configuration)")
-    bench.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+    bench.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
                        help="torch.compile mode for --compile (default: default); reduce-overhead and max-autotune "
                             "also replay CUDA graphs (CUDA only), which removes the per-kernel host cost that "
                             "bounds small batches")
@@ -252,9 +255,9 @@ def make_parser() -> argparse.ArgumentParser:
     tr.add_argument("--keep", type=_keep, default=None, metavar="X", help="the method's keep ratio, in (0, 1]")
     tr.add_argument("--score", default=None, help="the method's ranking: cls, received, norm or random (the control)")
     tr.add_argument("--cut-mode", choices=CUT_MODES, default=None, help="idle-finetune: the token cut loss's terms")
-    tr.add_argument("--cut-weight", type=float, default=None, metavar="W",
+    tr.add_argument("--cut-weight", type=_number(0, inclusive=True), default=None, metavar="W",
                     help="idle-finetune: token cut loss weight (>= 0; default 20)")
-    tr.add_argument("--distill-weight", type=float, default=None, metavar="W",
+    tr.add_argument("--distill-weight", type=_number(0, inclusive=True), default=None, metavar="W",
                     help="idle-finetune: KL weight (>= 0; the feature MSE gets 100x); 0 runs no teacher")
     tr.add_argument("--epochs", type=POSITIVE, default=None, help="override the recipe's epochs")
     tr.add_argument("--batch-size", type=POSITIVE, default=None, help="per process (default 128)")
@@ -262,7 +265,7 @@ def make_parser() -> argparse.ArgumentParser:
                     help="absolute peak lr (default: recipe lr x global batch / recipe base batch)")
     tr.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=None, help="override the recipe's lr warm-up epochs")
     tr.add_argument("--workers", type=NON_NEGATIVE, default=2, help="data loading processes (default 2)")
-    tr.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    tr.add_argument("--seed", type=_integer(0, 2**32 - 1), default=None, help="random seed, 0 to 2**32-1 (default 0)")
     tr.add_argument("--canvas", type=POSITIVE, default=None, metavar="N",
                     help="cluttered variant: paste each image on an N x N noise canvas")
     tr.add_argument("--limit", type=POSITIVE, default=None, metavar="N",
@@ -336,7 +339,8 @@ def make_parser() -> argparse.ArgumentParser:
                          "or NAME:key=value:... (default: the method of --run/--config, else dense)")
     ex.add_argument("--keep", type=_keep, default=None, metavar="X", help="the method's keep ratio, in (0, 1]")
     ex.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
-    ex.add_argument("--opset", type=_integer(17), default=18, help="ONNX opset, >= 17 (default 18)")
+    ex.add_argument("--opset", type=_integer(17), default=18,
+                    help="ONNX opset, from 17 to the newest the installed onnx defines (default 18)")
     ex.add_argument("--no-check", action="store_true",
                     help="skip the ONNX Runtime check (then onnxruntime need not be installed)")
     ex.set_defaults(command_module="export")

@@ -167,27 +167,28 @@ def specs(args: argparse.Namespace, model, record, train: bool = False) -> list:
     config = file_config(args, model, record, (method_flag(args), "--keep", "--keep-sweep"))
     if config is not None:
         return [MethodSpec("dense"), MethodSpec.from_config(config)]
-    return check_specs(_chosen_specs(args, model, record, train), model)
+    return check_specs(_chosen_specs(args, model, record, train), model, train)
 
 
-def check_specs(chosen: list, model) -> list:
-    """TokenpaceError for a spec the model's family refuses (method, score, layers): now, not after other work."""
-    from ..bench import spec_config
+def check_specs(chosen: list, model, train: bool = False) -> list:
+    """TokenpaceError for a spec the model's family refuses (method, score, layers): now, not after other work.
+    ``train``: the specs are training steps (bench --train), whose configs differ (Evo trains in layer mode)."""
+    from ..bench import spec_config, train_config
     from ..families import adapter_for
     from ..methods import make_policy
 
     family = adapter_for(model)
     seen = []
     for spec in chosen:
-        config = None if spec.method == "dense" else spec_config(spec)
+        config = (train_config if train else spec_config)(spec)
         if config is not None:
             with user_input():
-                make_policy(config, family)
-        # one configuration however it was spelled (option order, @KEEP, --keep, a run's options); a training
-        # step's recipe options (idle's distill_weight, ...) make another
+                config = make_policy(config, family).config  # defaults filled in: evo and evo@0.5 are one
+        # one configuration however it was spelled (option order, @KEEP, --keep, a run's options, defaults); a
+        # training step's recipe options (idle's distill_weight, ...) make another
         key = (spec.method, config, sorted(spec.recipe_options().items()))
         if key in seen:
-            what = spec.method if spec.method == "dense" else f"{spec.method} {spec.describe()}"
+            what = spec.method if spec.method == "dense" else f"{spec.method} {spec.describe(config)}"
             raise TokenpaceError(f"the configurations list {what} more than once (each runs once)")
         seen.append(key)
     return chosen
@@ -223,6 +224,9 @@ def _chosen_specs(args: argparse.Namespace, model, record, train: bool) -> list:
     else:
         chosen = parse_methods(",".join(["dense"] + family_methods(model)), train=train)
     if args.keep_sweep is not None:
+        if all(s.method == "dense" for s in chosen):
+            raise TokenpaceError(f"--keep-sweep {args.keep_sweep} applies to no method: only dense runs; name a "
+                                 f"method with {method_flag(args)}")
         own = [s.method for s in chosen if "keep" in dict(s.options)]
         if own:
             raise TokenpaceError(f"--keep-sweep sets the keep of every method, and {own[0]} in --methods sets its "

@@ -30,6 +30,9 @@ def config(args: argparse.Namespace):
     base = config_from_run(args.output, **machine) if args.resume and read_description(args.output) else None
     if base is None:
         missing = [flag for flag, value in (("--recipe", args.recipe), ("--data", args.data)) if value is None]
+        if missing and args.resume:
+            raise TokenpaceError(f"--resume: {args.output!r} holds no run to continue (no run.json); start it with "
+                                 f"{' and '.join(missing)}")
         if missing:
             raise TokenpaceError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (unless "
                                  "--resume continues a run with a run.json)")

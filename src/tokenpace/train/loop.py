@@ -315,8 +315,8 @@ def train(cfg: TrainConfig) -> list[dict]:
         bar = _progress(cfg, accelerator, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs_total}")
         try:
             with memory_guard(f"a training step at --batch-size {cfg.batch_size}"):
-                sums, correct, seen = _run_epoch(epoch, objective, student, train_loader, optimizer, scheduler, ema,
-                                                 mixup, accelerator, bar, cfg)
+                sums, correct, seen, (lr_peak, lr_last) = _run_epoch(
+                    epoch, objective, student, train_loader, optimizer, scheduler, ema, mixup, accelerator, bar, cfg)
         finally:
             if bar is not None:
                 bar.close()
@@ -325,7 +325,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         set_method(student, inference_method(r))
         val1, val5 = evaluate_top1(student, val_loader, accelerator)
         metrics = {"epoch": epoch + 1, "method_mode": getattr(method, "mode", None),
-                   "lr": optimizer.param_groups[0]["lr"],
+                   "lr": lr_last, "lr_peak": lr_peak,  # of the epoch's steps (the last one's, the highest)
                    **{k: v / steps_per_epoch for k, v in sums.items()},
                    "train_top1": 100.0 * correct / max(seen, 1), "val_top1": val1, "val_top5": val5,
                    "img_per_s": seen / elapsed, "epoch_s": elapsed}
@@ -352,9 +352,11 @@ def train(cfg: TrainConfig) -> list[dict]:
 
 
 def _run_epoch(epoch, objective, student, loader, optimizer, scheduler, ema, mixup, accelerator, bar, cfg):
-    """One epoch of steps. Returns (mean-over-processes sums of the loss terms, correct, seen), all read from the
-    device once per LOG_EVERY steps; a non-finite loss stops the run there, naming its epoch and first step."""
+    """One epoch of steps. Returns (mean-over-processes sums of the loss terms, correct, seen, the learning rates
+    the steps used: (peak, last)); device values are read once per LOG_EVERY steps; a non-finite loss stops the run
+    there, naming its epoch and first step."""
     steps = len(loader)
+    lr_peak = lr_last = optimizer.param_groups[0]["lr"]
     stats, keys = None, None  # device tensor: [loss terms..., correct, seen]
     first_bad = torch.tensor(float("inf"), device=accelerator.device)
     for step, (images, targets) in enumerate(loader):
@@ -363,6 +365,8 @@ def _run_epoch(epoch, objective, student, loader, optimizer, scheduler, ema, mix
             images, targets = mixup(images, targets)
         loss, terms, logits = objective(images, targets)
         accelerator.backward(loss)
+        lr_last = optimizer.param_groups[0]["lr"]  # a Python float: what this step uses (set by the last update)
+        lr_peak = max(lr_peak, lr_last)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step_update(epoch * steps + step + 1)
@@ -386,7 +390,7 @@ def _run_epoch(epoch, objective, student, loader, optimizer, scheduler, ema, mix
                 bar.set_postfix(loss=f"{stats[0].item() / (step + 1):.3f}")
     totals = accelerator.reduce(stats, reduction="sum").tolist()  # every process's terms and accuracy
     sums = {k: v / accelerator.num_processes for k, v in zip(keys, totals)}
-    return sums, totals[-2], totals[-1]
+    return sums, totals[-2], totals[-1], (lr_peak, lr_last)
 
 
 def _nonfinite_loss(cfg: TrainConfig, epoch: int, step: int, optimizer) -> TrainError:

@@ -1,6 +1,8 @@
 """Training recipes as typed configs, with the official codes' defaults (evovit.md §8, idlevit.md §7 and §9)."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, fields, replace
 
 from ..config_io import config_from, config_options
@@ -12,10 +14,11 @@ OBJECTIVES = ("ce", "evo_scratch", "idle_distill")
 
 
 def _check_number(name: str, value, minimum: float, inclusive: bool = True) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and (
         value >= minimum if inclusive else value > minimum)
     if not ok:
-        raise TokenpaceError(f"recipe {name} must be a number {'>=' if inclusive else '>'} {minimum}; got {value!r}")
+        raise TokenpaceError(f"recipe {name} must be a finite number {'>=' if inclusive else '>'} {minimum}; "
+                             f"got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -62,10 +62,10 @@ class TuneSettings:
             object.__setattr__(self, "max_drop", 0.5)
         if self.max_drop is not None and self.min_speedup is not None:
             raise ValueError("give one budget: max_drop (accuracy) or min_speedup (speed), not both")
-        if self.max_drop is not None and not self.max_drop >= 0:
-            raise ValueError(f"max_drop must be >= 0 (points); got {self.max_drop!r}")
-        if self.min_speedup is not None and not self.min_speedup > 1:
-            raise ValueError(f"min_speedup must be > 1 (against dense); got {self.min_speedup!r}")
+        if self.max_drop is not None and not 0 <= self.max_drop < math.inf:
+            raise ValueError(f"max_drop must be a finite number >= 0 (points); got {self.max_drop!r}")
+        if self.min_speedup is not None and not 1 < self.min_speedup < math.inf:
+            raise ValueError(f"min_speedup must be a finite number > 1 (against dense); got {self.min_speedup!r}")
         if not self.keeps or not all(0 < k <= 1 for k in self.keeps):
             raise ValueError(f"keeps must be ratios in (0, 1]; got {self.keeps!r}")
         if not self.start_shifts:

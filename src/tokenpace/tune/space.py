@@ -81,7 +81,8 @@ def candidates(model: nn.Module, specs: list[MethodSpec], keeps: tuple[float, ..
         for spec in specs:
             given = spec.method_options()
             modes = [given.get("mode", "stage")] if spec.method != "evo" or "mode" in given else list(MODES)
-            default = _applied(model, make_config(spec.method, **given))
+            # the method's default keep, not a keep the user fixed (--keep 0.5 is not Idle's default)
+            default = _applied(model, make_config(spec.method, **{k: v for k, v in given.items() if k != "keep"}))
             for mode in modes:
                 base = make_config(spec.method, **{**given, **({"mode": mode} if spec.method == "evo" else {})})
                 starts = [base] if START_FIELD[spec.method] in given else _shifted(base, model, shifts)
