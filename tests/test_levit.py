@@ -428,10 +428,11 @@ def ref_evo_levit_idle_training(model, img, keep, starts):
     return model.forward_head(x)
 
 
-def test_idle_in_training_normalises_each_block_once_over_its_tokens(images):
+@pytest.mark.parametrize("project_keys", [False, True])
+def test_idle_in_training_normalises_each_block_once_over_its_tokens(project_keys, images):
     """In training, LeViT's q/k/v BatchNorm of an idling block runs once, over the tokens the block runs on; scores
     and the cut loss use its running statistics and leave them as they are (they updated them up to 4 times per
-    block, with statistics of other token sets)."""
+    block, with statistics of other token sets). Keys projected for scoring (project_keys) are not the block's."""
     from tokenpace.losses import model_cut_loss
 
     model = make_levit("evo_levit_cifar")
@@ -441,7 +442,7 @@ def test_idle_in_training_normalises_each_block_once_over_its_tokens(images):
             m.running_var.uniform_(0.5, 1.5)
     reference = copy.deepcopy(model).train()
     expected = ref_evo_levit_idle_training(reference, images, 0.6, (2, 4, 5))
-    tokenpace.apply(model.train(), "idle", keep=0.6)
+    tokenpace.apply(model.train(), "idle", keep=0.6, project_keys=project_keys)
     rows = []
     hooks = [b.attn.qkv.bn.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
              for stage in model.stages for b in stage]
@@ -454,18 +455,17 @@ def test_idle_in_training_normalises_each_block_once_over_its_tokens(images):
     assert all(torch.allclose(buffers[k], v, atol=1e-6) for k, v in reference.state_dict().items() if k in buffers)
     model_cut_loss(model).backward()
     assert all(torch.equal(buffers[k], v) for k, v in model.state_dict().items() if k in buffers)
-    with pytest.raises(ValueError, match="accepted in training: project_keys=False"):
-        tokenpace.apply(model, "idle", keep=0.6, project_keys=True)(images)
 
 
 @pytest.mark.parametrize("name", ["levit_cifar", "evo_levit_cifar"])
 @pytest.mark.parametrize("options", [{}, {"score": "norm"}, {"project_keys": True}], ids=str)
-def test_idle_macs_on_levit_equal_flop_counter(name, options, images):
-    model = tokenpace.apply(make_levit(name), "idle", **options)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])  # train: BatchNorm batch statistics
+def test_idle_macs_on_levit_equal_flop_counter(name, options, training, images):
+    model = tokenpace.apply(make_levit(name).train(training), "idle", **options)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(images[:1])
-    assert tokenpace.macs(model) == counter.get_total_flops() // 2
+        model(images[:2])
+    assert tokenpace.macs(model) == counter.get_total_flops() // 4  # 2 FLOPs per MAC, 2 images
 
 
 def test_bench_fuse_bn_is_recorded_and_refused_where_it_cannot_apply(tmp_path, capsys):

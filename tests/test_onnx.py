@@ -14,7 +14,7 @@ onnxruntime = pytest.importorskip("onnxruntime", reason="the ONNX Runtime check 
 import tokenpace  # noqa: E402
 from tokenpace.cli import main  # noqa: E402
 from tokenpace.errors import TokenpaceError  # noqa: E402
-from tokenpace.onnx_export import run_onnx  # noqa: E402
+from tokenpace.onnx_export import _verify, run_onnx  # noqa: E402
 from backbones import make_backbone  # noqa: E402
 from conftest import make_vit  # noqa: E402
 from test_levit import make_levit  # noqa: E402
@@ -41,7 +41,10 @@ def test_onnx_runtime_equals_pytorch_at_batch_1_and_8(family, tmp_path):
     result = tokenpace.export_onnx(model, path)
     assert set(result.max_abs_diff) == {1, 8} and max(result.max_abs_diff.values()) <= 1e-4
     graph = onnx.load(path)
-    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == result.opset == 18
+    if family == "vit":  # a file of another opset than asked for (the exporter's failed conversion) is refused
+        with pytest.raises(TokenpaceError, match="could not convert the graph to opset 19 \\(the file declares 18\\)"):
+            _verify(path, 19)
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch dimension is symbolic
     size = result.input_size
     images = torch.randn(3, *size)  # a batch size neither checked nor traced

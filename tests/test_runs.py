@@ -210,3 +210,16 @@ def test_epoch_batches_do_not_depend_on_workers_or_where_a_run_resumed(tmp_path)
     resumed = epoch(fresh_sampler, fresh_loader, 1)
     assert all(torch.equal(a, b) for a, b in zip(straight[1], resumed))
     assert not torch.equal(straight[0][0], straight[1][0])
+
+
+def test_resume_ignores_the_derived_method_record_but_not_the_recipe(tmp_path):
+    """run.json's top-level method is derived from the recipe (how may change between versions: a layer-mode Evo
+    fine-tune was recorded as evaluated in stage mode); the recipe's own method is what a resume must match."""
+    from tokenpace.train.runfolder import RunFolderError, check_resume
+
+    evo = {"name": "evo", "keep": 0.5, "mode": "layer"}
+    recorded = {"recipe": {"name": "finetune", "method": evo}, "method": {**evo, "mode": "stage"}, "epochs": 3}
+    (tmp_path / "run.json").write_text(json.dumps(recorded))
+    check_resume(str(tmp_path), {**recorded, "method": evo})  # no error: only the derived record differs
+    with pytest.raises(RunFolderError, match="recipe.method"):
+        check_resume(str(tmp_path), {**recorded, "recipe": {"name": "finetune", "method": {**evo, "keep": 0.7}}})

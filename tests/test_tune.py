@@ -152,6 +152,16 @@ def test_the_default_mark_is_the_methods_own_keep_not_a_fixed_one(model):
     assert ("evo", 0.5) in marked and not any(name == "idle" for name, _ in marked)
 
 
+def test_tune_specs_compare_as_given(model):
+    """In tune an option left out is searched: idle (every keep) and idle@0.7 (one) are two lines, not one."""
+    from tokenpace.cli.source import check_specs
+
+    specs = parse_methods("idle,idle@0.7")
+    assert check_specs(specs, model, resolve=False) == specs
+    with pytest.raises(TokenpaceError, match="idle keep=0.7 more than once"):
+        check_specs(specs, model)  # bench and eval: one configuration
+
+
 def test_the_time_budget_stops_the_search_with_the_best_answer_so_far(model, monkeypatch, macs_speed):
     """The clock jumps past most of the budget after the first accuracy pass (the methods' defaults, timed and
     evaluated first): the search stops there and answers with what it has."""

@@ -31,7 +31,8 @@ def mean_head_logits(parts: BlockParts, normed: torch.Tensor, where, index: torc
     so the B x H x N x N map is never formed. ``where`` says where the N tokens of ``normed`` sit (position terms).
     With ``index`` (B, K) the tokens come reordered, rows and columns alike: the selected ones first in ``index``
     order (prefix tokens first), then the others. With ``qk``, the (q, k) the block already computed for the
-    selected tokens, only the others are projected (same values, same gradients).
+    selected tokens, only the others are projected (same values, same gradients; where the block's q/k/v normalise
+    over its own tokens, LeViT in training, the others use BatchNorm's running statistics).
     """
     prefix = where.prefix
     if index is None:

@@ -139,6 +139,25 @@ def _export(model: nn.Module, path: str, example: torch.Tensor, opset: int) -> N
                               external_data=weights > _PROTOBUF_LIMIT)
     except Exception as err:  # the exporter's own failures: say which model and why, in one line
         raise TokenpaceError(f"torch.onnx could not export this {type(model).__name__}: {_first_line(err)}") from err
+    _verify(path, opset)
+
+
+def _verify(path: str, opset: int) -> None:
+    """The file declares the opset asked for and passes onnx's checker: where the exporter cannot convert its
+    graph to ``opset`` it logs the failure and writes another opset's graph, which may not be valid."""
+    import onnx
+
+    proto = onnx.load(path, load_external_data=False)
+    written = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None)
+    if written != opset:
+        raise TokenpaceError(f"torch.onnx could not convert the graph to opset {opset} (the file declares "
+                             f"{written}); choose another opset, e.g. {DEFAULT_OPSET} (the default); the file was "
+                             f"kept at {path!r} for inspection")
+    try:
+        onnx.checker.check_model(path)
+    except onnx.checker.ValidationError as err:
+        raise TokenpaceError(f"the exported {path!r} is not a valid opset-{opset} model: {_first_line(err)}; "
+                             f"choose another opset, e.g. {DEFAULT_OPSET} (the default)") from None
 
 
 def _check(model: nn.Module, path: str, size: tuple[int, int, int], batch: int, param: torch.Tensor) -> float:

@@ -88,14 +88,14 @@ def _refuse_masks(args, kwargs) -> None:
 
 def _forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     _refuse_masks(args, kwargs)
-    return get_patch(self).forward_features(x)
+    return self.__dict__[_ATTR].forward_features(x)  # a patched instance: no lookup through wrappers per call
 
 
 def _forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
     """timm's ``forward_intermediates`` with the arguments the model's own class takes, in its order (ViT and Eva
     put ``return_prefix_tokens`` third, the pyramids ``norm``); an argument the class does not take is a TypeError,
     as it is unpatched."""
-    patch = get_patch(self)
+    patch = self.__dict__[_ATTR]
     given = _bound_arguments(patch.original_class.forward_intermediates, self, x, args, kwargs)
     _refuse_masks((), {name: given.pop(name, None) for name in ("attn_mask", "is_causal")})
     indices, stop_early = given.pop("indices", None), given.pop("stop_early", False)
@@ -167,8 +167,8 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 def _inner(model: nn.Module) -> nn.Module:
     """The model a feature extractor wraps: timm's ``features_only`` models of the flat families and LeViT
     (``FeatureGetterNet``) call its ``forward_intermediates``, so the method runs there. Pyramids' default
-    ``FeatureListNet`` calls the stage modules one by one, around any method: refused. So is a torch.compile
-    wrapper: its graphs were traced from the forward the model had when it was compiled."""
+    ``FeatureListNet`` calls the stage modules one by one, around any method: refused (and what
+    :func:`_unwrapped` refuses)."""
     model = _unwrapped(model)
     kind = type(model).__name__
     if kind in ("FeatureListNet", "FeatureDictNet", "FeatureHookNet"):
@@ -184,10 +184,9 @@ def supported_methods(model: nn.Module) -> list[str]:
 
 
 def get_patch(model: nn.Module) -> Patch | None:
-    """The patch on ``model`` (or on the model a feature extractor wraps), or None when it is not patched."""
-    if type(model).__name__ == "FeatureGetterNet":
-        model = model.model
-    return model.__dict__.get(_ATTR)
+    """The patch on ``model`` (or on the model a feature extractor wraps), or None when it is not patched;
+    TypeError for a torch.compile wrapper (patch the model it wraps) or what is not a module."""
+    return _unwrapped(model).__dict__.get(_ATTR)
 
 
 def apply(model: nn.Module, method: str | MethodConfig, **options) -> nn.Module:

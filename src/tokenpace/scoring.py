@@ -57,6 +57,13 @@ def needs_keys(parts: BlockParts, project_keys: bool = False) -> bool:
     return project_keys or not parts.keys_affine()
 
 
+def block_reuses_keys(parts: BlockParts, project_keys: bool = False) -> bool:
+    """True when the block takes its selected tokens' keys from those scoring projected: always where scoring
+    projects them, except where the block's q/k/v normalise over the tokens in the call (BatchNorm in training),
+    whose keys for all tokens are not the block's."""
+    return needs_keys(parts, project_keys) and not parts.batch_statistics()
+
+
 def query_logits(parts: BlockParts, h: torch.Tensor, where: Any, query: str, project_keys: bool = False,
                  keys: torch.Tensor | None = None) -> torch.Tensor:
     """Head-summed scaled logits (..., n) that the tokens of h (..., n, C) receive from the ``query`` vector

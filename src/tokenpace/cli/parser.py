@@ -28,7 +28,7 @@ def _integer(minimum: int, maximum: int | None = None):
             raise argparse.ArgumentTypeError(f"expected an integer {within}, got {text!r}")
         return value
 
-    parse.__name__ = f"integer >= {minimum}"
+    parse.__name__ = f"integer >= {minimum}" if maximum is None else f"integer from {minimum} to {maximum}"
     return parse
 
 

@@ -170,9 +170,11 @@ def specs(args: argparse.Namespace, model, record, train: bool = False) -> list:
     return check_specs(_chosen_specs(args, model, record, train), model, train)
 
 
-def check_specs(chosen: list, model, train: bool = False) -> list:
+def check_specs(chosen: list, model, train: bool = False, resolve: bool = True) -> list:
     """TokenpaceError for a spec the model's family refuses (method, score, layers): now, not after other work.
-    ``train``: the specs are training steps (bench --train), whose configs differ (Evo trains in layer mode)."""
+    ``train``: the specs are training steps (bench --train), whose configs differ (Evo trains in layer mode).
+    ``resolve``: specs that run the same configuration once defaults are filled in are duplicates (bench, eval);
+    False where an option left out means something else (tune searches it: idle and idle@0.7 differ)."""
     from ..bench import spec_config, train_config
     from ..families import adapter_for
     from ..methods import make_policy
@@ -183,7 +185,9 @@ def check_specs(chosen: list, model, train: bool = False) -> list:
         config = (train_config if train else spec_config)(spec)
         if config is not None:
             with user_input():
-                config = make_policy(config, family).config  # defaults filled in: evo and evo@0.5 are one
+                policy = make_policy(config, family)
+            if resolve:
+                config = policy.config  # defaults filled in: evo and evo@0.5 run the same
         # one configuration however it was spelled (option order, @KEEP, --keep, a run's options, defaults); a
         # training step's recipe options (idle's distill_weight, ...) make another
         key = (spec.method, config, sorted(spec.recipe_options().items()))

@@ -74,4 +74,4 @@ def _methods(args: argparse.Namespace, model, record) -> list:
         specs = [MethodSpec(name) for name in source.family_methods(model)]
     if args.keep is not None:
         specs = source.with_keep(specs, args.keep)
-    return source.check_specs(specs, model)
+    return source.check_specs(specs, model, resolve=False)  # an option left out is searched, not defaulted

@@ -17,7 +17,7 @@ from ..anatomy import BlockParts, Frame, StageEntry, TokenSet
 from ..blockops import run_block
 from ..core.macs import BlockWork, block_macs, dense_work
 from ..core.tokens import gather_rows, scatter_rows, sequence_rows, with_prefix
-from ..scoring import QUERIES, bias_row, needs_keys, query_logits, score_macs, token_norms
+from ..scoring import QUERIES, bias_row, block_reuses_keys, needs_keys, query_logits, score_macs, token_norms
 
 SEQUENCE, GROUPED = "sequence", "grouped"
 # ranking criteria: the class token's attention, the attention a token receives, its feature norm, random (control)
@@ -216,7 +216,7 @@ class Family(ABC):
         macs = block_macs(parts.shape(), work)
         if score is not None and score.query in QUERIES:
             macs += score_macs(parts, score)
-            if needs_keys(parts, score.project_keys):  # the block reuses the keys scoring projected
+            if block_reuses_keys(parts, score.project_keys):
                 macs -= work.attn_tokens * parts.shape().key_macs()
         return groups * macs
 
@@ -266,13 +266,10 @@ class SequenceFamily(Family):
         parts, query = self.parts(i), ("cls" if score == "cls" else "mean")
         keys = None
         if needs_keys(parts, project_keys):  # projected anyway: the block reuses the selected tokens' keys
-            if parts.batch_statistics():
-                raise ValueError(f"project_keys=True reuses the keys scoring projects in the block, and block {i} "
-                                 "normalises its q/k/v with batch statistics (BatchNorm in training), which differ "
-                                 "between the two calls; accepted in training: project_keys=False (or an eval-mode "
-                                 "or BatchNorm-fused model)")
-            prep.keys = parts.keys(prep.h, prep.where)
-            keys = prep.keys.detach()
+            keys = parts.keys(prep.h, prep.where)
+            if block_reuses_keys(parts, project_keys):
+                prep.keys = keys
+            keys = keys.detach()
         with torch.no_grad():  # a top-k follows: no gradient flows through scores
             logits = query_logits(parts, prep.h, prep.where, query, project_keys, keys)
             extra = bias_row(parts, prep.where, query)

@@ -19,6 +19,9 @@ EMA_EXPORT = "model_ema.safetensors"
 RUN_FILES = (RUN_CONFIG, CHECKPOINT, METRICS, EXPORT, EMA_EXPORT)
 RESULTS = (CHECKPOINT, EXPORT, EMA_EXPORT)  # what a run has produced (a folder without them holds no finished epoch)
 MACHINE_SETTINGS = ("versions",)  # recorded for the reader; a resumed run may differ in them
+# derived from the recipe (compared through it), and how it is derived may change between versions: the method
+# evaluated and exported (a layer-mode Evo fine-tune was recorded as evaluated in stage mode before)
+DERIVED_SETTINGS = ("method",)
 
 
 class RunFolderError(TokenpaceError):
@@ -100,8 +103,9 @@ def check_resume(output: str, description: dict) -> None:
         raise RunFolderError(f"--resume: {description['init']} changed since the run started (its sha256 differs); "
                              "the run's starting weights (and any teacher built from them) would differ")
     mine, theirs = _flat(description), _flat(recorded)
+    skipped = MACHINE_SETTINGS + DERIVED_SETTINGS
     changed = [f"{key} {mine[key]!r} (recorded {theirs[key]!r})" for key in mine
-               if key in theirs and key != "init_sha256" and key.split(".")[0] not in MACHINE_SETTINGS
+               if key in theirs and key != "init_sha256" and key.split(".")[0] not in skipped
                and mine[key] != theirs[key]]
     if changed:
         raise RunFolderError(f"--resume continues the run recorded in {os.path.join(output, RUN_CONFIG)}, and these "
