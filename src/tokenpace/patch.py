@@ -6,6 +6,7 @@ reduces to (the original class, its state, the method config) and is re-patched 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -102,14 +103,22 @@ def _forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
     return patch.forward_intermediates(x, indices, stop_early, **given)
 
 
+@functools.lru_cache(maxsize=None)
+def _signature(method) -> tuple[inspect.Signature, tuple[inspect.Parameter, ...]]:
+    """A method's signature and its parameters after (self, x): read once per class, not on every call."""
+    signature = inspect.signature(method)
+    return signature, tuple(signature.parameters.values())[2:]
+
+
 def _bound_arguments(method, model: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> dict:
     """The arguments after (self, x) that a call of ``method`` names, by name (defaults left out)."""
-    signature = inspect.signature(method)
+    signature, rest = _signature(method)
     bound = signature.bind(model, x, *args, **kwargs).arguments
     given = {}
-    for name, param in list(signature.parameters.items())[2:]:
-        if name in bound:
-            given.update(bound[name] if param.kind is inspect.Parameter.VAR_KEYWORD else {name: bound[name]})
+    for param in rest:
+        if param.name in bound:
+            value = bound[param.name]
+            given.update(value if param.kind is inspect.Parameter.VAR_KEYWORD else {param.name: value})
     return given
 
 

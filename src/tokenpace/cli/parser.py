@@ -18,17 +18,18 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _integer(minimum: int, maximum: int | None = None):
+    within = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
         if value is None or value < minimum or (maximum is not None and value > maximum):
-            within = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
             raise argparse.ArgumentTypeError(f"expected an integer {within}, got {text!r}")
         return value
 
-    parse.__name__ = f"integer >= {minimum}" if maximum is None else f"integer from {minimum} to {maximum}"
+    parse.__name__ = f"integer {within}"
     return parse
 
 
