@@ -280,7 +280,7 @@ def test_levit_errors():
     with pytest.raises(TypeError, match="levit_conv"):
         tokenpace.apply(conv, "evo")
     evo = make_levit("evo_levit_cifar")
-    with pytest.raises(ValueError, match="fix its input size"):
+    with pytest.raises(ValueError, match="cannot run 64x64 inputs: it is built for 32x32 inputs only"):
         tokenpace.macs(evo, img_size=64)
     with pytest.raises(ValueError, match="no pretrained weights"):
         timm.create_model("evo_levit_256", pretrained=True)

@@ -8,9 +8,9 @@ import tokenpace
 from conftest import make_vit
 
 
-def _meta_model(name):
+def _meta_model(name, **kwargs):
     with torch.device("meta"):  # shapes only: no memory, no init time
-        return timm.create_model(name)
+        return timm.create_model(name, **kwargs)
 
 
 def _gmacs(model, method=None, **options):
@@ -55,9 +55,26 @@ def test_topk_matches_evo_and_img_size_override():
     model = _meta_model("deit_small_patch16_224")
     assert _gmacs(model, "topk", keep=0.5) == 3.03
     assert _gmacs(model, "evo", keep=0.5) < _gmacs(model)
-    dense_384 = tokenpace.macs(tokenpace.remove(model), img_size=384) / 1e9
-    assert 15.0 < dense_384 < 16.0  # 576 patches: 4.6 G scales a bit over 3x because of the N^2 term
     assert tokenpace.macs(model, img_size=(224, 224)) == tokenpace.macs(model)
+    with pytest.raises(ValueError, match=r"cannot run 384x384 inputs: it is built for 224x224 .*dynamic_img_size"):
+        tokenpace.macs(model, img_size=384)  # a fixed-size model: the count would describe nothing it can run
+    resizable = _meta_model("deit_small_patch16_224", dynamic_img_size=True)
+    dense_384 = tokenpace.macs(resizable, img_size=384) / 1e9
+    assert 15.0 < dense_384 < 16.0  # 576 patches: 4.6 G scales a bit over 3x because of the N^2 term
+    with pytest.raises(ValueError, match="multiples of the patch size 16x16 .*dynamic_img_pad"):
+        tokenpace.macs(resizable, img_size=250)
+
+
+def test_macs_at_another_size_equal_the_flop_counter_there():
+    model = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, dynamic_img_size=True,
+                              dynamic_img_pad=True).eval()
+    tokenpace.apply(model, "evo", keep=0.5)
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.randn(1, 3, 42, 30))  # padded to 44 x 32: 11 x 8 patches
+    assert tokenpace.macs(model, img_size=(42, 30)) == counter.get_total_flops() // 2
 
 
 CASES = [(None, {}), ("evo", {}), ("evo", {"representative": True}), ("evo", {"mode": "layer"}),

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .families import Family, adapter_for
-from .families.base import IntermediateOptions
+from .families.base import IntermediateOptions, parse_img_size
 from .methods import ForwardState, MethodConfig, Policy, make_config, make_policy, methods_for
 from .methods.base import StopForward
 
@@ -243,9 +243,16 @@ def macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> int
     """Multiply-accumulates (MACs, not FLOPs) of one image's forward under the current configuration.
 
     Counted analytically from the per-block token counts the method reports: patch embedding, every linear layer
-    and attention product, the scoring work, and the head. ``img_size`` overrides the model's own.
+    and attention product, the scoring work, and the head. ``img_size`` overrides the model's own; a size the model
+    cannot run (a fixed-size model, sides not a multiple of the patch) gives a ValueError naming why.
     """
     patch = get_patch(model)
     family = patch.adapter if patch is not None else adapter_for(_inner(model))
+    if img_size is not None:  # count only what the model can run
+        size = parse_img_size(img_size)
+        problem = family.size_problem(size)
+        if problem is not None:
+            raise ValueError(f"macs(img_size={img_size!r}): {type(_inner(model)).__name__} cannot run "
+                             f"{size[0]}x{size[1]} inputs: {problem}")
     works = patch.policy.work(family.group_counts(img_size)) if patch is not None else None
     return family.count_macs(works, img_size)

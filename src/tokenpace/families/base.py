@@ -198,6 +198,13 @@ class Family(ABC):
     def input_size(self) -> tuple[int, int, int]:
         """(channels, height, width) of the images the model is built for."""
 
+    def size_problem(self, size: tuple[int, int]) -> str | None:
+        """Why the model cannot run (H, W) inputs, or None when it can. By default a model runs the size it is
+        built for only; families whose models resize (dynamic image size, any size) override this."""
+        own = tuple(self.input_size()[1:])
+        return None if size == own else (f"it is built for {own[0]}x{own[1]} inputs only (build it with img_size=N "
+                                         "for another size)")
+
     @abstractmethod
     def block_grid(self, i: int) -> tuple[int, int]:
         """(rows, cols) of block i's token grid at the model's input size (trace indices are raster positions)."""

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..anatomy import Frame, LinearMap, TokenSet
 from ..core.macs import BlockShape, linear_macs
-from .timm_vit import PatchSequenceFamily, VitParts, patch_grid
+from .patch_embed import patch_grid
+from .timm_vit import PatchSequenceFamily, VitParts
 
 
 def _timm_classes():

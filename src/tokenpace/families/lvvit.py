@@ -10,7 +10,8 @@ from torch import nn
 from ..anatomy import Frame
 from ..core.macs import conv_macs, linear_macs
 from .base import parse_img_size
-from .timm_vit import PatchSequenceFamily, VitParts, patch_grid
+from .patch_embed import patch_grid
+from .timm_vit import PatchSequenceFamily, VitParts
 
 
 class LvVitParts(VitParts):

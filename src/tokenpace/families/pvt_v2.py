@@ -244,6 +244,15 @@ class PvtV2Adapter(Family):
     def block_grid(self, i: int) -> tuple[int, int]:
         return self.stage_grids(None)[self.stage_of_block(i)]
 
+    def size_problem(self, size: tuple[int, int]) -> str | None:
+        """PVTv2 runs any size whose every stage keeps a token grid and every attention at least one key."""
+        for s, grid in enumerate(self.stage_grids(size)):
+            attn = self.blocks[self.stage_blocks[s][0]].attn
+            keys = grid if attn.sr is None or attn.pool is not None else conv_macs(attn.sr, grid)[1]
+            if min(*grid, *keys) < 1:
+                return f"stage {s} would have no tokens (or no keys) left at {size[0]}x{size[1]}"
+        return None
+
     # --- cost model ----------------------------------------------------------------------------------------------
     def group_counts(self, img_size) -> list[GroupCount]:
         grids = self.stage_grids(img_size)

@@ -36,6 +36,7 @@ from ..core.macs import BlockShape, BlockWork, linear_macs
 from ..core.tokens import flat_rows, gather_rows, gather_tokens, scatter_rows
 from ..scoring import bias_row, query_logits, token_norms
 from .base import GROUPED, Family, GroupCount, parse_img_size
+from .patch_embed import patch_embed_size_problem, patch_grid
 
 PAD_LOGIT = -1e4  # masks padding keys: exp underflows to exactly 0 next to real keys, and fits fp16/bf16
 
@@ -297,13 +298,10 @@ class SwinAdapter(Family):
         return (pe.proj.in_channels, *pe.img_size)
 
     def _patch_grid(self, img_size: int | tuple[int, int] | None) -> tuple[int, int]:
-        pe = self.model.patch_embed
-        if img_size is None:
-            return tuple(pe.grid_size)
-        img_size = parse_img_size(img_size)
-        if hasattr(pe, "dynamic_feat_size"):
-            return tuple(pe.dynamic_feat_size(img_size))
-        return (img_size[0] // pe.patch_size[0], img_size[1] // pe.patch_size[1])
+        return patch_grid(self.model.patch_embed, None if img_size is None else parse_img_size(img_size))
+
+    def size_problem(self, size: tuple[int, int]) -> str | None:
+        return patch_embed_size_problem(self.model.patch_embed, size, "strict_img_size=False")
 
     def _stage_grids(self, img_size: int | tuple[int, int] | None) -> list[tuple[int, int]]:
         """(H, W) of each stage's blocks: patch merging halves the map, rounding up as its padding does."""

@@ -16,6 +16,7 @@ from ..anatomy import BlockParts, Frame, LinearMap
 from ..core.feature_maps import vit_intermediates
 from ..core.macs import BlockShape, linear_macs
 from .base import SequenceFamily, parse_img_size
+from .patch_embed import patch_embed_size_problem, patch_grid
 
 POOLS = ("token", "avg", "avgmax", "max", "map", "")
 
@@ -25,16 +26,6 @@ def _timm_classes():
     from timm.models.vision_transformer import Block, VisionTransformer
 
     return VisionTransformer, Block, Attention
-
-
-def patch_grid(patch_embed: nn.Module, img_size: tuple[int, int] | None) -> tuple[int, int]:
-    """Rows and columns of patches for ``img_size`` (None: the embedding's own), as timm's PatchEmbed computes
-    them (dynamic padding included)."""
-    if img_size is None:
-        return tuple(patch_embed.grid_size)
-    if hasattr(patch_embed, "dynamic_feat_size"):
-        return tuple(patch_embed.dynamic_feat_size(img_size))
-    return (img_size[0] // patch_embed.patch_size[0], img_size[1] // patch_embed.patch_size[1])
 
 
 def counted_macs(module: nn.Module, input_size: tuple[int, int, int]) -> int:
@@ -176,6 +167,9 @@ class PatchSequenceFamily(SequenceFamily):
     def input_size(self) -> tuple[int, int, int]:
         pe = self.model.patch_embed
         return (self._in_chans() if hasattr(pe, "backbone") else pe.proj.in_channels, *pe.img_size)
+
+    def size_problem(self, size: tuple[int, int]) -> str | None:
+        return patch_embed_size_problem(self.model.patch_embed, size, "dynamic_img_size=True")
 
     def head_macs(self, tokens: int) -> int:
         m = self.model

@@ -1,0 +1,33 @@
+"""timm's ``PatchEmbed`` as the families see it: the patch grid an input size gives, and whether the embedding
+takes that size at all (``macs(img_size=...)`` must not count a size the model cannot run)."""
+from __future__ import annotations
+
+from torch import nn
+
+
+def patch_grid(patch_embed: nn.Module, img_size: tuple[int, int] | None) -> tuple[int, int]:
+    """Rows and columns of patches for ``img_size`` (None: the embedding's own), as timm's PatchEmbed computes
+    them (dynamic padding included)."""
+    if img_size is None:
+        return tuple(patch_embed.grid_size)
+    if hasattr(patch_embed, "dynamic_feat_size"):
+        return tuple(patch_embed.dynamic_feat_size(img_size))
+    return (img_size[0] // patch_embed.patch_size[0], img_size[1] // patch_embed.patch_size[1])
+
+
+def patch_embed_size_problem(patch_embed: nn.Module, size: tuple[int, int], resize_hint: str) -> str | None:
+    """Why ``patch_embed`` refuses (H, W) inputs, as timm's PatchEmbed checks them, or None when it takes them.
+    ``resize_hint`` names the model option that lifts the fixed size (e.g. ``dynamic_img_size=True``). An
+    embedding without timm's flags (a custom stem) is taken to run its own size only."""
+    own = tuple(patch_embed.img_size)
+    if size == own:
+        return None
+    if not hasattr(patch_embed, "strict_img_size"):
+        return f"it is built for {own[0]}x{own[1]} inputs only (build it with img_size=N for another size)"
+    if patch_embed.strict_img_size:
+        return f"it is built for {own[0]}x{own[1]} inputs only (build it with {resize_hint} for other sizes)"
+    patch = tuple(patch_embed.patch_size)
+    if not getattr(patch_embed, "dynamic_img_pad", False) and (size[0] % patch[0] or size[1] % patch[1]):
+        return (f"its sides must be multiples of the patch size {patch[0]}x{patch[1]} (or build it with "
+                "dynamic_img_pad=True)")
+    return None
