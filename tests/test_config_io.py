@@ -67,9 +67,17 @@ def test_mismatched_config_files_give_clear_errors(model, tmp_path):
                                              r"input_size \[3, 224, 224\]; this one has model vit_tiny_patch16_224, "
                                              r"depth 6, input_size \[3, 32, 32\]\)"):
         load_config_for(path, model, "vit_tiny_patch16_224")
+    with pytest.raises(TokenpaceError, match=r"made for another model \(model deit_small_patch16_224, depth 12"):
+        tokenpace.load_config(path, model, "vit_tiny_patch16_224")  # the public API checks when given the model
+    with pytest.raises(TokenpaceError, match=r"made for another model \(depth 12, input_size \[3, 224, 224\]"):
+        tokenpace.load_config(path, model)  # no timm name recorded on the model: depth and input size still differ
+    with pytest.raises(TypeError, match="pass the model too"):
+        tokenpace.load_config(path, name="vit_tiny_patch16_224")
     save_config(tokenpace.Idle(keep=0.5, stage_starts=(3, 9)), path, **model_record(model, "vit_tiny_patch16_224"))
     with pytest.raises(TokenpaceError, match=r"does not run on this model: Idle stage_starts=\(3, 9\) has layer"):
         load_config_for(path, model, "vit_tiny_patch16_224")
+    with pytest.raises(TokenpaceError, match=r"does not run on this model: Idle stage_starts=\(3, 9\) has layer"):
+        tokenpace.load_config(path, model)
 
 
 def test_save_config_refuses_what_it_cannot_write(tmp_path):

@@ -51,9 +51,15 @@ def save_config(config: MethodConfig, path: str, **extra: Any) -> None:
     os.replace(tmp, path)
 
 
-def load_config(path: str) -> MethodConfig:
+def load_config(path: str, model=None, name: str | None = None) -> MethodConfig:
     """The method configuration a file written by :func:`save_config` names; TokenpaceError naming the problem
-    for a missing or malformed file, an unknown method or option, or a value the method refuses."""
+    for a missing or malformed file, an unknown method or option, or a value the method refuses. With ``model``
+    (timm name ``name``, else the model's own record of it) it is checked as :func:`load_config_for` does: a file
+    recorded for another model, or a configuration the model cannot run, is refused before ``apply``."""
+    if model is not None:
+        return load_config_for(path, model, name)
+    if name is not None:
+        raise TypeError("load_config: name= describes the model; pass the model too (load_config(path, model, name))")
     return config_of(read_document(path), path)
 
 
