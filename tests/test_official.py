@@ -49,7 +49,7 @@ def test_the_writers_produce_the_specs_listings():
 CASES = {  # arch: (tokenpace / timm model, method and the keep its checkpoints run at, writer, image size)
     "evo_deit_tiny_patch16_224": ("evo_deit_tiny_patch16_224", "evo", 0.5, to_evo_deit),
     "EvoLeViT_128S": ("evo_levit_128s", "evo", 0.5, lambda sd: to_evo_levit(sd, (2, 3, 4))),
-    "deit_small": ("deit_small_patch16_224", "idle", 0.7, dict),
+    "deit_small": ("deit_small_patch16_224", "idle", 0.5, dict),
     "lvvit_s": ("lvvit_s", "idle", 0.6, dict),
 }
 
@@ -63,12 +63,13 @@ def test_synthetic_official_checkpoints_give_the_source_models_logits(arch, form
     if form == "pth.tar":  # the DeiT training format the releases use
         checkpoint = str(tmp_path / "release.pth.tar")
         torch.save(deit_training_format(official), checkpoint)
-    elif form == "safetensors":  # a bare state dict
-        checkpoint = str(tmp_path / "release.safetensors")
+    elif form == "safetensors":  # a bare state dict, named as IdleViT's releases: the keep comes from the name
+        checkpoint = str(tmp_path / f"idlevit_{arch}_ratio{keep}.safetensors")
         save_file({k: v.contiguous() for k, v in official.items()}, checkpoint)
     else:  # already loaded, with DDP's prefix
         checkpoint = {"model": {f"module.{k}": v for k, v in official.items()}}
-    loaded = tokenpace.load_official(checkpoint, arch, keep=keep if keep != OFFICIAL_ARCHS[arch].keep else None)
+    given = None if form == "safetensors" or keep == OFFICIAL_ARCHS[arch].keep else keep
+    loaded = tokenpace.load_official(checkpoint, arch, keep=given)
     assert not loaded.training and type(loaded).__mro__[1] is type(tokenpace.remove(model))
     assert tokenpace.get_patch(loaded).config == tokenpace.get_patch(tokenpace.apply(model, method, keep=keep)).config
     x = images()
@@ -120,6 +121,19 @@ def test_errors_name_the_arch_the_keys_and_the_layout():
         tokenpace.load_official({"epoch": 3}, "deit_small")
 
 
+def test_the_keep_comes_from_the_argument_then_the_file_name_then_the_default():
+    from tokenpace.official import checkpoint_keep
+
+    assert checkpoint_keep("/r/idlevit_deit_small_ratio0.5.pth", "deit_small") == (0.5, "the file name")
+    assert checkpoint_keep("/r/idlevit_deit_small_ratio0.5.pth", "deit_small", 0.9) == (0.9, "given")
+    assert checkpoint_keep("/r/deit_small.pth", "deit_small") == (0.7, "IdleViT's default")
+    assert checkpoint_keep({"model": {}}, "lvvit_s") == (0.7, "IdleViT's default")  # a loaded dict has no name
+    assert checkpoint_keep("/r/evo_ratio0.7.pth", "EvoLeViT_128S") == (0.5, "Evo-ViT's default")  # Evo: no ratio
+    with pytest.raises(TokenpaceError, match=r"deit_small \(the keep ratio its file name states\): Idle keep must be "
+                                             r"a number in \(0, 1\] .*got 1.5"):
+        tokenpace.load_official("/never/read/idlevit_deit_small_ratio1.5.pth", "deit_small")
+
+
 def test_convert_writes_timm_keys_and_a_configuration(tmp_path):
     model = source_model("evo_levit_128s", "evo", 0.5)
     release = str(tmp_path / "EvoLeViT_128S.pth")
@@ -149,7 +163,9 @@ def test_cli_convert_then_commands_pick_up_the_configuration(tmp_path, capsys):
     torch.save(to_evo_levit(model.state_dict(), (2, 3, 4)), release)  # a bare state dict this time
     dst = str(tmp_path / "converted.safetensors")
     assert main(["convert", release, dst, "--arch", "EvoLeViT_128S"]) == 0
-    assert capsys.readouterr().out.split() == [dst, str(tmp_path / "converted.json")]
+    captured = capsys.readouterr()
+    assert captured.out.split() == [dst, str(tmp_path / "converted.json")]
+    assert "keep 0.5 (Evo-ViT's default)" in captured.err
     out = str(tmp_path / "bench.json")
     assert main(["bench", "--checkpoint", dst, "--batch-size", "1", "--runs", "1", "--warmup", "0", "--quiet",
                  "--json", out]) == 0

@@ -326,8 +326,8 @@ def make_parser() -> argparse.ArgumentParser:
                     help="the official code's model name: evo_deit_{tiny,small,base}_patch16_{224,384}, "
                          "EvoLeViT_{128S,128,192,256,384} (+ _384), deit_small, deit_base, lvvit_s, lvvit_m")
     cv.add_argument("--keep", type=_keep, default=None, metavar="X",
-                    help="the keep ratio the checkpoint was trained for (default: 0.7 for IdleViT's files, 0.5 for "
-                         "Evo-ViT's)")
+                    help="the keep ratio the checkpoint was trained for (default: the file name's ratio0.X for "
+                         "IdleViT's files, else 0.7; 0.5 for Evo-ViT's)")
     cv.set_defaults(command_module="convert")
 
     ex = sub.add_parser("export", help="ONNX export of the model, dense or with a method, checked with ONNX Runtime",

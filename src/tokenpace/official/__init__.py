@@ -6,6 +6,7 @@ with the method and keep ratio the checkpoint was trained for; ``convert`` write
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,13 +72,38 @@ def official_state(checkpoint) -> tuple[dict, str]:
     return clean_state_dict(state), "(the given dict)"
 
 
+_RATIO_IN_NAME = re.compile(r"ratio(\d*\.\d+|\d+)")  # IdleViT's release names: idlevit_deit_small_ratio0.7.pth
+
+
+def ratio_in_name(checkpoint) -> float | None:
+    """The keep ratio a released file's name states (``..._ratio0.5.pth``: 0.5), or None (no path, no ratio)."""
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        return None
+    found = _RATIO_IN_NAME.search(os.path.basename(os.fspath(checkpoint)))
+    return float(found.group(1)) if found else None
+
+
+def checkpoint_keep(checkpoint, arch: str, keep: float | None = None) -> tuple[float, str]:
+    """The keep ratio to run ``checkpoint`` at, and where it came from: ``keep`` when given, else the ratio the
+    file name states (IdleViT's files carry it; a 0.5 file run at the default 0.7 would be silently off), else the
+    arch's default."""
+    spec = official_arch(arch)
+    if keep is not None:
+        return keep, "given"
+    named = ratio_in_name(checkpoint)
+    if named is not None and spec.method == "idle":
+        return named, "the file name"
+    return spec.keep, f"{spec.code}'s default"
+
+
 def load_official(checkpoint, arch: str, keep: float | None = None):
     """A released checkpoint as a tokenpace-patched model in eval mode.
 
     ``arch`` is the official code's name: ``evo_deit_{tiny,small,base}_patch16_{224,384}`` and
     ``EvoLeViT_{128S,128,192,256,384}`` (``_384`` for 384 px) from Evo-ViT, run with Evo (keep 0.5);
     ``deit_small``, ``deit_base``, ``lvvit_s``, ``lvvit_m`` from IdleViT, run with Idle (``keep`` the checkpoint's
-    ratio, default 0.7; released files cover 0.9 to 0.5). Training-only heads are loaded and kept for fine-tuning.
+    ratio: the one a file name states as ``ratio0.X``, else 0.7; released files cover 0.9 to 0.5). Training-only
+    heads are loaded and kept for fine-tuning.
     TokenpaceError for an unknown arch, or a file whose keys or shapes do not fit (naming them and the layout).
     """
     from ..methods import make_config
@@ -85,8 +111,10 @@ def load_official(checkpoint, arch: str, keep: float | None = None):
     from ..patch import apply
 
     spec = official_arch(arch)
-    with user_input(f"{arch}: "):  # a bad keep is refused before anything is read
-        config = make_config(spec.method, keep=spec.keep if keep is None else keep)
+    keep, origin = checkpoint_keep(checkpoint, arch, keep)
+    where = " (the keep ratio its file name states)" if origin == "the file name" else ""
+    with user_input(f"{arch}{where}: "):  # a bad keep is refused before anything is read
+        config = make_config(spec.method, keep=keep)
     state, label = official_state(checkpoint)
     model = create_model(spec.model, **spec.model_args)
     model.load_state_dict(remap(spec.layout, model, state, label, arch), strict=True)
@@ -111,5 +139,5 @@ def convert(checkpoint, dst: str, arch: str, keep: float | None = None) -> str:
     return path
 
 
-__all__ = ["OFFICIAL_ARCHS", "OfficialArch", "convert", "load_official", "official_arch",
-           "official_state"]
+__all__ = ["OFFICIAL_ARCHS", "OfficialArch", "checkpoint_keep", "convert", "load_official", "official_arch",
+           "official_state", "ratio_in_name"]
