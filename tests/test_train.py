@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import tokenpace
 from tokenpace.cli import main, make_parser
@@ -38,7 +39,18 @@ def test_packed_jpeg_reader_and_limits(capsys):
 
 def test_resume_is_bit_exact(tmp_path, capsys):
     straight = _config(tmp_path, "evo-scratch", "straight")
-    train(straight)
+    used = []  # the lr of every optimizer step, as the optimizer saw it
+    hook = register_optimizer_step_pre_hook(  # every torch optimizer: Accelerate's wrapper is not one
+        lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    try:
+        history = train(straight)
+    finally:
+        hook.remove()
+    per_epoch = len(used) // 2
+    assert len(used) == 2 * per_epoch > 2 and used[0] < used[-1]  # warming up: every step's lr differs
+    for epoch, record in enumerate(history):  # metrics.jsonl: the last and the highest lr of the epoch's steps
+        steps = used[epoch * per_epoch:(epoch + 1) * per_epoch]
+        assert (record["lr"], record["lr_peak"]) == (steps[-1], max(steps))
     assert "the learning rate warms up over 5 epochs and the run has 2: it never reaches its peak" in \
         capsys.readouterr().err  # said; the tests' short runs are meant so
     first = _config(tmp_path, "evo-scratch", "split", stop_after=1)

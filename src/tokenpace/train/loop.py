@@ -357,6 +357,7 @@ def _run_epoch(epoch, objective, student, loader, optimizer, scheduler, ema, mix
     there, naming its epoch and first step."""
     steps = len(loader)
     lr_peak = lr_last = optimizer.param_groups[0]["lr"]
+    step_lrs = []  # each step's lr, host floats: a non-finite loss is reported with the lr of its step
     stats, keys = None, None  # device tensor: [loss terms..., correct, seen]
     first_bad = torch.tensor(float("inf"), device=accelerator.device)
     for step, (images, targets) in enumerate(loader):
@@ -367,6 +368,7 @@ def _run_epoch(epoch, objective, student, loader, optimizer, scheduler, ema, mix
         accelerator.backward(loss)
         lr_last = optimizer.param_groups[0]["lr"]  # a Python float: what this step uses (set by the last update)
         lr_peak = max(lr_peak, lr_last)
+        step_lrs.append(lr_last)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step_update(epoch * steps + step + 1)
@@ -385,7 +387,7 @@ def _run_epoch(epoch, objective, student, loader, optimizer, scheduler, ema, mix
         if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
             bad = accelerator.gather(first_bad.reshape(1)).min().item()
             if math.isfinite(bad):
-                raise _nonfinite_loss(cfg, epoch, int(bad), optimizer)
+                raise _nonfinite_loss(cfg, epoch, int(bad), step_lrs[int(bad)])
             if bar is not None:
                 bar.set_postfix(loss=f"{stats[0].item() / (step + 1):.3f}")
     totals = accelerator.reduce(stats, reduction="sum").tolist()  # every process's terms and accuracy
@@ -393,13 +395,13 @@ def _run_epoch(epoch, objective, student, loader, optimizer, scheduler, ema, mix
     return sums, totals[-2], totals[-1], (lr_peak, lr_last)
 
 
-def _nonfinite_loss(cfg: TrainConfig, epoch: int, step: int, optimizer) -> TrainError:
+def _nonfinite_loss(cfg: TrainConfig, epoch: int, step: int, lr: float) -> TrainError:
     path = os.path.join(cfg.output, CHECKPOINT)
     kept = (f"the last complete checkpoint, {path} (epoch {epoch}), is kept" if epoch > 0 and os.path.isfile(path)
             else "no checkpoint was written yet")
     hint = "Lower --lr" + (", or train with --amp bf16 or none" if cfg.amp == "fp16" else "")
-    return TrainError(f"the loss became NaN or infinite at epoch {epoch + 1}, step {step} (lr "
-                      f"{optimizer.param_groups[0]['lr']:.3g}); training stopped and {kept}. {hint}")
+    return TrainError(f"the loss became NaN or infinite at epoch {epoch + 1}, step {step} (lr {lr:.3g}); training "
+                      f"stopped and {kept}. {hint}")
 
 
 def _save_checkpoint(path, epoch, objective, optimizer, scheduler, ema, accelerator, history) -> None:
