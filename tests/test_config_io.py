@@ -3,14 +3,16 @@ mismatched file (another model, unknown method or option, keep out of range, lay
 with one line naming the file and the problem."""
 import json
 
+import numpy as np
 import pytest
+import timm
 import torch
 
 import tokenpace
 from tokenpace.config_io import load_config, load_config_for, model_record, save_config
 from tokenpace.errors import TokenpaceError
 
-from conftest import make_vit
+from conftest import TINY, make_vit
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +89,22 @@ def test_save_config_refuses_what_it_cannot_write(tmp_path):
     with pytest.raises(TokenpaceError, match="folder .* does not exist"):
         save_config(tokenpace.Evo(), str(missing))
     assert not missing.parent.exists()
+    with pytest.raises(ValueError, match="must be JSON data .*ndarray"):
+        save_config(tokenpace.Evo(), str(tmp_path / "c.json"), measured=np.zeros(2))
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary file left behind
+
+
+def test_numpy_layer_indices_are_stored_as_ints(tmp_path):
+    config = tokenpace.TopK(keep=0.5, layer=np.int64(2))
+    assert type(config.layer) is int and config == tokenpace.TopK(keep=0.5, layer=2)
+    save_config(config, str(tmp_path / "t.json"))
+    assert load_config(str(tmp_path / "t.json")) == config
+
+
+def test_a_features_only_model_is_checked_as_the_model_it_wraps(tmp_path):
+    net = timm.create_model("vit_tiny_patch16_224", features_only=True, feature_cls="getter", **TINY)
+    path = str(tmp_path / "c.json")
+    save_config(tokenpace.Idle(keep=0.5), path, **model_record(net, "vit_tiny_patch16_224"))
+    assert json.load(open(path))["depth"] == TINY["depth"]
+    config = tokenpace.load_config(path, net, "vit_tiny_patch16_224")
+    assert tokenpace.get_patch(tokenpace.apply(net, config)).config.keep == 0.5

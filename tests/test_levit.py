@@ -32,7 +32,7 @@ def test_keep_all_equals_the_unpatched_model(name, mode, images):
     with torch.no_grad():
         ref = model(images)
         out = tokenpace.apply(model, "evo", keep=1.0, mode=mode)(images)
-        assert torch.allclose(out, ref, atol=1e-5)
+        assert torch.equal(out, ref)
         assert list(model.state_dict()) == keys
         tokenpace.apply(model, "evo", keep=0.5, mode=mode)
         assert not torch.allclose(model(images), ref, atol=1e-3)
@@ -308,8 +308,30 @@ def test_cut_loss_is_refused_without_a_class_token():
     with torch.device("meta"):
         model = timm.create_model("pvt_v2_b0", num_classes=10)
     student = tokenpace.apply(copy.deepcopy(model), "idle")
-    with pytest.raises(ValueError, match="accepted here: --cut-mode none"):
+    with pytest.raises(ValueError, match=r"PyramidVisionTransformerV2 has none; train it without the cut loss "
+                                         r"\(--cut-mode none\)"):
         make_objective(get_recipe("idle-finetune"), student, torch.nn.CrossEntropyLoss(), dense_model=model)
+
+
+def test_model_cut_loss_refuses_what_it_cannot_compute(images):
+    from tokenpace.losses import model_cut_loss
+
+    model = make_levit("evo_levit_cifar")
+    with pytest.raises(ValueError, match="needs a model patched with Idle .*this one is not patched"):
+        model_cut_loss(model)
+    with pytest.raises(ValueError, match="this one runs evo"):
+        model_cut_loss(tokenpace.apply(model, "evo"))
+    tokenpace.remove(model)
+    with pytest.raises(ValueError, match="latest forward in training mode"):
+        model_cut_loss(tokenpace.apply(model, "idle"))  # no forward yet
+    with torch.no_grad():
+        model.eval()(images)
+    with pytest.raises(ValueError, match="latest forward in training mode"):
+        model_cut_loss(model)  # an eval forward records nothing
+    model.train()(images)
+    assert model_cut_loss(model).item() > 0
+    with pytest.raises(ValueError, match="class token.s attention and Levit has none"):
+        model_cut_loss(tokenpace.apply(make_levit("levit_cifar"), "idle"))
 
 
 @pytest.mark.parametrize("name", ["levit_cifar", "evo_levit_cifar"])
@@ -394,7 +416,7 @@ def test_idle_on_levit_equals_the_masked_reference(name, images):
     score = "cls" if name == "evo_levit_cifar" else "received"
     with torch.no_grad():
         dense = model(images)
-        assert torch.allclose(tokenpace.apply(model, "idle", keep=1.0)(images), dense, atol=1e-5)
+        assert torch.equal(tokenpace.apply(model, "idle", keep=1.0)(images), dense)
         expected = ref_levit_idle(model, images, 0.6, (2, 4, 5), score)
         got = tokenpace.apply(model, "idle", keep=0.6)(images)
     assert not torch.allclose(got, dense, atol=1e-3)

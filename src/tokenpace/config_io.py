@@ -44,11 +44,20 @@ def save_config(config: MethodConfig, path: str, **extra: Any) -> None:
     if clash:
         raise ValueError(f"extra entries may not be named {', '.join(RESERVED)}; got {clash}")
     document = {"method": config.name, "options": config_options(config), **extra}
+    try:  # an entry JSON cannot hold fails here, before any file is written
+        text = json.dumps(document, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"save_config: the entries must be JSON data (numbers, strings, lists, dicts); {err}") \
+            from None
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(document, f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_config(path: str, model=None, name: str | None = None) -> MethodConfig:
@@ -98,7 +107,9 @@ def model_record(model, name: str | None = None) -> dict:
     """What a configuration file records about the model it was made for: the timm name (``name``, else the
     model's own record of it), depth and input size. :func:`load_config_for` compares them."""
     from .families import adapter_for
+    from .patch import patched_model
 
+    model = patched_model(model)  # a features_only getter records the model it wraps
     family = adapter_for(model)
     name = name or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     return {"model": name, "depth": family.depth, "input_size": list(family.input_size())}
@@ -109,7 +120,9 @@ def load_config_for(path: str, model, name: str | None = None) -> MethodConfig:
     (name, depth or input size) or a configuration the model's family cannot run gives a TokenpaceError."""
     from .families import adapter_for
     from .methods import make_policy
+    from .patch import patched_model
 
+    model = patched_model(model)
     document = read_document(path)
     config = config_of(document, path)
     here = model_record(model, name)

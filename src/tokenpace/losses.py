@@ -92,14 +92,39 @@ def token_cut_loss(records: list[IdleRecord], parts: list[BlockParts], num_prefi
     return total / len(records)
 
 
+def cut_loss_refusal(model: nn.Module) -> str | None:
+    """Why the token cut loss does not apply to ``model`` (no class token, whose attention it is built on), or None."""
+    from .families import adapter_for
+    from .patch import get_patch, patched_model
+
+    if adapter_for(patched_model(model)).has_class_token:
+        return None
+    patch = get_patch(model)
+    kind = (patch.original_class if patch is not None else type(patched_model(model))).__name__
+    return (f"the token cut loss is built on the class token's attention and {kind} has none; train it without "
+            "the cut loss (--cut-mode none)")
+
+
 def model_cut_loss(model: nn.Module, mode: str = "both") -> torch.Tensor:
-    """The token cut loss of a patched model's latest training forward (IdleViT records every idling layer)."""
+    """The token cut loss of a patched model's latest training forward (IdleViT records every idling layer; 0 when
+    no layer idled, e.g. at keep 1). ValueError where there is nothing it could be computed from: a model not
+    patched with Idle, one without a class token, or no training forward yet."""
     from .patch import get_patch
 
     patch = get_patch(model)
-    records = patch.last_state.records if patch is not None and patch.last_state is not None else []
+    if patch is None or patch.config.name != "idle":
+        runs = "is not patched" if patch is None else f"runs {patch.config.name}"
+        raise ValueError(f"the token cut loss is IdleViT's: it needs a model patched with Idle "
+                         f"(tokenpace.apply(model, \"idle\")); this one {runs}")
+    refusal = cut_loss_refusal(model)
+    if refusal is not None:
+        raise ValueError(refusal)
+    if patch.last_state is None or not patch.last_state.training:
+        raise ValueError("the token cut loss reads the model's latest forward in training mode; run "
+                         "model.train() and a forward first")
+    records = patch.last_state.records
     parts = [patch.adapter.parts(record.layer) for record in records]
-    return token_cut_loss(records, parts, patch.adapter.num_prefix if patch is not None else 0, mode)
+    return token_cut_loss(records, parts, patch.adapter.num_prefix, mode)
 
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -173,9 +173,10 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model.model if kind == "FeatureGetterNet" else model
 
 
-def _inner(model: nn.Module) -> nn.Module:
-    """The model a feature extractor wraps: timm's ``features_only`` models of the flat families and LeViT
-    (``FeatureGetterNet``) call its ``forward_intermediates``, so the method runs there. Pyramids' default
+def patched_model(model: nn.Module) -> nn.Module:
+    """The model the method patches: the model itself, or the one a feature extractor wraps. timm's
+    ``features_only`` models of the flat families and LeViT (``FeatureGetterNet``) call its
+    ``forward_intermediates``, so the method runs there. Pyramids' default
     ``FeatureListNet`` calls the stage modules one by one, around any method: refused (and what
     :func:`_unwrapped` refuses)."""
     model = _unwrapped(model)
@@ -189,7 +190,7 @@ def _inner(model: nn.Module) -> nn.Module:
 
 def supported_methods(model: nn.Module) -> list[str]:
     """The methods that run on ``model`` ("evo", "idle", "evit", "topk"); TypeError for an unsupported model."""
-    return methods_for(adapter_for(_inner(model)))
+    return methods_for(adapter_for(patched_model(model)))
 
 
 def get_patch(model: nn.Module) -> Patch | None:
@@ -205,7 +206,7 @@ def apply(model: nn.Module, method: str | MethodConfig, **options) -> nn.Module:
     previous method. No parameters or buffers are added, so ``state_dict`` keys stay those of the plain model.
     """
     config = make_config(method, **options)
-    target = _inner(model)
+    target = patched_model(model)
     family = adapter_for(target)
     policy = make_policy(config, family)  # validates method, score and layer indices against this model
     family.anatomy()  # now, not in the first forward (a compiled model would compile twice)
@@ -247,12 +248,12 @@ def macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> int
     cannot run (a fixed-size model, sides not a multiple of the patch) gives a ValueError naming why.
     """
     patch = get_patch(model)
-    family = patch.adapter if patch is not None else adapter_for(_inner(model))
+    family = patch.adapter if patch is not None else adapter_for(patched_model(model))
     if img_size is not None:  # count only what the model can run
         size = parse_img_size(img_size)
         problem = family.size_problem(size)
         if problem is not None:
-            raise ValueError(f"macs(img_size={img_size!r}): {type(_inner(model)).__name__} cannot run "
+            raise ValueError(f"macs(img_size={img_size!r}): {type(patched_model(model)).__name__} cannot run "
                              f"{size[0]}x{size[1]} inputs: {problem}")
     works = patch.policy.work(family.group_counts(img_size)) if patch is not None else None
     return family.count_macs(works, img_size)

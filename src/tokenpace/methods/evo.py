@@ -134,19 +134,22 @@ class EvoPolicy(Policy):
         else:
             selections = set(starts) | {r.start for r in family.stage_blocks if r.start > self.first}
         last_selection = max(selections)
+        # keep 1 keeps every token: the model runs as it is, with no scores (bit-exact, the dense cost)
+        self.dense = config.keep == 1.0
         # per stage: (lo, hi, pruned, evolve) segments; a pruned segment runs its blocks on one selection, and g is
         # evolved only where a later selection reads it
         self.segments = []
         for r in family.stage_blocks:
             cuts = sorted({r.start, r.stop} | {i for i in selections if i in r} | ({self.first} & set(r)))
-            self.segments.append([(lo, hi, lo >= self.first, hi <= last_selection) for lo, hi in zip(cuts, cuts[1:])])
+            self.segments.append([(lo, hi, lo >= self.first and not self.dense, hi <= last_selection)
+                                  for lo, hi in zip(cuts, cuts[1:])])
         self.row = Row(self.row_query())
         self.learned = config.mode == "stage"  # learned evolution weights replace alpha in stage mode
         # blocks with a learned evolution weight (Evo-LeViT) evolve g from block 0 on, as every attention of the
         # official LeViT code does; the others overwrite it in dense blocks (DeiT's tradeoff 1), so only the block
         # before the first selection is scored
         learns = all(family.parts(i).evolution_logit is not None for i in range(self.first))
-        self.scored_dense = range(0 if learns else self.first - 1, self.first)
+        self.scored_dense = range(0) if self.dense else range(0 if learns else self.first - 1, self.first)
 
     def _alpha(self, logit: torch.Tensor | None) -> float | torch.Tensor:
         """The evolution weight: sigmoid(theta) where the model learns one (stage mode), else the fixed alpha."""

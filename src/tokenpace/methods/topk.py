@@ -43,6 +43,8 @@ class TopK(MethodConfig):
         check_choice("TopK score", self.score, ("cls", "received", "norm", "random"), optional=True)
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, numbers.Integral)):
             raise ValueError(f"TopK layer must be an int layer index or None for the default; got {self.layer!r}")
+        if self.layer is not None:  # numpy ints as Python ints: configs compare, print and save as JSON alike
+            object.__setattr__(self, "layer", int(self.layer))
 
     def refusal(self, family: Family) -> str | None:
         return token_dropping_refusal(self, family)
@@ -67,6 +69,11 @@ class TopKPolicy(Policy):
     def run(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         fam, frame, prefix = self.family, state.frame, self.prefix
         k = keep_count(x.shape[1] - prefix, self.config.keep)
+        if k == x.shape[1] - prefix:  # nothing to drop (keep 1): the model as it is, unscored
+            for i in range(self.depth):
+                x = self.step(state, fam.block, i, x, frame)
+                state.tap(i, lambda: x)
+            return x
         for i in range(self.layer - 1):
             x = self.step(state, fam.block, i, x, frame)
             state.tap(i, lambda: x)
@@ -88,5 +95,7 @@ class TopKPolicy(Policy):
         prefix = counts[0].prefix
         n_all = counts[0].tokens + prefix
         n = keep_count(counts[0].tokens, self.config.keep) + prefix
+        if n == n_all:
+            return [dense_work(n_all)] * self.depth
         return ([dense_work(n_all)] * (self.layer - 1) + [BlockWork(n_all, n_all, row_keys=self.row_keys(n_all))]
                 + [BlockWork(n, n, out_tokens=n)] * (self.depth - self.layer))

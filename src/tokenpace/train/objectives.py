@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..families import adapter_for
-from ..losses import distill_kl, feature_mse, model_cut_loss
+from ..losses import cut_loss_refusal, distill_kl, feature_mse, model_cut_loss
 from ..patch import get_patch
 from .recipes import Recipe
 
@@ -91,9 +91,9 @@ class IdleDistillObjective(Objective):
 
     def __init__(self, model: nn.Module, teacher: nn.Module | None, criterion: nn.Module, recipe: Recipe) -> None:
         super().__init__(model, criterion)
-        if recipe.cut_mode != "none" and not adapter_for(model).has_class_token:
-            raise ValueError(f"the token cut loss is built on the class token's attention and "
-                             f"{type(model).__name__} has none; accepted here: --cut-mode none")
+        refusal = cut_loss_refusal(model) if recipe.cut_mode != "none" else None
+        if refusal is not None:
+            raise ValueError(refusal)
         if recipe.distill_weight and teacher is None:
             raise ValueError(f"distill_weight {recipe.distill_weight} needs a teacher; pass the dense model, "
                              "or set distill_weight 0")
