@@ -268,3 +268,15 @@ def test_pruning_a_patched_model_is_refused_and_pruning_first_works():
         got = tokenpace.apply(model, "idle", keep=1.0).forward_intermediates(images, [2])
     assert len(model.blocks) == 3
     assert all(torch.equal(a, b) for a, b in zip(_flatten(got), _flatten(expected)))
+
+
+def test_a_trace_of_a_forward_stopped_early_lists_the_blocks_that_ran():
+    images = _images(32)
+    model = tokenpace.apply(make_vit("deit", depth=6), "evo", keep=0.5, stage_starts=(2,))
+    with torch.no_grad(), tokenpace.trace(model) as full:
+        model(images)
+    with torch.no_grad(), tokenpace.trace(model) as stopped:
+        model.forward_intermediates(images, [3], stop_early=True, intermediates_only=True)
+    assert len(full.kept) == 6 and len(stopped.kept) == 4  # blocks 4 and 5 never ran: not "every token" (None)
+    assert stopped.kept[:2] == [None, None]
+    assert all(torch.equal(a, b) for a, b in zip(stopped.kept[2:], full.kept[2:4]))

@@ -26,8 +26,9 @@ _PATCHED_CLASSES: dict[type, type] = {}
 
 @dataclass
 class Trace:
-    """Filled by a forward inside :func:`trace`: per block, the original patch indices (B, K_i) that took the full
-    path (None: the block ran on every token). EViT marks its fused token with -1."""
+    """Filled by a forward inside :func:`trace`: per block that ran, the original patch indices (B, K_i) that took
+    the full path (None: the block ran on every token). EViT marks its fused token with -1. A
+    ``forward_intermediates(..., stop_early=True)`` lists the blocks up to where it stopped."""
 
     kept: list[torch.Tensor | None] = field(default_factory=list)
 
@@ -50,8 +51,9 @@ class Patch:
 
     def _done(self, state: ForwardState) -> None:
         self.last_state = state
-        if self.tracer is not None:
-            self.tracer.kept = state.kept
+        if self.tracer is not None:  # one entry per block that ran: a forward stopped early lists no later block
+            ran = state.kept if state.stop_after is None else state.kept[:state.stop_after + 1]
+            self.tracer.kept = ran
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         family, state = self.adapter, self._state()
