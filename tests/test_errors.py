@@ -135,6 +135,19 @@ def test_attention_masks_are_refused_on_a_patched_model():
       "--output", "/dev/null"], "--output '/dev/null' is a file"),
     (["bench", "--methods", "evo:mode=block"], "mode='block' is not accepted"),
     (["bench", "--checkpoint", "/no/such/file.pth"], "checkpoint '/no/such/file.pth' does not exist"),
+    (["bench", "--checkpoint", "/tmp"], "checkpoint '/tmp' is a folder; accepted: a .safetensors or torch"),
+    (["bench", "--config", "/tmp"], "configuration file '/tmp' is a folder; accepted: a JSON file"),
+    (["bench", "--model", "vit_tiny_patch16_224", "--model-args", "depth=0", "--methods", "dense"],
+     "VisionTransformer has no transformer blocks (depth 0)"),
+    (["bench", "--json", "/proc/x.json"], "--json '/proc/x.json' is in folder '/proc', which is not writable"),
+    (["bench", "--json", "/no/such/x.json"], "is in folder '/no/such', which does not exist"),
+    (["show", "x.png", "--output", "/dev/null/sub"], "--output '/dev/null/sub' cannot be created: '/dev/null' is a file"),
+    (["train", "--recipe", "dense", "--data", "x.npz", "--output", "/proc/x"],
+     "--output '/proc/x' cannot be written: folder '/proc' is not writable"),
+    (["eval", "--data", "x.npz", "--keep-sweep", "0.5:0.7:0.1", "--plot", "noext"],
+     "--plot 'noext' has no file type suffix; accepted: "),
+    (["eval", "--data", "x.npz", "--keep-sweep", "0.5:0.7:0.1", "--plot", "p.xyz"],
+     "--plot 'p.xyz' has a file type matplotlib cannot write (.xyz); accepted: "),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2
@@ -179,3 +192,9 @@ def test_methods_that_need_a_block_before_them_refuse_a_one_block_model(method):
     with pytest.raises(ValueError, match="a model of depth 1 has no layer this method can act at .accepted layers "
                                          r"start at 1.; it needs at least 2 blocks"):
         tokenpace.apply(make_vit("deit", depth=1), method)
+
+
+def test_a_run_json_that_is_not_an_object_is_named_on_resume(tmp_path, capsys):
+    (tmp_path / "run.json").write_text("[]")
+    assert main(["train", "--output", str(tmp_path), "--resume"]) == 2
+    assert "run.json is not a run description (a JSON object" in capsys.readouterr().err

@@ -127,3 +127,19 @@ def test_idle_objective_without_distillation_runs_no_teacher(images):
     with_teacher = make_objective(get_recipe("idle-finetune"), tokenpace.apply(copy.deepcopy(dense), "idle"),
                                   torch.nn.CrossEntropyLoss(), dense_model=dense).train()
     assert {"kl", "feature"} <= set(with_teacher(images, targets)[1])
+
+
+@pytest.mark.parametrize("method", [None, "evo", "evit"])
+def test_the_cut_loss_is_refused_where_no_layer_idles(method):
+    """idle-finetune with another method (or dense) has no idling layer: its cut loss is refused, not a silent 0."""
+    import dataclasses
+
+    from tokenpace.train.objectives import make_objective
+    from tokenpace.train.recipes import get_recipe
+
+    recipe = dataclasses.replace(get_recipe("idle-finetune"), distill_weight=0.0,
+                                 method=None if method is None else tokenpace.make_config(method))
+    runs = "runs no method" if method is None else f"runs {method}"
+    with pytest.raises(ValueError, match=f"cut loss is IdleViT's .*the model {runs}.*--cut-mode none"):
+        make_objective(recipe, make_vit(), torch.nn.CrossEntropyLoss())
+    make_objective(dataclasses.replace(recipe, cut_mode="none"), make_vit(), torch.nn.CrossEntropyLoss())

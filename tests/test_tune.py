@@ -385,3 +385,13 @@ def test_tune_keep_fixes_the_methods_without_their_own():
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=4)
     specs = _methods(argparse.Namespace(methods="evo@0.4,idle", keep=0.5), model, None)
     assert [(s.method, dict(s.options)["keep"]) for s in specs] == [("evo", 0.4), ("idle", 0.5)]
+
+
+def test_evos_modes_are_one_candidate_where_they_compute_the_same():
+    """At depth 2 Evo prunes one layer, a stage start either way: layer mode is stage mode (bit-equal logits), so
+    it is not a second candidate; at depth 6 (stage starts 2 and 4, pruned layers 2-5) the modes differ."""
+    shallow = make_vit("deit", depth=2)
+    pool = candidates(shallow, parse_methods("evo"), (0.5,), (0,))
+    assert [c.config.mode for c in pool] == ["stage"]
+    deep = make_vit("deit", depth=6)
+    assert [c.config.mode for c in candidates(deep, parse_methods("evo"), (0.5,), (0,))] == ["stage", "layer"]

@@ -74,6 +74,9 @@ def load_config(path: str, model=None, name: str | None = None) -> MethodConfig:
 
 def read_document(path: str) -> dict:
     """The JSON object of a configuration file, with its ``method`` and ``options`` entries checked for shape."""
+    if os.path.isdir(path):
+        raise TokenpaceError(f"configuration file {path!r} is a folder; accepted: a JSON file (a tune folder's is "
+                             f"{os.path.join(path, 'tokenpace.json')!r})")
     if not os.path.isfile(path):
         raise TokenpaceError(f"configuration file {path!r} does not exist")
     try:

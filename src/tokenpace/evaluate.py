@@ -2,6 +2,8 @@
 configuration run on each batch), plus GMACs and measured throughput; keep-ratio sweeps and their plot."""
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +113,19 @@ def plot_sweep(rows: list[EvalRow], path: str, title: str) -> None:
             ax.scatter([r.img_per_s], [r.top1], marker="*", s=160, color="black", zorder=5, label="dense")
             break
     save_plot(fig, ax, path, title, "throughput (images/s, measured)", "top-1 (%)")
+
+
+def plot_format_problem(path: str) -> str | None:
+    """Why matplotlib cannot write a figure to ``path`` (no suffix, or one it has no writer for), or None. Checked
+    before the work: matplotlib would otherwise fail after it, or add ``.png`` to a name without a suffix."""
+    from matplotlib.figure import Figure
+
+    suffix = os.path.splitext(path)[1].lower()
+    supported = sorted(Figure().canvas.get_supported_filetypes())
+    if suffix[1:] in supported:
+        return None
+    what = "has no file type suffix" if not suffix else f"has a file type matplotlib cannot write ({suffix})"
+    return f"{what}; accepted: {', '.join('.' + s for s in supported)}"
 
 
 def save_plot(fig, ax, path: str, title: str, xlabel: str, ylabel: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -133,13 +134,27 @@ def _export(model: nn.Module, path: str, example: torch.Tensor, opset: int) -> N
         with torch.no_grad():
             model(example)  # builds the families' per-shape tables with real tensors before tracing sees them
         weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+        # the exporter prints its progress; onnxscript's version converter logs a traceback when it cannot reach
+        # the opset, which _verify then reports in one line
+        with contextlib.redirect_stdout(io.StringIO()), _quiet("onnxscript.version_converter"):
             torch.onnx.export(model, (example,), path, dynamo=True, opset_version=opset, input_names=["images"],
                               output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
                               external_data=weights > _PROTOBUF_LIMIT)
     except Exception as err:  # the exporter's own failures: say which model and why, in one line
         raise TokenpaceError(f"torch.onnx could not export this {type(model).__name__}: {_first_line(err)}") from err
     _verify(path, opset)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Silence one logger for the duration (its level restored after)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _verify(path: str, opset: int) -> None:

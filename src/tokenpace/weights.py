@@ -20,6 +20,9 @@ def read_state_dict(path: str, use_ema: bool = False) -> dict[str, torch.Tensor]
     truncated or foreign file."""
     from timm.models import load_state_dict
 
+    if os.path.isdir(path):
+        raise TokenpaceError(f"checkpoint {path!r} is a folder; accepted: a .safetensors or torch checkpoint file "
+                             "(a training run's folder: --run DIR)")
     if not os.path.isfile(path):
         raise TokenpaceError(f"checkpoint {path!r} does not exist")
     if os.path.getsize(path) == 0:

@@ -15,7 +15,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..bench import device_name, stderr_progress, versions
     from ..data import DataSpec, build_dataset, check_labels, eval_transform, num_classes_of
-    from ..evaluate import evaluate, format_rows, plot_sweep
+    from ..evaluate import evaluate, format_rows, plot_format_problem, plot_sweep
 
     sweep = args.keep_sweep is not None
     if args.plot is not None and not sweep:
@@ -23,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
     source.check_output_file(args.json, "--json")
     plot = args.plot or ("eval_sweep.png" if sweep else None)
     source.check_output_file(plot, "--plot")
+    if plot is not None and plot_format_problem(plot) is not None:
+        raise TokenpaceError(f"--plot {plot!r} {plot_format_problem(plot)}")
     device = source.device(args.device)
     model, record = source.build(args)
     specs = source.specs(args, model, record)

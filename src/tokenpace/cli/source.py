@@ -312,17 +312,17 @@ def show_method(args: argparse.Namespace, model, record) -> tuple[str, dict]:
 
 def check_output_file(path: str | None, flag: str) -> None:
     """An output file must be writable before the work that produces it starts."""
-    if path is None:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise TokenpaceError(f"{flag} {path!r} is a folder; accepted: a file path")
-    if not os.path.isdir(folder):
-        raise TokenpaceError(f"{flag} {path!r}: folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise TokenpaceError(f"{flag} {path!r}: folder {folder!r} is not writable")
+    from ..outputs import output_file_problem
+
+    problem = None if path is None else output_file_problem(path)
+    if problem is not None:
+        raise TokenpaceError(f"{flag} {path!r} {problem}")
 
 
 def check_output_folder(path: str, flag: str) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise TokenpaceError(f"{flag} {path!r} is a file; accepted: a folder (created if missing)")
+    """An output folder must be creatable (or exist) and writable before the work that fills it starts."""
+    from ..outputs import output_folder_problem
+
+    problem = output_folder_problem(path)
+    if problem is not None:
+        raise TokenpaceError(f"{flag} {path!r} {problem}")

@@ -67,7 +67,7 @@ def _methods(args: argparse.Namespace, model, record) -> list:
             raise TokenpaceError("--methods: dense is the reference every configuration is measured against; "
                                  "list methods only (e.g. evo,idle)")
     elif recorded is not None:
-        source.note(f"searching {recorded.name}, the method run {record.folder!r} was trained for (--methods "
+        source.note(f"searching {recorded.name}, the method {record.origin()} was trained for (--methods "
                     "searches others)")
         specs = [MethodSpec(recorded.name)]
     else:

@@ -29,7 +29,11 @@ def adapter_for(model: nn.Module) -> Family:
     none."""
     for family in FAMILIES:
         if family.matches(model):
-            return family(model)
+            adapter = family(model)
+            if adapter.depth == 0:  # nothing a method could run on, and no block for the cost model to count
+                raise UnsupportedModel(f"{type(model).__name__} has no transformer blocks (depth 0); tokenpace needs "
+                                       "at least one")
+            return adapter
     raise UnsupportedModel(f"{type(model).__module__}.{type(model).__name__} is not a supported model; "
                            f"tokenpace supports: {SUPPORTED}")
 

@@ -94,6 +94,11 @@ class IdleDistillObjective(Objective):
         refusal = cut_loss_refusal(model) if recipe.cut_mode != "none" else None
         if refusal is not None:
             raise ValueError(refusal)
+        method = recipe.method.name if recipe.method is not None else None
+        if recipe.cut_mode != "none" and method != "idle":  # the model is patched after this, with recipe.method
+            runs = f"runs {method}" if method is not None else "runs no method (dense)"
+            raise ValueError(f"the token cut loss is IdleViT's (it reads the idling layers) and the model {runs}; "
+                             "train it with --cut-mode none, or with --method idle")
         if recipe.distill_weight and teacher is None:
             raise ValueError(f"distill_weight {recipe.distill_weight} needs a teacher; pass the dense model, "
                              "or set distill_weight 0")

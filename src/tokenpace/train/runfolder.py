@@ -11,6 +11,7 @@ import os
 from ..data import DataSpec
 from ..errors import TokenpaceError
 from ..models import EXPORT, RUN_CONFIG
+from ..outputs import output_folder_problem
 from .recipes import method_to_dict, recipe_from_dict, recipe_to_dict
 
 CHECKPOINT = "last.pth"
@@ -39,6 +40,9 @@ def check_output(output: str, resume: bool, overwrite: bool) -> None:
     if os.path.exists(output) and not os.path.isdir(output):
         raise RunFolderError(f"--output {output!r} is a file; accepted: a new or empty folder, or a run folder with "
                              "--resume / --overwrite")
+    problem = output_folder_problem(output)
+    if problem is not None:
+        raise RunFolderError(f"--output {output!r} {problem}")
     if resume:
         if not os.path.isfile(os.path.join(output, CHECKPOINT)):
             raise RunFolderError(f"--resume: no checkpoint at {os.path.join(output, CHECKPOINT)}")
@@ -87,9 +91,13 @@ def read_description(output: str) -> dict | None:
         return None
     try:
         with open(path) as f:
-            return json.load(f)
+            description = json.load(f)
     except ValueError as err:
         raise RunFolderError(f"{path} is not readable JSON ({err}); start afresh with --overwrite") from None
+    if not isinstance(description, dict) or not description:
+        raise RunFolderError(f"{path} is not a run description (a JSON object of the run's settings); start afresh "
+                             "with --overwrite")
+    return description
 
 
 def check_resume(output: str, description: dict) -> None:

@@ -1,0 +1,40 @@
+"""Whether an output path can be written, checked before the work that produces it: by trying, since permission
+bits say nothing for root, read-only mounts or /proc."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+def _can_create_in(folder: str) -> bool:
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def output_file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be written as a file (a phrase that follows the path), or None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "is a folder; accepted: a file path"
+    if not os.path.isdir(folder):
+        return f"is in folder {folder!r}, which does not exist"
+    if not _can_create_in(folder):
+        return f"is in folder {folder!r}, which is not writable"
+    return None
+
+
+def output_folder_problem(path: str) -> str | None:
+    """Why ``path`` cannot be used (or created) as a folder to write in (a phrase that follows the path), or None."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "is a file; accepted: a folder (created if missing)"
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the nearest ancestor there is: where the folder would be created
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"cannot be created: {existing!r} is a file"
+    if not _can_create_in(existing):
+        return f"cannot be written: folder {existing!r} is not writable"
+    return None
