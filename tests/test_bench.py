@@ -149,7 +149,8 @@ def test_benchmark_and_eval_keep_one_model(monkeypatch):
                                                             "dense runs; name a method with --methods"),
     (["--methods", "evo@0.6", "--keep-sweep", "0.3:1:0.1"], "--keep-sweep sets the keep of every method, and evo in "
                                                              "--methods sets its own; give one"),
-    (["--json", "/no/such/folder/bench.json"], "--json '/no/such/folder/bench.json': folder '/no/such/folder' does"),
+    (["--json", "/no/such/folder/bench.json"], "--json '/no/such/folder/bench.json' is in folder '/no/such/folder', "
+                                               "which does not exist"),
     (["--batch-size", "100000000"], "inference at batch size 100000000 does not fit in memory: one allocation asked"),
     (["--train", "--model-args", "num_classes=0"], "--train times a classification training step, and "
                                                    "vit_tiny_patch16_224 is built without a classifier head (num_"
