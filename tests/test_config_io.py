@@ -108,3 +108,12 @@ def test_a_features_only_model_is_checked_as_the_model_it_wraps(tmp_path):
     assert json.load(open(path))["depth"] == TINY["depth"]
     config = tokenpace.load_config(path, net, "vit_tiny_patch16_224")
     assert tokenpace.get_patch(tokenpace.apply(net, config)).config.keep == 0.5
+
+
+def test_a_file_recorded_with_a_pretrained_tag_fits_the_untagged_model(model, tmp_path):
+    path = str(tmp_path / "c.json")
+    record = model_record(model, "vit_tiny_patch16_224")
+    save_config(tokenpace.Evo(keep=0.5), path, **{**record, "model": "vit_tiny_patch16_224.augreg_in21k"})
+    assert tokenpace.load_config(path, model, "vit_tiny_patch16_224").keep == 0.5  # same architecture
+    with pytest.raises(TokenpaceError, match="made for another model"):
+        tokenpace.load_config(path, model, "vit_small_patch16_224")

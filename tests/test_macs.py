@@ -99,3 +99,10 @@ def test_macs_equal_flop_counter_on_the_non_fused_path(variant, method, options)
 def test_macs_rejects_bad_img_size():
     with pytest.raises(ValueError, match="img_size"):
         tokenpace.macs(make_vit("deit"), img_size=-3)
+
+
+def test_a_hybrid_stem_is_counted_at_multiples_of_its_stride_only():
+    model = _meta_model("vit_small_r26_s32_224", dynamic_img_size=True)
+    assert tokenpace.macs(model, img_size=256) > tokenpace.macs(model)
+    with pytest.raises(ValueError, match="multiples of its stem's stride 32x32"):
+        tokenpace.macs(model, img_size=250)  # the ResNet stem gives 8 x 8 there, a floor would count 7 x 7

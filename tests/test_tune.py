@@ -388,10 +388,14 @@ def test_tune_keep_fixes_the_methods_without_their_own():
 
 
 def test_evos_modes_are_one_candidate_where_they_compute_the_same():
-    """At depth 2 Evo prunes one layer, a stage start either way: layer mode is stage mode (bit-equal logits), so
-    it is not a second candidate; at depth 6 (stage starts 2 and 4, pruned layers 2-5) the modes differ."""
+    """At depth 2 Evo prunes one layer, a stage start either way: layer mode is stage mode, so it is not a second
+    candidate; at depth 6 (stage starts 2 and 4, pruned layers 2-5) the modes differ."""
     shallow = make_vit("deit", depth=2)
     pool = candidates(shallow, parse_methods("evo"), (0.5,), (0,))
     assert [c.config.mode for c in pool] == ["stage"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # what the twin rule claims: the two modes give the same logits
+        stage = tokenpace.apply(shallow, "evo", keep=0.5)(x)
+        assert torch.equal(tokenpace.apply(shallow, "evo", keep=0.5, mode="layer")(x), stage)
     deep = make_vit("deit", depth=6)
     assert [c.config.mode for c in candidates(deep, parse_methods("evo"), (0.5,), (0,))] == ["stage", "layer"]

@@ -118,6 +118,17 @@ def model_record(model, name: str | None = None) -> dict:
     return {"model": name, "depth": family.depth, "input_size": list(family.input_size())}
 
 
+def _architecture(name) -> str | None:
+    """A timm name as the architecture it builds, its pretrained tag dropped (``deit_small_patch16_224.fb_in1k``
+    and a model's ``pretrained_cfg`` name the same model); None for names that say no architecture (hf-hub:...)."""
+    from timm.models import parse_model_name, split_model_name_tag
+
+    if not isinstance(name, str):
+        return None
+    source, name = parse_model_name(name)
+    return split_model_name_tag(name)[0] if source is None else None
+
+
 def load_config_for(path: str, model, name: str | None = None) -> MethodConfig:
     """:func:`load_config`, checked against ``model`` (timm name ``name``): a file recorded for another model
     (name, depth or input size) or a configuration the model's family cannot run gives a TokenpaceError."""
@@ -129,8 +140,10 @@ def load_config_for(path: str, model, name: str | None = None) -> MethodConfig:
     document = read_document(path)
     config = config_of(document, path)
     here = model_record(model, name)
+    recorded = {**document, "model": _architecture(document.get("model"))}
+    current = {**here, "model": _architecture(here["model"])}
     differ = [key for key in ("model", "depth", "input_size")
-              if document.get(key) is not None and here[key] is not None and document[key] != here[key]]
+              if recorded.get(key) is not None and current[key] is not None and recorded[key] != current[key]]
     if differ:
         def text(record):
             return ", ".join(f"{key} {record.get(key)}" for key in differ)

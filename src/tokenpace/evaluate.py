@@ -96,7 +96,11 @@ def format_rows(rows: list[EvalRow]) -> str:
 
 
 def plot_sweep(rows: list[EvalRow], path: str, title: str) -> None:
-    """Top-1 against measured throughput, one line per method (keep ratios annotated), dense as a star."""
+    """Top-1 against measured throughput, one line per method (keep ratios annotated), dense as a star. ValueError
+    for a path matplotlib would not write as named (see :func:`plot_format_problem`)."""
+    problem = plot_format_problem(path)
+    if problem is not None:
+        raise ValueError(f"plot {path!r} {problem}")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,7 +125,7 @@ def plot_format_problem(path: str) -> str | None:
     from matplotlib.figure import Figure
 
     suffix = os.path.splitext(path)[1].lower()
-    supported = sorted(Figure().canvas.get_supported_filetypes())
+    supported = sorted(set(Figure().canvas.get_supported_filetypes()) - {"pgf"})  # pgf needs a LaTeX install
     if suffix[1:] in supported:
         return None
     what = "has no file type suffix" if not suffix else f"has a file type matplotlib cannot write ({suffix})"

@@ -97,9 +97,10 @@ def cut_loss_refusal(model: nn.Module) -> str | None:
     from .families import adapter_for
     from .patch import get_patch, patched_model
 
-    if adapter_for(patched_model(model)).has_class_token:
-        return None
     patch = get_patch(model)
+    family = patch.adapter if patch is not None else adapter_for(patched_model(model))
+    if family.has_class_token:
+        return None
     kind = (patch.original_class if patch is not None else type(patched_model(model))).__name__
     return (f"the token cut loss is built on the class token's attention and {kind} has none; train it without "
             "the cut loss (--cut-mode none)")
@@ -123,6 +124,8 @@ def model_cut_loss(model: nn.Module, mode: str = "both") -> torch.Tensor:
         raise ValueError("the token cut loss reads the model's latest forward in training mode; run "
                          "model.train() and a forward first")
     records = patch.last_state.records
+    if not records:  # no layer idled (keep 1): a 0 where the model is, to sum with its other loss terms
+        return torch.zeros((), device=next(model.parameters()).device)
     parts = [patch.adapter.parts(record.layer) for record in records]
     return token_cut_loss(records, parts, patch.adapter.num_prefix, mode)
 

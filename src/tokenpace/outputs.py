@@ -31,8 +31,13 @@ def output_folder_problem(path: str) -> str | None:
     if os.path.exists(path) and not os.path.isdir(path):
         return "is a file; accepted: a folder (created if missing)"
     existing = os.path.abspath(path)
-    while not os.path.exists(existing):  # the nearest ancestor there is: where the folder would be created
-        existing = os.path.dirname(existing)
+    while not os.path.lexists(existing):  # the nearest ancestor there is: where the folder would be created
+        parent = os.path.dirname(existing)
+        if parent == existing:  # a root that is not there (a missing drive or network share)
+            return f"cannot be created: {existing!r} does not exist"
+        existing = parent
+    if os.path.islink(existing) and not os.path.exists(existing):
+        return f"cannot be created: {existing!r} is a broken symbolic link"
     if not os.path.isdir(existing):
         return f"cannot be created: {existing!r} is a file"
     if not _can_create_in(existing):

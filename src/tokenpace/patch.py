@@ -255,7 +255,8 @@ def macs(model: nn.Module, img_size: int | tuple[int, int] | None = None) -> int
         size = parse_img_size(img_size)
         problem = family.size_problem(size)
         if problem is not None:
-            raise ValueError(f"macs(img_size={img_size!r}): {type(patched_model(model)).__name__} cannot run "
+            kind = patch.original_class if patch is not None else type(patched_model(model))
+            raise ValueError(f"macs(img_size={img_size!r}): {kind.__name__} cannot run "
                              f"{size[0]}x{size[1]} inputs: {problem}")
     works = patch.policy.work(family.group_counts(img_size)) if patch is not None else None
     return family.count_macs(works, img_size)

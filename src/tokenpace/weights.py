@@ -22,7 +22,7 @@ def read_state_dict(path: str, use_ema: bool = False) -> dict[str, torch.Tensor]
 
     if os.path.isdir(path):
         raise TokenpaceError(f"checkpoint {path!r} is a folder; accepted: a .safetensors or torch checkpoint file "
-                             "(a training run's folder: --run DIR)")
+                             "(a training run's folder holds model.safetensors)")
     if not os.path.isfile(path):
         raise TokenpaceError(f"checkpoint {path!r} does not exist")
     if os.path.getsize(path) == 0:

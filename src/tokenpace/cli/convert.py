@@ -7,8 +7,6 @@ from . import source
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     from ..config_io import config_path_for
     from ..official import checkpoint_keep, convert, ratio_in_name
 
@@ -16,9 +14,9 @@ def run(args: argparse.Namespace) -> int:
     source.check_output_file(config_path_for(args.dst), "DST's configuration")
     keep, origin = checkpoint_keep(args.src, args.arch, args.keep)
     named = ratio_in_name(args.src)
+    config = convert(args.src, args.dst, args.arch, keep=args.keep)  # refuses a keep out of range first
     clash = f"; the file name says ratio {named}" if named is not None and named != keep else ""
-    print(f"keep {keep} ({origin}{clash})", file=sys.stderr)
-    config = convert(args.src, args.dst, args.arch, keep=args.keep)
+    source.note(f"keep {keep} ({origin}{clash})")
     print(args.dst)
     print(config)
     return 0

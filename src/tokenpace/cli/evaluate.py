@@ -23,8 +23,9 @@ def run(args: argparse.Namespace) -> int:
     source.check_output_file(args.json, "--json")
     plot = args.plot or ("eval_sweep.png" if sweep else None)
     source.check_output_file(plot, "--plot")
-    if plot is not None and plot_format_problem(plot) is not None:
-        raise TokenpaceError(f"--plot {plot!r} {plot_format_problem(plot)}")
+    problem = plot_format_problem(plot) if plot is not None else None
+    if problem is not None:
+        raise TokenpaceError(f"--plot {plot!r} {problem}")
     device = source.device(args.device)
     model, record = source.build(args)
     specs = source.specs(args, model, record)

@@ -26,6 +26,12 @@ def patch_embed_size_problem(patch_embed: nn.Module, size: tuple[int, int], resi
         return f"it is built for {own[0]}x{own[1]} inputs only (build it with img_size=N for another size)"
     if patch_embed.strict_img_size:
         return f"it is built for {own[0]}x{own[1]} inputs only (build it with {resize_hint} for other sizes)"
+    if hasattr(patch_embed, "backbone"):  # a hybrid stem: its convolutions round what the patch grid would floor
+        stride = (own[0] // patch_embed.grid_size[0], own[1] // patch_embed.grid_size[1])
+        if size[0] % stride[0] or size[1] % stride[1]:
+            return (f"its sides must be multiples of its stem's stride {stride[0]}x{stride[1]} (other sizes are "
+                    "not counted: the stem rounds their grid)")
+        return None
     patch = tuple(patch_embed.patch_size)
     if not getattr(patch_embed, "dynamic_img_pad", False) and (size[0] % patch[0] or size[1] % patch[1]):
         return (f"its sides must be multiples of the patch size {patch[0]}x{patch[1]} (or build it with "

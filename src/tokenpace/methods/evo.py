@@ -11,6 +11,7 @@ Tokens are scattered back to raster order after every segment, so down-sampling 
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass
 from typing import ClassVar
@@ -34,7 +35,8 @@ MODES = ("stage", "layer")
 class Evo(MethodConfig):
     """Evo-ViT configuration.
 
-    keep: fraction of patch tokens on the slow path, K = int(P * keep) (0.5 in the paper).
+    keep: fraction of patch tokens on the slow path, K = int(P * keep) (0.5 in the paper); keep 1 runs the model
+        as it is (no scores, bit-exact).
     stage_starts: layers where a selection is made in ``"stage"`` mode; the first is where pruning starts.
         None: what the model asks for (``tokenpace.defaults``: (1,) on timm LeViT, (2,) on tokenpace's Evo-LeViT as
         in the official code), else (4, 8) at depth 12, scaled for other depths, and (2,) on multi-stage models.
@@ -85,6 +87,14 @@ class Evo(MethodConfig):
 
     def policy(self, family: Family) -> "EvoPolicy":
         return EvoPolicy(self, family)
+
+    def modes_coincide(self, family: Family) -> bool:
+        """Layer mode computes what stage mode does on ``family`` (this config resolved for it): every pruned layer
+        is a selection either way, and no block learns an evolution weight (which stage mode reads, layer mode not)."""
+        if any(parts.evolution_logit is not None for parts in family.anatomy()):
+            return False
+        stage, layer = (EvoPolicy(dataclasses.replace(self, mode=mode), family) for mode in MODES)
+        return stage.segments == layer.segments and stage.scored_dense == layer.scored_dense
 
 
 def gather_slow_path(x: torch.Tensor, g: torch.Tensor, ranking: torch.Tensor, k: int, prefix: int,

@@ -72,7 +72,9 @@ def official_state(checkpoint) -> tuple[dict, str]:
     return clean_state_dict(state), "(the given dict)"
 
 
-_RATIO_IN_NAME = re.compile(r"ratio(\d*\.\d+|\d+)")  # IdleViT's release names: idlevit_deit_small_ratio0.7.pth
+# IdleViT's release names (idlevit_deit_small_ratio0.7.pth), also spelled ratio_0.7 / ratio-0.7 / Ratio0.7; a word
+# that only ends in "ratio" (aspectratio1.33) is not one
+_RATIO_IN_NAME = re.compile(r"(?<![a-z])ratio[_-]?(\d*\.\d+|\d+)", re.IGNORECASE)
 
 
 def ratio_in_name(checkpoint) -> float | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import torch
 from torch import nn
 
 from ..bench import MethodSpec, configure, restored
@@ -79,7 +78,6 @@ def candidates(model: nn.Module, specs: list[MethodSpec], keeps: tuple[float, ..
     kept once."""
     found: list[Candidate] = []
     seen: set = set()
-    stage_logits: dict[MethodConfig, torch.Tensor] = {}  # Evo stage-mode candidates' logits on the probe image
     with restored(model):
         for spec in specs:
             given = spec.method_options()
@@ -100,29 +98,15 @@ def candidates(model: nn.Module, specs: list[MethodSpec], keeps: tuple[float, ..
                         same_counts = (replace(applied, keep=None), round(gmacs, 9))
                         if applied in seen or same_counts in seen:
                             continue
-                        if len(modes) == 2 and _evo_mode_twin(model, applied, stage_logits):
-                            continue
+                        if (len(modes) == 2 and applied.mode == "layer" and replace(applied, mode="stage") in seen
+                                and applied.modes_coincide(adapter_for(model))):
+                            continue  # stage mode's twin, found already
                         seen.update((applied, same_counts))
                         found.append(Candidate(applied, gmacs, default=_same_work(applied, default, gmacs)))
     if not found:
         raise TokenpaceError("no configuration to search: every selection layer shift leaves the model; accepted "
                              "shifts keep the layers inside it (e.g. --start-shifts 0)")
     return found
-
-
-def _evo_mode_twin(model: nn.Module, applied: MethodConfig, stage_logits: dict) -> bool:
-    """True for an Evo layer-mode configuration that computes what its stage-mode twin does (a model where every
-    pruned layer is a stage start, without learned evolution weights): bit-equal logits on one probe image, which
-    two different computations do not give. Stage-mode configurations are recorded for the comparison."""
-    model_param = next(model.parameters())
-    probe = torch.randn(1, *adapter_for(model).input_size(), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = model(probe.to(model_param.device, model_param.dtype))
-    if applied.mode == "stage":
-        stage_logits[applied] = logits
-        return False
-    twin = stage_logits.get(replace(applied, mode="stage"))
-    return twin is not None and torch.equal(twin, logits)
 
 
 def _applied(model: nn.Module, config: MethodConfig) -> tuple[MethodConfig, float]:
