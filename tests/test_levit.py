@@ -502,3 +502,9 @@ def test_bench_fuse_bn_is_recorded_and_refused_where_it_cannot_apply(tmp_path, c
     for flag in ("--memory", "--train"):
         assert main(common + [flag]) == 2
         assert f"--fuse-bn folds BatchNorm for inference timing; {flag} measures" in capsys.readouterr().err
+
+
+def test_a_two_block_evo_levit_prunes_from_its_last_block_by_default():
+    model = timm.create_model("evo_levit_cifar", depth=(1, 1))
+    assert tokenpace.supported_methods(model) == ["evo", "idle"]
+    assert tokenpace.get_patch(tokenpace.apply(model, "evo")).config.stage_starts == (1,)  # block 2 is not there

@@ -101,6 +101,16 @@ def test_official_schedules_and_spec_macs():
         assert shortcut < tokenpace.macs(tokenpace.apply(model, "idle", project_keys=True))
 
 
+def test_other_depths_round_the_quarters_and_every_listed_method_applies():
+    """Depth 6: quarters 1.5, 3, 4.5 round to 2, 3, 5 (not 1, 2, 3); depth 2 keeps one stage (quarters merge)."""
+    for depth, starts in ((6, (2, 3, 5)), (7, (2, 4, 5)), (2, (1,))):
+        with torch.device("meta"):
+            model = timm.create_model("lvvit_s", depth=depth)
+        for method in tokenpace.supported_methods(model):  # listed means it applies with its defaults
+            tokenpace.apply(model, method)
+        assert tokenpace.get_patch(tokenpace.apply(model, "idle")).config.stage_starts == starts
+
+
 @pytest.mark.parametrize("method,options", [(None, {}), ("evo", {}), ("idle", {}), ("idle", {"project_keys": True}),
                                             ("evit", {}), ("topk", {})], ids=str)
 def test_macs_equal_flop_counter_on_the_non_fused_path(method, options):

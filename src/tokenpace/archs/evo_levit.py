@@ -118,7 +118,12 @@ class EvoLevit(nn.Module):
     """Evo-LeViT (dense until patched with ``tokenpace.apply(model, "evo")``); timm-style API."""
 
     # the official Evo-LeViT: Evo's representative token, pruning from block 2 (blocks 0-1 dense)
-    tokenpace_defaults = {"evo": {"representative": True, "stage_starts": (2,)}}
+    @property
+    def tokenpace_defaults(self) -> dict:
+        """The official schedule: representative token, pruning from block 2 (from the last block on models built
+        with fewer than 3 blocks)."""
+        depth = sum(len(stage) for stage in self.stages)
+        return {"evo": {"representative": True, "stage_starts": (max(1, min(2, depth - 1)),)}}
 
     def __init__(self, img_size: int = 224, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: tuple[int, ...] = (256, 384, 512), key_dim: int = 32, depth: tuple[int, ...] = (4, 4, 4),

@@ -20,6 +20,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from ..core.feature_maps import vit_intermediates
+from ..core.schedule import scaled_layers
 from .registry import no_pretrained, register, without_plumbing
 
 
@@ -116,9 +117,9 @@ class LvVit(nn.Module):
     @property
     def tokenpace_defaults(self) -> dict:
         """IdleViT's official LV-ViT schedule: idle from a quarter of the depth, stages at each further quarter
-        (LV-ViT-S, 16 blocks: 4, 8, 12; LV-ViT-M, 20 blocks: 5, 10, 15)."""
-        quarter = len(self.blocks) // 4
-        return {"idle": {"stage_starts": (quarter, 2 * quarter, 3 * quarter)}}
+        (LV-ViT-S, 16 blocks: 4, 8, 12; LV-ViT-M, 20 blocks: 5, 10, 15); other depths round the quarters (as DeiT's
+        3, 6, 9 of 12 are scaled), merging stages on very shallow models."""
+        return {"idle": {"stage_starts": scaled_layers(len(self.blocks), (3, 6, 9))}}
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -31,8 +31,17 @@ def make_config(method: str | MethodConfig, **options) -> MethodConfig:
 
 
 def methods_for(family) -> list[str]:
-    """The methods that run on ``family``, in METHODS order."""
-    return [name for name, cls in METHODS.items() if cls().refusal(family) is None]
+    """The methods that run on ``family`` with their defaults (a shallow model may leave no layer for one), in
+    METHODS order."""
+    return [name for name, cls in METHODS.items() if cls().refusal(family) is None and _runs_by_default(cls(), family)]
+
+
+def _runs_by_default(config: MethodConfig, family) -> bool:
+    try:
+        config.resolved(family).policy(family)
+    except ValueError:
+        return False
+    return True
 
 
 def make_policy(config: MethodConfig, family) -> Policy:
