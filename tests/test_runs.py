@@ -30,22 +30,26 @@ def _err(capsys) -> str:
     return lines[0]
 
 
-def test_idle_finetune_resumes_with_its_teacher(tmp_path, capsys):
+def test_idle_finetune_resumes_with_its_teacher(tmp_path, capsys, monkeypatch):
     """--resume alone continues with the recorded settings, and the teacher is rebuilt from the recorded starting
-    weights (it was a copy of a random student before): split == straight, bit for bit."""
+    weights (it was a copy of a random student before): split == straight, bit for bit. Paths given relative to
+    the working folder are recorded absolute: the run resumes from any other folder."""
     dense = tmp_path / "dense"
     assert main(train_argv(dense, "--recipe", "dense", "--epochs", "1")) == 0
+    monkeypatch.chdir(tmp_path)
     # fine-tune from the dense run folder: its model and model arguments come with it
-    common = ["train", "--recipe", "idle-finetune", "--run", str(dense), "--data", CIFAR, "--limit", "64",
-              "--batch-size", "16", "--workers", "0", "--quiet", "--epochs", "2"]
-    assert main(common + ["--output", str(tmp_path / "straight")]) == 0
-    assert main(common + ["--output", str(tmp_path / "split"), "--stop-after", "1"]) == 0
+    common = ["train", "--recipe", "idle-finetune", "--run", "dense", "--data", os.path.relpath(CIFAR, tmp_path),
+              "--limit", "64", "--batch-size", "16", "--workers", "0", "--quiet", "--epochs", "2"]
+    assert main(common + ["--output", "straight"]) == 0
+    assert main(common + ["--output", "split", "--stop-after", "1"]) == 0
+    monkeypatch.chdir(tmp_path / "dense")
     assert main(["train", "--output", str(tmp_path / "split"), "--resume", "--workers", "0", "--quiet"]) == 0
     a, b = _state(tmp_path / "straight"), _state(tmp_path / "split")
     assert a["epoch"] == b["epoch"] == 2
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     recorded = json.loads((tmp_path / "split" / "run.json").read_text())
     assert recorded["init"] == str(dense / "model.safetensors") and len(recorded["init_sha256"]) == 64
+    assert recorded["data"]["path"] == os.path.abspath(CIFAR)
     assert recorded["model_args"]["depth"] == 4 and recorded["recipe"]["name"] == "idle-finetune"
 
     # the API refuses a fine-tune resume without its starting weights, and a changed weights file
@@ -223,3 +227,25 @@ def test_resume_ignores_the_derived_method_record_but_not_the_recipe(tmp_path):
     check_resume(str(tmp_path), {**recorded, "method": evo})  # no error: only the derived record differs
     with pytest.raises(RunFolderError, match="recipe.method"):
         check_resume(str(tmp_path), {**recorded, "recipe": {"name": "finetune", "method": {**evo, "keep": 0.7}}})
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--batch-size", "15"], "recipe 'dense' mixes images in pairs (mixup/cutmix), which needs an even batch size; "
+                             "got 15"),
+    (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a GPU: on the CPU Accelerate runs fp16 in float32"),
+])
+def test_settings_a_run_cannot_honour_are_refused_before_anything_is_written(tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    argv = train_argv(out, "--recipe", "dense", "--epochs", "1")
+    argv[argv.index("--batch-size"):argv.index("--batch-size") + 2] = []
+    assert main(argv + (extra if "--batch-size" in extra else extra + ["--batch-size", "16"])) == 2
+    assert message in _err(capsys) and not out.exists()
+
+
+def test_the_largest_seed_trains_past_its_first_epoch_and_a_low_peak_is_the_floor(tmp_path, capsys):
+    out = tmp_path / "seed"
+    assert main(train_argv(out, "--recipe", "dense", "--epochs", "2", "--seed", str(2**32 - 1), "--lr", "1e-7",
+                           "--warmup-epochs", "0")) == 0
+    assert "the peak learning rate 1e-07 is below the recipe's min_lr" in capsys.readouterr().err
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == [1e-7, 1e-7]  # flat at the peak: not rising towards the recipe's floor

@@ -83,6 +83,12 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError(f"amp {cfg.amp!r} is not accepted; choose one of none, bf16, fp16")
     if cfg.pretrained and cfg.init is not None:
         raise TrainError("--pretrained and --checkpoint both give the starting weights; choose one")
+    if cfg.amp == "fp16" and (cfg.cpu or not torch.cuda.is_available()):
+        raise TrainError("--amp fp16 needs a GPU: on the CPU Accelerate runs fp16 in float32; use --amp bf16 or none")
+    r = cfg.recipe
+    if (r.mixup > 0 or r.cutmix > 0) and cfg.batch_size % 2:
+        raise TrainError(f"recipe {r.name!r} mixes images in pairs (mixup/cutmix), which needs an even batch size; "
+                         f"got {cfg.batch_size}")
     if cfg.recipe.from_checkpoint and cfg.init is None and not cfg.pretrained:
         raise TrainError(f"recipe {cfg.recipe.name!r} fine-tunes dense weights (and builds any teacher from them): "
                          "pass --checkpoint FILE, --run DIR (a dense run) or --pretrained")
@@ -277,15 +283,21 @@ def train(cfg: TrainConfig) -> list[dict]:
         raise TrainError(f"the training set has {len(train_ds)} images, fewer than one batch of {cfg.batch_size}"
                          + (f" per process ({accelerator.num_processes} processes)"
                             if accelerator.num_processes > 1 else ""))
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs_total, min_lr=r.min_lr,
-                                       warmup_lr=r.warmup_lr, warmup_epochs=r.warmup_epochs, step_on_epochs=False,
+    # a peak below the recipe's floor (a small batch scales the peak down, not the floor) would make the "decay"
+    # rise and the warm-up fall: the floor is lowered to the peak, and the run says so
+    min_lr, warmup_lr = min(r.min_lr, lr), min(r.warmup_lr, lr)
+    if (min_lr, warmup_lr) != (r.min_lr, r.warmup_lr) and accelerator.is_main_process and not cfg.resume:
+        note(f"the peak learning rate {lr:.3g} is below the recipe's min_lr {r.min_lr:.3g} or warmup_lr "
+             f"{r.warmup_lr:.3g}; both are lowered to it (the lr then stays at {lr:.3g}); raise --lr or the batch size")
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs_total, min_lr=min_lr,
+                                       warmup_lr=warmup_lr, warmup_epochs=r.warmup_epochs, step_on_epochs=False,
                                        updates_per_epoch=len(train_loader))
     if r.warmup_epochs >= cfg.epochs_total and accelerator.is_main_process and not cfg.resume:
         note(f"the learning rate warms up over {r.warmup_epochs} epochs and the run has {cfg.epochs_total}: it never "
              f"reaches its peak ({lr:.3g}); shorten --warmup-epochs")
     mixup = Mixup(mixup_alpha=r.mixup, cutmix_alpha=r.cutmix, switch_prob=r.mixup_switch_prob,
                   label_smoothing=r.smoothing, num_classes=num_classes) if (r.mixup > 0 or r.cutmix > 0) else None
-    ema = ModelEmaV3(student, decay=r.ema_decay) if r.ema_decay else None
+    ema = ModelEmaV3(student, decay=r.ema_decay, device=accelerator.device) if r.ema_decay else None
 
     objective, optimizer, train_loader, val_loader = accelerator.prepare(objective, optimizer, train_loader,
                                                                          val_loader)
@@ -306,7 +318,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     last_epoch = cfg.epochs_total if cfg.stop_after is None else min(cfg.epochs_total, start_epoch + cfg.stop_after)
     for epoch in range(start_epoch, last_epoch):
         # every epoch starts from seeds that depend only on (seed, epoch): resuming replays the same batches
-        set_seed(cfg.seed + epoch * 1009 + accelerator.process_index * 7919)
+        set_seed((cfg.seed + epoch * 1009 + accelerator.process_index * 7919) % 2**32)  # numpy's seed range
         sampler.start_epoch(epoch)
         method = method_for_epoch(r, epoch, cfg.epochs_total)
         set_method(student, method)

@@ -78,11 +78,19 @@ def describe(cfg, model_args: dict, processes: int, init_sha256: str | None) -> 
     from ..bench import versions
     from .loop import inference_method
 
-    return {"model": cfg.model, "model_args": model_args, "pretrained": cfg.pretrained, "init": cfg.init,
+    data = dataclasses.asdict(cfg.data)
+    data["path"] = _absolute(data["path"])
+    return {"model": cfg.model, "model_args": model_args, "pretrained": cfg.pretrained, "init": _absolute(cfg.init),
             "init_sha256": init_sha256, "recipe": recipe_to_dict(cfg.recipe),
-            "method": method_to_dict(inference_method(cfg.recipe)), "data": dataclasses.asdict(cfg.data),
+            "method": method_to_dict(inference_method(cfg.recipe)), "data": data,
             "epochs": cfg.epochs_total, "batch_size": cfg.batch_size, "processes": processes, "lr": cfg.lr,
             "seed": cfg.seed, "amp": cfg.amp, "crop_pct": cfg.crop_pct, "versions": versions()}
+
+
+def _absolute(path: str | None) -> str | None:
+    """A file or folder as an absolute path (run.json is read from other working folders on --resume); anything
+    else (None, a data set name such as ``cifar10``) as it is."""
+    return os.path.abspath(path) if path is not None and os.path.exists(path) else path
 
 
 def read_description(output: str) -> dict | None:
@@ -151,6 +159,9 @@ def _normalised(recorded: dict) -> dict:
         recorded["recipe"] = {"name": recorded["recipe"], "method": recorded.get("method")}
     if recorded.get("amp") == "no":
         recorded["amp"] = "none"
+    recorded["init"] = _absolute(recorded.get("init"))  # relative paths: to the working folder, as they were meant
+    if isinstance(recorded.get("data"), dict):
+        recorded["data"] = {**recorded["data"], "path": _absolute(recorded["data"].get("path"))}
     return recorded
 
 
