@@ -434,3 +434,66 @@ def test_table_columns_hold_long_configurations():
     ends = {line.index(mark) + len(mark) for line, mark in zip((lines[0], lines[2], lines[3]), ("GMACs", "4.6", "2.9"))}
     assert len({len(line) for line in (lines[0], lines[2], lines[3])}) == 1 and len(ends) == 1  # aligned
     assert long in lines[3]
+
+
+def _tiny(**kwargs):
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2,
+                             num_classes=10, **kwargs)
+
+
+def test_the_python_benchmarks_give_the_model_back_as_it_came_and_leave_the_global_rng_alone():
+    import torch
+
+    import tokenpace
+    from tokenpace.bench import benchmark, benchmark_train
+    from tokenpace.evaluate import accuracy_table
+
+    model = tokenpace.apply(_tiny().train(), "evo", keep=0.5)
+    data = [(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))]
+    state = torch.random.get_rng_state()
+    specs = parse_methods("idle,dense,evo")
+    rows = benchmark(model, specs, 2, torch.device("cpu"), runs=1, warmup=0)
+    assert rows[1].speedup == 1.0 and rows[0].speedup is not None  # dense need not come first
+    benchmark_train(model, parse_methods("dense,idle"), 2, "cpu", runs=1, warmup=0)
+    accuracy_table(model, specs, data, torch.device("cpu"))
+    assert model.training and tokenpace.get_patch(model).config.name == "evo"
+    assert torch.equal(torch.random.get_rng_state(), state)
+    with pytest.raises(ValueError, match="the loader gave no images"):
+        accuracy_table(model, specs, [], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(batch_size=0), "batch_size must be an integer >= 1; got 0"),
+    (dict(runs=0), "runs must be an integer >= 1; got 0"),
+    (dict(specs=[]), "specs is empty"),
+    (dict(amp="fp8"), "amp 'fp8' is not accepted; choose one of none, bf16, fp16"),
+])
+def test_benchmark_arguments_are_checked(kwargs, message):
+    import torch
+
+    from tokenpace.bench import benchmark
+
+    args = {"specs": parse_methods("dense"), "batch_size": 1, "device": "cpu", "runs": 1, "warmup": 0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        benchmark(_tiny(), **args)
+
+
+def test_a_bfloat16_model_is_benchmarked_and_scored_by_norm_in_float64_too():
+    import torch
+
+    import tokenpace
+    from tokenpace.bench import benchmark
+
+    rows = benchmark(_tiny().to(torch.bfloat16), parse_methods("dense,idle"), 2, "cpu", runs=1, warmup=0)
+    assert [r.method for r in rows] == ["dense", "idle"]
+    model = tokenpace.apply(_tiny().double().eval(), "idle", keep=0.5, score="norm")
+    assert model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_an_option_given_twice_in_a_method_item_is_refused():
+    with pytest.raises(Exception, match="'idle@0.5:keep=0.7' sets keep twice"):
+        parse_methods("idle@0.5:keep=0.7")

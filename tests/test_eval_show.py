@@ -251,3 +251,20 @@ def test_eval_without_weights_says_they_are_random_and_names_the_tuned_run(tmp_p
             f"{config} was tuned on the run 'runs/dense': add --run runs/dense") in err
     assert main([*common[:4], TINY_ARGS.replace(",num_classes=10", ""), *common[5:], "--methods", "dense"]) == 0
     assert "the model predicts 1000 classes and" in capsys.readouterr().err  # a head not made for these labels
+
+
+def test_selection_figures_show_the_eval_selection_and_restore_the_mode():
+    import numpy as np
+    import timm
+    import torch
+
+    import tokenpace
+    from tokenpace.vis import selection_figure
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=4, embed_dim=32, num_heads=2,
+                              drop_path_rate=0.5, drop_rate=0.5)  # created in train mode, as timm does
+    tokenpace.apply(model, "evo", keep=0.5)
+    pixels = torch.randn(3, 32, 32)
+    first, second = (np.asarray(selection_figure(model, pixels)) for _ in range(2))
+    assert model.training and (first == second).all()  # no dropout in the figure, the caller's mode kept

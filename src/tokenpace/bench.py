@@ -98,6 +98,8 @@ def parse_methods(text: str, train: bool = False) -> list[MethodSpec]:
             key, eq, value = pair.partition("=")
             if not eq:
                 raise TokenpaceError(f"option {pair!r} in {item!r} must be key=value")
+            if key in options:  # idle@0.5:keep=0.7, or one option twice: which one was meant?
+                raise TokenpaceError(f"{item!r} sets {key} twice; give it once")
             options[key] = _literal(value)
         if name == "dense" and options:
             raise TokenpaceError("dense takes no options")
@@ -174,13 +176,36 @@ def configure(model: nn.Module, config: MethodConfig | None) -> nn.Module:
 
 @contextmanager
 def restored(model: nn.Module):
-    """Run a block that re-configures ``model``, then give it back in the configuration it came in."""
+    """Run a block that re-configures ``model`` (method, train/eval mode), then give it back as it came in."""
     patch = get_patch(model)
     original = None if patch is None else patch.config
+    was_training = model.training
     try:
         yield model
     finally:
         configure(model, original)
+        model.train(was_training)
+
+
+def random_input(model: nn.Module, batch_size: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """Timing input: a batch of the model's input size in its parameters' dtype on ``device``, drawn from a private
+    generator (the caller's global RNG stream is left as it was)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(batch_size, *adapter_for(model).input_size(), generator=torch.Generator().manual_seed(seed))
+    return x.to(device, dtype if dtype.is_floating_point else torch.float32)
+
+
+def check_timing(specs: list, runs: int, warmup: int, amp: str) -> None:
+    """The arguments every benchmark takes, checked before any work."""
+    if not specs:
+        raise ValueError("specs is empty: give at least one MethodSpec (e.g. parse_methods(\"dense,evo\"))")
+    for name, value, minimum in (("runs", runs, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp {amp!r} is not accepted; choose one of {', '.join(AMP_DTYPES)}")
 
 
 def benchmark(
@@ -203,13 +228,16 @@ def benchmark(
     captured once in a CUDA graph, then replayed) each configuration gets its own copy instead (``runners``).
     torch.compile's CUDA-graph modes record their graphs in the second call: give them two warm-up rounds; they warn
     if inductor ran any graph without its CUDA graph."""
+    device = torch.device(device)
+    check_timing(specs, runs, warmup, amp)
     mode = RunMode(compile=compile, compile_mode=compile_mode, cuda_graph=cuda_graph)
     mode.check(device)
     say = progress or (lambda msg: None)
-    x = torch.randn(batch_size, *adapter_for(model).input_size(), device=device)
+    model = model.to(device)
+    x = random_input(model, batch_size, device)
     configs = [spec_config(spec) for spec in specs]
-    model = model.to(device).eval()
     with restored(model):
+        model.eval()
         gmacs = [macs(configure(model, config)) / 1e9 for config in configs]
         applied = [applied_config(configure(model, config)) for config in configs]
         labels = [spec.method for spec in specs]
@@ -278,11 +306,14 @@ def benchmark_train(
     The specs share one student (re-configured before each step, outside the timing) and one AdamW over every
     trainable parameter (parameters without a gradient in a step are skipped); only Idle's frozen teacher and
     Evo's class-token head are extra. The steps update the model's weights (lr 1e-6)."""
+    device = torch.device(device)
+    check_timing(specs, runs, warmup, amp)
     say = progress or (lambda msg: None)
-    x = torch.randn(batch_size, *adapter_for(model).input_size(), device=device)
-    y = torch.randint(0, model.num_classes, (batch_size,), device=device)
-    autocast = autocast_for(device, amp)
+    came_in = applied_config(model), model.training
     model = remove(model).to(device)
+    x = random_input(model, batch_size, device)
+    y = torch.randint(0, model.num_classes, (batch_size,), generator=torch.Generator().manual_seed(1)).to(device)
+    autocast = autocast_for(device, amp)
     objectives = [train_objective(configure(model, None), spec).to(device).train() for spec in specs]
     params = list({id(p): p for o in objectives for m in o.trainable() for p in m.parameters()
                    if p.requires_grad}.values())
@@ -302,7 +333,7 @@ def benchmark_train(
     steps = [lambda objective=objective: step(objective) for objective in objectives]
     times = _time_interleaved([spec.method for spec in specs], prepares, steps, device, runs, warmup, nullcontext,
                               say, "train ")
-    remove(model)
+    configure(model, came_in[0]).train(came_in[1])  # the method and mode it came in with (its weights moved)
     return _results(specs, gmacs, times, batch_size, applied)
 
 
@@ -328,7 +359,7 @@ def _time_interleaved(labels, prepares, calls, device, runs, warmup, autocast, s
 
 def _results(specs, gmacs, times, batch_size, applied) -> list[BenchResult]:
     medians = [statistics.median(series) for series in times]
-    base = medians[0] if specs[0].method == "dense" else None
+    base = next((m for spec, m in zip(specs, medians) if spec.method == "dense"), None)  # the first dense row
     return [
         BenchResult(
             method=spec.method, config=spec.describe(config), gmacs=round(g, 6), img_per_s=batch_size / t,

@@ -36,15 +36,18 @@ def topk_hits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int, to
 def accuracy_table(model: nn.Module, specs: list[MethodSpec], loader, device: torch.device, amp: str = "none",
                    progress=None) -> list[tuple[float, float, float]]:
     """(top-1, top-5, agreement with dense) per spec, in percent, from one pass over ``loader``. One model (moved to
-    ``device``) is re-configured for each spec on each batch; it is given back in the configuration it came in."""
+    ``device``) is re-configured for each spec on each batch, in eval mode; it is given back in the configuration
+    and mode it came in."""
     configs = [spec_config(s) for s in specs]
     autocast = autocast_for(device, amp)
-    model = model.to(device).eval()
+    model = model.to(device)
+    dtype = next(model.parameters()).dtype
     counts = [[0, 0, 0] for _ in specs]
     total = 0
     with torch.inference_mode(), autocast(), restored(model):
+        model.eval()
         for step, (images, targets) in enumerate(loader):
-            images, targets = images.to(device), targets.to(device)
+            images, targets = images.to(device, dtype), targets.to(device)
             reference = configure(model, None)(images).argmax(-1)
             for config, c in zip(configs, counts):
                 hits1, hits5, predicted = topk_hits(configure(model, config)(images), targets)
@@ -54,7 +57,9 @@ def accuracy_table(model: nn.Module, specs: list[MethodSpec], loader, device: to
             total += targets.numel()
             if progress is not None:
                 progress(f"[eval] batch {step + 1}/{len(loader)}")
-    return [tuple(100.0 * v / max(total, 1) for v in c) for c in counts]
+    if total == 0:
+        raise ValueError("the loader gave no images: accuracy needs at least one labelled image")
+    return [tuple(100.0 * v / total for v in c) for c in counts]
 
 
 def evaluate(model: nn.Module, specs: list[MethodSpec], loader, device: torch.device, batch_size: int,

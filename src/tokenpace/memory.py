@@ -22,23 +22,37 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def reset_peak_rss() -> None:
+    """Start the peak resident set size over from the current one (Linux: ``5`` to /proc/self/clear_refs), so that
+    what the process held before (a checkpoint read and freed) is not counted as the measured run's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as err:
+        raise TokenpaceError(f"the CPU memory probe cannot reset this process's peak memory ({err}); it needs "
+                             "Linux's /proc/self/clear_refs") from None
+
+
 def peak_rss() -> int:
-    """The largest resident set size this process has had, in bytes (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The largest resident set size of this process since the last :func:`reset_peak_rss`, in bytes (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise TokenpaceError("this system's /proc/self/status has no VmHWM line: the CPU memory probe needs Linux")
 
 
 def probe(model: nn.Module, request: dict, device: torch.device, amp: str = "none") -> dict:
     """Run one configuration once and report its peak memory above the baseline (model, inputs, nothing else).
 
     ``request``: {"method", "options", "batch_size", "mode": "inference" | "train", "grad_checkpointing"}."""
-    from .bench import MethodSpec, autocast_for, configure, spec_config, train_objective
-    from .families import adapter_for
+    from .bench import MethodSpec, autocast_for, configure, random_input, spec_config, train_objective
 
     spec = MethodSpec(request["method"], tuple((k, tuple(v) if isinstance(v, list) else v)
                                                for k, v in request["options"]))
     batch, train = request["batch_size"], request["mode"] == "train"
     model = model.to(device)
-    x = torch.randn(batch, *adapter_for(model).input_size(), device=device)
+    x = random_input(model, batch, device)
     autocast = autocast_for(device, amp)
     if train:
         if request["grad_checkpointing"]:
@@ -73,6 +87,7 @@ def probe(model: nn.Module, request: dict, device: torch.device, amp: str = "non
         peak = torch.cuda.max_memory_allocated(device) - baseline
     else:
         baseline = current_rss()
+        reset_peak_rss()
         run()
         peak = max(peak_rss() - baseline, 0)
     return {"method": spec.method, "config": spec.describe(config), "keep": None if config is None else config.keep,

@@ -12,10 +12,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .bench import BenchResult, MethodSpec, _results, _time_interleaved, applied_config, configure, spec_config
-from .families import adapter_for
+from .bench import (BenchResult, MethodSpec, _results, _time_interleaved, applied_config, configure, random_input,
+                    spec_config)
 from .onnx_export import export_onnx
-from .patch import macs, remove
+from .patch import macs
 
 
 @dataclass
@@ -41,6 +41,7 @@ def onnx_sessions(model: nn.Module, specs: list[MethodSpec], threads: int | None
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     configs = []
+    came_in = applied_config(model)
     with tempfile.TemporaryDirectory(prefix="tokenpace-onnx-") as folder:
         for i, spec in enumerate(specs):
             configure(model, spec_config(spec))
@@ -50,14 +51,14 @@ def onnx_sessions(model: nn.Module, specs: list[MethodSpec], threads: int | None
                 f"{exported.max_abs_diff[1]:.1e} at batch 1)")
             session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
             configs.append(OnnxConfig(spec, macs(model) / 1e9, applied_config(model), session))
-        remove(model)
+        configure(model, came_in)  # the method it came in with
         yield configs
 
 
 def benchmark_onnx(model: nn.Module, configs: list[OnnxConfig], batch_size: int, runs: int = 10, warmup: int = 2,
                    progress: Callable[[str], None] | None = None) -> list[BenchResult]:
     """Median time per batch of each exported configuration, interleaved round by round."""
-    images = torch.randn(batch_size, *adapter_for(model).input_size()).numpy()
+    images = random_input(model, batch_size, torch.device("cpu")).float().numpy()
     calls = [lambda s=c.session: s.run(None, {"images": images}) for c in configs]
     times = _time_interleaved([c.spec.method for c in configs], [lambda: None] * len(configs), calls,
                               torch.device("cpu"), runs, warmup, contextlib.nullcontext,

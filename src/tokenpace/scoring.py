@@ -99,8 +99,9 @@ def bias_row(parts: BlockParts, where: Any, query: str) -> torch.Tensor | None:
 
 
 def token_norms(x: torch.Tensor) -> torch.Tensor:
-    """The L2 norm of every token (..., n, C) -> (..., n) in float32: free, and defined for any attention."""
-    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+    """The L2 norm of every token (..., n, C) -> (..., n) in float32 (float64 models: float64): free, and defined
+    for any attention."""
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 def score_macs(parts: BlockParts, work: ScoreWork) -> int:

@@ -79,7 +79,7 @@ def selection_figure(model: nn.Module, pixels: torch.Tensor, image: Image.Image 
 
     ``pixels`` is the model's input (C, H, W). The panels show ``image`` when given (it must be what the model saw,
     e.g. already resized and cropped); by default the picture is recovered from ``pixels`` with the model's mean
-    and std, so overlays sit exactly on the tokens."""
+    and std, so overlays sit exactly on the tokens. The model runs in eval mode (its mode is restored after)."""
     patch = get_patch(model)
     if patch is None:
         raise ValueError("selection_figure needs a patched model: call tokenpace.apply(model, method) first")
@@ -89,8 +89,12 @@ def selection_figure(model: nn.Module, pixels: torch.Tensor, image: Image.Image 
         config = data_config(model)
         image = model_view(pixels, config["mean"], config["std"])
     param = next(model.parameters())
-    with torch.inference_mode(), trace(model) as tr:
-        model(pixels.unsqueeze(0).to(param.device))
+    was_training = model.training
+    try:  # the selection inference makes: eval mode (no dropout, BatchNorm's running statistics), restored after
+        with torch.inference_mode(), trace(model.eval()) as tr:
+            model(pixels.unsqueeze(0).to(param.device, param.dtype))
+    finally:
+        model.train(was_training)
     layers = selection_layers(tr.kept)
     panels = [("input", image.convert("RGB").resize(panel_size(image), Image.BICUBIC))]
     for i in layers:

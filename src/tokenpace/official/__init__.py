@@ -133,6 +133,11 @@ def convert(checkpoint, dst: str, arch: str, keep: float | None = None) -> str:
     if not dst.endswith(".safetensors"):
         raise TokenpaceError(f"the converted weights are written as safetensors; DST must end in .safetensors, got "
                              f"{dst!r}")
+    from ..outputs import output_file_problem
+
+    problem = output_file_problem(dst)
+    if problem is not None:  # before the checkpoint is read
+        raise TokenpaceError(f"DST {dst!r} {problem}")
     spec = official_arch(arch)
     model = load_official(checkpoint, arch, keep)
     export_safetensors(model, dst)

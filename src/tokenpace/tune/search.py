@@ -168,14 +168,18 @@ def tune(model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu",
          clock: Callable[[], float] = time.monotonic) -> TuneResult:
     """Search ``methods`` (default: every method of the model's family; a spec's own options are kept fixed) on
     ``dataset`` (items ``(image, label)`` with the model's evaluation transform applied, or bare images) and
-    return what was measured and chosen. ``model`` is given back unpatched."""
+    return what was measured and chosen. ``model`` is given back unpatched, in the train/eval mode it came in."""
     settings = settings or TuneSettings()
     device = torch.device(device)
-    search = _Search(model, dataset, device, settings, methods, progress, clock)
+    was_training = model.training
     try:
-        search.run()
+        search = _Search(model, dataset, device, settings, methods, progress, clock)
+        try:
+            search.run()
+        finally:
+            search.bar.close()
     finally:
-        search.bar.close()
+        model.train(was_training)
     return search.result
 
 
