@@ -19,6 +19,15 @@ def make_levit(name="levit_cifar", seed=0, **overrides):
     return spread_weights(timm.create_model(name, **{**SMALL, **overrides}), seed).eval()
 
 
+def spread_batchnorm_statistics(model):
+    """Non-trivial BatchNorm running statistics (timm initialises them to the identity)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
 @pytest.fixture
 def images():
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -252,10 +261,7 @@ def test_published_levit_macs():
 
 def test_batchnorm_fused_levit_keeps_working(images):
     model = make_levit("levit_cifar")
-    for m in model.modules():  # non-trivial running statistics, so fusing changes the weights
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
+    spread_batchnorm_statistics(model)  # fusing changes the weights
     with torch.no_grad():
         ref = tokenpace.apply(model, "evo", keep=0.5)(images)
         fused = fuse_batchnorm(copy.deepcopy(tokenpace.remove(model)))
@@ -409,10 +415,7 @@ def ref_levit_idle(model, img, keep, starts, score):
 @pytest.mark.parametrize("name", ["levit_cifar", "evo_levit_cifar"])
 def test_idle_on_levit_equals_the_masked_reference(name, images):
     model = make_levit(name)
-    for m in model.modules():  # non-trivial running statistics: scores fold BatchNorm into the key projection
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
+    spread_batchnorm_statistics(model)  # scores fold BatchNorm into the key projection
     score = "cls" if name == "evo_levit_cifar" else "received"
     with torch.no_grad():
         dense = model(images)
@@ -458,10 +461,7 @@ def test_idle_in_training_normalises_each_block_once_over_its_tokens(project_key
     from tokenpace.losses import model_cut_loss
 
     model = make_levit("evo_levit_cifar")
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
+    spread_batchnorm_statistics(model)
     reference = copy.deepcopy(model).train()
     expected = ref_evo_levit_idle_training(reference, images, 0.6, (2, 4, 5))
     tokenpace.apply(model.train(), "idle", keep=0.6, project_keys=project_keys)

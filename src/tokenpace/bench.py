@@ -15,6 +15,7 @@ from torch import nn
 from .errors import TokenpaceError, user_input
 from .families import adapter_for
 from .methods import METHODS, MethodConfig, make_config
+from .modes import mode_kept
 from .patch import apply, get_patch, macs, remove
 from .runners import RunMode, make_runners, warn_if_graphs_skipped
 
@@ -179,12 +180,11 @@ def restored(model: nn.Module):
     """Run a block that re-configures ``model`` (method, train/eval mode), then give it back as it came in."""
     patch = get_patch(model)
     original = None if patch is None else patch.config
-    was_training = model.training
     try:
-        yield model
+        with mode_kept(model):
+            yield model
     finally:
         configure(model, original)
-        model.train(was_training)
 
 
 def random_input(model: nn.Module, batch_size: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -309,7 +309,7 @@ def benchmark_train(
     device = torch.device(device)
     check_timing(specs, runs, warmup, amp)
     say = progress or (lambda msg: None)
-    came_in = applied_config(model), model.training
+    method_in, training_in = applied_config(model), model.training
     model = remove(model).to(device)
     x = random_input(model, batch_size, device)
     y = torch.randint(0, model.num_classes, (batch_size,), generator=torch.Generator().manual_seed(1)).to(device)
@@ -333,7 +333,7 @@ def benchmark_train(
     steps = [lambda objective=objective: step(objective) for objective in objectives]
     times = _time_interleaved([spec.method for spec in specs], prepares, steps, device, runs, warmup, nullcontext,
                               say, "train ")
-    configure(model, came_in[0]).train(came_in[1])  # the method and mode it came in with (its weights moved)
+    configure(model, method_in).train(training_in)  # the method and mode it came in with (its weights moved)
     return _results(specs, gmacs, times, batch_size, applied)
 
 

@@ -3,7 +3,6 @@ configuration run on each batch), plus GMACs and measured throughput; keep-ratio
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass
 
 import torch

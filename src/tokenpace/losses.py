@@ -97,11 +97,11 @@ def cut_loss_refusal(model: nn.Module) -> str | None:
     from .families import adapter_for
     from .patch import get_patch, patched_model
 
-    patch = get_patch(model)
-    family = patch.adapter if patch is not None else adapter_for(patched_model(model))
+    patch, target = get_patch(model), patched_model(model)
+    family = patch.adapter if patch is not None else adapter_for(target)
     if family.has_class_token:
         return None
-    kind = (patch.original_class if patch is not None else type(patched_model(model))).__name__
+    kind = (patch.original_class if patch is not None else type(target)).__name__
     return (f"the token cut loss is built on the class token's attention and {kind} has none; train it without "
             "the cut loss (--cut-mode none)")
 

@@ -11,13 +11,14 @@ import contextlib
 import importlib.util
 import io
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .errors import TokenpaceError
+from .modes import mode_kept
+from .outputs import output_file_problem
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 18
@@ -101,22 +102,19 @@ def export_onnx(model: nn.Module, path: str, *, img_size: int | tuple[int, int] 
     reason = _refusal(model)
     if reason is not None:
         raise TokenpaceError(f"this {type(model).__name__} cannot be exported: {reason}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise TokenpaceError(f"ONNX output {path!r}: folder {folder!r} does not exist")
+    problem = output_file_problem(path)
+    if problem is not None:
+        raise TokenpaceError(f"ONNX output {path!r} {problem}")
     size = _input_size(model, img_size)
     param = next(model.parameters())
     example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
-    was_training = model.training
-    model.eval()
-    try:
+    with mode_kept(model):
+        model.eval()
         _export(model, path, example, opset)
         try:
             diffs = {b: _check(model, path, size, b, param) for b in check}
         except Exception as err:
             raise TokenpaceError(f"ONNX Runtime could not run the exported {path!r}: {_first_line(err)}") from err
-    finally:
-        model.train(was_training)
     bad = {b: d for b, d in diffs.items() if not d <= TOLERANCE}
     if bad:
         raise TokenpaceError("ONNX Runtime's logits differ from PyTorch's by "

@@ -8,6 +8,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch import nn
 
 from .errors import TokenpaceError
+from .modes import mode_kept
 from .patch import get_patch, trace
 
 PANEL = 224  # pixels per panel side (the shorter side, for non-square inputs)
@@ -89,12 +90,9 @@ def selection_figure(model: nn.Module, pixels: torch.Tensor, image: Image.Image 
         config = data_config(model)
         image = model_view(pixels, config["mean"], config["std"])
     param = next(model.parameters())
-    was_training = model.training
-    try:  # the selection inference makes: eval mode (no dropout, BatchNorm's running statistics), restored after
-        with torch.inference_mode(), trace(model.eval()) as tr:
-            model(pixels.unsqueeze(0).to(param.device, param.dtype))
-    finally:
-        model.train(was_training)
+    # the selection inference makes: eval mode (no dropout, BatchNorm's running statistics), restored after
+    with mode_kept(model), torch.inference_mode(), trace(model.eval()) as tr:
+        model(pixels.unsqueeze(0).to(param.device, param.dtype))
     layers = selection_layers(tr.kept)
     panels = [("input", image.convert("RGB").resize(panel_size(image), Image.BICUBIC))]
     for i in layers:

@@ -288,7 +288,9 @@ def make_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, metavar="PATH",
                     help="packed-JPEG .npz, 'cifar10', or an ImageNet-style folder (its val/ split)")
     add_methods(ev, "dense and every method of the model's family (with --run: dense and the run's method)")
-    ev.add_argument("--plot", default=None, metavar="FILE", help="sweep plot path (default eval_sweep.png; any file type matplotlib writes: .png, .pdf, .svg, ...)")
+    ev.add_argument("--plot", default=None, metavar="FILE",
+                    help="sweep plot path (default eval_sweep.png; any file type matplotlib writes: .png, .pdf, .svg, "
+                         "...)")
     ev.add_argument("--batch-size", type=POSITIVE, default=128, help="batch size (default 128)")
     ev.add_argument("--limit", type=POSITIVE, default=None, metavar="N", help="use only N images, spread over the set")
     ev.add_argument("--canvas", type=POSITIVE, default=None, metavar="N", help="cluttered variant (as in train)")

@@ -202,8 +202,7 @@ class Family(ABC):
         """Why the model cannot run (H, W) inputs, or None when it can. By default a model runs the size it is
         built for only; families whose models resize (dynamic image size, any size) override this."""
         own = tuple(self.input_size()[1:])
-        return None if size == own else (f"it is built for {own[0]}x{own[1]} inputs only (build it with img_size=N "
-                                         "for another size)")
+        return None if size == own else built_for_only(own)
 
     @abstractmethod
     def block_grid(self, i: int) -> tuple[int, int]:
@@ -226,6 +225,11 @@ class Family(ABC):
             if block_reuses_keys(parts, score.project_keys):
                 macs -= work.attn_tokens * parts.shape().key_macs()
         return groups * macs
+
+
+def built_for_only(own: tuple[int, int], resize_hint: str = "img_size=N") -> str:
+    """The size problem of a model that runs the size it is built for only, with the option that changes it."""
+    return f"it is built for {own[0]}x{own[1]} inputs only (build it with {resize_hint} for another size)"
 
 
 def parse_img_size(img_size: int | tuple[int, int]) -> tuple[int, int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .base import built_for_only
+
 
 def patch_grid(patch_embed: nn.Module, img_size: tuple[int, int] | None) -> tuple[int, int]:
     """Rows and columns of patches for ``img_size`` (None: the embedding's own), as timm's PatchEmbed computes
@@ -23,9 +25,9 @@ def patch_embed_size_problem(patch_embed: nn.Module, size: tuple[int, int], resi
     if size == own:
         return None
     if not hasattr(patch_embed, "strict_img_size"):
-        return f"it is built for {own[0]}x{own[1]} inputs only (build it with img_size=N for another size)"
+        return built_for_only(own)
     if patch_embed.strict_img_size:
-        return f"it is built for {own[0]}x{own[1]} inputs only (build it with {resize_hint} for other sizes)"
+        return built_for_only(own, resize_hint)
     if hasattr(patch_embed, "backbone"):  # a hybrid stem: its convolutions round what the patch grid would floor
         stride = (own[0] // patch_embed.grid_size[0], own[1] // patch_embed.grid_size[1])
         if size[0] % stride[0] or size[1] % stride[1]:

@@ -69,14 +69,12 @@ class TopKPolicy(Policy):
     def run(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         fam, frame, prefix = self.family, state.frame, self.prefix
         k = keep_count(x.shape[1] - prefix, self.config.keep)
-        if k == x.shape[1] - prefix:  # nothing to drop (keep 1): the model as it is, unscored
-            for i in range(self.depth):
-                x = self.step(state, fam.block, i, x, frame)
-                state.tap(i, lambda: x)
-            return x
-        for i in range(self.layer - 1):
+        drops = k < x.shape[1] - prefix  # keep 1 drops nothing: the model runs as it is, unscored
+        for i in range(self.layer - 1 if drops else self.depth):
             x = self.step(state, fam.block, i, x, frame)
             state.tap(i, lambda: x)
+        if not drops:
+            return x
         where = fam.tokens(frame)
         x, scores, _ = self.step(state, run_block, fam.parts(self.layer - 1), x, where, row=self.row)
         state.tap(self.layer - 1, lambda: x)

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from ..bench import AMP_DTYPES, MethodSpec, benchmark, device_name
 from ..evaluate import accuracy_table
+from ..modes import mode_kept
 from ..patch import supported_methods
 from .clock import SAFETY, Deadline, Progress, format_duration
 from .space import Candidate, candidates, dense_gmacs
@@ -171,15 +172,12 @@ def tune(model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu",
     return what was measured and chosen. ``model`` is given back unpatched, in the train/eval mode it came in."""
     settings = settings or TuneSettings()
     device = torch.device(device)
-    was_training = model.training
-    try:
+    with mode_kept(model):
         search = _Search(model, dataset, device, settings, methods, progress, clock)
         try:
             search.run()
         finally:
             search.bar.close()
-    finally:
-        model.train(was_training)
     return search.result
 
 
