@@ -193,7 +193,9 @@ def ref_evit(model, img, keep, layers, fuse=True):
 
 
 def ref_topk(model, img, keep, layer):
+    assert layer >= 1, "top-k ranks by the class attention of the block before its cut layer"
     x = embed(model, img)
+    g = None
     P0 = model.num_prefix_tokens
     N = x.shape[1] - P0
     for i, blk in enumerate(model.blocks):

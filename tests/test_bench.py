@@ -257,6 +257,12 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     (dict(compile=True, compile_mode="max-autotune"), "replays CUDA graphs"),
     (dict(cuda_graph=True), "CUDA-graph capture .* needs a CUDA device \\(got cpu\\)"),
     (dict(cuda_graph=True, compile=True), "needs a CUDA device \\(got cpu\\)"),  # the device is checked first
+    (dict(compile_backend="aot_eager"), "compile backend 'aot_eager' \\(--compile-backend\\) sets what compiles, "
+                                        "and compile \\(--compile\\) is off"),
+    (dict(compile=True, compile_backend="fast"), "unknown compile backend 'fast'; accepted: .*aot_eager.*inductor"),
+    (dict(compile=True, compile_backend="aot_eager", compile_mode="max-autotune-no-cudagraphs"),
+     "compile mode 'max-autotune-no-cudagraphs' is inductor's, and the compile backend is 'aot_eager'; accepted with "
+     "'aot_eager': default"),
 ])
 def test_run_modes_that_do_not_apply_are_refused(mode, error):
     import torch
@@ -267,6 +273,25 @@ def test_run_modes_that_do_not_apply_are_refused(mode, error):
 
     with pytest.raises(TokenpaceError, match=error):
         benchmark(make_vit("deit", depth=1), parse_methods("dense"), 1, torch.device("cpu"), **mode)
+
+
+def test_another_compile_backend_compiles_every_configuration_with_it(monkeypatch):
+    """compile_backend="aot_eager" (the GPU suite's smoke run): every configuration is compiled by that backend, with
+    no inductor mode passed to it, and runs."""
+    import torch
+
+    from tokenpace.bench import benchmark
+    from tokenpace.runners import RunMode
+    from conftest import make_vit
+
+    calls = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(kw) or real_compile(m, **kw))
+    rows = benchmark(make_vit("deit", depth=2), parse_methods("dense,evo,idle"), 2, "cpu", compile=True, runs=1,
+                     warmup=1, compile_backend="aot_eager")
+    assert calls == [{"backend": "aot_eager"}] * 3
+    assert [r.method for r in rows] == ["dense", "evo", "idle"] and all(r.ms_per_batch > 0 for r in rows)
+    assert RunMode(compile=True, compile_backend="aot_eager").describe() == "compiled (aot_eager)"
 
 
 def test_run_mode_checks_on_a_cuda_device_object():
@@ -417,6 +442,9 @@ def test_bench_cli_refuses_run_modes_that_do_not_apply(capsys):
     for argv, error in ((["--compile-mode", "max-autotune-no-cudagraphs"], "--compile-mode max-autotune-no-cudagraphs"
                          " sets how --compile compiles, and --compile is off (add --compile)"),
                         (["--compile-mode", "default"], "--compile-mode default sets how --compile compiles"),
+                        (["--compile-backend", "inductor"], "--compile-backend inductor sets what --compile compiles "
+                                                            "with, and --compile is off (add --compile)"),
+                        (["--compile", "--compile-backend", "fast"], "unknown compile backend 'fast'; accepted:"),
                         (["--train", "--cuda-graph"], "--cuda-graph is for inference"),
                         (["--cuda-graph"], "needs a CUDA device (got cpu)"),
                         (["--memory", "--cuda-graph"], "needs a CUDA device (got cpu)")):
@@ -473,8 +501,6 @@ def test_the_python_benchmarks_give_the_model_back_as_it_came_and_leave_the_glob
     (dict(amp="fp8"), "amp 'fp8' is not accepted; choose one of none, bf16, fp16"),
 ])
 def test_benchmark_arguments_are_checked(kwargs, message):
-    import torch
-
     from tokenpace.bench import benchmark
 
     args = {"specs": parse_methods("dense"), "batch_size": 1, "device": "cpu", "runs": 1, "warmup": 0, **kwargs}

@@ -85,3 +85,31 @@ def test_cli_export_bench_onnx_and_refusals(tmp_path, capsys):
     assert main(["export", "--model", "vit_tiny_patch16_224", "--method", "dense,evo",
                  "--onnx", str(tmp_path / "y.onnx")]) == 2
     assert "--method takes one configuration" in capsys.readouterr().err
+
+
+def test_a_failed_export_leaves_the_existing_file_as_it_was(tmp_path, monkeypatch):
+    import tokenpace.onnx_export as onnx_export
+
+    model = make_vit("deit", depth=2)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"a good export")
+    monkeypatch.setattr(onnx_export, "TOLERANCE", -1.0)  # every check fails: the graph is written, then rejected
+    with pytest.raises(TokenpaceError, match=r"differ from PyTorch's .* at batch 1 \(tolerance -1\); '.*m\.onnx' was "
+                       r"left as it was, the rejected graph is at '.*m\.onnx\.rejected/m\.onnx' for inspection"):
+        tokenpace.export_onnx(model, str(path), check=(1,))
+    assert path.read_bytes() == b"a good export"
+    onnx.checker.check_model(str(tmp_path / "m.onnx.rejected" / "m.onnx"))  # the rejected graph, whole
+    monkeypatch.undo()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("exporter crashed")
+    monkeypatch.setattr(torch.onnx, "export", crash)
+    with pytest.raises(TokenpaceError, match="could not export this VisionTransformer: RuntimeError: exporter crashed"):
+        tokenpace.export_onnx(model, str(path), check=())
+    assert path.read_bytes() == b"a good export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.rejected"]  # no staging folder left
+    monkeypatch.undo()
+
+    result = tokenpace.export_onnx(model, str(path), check=(1,))  # a good export replaces the file
+    assert result.max_abs_diff[1] <= 1e-4 and onnx.load(str(path)).graph.input[0].name == "images"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.rejected"]

@@ -220,17 +220,19 @@ def benchmark(
     progress: Callable[[str], None] | None = None,
     compile_mode: str = "default",
     cuda_graph: bool = False,
+    compile_backend: str = "inductor",
 ) -> list[BenchResult]:
     """Time every spec with random input, interleaved round by round; medians.
 
     One model (moved to ``device``) is re-configured before each timed call, outside the timing. With ``compile``
-    (in torch.compile's ``compile_mode``, one of ``runners.COMPILE_MODES``) or ``cuda_graph`` (CUDA: eager kernels
-    captured once in a CUDA graph, then replayed) each configuration gets its own copy instead (``runners``).
+    (by torch.compile's ``compile_backend``; inductor's in ``compile_mode``, one of ``runners.COMPILE_MODES``) or
+    ``cuda_graph`` (CUDA: eager kernels captured once in a CUDA graph, then replayed) each configuration gets its
+    own copy instead (``runners``).
     torch.compile's CUDA-graph modes record their graphs in the second call: give them two warm-up rounds; they warn
     if inductor ran any graph without its CUDA graph."""
     device = torch.device(device)
     check_timing(specs, runs, warmup, amp)
-    mode = RunMode(compile=compile, compile_mode=compile_mode, cuda_graph=cuda_graph)
+    mode = RunMode(compile=compile, compile_mode=compile_mode, cuda_graph=cuda_graph, compile_backend=compile_backend)
     mode.check(device)
     say = progress or (lambda msg: None)
     model = model.to(device)

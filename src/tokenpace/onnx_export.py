@@ -11,6 +11,9 @@ import contextlib
 import importlib.util
 import io
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -87,7 +90,8 @@ def export_onnx(model: nn.Module, path: str, *, img_size: int | tuple[int, int] 
     The graph is traced in eval mode (the model's mode is restored), takes ``images`` (batch, C, H, W) with the
     batch dynamic and returns ``logits``. ``check``: batch sizes at which ONNX Runtime must match PyTorch within
     1e-4 (``()`` skips the check). TokenpaceError when the export cannot be done (what is missing or refused), or
-    when the check fails (the file is kept for inspection).
+    when the written graph fails a check: an existing file at ``path`` is then left as it was and the rejected
+    graph kept in ``<path>.rejected/`` for inspection.
     """
     if (not isinstance(check, (tuple, list))
             or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in check)):
@@ -108,19 +112,50 @@ def export_onnx(model: nn.Module, path: str, *, img_size: int | tuple[int, int] 
     size = _input_size(model, img_size)
     param = next(model.parameters())
     example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
-    with mode_kept(model):
+    with mode_kept(model), _staged(path) as staged:
         model.eval()
-        _export(model, path, example, opset)
+        _export(model, staged, example, opset)
         try:
-            diffs = {b: _check(model, path, size, b, param) for b in check}
+            diffs = {b: _check(model, staged, size, b, param) for b in check}
         except Exception as err:
-            raise TokenpaceError(f"ONNX Runtime could not run the exported {path!r}: {_first_line(err)}") from err
-    bad = {b: d for b, d in diffs.items() if not d <= TOLERANCE}
-    if bad:
-        raise TokenpaceError("ONNX Runtime's logits differ from PyTorch's by "
-                             + ", ".join(f"{d:.2e} at batch {b}" for b, d in bad.items())
-                             + f" (tolerance {TOLERANCE:g}); the file was kept at {path!r} for inspection")
+            raise TokenpaceError(f"ONNX Runtime could not run the exported graph: {_first_line(err)}") from err
+        bad = {b: d for b, d in diffs.items() if not d <= TOLERANCE}
+        if bad:
+            raise TokenpaceError("ONNX Runtime's logits differ from PyTorch's by "
+                                 + ", ".join(f"{d:.2e} at batch {b}" for b, d in bad.items())
+                                 + f" (tolerance {TOLERANCE:g})")
     return OnnxExport(path=path, opset=opset, input_size=size, max_abs_diff=diffs)
+
+
+@contextlib.contextmanager
+def _staged(path: str):
+    """The path to write the export to: a fresh folder beside ``path`` whose files move into place only when the
+    block succeeds, so a failed export leaves an existing file (and its external data) as it was. A graph that was
+    written but then rejected moves to ``<path>.rejected/`` for inspection, and the error says where."""
+    folder, name = os.path.split(os.path.abspath(path))
+    staging = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
+    staged = os.path.join(staging, name)
+    try:
+        yield staged
+    except TokenpaceError as err:
+        if not os.path.exists(staged):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        rejected = path + ".rejected"
+        if os.path.isdir(rejected) and not os.path.islink(rejected):
+            shutil.rmtree(rejected)
+        elif os.path.lexists(rejected):
+            os.remove(rejected)
+        os.replace(staging, rejected)
+        left = f"{path!r} was left as it was" if os.path.exists(path) else f"nothing was written at {path!r}"
+        raise TokenpaceError(f"{err}; {left}, the rejected graph is at {os.path.join(rejected, name)!r} for "
+                             "inspection") from err
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for entry in os.listdir(staging):  # the graph, and its .data file when the weights went to external data
+        os.replace(os.path.join(staging, entry), os.path.join(folder, entry))
+    os.rmdir(staging)
 
 
 def _first_line(err: Exception) -> str:
@@ -164,12 +199,11 @@ def _verify(path: str, opset: int) -> None:
     written = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None)
     if written != opset:
         raise TokenpaceError(f"torch.onnx could not convert the graph to opset {opset} (the file declares "
-                             f"{written}); choose another opset, e.g. {DEFAULT_OPSET} (the default); the file was "
-                             f"kept at {path!r} for inspection")
+                             f"{written}); choose another opset, e.g. {DEFAULT_OPSET} (the default)")
     try:
         onnx.checker.check_model(path)
     except onnx.checker.ValidationError as err:
-        raise TokenpaceError(f"the exported {path!r} is not a valid opset-{opset} model: {_first_line(err)}; "
+        raise TokenpaceError(f"the exported graph is not a valid opset-{opset} model: {_first_line(err)}; "
                              f"choose another opset, e.g. {DEFAULT_OPSET} (the default)") from None
 
 

@@ -25,12 +25,15 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 @dataclass(frozen=True)
 class RunMode:
-    """How each configuration runs: eager (the default), compiled (``compile``, in torch.compile's ``compile_mode``)
-    or eager kernels captured in a CUDA graph (``cuda_graph``)."""
+    """How each configuration runs: eager (the default), compiled (``compile``, by torch.compile's
+    ``compile_backend``, inductor's in ``compile_mode``) or eager kernels captured in a CUDA graph (``cuda_graph``).
+    Another backend than inductor (e.g. ``aot_eager``: traced, no code generated) checks that a configuration
+    compiles without inductor's minutes of code generation on a small CPU."""
 
     compile: bool = False
     compile_mode: str = "default"
     cuda_graph: bool = False
+    compile_backend: str = "inductor"
 
     def check(self, device: torch.device) -> None:
         """Refuse a mode that is unknown, that needs CUDA off CUDA, or that does not apply to the others given."""
@@ -50,14 +53,31 @@ class RunMode:
         if self.cuda_graph and self.compile:
             raise TokenpaceError("CUDA-graph capture (cuda_graph, --cuda-graph) takes eager kernels; for compiled "
                                  "code with CUDA graphs use compile mode 'reduce-overhead'")
+        self._check_backend()
+
+    def _check_backend(self) -> None:
+        backend = self.compile_backend
+        if backend == "inductor":
+            return
+        if not self.compile:
+            raise TokenpaceError(f"compile backend {backend!r} (--compile-backend) sets what compiles, and compile "
+                                 "(--compile) is off")
+        known = sorted(torch._dynamo.list_backends(exclude_tags=()))
+        if backend not in known:
+            raise TokenpaceError(f"unknown compile backend {backend!r}; accepted: {', '.join(known)}")
+        if self.compile_mode != "default":
+            raise TokenpaceError(f"compile mode {self.compile_mode!r} is inductor's, and the compile backend is "
+                                 f"{backend!r}; accepted with {backend!r}: default")
 
     @property
     def replays_graphs(self) -> bool:
         return self.cuda_graph or (self.compile and self.compile_mode in CUDA_GRAPH_MODES)
 
     def describe(self) -> str:
-        """The mode in a table header: eager, compiled, compiled (MODE), eager+cuda-graph."""
+        """The mode in a table header: eager, compiled, compiled (MODE or BACKEND), eager+cuda-graph."""
         if self.compile:
+            if self.compile_backend != "inductor":
+                return f"compiled ({self.compile_backend})"
             return "compiled" if self.compile_mode == "default" else f"compiled ({self.compile_mode})"
         return "eager+cuda-graph" if self.cuda_graph else "eager"
 
@@ -86,7 +106,9 @@ def make_runners(model: nn.Module, configs: list, labels: list[str], configure: 
     copies = [configure(copy.deepcopy(dense), config) for config in configs]
     idle = [lambda: None for _ in configs]
     if mode.compile:
-        compiled = [torch.compile(m, mode=mode.compile_mode) for m in copies]
+        how = ({"mode": mode.compile_mode} if mode.compile_backend == "inductor"
+               else {"backend": mode.compile_backend})  # other backends take no mode
+        compiled = [torch.compile(m, **how) for m in copies]
         return Runners(idle, [lambda m=m: m(x) for m in compiled], autocast)
     replays = []
     for label, m in zip(labels, copies):

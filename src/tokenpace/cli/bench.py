@@ -26,8 +26,13 @@ def run(args: argparse.Namespace) -> int:
     if args.compile_mode is not None and not args.compile:  # even "default": a flag given is never ignored
         raise TokenpaceError(f"--compile-mode {args.compile_mode} sets how --compile compiles, and --compile is off "
                              "(add --compile)")
+    if args.compile_backend is not None and not args.compile:
+        raise TokenpaceError(f"--compile-backend {args.compile_backend} sets what --compile compiles with, and "
+                             "--compile is off (add --compile)")
     args.compile_mode = args.compile_mode or "default"
-    args.run_mode = RunMode(compile=args.compile, compile_mode=args.compile_mode, cuda_graph=args.cuda_graph)
+    args.compile_backend = args.compile_backend or "inductor"
+    args.run_mode = RunMode(compile=args.compile, compile_mode=args.compile_mode, cuda_graph=args.cuda_graph,
+                            compile_backend=args.compile_backend)
     args.run_mode.check(device)
     if args.memory_probe is not None:
         return _probe(args, device)
@@ -88,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         extra = {"onnxruntime": _onnxruntime_version()} if args.onnx else {}
         document = result_json(name, device, batches, **source.model_settings(args, model, record), run=args.run,
                                amp=args.amp, compile=args.compile, compile_mode=args.compile_mode,
-                               cuda_graph=args.cuda_graph, runs=args.runs, warmup=args.warmup, train=args.train,
+                               compile_backend=args.compile_backend, cuda_graph=args.cuda_graph, runs=args.runs, warmup=args.warmup, train=args.train,
                                onnx=args.onnx, malloc=args.malloc, fuse_bn=args.fuse_bn, **extra)
         with open(args.json, "w") as f:
             json.dump(document, f, indent=2, allow_nan=False)
@@ -112,7 +117,7 @@ def _one_batch_size(args, model, specs, sessions, bs, device, name, what, progre
         else:
             results = benchmark(model, specs, bs, device, amp=args.amp, compile=args.compile, runs=args.runs,
                                 warmup=args.warmup, progress=progress, compile_mode=args.compile_mode,
-                                cuda_graph=args.cuda_graph)
+                                cuda_graph=args.cuda_graph, compile_backend=args.compile_backend)
     print(f"\n{name}  {what}  batch {bs}  {device.type}  amp={args.amp}  {args.run_mode.describe()}  "
           f"malloc={args.malloc}" + ("  BatchNorm fused" if args.fuse_bn else "")
           + f"  (median of {args.runs}; GMACs = multiply-accumulates per image, forward)")

@@ -10,15 +10,16 @@ from ..errors import TokenpaceError
 from . import source
 
 
+def _print_progress(done: int, total: int) -> None:
+    print(f"\rchecking {done}/{total}", end="", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..listing import format_support, list_support, summarize
 
     if args.json:
         source.check_output_file(args.json, "--json")
-    progress = None
-    if sys.stderr.isatty():
-        def progress(done: int, total: int) -> None:
-            print(f"\rchecking {done}/{total}", end="", file=sys.stderr, flush=True)
+    progress = _print_progress if sys.stderr.isatty() else None
     rows = list_support(args.pattern, pretrained=not args.all, progress=progress)
     if progress is not None:
         print(file=sys.stderr)

@@ -210,6 +210,9 @@ def make_parser() -> argparse.ArgumentParser:
                        help="torch.compile mode for --compile (default: default); reduce-overhead and max-autotune "
                             "also replay CUDA graphs (CUDA only), which removes the per-kernel host cost that "
                             "bounds small batches")
+    bench.add_argument("--compile-backend", default=None, metavar="NAME",
+                       help="torch.compile backend for --compile (default: inductor); e.g. aot_eager traces without "
+                            "generating code: a quick check that every configuration compiles")
     bench.add_argument("--cuda-graph", action="store_true",
                        help="CUDA: capture each configuration's eager forward once in a CUDA graph and time its "
                             "replays (one host call per forward: the kernels' own time, without compilation)")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anatomy import Frame, LinearMap, TokenSet
+from ..anatomy import Frame, TokenSet
 from ..core.macs import BlockShape, linear_macs
 from .patch_embed import patch_grid
 from .timm_vit import PatchSequenceFamily, VitParts
