@@ -241,6 +241,49 @@ def _families():
     }
 
 
+def test_a_replica_sharing_the_originals_patch_is_refused():
+    """nn.DataParallel copies a module's __dict__ into each replica: the patch in it would run the original's
+    modules on the replica's device, so a replica's forward is refused, naming what to use instead."""
+    model = tokenpace.apply(make_vit("deit", depth=2), "idle")
+    replica = model._replicate_for_data_parallel()  # what nn.parallel.replicate makes of each module
+    images = torch.randn(1, 3, 32, 32)
+    for call in (lambda: replica(images), lambda: replica.forward_intermediates(images)):
+        with pytest.raises(RuntimeError, match="is a copy whose tokenpace patch still drives the module it was copied "
+                                               "from .*DistributedDataParallel"):
+            call()
+    model(images)  # the original runs
+
+
+def test_training_records_of_the_previous_forward_are_released_before_the_next_runs(monkeypatch):
+    """Patch.last_state holds the cut loss's activations (with their graph): a new forward drops them first, so two
+    forwards' records never live at once."""
+    model = tokenpace.apply(make_vit("deit", depth=4), "idle").train()
+    patch = tokenpace.get_patch(model)
+    model(torch.randn(2, 3, 32, 32))
+    assert patch.last_state.records  # what the cut loss reads
+    seen = []
+    run = patch.policy.run
+    monkeypatch.setattr(patch.policy, "run", lambda x, state: seen.append(patch.last_state) or run(x, state))
+    model(torch.randn(2, 3, 32, 32))
+    assert seen == [None] and patch.last_state.records
+
+
+def test_a_keep_that_keeps_no_token_is_refused():
+    """K = int(P * ratio) is never silently raised to 1 (cost and accuracy would not be those asked for)."""
+    model = make_vit("deit", depth=12)  # 64 patches; Idle keeps keep**3 in its third stage
+    with pytest.raises(ValueError, match=r"idle keep=0.2 on this timm VisionTransformer model: a block would run on "
+                                         r"no token: a keep ratio of 0.008 keeps int\(64 \* 0.008\) = 0 of 64 "
+                                         "tokens.*choose a larger keep"):
+        tokenpace.apply(model, "idle", keep=0.2)
+    assert tokenpace.get_patch(model) is None  # nothing was patched
+    for method, keep in (("evo", 0.01), ("topk", 0.01)):
+        with pytest.raises(ValueError, match=f"{method} keep=0.01 .* = 0 of 64 tokens"):
+            tokenpace.apply(model, method, keep=keep)
+    tokenpace.apply(model, "idle", keep=0.3)  # int(64 * 0.027) = 1: one token runs
+    assert tokenpace.get_patch(model).config.keep == 0.3
+    tokenpace.apply(model, "evit", keep=0.01)  # EViT's ceiling keeps one token at least, as the official code
+
+
 @pytest.mark.parametrize("family", ["vit", "eva", "levit", "evo_levit", "swin", "pvt_v2"])
 def test_patched_models_pickle_deepcopy_and_torch_save(family, tmp_path):
     import copy
@@ -260,3 +303,44 @@ def test_patched_models_pickle_deepcopy_and_torch_save(family, tmp_path):
             assert patch.adapter.model is other  # the copy runs its own weights
             assert torch.equal(other(images), expected)
             assert type(tokenpace.remove(other)) is tokenpace.get_patch(model).original_class
+
+
+def test_a_projection_that_adds_to_its_weights_is_refused():
+    """Scores and split q/k/v projections read a projection's weight and bias: a layer whose forward adds more
+    (a LoRA adapter, as peft's wrapper or a Linear subclass) is refused, naming the fix; timm's Linear is plain."""
+    from timm.layers import Linear as TimmLinear
+
+    class LoraWrapped(torch.nn.Module):  # peft's shape: the base layer's weight and bias, plus a low-rank delta
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer, self.a = base, torch.nn.Linear(base.in_features, 2, bias=False)
+            self.b = torch.nn.Linear(2, base.out_features, bias=False)
+
+        weight = property(lambda self: self.base_layer.weight)
+        bias = property(lambda self: self.base_layer.bias)
+
+        def forward(self, x):
+            return self.base_layer(x) + self.b(self.a(x))
+
+    class LoraLinear(torch.nn.Linear):  # loralib's shape: a Linear subclass with its own forward
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    for wrap in (LoraWrapped, lambda base: LoraLinear(base.in_features, base.out_features)):
+        model = make_vit("deit", depth=2)
+        model.blocks[1].attn.qkv = wrap(model.blocks[1].attn.qkv)
+        with pytest.raises(TypeError, match=r"attn.qkv of a Block is a Lora\w+, not a plain torch.nn.Linear: .*merge "
+                                            r"that into the weights first \(peft: merge_and_unload\(\)\)"):
+            tokenpace.apply(model, "idle")
+        assert tokenpace.get_patch(model) is None
+    model = make_vit("deit", depth=2)
+    plain = model.blocks[1].attn.qkv
+    model.blocks[1].attn.qkv = TimmLinear(plain.in_features, plain.out_features)
+    model.blocks[1].attn.qkv.load_state_dict(plain.state_dict())
+    expected = model(torch.ones(1, 3, 32, 32))
+    assert torch.equal(tokenpace.apply(model, "idle", keep=1.0)(torch.ones(1, 3, 32, 32)), expected)
+
+
+def test_an_unknown_option_on_a_config_object_names_the_accepted_ones():
+    with pytest.raises(ValueError, match="Evo got an unknown option .*; accepted: keep, stage_starts, mode"):
+        tokenpace.apply(make_vit("deit", depth=4), tokenpace.Evo(), foo=1)

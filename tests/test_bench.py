@@ -53,7 +53,7 @@ def test_bench_several_batch_sizes_write_the_same_shape(tmp_path):
 
 def test_bench_without_a_dense_row_prints_dash_and_writes_valid_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", "vit_tiny_patch16_224", "--methods", "evo@0.001", "--batch-size", "1",
+    assert main(["bench", "--model", "vit_tiny_patch16_224", "--methods", "evo@0.5", "--batch-size", "1",
                  "--runs", "1", "--warmup", "0", "--img-size", "32", "--quiet", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "nan" not in table.lower() and table.rstrip().endswith("-")
@@ -72,7 +72,7 @@ def test_bench_without_model_names_the_default_model_it_built(tmp_path, capsys):
 def test_bench_keep_applies_to_the_methods_without_their_own(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "vit_tiny_patch16_224", "--methods", "dense,evo@0.6,idle,topk:layer=2",
-                 "--keep", "0.5", "--batch-size", "1", "--runs", "1", "--warmup", "0", "--img-size", "32", "--quiet",
+                 "--keep", "0.5", "--batch-size", "1", "--runs", "1", "--warmup", "0", "--img-size", "64", "--quiet",
                  "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [(r["method"], r["config"]) for r in rows] == [("dense", "-"), ("evo", "keep=0.6"), ("idle", "keep=0.5"),
@@ -89,7 +89,7 @@ def test_bench_old_positional_model_still_works_with_a_deprecation(capsys):
 def test_bench_keep_and_keep_sweep(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "vit_tiny_patch16_224", "--methods", "dense,evo,idle", "--keep-sweep",
-                 "0.5:1.0:0.5", "--batch-size", "1", "--runs", "1", "--warmup", "0", "--img-size", "32", "--quiet",
+                 "0.5:1.0:0.5", "--batch-size", "1", "--runs", "1", "--warmup", "0", "--img-size", "64", "--quiet",
                  "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [(r["method"], r["config"]) for r in rows] == [("dense", "-"), ("evo", "keep=0.5"), ("evo", "keep=1.0"),

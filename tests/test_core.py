@@ -53,6 +53,17 @@ def test_weighted_merge():
                           atol=1e-6)
 
 
+def test_weighted_merge_renormalises_tiny_weights_before_half_precision():
+    """Placeholders' class attention can be 1e-8: cast to fp16 first, the weights flush to 0 (a wrong token, or
+    0 / 0); renormalised in float32 first, the fp16 merge matches the float32 one."""
+    x = torch.randn(2, 4, 3)
+    w = torch.tensor([[1e-8, 3e-8, 2e-8, 4e-8], [5e-9, 5e-9, 5e-9, 5e-9]])
+    expected = weighted_merge(x, w, True)
+    half = weighted_merge(x.half(), w, True)
+    assert half.dtype == torch.float16 and torch.allclose(half.float(), expected, atol=2e-3)
+    assert torch.equal(weighted_merge(x, torch.zeros(2, 4), True), torch.zeros(2, 1, 3))  # no weight: 0, not NaN
+
+
 def test_score_rows_are_rows_of_the_full_map():
     q, k, v = torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4), torch.randn(2, 3, 6, 4)
     bias = torch.randn(3, 6, 6)
@@ -140,7 +151,10 @@ def test_idle_token_counts_match_the_spec_table(r, counts):
 
 def test_keep_counts():
     assert keep_count(196, 0.5) == 98
-    assert keep_count(10, 0.01) == 1  # K is at least 1
+    assert keep_count(10, 0.1) == 1
+    with pytest.raises(ValueError, match=r"a keep ratio of 0.01 keeps int\(10 \* 0.01\) = 0 of 10 tokens; at least one "
+                       r"must be kept \(10 \* ratio >= 1\)"):
+        keep_count(10, 0.01)  # refused, not raised to 1: the cost asked for would not be the one run
     assert keep_count(10, 1.0) == 10
     assert [keep_count_ceil(n, 0.7) for n in (196, 139, 99)] == [138, 98, 70]
 

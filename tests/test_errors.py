@@ -134,6 +134,12 @@ def test_attention_masks_are_refused_on_a_patched_model():
     (["show", "x.png", "--model", "vit_tiny_patch16_224", "--method", "evo", "--keep", "0.5", "--mode", "layer",
       "--output", "/dev/null"], "--output '/dev/null' is a file"),
     (["bench", "--methods", "evo:mode=block"], "mode='block' is not accepted"),
+    (["bench", "--methods", "evo:score=norm"], "Evo score='norm' is not accepted; choose one of 'cls', 'received', "
+                                               "'random'"),  # refused by the config, not blamed on the model
+    (["bench", "--model", "vit_tiny_patch16_224", "--model-args", "depth=4", "--methods", "topk:layer=0"],
+     "TopK layer=0 is outside the model: accepted layers are 1..3 for a model of depth 4"),
+    (["bench", "--model", "vit_tiny_patch16_224", "--methods", "idle@0.1"],
+     "idle keep=0.1 on this timm VisionTransformer model: a block would run on no token"),
     (["bench", "--checkpoint", "/no/such/file.pth"], "checkpoint '/no/such/file.pth' does not exist"),
     (["bench", "--checkpoint", "/tmp"], "checkpoint '/tmp' is a folder; accepted: a .safetensors or torch"),
     (["bench", "--config", "/tmp"], "configuration file '/tmp' is a folder; accepted: a JSON file"),

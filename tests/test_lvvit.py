@@ -115,3 +115,46 @@ def test_other_depths_round_the_quarters_and_every_listed_method_applies():
                                             ("evit", {}), ("topk", {})], ids=str)
 def test_macs_equal_flop_counter_on_the_non_fused_path(method, options):
     assert_macs_equal_flop_counter(make_lvvit(), method, options, torch.randn(1, 3, 32, 32))
+
+
+def test_without_classes_it_returns_the_class_tokens_features_as_timm_encoders_do(images):
+    """num_classes=0: forward is forward_head(pre_logits=True), the class token after the final norm; the same
+    after reset_classifier(0), and the classes come back with reset_classifier(n)."""
+    for model in (make_lvvit(num_classes=0), make_lvvit()):
+        model.reset_classifier(0)
+        with torch.no_grad():
+            features = model.forward_features(images)
+            out = model(images)
+        assert out.shape == (3, SMALL["embed_dim"]) and torch.equal(out, features[:, 0])
+        assert torch.equal(out, model.forward_head(features, pre_logits=True))
+    model.reset_classifier(5)
+    with torch.no_grad():
+        assert model(images).shape == (3, 5)
+    with pytest.raises(ValueError, match="accepted global_pool: 'token'; got 'avg'"):
+        model.reset_classifier(5, "avg")
+
+
+def test_sizes_the_stem_cannot_match_are_refused():
+    """The 7x7 stride-2 conv makes ceil(img / 2) rows: at 47 px the stem gives a 3x3 grid but img // 16 = 2
+    position embeddings; 48 agrees (3x3), and so does 40 (2x2: the last 8 px fall outside, as in a strided conv)."""
+    with pytest.raises(ValueError, match=r"img_size 47 gives a 3x3 stem grid but 2x2 position embeddings "
+                                         r"\(img_size // patch_size\); accepted: .*multiples of patch_size 16 such as "
+                                         r"32 or 48"):
+        LvVit(img_size=47)
+    with pytest.raises(ValueError, match="patch_size must be an even integer >= 2; got 7"):
+        LvVit(img_size=56, patch_size=7)
+    with pytest.raises(ValueError, match="img_size must be an integer >= patch_size"):
+        LvVit(img_size=8.5, patch_size=4)
+    for size, grid in ((48, 3), (40, 2)):
+        model = LvVit(img_size=size, embed_dim=24, depth=1, num_heads=2, stem_width=8)
+        with torch.no_grad():
+            assert model.patch_embed(torch.zeros(1, 3, size, size)).shape[-2:] == (grid, grid)
+            assert model(torch.zeros(1, 3, size, size)).shape == (1, 1000)
+
+
+def test_the_evaluation_crop_can_be_recorded_otherwise():
+    """lvvit_s records its authors' crop 0.9 unless told another (IdleViT's converted files record 0.875)."""
+    with torch.device("meta"):
+        assert timm.create_model("lvvit_s", crop_pct=0.875).pretrained_cfg["crop_pct"] == 0.875
+        with pytest.raises(ValueError, match=r"crop_pct must be a number in \(0, 1\] .*authors use 0.9\); got 1.5"):
+            timm.create_model("lvvit_s", crop_pct=1.5)

@@ -3,6 +3,7 @@ specs' key maps) load through tokenpace.load_official, patched as trained, and g
 came from; Evo-ViT's DeiT also equals a literal forward on the official keys; errors name the keys and the layout;
 convert writes timm keys and a configuration that apply and the CLI accept."""
 import os
+import re
 
 import pytest
 import timm
@@ -179,3 +180,119 @@ def test_cli_convert_then_commands_pick_up_the_configuration(tmp_path, capsys):
     assert "differs from the model of configuration" in capsys.readouterr().err
     assert main(["convert", release, str(tmp_path / "c.safetensors"), "--arch", "EvoLeViT_256"]) == 2
     assert "does not fit EvoLeViT_256 (Evo-LeViT layout" in capsys.readouterr().err
+
+
+def test_convert_refuses_an_existing_destination_and_the_source_itself(tmp_path, capsys):
+    from tokenpace.cli import main
+
+    model = source_model("evo_levit_128s", "evo", 0.5)
+    release = tmp_path / "EvoLeViT_128S.safetensors"  # a release already in safetensors: DST could name it
+    save_file({k: v.contiguous() for k, v in to_evo_levit(model.state_dict(), (2, 3, 4)).items()}, str(release))
+    original = release.read_bytes()
+    for overwrite in (False, True):  # never the file being converted, even when asked to overwrite
+        with pytest.raises(TokenpaceError, match="DST '.*EvoLeViT_128S.safetensors' is the checkpoint being "
+                                                 "converted; write the converted file to another path"):
+            tokenpace.official.convert(str(release), str(release), "EvoLeViT_128S", overwrite=overwrite)
+    os.symlink(release, tmp_path / "link.safetensors")  # the same file by another name
+    with pytest.raises(TokenpaceError, match="is the checkpoint being converted"):
+        tokenpace.official.convert(str(tmp_path / "link.safetensors"), str(release), "EvoLeViT_128S", overwrite=True)
+    assert release.read_bytes() == original
+
+    dst = tmp_path / "out.safetensors"
+    (tmp_path / "out.json").write_text("{}")  # the configuration alone is enough to refuse
+    with pytest.raises(TokenpaceError, match=r"DST's configuration '.*out.json' already exists; pass overwrite=True "
+                                             r"\(--overwrite on the command line\)"):
+        tokenpace.official.convert(str(release), str(dst), "EvoLeViT_128S")
+    assert not dst.exists() and (tmp_path / "out.json").read_text() == "{}"
+    tokenpace.official.convert(str(release), str(dst), "EvoLeViT_128S", overwrite=True)
+    assert tokenpace.load_config(str(tmp_path / "out.json")) == tokenpace.get_patch(model).config
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        tokenpace.official.convert(str(release), str(dst), "EvoLeViT_128S", overwrite="yes")
+
+    capsys.readouterr()
+    assert main(["convert", str(release), str(dst), "--arch", "EvoLeViT_128S"]) == 2
+    assert "DST '" + str(dst) + "' already exists; pass overwrite=True (--overwrite" in capsys.readouterr().err
+    dst.write_bytes(b"not weights")
+    assert main(["convert", str(release), str(dst), "--arch", "EvoLeViT_128S", "--overwrite"]) == 0
+    assert __import__("safetensors.torch").torch.load_file(str(dst)).keys() == model.state_dict().keys()
+    assert capsys.readouterr().out.split() == [str(dst), str(tmp_path / "out.json")]
+    assert main(["convert", str(release), str(release), "--arch", "EvoLeViT_128S", "--overwrite"]) == 2
+    assert "is the checkpoint being converted" in capsys.readouterr().err and release.read_bytes() == original
+
+
+def test_evo_levit_duplicates_must_each_repeat_a_key_read():
+    """The official tree holds every module twice; a stage_blocks entry that equals no key read (edited, or from
+    another checkpoint) or that has no twin at all is refused, naming it."""
+    model = source_model("evo_levit_128s", "evo", 0.5)
+    official = to_evo_levit(model.state_dict(), (2, 3, 4))
+    tokenpace.load_official(dict(official), "EvoLeViT_128S")  # every duplicate equals its twin: accepted
+    edited = dict(official)
+    key = next(k for k in official if k.startswith("stage_blocks.") and k.endswith("qkv.c.weight"))
+    edited[key] = official[key] + 1e-3
+    with pytest.raises(TokenpaceError, match=r"does not fit EvoLeViT_128S \(Evo-LeViT layout: .*\): 1 duplicate keys "
+                                             r"\(stage_blocks\.\*\) equal to no key read \(" + re.escape(key) + r"\); "
+                                             "the official code registers each of these modules twice"):
+        tokenpace.load_official(edited, "EvoLeViT_128S")
+    extra = {**official, "stage_blocks.99.m.qkv.c.weight": torch.randn(3, 2)}
+    with pytest.raises(TokenpaceError, match=r"1 duplicate keys .* \(stage_blocks.99.m.qkv.c.weight\)"):
+        tokenpace.load_official(extra, "EvoLeViT_128S")
+    renamed = {**official, "stage_blocks.99.m.qkv.c.weight": official[key].clone()}  # a twin under any name is one
+    tokenpace.load_official(renamed, "EvoLeViT_128S")
+
+
+def test_evaluation_crops_follow_the_official_code():
+    """Evo-ViT's DeiT at 224 and 384 px: resize 256/224 x size, centre crop (evovit.md §8). IdleViT's LV-ViT
+    checkpoints: IdleViT's own 256/224 evaluation, recorded where they are converted; LV-ViT built directly keeps
+    its authors' crop."""
+    from tokenpace.data import data_config, eval_transform
+
+    with torch.device("meta"):
+        for img in (224, 384):
+            deit = timm.create_model(f"evo_deit_tiny_patch16_{img}")
+            assert data_config(deit)["crop_pct"] == 0.875
+            resize = eval_transform(deit).transforms[0]
+            assert resize.size == int(img * 256 / 224)  # 256 at 224 px, 438 at 384 px
+        assert timm.create_model("lvvit_s").pretrained_cfg["crop_pct"] == 0.9
+        assert timm.create_model("lvvit_m").pretrained_cfg["crop_pct"] == 1.0
+    assert OFFICIAL_ARCHS["lvvit_s"].model_args == OFFICIAL_ARCHS["lvvit_m"].model_args == {"crop_pct": 0.875}
+    model = source_model("lvvit_s", "idle", 0.7)
+    loaded = tokenpace.load_official(dict(model.state_dict()), "lvvit_s")
+    assert data_config(loaded)["crop_pct"] == 0.875
+
+
+def test_official_architectures_refuse_a_pool_or_shape_they_cannot_run():
+    from tokenpace.archs import EvoLevit
+
+    deit = timm.create_model("evo_deit_tiny_patch16_224", depth=1, img_size=32)
+    with pytest.raises(ValueError, match="accepted global_pool: 'avg' .*got 'token'"):
+        deit.reset_classifier(10, "token")
+    assert deit.global_pool == "avg" and deit.head.out_features == 1000  # refused before anything changed
+    deit.reset_classifier(10, "avg")
+    assert deit.head.out_features == deit.head_cls.out_features == 10
+
+    levit = timm.create_model("evo_levit_cifar", depth=(1, 1, 1)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    levit.reset_classifier(7)
+    heads = ("head", "head_dist", "head_cls", "head_cls_dist")
+    assert all(getattr(levit, h).linear.out_features == 7 for h in heads) and levit.num_classes == 7
+    with torch.no_grad():
+        assert levit(x).shape == (2, 7) and all(t.shape == (2, 7) for t in levit.forward_train_heads(
+            levit.forward_features(x)))
+    assert not levit.head.training  # the new heads take the model's mode
+    with pytest.raises(ValueError, match="accepted global_pool: 'avg' .*got 'token'"):
+        levit.reset_classifier(10, "token")
+    levit.reset_classifier(0)
+    with torch.no_grad():
+        assert torch.equal(levit(x), levit.forward_head(levit.forward_features(x), pre_logits=True))
+    assert levit(x).shape == (2, levit.num_features)
+
+    with pytest.raises(ValueError, match=r"img_size must be a positive multiple of the stem stride 16 .*e\.g\. 192 "
+                                         r"or 208; got 200"):
+        timm.create_model("evo_levit_128s", img_size=200)
+    with pytest.raises(ValueError, match=r"embed_dim, depth, num_heads give one value per stage and must be tuples of "
+                                         r"the same length .*got embed_dim=\(128, 256, 384\), depth=\(2, 3\)"):
+        timm.create_model("evo_levit_128s", depth=(2, 3))
+    with pytest.raises(ValueError, match="num_heads=4"):
+        EvoLevit(num_heads=4)
+    with pytest.raises(ValueError, match="stem stride must be 4, 8 or 16; got 2"):
+        EvoLevit(img_size=32, stem_stride=2)

@@ -4,9 +4,11 @@ configuration file it writes, run by apply and by --config on bench, eval and sh
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -103,8 +105,9 @@ def test_search_honours_the_accuracy_budget_and_the_check_split_confirms_it(mode
     assert "chosen: " in text and "within the budget" in text and "check split (16 images" in text
 
     record = model_record(model, "vit_tiny_patch16_224")
-    written = write_outputs(r, str(tmp_path), record, "tiny")
+    written, removed = write_outputs(r, str(tmp_path), record, "tiny")
     assert sorted(os.path.basename(p) for p in written) == ["frontier.png", "search.json", "tokenpace.json"]
+    assert removed == []
     document = json.loads((tmp_path / "tokenpace.json").read_text())
     assert document["method"] == r.chosen.config.name and document["depth"] == 6
     measured = document["measured"]
@@ -139,8 +142,10 @@ def test_an_unreachable_speedup_gives_no_choice_but_the_closest(model, tmp_path,
     assert verdict(r).startswith(f"no configuration meets the budget: none reaches {target:g}x on this device; "
                                  "the closest: ")
     assert r.check is not None  # the closest one's check figure is reported too
-    assert [os.path.basename(p) for p in write_outputs(r, str(tmp_path), {}, "t")][0] == "search.json"
-    assert not (tmp_path / "tokenpace.json").exists()
+    (tmp_path / "tokenpace.json").write_text("{}")  # an earlier search's choice: this one has none
+    written, removed = write_outputs(r, str(tmp_path), {}, "t")
+    assert [os.path.basename(p) for p in written][0] == "search.json"
+    assert removed == [str(tmp_path / "tokenpace.json")] and not (tmp_path / "tokenpace.json").exists()
 
 
 def test_the_default_mark_is_the_methods_own_keep_not_a_fixed_one(model):
@@ -285,7 +290,22 @@ def test_cli_tune_writes_the_choice_and_config_runs_it(checkpoint, tmp_path, cap
     # the file's model arguments (depth 6) are used; --img-size 48 overrides its input size, which it then refuses
     assert "was made for another model (input_size [3, 32, 32]; this one has input_size [3, 48, 48])" in err[0]
     assert err[1].endswith("--config and --methods both choose the configuration; give one")
-    assert "already holds tokenpace.json from an earlier search; add --overwrite" in err[2]
+    assert ("already holds tokenpace.json, search.json, frontier.png from an earlier search; add --overwrite"
+            in err[2])
+
+    # --overwrite with a search that chooses nothing (no configuration is 50x faster; none is even measured):
+    # the earlier choice and plot go, so the folder holds no file of the earlier search
+    assert main(["tune", *source(checkpoint), "--data", data, "--min-speedup", "50", "--output", str(out),
+                 "--overwrite", *CLI_QUICK]) == 1
+    err = capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["search.json"]
+    assert f"removed {out / 'tokenpace.json'} (from the earlier search" in err
+    assert f"removed {out / 'frontier.png'} (from the earlier search" in err
+    assert json.loads((out / "search.json").read_text())["settings"]["min_speedup"] == 50
+    (out / "search.json").unlink()
+    (out / "frontier.png").write_bytes(b"")  # a plot alone is an earlier search's output too
+    assert main(["tune", *source(checkpoint), "--data", data, "--output", str(out), *CLI_QUICK]) == 2
+    assert "already holds frontier.png from an earlier search" in capsys.readouterr().err
 
 
 def test_cli_tune_on_unlabelled_images_says_the_budget_is_agreement(checkpoint, tmp_path, capsys, macs_speed):
@@ -382,7 +402,8 @@ def test_tune_keep_fixes_the_methods_without_their_own():
 
     from tokenpace.cli.tune import _methods
 
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=4)
+    # 16 tokens: Idle(0.5) keeps int(16 * 0.5 ** 3) = 2 at its last stage (4 tokens would leave none)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4)
     specs = _methods(argparse.Namespace(methods="evo@0.4,idle", keep=0.5), model, None)
     assert [(s.method, dict(s.options)["keep"]) for s in specs] == [("evo", 0.4), ("idle", 0.5)]
 
@@ -399,3 +420,125 @@ def test_evos_modes_are_one_candidate_where_they_compute_the_same():
         assert torch.equal(tokenpace.apply(shallow, "evo", keep=0.5, mode="layer")(x), stage)
     deep = make_vit("deit", depth=6)
     assert [c.config.mode for c in candidates(deep, parse_methods("evo"), (0.5,), (0,))] == ["stage", "layer"]
+
+
+def test_a_rewrite_removes_the_earlier_outputs_it_does_not_replace(tmp_path):
+    """Nothing evaluated and nothing chosen: only search.json is written, and an earlier search's choice and plot
+    are removed rather than left beside it; a folder where a file goes is refused before anything is removed."""
+    from tokenpace.tune.search import TuneResult
+
+    r = TuneResult(settings=TuneSettings(max_drop=1), labelled=True, device="cpu", dtype="float32", dense_gmacs=1.0,
+                   candidates=[], tune_images=2, check_images=2)
+    for name in ("tokenpace.json", "search.json", "frontier.png"):
+        (tmp_path / name).write_text("earlier")
+    written, removed = write_outputs(r, str(tmp_path), {}, "t")
+    assert written == [str(tmp_path / "search.json")]
+    assert removed == [str(tmp_path / "tokenpace.json"), str(tmp_path / "frontier.png")]
+    assert sorted(os.listdir(tmp_path)) == ["search.json"]
+    assert json.loads((tmp_path / "search.json").read_text())["chosen"] is None
+    (tmp_path / "tokenpace.json").mkdir()
+    with pytest.raises(TokenpaceError, match="tokenpace.json' is a folder; tune writes a file of that name"):
+        write_outputs(r, str(tmp_path), {}, "t")
+    assert (tmp_path / "search.json").exists()
+
+
+def test_start_shifts_that_leave_the_model_are_named_in_the_notes(model, tmp_path, macs_speed):
+    """Depth 6: Idle's default layers (2, 3, 5) moved by +1 reach block 6, which is not there; +3 too. The note
+    names both for idle with the accepted layers, and the summary and search.json carry it."""
+    from tokenpace.tune.space import search_space
+
+    space = search_space(model, parse_methods("idle,evo"), (0.5,), (0, 1, 3))
+    assert space.skipped_shifts["idle"] == (1, 3) and "evo" in space.skipped_shifts
+    assert {c.config.name for c in space.candidates} == {"idle", "evo"}
+    ds = mirrored(model, 8)
+    r = tune(model, ds, "cpu", TuneSettings(max_drop=100, **{**QUICK, "keeps": (0.5,), "start_shifts": (0, 1, 3)}),
+             methods=parse_methods("idle"))
+    note = ("start shifts +1, +3 skipped for idle (at +1: Idle stage_starts=(3, 4, 6) has layer(s) [6] outside the "
+            "model: accepted layers are 0..5 for a model of depth 6)")
+    assert note in r.notes and f"note: {note}" in summary(r, "tiny")
+    write_outputs(r, str(tmp_path), {}, "t")
+    assert note in json.loads((tmp_path / "search.json").read_text())["notes"]
+    fitting = tune(model, ds, "cpu", TuneSettings(max_drop=100, **{**QUICK, "keeps": (0.5,)}),
+                   methods=parse_methods("idle"))
+    assert not any("skipped" in n for n in fitting.notes)  # shift 0 fits: nothing to say
+
+
+def test_keeps_that_leave_a_block_no_token_are_named_in_the_notes():
+    """LeViT at 32 px ends in 2x2 tokens: Idle's keep**3 at 0.5 keeps int(4 * 0.125) = 0 of them. That keep is left
+    out for Idle, not for Evo (which keeps 0.5 of larger stages), and said so; a space of such keeps alone is
+    refused, naming them."""
+    from tokenpace.errors import TokenpaceError
+    from tokenpace.tune.space import search_space
+
+    model = timm.create_model("levit_cifar")
+    space = search_space(model, parse_methods("idle,evo"), (0.5, 0.7), (0,))
+    assert sorted({(c.config.name, c.config.keep) for c in space.candidates}) == [
+        ("evo", 0.5), ("evo", 0.7), ("idle", 0.7)]
+    assert [n for n in space.notes() if "no token" in n] == [
+        "idle with keep 0.5 skipped where a block would keep no token (e.g. idle keep=0.5 on this timm LeViT model: "
+        "a block would run on no token: a keep ratio of 0.125 keeps int(4 * 0.125) = 0 of 4 tokens; at least one must "
+        "be kept (4 * ratio >= 1); choose a larger keep)"]
+    with pytest.raises(TokenpaceError, match="no configuration to search: idle with keep 0.3, 0.5 skipped where a "
+                                             "block would keep no token"):
+        search_space(model, parse_methods("idle"), (0.3, 0.5), (0,))
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("time_budget_s", float("nan"), "time_budget_s must be a finite number of seconds > 0; got nan"),
+    ("time_budget_s", float("inf"), "time_budget_s must be a finite number"),
+    ("time_budget_s", 0, "time_budget_s must be a finite number"),
+    ("runs", 2.5, "runs must be an integer >= 1; got 2.5"),
+    ("runs", True, "runs must be an integer >= 1; got True"),
+    ("screen_runs", 0, "screen_runs must be an integer >= 1"),
+    ("finalists", 2.0, "finalists must be an integer >= 1; got 2.0"),
+    ("workers", 0.5, "workers must be an integer >= 0; got 0.5"),
+    ("workers", -1, "workers must be an integer >= 0; got -1"),
+    ("batch_size", "8", "batch_size must be an integer >= 1"),
+    ("start_shifts", (0, 0.5), "start_shifts must be whole numbers of blocks"),
+])
+def test_settings_refuse_what_is_not_a_count_or_a_duration(option, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TuneSettings(**{option: value})
+    assert TuneSettings(runs=np.int64(3), workers=0, time_budget_s=90).runs == 3  # numpy integers are integers
+
+
+def test_tune_gives_the_model_back_where_and_as_it_came(model, monkeypatch, macs_speed):
+    """The search moves the model to its device; whatever it changes (here: a dtype, then an error) is put back:
+    the same parameter objects, on their device with their dtype, the method configuration and the train mode."""
+    from tokenpace.tune.search import placement_kept
+
+    params = {name: p for name, p in model.named_parameters()}
+    tokenpace.apply(model, "idle", keep=0.6)
+    before = tokenpace.get_patch(model).config
+    model.train()
+    real_run = search_module._Search.run
+
+    def moved_then_failed(self):
+        self.model.to(torch.float64)  # what a device move does to the parameters' placement
+        raise RuntimeError("the search failed")
+
+    monkeypatch.setattr(search_module._Search, "run", moved_then_failed)
+    try:
+        with pytest.raises(RuntimeError, match="the search failed"):
+            tune(model, mirrored(model, 8), "cpu", TuneSettings(max_drop=100, **QUICK), methods=parse_methods("idle"))
+        assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+        assert all(p is params[name] for name, p in model.named_parameters())
+        assert model.training and tokenpace.get_patch(model).config == before
+    finally:
+        monkeypatch.setattr(search_module._Search, "run", real_run)
+        tokenpace.remove(model).eval()
+    bn = torch.nn.BatchNorm1d(3)  # buffers too, and a gradient moves with its parameter
+    bn.weight.grad = torch.ones(3)
+    with placement_kept(bn):
+        bn.to(torch.float64)
+    assert bn.running_mean.dtype == bn.weight.dtype == bn.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tune_on_cuda_leaves_a_cpu_model_on_the_cpu(model, macs_speed):
+    params = list(model.parameters())
+    r = tune(model, mirrored(model, 8), "cuda", TuneSettings(max_drop=100, **QUICK), methods=parse_methods("idle"))
+    assert r.dense_tune is not None and r.evaluated()  # the search ran (on the GPU)
+    assert all(p.device.type == "cpu" for p in model.parameters()) and all(
+        a is b for a, b in zip(params, model.parameters()))
+    assert all(b.device.type == "cpu" for b in model.buffers())

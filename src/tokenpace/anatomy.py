@@ -81,6 +81,28 @@ class LinearMap:
     bias: torch.Tensor | None
 
 
+def _plain_forwards() -> tuple:
+    forwards = [nn.Linear.forward]
+    try:  # timm's Linear subclass only casts its bias for TorchScript: the same product
+        from timm.layers import Linear as TimmLinear
+
+        forwards.append(TimmLinear.forward)
+    except ImportError:
+        pass
+    return tuple(forwards)
+
+
+def check_plain_linear(module: nn.Module, name: str) -> None:
+    """Refuse (TypeError) a projection whose weight and bias do not say all it computes: the scores and the split
+    q/k/v projections read them directly, so what a wrapper adds in its forward (a LoRA adapter) would be left out
+    there while the block's own call kept it."""
+    if isinstance(module, nn.Linear) and type(module).forward in _plain_forwards():
+        return
+    raise TypeError(f"{name} is a {type(module).__name__}, not a plain torch.nn.Linear: tokenpace reads its weight "
+                    "and bias for token scores and split q/k/v projections, which would leave out what its forward "
+                    "adds (e.g. a LoRA adapter); merge that into the weights first (peft: merge_and_unload())")
+
+
 class BlockParts:
     """The anatomy of one block; families subclass it. Defaults fit timm's pre-norm ``Block``."""
 

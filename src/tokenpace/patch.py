@@ -45,6 +45,7 @@ class Patch:
     last_state: ForwardState | None = None  # the latest forward's state (what training losses read)
 
     def _state(self, **taps) -> ForwardState:
+        self.last_state = None  # the previous forward's records (activations, their graph) go before this one
         family = self.adapter
         return ForwardState(training=family.model.training, checkpoint=family.checkpointing,
                             kept=[None] * family.depth if self.tracer is not None else None, **taps)
@@ -89,16 +90,28 @@ def _refuse_masks(args, kwargs) -> None:
                          "call tokenpace.remove(model) first")
 
 
+def _own_patch(model: nn.Module) -> Patch:
+    """The patch of a patched instance (no lookup through wrappers per call), refused on a copy it does not drive:
+    nn.DataParallel's replicas share the original's ``__dict__``, so its patch would run the original's modules."""
+    patch = model.__dict__[_ATTR]
+    if patch.adapter.model is not model:
+        raise RuntimeError(f"this {patch.original_class.__name__} is a copy whose tokenpace patch still drives the "
+                           "module it was copied from (nn.DataParallel replicates modules that way); run data "
+                           "parallel with DistributedDataParallel (accelerate launch, torchrun: one patched model "
+                           "per process), or copy a patched model with copy.deepcopy, which re-patches the copy")
+    return patch
+
+
 def _forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     _refuse_masks(args, kwargs)
-    return self.__dict__[_ATTR].forward_features(x)  # a patched instance: no lookup through wrappers per call
+    return _own_patch(self).forward_features(x)
 
 
 def _forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
     """timm's ``forward_intermediates`` with the arguments the model's own class takes, in its order (ViT and Eva
     put ``return_prefix_tokens`` third, the pyramids ``norm``); an argument the class does not take is a TypeError,
     as it is unpatched."""
-    patch = self.__dict__[_ATTR]
+    patch = _own_patch(self)
     given = _bound_arguments(patch.original_class.forward_intermediates, self, x, args, kwargs)
     _refuse_masks((), {name: given.pop(name, None) for name in ("attn_mask", "is_causal")})
     indices, stop_early = given.pop("indices", None), given.pop("stop_early", False)

@@ -27,8 +27,14 @@ class EvoDeit(VisionTransformer):
         self.head_cls = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New heads (``head`` and the class-token ``head_cls``) for ``num_classes``; the pool stays the average."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"Evo-ViT's DeiT classifies the average-pooled patch tokens; accepted global_pool: "
+                             f"'avg' (or None: unchanged); got {global_pool!r}")
         super().reset_classifier(num_classes, global_pool)
-        self.head_cls = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        weight = self.norm_cls.weight  # the new head joins the model's device and dtype
+        self.head_cls = (nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()).to(
+            weight.device, weight.dtype).train(self.training)
 
     def forward_train_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(head(average pool), head_cls(class token)): what the evo-scratch objective trains, 0.5 / 0.5."""
@@ -45,8 +51,9 @@ def _evo_deit(name: str, size: str, native_size: int, pretrained: bool, **kwargs
     img_size = kwargs.pop("img_size", native_size)  # create_model(img_size=...) resizes, as on timm's ViT
     model = EvoDeit(**{"img_size": img_size, "patch_size": 16, "embed_dim": dim, "depth": 12, "num_heads": heads,
                        **kwargs})
-    model.pretrained_cfg = model.default_cfg = {  # DeiT's evaluation transform (what the official code uses)
-        "input_size": (3, img_size, img_size), "crop_pct": 0.875 if img_size == 224 else 1.0,
+    # the official evaluation transform at every size (evovit.md §8): resize to 256/224 x size, centre crop
+    model.pretrained_cfg = model.default_cfg = {
+        "input_size": (3, img_size, img_size), "crop_pct": 224 / 256,
         "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "num_classes": model.num_classes, "first_conv": "patch_embed.proj", "classifier": "head"}
     return model

@@ -134,8 +134,10 @@ class EvoLevit(nn.Module):
         if global_pool != "avg":
             raise ValueError(f"Evo-LeViT classifies the average-pooled tokens; accepted global_pool: 'avg'; "
                              f"got {global_pool!r}")
+        _check_shape(img_size, stem_stride, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
         act = get_act_layer(act_layer)
         self.num_classes, self.in_chans, self.img_size = num_classes, in_chans, img_size
+        self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = embed_dim[-1]
         self.global_pool = "avg"
         self.stem = ConvStem(in_chans, embed_dim[0], stem_stride, act)
@@ -169,6 +171,21 @@ class EvoLevit(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New heads for ``num_classes``: all four (the average-pool head, the class-token head and their
+        distillation twins), so that training and inference agree; the pool stays the average."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"Evo-LeViT classifies the average-pooled tokens; accepted global_pool: 'avg' (or "
+                             f"None: unchanged); got {global_pool!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: no head, pooled features out); got "
+                             f"{num_classes!r}")
+        self.num_classes = num_classes
+        weight = self.cls_token  # the new heads join the model's device and dtype
+        for name in ("head", "head_dist", "head_cls", "head_cls_dist"):
+            head = NormLinear(self.num_features, num_classes, drop=self.drop_rate) if num_classes > 0 else nn.Identity()
+            setattr(self, name, head.to(weight.device, weight.dtype).train(self.training))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x).flatten(2).transpose(1, 2)
@@ -208,6 +225,27 @@ class EvoLevit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _check_shape(img_size, stem_stride: int, **per_stage) -> None:
+    """ValueError for an input size the stem does not divide (the stem's grid would not match the position
+    embeddings), or per-stage tuples of different lengths."""
+    if stem_stride not in (4, 8, 16):
+        raise ValueError(f"stem stride must be 4, 8 or 16; got {stem_stride!r}")
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < stem_stride \
+            or img_size % stem_stride:
+        examples = "224"
+        if isinstance(img_size, int) and not isinstance(img_size, bool):  # the multiples either side
+            below = img_size // stem_stride * stem_stride
+            examples = " or ".join(str(n) for n in (below, below + stem_stride) if n > 0)
+        raise ValueError(f"img_size must be a positive multiple of the stem stride {stem_stride} (the stem's output "
+                         f"grid must match the position embeddings), e.g. {examples}; got {img_size!r}")
+    lengths = {name: len(value) if isinstance(value, (tuple, list)) else None for name, value in per_stage.items()}
+    if None in lengths.values() or len(set(lengths.values())) != 1 or 0 in lengths.values():
+        given = ", ".join(f"{name}={value!r}" for name, value in per_stage.items())
+        raise ValueError(f"{', '.join(per_stage)} give one value per stage and must be tuples of the same length "
+                         f"(at least 1), e.g. embed_dim=(128, 256, 384), depth=(2, 3, 4), num_heads=(4, 6, 8); "
+                         f"got {given}")
 
 
 EVO_LEVIT_CFGS = {

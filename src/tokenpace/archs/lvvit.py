@@ -30,8 +30,19 @@ class LvVitStem(nn.Module):
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, width: int = 64) -> None:
         super().__init__()
-        if patch_size % 2:
-            raise ValueError(f"LV-ViT's stem halves the image first, so patch_size must be even; got {patch_size}")
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 2 or patch_size % 2:
+            raise ValueError(f"LV-ViT's stem halves the image first, so patch_size must be an even integer >= 2; got "
+                             f"{patch_size!r}")
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < patch_size:
+            raise ValueError(f"img_size must be an integer >= patch_size ({patch_size}), e.g. 224; got {img_size!r}")
+        # the 7x7 stride-2 conv gives ceil(img / 2) rows, the projection (patch/2)-strided blocks of them; the
+        # position embeddings are sized for img // patch
+        grid = -(-img_size // 2) // (patch_size // 2)
+        if grid != img_size // patch_size:
+            below, above = img_size // patch_size * patch_size, (img_size // patch_size + 1) * patch_size
+            raise ValueError(f"img_size {img_size} gives a {grid}x{grid} stem grid but {img_size // patch_size}x"
+                             f"{img_size // patch_size} position embeddings (img_size // patch_size); accepted: sizes "
+                             f"where they agree, e.g. multiples of patch_size {patch_size} such as {below} or {above}")
         self.img_size, self.patch_size = (img_size, img_size), (patch_size, patch_size)
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
@@ -133,8 +144,10 @@ class LvVit(nn.Module):
             raise ValueError(f"LV-ViT classifies with its class token and token-labelling heads; accepted "
                              f"global_pool: 'token'; got {global_pool!r}")
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.aux_head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        weight = self.cls_token  # the new heads join the model's device and dtype
+        for name in ("head", "aux_head"):
+            head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+            setattr(self, name, head.to(weight.device, weight.dtype).train(self.training))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> [class token, patch tokens] with position embeddings (the first block's input)."""
@@ -171,7 +184,10 @@ class LvVit(nn.Module):
                                  output_dict=output_dict)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if pre_logits:
+        """The class token's logits plus ``aux_weight`` x the token-labelling head's maximum over patch tokens;
+        without classes (``num_classes=0``) or with ``pre_logits``, the class token's features, as timm's
+        encoders return their pooled features (no max over feature channels to add)."""
+        if pre_logits or self.num_classes == 0:
             return x[:, 0]
         return self.head(x[:, 0]) + self.aux_weight * self.aux_head(x[:, 1:]).max(dim=1)[0]
 
@@ -187,10 +203,17 @@ LVVIT_CFGS = {  # name: (width, depth, heads, image size, the authors' evaluatio
 }
 
 
-def _lvvit(name: str, pretrained: bool, **kwargs) -> LvVit:
+def _lvvit(name: str, pretrained: bool, crop_pct: float | None = None, **kwargs) -> LvVit:
+    """``crop_pct``: the evaluation crop to record instead of the authors' (IdleViT evaluates its LV-ViT
+    checkpoints with resize 256/224 and centre crop: 0.875)."""
     no_pretrained(name, pretrained, f"tokenpace.load_official(path, \"{name[:7]}\") for the authors' or IdleViT's "
                   "released files")
     dim, depth, heads, img_size, crop = LVVIT_CFGS[name]
+    if crop_pct is not None:
+        if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must be a number in (0, 1] (the evaluation crop's share of the resized "
+                             f"image; LV-ViT's authors use {crop}); got {crop_pct!r}")
+        crop = float(crop_pct)
     model = LvVit(**{"img_size": img_size, "embed_dim": dim, "depth": depth, "num_heads": heads,
                      **without_plumbing(kwargs)})
     size = model.patch_embed.img_size

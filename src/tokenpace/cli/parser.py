@@ -333,6 +333,8 @@ def make_parser() -> argparse.ArgumentParser:
     cv.add_argument("--keep", type=_keep, default=None, metavar="X",
                     help="the keep ratio the checkpoint was trained for (default: the file name's ratio0.X for "
                          "IdleViT's files, else 0.7; 0.5 for Evo-ViT's)")
+    cv.add_argument("--overwrite", action="store_true",
+                    help="replace an existing DST and its .json (never SRC itself)")
     cv.set_defaults(command_module="convert")
 
     ex = sub.add_parser("export", help="ONNX export of the model, dense or with a method, checked with ONNX Runtime",
@@ -408,7 +410,9 @@ def add_tune(sub) -> None:
     tu.add_argument("--workers", type=NON_NEGATIVE, default=2, help="data loading processes (default 2)")
     tu.add_argument("--output", required=True, metavar="DIR",
                     help="folder for tokenpace.json (the choice), search.json (every candidate) and frontier.png")
-    tu.add_argument("--overwrite", action="store_true", help="replace the results of an earlier search in --output")
+    tu.add_argument("--overwrite", action="store_true",
+                    help="replace the results of an earlier search in --output (its files this search does not "
+                         "write, e.g. tokenpace.json when nothing meets the budget, are removed)")
     tu.add_argument("--quiet", action="store_true", help="no progress bar")
     add_malloc(tu, keep_by_default=True)
     tu.set_defaults(command_module="tune")

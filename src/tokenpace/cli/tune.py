@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..errors import TokenpaceError, memory_guard, user_input
@@ -15,14 +14,15 @@ def run(args: argparse.Namespace) -> int:
     from ..data import DataSpec, build_dataset, check_labels, eval_transform
     from ..evaluate import parse_sweep
     from ..tune import TuneSettings, tune
-    from ..tune.report import CONFIG_FILE, SEARCH_FILE, summary, write_outputs
+    from ..tune.report import earlier_outputs, summary, write_outputs
     from ..tune.split import has_labels
 
     source.check_output_folder(args.output, "--output")
-    done = [f for f in (CONFIG_FILE, SEARCH_FILE) if os.path.exists(os.path.join(args.output, f))]
+    done = earlier_outputs(args.output)
     if done and not args.overwrite:
-        raise TokenpaceError(f"--output {args.output!r} already holds {done[0]} from an earlier search; add "
-                             "--overwrite to replace it, or choose another folder")
+        raise TokenpaceError(f"--output {args.output!r} already holds {', '.join(done)} from an earlier search; add "
+                             "--overwrite to replace them (those this search does not write are removed), or choose "
+                             "another folder")
     device = source.device(args.device)
     model, record = source.build(args)
     specs = _methods(args, model, record)
@@ -48,9 +48,12 @@ def run(args: argparse.Namespace) -> int:
     print(summary(result, args.run or name), flush=True)
     described = {**model_record(model, name), "model_args": source.built_model_args(args, record), "run": args.run,
                  "data": args.data, "limit": args.limit, "malloc": args.malloc}
-    for path in write_outputs(result, args.output, described,
-                              f"{args.run or name}: {result.metric} vs speed-up ({result.device}, batch "
-                              f"{settings.batch_size})"):
+    written, removed = write_outputs(result, args.output, described,
+                                     f"{args.run or name}: {result.metric} vs speed-up ({result.device}, batch "
+                                     f"{settings.batch_size})")
+    for path in removed:
+        print(f"removed {path} (from the earlier search; this one does not write it)", file=sys.stderr)
+    for path in written:
         print(f"wrote {path}", file=sys.stderr)
     return 0 if result.chosen is not None else 1
 

@@ -14,9 +14,18 @@ def scaled_layers(depth: int, layers_at_12: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted({scaled_layer(depth, layer) for layer in layers_at_12}))
 
 
+class EmptySelection(ValueError):
+    """A keep ratio that leaves a selection with no token (told apart from layers a model does not have)."""
+
+
 def keep_count(num_patches: int, ratio: float) -> int:
-    """K = int(P * ratio) (the official rounding, e.g. int(196 * 0.7**3) = 67), at least 1, at most P."""
-    return min(num_patches, max(1, int(num_patches * ratio)))
+    """K = int(P * ratio) (the official rounding, e.g. int(196 * 0.7**3) = 67) for a ratio in (0, 1]; a ratio that
+    keeps no token is a ValueError (raised, not raised to 1: the cost and accuracy asked for would not be run)."""
+    k = int(num_patches * ratio)
+    if k < 1 <= num_patches:
+        raise EmptySelection(f"a keep ratio of {ratio:.4g} keeps int({num_patches} * {ratio:.4g}) = 0 of {num_patches} "
+                         f"tokens; at least one must be kept ({num_patches} * ratio >= 1)")
+    return k
 
 
 def keep_count_ceil(num_tokens: int, ratio: float) -> int:
@@ -38,8 +47,10 @@ def validate_layers(name: str, layers: tuple[int, ...], depth: int, minimum: int
                          f"start at {minimum}); it needs at least {minimum + 1} blocks")
     bad = [layer for layer in layers if not minimum <= layer < depth]
     if bad:
+        single = len(layers) == 1 and name.endswith(" layer")  # TopK's one layer, not a tuple of one
+        given = f"{name}={layers[0]} is" if single else f"{name}={layers} has layer(s) {bad}"
         raise ValueError(
-            f"{name}={layers} has layer(s) {bad} outside the model: accepted layers are {minimum}..{depth - 1} "
+            f"{given} outside the model: accepted layers are {minimum}..{depth - 1} "
             f"for a model of depth {depth}"
         )
     if any(b <= a for a, b in zip(layers, layers[1:])):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .autocast import operand_as
+
 
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (..., k) of the k largest scores along the last dim, in descending score order."""
@@ -99,7 +101,11 @@ def scatter_values(v: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> tor
 
 
 def weighted_merge(x: torch.Tensor, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """One token (B, 1, C) = sum_j w_j x_j over x (B, M, C); weights (B, M), optionally renormalised to sum 1."""
+    """One token (B, 1, C) = sum_j w_j x_j over x (B, M, C); weights (B, M), optionally renormalised to sum 1.
+
+    Renormalised in float32 before they meet x's dtype: the weights of low-ranked tokens (attention of 1e-8 and
+    less) flush to zero in half precision, and their sum with them (0 / 0)."""
     if normalize:
-        weights = weights / weights.sum(dim=1, keepdim=True)
-    return weights.unsqueeze(1) @ x
+        weights = weights.float()
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return operand_as(weights, x.dtype).unsqueeze(1) @ x

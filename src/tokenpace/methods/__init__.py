@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
+from ..core.schedule import EmptySelection
 from .base import ForwardState, MethodConfig, Policy
 from .evit import EViT
 from .evo import Evo
@@ -18,13 +19,15 @@ __all__ = ["METHODS", "EViT", "Evo", "ForwardState", "Idle", "IdleRecord", "Meth
 def make_config(method: str | MethodConfig, **options) -> MethodConfig:
     """A method config from a name and options (``make_config("idle", keep=0.5)``) or a config (options override)."""
     if isinstance(method, MethodConfig):
-        return replace(method, **options) if options else method
-    if not isinstance(method, str) or method not in METHODS:
+        cls, build = type(method), (lambda: replace(method, **options) if options else method)
+    elif not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; accepted: {', '.join(sorted(METHODS))} "
                          f"(or a config object: {', '.join(c.__name__ for c in METHODS.values())})")
-    cls = METHODS[method]
+    else:
+        cls = METHODS[method]
+        build = lambda: cls(**options)  # noqa: E731
     try:
-        return cls(**options)
+        return build()
     except TypeError as err:  # an unknown keyword: name the accepted ones
         accepted = [f.name for f in fields(cls)]
         raise ValueError(f"{cls.__name__} got an unknown option ({err}); accepted: {', '.join(accepted)}") from None
@@ -51,4 +54,10 @@ def make_policy(config: MethodConfig, family) -> Policy:
         accepted = ", ".join(map(repr, methods_for(family))) or "none"
         raise ValueError(f"method {config.name!r} is not available for {family.name} models ({reason}); "
                          f"accepted here: {accepted}")
-    return config.resolved(family).policy(family)
+    policy = config.resolved(family).policy(family)
+    try:  # every block keeps a token at the model's own size (a forward at another size checks its own)
+        policy.work(family.group_counts(None))
+    except EmptySelection as err:
+        raise EmptySelection(f"{policy.config.name} keep={policy.config.keep:g} on this {family.name} model: a block "
+                         f"would run on no token: {err}; choose a larger keep") from None
+    return policy

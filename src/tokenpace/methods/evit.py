@@ -44,7 +44,7 @@ class EViT(MethodConfig):
     def __post_init__(self) -> None:
         check_keep(self, "EViT keep")
         check_layers(self, "EViT layers", "layers")
-        check_choice("EViT score", self.score, ("cls", "received", "norm", "random"), optional=True)
+        check_choice("EViT score", self.score, type(self).scores, optional=True)
         if not isinstance(self.fuse, bool):
             raise ValueError(f"EViT fuse must be True or False; got {self.fuse!r}")
 

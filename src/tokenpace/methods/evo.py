@@ -19,7 +19,6 @@ from typing import ClassVar
 import torch
 
 from ..blockops import Row, run_block
-from ..core.autocast import operand_as
 from ..core.macs import BlockWork, dense_work
 from ..core.schedule import keep_count, scaled_layers, validate_layers
 from ..core.scores import evolve
@@ -69,7 +68,7 @@ class Evo(MethodConfig):
         check_keep(self, "Evo keep")
         check_layers(self, "Evo stage_starts", "stage_starts")
         check_choice("Evo mode", self.mode, MODES)
-        check_choice("Evo score", self.score, ("cls", "received", "norm", "random"), optional=True)
+        check_choice("Evo score", self.score, type(self).scores, optional=True)
         if self.representative is not None and not isinstance(self.representative, bool):
             raise ValueError(f"Evo representative must be True, False or None (the family default); "
                              f"got {self.representative!r}")
@@ -112,7 +111,7 @@ def gather_slow_path(x: torch.Tensor, g: torch.Tensor, ranking: torch.Tensor, k:
     tokens = gather_rows(x, rows)
     rep_in = None
     if use_rep:
-        rep_in = weighted_merge(gather_tokens(x, ph_idx + prefix), operand_as(gather_values(g, ph_idx), x.dtype), True)
+        rep_in = weighted_merge(gather_tokens(x, ph_idx + prefix), gather_values(g, ph_idx), True)
         tokens = torch.cat([tokens, rep_in], dim=1)
     return keep_idx, rows, tokens, gather_values(g, keep_idx), rep_in
 

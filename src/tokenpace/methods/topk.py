@@ -40,7 +40,7 @@ class TopK(MethodConfig):
 
     def __post_init__(self) -> None:
         check_keep(self, "TopK keep")
-        check_choice("TopK score", self.score, ("cls", "received", "norm", "random"), optional=True)
+        check_choice("TopK score", self.score, type(self).scores, optional=True)
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, numbers.Integral)):
             raise ValueError(f"TopK layer must be an int layer index or None for the default; got {self.layer!r}")
         if self.layer is not None:  # numpy ints as Python ints: configs compare, print and save as JSON alike

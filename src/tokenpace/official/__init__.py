@@ -37,9 +37,12 @@ def _table() -> dict[str, OfficialArch]:
         table[f"EvoLeViT_{size}"] = OfficialArch(f"evo_levit_{size.lower()}", EVO_LEVIT, "evo", 0.5, "Evo-ViT")
         table[f"EvoLeViT_{size}_384"] = OfficialArch(f"evo_levit_{size.lower()}", EVO_LEVIT, "evo", 0.5, "Evo-ViT",
                                                      {"img_size": 384})
-    for name, model in (("deit_small", "deit_small_patch16_224"), ("deit_base", "deit_base_patch16_224"),
-                        ("lvvit_s", "lvvit_s"), ("lvvit_m", "lvvit_m")):
+    for name, model in (("deit_small", "deit_small_patch16_224"), ("deit_base", "deit_base_patch16_224")):
         table[name] = OfficialArch(model, TIMM, "idle", 0.7, "IdleViT")
+    for name in ("lvvit_s", "lvvit_m"):
+        # IdleViT evaluates every model with resize 256/224 and centre crop (idlevit.md §7), its LV-ViTs too; the
+        # LV-ViT authors' own crop (0.9 / 1.0) is what lvvit_s / lvvit_m record otherwise
+        table[name] = OfficialArch(name, TIMM, "idle", 0.7, "IdleViT", {"crop_pct": 0.875})
     return table
 
 
@@ -123,21 +126,15 @@ def load_official(checkpoint, arch: str, keep: float | None = None):
     return apply(model.eval(), config)
 
 
-def convert(checkpoint, dst: str, arch: str, keep: float | None = None) -> str:
+def convert(checkpoint, dst: str, arch: str, keep: float | None = None, overwrite: bool = False) -> str:
     """Write the released ``checkpoint`` as ``dst`` (.safetensors, plain timm / tokenpace keys) and its method
-    configuration as the sibling ``.json`` (with the model name and arguments); returns the configuration's path."""
+    configuration as the sibling ``.json`` (with the model name and arguments); returns the configuration's path.
+    An existing ``dst`` or ``.json`` is replaced only with ``overwrite``; ``dst`` is never the checkpoint itself."""
     from ..config_io import config_path_for, save_config
     from ..patch import get_patch
     from ..weights import export_safetensors
 
-    if not dst.endswith(".safetensors"):
-        raise TokenpaceError(f"the converted weights are written as safetensors; DST must end in .safetensors, got "
-                             f"{dst!r}")
-    from ..outputs import output_file_problem
-
-    problem = output_file_problem(dst)
-    if problem is not None:  # before the checkpoint is read
-        raise TokenpaceError(f"DST {dst!r} {problem}")
+    check_destination(checkpoint, dst, overwrite)  # before the checkpoint is read
     spec = official_arch(arch)
     model = load_official(checkpoint, arch, keep)
     export_safetensors(model, dst)
@@ -146,5 +143,37 @@ def convert(checkpoint, dst: str, arch: str, keep: float | None = None) -> str:
     return path
 
 
-__all__ = ["OFFICIAL_ARCHS", "OfficialArch", "checkpoint_keep", "convert", "load_official", "official_arch",
-           "official_state", "ratio_in_name"]
+def check_destination(checkpoint, dst: str, overwrite: bool = False) -> None:
+    """TokenpaceError unless ``dst`` and its configuration (``.json``) can be written: ``dst`` ends in
+    .safetensors, its folder is there and writable, neither file is the checkpoint, and neither exists unless
+    ``overwrite``."""
+    from ..config_io import config_path_for
+    from ..outputs import output_file_problem
+
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False; got {overwrite!r}")
+    if not isinstance(dst, (str, os.PathLike)) or not os.fspath(dst).endswith(".safetensors"):
+        raise TokenpaceError(f"the converted weights are written as safetensors; DST must end in .safetensors, got "
+                             f"{dst!r}")
+    dst = os.fspath(dst)
+    outputs = (("DST", dst), ("DST's configuration", config_path_for(dst)))
+    for what, path in outputs:
+        problem = output_file_problem(path)
+        if problem is not None:
+            raise TokenpaceError(f"{what} {path!r} {problem}")
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = os.path.realpath(checkpoint)
+        for what, path in outputs:  # even with overwrite: the release would be gone before it was read
+            if os.path.realpath(path) == source or (os.path.exists(path) and os.path.exists(source)
+                                                    and os.path.samefile(path, source)):
+                raise TokenpaceError(f"{what} {path!r} is the checkpoint being converted; write the converted "
+                                     "file to another path")
+    existing = [(what, path) for what, path in outputs if os.path.lexists(path)]
+    if existing and not overwrite:
+        what, path = existing[0]
+        raise TokenpaceError(f"{what} {path!r} already exists; pass overwrite=True (--overwrite on the command "
+                             "line) to replace it, or choose another DST")
+
+
+__all__ = ["OFFICIAL_ARCHS", "OfficialArch", "check_destination", "checkpoint_keep", "convert", "load_official",
+           "official_arch", "official_state", "ratio_in_name"]

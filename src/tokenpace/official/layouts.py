@@ -9,10 +9,12 @@ the official keys a file lacks.
 - ``EVO_LEVIT``: the official Evo-LeViT module tree: a flat ``blocks.{b}`` list (each block ``m1.m`` attention and
   ``m2.m`` MLP; each down-sampling attention, then its MLP ``m``), Linear/Conv + BatchNorm pairs as ``c`` + ``bn``,
   heads as ``bn`` + ``l``, ``poss`` position embeddings, ``learn_tradeoff`` evolution weights of shape (1,). Every
-  module is registered a second time under ``stage_blocks.*``; those duplicates are not read.
+  module is registered a second time under ``stage_blocks.*``; those duplicates are not read, but each must equal a
+  tensor that is (a file whose twins differ was edited or mixed from two checkpoints).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import TokenpaceError
-from ..weights import key_problems
+from ..weights import SHOWN_KEYS, key_problems
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class Layout:
     name: str
     description: str  # the expected layout, as an error names it
     sources: Callable[[nn.Module], dict[str, Source]]
-    duplicates: tuple[str, ...] = ()  # prefixes of official entries that repeat others (not read)
+    duplicates: tuple[str, ...] = ()  # prefixes of official entries that repeat others (not read; checked equal)
 
 
 def _same(model: nn.Module) -> dict[str, Source]:
@@ -134,6 +136,22 @@ def _join(tensors: list[torch.Tensor], join: str, shape: torch.Size) -> torch.Te
     return tensors[0]
 
 
+def _fingerprint(tensor: torch.Tensor) -> tuple:
+    """What equal tensors share: dtype, shape and a 128-bit digest of the raw bytes (a digest collision is no
+    practical concern). Meta tensors have no values: dtype and shape only."""
+    head = (tensor.dtype, tuple(tensor.shape))
+    if tensor.device.type == "meta":
+        return head
+    raw = tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy()
+    return head + (hashlib.blake2b(raw.tobytes(), digest_size=16).digest(),)
+
+
+def _without_twin(duplicates: list[str], read: list[torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """The ``duplicates`` whose tensor equals none of ``read`` in dtype, shape and values."""
+    present = {_fingerprint(tensor) for tensor in read}
+    return [key for key in duplicates if _fingerprint(state[key]) not in present]
+
+
 def remap(layout: Layout, model: nn.Module, state: dict[str, torch.Tensor], label: str,
           arch: str) -> dict[str, torch.Tensor]:
     """``state`` (official keys) as ``model``'s state dict; TokenpaceError naming the official keys that are missing,
@@ -152,8 +170,17 @@ def remap(layout: Layout, model: nn.Module, state: dict[str, torch.Tensor], labe
             shapes.append(f"{found} vs {tuple(expected[key].shape)} expected")
             continue
         out[key] = tensor
+    duplicates = [k for k in state if k not in used and k.startswith(layout.duplicates)]
     unexpected = [k for k in state if k not in used and not k.startswith(layout.duplicates)]
     problems = key_problems(missing, unexpected, shapes)
+    if not problems:  # twins are compared only once every key read fits
+        orphans = _without_twin(duplicates, [state[k] for k in used], state)
+        if orphans:
+            shown = ", ".join(orphans[:SHOWN_KEYS]) + (f" and {len(orphans) - SHOWN_KEYS} more"
+                                                       if len(orphans) > SHOWN_KEYS else "")
+            problems = (f"{len(orphans)} duplicate keys ({', '.join(layout.duplicates)}*) equal to no key read "
+                        f"({shown}); the official code registers each of these modules twice, so each must repeat "
+                        "one of the keys read, with the same shape and values")
     if problems:
         raise TokenpaceError(f"checkpoint {label} does not fit {arch} ({layout.name} layout: {layout.description}): "
                              f"{problems}")

@@ -8,12 +8,14 @@ import os
 
 from ..bench import speedup_text, versions
 from ..config_io import save_config
+from ..errors import TokenpaceError
 from ..evaluate import save_plot
 from .clock import format_duration
 from .search import TuneResult
 from .space import Candidate
 
 CONFIG_FILE, SEARCH_FILE, PLOT_FILE = "tokenpace.json", "search.json", "frontier.png"
+OUTPUT_FILES = (CONFIG_FILE, SEARCH_FILE, PLOT_FILE)  # what a search may leave in its folder
 
 
 def verdict(r: TuneResult) -> str:
@@ -169,10 +171,33 @@ def candidate_json(r: TuneResult, c: Candidate) -> dict:
             "closest": c is r.closest}
 
 
-def write_outputs(r: TuneResult, folder: str, model: dict, title: str) -> list[str]:
-    """tokenpace.json (only when a configuration meets the budget), search.json and frontier.png in ``folder``;
-    ``model`` is what the files record about the model (config_io.model_record and how it was built)."""
+def earlier_outputs(folder: str) -> list[str]:
+    """The names of an earlier search's outputs in ``folder``; TokenpaceError when one is a folder (it cannot be
+    replaced by a file)."""
+    found = [name for name in OUTPUT_FILES if os.path.lexists(os.path.join(folder, name))]
+    folders = [name for name in found if os.path.isdir(os.path.join(folder, name))]
+    if folders:
+        raise TokenpaceError(f"{os.path.join(folder, folders[0])!r} is a folder; tune writes a file of that name "
+                             "there: move it, or choose another output folder")
+    return found
+
+
+def write_outputs(r: TuneResult, folder: str, model: dict, title: str) -> tuple[list[str], list[str]]:
+    """tokenpace.json (only when a configuration meets the budget), search.json and frontier.png (only when something
+    was evaluated) in ``folder``; ``model`` is what the files record about the model (config_io.model_record and how
+    it was built). Returns (the paths written, the paths removed): an earlier search's tokenpace.json or
+    frontier.png that this one does not rewrite is removed, so the folder never pairs its files with another
+    search's."""
+    earlier_outputs(folder)  # a folder in the way is refused before anything is removed
     os.makedirs(folder, exist_ok=True)
+    rewritten = {SEARCH_FILE} | ({CONFIG_FILE} if r.chosen is not None else set()) | (
+        {PLOT_FILE} if r.evaluated() else set())
+    removed = []
+    for name in OUTPUT_FILES:
+        path = os.path.join(folder, name)
+        if name not in rewritten and os.path.lexists(path):  # removed first: a failed write leaves no mix
+            os.remove(path)
+            removed.append(path)
     written = []
     if r.chosen is not None:
         path = os.path.join(folder, CONFIG_FILE)
@@ -189,8 +214,8 @@ def write_outputs(r: TuneResult, folder: str, model: dict, title: str) -> list[s
     with open(path, "w") as f:
         json.dump(document, f, indent=2, allow_nan=False)
     written.append(path)
-    if r.evaluated():
+    if PLOT_FILE in rewritten:
         path = os.path.join(folder, PLOT_FILE)
         plot_frontier(r, path, title)
         written.append(path)
-    return written
+    return written, removed

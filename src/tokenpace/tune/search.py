@@ -14,7 +14,9 @@ keeps; the check split is how a user sees whether the choice holds on other imag
 from __future__ import annotations
 
 import math
+import numbers
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,12 +24,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..bench import AMP_DTYPES, MethodSpec, benchmark, device_name
+from ..bench import AMP_DTYPES, MethodSpec, benchmark, device_name, restored
 from ..evaluate import accuracy_table
-from ..modes import mode_kept
 from ..patch import supported_methods
 from .clock import SAFETY, Deadline, Progress, format_duration
-from .space import Candidate, candidates, dense_gmacs
+from .space import Candidate, dense_gmacs, search_space
 from .split import decoded_once, has_labels, loader, split_indices
 
 DEFAULT_KEEPS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -77,8 +78,16 @@ class TuneSettings:
             raise ValueError(f"check_fraction must lie in (0, 1); got {self.check_fraction!r}")
         if self.labels not in ("auto", "none"):
             raise ValueError(f"labels={self.labels!r} is not accepted; choose 'auto' or 'none'")
-        if min(self.batch_size, self.runs, self.screen_runs, self.finalists) < 1 or self.time_budget_s <= 0:
-            raise ValueError("batch_size, runs, screen_runs and finalists must be >= 1 and time_budget_s > 0")
+        for name in ("batch_size", "runs", "screen_runs", "finalists", "workers", "seed"):
+            value = getattr(self, name)
+            least = 0 if name in ("workers", "seed") else 1
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
+        if isinstance(self.time_budget_s, bool) or not isinstance(self.time_budget_s, numbers.Real) or \
+                not 0 < self.time_budget_s < math.inf:  # nan fails both comparisons
+            raise ValueError(f"time_budget_s must be a finite number of seconds > 0; got {self.time_budget_s!r}")
+        if not all(isinstance(shift, numbers.Integral) and not isinstance(shift, bool) for shift in self.start_shifts):
+            raise ValueError(f"start_shifts must be whole numbers of blocks; got {self.start_shifts!r}")
 
     def budget_text(self) -> str:
         if self.max_drop is not None:
@@ -169,16 +178,38 @@ def tune(model: nn.Module, dataset: Dataset, device: torch.device | str = "cpu",
          clock: Callable[[], float] = time.monotonic) -> TuneResult:
     """Search ``methods`` (default: every method of the model's family; a spec's own options are kept fixed) on
     ``dataset`` (items ``(image, label)`` with the model's evaluation transform applied, or bare images) and
-    return what was measured and chosen. ``model`` is given back unpatched, in the train/eval mode it came in."""
+    return what was measured and chosen. ``model`` is given back as it came in: its method configuration (or none),
+    train/eval mode, and each parameter and buffer on its device, with its dtype (the same parameter objects)."""
     settings = settings or TuneSettings()
     device = torch.device(device)
-    with mode_kept(model):
+    with placement_kept(model), restored(model):  # restored: the method configuration and train/eval mode
         search = _Search(model, dataset, device, settings, methods, progress, clock)
         try:
             search.run()
         finally:
             search.bar.close()
     return search.result
+
+
+@contextmanager
+def placement_kept(model: nn.Module):
+    """Run a block that may move ``model`` to another device or dtype; put every parameter and buffer back where it
+    was after (errors too). Parameters keep their identity (their data is moved, as ``Module.to`` does), so an
+    optimiser holding them stays valid."""
+    placed = [(module, name, tensor.device, tensor.dtype) for module in model.modules()
+              for name, tensor in [*module._parameters.items(), *module._buffers.items()] if tensor is not None]
+    try:
+        yield model
+    finally:
+        for module, name, device, dtype in placed:
+            if name in module._parameters and module._parameters[name] is not None:
+                param = module._parameters[name]
+                if (param.device, param.dtype) != (device, dtype):
+                    param.data = param.data.to(device, dtype)
+                    if param.grad is not None:
+                        param.grad = param.grad.to(device, dtype)
+            elif module._buffers.get(name) is not None:
+                module._buffers[name] = module._buffers[name].to(device, dtype)
 
 
 class _Search:
@@ -192,12 +223,12 @@ class _Search:
         self.tune_batches = loader(dataset, tune_idx, labelled, settings.batch_size, settings.workers, pin)
         self.check_batches = loader(dataset, check_idx, labelled, settings.batch_size, settings.workers, pin)
         dtype = AMP_DTYPES[settings.amp]
+        space = search_space(model, specs, settings.keeps, settings.start_shifts)
         self.result = TuneResult(
             settings=settings, labelled=labelled, device=device_name(device),
             dtype=str(dtype or next(model.parameters()).dtype).replace("torch.", ""),
-            dense_gmacs=dense_gmacs(model), candidates=candidates(model, specs, settings.keeps,
-                                                                   settings.start_shifts),
-            tune_images=len(tune_idx), check_images=len(check_idx))
+            dense_gmacs=dense_gmacs(model), candidates=space.candidates,
+            tune_images=len(tune_idx), check_images=len(check_idx), notes=space.notes())
         if not labelled:
             self.result.notes.append("no labels" + (" used (--labels none)" if settings.labels == "none" else
                                      " in the data") + ": the budget is on agreement with the dense model's "

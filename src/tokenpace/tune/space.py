@@ -2,11 +2,12 @@
 analytic MACs. Candidates of one *line* differ only in keep."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
 from ..bench import MethodSpec, configure, restored
+from ..core.schedule import EmptySelection
 from ..errors import TokenpaceError
 from ..families import adapter_for
 from ..methods import MethodConfig, make_config
@@ -65,19 +66,54 @@ def selection_layers(config: MethodConfig, model: nn.Module) -> tuple[int, ...]:
 
 
 def with_layers(config: MethodConfig, layers: tuple[int, ...]) -> MethodConfig:
-    field = START_FIELD[config.name]
-    return replace(config, **{field: layers[0] if field == "layer" else layers})
+    name = START_FIELD[config.name]
+    return replace(config, **{name: layers[0] if name == "layer" else layers})
+
+
+@dataclass
+class SearchSpace:
+    """The configurations to search, and per method the start shifts left out because the method refuses the
+    selection layers they give (layers outside the model: reported, not left out unmentioned)."""
+
+    candidates: list[Candidate]
+    skipped: dict[str, dict[int, str]]  # method name: {shift: why the method refused the shifted layers}
+    empty_keeps: dict[str, dict[float, str]] = field(default_factory=dict)  # method: {keep: why} (no token kept)
+
+    @property
+    def skipped_shifts(self) -> dict[str, tuple[int, ...]]:
+        return {method: tuple(sorted(why)) for method, why in self.skipped.items()}
+
+    def notes(self) -> list[str]:
+        notes = []
+        for method, shifts in self.skipped_shifts.items():
+            first = shifts[0]
+            notes.append(f"start shift{'s' if len(shifts) > 1 else ''} {', '.join(f'{s:+d}' for s in shifts)} "
+                         f"skipped for {method} (at {first:+d}: {self.skipped[method][first]})")
+        for method, why in self.empty_keeps.items():
+            keeps = sorted(why)
+            notes.append(f"{method} with keep {', '.join(f'{k:g}' for k in keeps)} skipped where a block would keep "
+                         f"no token (e.g. {why[keeps[0]]})")
+        return notes
 
 
 def candidates(model: nn.Module, specs: list[MethodSpec], keeps: tuple[float, ...],
                shifts: tuple[int, ...]) -> list[Candidate]:
+    """The configurations of :func:`search_space`."""
+    return search_space(model, specs, keeps, shifts).candidates
+
+
+def search_space(model: nn.Module, specs: list[MethodSpec], keeps: tuple[float, ...],
+                 shifts: tuple[int, ...]) -> SearchSpace:
     """Every configuration of the search with its MACs: per method spec, each keep (unless the spec sets one),
     the default selection layers shifted by each of ``shifts`` blocks (unless the spec sets them), and for Evo both
-    modes (unless the spec sets one). Shifts that leave the model are skipped; configurations that compute the same
-    (equal configs, one line with equal MACs, i.e. equal token counts, or Evo's two modes where they coincide) are
-    kept once."""
+    modes (unless the spec sets one). Shifts that leave the model are skipped and recorded per method;
+    configurations that compute the same (equal configs, one line with equal MACs, i.e. equal token counts, or
+    Evo's two modes where they coincide) are kept once."""
     found: list[Candidate] = []
     seen: set = set()
+    refused: dict[str, dict[int, str]] = {}  # per method: the shifts the method refused, and why
+    fitted: dict[str, set[int]] = {}  # per method: the shifts that gave at least one configuration
+    empty: dict[str, dict[float, str]] = {}  # per method: the keeps that left a block no token, and why
     with restored(model):
         for spec in specs:
             given = spec.method_options()
@@ -86,13 +122,20 @@ def candidates(model: nn.Module, specs: list[MethodSpec], keeps: tuple[float, ..
             default = _applied(model, make_config(spec.method, **{k: v for k, v in given.items() if k != "keep"}))
             for mode in modes:
                 base = make_config(spec.method, **{**given, **({"mode": mode} if spec.method == "evo" else {})})
-                starts = [base] if START_FIELD[spec.method] in given else _shifted(base, model, shifts)
-                for start in starts:
+                starts = [(None, base)] if START_FIELD[spec.method] in given else _shifted(base, model, shifts)
+                for shift, start in starts:
                     for keep in ([base.keep] if "keep" in given else keeps):
                         try:
                             configure(model, replace(start, keep=keep))
-                        except ValueError:  # selection layers this model does not have
+                        except EmptySelection as err:  # a keep too small for this model's token counts
+                            empty.setdefault(spec.method, {}).setdefault(keep, str(err))
                             continue
+                        except ValueError as err:  # selection layers this model does not have
+                            if shift is not None:
+                                refused.setdefault(spec.method, {}).setdefault(shift, str(err))
+                            continue
+                        if shift is not None:
+                            fitted.setdefault(spec.method, set()).add(shift)
                         applied = get_patch(model).config
                         gmacs = macs(model) / 1e9
                         same_counts = (replace(applied, keep=None), round(gmacs, 9))
@@ -103,10 +146,14 @@ def candidates(model: nn.Module, specs: list[MethodSpec], keeps: tuple[float, ..
                             continue  # stage mode's twin, found already
                         seen.update((applied, same_counts))
                         found.append(Candidate(applied, gmacs, default=_same_work(applied, default, gmacs)))
+    skipped = {method: {shift: why for shift, why in shifts.items() if shift not in fitted.get(method, set())}
+               for method, shifts in refused.items()}
+    space = SearchSpace(found, {method: shifts for method, shifts in skipped.items() if shifts}, empty)
     if not found:
-        raise TokenpaceError("no configuration to search: every selection layer shift leaves the model; accepted "
-                             "shifts keep the layers inside it (e.g. --start-shifts 0)")
-    return found
+        raise TokenpaceError("no configuration to search: " + "; ".join(space.notes()) + "; accepted: start shifts "
+                             "that keep the layers inside the model (e.g. --start-shifts 0) and keeps that leave "
+                             "every block a token")
+    return space
 
 
 def _applied(model: nn.Module, config: MethodConfig) -> tuple[MethodConfig, float]:
@@ -121,9 +168,9 @@ def _same_work(config: MethodConfig, default: tuple[MethodConfig, float], gmacs:
                                     and round(gmacs, 9) == round(default[1], 9))
 
 
-def _shifted(config: MethodConfig, model: nn.Module, shifts: tuple[int, ...]) -> list[MethodConfig]:
+def _shifted(config: MethodConfig, model: nn.Module, shifts: tuple[int, ...]) -> list[tuple[int, MethodConfig]]:
     layers = selection_layers(config, model)
-    return [with_layers(config, tuple(layer + shift for layer in layers)) for shift in shifts]
+    return [(shift, with_layers(config, tuple(layer + shift for layer in layers))) for shift in shifts]
 
 
 def dense_gmacs(model: nn.Module) -> float:
