@@ -132,6 +132,7 @@ def _staged(path: str):
     """The path to write the export to: a fresh folder beside ``path`` whose files move into place only when the
     block succeeds, so a failed export leaves an existing file (and its external data) as it was. A graph that was
     written but then rejected moves to ``<path>.rejected/`` for inspection, and the error says where."""
+    path = os.fspath(path)  # a pathlib.Path too
     folder, name = os.path.split(os.path.abspath(path))
     staging = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
     staged = os.path.join(staging, name)

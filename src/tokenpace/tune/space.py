@@ -119,7 +119,10 @@ def search_space(model: nn.Module, specs: list[MethodSpec], keeps: tuple[float, 
             given = spec.method_options()
             modes = [given.get("mode", "stage")] if spec.method != "evo" or "mode" in given else list(MODES)
             # the method's default keep, not a keep the user fixed (--keep 0.5 is not Idle's default)
-            default = _applied(model, make_config(spec.method, **{k: v for k, v in given.items() if k != "keep"}))
+            try:
+                default = _applied(model, make_config(spec.method, **{k: v for k, v in given.items() if k != "keep"}))
+            except EmptySelection:  # the default keep leaves a block no token here: no candidate is the default
+                default = (None, float("nan"))
             for mode in modes:
                 base = make_config(spec.method, **{**given, **({"mode": mode} if spec.method == "evo" else {})})
                 starts = [(None, base)] if START_FIELD[spec.method] in given else _shifted(base, model, shifts)
