@@ -13,7 +13,6 @@ from typing import ClassVar
 import torch
 
 from ..blockops import Row, attention_half, mlp_half
-from ..core.autocast import operand_as
 from ..core.macs import BlockWork
 from ..core.schedule import keep_count_ceil, scaled_layers, validate_layers
 from ..core.tokens import gather_tokens, gather_values, scatter_tokens, split_indices, top_indices, weighted_merge
@@ -126,7 +125,7 @@ class EViTPolicy(Policy):
                 kept = [x[:, :prefix], gather_tokens(x, keep_idx + prefix)]
                 if fuse:  # raw attention weights, not renormalised (EViT)
                     rest = gather_tokens(x, rest_idx + prefix)
-                    kept.append(weighted_merge(rest, operand_as(gather_values(attn, rest_idx), x.dtype), False))
+                    kept.append(weighted_merge(rest, gather_values(attn, rest_idx), False))
                 where = self._shrunk(where, keep_idx, x.shape[0], n)
                 x = self.step(state, mlp_half, parts, torch.cat(kept, dim=1), where)
             if i >= self.layers[0]:
