@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
-torch.set_num_threads(2)
+# Two threads in one process; one per process when pytest-xdist runs workers (`pytest -n auto`, the README's
+# command), so two workers on the 2-core machine do not oversubscribe it
+torch.set_num_threads(2 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) <= 1 else 1)
 
 BASE = dict(img_size=32, patch_size=4, embed_dim=48, depth=12, num_heads=3, num_classes=10, qkv_bias=True)
 
@@ -210,8 +213,6 @@ def ref_topk(model, img, keep, layer):
 # ----------------------------------------------------------------------------------------------------------------
 # Training runs on a few dozen real CIFAR-10 images (../shared/data, or $TOKENPACE_CIFAR) and a tiny timm ViT
 # ----------------------------------------------------------------------------------------------------------------
-import os  # noqa: E402
-
 CIFAR = os.environ.get("TOKENPACE_CIFAR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                                                        "cifar10_jpeg.npz"))
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
