@@ -54,6 +54,10 @@ def data(tmp_path_factory) -> str:
     return packed_jpeg_npz(tmp_path_factory.mktemp("data") / "cifar.npz")
 
 
+# pytest-xdist (`--dist loadgroup`): the tests reading the smoke run go to one worker, so it runs once (45 s)
+ON_THE_SMOKE_RUNS_WORKER = pytest.mark.xdist_group("gpu_suite_smoke")
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, data):
     out = tmp_path_factory.mktemp("suite")
@@ -66,6 +70,7 @@ def load(out: Path, name: str) -> dict:
     return json.loads((out / name).read_text())
 
 
+@ON_THE_SMOKE_RUNS_WORKER
 def test_smoke_run_writes_every_file_in_time(smoke):
     out, summary, seconds = smoke
     assert {p.name for p in out.iterdir()} == FILES  # at most 8 files, no leftovers (.tmp)
@@ -77,6 +82,7 @@ def test_smoke_run_writes_every_file_in_time(smoke):
     assert load(out, "summary.json") == json.loads(json.dumps(summary))  # the file holds the final summary
 
 
+@ON_THE_SMOKE_RUNS_WORKER
 def test_summary_has_environment_figures_and_targets(smoke):
     _, summary, _ = smoke
     assert summary["mode"] == "smoke" and summary["device"].startswith("cpu")
@@ -94,6 +100,7 @@ def test_summary_has_environment_figures_and_targets(smoke):
     assert f["speedup_bf16_eager"]["evo"] > 0 and f["speedup_b1_bf16_eager"]["idle"] > 0
 
 
+@ON_THE_SMOKE_RUNS_WORKER
 def test_throughput_rows(smoke):
     out, _, _ = smoke
     doc = load(out, "throughput.json")
@@ -119,6 +126,7 @@ def test_throughput_rows(smoke):
     assert slowest < 20 * max(compiled[0]["rows"][0]["times_ms"]) + 50, compiled[0]["rows"]
 
 
+@ON_THE_SMOKE_RUNS_WORKER
 def test_cifar_results(smoke):
     out, _, _ = smoke
     doc = load(out, "cifar.json")
@@ -270,6 +278,7 @@ def test_device_script_installs_carried_wheels_and_runs_the_suite(tmp_path, data
     assert summary["mode"] == "smoke" and (tmp_path / "out" / "suite.log").is_file()
 
 
+@ON_THE_SMOKE_RUNS_WORKER
 def test_tables_render_every_figure_of_the_run(smoke, tmp_path):
     import gpu_tables
 
