@@ -204,3 +204,11 @@ def test_a_run_json_that_is_not_an_object_is_named_on_resume(tmp_path, capsys):
     (tmp_path / "run.json").write_text("[]")
     assert main(["train", "--output", str(tmp_path), "--resume"]) == 2
     assert "run.json is not a run description (a JSON object" in capsys.readouterr().err
+
+
+def test_an_output_through_a_broken_symbolic_link_names_the_missing_folder(tmp_path, capsys):
+    """An output path is written through a symbolic link, so the folder checked is the one the link points into."""
+    link = tmp_path / "bench.json"
+    link.symlink_to("/no/such/bench.json")
+    assert main(["bench", "--json", str(link)]) == 2
+    assert "is in folder '/no/such', which does not exist" in capsys.readouterr().err

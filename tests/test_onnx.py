@@ -2,6 +2,7 @@
 logits equal PyTorch's (max abs difference <= 1e-4) at batch 1 and 8; the CLI command; exports that cannot be done
 are refused with a clear error."""
 import json
+import os
 
 import pytest
 import torch
@@ -112,6 +113,9 @@ def test_a_failed_export_leaves_the_existing_file_as_it_was(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.rejected"]  # no staging folder left
     monkeypatch.undo()
 
-    result = tokenpace.export_onnx(model, str(path), check=(1,))  # a good export replaces the file
+    link = tmp_path / "link.onnx"  # through a symbolic link: the file it points to is written, the link kept
+    link.symlink_to(path)
+    result = tokenpace.export_onnx(model, link, check=(1,))  # a good export replaces the file
     assert result.max_abs_diff[1] <= 1e-4 and onnx.load(str(path)).graph.input[0].name == "images"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.rejected"]
+    assert link.is_symlink() and os.readlink(link) == str(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.onnx", "m.onnx"]  # the earlier rejected graph too

@@ -131,22 +131,22 @@ def export_onnx(model: nn.Module, path: str, *, img_size: int | tuple[int, int] 
 def _staged(path: str):
     """The path to write the export to: a fresh folder beside ``path`` whose files move into place only when the
     block succeeds, so a failed export leaves an existing file (and its external data) as it was. A graph that was
-    written but then rejected moves to ``<path>.rejected/`` for inspection, and the error says where."""
+    written but then rejected moves to ``<path>.rejected/`` for inspection, and the error says where; a success
+    removes such a folder left by an earlier failure. A symbolic link at ``path`` stays one: the file it points to
+    is written."""
     path = os.fspath(path)  # a pathlib.Path too
-    folder, name = os.path.split(os.path.abspath(path))
+    target = os.path.realpath(path)
+    folder, name = os.path.split(target)
     staging = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
     staged = os.path.join(staging, name)
+    rejected = target + ".rejected"
     try:
         yield staged
     except TokenpaceError as err:
         if not os.path.exists(staged):
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        rejected = path + ".rejected"
-        if os.path.isdir(rejected) and not os.path.islink(rejected):
-            shutil.rmtree(rejected)
-        elif os.path.lexists(rejected):
-            os.remove(rejected)
+        _remove(rejected)
         os.replace(staging, rejected)
         left = f"{path!r} was left as it was" if os.path.exists(path) else f"nothing was written at {path!r}"
         raise TokenpaceError(f"{err}; {left}, the rejected graph is at {os.path.join(rejected, name)!r} for "
@@ -157,6 +157,15 @@ def _staged(path: str):
     for entry in os.listdir(staging):  # the graph, and its .data file when the weights went to external data
         os.replace(os.path.join(staging, entry), os.path.join(folder, entry))
     os.rmdir(staging)
+    _remove(rejected)  # an earlier failure's graph would now be mistaken for this export's
+
+
+def _remove(path: str) -> None:
+    """Remove a file, a link or a folder at ``path``, if there is one."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 def _first_line(err: Exception) -> str:

@@ -15,8 +15,9 @@ def _can_create_in(folder: str) -> bool:
 
 
 def output_file_problem(path: str) -> str | None:
-    """Why ``path`` cannot be written as a file (a phrase that follows the path), or None."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """Why ``path`` cannot be written as a file (a phrase that follows the path), or None. A symbolic link is
+    written through: the folder of the file it points to is the one checked."""
+    folder = os.path.dirname(os.path.realpath(path))
     if os.path.isdir(path):
         return "is a folder; accepted: a file path"
     if not os.path.isdir(folder):

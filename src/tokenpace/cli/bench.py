@@ -92,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         extra = {"onnxruntime": _onnxruntime_version()} if args.onnx else {}
         document = result_json(name, device, batches, **source.model_settings(args, model, record), run=args.run,
-                               amp=args.amp, compile=args.compile, compile_mode=args.compile_mode,
-                               compile_backend=args.compile_backend, cuda_graph=args.cuda_graph, runs=args.runs,
+                               amp=args.amp, compile=args.compile,  # no compile mode or backend when eager
+                               compile_mode=args.compile_mode if args.compile else None,
+                               compile_backend=args.compile_backend if args.compile else None,
+                               cuda_graph=args.cuda_graph, runs=args.runs,
                                warmup=args.warmup, train=args.train,
                                onnx=args.onnx, malloc=args.malloc, fuse_bn=args.fuse_bn, **extra)
         with open(args.json, "w") as f:
