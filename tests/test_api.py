@@ -326,6 +326,9 @@ def test_a_projection_that_adds_to_its_weights_is_refused():
         def forward(self, x):
             return super().forward(x) * 2
 
+    def plain_qkv(model):
+        return torch.nn.Linear(model.blocks[1].attn.qkv.in_features, model.blocks[1].attn.qkv.out_features)
+
     for wrap in (LoraWrapped, lambda base: LoraLinear(base.in_features, base.out_features)):
         model = make_vit("deit", depth=2)
         model.blocks[1].attn.qkv = wrap(model.blocks[1].attn.qkv)
@@ -333,12 +336,19 @@ def test_a_projection_that_adds_to_its_weights_is_refused():
                                             r"that into the weights first \(peft: merge_and_unload\(\)\)"):
             tokenpace.apply(model, "idle")
         assert tokenpace.get_patch(model) is None
+        model.blocks[1].attn.qkv = model.blocks[1].attn.qkv.base_layer if wrap is LoraWrapped else plain_qkv(model)
+        tokenpace.apply(model, "idle")  # wrapped after apply (peft patches Linears in place): refused at the forward
+        model.blocks[1].attn.qkv = wrap(model.blocks[1].attn.qkv)
+        with pytest.raises(TypeError, match=r"attn.qkv of a Block is a Lora\w+, not a plain torch.nn.Linear"):
+            model(torch.ones(1, 3, 32, 32))
     model = make_vit("deit", depth=2)
     plain = model.blocks[1].attn.qkv
     model.blocks[1].attn.qkv = TimmLinear(plain.in_features, plain.out_features)
     model.blocks[1].attn.qkv.load_state_dict(plain.state_dict())
     expected = model(torch.ones(1, 3, 32, 32))
     assert torch.equal(tokenpace.apply(model, "idle", keep=1.0)(torch.ones(1, 3, 32, 32)), expected)
+    model.blocks[1].attn.qkv = plain  # another plain Linear swapped in after apply runs as the plain model does
+    assert torch.equal(model(torch.ones(1, 3, 32, 32)), expected)
 
 
 def test_an_unknown_option_on_a_config_object_names_the_accepted_ones():

@@ -103,6 +103,13 @@ def check_plain_linear(module: nn.Module, name: str) -> None:
                     "adds (e.g. a LoRA adapter); merge that into the weights first (peft: merge_and_unload())")
 
 
+def check_projections(projections: list[tuple[dict, str, nn.Module, str]]) -> None:
+    """Each projection checked when the anatomy was built is still the module it was, or another plain Linear."""
+    for modules, attribute, module, label in projections:
+        if modules.get(attribute) is not module:
+            check_plain_linear(modules.get(attribute), label)
+
+
 class BlockParts:
     """The anatomy of one block; families subclass it. Defaults fit timm's pre-norm ``Block``."""
 
@@ -113,6 +120,16 @@ class BlockParts:
 
     def __init__(self, block: nn.Module) -> None:
         self.block = block
+        # (the owner's submodules, attribute, the module checked, label): the dict lookup costs a fraction of
+        # nn.Module.__getattr__, and the check runs at every forward
+        self.projections: list[tuple[dict, str, nn.Module, str]] = []
+
+    def require_plain_linear(self, owner: nn.Module, attribute: str, label: str) -> None:
+        """Refuse (TypeError) a projection ``owner.<attribute>`` that is not a plain Linear, now and at each forward
+        (:func:`check_projections`): peft wraps the Linears of a model already patched in place."""
+        module = getattr(owner, attribute)
+        check_plain_linear(module, label)
+        self.projections.append((owner._modules, attribute, module, label))
 
     @property
     def fused(self) -> bool:

@@ -47,6 +47,7 @@ class Patch:
     def _state(self, **taps) -> ForwardState:
         self.last_state = None  # the previous forward's records (activations, their graph) go before this one
         family = self.adapter
+        family.check_projections()
         return ForwardState(training=family.model.training, checkpoint=family.checkpointing,
                             kept=[None] * family.depth if self.tracer is not None else None, **taps)
 

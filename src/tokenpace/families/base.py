@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..anatomy import BlockParts, Frame, StageEntry, TokenSet
+from ..anatomy import BlockParts, Frame, StageEntry, TokenSet, check_projections
 from ..blockops import run_block
 from ..core.macs import BlockWork, block_macs, dense_work
 from ..core.tokens import gather_rows, scatter_rows, sequence_rows, with_prefix
@@ -78,6 +78,7 @@ class Family(ABC):
             self.blocks.extend(blocks)
             self.stage_blocks.append(range(start, len(self.blocks)))
         self._parts: list[BlockParts] | None = None
+        self._projections: list = []  # every block's checked projections, gathered with the anatomy
 
     @classmethod
     @abstractmethod
@@ -106,11 +107,18 @@ class Family(ABC):
         compiled model to build it, the graph's guards would see it change and compile the model a second time."""
         if self._parts is None:
             self._parts = [self.make_parts(i) for i in range(self.depth)]
+            self._projections = [p for parts in self._parts for p in parts.projections]
         return self._parts
 
     def parts(self, i: int) -> BlockParts:
         """The anatomy of block i."""
         return self.anatomy()[i]
+
+    def check_projections(self) -> None:
+        """Every block's q/k/v projection is still a plain Linear (TypeError for a wrapper put in after ``apply``,
+        e.g. peft's LoRA, whose weights the scores and split projections would read around)."""
+        self.anatomy()
+        check_projections(self._projections)
 
     @abstractmethod
     def make_parts(self, i: int) -> BlockParts: ...

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anatomy import BlockParts, Frame, LinearMap, StageEntry, check_plain_linear
+from ..anatomy import BlockParts, Frame, LinearMap, StageEntry
 from ..core.attention import attend, probs_scores
 from ..core.macs import BlockShape, conv_macs, linear_macs
 from .base import SequenceFamily, parse_img_size
@@ -61,8 +61,9 @@ class LevitParts(BlockParts):
         attn = self.attn = block.attn
         self.num_heads, self.scale = attn.num_heads, attn.scale
         self.key_dim, self.val_dim = attn.key_dim, attn.val_dim
-        qkv = getattr(attn.qkv, "linear", attn.qkv)  # timm's LinearNorm (linear + BatchNorm), or a Linear
-        check_plain_linear(qkv, f"attn.qkv of a {type(block).__name__}")
+        linear_norm = hasattr(attn.qkv, "linear")  # timm's LinearNorm (linear + BatchNorm), or a Linear
+        self.require_plain_linear(attn.qkv if linear_norm else attn, "linear" if linear_norm else "qkv",
+                                  f"attn.qkv of a {type(block).__name__}")
         self.biases = biases
         self.accepts_extra = not biases  # a bias needs a position for every token
         self.evolution_logit = getattr(attn, "theta", None)

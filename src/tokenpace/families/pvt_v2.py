@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..anatomy import BlockParts, Frame, LinearMap, check_plain_linear
+from ..anatomy import BlockParts, Frame, LinearMap
 from ..blockops import attention_branch
 from ..core.macs import BlockShape, BlockWork, conv_macs, linear_macs
 from ..core.tokens import flat_rows, gather_rows, scatter_rows
@@ -81,7 +81,7 @@ class PvtParts(BlockParts):
         super().__init__(block)
         attn = self.attn = block.attn
         self.num_heads, self.scale = attn.num_heads, attn.scale
-        check_plain_linear(attn.q, f"attn.q of a {type(block).__name__}")
+        self.require_plain_linear(attn, "q", f"attn.q of a {type(block).__name__}")
 
     def dropout(self) -> float:
         return self.attn.attn_drop.p if self.attn.training else 0.0

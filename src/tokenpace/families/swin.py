@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anatomy import BlockParts, Frame, LinearMap, check_plain_linear
+from ..anatomy import BlockParts, Frame, LinearMap
 from ..blockops import attention_branch, mlp_half
 from ..core.macs import BlockShape, BlockWork, linear_macs
 from ..core.tokens import flat_rows, gather_rows, gather_tokens, scatter_rows
@@ -103,7 +103,7 @@ class SwinParts(BlockParts):
         super().__init__(block)
         attn = self.attn = block.attn
         self.num_heads, self.scale = attn.num_heads, attn.scale
-        check_plain_linear(attn.qkv, f"attn.qkv of a {type(block).__name__}")
+        self.require_plain_linear(attn, "qkv", f"attn.qkv of a {type(block).__name__}")
         self.width = attn.qkv.out_features // 3
 
     def dropout(self) -> float:

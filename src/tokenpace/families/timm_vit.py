@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anatomy import BlockParts, Frame, LinearMap, check_plain_linear
+from ..anatomy import BlockParts, Frame, LinearMap
 from ..core.feature_maps import vit_intermediates
 from ..core.macs import BlockShape, linear_macs
 from .base import SequenceFamily, parse_img_size
@@ -71,7 +71,7 @@ class VitParts(BlockParts):
         self.width = attn.num_heads * attn.head_dim
         for name in ("qkv", "q_proj", "k_proj", "v_proj"):  # the fused projection, or EVA's separate ones
             if getattr(attn, name, None) is not None:
-                check_plain_linear(getattr(attn, name), f"attn.{name} of a {type(block).__name__}")
+                self.require_plain_linear(attn, name, f"attn.{name} of a {type(block).__name__}")
 
     def dropout(self) -> float:
         return self.attn.attn_drop.p if self.attn.training else 0.0
