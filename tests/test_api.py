@@ -347,8 +347,41 @@ def test_a_projection_that_adds_to_its_weights_is_refused():
     model.blocks[1].attn.qkv.load_state_dict(plain.state_dict())
     expected = model(torch.ones(1, 3, 32, 32))
     assert torch.equal(tokenpace.apply(model, "idle", keep=1.0)(torch.ones(1, 3, 32, 32)), expected)
-    model.blocks[1].attn.qkv = plain  # another plain Linear swapped in after apply runs as the plain model does
-    assert torch.equal(model(torch.ones(1, 3, 32, 32)), expected)
+    other = torch.nn.Linear(plain.in_features, plain.out_features)  # other weights, swapped in after apply: read
+    model.blocks[1].attn.qkv = other
+    fresh = make_vit("deit", depth=2)
+    fresh.blocks[1].attn.qkv = other
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    tokenpace.remove(model)
+    model = tokenpace.apply(model, "idle", keep=1.0)
+    assert torch.equal(model(images), fresh(images))
+    reduced, reference = make_vit("deit", depth=2), make_vit("deit", depth=2)
+    tokenpace.apply(reduced, "idle", keep=0.5)
+    reduced.blocks[1].attn.qkv = reference.blocks[1].attn.qkv = other
+    assert torch.equal(reduced(images), tokenpace.apply(reference, "idle", keep=0.5)(images))
+
+
+def test_a_levit_projection_wrapped_after_apply_is_refused_at_either_level():
+    """timm's LeViT projects q/k/v with a LinearNorm (a Linear, then a BatchNorm): a wrapper on the LinearNorm's
+    Linear, or in place of the LinearNorm, is refused at the next forward; a plain Linear in its place (the
+    BatchNorm fused after apply) runs."""
+    from test_levit import make_levit
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = tokenpace.apply(make_levit("levit_cifar"), "evo", keep=0.5)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    attn = model.stages[1].blocks[0].attn
+    linear_norm, linear = attn.qkv, attn.qkv.linear
+    for owner, name in ((linear_norm, "linear"), (attn, "qkv")):
+        setattr(owner, name, Doubled(linear.in_features, linear.out_features))
+        with pytest.raises(TypeError, match="attn.qkv of a LevitBlock is a Doubled, not a plain torch.nn.Linear"):
+            model(images)
+        setattr(owner, name, linear if name == "linear" else linear_norm)
+    attn.qkv = torch.nn.Linear(linear.in_features, linear.out_features)
+    assert model(images).isfinite().all()
 
 
 def test_an_unknown_option_on_a_config_object_names_the_accepted_ones():

@@ -1,6 +1,7 @@
 """torch.compile(fullgraph=True) once per family: fixed token counts, no graph breaks, no host syncs in a patched
-forward. Every family is traced through AOTAutograd (the aot_eager backend: dynamo's graph capture and the
-functionalised aten graph inductor lowers, without its C++ compiles); a flat ViT and a pyramid also run inductor
+forward. Every family is traced through AOTAutograd (the aot_eager backend: dynamo's graph capture and
+AOTAutograd's functionalised aten graph, what inductor starts from, without its C++ compiles); a flat ViT and a
+pyramid also run inductor
 itself. Inductor on every family is opt-in (TOKENPACE_TEST_INDUCTOR=all): with a cold inductor cache, as on a fresh
 CI machine, its C++ kernel compiles took 15-45 s a family on the 2-core machine, 3.5 min for the seven."""
 import os
@@ -53,6 +54,7 @@ INDUCTOR_ALL = os.environ.get("TOKENPACE_TEST_INDUCTOR") == "all"
 
 def _compiled_equals_eager(family, backend, tolerance):
     build, method, options, size = CASES[family]
+    torch._dynamo.reset()  # a worker's earlier compiles do not count towards dynamo's recompile limit
     model = tokenpace.apply(build(), method, keep=0.5, **options)
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -117,3 +117,29 @@ def test_a_file_recorded_with_a_pretrained_tag_fits_the_untagged_model(model, tm
     assert tokenpace.load_config(path, model, "vit_tiny_patch16_224").keep == 0.5  # same architecture
     with pytest.raises(TokenpaceError, match="made for another model"):
         tokenpace.load_config(path, model, "vit_small_patch16_224")
+
+
+def test_writers_write_through_a_symbolic_link(model, tmp_path):
+    """A configuration file and exported weights written to a symbolic link replace the file it points to and keep
+    the link (the temporary file goes beside that file), as ``open`` writes through one; the output check looks in
+    the same folder."""
+    from safetensors.torch import load_file
+
+    from tokenpace.outputs import output_file_problem
+    from tokenpace.weights import export_safetensors
+
+    (tmp_path / "real").mkdir()
+    for name, write in (("c.json", lambda p: save_config(tokenpace.Idle(keep=0.6), str(p))),
+                        ("w.safetensors", lambda p: export_safetensors(model, str(p)))):
+        target, link = tmp_path / "real" / name, tmp_path / name
+        target.write_text("old")
+        link.symlink_to(target)
+        write(link)
+        assert link.is_symlink() and target.read_bytes() != b"old"
+        assert {p.name for p in tmp_path.iterdir()} <= {"real", "c.json", "w.safetensors"}  # no temporary file left
+        assert {p.name for p in (tmp_path / "real").iterdir()} <= {"c.json", "w.safetensors"}
+    assert load_config(str(tmp_path / "c.json")) == tokenpace.Idle(keep=0.6)
+    assert torch.equal(load_file(str(tmp_path / "real" / "w.safetensors"))["pos_embed"], model.pos_embed)
+    dangling = tmp_path / "dangling.json"
+    dangling.symlink_to(tmp_path / "missing" / "c.json")
+    assert output_file_problem(str(dangling)) == f"is in folder {str(tmp_path / 'missing')!r}, which does not exist"

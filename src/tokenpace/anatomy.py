@@ -103,11 +103,13 @@ def check_plain_linear(module: nn.Module, name: str) -> None:
                     "adds (e.g. a LoRA adapter); merge that into the weights first (peft: merge_and_unload())")
 
 
-def check_projections(projections: list[tuple[dict, str, nn.Module, str]]) -> None:
-    """Each projection checked when the anatomy was built is still the module it was, or another plain Linear."""
-    for modules, attribute, module, label in projections:
-        if modules.get(attribute) is not module:
-            check_plain_linear(modules.get(attribute), label)
+def check_projections(projections: list[tuple[dict, str, nn.Module, str, str | None]]) -> None:
+    """Each projection checked when the anatomy was built is still the module it was, or another plain Linear (or
+    a module whose ``inner`` submodule is one)."""
+    for modules, attribute, module, label, inner in projections:
+        current = modules.get(attribute)
+        if current is not module:
+            check_plain_linear(getattr(current, inner, current) if inner else current, label)
 
 
 class BlockParts:
@@ -120,16 +122,21 @@ class BlockParts:
 
     def __init__(self, block: nn.Module) -> None:
         self.block = block
-        # (the owner's submodules, attribute, the module checked, label): the dict lookup costs a fraction of
-        # nn.Module.__getattr__, and the check runs at every forward
-        self.projections: list[tuple[dict, str, nn.Module, str]] = []
+        # (the owner's submodules, attribute, the module checked, label, inner): the dict lookup costs a fraction
+        # of nn.Module.__getattr__, and the check runs at every forward
+        self.projections: list[tuple[dict, str, nn.Module, str, str | None]] = []
 
-    def require_plain_linear(self, owner: nn.Module, attribute: str, label: str) -> None:
+    def require_plain_linear(self, owner: nn.Module, attribute: str, label: str, inner: str | None = None) -> None:
         """Refuse (TypeError) a projection ``owner.<attribute>`` that is not a plain Linear, now and at each forward
-        (:func:`check_projections`): peft wraps the Linears of a model already patched in place."""
+        (:func:`check_projections`): peft wraps the Linears of a model already patched in place. ``inner``: the
+        projection's own Linear where it wraps one (timm LeViT's LinearNorm: ``linear``, then a BatchNorm); both
+        levels are watched, and either may become a plain Linear (BatchNorm fused after ``apply``)."""
         module = getattr(owner, attribute)
-        check_plain_linear(module, label)
-        self.projections.append((owner._modules, attribute, module, label))
+        linear = getattr(module, inner, module) if inner else module
+        check_plain_linear(linear, label)
+        self.projections.append((owner._modules, attribute, module, label, inner))
+        if linear is not module:
+            self.projections.append((module._modules, inner, linear, label, None))
 
     @property
     def fused(self) -> bool:

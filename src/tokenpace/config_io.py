@@ -12,6 +12,7 @@ from typing import Any
 
 from .errors import TokenpaceError, user_input
 from .methods import METHODS, MethodConfig, make_config
+from .outputs import written_path
 
 RESERVED = ("method", "options")
 
@@ -37,7 +38,8 @@ def save_config(config: MethodConfig, path: str, **extra: Any) -> None:
     if not isinstance(config, MethodConfig):
         raise TypeError(f"save_config takes a method config (tokenpace.Evo(...), Idle, EViT, TopK, or a patched "
                         f"model's tokenpace.get_patch(model).config); got {type(config).__name__}")
-    folder = os.path.dirname(os.path.abspath(path))
+    target = written_path(path)
+    folder = os.path.dirname(target)
     if not os.path.isdir(folder):
         raise TokenpaceError(f"configuration file {path!r}: folder {folder!r} does not exist")
     clash = [k for k in extra if k in RESERVED]
@@ -49,11 +51,11 @@ def save_config(config: MethodConfig, path: str, **extra: Any) -> None:
     except (TypeError, ValueError) as err:
         raise ValueError(f"save_config: the entries must be JSON data (numbers, strings, lists, dicts); {err}") \
             from None
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{target}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import TokenpaceError
 from .modes import mode_kept
-from .outputs import output_file_problem
+from .outputs import output_file_problem, written_path
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 18
@@ -91,7 +91,7 @@ def export_onnx(model: nn.Module, path: str, *, img_size: int | tuple[int, int] 
     batch dynamic and returns ``logits``. ``check``: batch sizes at which ONNX Runtime must match PyTorch within
     1e-4 (``()`` skips the check). TokenpaceError when the export cannot be done (what is missing or refused), or
     when the written graph fails a check: an existing file at ``path`` is then left as it was and the rejected
-    graph kept in ``<path>.rejected/`` for inspection.
+    graph kept in ``<path>.rejected/`` for inspection (beside the file a symbolic link points to).
     """
     if (not isinstance(check, (tuple, list))
             or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in check)):
@@ -131,11 +131,12 @@ def export_onnx(model: nn.Module, path: str, *, img_size: int | tuple[int, int] 
 def _staged(path: str):
     """The path to write the export to: a fresh folder beside ``path`` whose files move into place only when the
     block succeeds, so a failed export leaves an existing file (and its external data) as it was. A graph that was
-    written but then rejected moves to ``<path>.rejected/`` for inspection, and the error says where; a success
-    removes such a folder left by an earlier failure. A symbolic link at ``path`` stays one: the file it points to
-    is written."""
+    written but then rejected moves to ``<file>.rejected/`` beside the file written, and the error says where; a
+    success removes such a folder left by an earlier failure. A symbolic link at ``path`` stays one: the file it
+    points to is written (a graph over 2 GB whose weights go to a .data file beside it is loaded by that file's own
+    path: onnx looks for the data beside the path it is given)."""
     path = os.fspath(path)  # a pathlib.Path too
-    target = os.path.realpath(path)
+    target = written_path(path)
     folder, name = os.path.split(target)
     staging = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
     staged = os.path.join(staging, name)

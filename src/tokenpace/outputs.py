@@ -14,10 +14,16 @@ def _can_create_in(folder: str) -> bool:
         return False
 
 
+def written_path(path: str) -> str:
+    """The file that writing ``path`` replaces: a symbolic link is written through, as ``open`` writes it (the link
+    is kept, the file it points to is written), also by the writers that write a temporary file and move it."""
+    return os.path.realpath(path)
+
+
 def output_file_problem(path: str) -> str | None:
     """Why ``path`` cannot be written as a file (a phrase that follows the path), or None. A symbolic link is
     written through: the folder of the file it points to is the one checked."""
-    folder = os.path.dirname(os.path.realpath(path))
+    folder = os.path.dirname(written_path(path))
     if os.path.isdir(path):
         return "is a folder; accepted: a file path"
     if not os.path.isdir(folder):

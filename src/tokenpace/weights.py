@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .errors import TokenpaceError
+from .outputs import written_path
 
 SHOWN_KEYS = 4  # keys named per kind of mismatch in an error message
 
@@ -90,10 +91,11 @@ def export_safetensors(model: nn.Module, path: str) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = f"{path}.tmp-{os.getpid()}"
+    target = written_path(path)
+    tmp = f"{target}.tmp-{os.getpid()}"
     try:
         save_file(state, tmp)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -91,12 +91,11 @@ def run(args: argparse.Namespace) -> int:
             batches[bs] = _one_batch_size(args, model, specs, sessions, bs, device, name, what, progress)
     if args.json:
         extra = {"onnxruntime": _onnxruntime_version()} if args.onnx else {}
+        backend = args.compile_backend if args.compile else None  # none when eager
         document = result_json(name, device, batches, **source.model_settings(args, model, record), run=args.run,
-                               amp=args.amp, compile=args.compile,  # no compile mode or backend when eager
-                               compile_mode=args.compile_mode if args.compile else None,
-                               compile_backend=args.compile_backend if args.compile else None,
-                               cuda_graph=args.cuda_graph, runs=args.runs,
-                               warmup=args.warmup, train=args.train,
+                               amp=args.amp, compile=args.compile, compile_backend=backend,
+                               compile_mode=args.compile_mode if backend == "inductor" else None,  # inductor's
+                               cuda_graph=args.cuda_graph, runs=args.runs, warmup=args.warmup, train=args.train,
                                onnx=args.onnx, malloc=args.malloc, fuse_bn=args.fuse_bn, **extra)
         with open(args.json, "w") as f:
             json.dump(document, f, indent=2, allow_nan=False)

@@ -61,9 +61,8 @@ class LevitParts(BlockParts):
         attn = self.attn = block.attn
         self.num_heads, self.scale = attn.num_heads, attn.scale
         self.key_dim, self.val_dim = attn.key_dim, attn.val_dim
-        linear_norm = hasattr(attn.qkv, "linear")  # timm's LinearNorm (linear + BatchNorm), or a Linear
-        self.require_plain_linear(attn.qkv if linear_norm else attn, "linear" if linear_norm else "qkv",
-                                  f"attn.qkv of a {type(block).__name__}")
+        # timm's LinearNorm (linear + BatchNorm), or a Linear (Evo-LeViT, or timm's with the BatchNorm fused)
+        self.require_plain_linear(attn, "qkv", f"attn.qkv of a {type(block).__name__}", inner="linear")
         self.biases = biases
         self.accepts_extra = not biases  # a bias needs a position for every token
         self.evolution_logit = getattr(attn, "theta", None)
