@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import TokenpaceError, user_input
 from .methods import METHODS, MethodConfig, make_config
-from .outputs import written_path
+from .outputs import write_atomically, written_path
 
 RESERVED = ("method", "options")
 
@@ -38,8 +38,7 @@ def save_config(config: MethodConfig, path: str, **extra: Any) -> None:
     if not isinstance(config, MethodConfig):
         raise TypeError(f"save_config takes a method config (tokenpace.Evo(...), Idle, EViT, TopK, or a patched "
                         f"model's tokenpace.get_patch(model).config); got {type(config).__name__}")
-    target = written_path(path)
-    folder = os.path.dirname(target)
+    folder = os.path.dirname(written_path(path))
     if not os.path.isdir(folder):
         raise TokenpaceError(f"configuration file {path!r}: folder {folder!r} does not exist")
     clash = [k for k in extra if k in RESERVED]
@@ -51,15 +50,11 @@ def save_config(config: MethodConfig, path: str, **extra: Any) -> None:
     except (TypeError, ValueError) as err:
         raise ValueError(f"save_config: the entries must be JSON data (numbers, strings, lists, dicts); {err}") \
             from None
-    tmp = f"{target}.tmp-{os.getpid()}"
-    try:
+    def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    write_atomically(path, write)
 
 
 def load_config(path: str, model=None, name: str | None = None) -> MethodConfig:

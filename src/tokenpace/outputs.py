@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Callable
 
 
 def _can_create_in(folder: str) -> bool:
@@ -18,6 +19,20 @@ def written_path(path: str) -> str:
     """The file that writing ``path`` replaces: a symbolic link is written through, as ``open`` writes it (the link
     is kept, the file it points to is written), also by the writers that write a temporary file and move it."""
     return os.path.realpath(path)
+
+
+def write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` writes a temporary file beside the file ``path`` names (:func:`written_path`), which is then
+    renamed over it: a crash mid-write never leaves a truncated file, and an exception (a full disk,
+    KeyboardInterrupt) leaves no temporary file."""
+    target = written_path(path)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def output_file_problem(path: str) -> str | None:

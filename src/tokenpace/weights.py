@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .errors import TokenpaceError
-from .outputs import written_path
+from .outputs import write_atomically
 
 SHOWN_KEYS = 4  # keys named per kind of mismatch in an error message
 
@@ -91,14 +91,7 @@ def export_safetensors(model: nn.Module, path: str) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    target = written_path(path)
-    tmp = f"{target}.tmp-{os.getpid()}"
-    try:
-        save_file(state, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(path, lambda tmp: save_file(state, tmp))
 
 
 def file_sha256(path: str) -> str:

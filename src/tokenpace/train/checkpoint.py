@@ -8,19 +8,18 @@ import random
 import numpy as np
 import torch
 
+from ..outputs import write_atomically
+
 
 def atomic_save(obj, path: str) -> None:
     """torch.save to a temporary file beside ``path``, flushed to disk, then renamed over it (atomic on POSIX)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:  # an interrupted write (KeyboardInterrupt, a full disk) leaves nothing behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    write_atomically(path, write)
 
 
 def rng_state() -> dict:

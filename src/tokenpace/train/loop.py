@@ -18,6 +18,7 @@ from ..data import DataSpec, build_dataset, check_labels, data_config, eval_tran
 from ..errors import TokenpaceError, memory_guard, note, user_input
 from ..families import adapter_for
 from ..methods import Evo, MethodConfig
+from ..outputs import write_atomically
 from ..patch import apply, remove
 from ..weights import classifier_names, export_safetensors, file_sha256, load_weights, mismatch
 from . import runfolder
@@ -455,11 +456,12 @@ def _resume(path, objective, optimizer, scheduler, ema, accelerator) -> tuple[in
 
 def _rewrite_metrics(output: str, history: list[dict]) -> None:
     """metrics.jsonl holds exactly the completed epochs (a resumed run drops lines of an unfinished epoch)."""
-    tmp = os.path.join(output, METRICS + ".tmp")
-    with open(tmp, "w") as f:
-        for m in history:
-            f.write(json.dumps(m) + "\n")
-    os.replace(tmp, os.path.join(output, METRICS))
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            for m in history:
+                f.write(json.dumps(m) + "\n")
+
+    write_atomically(os.path.join(output, METRICS), write)
 
 
 def _progress(cfg, accelerator, total, desc):

@@ -11,7 +11,7 @@ import os
 from ..data import DataSpec
 from ..errors import TokenpaceError
 from ..models import EXPORT, RUN_CONFIG
-from ..outputs import output_folder_problem
+from ..outputs import output_folder_problem, write_atomically
 from .recipes import method_to_dict, recipe_from_dict, recipe_to_dict
 
 CHECKPOINT = "last.pth"
@@ -67,10 +67,11 @@ def start(output: str, description: dict, fresh: bool) -> None:
 
 
 def write_json_atomic(path: str, data) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+
+    write_atomically(path, write)
 
 
 def describe(cfg, model_args: dict, processes: int, init_sha256: str | None) -> dict:
