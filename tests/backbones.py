@@ -1,5 +1,6 @@
-"""Small class-token-free ViTs and timm Eva models (random, well-spread weights) and literal masked references of
-Evo and Idle on them: the full sequence at its original positions, idle keys masked, updates kept where selected."""
+"""Small class-token-free ViTs, timm Eva and timm Beit models (random, well-spread weights) and literal masked
+references of Evo, Idle and top-k on them: the full sequence at its original positions (RoPE and relative-position
+biases at every token's own position), idle keys masked, updates kept where selected."""
 from __future__ import annotations
 
 from functools import partial
@@ -10,6 +11,7 @@ from timm.layers import GluMlp, RmsNorm, SwiGLU, apply_rot_embed_cat
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokenpace
+from timm.models.beit import Beit
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
@@ -39,11 +41,20 @@ EVAS = {  # timm Eva: RoPE plain and mixed, registers, LayerScale, SwiGLU, MAP a
                               global_pool="avg", use_rot_pos_emb=True),
 }
 
+BEITS = {  # timm Beit: a relative-position bias per block, one shared by all blocks, or both; LayerScale or not
+    "beit": dict(qkv_bias=True, use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1),
+    "beit_shared_abs_token": dict(qkv_bias=True, use_shared_rel_pos_bias=True, global_pool="token"),
+    "beit_both_swiglu": dict(use_abs_pos_emb=False, use_rel_pos_bias=True, use_shared_rel_pos_bias=True,
+                             swiglu_mlp=True, scale_mlp=True),
+}
+
 
 def make_backbone(variant: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     if variant in CLASS_FREE:
         model = VisionTransformer(**{**SMALL, "qkv_bias": True, **CLASS_FREE[variant], **overrides})
+    elif variant in BEITS:
+        model = Beit(**{**SMALL, **BEITS[variant], **overrides})
     else:
         model = Eva(**{**SMALL, **EVAS[variant], **overrides})
     return spread_weights(model, seed).eval()
@@ -54,10 +65,16 @@ def is_eva(model) -> bool:
 
 
 def embed(model, img):
-    """Tokens before the first block, and the RoPE table (None for ViTs)."""
+    """Tokens before the first block, and the blocks' position context: the RoPE table (Eva), the shared
+    relative-position bias (Beit), or None."""
     if is_eva(model):
         x, rope = model._pos_embed(model.patch_embed(img))
         return model.norm_pre(x), rope
+    if isinstance(model, Beit):
+        x = model.patch_embed(img)
+        x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = x if model.pos_embed is None else x + model.pos_embed
+        return x, None if model.rel_pos_bias is None else model.rel_pos_bias()
     return model.norm_pre(model._pos_embed(model.patch_embed(img))), None
 
 
@@ -65,17 +82,33 @@ def block_rope(model, rope, i):
     return rope[i] if rope is not None and getattr(model, "rope_mixed", False) else rope
 
 
-def call_block(model, i, x, rope, mask=None):
+def call_block(model, i, x, context, mask=None):
     blk = model.blocks[i]
-    return blk(x, rope=block_rope(model, rope, i), attn_mask=mask) if is_eva(model) else blk(x, attn_mask=mask)
+    if is_eva(model):
+        return blk(x, rope=block_rope(model, context, i), attn_mask=mask)
+    if isinstance(model, Beit):  # the mask rides on the shared bias, which BEiT adds to every logit
+        extra = mask if context is None else context if mask is None else context + mask
+        return blk(x, shared_rel_pos_bias=extra)
+    return blk(x, attn_mask=mask)
 
 
-def literal_qk(model, i, x, rope):
+def literal_bias(model, i, context):
+    """The additive logits (1, H, N, N) of block i over the full sequence at its own positions (0: none)."""
+    if not isinstance(model, Beit):
+        return 0
+    attn, bias = model.blocks[i].attn, 0
+    if attn.relative_position_bias_table is not None:
+        bias = attn._get_rel_pos_bias()
+    return bias if context is None else bias + context
+
+
+def literal_qk(model, i, x, context):
     """q, k (B, H, N, d) of block i on the full sequence, position terms at every token's own position."""
     blk, P = model.blocks[i], model.num_prefix_tokens
     attn, h = blk.attn, blk.norm1(x)
     B, N, _ = h.shape
-    H, d = attn.num_heads, attn.head_dim
+    H = attn.num_heads
+    d = getattr(attn, "head_dim", None) or attn.qkv.out_features // 3 // H
     if getattr(attn, "qkv", None) is not None:
         bias = attn.qkv.bias
         if getattr(attn, "q_bias", None) is not None:
@@ -84,8 +117,9 @@ def literal_qk(model, i, x, rope):
     else:
         q = attn.q_proj(h).reshape(B, N, H, d).transpose(1, 2)
         k = attn.k_proj(h).reshape(B, N, -1, d).transpose(1, 2)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    r = block_rope(model, rope, i)
+    if not isinstance(model, Beit):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    r = block_rope(model, context, i) if is_eva(model) else None
     if r is not None:
         half = attn.rotate_half
         q = torch.cat([q[:, :, :P], apply_rot_embed_cat(q[:, :, P:], r, half=half)], dim=2)
@@ -105,37 +139,41 @@ def finish(model, x):
 def ref_idle(model, img, keep, starts, score):
     """IdleViT, the official masked training path: scores from the full q, k; idle keys masked; updates kept on the
     selected rows only. score "cls": the class query's logits; "received": the mean over every query's logits."""
-    x, rope = embed(model, img)
+    x, context = embed(model, img)
     P = model.num_prefix_tokens
     N = x.shape[1] - P
     for i in range(len(model.blocks)):
         stage = sum(1 for s in starts if i >= s)
         if stage == 0:
-            x = call_block(model, i, x, rope)
+            x = call_block(model, i, x, context)
             continue
-        q, k = literal_qk(model, i, x, rope)
-        logits = q @ k.transpose(-2, -1)
+        q, k = literal_qk(model, i, x, context)
+        logits = q @ k.transpose(-2, -1) * model.blocks[i].attn.scale + literal_bias(model, i, context)
         scores = (logits[:, :, 0] if score == "cls" else logits.mean(2)).sum(1)[:, P:]
         top = scores.topk(int(N * keep ** stage), dim=1).indices
         m = torch.zeros(x.shape[:2]).scatter(1, top + P, 1.0)
         m[:, :P] = 1.0
-        x = torch.where(m.bool()[..., None], call_block(model, i, x, rope, key_mask(m)), x)
+        x = torch.where(m.bool()[..., None], call_block(model, i, x, context, key_mask(m)), x)
     return finish(model, x)
 
 
-def _row(q, k, scale, m, row):
+def _row(q, k, scale, m, row, bias=0):
     """The softmax row of the class query (row "cls") or of the mean of the present queries (row "mean") over the
-    present keys, head mean."""
-    query = q[:, :, :1] if row == "cls" else (q * m[:, None, :, None]).sum(2, keepdim=True) / m.sum(1)[:, None,
-                                                                                                   None, None]
-    logits = (query * scale) @ k.transpose(-2, -1) + key_mask(m)
+    present keys, head mean; ``bias`` (1, H, N, N): the block's additive logits, its row taken the same way."""
+    def pick(t):
+        return t[:, :, :1] if row == "cls" else (t * m[:, None, :, None]).sum(2, keepdim=True) / m.sum(1)[
+            :, None, None, None]
+
+    logits = (pick(q) * scale) @ k.transpose(-2, -1) + key_mask(m)
+    if torch.is_tensor(bias):
+        logits = logits + pick(bias)
     return logits.softmax(-1)[:, :, 0].mean(1)
 
 
 def ref_evo(model, img, keep, starts, mode, row, alpha=0.5):
     """Evo-ViT with placeholders carried unchanged, masked: g from block first-1's row; at each selection the top K
     by g take the full path among themselves; g evolves for them with their row."""
-    x, rope = embed(model, img)
+    x, context = embed(model, img)
     P = model.num_prefix_tokens
     N = x.shape[1] - P
     K, first = int(N * keep), starts[0]
@@ -144,34 +182,34 @@ def ref_evo(model, img, keep, starts, mode, row, alpha=0.5):
     for i in range(len(model.blocks)):
         if i < first:
             if i == first - 1:
-                q, k = literal_qk(model, i, x, rope)
-                g = _row(q, k, model.blocks[i].attn.scale, ones, row)[:, P:]
-            x = call_block(model, i, x, rope)
+                q, k = literal_qk(model, i, x, context)
+                g = _row(q, k, model.blocks[i].attn.scale, ones, row, literal_bias(model, i, context))[:, P:]
+            x = call_block(model, i, x, context)
             continue
         if mode == "layer" or i in starts:
             m = torch.zeros(x.shape[:2]).scatter(1, g.topk(K, dim=1).indices + P, 1.0)
             m[:, :P] = 1.0
-        q, k = literal_qk(model, i, x, rope)
-        a = _row(q, k, model.blocks[i].attn.scale, m, row)[:, P:]
+        q, k = literal_qk(model, i, x, context)
+        a = _row(q, k, model.blocks[i].attn.scale, m, row, literal_bias(model, i, context))[:, P:]
         g = torch.where(m[:, P:].bool(), (1 - alpha) * g + alpha * a, g)
-        x = torch.where(m.bool()[..., None], call_block(model, i, x, rope, key_mask(m)), x)
+        x = torch.where(m.bool()[..., None], call_block(model, i, x, context, key_mask(m)), x)
     return finish(model, x)
 
 
 def ref_topk(model, img, keep, layer, row):
     """Top-k dropping, masked: dropped tokens never update again and are never keys again."""
-    x, rope = embed(model, img)
+    x, context = embed(model, img)
     P = model.num_prefix_tokens
     N = x.shape[1] - P
     m = torch.ones(x.shape[:2])
     for i in range(len(model.blocks)):
         if i == layer - 1:
-            q, k = literal_qk(model, i, x, rope)
-            g = _row(q, k, model.blocks[i].attn.scale, m, row)[:, P:]
+            q, k = literal_qk(model, i, x, context)
+            g = _row(q, k, model.blocks[i].attn.scale, m, row, literal_bias(model, i, context))[:, P:]
         if i == layer:
             m = torch.zeros(x.shape[:2]).scatter(1, g.topk(int(N * keep), dim=1).indices + P, 1.0)
             m[:, :P] = 1.0
-        x = torch.where(m.bool()[..., None], call_block(model, i, x, rope, key_mask(m)), x)
+        x = torch.where(m.bool()[..., None], call_block(model, i, x, context, key_mask(m)), x)
     keep_rows = m.bool()
     x = x[keep_rows].view(x.shape[0], -1, x.shape[-1])  # the kept tokens, in raster order
     return finish(model, x)

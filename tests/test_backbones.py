@@ -1,14 +1,15 @@
-"""Today's backbones: timm VisionTransformers without a class token (SigLIP, AIMv2, *_gap_*) and timm Eva (EVA-02,
-DINOv3, PE core, RoPE ViTs). keep=1 is the unpatched model; Evo, Idle and top-k equal literal masked references
-(full sequences at their own positions, idle keys masked); MACs equal FlopCounterMode / 2."""
+"""Today's backbones: timm VisionTransformers without a class token (SigLIP, AIMv2, *_gap_*), timm Eva (EVA-02,
+DINOv3, PE core, RoPE ViTs) and timm Beit (BEiT, BEiT v2: relative-position biases). keep=1 is the unpatched model;
+Evo, Idle and top-k equal literal masked references (full sequences at their own positions, idle keys masked); MACs
+equal FlopCounterMode / 2."""
 import pytest
 import torch
 
 import tokenpace
-from backbones import (CLASS_FREE, EVAS, assert_keep_one_equals_unpatched, assert_macs_equal_flop_counter,
+from backbones import (BEITS, CLASS_FREE, EVAS, assert_keep_one_equals_unpatched, assert_macs_equal_flop_counter,
                        make_backbone, ref_evo, ref_idle, ref_topk)
 
-VARIANTS = sorted(CLASS_FREE) + sorted(EVAS)
+VARIANTS = sorted(CLASS_FREE) + sorted(EVAS) + sorted(BEITS)
 ALL_TOKENS = [("evo", {}), ("evo", {"mode": "layer"}), ("idle", {}), ("evit", {}), ("evit", {"fuse": False}),
               ("topk", {})]
 
@@ -59,9 +60,10 @@ def test_topk_equals_the_masked_reference(variant, images):
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
 
 
-@pytest.mark.parametrize("variant", ["eva02", "rope_mixed", "siglip_map"])
-def test_position_less_tokens_run_on_rope_models(variant, images):
-    """EViT's fused token and Evo's representative token have no position: not rotated, like prefix tokens."""
+@pytest.mark.parametrize("variant", ["eva02", "rope_mixed", "siglip_map", "beit", "beit_both_swiglu"])
+def test_position_less_tokens_run_on_position_models(variant, images):
+    """EViT's fused token and Evo's representative token have no position: not rotated, like prefix tokens (Eva);
+    the class token's bias entries (Beit)."""
     model = make_backbone(variant)
     with torch.no_grad():
         dense = model(images)
@@ -104,12 +106,13 @@ def test_random_control_on_a_class_free_model(images):
     assert torch.isfinite(shuffled).all() and not torch.allclose(ranked, shuffled, atol=1e-4)
 
 
-def test_idle_cut_loss_records_positions_on_rope_models(images):
+@pytest.mark.parametrize("variant", ["rope_mixed", "beit_both_swiglu"])
+def test_idle_cut_loss_records_positions_on_position_models(variant, images):
     """The token cut loss projects the idle tokens' q and k at their own positions: reusing the block's q and k for
     the selected tokens equals projecting every token."""
     from tokenpace.losses import model_cut_loss, token_cut_loss
 
-    model = tokenpace.apply(make_backbone("rope_mixed"), "idle", keep=0.5).train()
+    model = tokenpace.apply(make_backbone(variant), "idle", keep=0.5).train()
     model(images)
     reused = model_cut_loss(model)
     patch = tokenpace.get_patch(model)
@@ -117,3 +120,51 @@ def test_idle_cut_loss_records_positions_on_rope_models(images):
     fresh = [type(r)(layer=r.layer, index=r.index, normed=r.normed, where=r.where) for r in records]
     projected = token_cut_loss(fresh, [patch.adapter.parts(r.layer) for r in records], 1)
     assert reused.item() > 0 and torch.allclose(reused, projected, rtol=1e-5)
+
+
+def test_beit_bias_of_a_subset_is_the_full_bias_at_its_tokens():
+    """A subset's relative-position bias is the model's bias (own + shared) at the tokens' rows and columns; a token
+    without a position (an extra token, or a hole at -1) takes the class token's entries."""
+    from tokenpace.anatomy import TokenSet
+    from tokenpace.families import adapter_for
+
+    model = make_backbone("beit_both_swiglu")
+    parts = adapter_for(model).parts(2)
+    with torch.no_grad():
+        full = model.blocks[2].attn._get_rel_pos_bias()[0] + model.rel_pos_bias()  # (H, 65, 65): class token first
+        pos = torch.tensor([[5, -1, 63], [0, 17, 2]])
+        got = parts.bias(TokenSet(prefix=1, pos=pos, extra=1, holes=True))
+        assert torch.equal(parts.bias(TokenSet(prefix=1)), full[None])
+    assert got.shape == (2, 3, 5, 5)
+    for b, rows in enumerate(([0, 6, 0, 64, 0], [0, 1, 18, 3, 0])):
+        rows = torch.tensor(rows)
+        assert torch.equal(got[b], full[:, rows][:, :, rows])
+
+
+def test_beit_other_sizes_are_refused_naming_the_fix():
+    model = make_backbone("beit")
+    with pytest.raises(ValueError, match=r"built for 32x32 inputs only.*set_input_size"):
+        tokenpace.macs(tokenpace.apply(model, "evo"), img_size=64)
+
+
+def test_beit_cut_loss_logits_carry_the_bias(images):
+    """On BEiT the token cut loss's head-mean logits are those of the block's attention: the bias included."""
+    from backbones import embed, literal_bias, literal_qk
+    from tokenpace.anatomy import TokenSet
+    from tokenpace.families import adapter_for
+    from tokenpace.losses import _unselected, mean_head_logits
+
+    model = make_backbone("beit_both_swiglu")
+    parts = adapter_for(model).parts(1)
+    with torch.no_grad():
+        x, context = embed(model, images)
+        q, k = literal_qk(model, 1, x, context)
+        expected = (q @ k.transpose(-2, -1) * parts.scale + literal_bias(model, 1, context)).mean(1)
+        got = mean_head_logits(parts, model.blocks[1].norm1(x), TokenSet(prefix=1))
+        order = torch.randperm(64, generator=torch.Generator().manual_seed(0))[:20].repeat(3, 1) + 1
+        index = torch.cat([torch.zeros(3, 1, dtype=torch.long), order.sort(1).values], 1)
+        picked = mean_head_logits(parts, model.blocks[1].norm1(x), TokenSet(prefix=1), index)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    reorder = torch.cat([index, _unselected(index, 65)], 1)  # selected first, then the others
+    for b in range(3):
+        assert torch.allclose(picked[b], expected[b][reorder[b]][:, reorder[b]], atol=1e-5, rtol=1e-5)

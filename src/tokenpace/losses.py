@@ -25,30 +25,34 @@ def _unselected(index: torch.Tensor, n: int) -> torch.Tensor:
 
 def mean_head_logits(parts: BlockParts, normed: torch.Tensor, where, index: torch.Tensor | None = None,
                      qk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """(scale / H) * sum_h q_h k_h^T for every token pair: (B, N, N), from one full-width product.
+    """(scale / H) * sum_h q_h k_h^T for every token pair, plus the head mean of the block's additive bias
+    (relative-position biases; BEiT): (B, N, N), from one full-width product.
 
     The head mean of per-head logits equals one product of the concatenated (normed, rotated) queries and keys,
-    so the B x H x N x N map is never formed. ``where`` says where the N tokens of ``normed`` sit (position terms).
+    so the B x H x N x N map is never formed (a bias is, where the block has one). ``where`` says where the N tokens of ``normed`` sit (position terms).
     With ``index`` (B, K) the tokens come reordered, rows and columns alike: the selected ones first in ``index``
     order (prefix tokens first), then the others. With ``qk``, the (q, k) the block already computed for the
     selected tokens, only the others are projected (same values, same gradients; where the block's q/k/v normalise
     over its own tokens, LeViT in training, the others use BatchNorm's running statistics).
     """
     prefix = where.prefix
+    tokens = where
     if index is None:
         q, k = parts.queries(normed, where), parts.keys(normed, where)
     else:
         rest = _unselected(index, normed.shape[1])
+        order = torch.cat([index, rest], dim=1)
+        tokens = where.select(order[:, prefix:] - prefix)
         if qk is None:
-            order = torch.cat([index, rest], dim=1)
-            tokens = where.select(order[:, prefix:] - prefix)
             picked = gather_tokens(normed, order)
             q, k = parts.queries(picked, tokens), parts.keys(picked, tokens)
         else:
             others, picked = where.patches(rest - prefix), gather_tokens(normed, rest)
             q = torch.cat([qk[0], parts.queries(picked, others)], dim=2)
             k = torch.cat([qk[1], parts.keys(picked, others)], dim=2)
-    return (_flat(q) * (parts.scale / parts.num_heads)) @ _flat(k).transpose(1, 2)
+    logits = (_flat(q) * (parts.scale / parts.num_heads)) @ _flat(k).transpose(1, 2)
+    bias = parts.bias(tokens)
+    return logits if bias is None else logits + bias.mean(dim=1)
 
 
 def cut_terms(logits: torch.Tensor, num_selected: int, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import GROUPED, SEQUENCE, Family, GroupCount, SequenceFamily
+from .beit import TimmBeit
 from .eva import TimmEva
 from .levit import EvoLevitFamily, TimmLevit
 from .lvvit import LvVitFamily
@@ -11,12 +12,12 @@ from .pvt_v2 import PvtV2Adapter
 from .swin import SwinAdapter
 from .timm_vit import TimmViT
 
-FAMILIES: tuple[type[Family], ...] = (TimmViT, TimmEva, TimmLevit, EvoLevitFamily, LvVitFamily, SwinAdapter,
-                                      PvtV2Adapter)
+FAMILIES: tuple[type[Family], ...] = (TimmViT, TimmEva, TimmBeit, TimmLevit, EvoLevitFamily, LvVitFamily,
+                                      SwinAdapter, PvtV2Adapter)
 
 SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-norm, SigLIP, AIMv2; class token or "
-             "not; tokenpace's evo_deit_*), timm Eva (EVA-02, DINOv3, PE core, RoPE ViTs), timm Levit (levit_*) and "
-             "tokenpace's evo_levit_*, tokenpace's LV-ViT (lvvit_*), "
+             "not; tokenpace's evo_deit_*), timm Eva (EVA-02, DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), "
+             "timm Levit (levit_*) and tokenpace's evo_levit_*, tokenpace's LV-ViT (lvvit_*), "
              "timm SwinTransformer (swin_*) and PyramidVisionTransformerV2 (pvt_v2_*)")
 
 

@@ -96,16 +96,16 @@ class EvaParts(VitParts):
         else:
             q = self._heads(attn.q_proj(h), self.num_heads)
             k, v = self._heads(attn.k_proj(h), self.kv_heads), self._heads(attn.v_proj(h), self.kv_heads)
-        q, k = self._rotate(attn.q_norm(q), where), self._rotate(attn.k_norm(k), where)
+        q, k = self._rotate(self.q_norm(q), where), self._rotate(self.k_norm(k), where)
         return q.type_as(v), self._expand(k.type_as(v)), self._expand(v)
 
     def queries(self, h, where):
         q = self._heads(F.linear(h, *self._weights(0)), self.num_heads)
-        return self._rotate(self.attn.q_norm(q), where)
+        return self._rotate(self.q_norm(q), where)
 
     def keys(self, h, where):
         k = self._heads(F.linear(h, *self._weights(1)), self.kv_heads)
-        return self._expand(self._rotate(self.attn.k_norm(k), where))
+        return self._expand(self._rotate(self.k_norm(k), where))
 
     def values(self, h, where):
         return self._expand(self._heads(F.linear(h, *self._weights(2)), self.kv_heads))

@@ -61,14 +61,22 @@ def check_pool(model: nn.Module) -> None:
                         f"accepted: {', '.join(map(repr, POOLS))}")
 
 
+def _optional(module: nn.Module, name: str) -> nn.Module:
+    """``module.<name>``, or an Identity where the module has no such attribute (BEiT's attention has no norms)."""
+    found = getattr(module, name, None)
+    return nn.Identity() if found is None else found
+
+
 class VitParts(BlockParts):
     """timm ``Block`` + ``Attention``: fused q/k/v, optional per-head q/k norms, inner norm and sigmoid gate."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__(block)
         attn = self.attn = block.attn
-        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
-        self.width = attn.num_heads * attn.head_dim
+        self.num_heads, self.scale = attn.num_heads, attn.scale
+        self.head_dim = getattr(attn, "head_dim", None) or attn.qkv.out_features // (3 * attn.num_heads)
+        self.width = attn.num_heads * self.head_dim
+        self.q_norm, self.k_norm, self.inner_norm = (_optional(attn, n) for n in ("q_norm", "k_norm", "norm"))
         for name in ("qkv", "q_proj", "k_proj", "v_proj"):  # the fused projection, or EVA's separate ones
             if getattr(attn, name, None) is not None:
                 self.require_plain_linear(attn, name, f"attn.{name} of a {type(block).__name__}")
@@ -87,32 +95,32 @@ class VitParts(BlockParts):
 
     def qkv(self, h, where):
         q, k, v = self._split(self.attn.qkv(h), 3).unbind(0)
-        return self.attn.q_norm(q), self.attn.k_norm(k), v
+        return self.q_norm(q), self.k_norm(k), v
 
     def queries(self, h, where):
-        return self.attn.q_norm(self._split(F.linear(h, *self._weights(0)), 1)[0])
+        return self.q_norm(self._split(F.linear(h, *self._weights(0)), 1)[0])
 
     def keys(self, h, where):
-        return self.attn.k_norm(self._split(F.linear(h, *self._weights(1)), 1)[0])
+        return self.k_norm(self._split(F.linear(h, *self._weights(1)), 1)[0])
 
     def values(self, h, where):
         return self._split(F.linear(h, *self._weights(2)), 1)[0]
 
     def out(self, o, h):
         attn = self.attn
-        o = attn.norm(o)
+        o = self.inner_norm(o)
         if getattr(attn, "gate", None) is not None:
             o = o * attn.gate(h).sigmoid()
         return attn.proj_drop(attn.proj(o))
 
     def linear_queries(self):
-        return LinearMap(*self._weights(0)) if isinstance(self.attn.q_norm, nn.Identity) else None
+        return LinearMap(*self._weights(0)) if isinstance(self.q_norm, nn.Identity) else None
 
     def linear_keys(self):
         return LinearMap(*self._weights(1)) if self.keys_affine() else None
 
     def keys_affine(self):
-        return isinstance(self.attn.k_norm, nn.Identity)
+        return isinstance(self.k_norm, nn.Identity)
 
     def shape(self) -> BlockShape:
         attn = self.attn

@@ -1,0 +1,121 @@
+"""timm ``Beit``: BEiT and BEiT v2 (``beit_*``, ``beitv2_*``), and custom ``Beit`` models (shared relative-position
+bias, absolute position embeddings, LayerScale or not, SwiGLU or scaled MLPs).
+
+The blocks are pre-norm with a learned relative-position bias added to the attention logits: per block, one shared
+by all blocks, or both (summed). Over n+1 tokens (the class token first) BEiT's bias has three extra entries besides
+the patch-to-patch ones: class-to-patch, patch-to-class and class-to-class. A subset takes the bias rows and columns
+of the tokens present; a token without a position (Evo's representative token, EViT's fused token) takes the class
+token's entries, the bias BEiT learned for a token outside the grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..anatomy import Frame, TokenSet
+from .base import built_for_only
+from .eva import EvaParts
+from .patch_embed import patch_grid
+from .timm_vit import PatchSequenceFamily
+
+
+def _timm_classes():
+    from timm.models.beit import Attention, Beit, Block
+
+    return Beit, Block, Attention
+
+
+@dataclass(frozen=True)
+class BeitFrame(Frame):
+    """A BEiT forward's position data: the shared relative-position bias (H, n+1, n+1), made once per forward as the
+    model does, or None."""
+
+    shared_bias: torch.Tensor | None = None
+
+
+def bias_rows(where: TokenSet, patches: int, device: torch.device) -> torch.Tensor:
+    """Each token's row (and column) in BEiT's (patches+1)-square bias, (B or 1, n): 0 for the class token and every
+    other position-less token (prefix, extra, a hole at position -1), 1 + p for the patch at raster position p."""
+    pos = torch.arange(patches, device=device).unsqueeze(0) if where.pos is None else where.pos
+    rows = pos + 1  # a hole (-1) lands on the class token's row
+    if not where.prefix and not where.extra:
+        return rows
+    B = rows.shape[0]
+    return torch.cat([rows.new_zeros(B, where.prefix), rows, rows.new_zeros(B, where.extra)], dim=1)
+
+
+class BeitParts(EvaParts):
+    """timm's BEiT ``Block`` + ``Attention``: EVA's parts without RoPE (fused q/k/v with ``q_bias``, a zero key bias
+    and ``v_bias``; LayerScale ``gamma_1``/``gamma_2``), plus the relative-position bias: the block's own table, the
+    model's shared one, or their sum (both index the same relative positions)."""
+
+    def __init__(self, block: nn.Module, shared: nn.Module | None) -> None:
+        super().__init__(block, 0, has_rope=False, mixed=False)
+        self.shared = shared  # the model's RelativePositionBias, or None
+
+    def bias_table(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(table (R, H), index (n+1, n+1) into it) of the block's bias, own and shared summed, or None."""
+        own, shared = self.attn, self.shared
+        if own.relative_position_bias_table is None:
+            return None if shared is None else (shared.relative_position_bias_table, shared.relative_position_index)
+        if shared is None:
+            return own.relative_position_bias_table, own.relative_position_index
+        # one gather of the summed tables: the same values as the model's two gathered biases summed
+        return own.relative_position_bias_table + shared.relative_position_bias_table, own.relative_position_index
+
+    def bias(self, where):
+        found = self.bias_table()
+        if found is None:
+            return None
+        table, index = found
+        if where is None or (where.pos is None and where.prefix == 1 and not where.extra):
+            index = index.unsqueeze(0)  # every token in order
+        else:  # the tokens' rows and columns; a gather of H-wide table rows, not of the (H, n+1, n+1) bias
+            rows = bias_rows(where, index.shape[0] - 1, index.device)
+            index = index[rows.unsqueeze(-1), rows.unsqueeze(-2)]
+        return table[index].permute(0, 3, 1, 2)  # (B or 1, H, n, n)
+
+
+class TimmBeit(PatchSequenceFamily):
+    name = "timm Beit"
+
+    def __init__(self, model: nn.Module) -> None:
+        _, Block, Attention = _timm_classes()
+        for i, blk in enumerate(model.blocks):
+            if type(blk) is not Block or type(blk.attn) is not Attention:
+                raise TypeError(f"block {i} of this Beit is {type(blk).__name__} with {type(blk.attn).__name__}; "
+                                "tokenpace supports timm's BEiT Block with its Attention")
+        super().__init__(model)
+        self.blocks_use_positions = model.rel_pos_bias is not None or any(
+            blk.attn.relative_position_bias_table is not None for blk in model.blocks)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        try:
+            Beit = _timm_classes()[0]
+        except ImportError:
+            return False
+        return isinstance(model, Beit)
+
+    def make_parts(self, i: int) -> BeitParts:
+        return BeitParts(self.blocks[i], self.model.rel_pos_bias)
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, BeitFrame]:
+        m = self.model
+        grid = patch_grid(m.patch_embed, tuple(x.shape[-2:]))
+        x = m.patch_embed(x)
+        x = torch.cat((m.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        if m.pos_embed is not None:
+            x = x + m.pos_embed
+        shared = m.rel_pos_bias() if m.rel_pos_bias is not None else None
+        return m.pos_drop(x), BeitFrame(grid=grid, shared_bias=shared)
+
+    def block(self, i: int, x: torch.Tensor, frame: BeitFrame) -> torch.Tensor:
+        return self.blocks[i](x, shared_rel_pos_bias=frame.shared_bias)
+
+    def size_problem(self, size: tuple[int, int]) -> str | None:
+        # the relative-position tables are built for one grid (timm's set_input_size resizes them)
+        own = tuple(self.input_size()[1:])
+        return None if size == own else built_for_only(own, "img_size=N, or model.set_input_size(img_size=N)")
