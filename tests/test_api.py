@@ -226,6 +226,7 @@ def _families():
 
     from backbones import make_backbone
     from conftest import spread_weights
+    from test_swin import make_swin
 
     small_levit = dict(embed_dim=(32, 48), key_dim=8, num_heads=(2, 3), depth=(2, 1))
     return {
@@ -236,6 +237,7 @@ def _families():
         "evo_levit": (spread_weights(timm.create_model("evo_levit_cifar", **small_levit)).eval(), "evo", 32),
         "swin": (spread_weights(SwinTransformer(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2),
                                                 num_heads=(2, 2), window_size=4, num_classes=10)).eval(), "idle", 32),
+        "swin_v2": (make_swin("v2_padded", depths=(2,), num_heads=(2,)), "idle", 40),
         "pvt_v2": (spread_weights(PyramidVisionTransformerV2(depths=(1, 2), embed_dims=(16, 32), num_heads=(1, 2),
                                                               sr_ratios=(4, 2), mlp_ratios=(4, 4),
                                                               num_classes=10)).eval(), "idle", 64),
@@ -285,7 +287,7 @@ def test_a_keep_that_keeps_no_token_is_refused():
     tokenpace.apply(model, "evit", keep=0.01)  # EViT's ceiling keeps one token at least, as the official code
 
 
-@pytest.mark.parametrize("family", ["vit", "eva", "beit", "levit", "evo_levit", "swin", "pvt_v2"])
+@pytest.mark.parametrize("family", ["vit", "eva", "beit", "levit", "evo_levit", "swin", "swin_v2", "pvt_v2"])
 def test_patched_models_pickle_deepcopy_and_torch_save(family, tmp_path):
     import copy
     import pickle

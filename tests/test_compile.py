@@ -13,6 +13,7 @@ import torch
 import tokenpace
 from backbones import make_backbone
 from conftest import make_vit, spread_weights
+from test_swin import make_swin
 
 
 def _levit(name):
@@ -46,6 +47,7 @@ CASES = {
     "levit": (lambda: _levit("levit_cifar"), "evo", dict(stage_starts=(1,)), 32),
     "evo_levit": (lambda: _levit("evo_levit_cifar"), "evo", dict(stage_starts=(1,)), 32),
     "swin": (_swin, "idle", dict(stage_starts=(1,)), 32),
+    "swin_v2": (lambda: make_swin("v2_padded", depths=(2,), num_heads=(2,)), "idle", dict(stage_starts=(1,)), 40),
     "pvt_v2": (_pvt, "idle", dict(stage_starts=(1,)), 64),
 }
 

@@ -10,6 +10,7 @@ import torch
 import tokenpace
 from backbones import make_backbone
 from conftest import CIFAR, make_vit, needs_cifar, spread_weights
+from test_swin import make_swin
 
 SMALL_LEVIT = dict(embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4), depth=(2, 2, 2))
 
@@ -53,6 +54,8 @@ FAMILIES = {  # name: (build, input size, methods, flat)
     "levit": (lambda: _levit("levit_cifar"), 32, ("evo", "idle"), False),
     "evo_levit": (lambda: _levit("evo_levit_cifar"), 32, ("evo", "idle"), False),
     "swin": (_swin, 32, ("idle",), False),
+    "swin_v2": (lambda: make_swin("v2_shifted", embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 4)), 32, ("idle",),
+                False),
     "pvt_v2": (_pvt, 64, ("idle",), False),
 }
 
@@ -186,7 +189,7 @@ def _linear_calls(block):
 @pytest.mark.parametrize("family,method", [("vit_registers", "evo"), ("vit_registers", "idle"),
                                            ("vit_registers", "evit"), ("eva_rope_mixed", "idle"),
                                            ("eva_rope_mixed", "topk"), ("beit", "evo"), ("levit", "evo"), ("evo_levit", "evo"),
-                                           ("swin", "idle"), ("pvt_v2", "idle")])
+                                           ("swin", "idle"), ("swin_v2", "idle"), ("pvt_v2", "idle")])
 def test_gradient_checkpointing_is_honoured_with_equal_gradients(family, method):
     build, size, _, _ = FAMILIES[family]
     plain = build().train()

@@ -1,13 +1,17 @@
-"""SwinAdapter: IdleViT per attention window on timm SwinTransformer, against a literal masked reference."""
+"""SwinAdapter and SwinV2Adapter: IdleViT per attention window on timm SwinTransformer and SwinTransformerV2 (post-norm,
+cosine attention, continuous position bias), against a literal masked reference."""
+import math
+
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
+from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2Block
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokenpace
-from tokenpace.families.swin import SwinAdapter
+from tokenpace.families import adapter_for
 from conftest import spread_weights
 
 # (model options, input size); window 4 everywhere
@@ -20,13 +24,23 @@ SWINS = {
     "dynamic": (dict(img_size=32, patch_size=2, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4), strict_img_size=False),
                 40),
 }
+SWINS.update({f"v2_{name}": SWINS[name] for name in list(SWINS)})  # the same maps on SwinTransformerV2
 STARTS = {"shifted": (1, 3, 5), "padded": (1, 2, 3), "dynamic": (1, 3, 5)}  # shifted blocks idle in each model
+STARTS.update({f"v2_{name}": STARTS[name] for name in list(STARTS)})
 
 
-def make_swin(variant: str, seed: int = 0, **overrides) -> SwinTransformer:
+def make_swin(variant: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     options = {**dict(embed_dim=32, window_size=4, num_classes=10), **SWINS[variant][0], **overrides}
-    return spread_weights(SwinTransformer(**options), seed).eval()
+    if not variant.startswith("v2_"):
+        return spread_weights(SwinTransformer(**options), seed).eval()
+    model = spread_weights(SwinTransformerV2(**options), seed).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # logit scales near timm's init (log 10), not spread as weights
+        for blk in swin_blocks(model):
+            scale = blk.attn.logit_scale
+            scale.copy_(math.log(10) + 0.3 * torch.randn(scale.shape, generator=gen))
+    return model
 
 
 def swin_images(variant: str, batch: int = 2) -> torch.Tensor:
@@ -67,13 +81,26 @@ def ref_unwindows(blk, t, H, W):
 
 
 def ref_logits(blk, x):
-    """Every window's full scaled logits (G, heads, n, n) with relative-position bias and shift mask, and v."""
+    """Every window's full scaled logits (G, heads, n, n) with relative-position bias and shift mask, and v.
+    SwinV2: no norm before the attention, cosine logits times the clamped logit scale, 16 sigmoid(cpb_mlp) bias."""
     attn = blk.attn
-    normed = blk.norm1(x)
+    v2 = isinstance(blk, SwinTransformerV2Block)
+    normed = x if v2 else blk.norm1(x)
     shifted, win = ref_shift_pad(blk, normed), ref_windows(blk, normed)
     G, n, _ = win.shape
-    q, k, v = attn.qkv(win).reshape(G, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    logits = (q * attn.scale) @ k.transpose(-2, -1) + attn._get_rel_pos_bias()
+    if v2:
+        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv = F.linear(win, attn.qkv.weight, bias)
+    else:
+        qkv = attn.qkv(win)
+    q, k, v = qkv.reshape(G, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    if v2:
+        table = attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads)
+        rel = 16 * torch.sigmoid(table[attn.relative_position_index].permute(2, 0, 1))
+        scale = torch.clamp(attn.logit_scale, max=math.log(100)).exp()
+        logits = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * scale + rel
+    else:
+        logits = (q * attn.scale) @ k.transpose(-2, -1) + attn._get_rel_pos_bias()
     mask = blk.get_attn_mask(shifted) if blk.dynamic_mask else blk.attn_mask
     if mask is not None:
         logits = (logits.view(-1, mask.shape[0], attn.num_heads, n, n) + mask[None, :, None]).view(logits.shape)
@@ -100,9 +127,13 @@ def ref_idle_block(blk, x, k, score):
     pad = ref_padding(blk, x)
     sel = torch.zeros_like(pad).scatter(1, ref_scores(blk, x, score).topk(k, dim=1).indices, True)
     probs = logits.masked_fill(~(sel & ~pad)[:, None, None, :], float("-inf")).softmax(-1)
-    out = blk.attn.proj((probs @ v).transpose(1, 2).reshape(*pad.shape, -1))
-    y = x + ref_unwindows(blk, out, H, W)
-    y = y + blk.mlp(blk.norm2(y))
+    out = ref_unwindows(blk, blk.attn.proj((probs @ v).transpose(1, 2).reshape(*pad.shape, -1)), H, W)
+    if isinstance(blk, SwinTransformerV2Block):  # post-norm
+        y = x + blk.norm1(out)
+        y = y + blk.norm2(blk.mlp(y))
+    else:
+        y = x + out
+        y = y + blk.mlp(blk.norm2(y))
     return torch.where(ref_unwindows(blk, sel.unsqueeze(-1).float(), H, W) > 0.5, y, x)
 
 
@@ -131,7 +162,7 @@ def test_keep_one_is_the_model_and_remove_restores_it(variant):
         assert not torch.allclose(tokenpace.apply(model, "idle", keep=0.7)(img), ref, atol=1e-3)
         assert list(model.state_dict()) == keys
         assert torch.equal(tokenpace.remove(model)(img), ref)
-    assert type(model) is SwinTransformer
+    assert type(model) is (SwinTransformerV2 if variant.startswith("v2_") else SwinTransformer)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -148,11 +179,12 @@ def test_idle_equals_the_masked_window_reference(variant, score, fused):
 
 
 @pytest.mark.parametrize("variant,block,grid", [("shifted", 1, (16, 16)), ("shifted", 2, (8, 8)),
-                                                ("padded", 3, (5, 5)), ("dynamic", 3, (10, 10))])
+                                                ("padded", 3, (5, 5)), ("dynamic", 3, (10, 10)),
+                                                ("v2_shifted", 1, (16, 16)), ("v2_padded", 3, (5, 5))])
 def test_adapter_scores_rank_like_the_full_logits(variant, block, grid):
     """Shifted-window mask, relative-position bias and padding included: scores differ by one constant per window."""
     model = make_swin(variant)
-    adapter = SwinAdapter(model)
+    adapter = adapter_for(model)
     blk = adapter.blocks[block]
     x = torch.randn(2, *grid, blk.norm1.normalized_shape[0], generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -176,7 +208,7 @@ def test_macs_equal_flop_counter_on_the_non_fused_path(variant, method, options)
     with torch.no_grad(), counter:
         model(swin_images(variant, batch=1))
     assert tokenpace.macs(model, img_size=SWINS[variant][1]) == counter.get_total_flops() // 2
-    if variant != "dynamic":
+    if not variant.endswith("dynamic"):
         assert tokenpace.macs(model) == tokenpace.macs(model, img_size=SWINS[variant][1])
 
 
@@ -193,6 +225,15 @@ def test_swin_tiny_gmacs():
     with torch.device("meta"):
         resizable = timm.create_model("swin_tiny_patch4_window7_224", strict_img_size=False)
     assert 3.95 < tokenpace.macs(resizable, img_size=448) / dense < 4  # 4x the windows of 7x7
+
+
+def test_swinv2_tiny_gmacs():
+    with torch.device("meta"):  # shapes only
+        model = timm.create_model("swinv2_tiny_window8_256")
+    dense = tokenpace.macs(model)
+    assert abs(dense / 5.96e9 - 1) < 0.01  # timm's table: 5.96 G (its count adds a few small terms)
+    # every slot's query and key projected for scoring (cosine attention), reused by the block: 0.70 of dense
+    assert 0.69 < tokenpace.macs(tokenpace.apply(model, "idle", keep=0.7)) / dense < 0.71
 
 
 @pytest.mark.parametrize("variant", list(SWINS))
@@ -216,7 +257,7 @@ def test_trace_positions(variant):
         num_windows, n = -(-H // wh) * -(-W // ww), wh * ww
         k = int(n * 0.7 ** sum(i >= s for s in STARTS[variant]))
         assert kept.shape == (img.shape[0], num_windows * k)
-        if variant == "shifted":
+        if variant.endswith("shifted"):
             assert (kept >= 0).all() and tuple(grids[i]) == adapter.block_grid(i)
         real_per_window = (~ref_padding(blk, torch.ones(1, H, W, 1))).sum(1)
         for row in kept:
@@ -236,16 +277,22 @@ def test_only_idle_and_window_scores():
     assert tokenpace.get_patch(model) is None
 
 
-def test_unknown_blocks_and_swin_v2_are_rejected():
-    from timm.models.swin_transformer_v2 import SwinTransformerV2
+def test_unknown_blocks_and_swin_v2_cr_are_rejected():
+    from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
 
     model = make_swin("padded")
     model.layers[1].blocks[0].__class__ = type("MyBlock", (SwinTransformerBlock,), {})
-    with pytest.raises(TypeError, match="block 2 of this SwinTransformer is MyBlock.*supports timm's SwinTransformer"):
+    with pytest.raises(TypeError, match="block 2 of this SwinTransformer is MyBlock.*supports timm's "
+                                        "SwinTransformerBlock with WindowAttention \\(Swin v1"):
         tokenpace.apply(model, "idle")
-    v2 = SwinTransformerV2(img_size=32, patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,), window_size=4)
-    with pytest.raises(TypeError, match="not a supported model"):
+    v2 = make_swin("v2_padded")
+    v2.layers[0].blocks[1].__class__ = type("MyBlock", (SwinTransformerV2Block,), {})
+    with pytest.raises(TypeError, match="block 1 of this SwinTransformerV2 is MyBlock.*supports timm's "
+                                        "SwinTransformerV2Block with WindowAttention \\(SwinV2"):
         tokenpace.apply(v2, "idle")
+    cr = SwinTransformerV2Cr(img_size=32, patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,), window_size=4)
+    with pytest.raises(TypeError, match="not a supported model"):
+        tokenpace.apply(cr, "idle")
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -259,6 +306,22 @@ def test_bf16_autocast_and_training(fused):
     idling = tokenpace.get_patch(model).adapter.blocks[3]
     for p in (idling.attn.qkv.weight, idling.attn.relative_position_bias_table, idling.mlp.fc1.weight):
         assert p.grad is not None and p.grad.isfinite().all() and p.grad.abs().sum() > 0
+
+
+def test_v2_gradients_equal_the_references():
+    """SwinV2 in training: the keys scoring projected are reused by the block with their gradient, so every
+    parameter's gradient (q/k/v, the logit scale, the position-bias MLP) equals the literal reference's."""
+    model = make_swin("v2_padded", drop_path_rate=0.0).train()  # no stochastic depth: both runs are the same
+    img = swin_images("v2_padded")
+    ref_idle(model, img, 0.5, "received", STARTS["v2_padded"]).logsumexp(-1).mean().backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    tokenpace.apply(model, "idle", keep=0.5, stage_starts=STARTS["v2_padded"]).train()
+    model(img).logsumexp(-1).mean().backward()
+    idling = tokenpace.get_patch(model).adapter.blocks[3]
+    assert idling.attn.logit_scale.grad.abs().sum() > 0 and idling.attn.cpb_mlp[0].weight.grad.abs().sum() > 0
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_torch_compile_full_graph():

@@ -21,11 +21,13 @@ from .core.macs import BlockShape, ScoreWork
 QUERIES = ("cls", "mean")
 
 
-def _query_row(parts: BlockParts, h: torch.Tensor, where: Any, query: str) -> torch.Tensor:
-    """The query vector (B, H, 1, d) of ``query`` for the normed tokens h (B, n, C), through the anatomy."""
+def _query_row(parts: BlockParts, h: torch.Tensor, where: Any, query: str,
+               queries: torch.Tensor | None = None) -> torch.Tensor:
+    """The query vector (B, H, 1, d) of ``query`` for the normed tokens h (B, n, C), through the anatomy (``queries``:
+    every token's, where the caller projected them)."""
     if query == "cls":
         return parts.queries(h[..., :1, :], None)
-    return parts.queries(h, where).mean(dim=-2, keepdim=True)
+    return (parts.queries(h, where) if queries is None else queries).mean(dim=-2, keepdim=True)
 
 
 def _affine_query(h: torch.Tensor, query: str, linear: LinearMap, scale: float) -> torch.Tensor:
@@ -64,24 +66,31 @@ def block_reuses_keys(parts: BlockParts, project_keys: bool = False) -> bool:
     return needs_keys(parts, project_keys) and not parts.batch_statistics()
 
 
+def block_reuses_queries(parts: BlockParts, query: str) -> bool:
+    """True when scoring projects every token's query (the mean query where queries are not affine: RoPE, cosine
+    attention) and the block takes its selected tokens' queries from those (as keys, not under batch
+    statistics)."""
+    return query == "mean" and parts.linear_queries() is None and not parts.batch_statistics()
+
+
 def query_logits(parts: BlockParts, h: torch.Tensor, where: Any, query: str, project_keys: bool = False,
-                 keys: torch.Tensor | None = None) -> torch.Tensor:
+                 keys: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
     """Head-summed scaled logits (..., n) that the tokens of h (..., n, C) receive from the ``query`` vector
-    (per-group constants left out). Additive position terms are not included: see :func:`bias_row`. ``keys``:
-    every token's keys (B, H, n, d) when the caller projected them already."""
+    (per-group constants left out). Additive position terms are not included: see :func:`bias_row`. ``keys``,
+    ``queries``: every token's (B, H, n, d) when the caller projected them already."""
     # each asked once: families slice them from a fused weight
     linear_keys = None if project_keys else parts.linear_keys()
     linear_queries = parts.linear_queries()
     if linear_keys is None:
         if linear_queries is None:
-            q = _query_row(parts, h, where, query) * parts.scale  # (..., H, 1, d)
+            q = _query_row(parts, h, where, query, queries) * parts.scale  # (..., H, 1, d)
         else:
             q = _affine_query(h, query, linear_queries, parts.scale)
             q = q.view(*q.shape[:-1], parts.num_heads, 1, -1)
         k = parts.keys(h, where) if keys is None else keys  # (B, H, n, d)
         return (q @ k.transpose(-2, -1)).squeeze(-2).sum(dim=-2)
     if linear_queries is None:  # a query through the anatomy (norms, position terms), under the model's autocast
-        u = (_query_row(parts, h, where, query).flatten(-3) * parts.scale) @ linear_keys.weight
+        u = (_query_row(parts, h, where, query, queries).flatten(-3) * parts.scale) @ linear_keys.weight
         return (h @ u.unsqueeze(-1)).squeeze(-1)
     with _in_own_dtype(h, linear_keys.weight):
         u = _affine_query(h, query, linear_queries, parts.scale) @ linear_keys.weight  # (..., C): sum over heads

@@ -90,6 +90,12 @@ def scatter_tokens(x: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> tor
     return scatter_rows(x, flat_rows(idx, x.shape[1]), src)
 
 
+def gather_heads(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Per-head vectors t (B, H, N, d), idx (B, K) -> (B, H, K, d): projected queries or keys of chosen tokens."""
+    B, H, _, d = t.shape
+    return t.gather(2, idx[:, None, :, None].expand(B, H, idx.shape[1], d))
+
+
 def gather_values(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """v (B, N), idx (B, K) -> (B, K)."""
     return v.gather(1, idx)

@@ -9,16 +9,16 @@ from .eva import TimmEva
 from .levit import EvoLevitFamily, TimmLevit
 from .lvvit import LvVitFamily
 from .pvt_v2 import PvtV2Adapter
-from .swin import SwinAdapter
+from .swin import SwinAdapter, SwinV2Adapter
 from .timm_vit import TimmViT
 
 FAMILIES: tuple[type[Family], ...] = (TimmViT, TimmEva, TimmBeit, TimmLevit, EvoLevitFamily, LvVitFamily,
-                                      SwinAdapter, PvtV2Adapter)
+                                      SwinAdapter, SwinV2Adapter, PvtV2Adapter)
 
 SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-norm, SigLIP, AIMv2; class token or "
              "not; tokenpace's evo_deit_*), timm Eva (EVA-02, DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), "
              "timm Levit (levit_*) and tokenpace's evo_levit_*, tokenpace's LV-ViT (lvvit_*), "
-             "timm SwinTransformer (swin_*) and PyramidVisionTransformerV2 (pvt_v2_*)")
+             "timm SwinTransformer (swin_*), SwinTransformerV2 (swinv2_*) and PyramidVisionTransformerV2 (pvt_v2_*)")
 
 
 class UnsupportedModel(TypeError):

@@ -16,8 +16,9 @@ from torch import nn
 from ..anatomy import BlockParts, Frame, StageEntry, TokenSet, check_projections
 from ..blockops import run_block
 from ..core.macs import BlockWork, block_macs, dense_work
-from ..core.tokens import gather_rows, scatter_rows, sequence_rows, with_prefix
-from ..scoring import QUERIES, bias_row, block_reuses_keys, needs_keys, query_logits, score_macs, token_norms
+from ..core.tokens import gather_heads, gather_rows, scatter_rows, sequence_rows, with_prefix
+from ..scoring import (QUERIES, bias_row, block_reuses_keys, block_reuses_queries, needs_keys, query_logits,
+                       score_macs, token_norms)
 
 SEQUENCE, GROUPED = "sequence", "grouped"
 # ranking criteria: the class token's attention, the attention a token receives, its feature norm, random (control)
@@ -232,6 +233,8 @@ class Family(ABC):
             macs += score_macs(parts, score)
             if block_reuses_keys(parts, score.project_keys):
                 macs -= work.attn_tokens * parts.shape().key_macs()
+            if block_reuses_queries(parts, score.query):
+                macs -= work.attn_tokens * parts.shape().query_macs()
         return groups * macs
 
 
@@ -257,6 +260,7 @@ class SequencePrep:
     h: torch.Tensor
     where: TokenSet
     keys: torch.Tensor | None = None  # every token's keys (B, H, N, d) where scoring had to project them
+    queries: torch.Tensor | None = None  # every token's queries (B, H, N, d) where scoring had to project them
 
 
 class SequenceFamily(Family):
@@ -283,14 +287,17 @@ class SequenceFamily(Family):
         if score == "norm":
             return token_norms(prep.x[:, prefix:]).unsqueeze(1)
         parts, query = self.parts(i), ("cls" if score == "cls" else "mean")
-        keys = None
+        keys = queries = None
         if needs_keys(parts, project_keys):  # projected anyway: the block reuses the selected tokens' keys
             keys = parts.keys(prep.h, prep.where)
             if block_reuses_keys(parts, project_keys):
                 prep.keys = keys
             keys = keys.detach()
+        if block_reuses_queries(parts, query):  # every query projected for the mean: the block reuses its own
+            prep.queries = parts.queries(prep.h, prep.where)
+            queries = prep.queries.detach()
         with torch.no_grad():  # a top-k follows: no gradient flows through scores
-            logits = query_logits(parts, prep.h, prep.where, query, project_keys, keys)
+            logits = query_logits(parts, prep.h, prep.where, query, project_keys, keys, queries)
             extra = bias_row(parts, prep.where, query)
         if extra is not None:
             logits = logits + extra
@@ -298,15 +305,13 @@ class SequenceFamily(Family):
 
     def run_selected(self, i: int, x: torch.Tensor, prep: SequencePrep, idx: torch.Tensor, keep_qk: bool = False):
         keep = idx[:, 0]
-        keys = None
-        if prep.keys is not None:
-            seq = with_prefix(keep, self.num_prefix)
-            B, H, _, d = prep.keys.shape
-            keys = prep.keys.gather(2, seq[:, None, :, None].expand(B, H, -1, d))
+        seq = with_prefix(keep, self.num_prefix)
+        keys = None if prep.keys is None else gather_heads(prep.keys, seq)
+        queries = None if prep.queries is None else gather_heads(prep.queries, seq)
         # once for the block's input, its norm1 output and its output; offsets shared by the forward's selections
         rows = sequence_rows(keep, self.num_prefix, x.shape[1], getattr(prep.where.frame, "cache", None))
         sub, _, qk = run_block(self.parts(i), gather_rows(x, rows), prep.where.select(keep),
-                               h=gather_rows(prep.h, rows), keep_qk=keep_qk, keys=keys)
+                               h=gather_rows(prep.h, rows), keep_qk=keep_qk, keys=keys, queries=queries)
         return scatter_rows(x, rows, sub), qk
 
     def raster_positions(self, i: int, prep: SequencePrep, idx: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""timm ``SwinTransformer`` family (Swin-T/S/B/L v1): IdleViT on a pyramid ViT with shifted-window attention.
+"""timm ``SwinTransformer`` (Swin v1) and ``SwinTransformerV2`` families: IdleViT on a pyramid ViT with
+shifted-window attention. SwinV2's blocks are post-norm with cosine attention (a learned per-head logit scale) and
+a continuous position bias (16 sigmoid of a small MLP over log-spaced offsets); its anatomy says so (``SwinV2Parts``)
+and the windows, padding, masks and idling below are the same.
 
 Layout. Between blocks the tokens travel as timm's (B, H, W, C) map. Blocks are numbered across stages; stage s's
 entry runs its patch merging (or nothing) on the full map, so idle tokens merge with the others as usual.
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,8 +38,8 @@ from torch import nn
 from ..anatomy import BlockParts, Frame, LinearMap
 from ..blockops import attention_branch, mlp_half
 from ..core.macs import BlockShape, BlockWork, linear_macs
-from ..core.tokens import flat_rows, gather_rows, gather_tokens, scatter_rows
-from ..scoring import bias_row, query_logits, token_norms
+from ..core.tokens import flat_rows, gather_heads, gather_rows, gather_tokens, scatter_rows
+from ..scoring import bias_row, block_reuses_keys, block_reuses_queries, query_logits, token_norms
 from .base import GROUPED, Family, GroupCount, parse_img_size
 from .patch_embed import patch_embed_size_problem, patch_grid
 
@@ -46,6 +51,13 @@ def _timm_classes():
                                               SwinTransformerStage, WindowAttention)
 
     return SwinTransformer, SwinTransformerStage, SwinTransformerBlock, WindowAttention, PatchMerging
+
+
+def _timm_v2_classes():
+    from timm.models.swin_transformer_v2 import (PatchMerging, SwinTransformerV2, SwinTransformerV2Block,
+                                                 SwinTransformerV2Stage, WindowAttention)
+
+    return SwinTransformerV2, SwinTransformerV2Stage, SwinTransformerV2Block, WindowAttention, PatchMerging
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -79,12 +91,15 @@ class _Layout:
 
 @dataclass
 class _Prep:
-    """One idling block's shared state: its input map, norm1 output in windows, shift mask and layout."""
+    """One idling block's shared state: its input map, norm1 output in windows, shift mask, layout and bias table."""
 
     x: torch.Tensor  # (B, H, W, C) block input
     windows: torch.Tensor  # (B*nW, n, C) norm1 output, shifted, padded and partitioned as timm does
     mask: torch.Tensor | None  # (nW, n, n) shifted-window mask (0 / -100), None for unshifted blocks
     layout: _Layout
+    table: torch.Tensor  # (R, heads) relative-position bias table, made once per block call (SwinV2 computes it)
+    keys: torch.Tensor | None = None  # (B*nW, heads, n, d) every slot's keys where scoring had to project them
+    queries: torch.Tensor | None = None  # (B*nW, heads, n, d) every slot's queries, likewise
 
 
 @dataclass(frozen=True)
@@ -102,7 +117,8 @@ class SwinParts(BlockParts):
     def __init__(self, block: nn.Module) -> None:
         super().__init__(block)
         attn = self.attn = block.attn
-        self.num_heads, self.scale = attn.num_heads, attn.scale
+        self.num_heads = attn.num_heads
+        self.scale = getattr(attn, "scale", 1.0)  # SwinV2 has none: its logit scale multiplies the queries
         self.require_plain_linear(attn, "qkv", f"attn.qkv of a {type(block).__name__}")
         self.width = attn.qkv.out_features // 3
 
@@ -113,15 +129,23 @@ class SwinParts(BlockParts):
         G, k, _ = h.shape
         return self.attn.qkv(h).reshape(G, k, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
+    def bias_table(self) -> torch.Tensor:
+        """The relative-position bias per offset and head (R, heads)."""
+        return self.attn.relative_position_bias_table
+
+    def table_macs(self) -> int:
+        """MACs of making :meth:`bias_table` (once per block call)."""
+        return 0
+
     def bias(self, where: _Slots):
         attn, prep = self.attn, where.prep
         if where.sel is None:  # every slot of every window: (nW or 1, heads, n, n)
-            bias = attn.relative_position_bias_table[attn.relative_position_index].permute(2, 0, 1)
+            bias = prep.table[attn.relative_position_index].permute(2, 0, 1)
             return bias if prep.mask is None else bias + prep.mask.unsqueeze(1)
         sel = where.sel
         B, nW, k = sel.shape
         rows, cols = sel.unsqueeze(-1), sel.unsqueeze(-2)  # (B, nW, k, 1), (B, nW, 1, k)
-        bias = attn.relative_position_bias_table[attn.relative_position_index[rows, cols]].permute(0, 1, 4, 2, 3)
+        bias = prep.table[attn.relative_position_index[rows, cols]].permute(0, 1, 4, 2, 3)
         win = torch.arange(nW, device=sel.device).view(1, nW, 1, 1)
         if prep.mask is not None:
             bias = bias + prep.mask[win, rows, cols].unsqueeze(2)
@@ -140,8 +164,14 @@ class SwinParts(BlockParts):
         return x + self.block.drop_path2(_layer_scale(self.block, "ls2", y))
 
     def _rows(self, j: int) -> LinearMap:
-        qkv, w = self.attn.qkv, self.width
-        return LinearMap(qkv.weight[j * w:(j + 1) * w], None if qkv.bias is None else qkv.bias[j * w:(j + 1) * w])
+        """Row block j (0: q, 1: k, 2: v) of the fused projection, with its bias (SwinV2: q_bias, a zero k_bias,
+        v_bias)."""
+        attn, w = self.attn, self.width
+        if getattr(attn, "q_bias", None) is not None:
+            bias = (attn.q_bias, attn.k_bias, attn.v_bias)[j]
+        else:
+            bias = None if attn.qkv.bias is None else attn.qkv.bias[j * w:(j + 1) * w]
+        return LinearMap(attn.qkv.weight[j * w:(j + 1) * w], bias)
 
     def linear_queries(self):
         return self._rows(0)
@@ -158,35 +188,104 @@ class SwinParts(BlockParts):
                           proj=linear_macs(attn.proj), mlp=linear_macs(self.block.mlp))
 
 
+class SwinV2Parts(SwinParts):
+    """timm ``SwinTransformerV2Block`` + its ``WindowAttention``: post-norm residuals (``x + norm1(attn(x))``,
+    ``x + norm2(mlp(x))``), cosine attention, continuous position bias. The per-head logit scale multiplies the
+    normalised queries, so the attention core's own scale is 1; queries and keys are not affine in the input, so
+    scoring projects every key and the block reuses the selected ones."""
+
+    def norm1(self, x):
+        return x
+
+    def norm2(self, x):
+        return x
+
+    def res_attn(self, x, y):
+        return x + self.block.drop_path1(self.block.norm1(y))
+
+    def res_mlp(self, x, y):
+        return x + self.block.drop_path2(self.block.norm2(y))
+
+    def _affine(self, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = self._rows(j)
+        return rows.weight, rows.bias
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(G, n, heads * d) -> (G, n, heads, d): normalised in this layout, then the head axis moves second."""
+        G, n, _ = t.shape
+        return t.reshape(G, n, self.num_heads, -1)
+
+    def _scaled(self, q: torch.Tensor) -> torch.Tensor:
+        """Normalised queries (G, n, heads, d) times the per-head logit scale, clamped as timm clamps it."""
+        logit_scale = torch.clamp(self.attn.logit_scale, max=math.log(1.0 / 0.01)).exp()  # (heads, 1, 1)
+        return F.normalize(q, dim=-1) * logit_scale.view(-1, 1)
+
+    def qkv(self, h, where):
+        attn = self.attn
+        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        G, n, _ = h.shape
+        q, k, v = F.linear(h, attn.qkv.weight, bias).reshape(G, n, 3, self.num_heads, -1).unbind(2)
+        return self._scaled(q).transpose(1, 2), F.normalize(k, dim=-1).transpose(1, 2), v.transpose(1, 2)
+
+    def queries(self, h, where):
+        return self._scaled(self._heads(F.linear(h, *self._affine(0)))).transpose(1, 2)
+
+    def keys(self, h, where):
+        return F.normalize(self._heads(F.linear(h, *self._affine(1))), dim=-1).transpose(1, 2)
+
+    def values(self, h, where):
+        return self._heads(F.linear(h, *self._affine(2))).transpose(1, 2)
+
+    def linear_queries(self):
+        return None
+
+    def linear_keys(self):
+        return None
+
+    def keys_affine(self):
+        return False
+
+    def bias_table(self) -> torch.Tensor:
+        attn = self.attn
+        return 16 * torch.sigmoid(attn.cpb_mlp(attn.relative_coords_table).view(-1, self.num_heads))
+
+    def table_macs(self) -> int:
+        coords = self.attn.relative_coords_table
+        return coords.numel() // coords.shape[-1] * linear_macs(self.attn.cpb_mlp)
+
+
 class SwinAdapter(Family):
     name = "timm SwinTransformer"
     layout = GROUPED
+    classes = staticmethod(_timm_classes)  # (model, stage, block, attention, patch merging) classes
+    parts_class = SwinParts
+    variants = "Swin v1: swin_tiny..swin_large"
 
     def __init__(self, model: nn.Module) -> None:
-        _, Stage, Block, WindowAttention, PatchMerging = _timm_classes()
+        Model, Stage, Block, WindowAttention, PatchMerging = self.classes()
         for s, stage in enumerate(model.layers):
             if type(stage) is not Stage or type(stage.downsample) not in (PatchMerging, nn.Identity):
-                raise TypeError(f"stage {s} of this SwinTransformer is {type(stage).__name__} with "
-                                f"{type(stage.downsample).__name__}; tokenpace supports timm's SwinTransformerStage "
-                                "with PatchMerging or no down-sampling (Swin v1: swin_tiny..swin_large)")
+                raise TypeError(f"stage {s} of this {Model.__name__} is {type(stage).__name__} with "
+                                f"{type(stage.downsample).__name__}; tokenpace supports timm's {Stage.__name__} "
+                                f"with PatchMerging or no down-sampling ({self.variants})")
         super().__init__(model, [stage.blocks for stage in model.layers])
         for i, blk in enumerate(self.blocks):
             if type(blk) is not Block or type(blk.attn) is not WindowAttention:
-                raise TypeError(f"block {i} of this SwinTransformer is {type(blk).__name__} with "
-                                f"{type(blk.attn).__name__}; tokenpace supports timm's SwinTransformerBlock with "
-                                "WindowAttention (Swin v1: swin_tiny..swin_large)")
+                raise TypeError(f"block {i} of this {Model.__name__} is {type(blk).__name__} with "
+                                f"{type(blk.attn).__name__}; tokenpace supports timm's {Block.__name__} with "
+                                f"WindowAttention ({self.variants})")
         self._layouts: dict[tuple, _Layout] = {}  # per (map size, window, shift, device): built once
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         try:
-            SwinTransformer = _timm_classes()[0]
+            Model = cls.classes()[0]
         except ImportError:  # timm not installed: nothing of this family can exist
             return False
-        return isinstance(model, SwinTransformer)
+        return isinstance(model, Model)
 
     def make_parts(self, i: int) -> SwinParts:
-        return SwinParts(self.blocks[i])
+        return self.parts_class(self.blocks[i])
 
     # --- forward -------------------------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
@@ -248,36 +347,48 @@ class SwinAdapter(Family):
     def prepare(self, i: int, x: torch.Tensor, frame: Frame | None = None) -> _Prep:
         blk = self.blocks[i]
         B, H, W, C = x.shape
+        parts = self.parts(i)
         layout = self._layout(i, H, W, x.device)
-        windows = self._to_windows(blk.norm1(x), layout)
+        windows = self._to_windows(parts.norm1(x), layout)
         mask = blk.attn_mask
         if blk.dynamic_mask and any(layout.shift):  # timm builds the mask for the padded map on every forward
             Hp, Wp = H + layout.pad[0], W + layout.pad[1]
             mask = blk.get_attn_mask(torch.empty(1, Hp, Wp, 0, device=x.device, dtype=windows.dtype))
-        return _Prep(x=x, windows=windows, mask=mask, layout=layout)
+        return _Prep(x=x, windows=windows, mask=mask, layout=layout, table=parts.bias_table())
 
     def score_shape(self, prep: _Prep) -> tuple[int, int, int]:
         G, n, _ = prep.windows.shape
         return (G // prep.layout.num_windows, prep.layout.num_windows, n)
 
-    @torch.no_grad()  # selection is a top-k: no gradient flows through scores, so build no graph for them
     def token_scores(self, i: int, prep: _Prep, score: str, project_keys: bool = False) -> torch.Tensor:
         B, nW, n = self.score_shape(prep)
-        if score == "norm":
-            scores = self._to_windows(token_norms(prep.x).unsqueeze(-1), prep.layout).view(B, nW, n)
-        else:  # "received": the mean over the window's queries of the logits, summed over heads
-            parts, where = self.parts(i), _Slots(prep)
-            scores = query_logits(parts, prep.windows.view(B, nW, n, -1), where, "mean")
-            scores = scores + bias_row(parts, where, "mean")
-        if prep.layout.padding is not None:
-            scores = scores.masked_fill(prep.layout.padding, float("-inf"))
+        parts, where, keys, queries = self.parts(i), _Slots(prep), None, None
+        if score != "norm":  # projected anyway (SwinV2's cosine attention): the block reuses the selected slots'
+            if block_reuses_keys(parts, project_keys):  # keys and queries, with their gradient
+                keys = prep.keys = parts.keys(prep.windows, where)
+            if block_reuses_queries(parts, "mean"):
+                queries = prep.queries = parts.queries(prep.windows, where)
+        with torch.no_grad():  # selection is a top-k: no gradient flows through scores, so build no graph for them
+            if score == "norm":
+                scores = self._to_windows(token_norms(prep.x).unsqueeze(-1), prep.layout).view(B, nW, n)
+            else:  # "received": the mean over the window's queries of the logits, summed over heads
+                scores = query_logits(parts, prep.windows, where, "mean", project_keys,
+                                      None if keys is None else keys.detach(),
+                                      None if queries is None else queries.detach()).view(B, nW, n)
+                scores = scores + bias_row(parts, where, "mean")
+            if prep.layout.padding is not None:
+                scores = scores.masked_fill(prep.layout.padding, float("-inf"))
         return scores
 
     def run_selected(self, i: int, x: torch.Tensor, prep: _Prep, idx: torch.Tensor, keep_qk: bool = False):
         parts = self.parts(i)
         B, H, W, C = x.shape
         _, nW, k = idx.shape
-        attn_out = attention_branch(parts, gather_tokens(prep.windows, idx.reshape(B * nW, k)), _Slots(prep, idx))[0]
+        slots = idx.reshape(B * nW, k)
+        keys = None if prep.keys is None else gather_heads(prep.keys, slots)
+        queries = None if prep.queries is None else gather_heads(prep.queries, slots)
+        attn_out = attention_branch(parts, gather_tokens(prep.windows, slots), _Slots(prep, idx), keys=keys,
+                                    queries=queries)[0]
         pos = self.raster_positions(i, prep, idx)  # (B, nW*k): per image, so drop-path stays per image as in timm
         tokens = x.reshape(B, H * W, C)
         if prep.layout.padding is not None:  # padding slots write into one extra row, dropped afterwards
@@ -306,10 +417,9 @@ class SwinAdapter(Family):
 
     def _stage_grids(self, img_size: int | tuple[int, int] | None) -> list[tuple[int, int]]:
         """(H, W) of each stage's blocks: patch merging halves the map, rounding up as its padding does."""
-        _, _, _, _, PatchMerging = _timm_classes()
         grid, grids = self._patch_grid(img_size), []
         for stage in self.model.layers:
-            if isinstance(stage.downsample, PatchMerging):
+            if not isinstance(stage.downsample, nn.Identity):  # patch merging
                 grid = (_ceil_div(grid[0], 2), _ceil_div(grid[1], 2))
             grids.append(grid)
         return grids
@@ -342,5 +452,12 @@ class SwinAdapter(Family):
                 if work.attn_tokens == n:  # dense: timm's MLP runs on the real tokens only
                     work = BlockWork(n, 0, score=work.score)
                     total += H * W * self.parts(i).shape().mlp
-                total += self.block_work_macs(i, work, num_windows)
+                total += self.block_work_macs(i, work, num_windows) + self.parts(i).table_macs()
         return total
+
+
+class SwinV2Adapter(SwinAdapter):
+    name = "timm SwinTransformerV2"
+    classes = staticmethod(_timm_v2_classes)
+    parts_class = SwinV2Parts
+    variants = "SwinV2: swinv2_tiny..swinv2_large, the cr_ variants are another class"
