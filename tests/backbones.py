@@ -1,6 +1,6 @@
-"""Small class-token-free ViTs, timm Eva and timm Beit models (random, well-spread weights) and literal masked
-references of Evo, Idle and top-k on them: the full sequence at its original positions (RoPE and relative-position
-biases at every token's own position), idle keys masked, updates kept where selected."""
+"""Small class-token-free ViTs, timm Eva, Beit and VisionTransformerRelPos models (random, well-spread weights) and
+literal masked references of Evo, Idle and top-k on them: the full sequence at its original positions (RoPE and
+relative-position biases at every token's own position), idle keys masked, updates kept where selected."""
 from __future__ import annotations
 
 from functools import partial
@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tokenpace
 from timm.models.beit import Beit
 from timm.models.eva import Eva
+from timm.models.vision_transformer_relpos import ResPostRelPosBlock, VisionTransformerRelPos
 from timm.models.vision_transformer import VisionTransformer
 
 from conftest import spread_weights
@@ -48,6 +49,13 @@ BEITS = {  # timm Beit: a relative-position bias per block, one shared by all bl
                              swiglu_mlp=True, scale_mlp=True),
 }
 
+RELPOS = {  # timm VisionTransformerRelPos: MLP or table bias, per block or shared, pre- or post-norm, class token or no
+    "relpos_gap": dict(qkv_bias=True),
+    "relpos_cls_shared_table": dict(class_token=True, global_pool="token", shared_rel_pos=True, rel_pos_type="bias",
+                                    init_values=0.5),
+    "relpos_rpn_swin_mlp": dict(block_fn=ResPostRelPosBlock, rel_pos_type="mlp_swin", class_token=True),
+}
+
 
 def make_backbone(variant: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
@@ -55,6 +63,8 @@ def make_backbone(variant: str, seed: int = 0, **overrides):
         model = VisionTransformer(**{**SMALL, "qkv_bias": True, **CLASS_FREE[variant], **overrides})
     elif variant in BEITS:
         model = Beit(**{**SMALL, **BEITS[variant], **overrides})
+    elif variant in RELPOS:
+        model = VisionTransformerRelPos(**{**SMALL, **RELPOS[variant], **overrides})
     else:
         model = Eva(**{**SMALL, **EVAS[variant], **overrides})
     return spread_weights(model, seed).eval()
@@ -75,6 +85,11 @@ def embed(model, img):
         x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         x = x if model.pos_embed is None else x + model.pos_embed
         return x, None if model.rel_pos_bias is None else model.rel_pos_bias()
+    if isinstance(model, VisionTransformerRelPos):
+        x = model.patch_embed(img)
+        if model.cls_token is not None:
+            x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        return x, None if model.shared_rel_pos is None else model.shared_rel_pos.get_bias()
     return model.norm_pre(model._pos_embed(model.patch_embed(img))), None
 
 
@@ -89,11 +104,36 @@ def call_block(model, i, x, context, mask=None):
     if isinstance(model, Beit):  # the mask rides on the shared bias, which BEiT adds to every logit
         extra = mask if context is None else context if mask is None else context + mask
         return blk(x, shared_rel_pos_bias=extra)
+    if isinstance(model, VisionTransformerRelPos):
+        return relpos_block(model, i, x, context, mask)
     return blk(x, attn_mask=mask)
+
+
+def is_post_norm(blk) -> bool:
+    return isinstance(blk, ResPostRelPosBlock)
+
+
+def relpos_block(model, i, x, context, mask=None):
+    """timm's RelPos block written out (its attention takes no mask): explicit softmax over the full sequence with
+    the bias at every token's own position plus ``mask``; pre- or post-norm residuals."""
+    blk = model.blocks[i]
+    attn, post = blk.attn, is_post_norm(blk)
+    h = x if post else blk.norm1(x)
+    B, N, C = h.shape
+    q, k, v = attn.qkv(h).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    logits = attn.q_norm(q) @ attn.k_norm(k).transpose(-2, -1) * attn.scale + literal_bias(model, i, context)
+    probs = (logits if mask is None else logits + mask).softmax(-1)
+    o = attn.proj((probs @ v).transpose(1, 2).reshape(B, N, C))
+    x = x + (blk.norm1(o) if post else blk.ls1(o))
+    y = blk.mlp(x if post else blk.norm2(x))
+    return x + (blk.norm2(y) if post else blk.ls2(y))
 
 
 def literal_bias(model, i, context):
     """The additive logits (1, H, N, N) of block i over the full sequence at its own positions (0: none)."""
+    if isinstance(model, VisionTransformerRelPos):  # the block's own bias, else the shared one
+        rel_pos = model.blocks[i].attn.rel_pos
+        return rel_pos.get_bias() if rel_pos is not None else 0 if context is None else context
     if not isinstance(model, Beit):
         return 0
     attn, bias = model.blocks[i].attn, 0
@@ -105,7 +145,7 @@ def literal_bias(model, i, context):
 def literal_qk(model, i, x, context):
     """q, k (B, H, N, d) of block i on the full sequence, position terms at every token's own position."""
     blk, P = model.blocks[i], model.num_prefix_tokens
-    attn, h = blk.attn, blk.norm1(x)
+    attn, h = blk.attn, (x if is_post_norm(blk) else blk.norm1(x))
     B, N, _ = h.shape
     H = attn.num_heads
     d = getattr(attn, "head_dim", None) or attn.qkv.out_features // 3 // H

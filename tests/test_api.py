@@ -233,6 +233,7 @@ def _families():
         "vit": (make_vit("registers"), "evo", 32),
         "eva": (make_backbone("dinov3"), "idle", 32),
         "beit": (make_backbone("beit_both_swiglu"), "evo", 32),
+        "vit_relpos": (make_backbone("relpos_rpn_swin_mlp"), "idle", 32),
         "levit": (spread_weights(timm.create_model("levit_cifar", **small_levit)).eval(), "evo", 32),
         "evo_levit": (spread_weights(timm.create_model("evo_levit_cifar", **small_levit)).eval(), "evo", 32),
         "swin": (spread_weights(SwinTransformer(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2),
@@ -287,7 +288,8 @@ def test_a_keep_that_keeps_no_token_is_refused():
     tokenpace.apply(model, "evit", keep=0.01)  # EViT's ceiling keeps one token at least, as the official code
 
 
-@pytest.mark.parametrize("family", ["vit", "eva", "beit", "levit", "evo_levit", "swin", "swin_v2", "pvt_v2"])
+@pytest.mark.parametrize("family", ["vit", "eva", "beit", "vit_relpos", "levit", "evo_levit", "swin", "swin_v2",
+                                    "pvt_v2"])
 def test_patched_models_pickle_deepcopy_and_torch_save(family, tmp_path):
     import copy
     import pickle

@@ -1,15 +1,15 @@
 """Today's backbones: timm VisionTransformers without a class token (SigLIP, AIMv2, *_gap_*), timm Eva (EVA-02,
-DINOv3, PE core, RoPE ViTs) and timm Beit (BEiT, BEiT v2: relative-position biases). keep=1 is the unpatched model;
-Evo, Idle and top-k equal literal masked references (full sequences at their own positions, idle keys masked); MACs
-equal FlopCounterMode / 2."""
+DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2) and timm VisionTransformerRelPos (relative-position biases).
+keep=1 is the unpatched model; Evo, Idle and top-k equal literal masked references (full sequences at their own
+positions, idle keys masked); MACs equal FlopCounterMode / 2."""
 import pytest
 import torch
 
 import tokenpace
-from backbones import (BEITS, CLASS_FREE, EVAS, assert_keep_one_equals_unpatched, assert_macs_equal_flop_counter,
-                       make_backbone, ref_evo, ref_idle, ref_topk)
+from backbones import (BEITS, CLASS_FREE, EVAS, RELPOS, assert_keep_one_equals_unpatched,
+                       assert_macs_equal_flop_counter, make_backbone, ref_evo, ref_idle, ref_topk)
 
-VARIANTS = sorted(CLASS_FREE) + sorted(EVAS) + sorted(BEITS)
+VARIANTS = sorted(CLASS_FREE) + sorted(EVAS) + sorted(BEITS) + sorted(RELPOS)
 ALL_TOKENS = [("evo", {}), ("evo", {"mode": "layer"}), ("idle", {}), ("evit", {}), ("evit", {"fuse": False}),
               ("topk", {})]
 
@@ -60,7 +60,8 @@ def test_topk_equals_the_masked_reference(variant, images):
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
 
 
-@pytest.mark.parametrize("variant", ["eva02", "rope_mixed", "siglip_map", "beit", "beit_both_swiglu"])
+@pytest.mark.parametrize("variant", ["eva02", "rope_mixed", "siglip_map", "beit", "beit_both_swiglu", "relpos_gap",
+                                     "relpos_rpn_swin_mlp"])
 def test_position_less_tokens_run_on_position_models(variant, images):
     """EViT's fused token and Evo's representative token have no position: not rotated, like prefix tokens (Eva);
     the class token's bias entries (Beit)."""
@@ -168,3 +169,32 @@ def test_beit_cut_loss_logits_carry_the_bias(images):
     reorder = torch.cat([index, _unselected(index, 65)], 1)  # selected first, then the others
     for b in range(3):
         assert torch.allclose(picked[b], expected[b][reorder[b]][:, reorder[b]], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", sorted(RELPOS))
+def test_relpos_literal_block_is_timms(variant, images):
+    """The references' written-out RelPos block (it takes a mask, timm's does not) equals timm's block unmasked."""
+    from backbones import embed, relpos_block
+
+    model = make_backbone(variant)
+    with torch.no_grad():
+        x, context = embed(model, images)
+        for i in range(2):
+            expected = model.blocks[i](x, shared_rel_pos=context)
+            torch.testing.assert_close(relpos_block(model, i, x, context), expected, atol=1e-5, rtol=1e-5)
+            x = expected
+
+
+def test_relpos_position_less_tokens_take_zero_bias_without_a_class_token():
+    """A class-token-free RelPos model has no learned entry for a token without a position: zero bias."""
+    from tokenpace.anatomy import TokenSet
+    from tokenpace.families import adapter_for
+
+    model = make_backbone("relpos_gap")
+    parts = adapter_for(model).parts(1)
+    with torch.no_grad():
+        full = model.blocks[1].attn.rel_pos.get_bias()[0]  # (H, 64, 64)
+        got = parts.bias(TokenSet(prefix=0, pos=torch.tensor([[3, -1, 9]]), extra=1, holes=True))
+    rows = torch.tensor([3, 9])
+    assert torch.equal(got[0][:, [0, 2]][:, :, [0, 2]], full[:, rows][:, :, rows])
+    assert not got[0][:, [1, 3]].any() and not got[0][:, :, [1, 3]].any()

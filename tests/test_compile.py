@@ -44,6 +44,7 @@ CASES = {
     "eva_rope_mixed": (lambda: make_backbone("rope_mixed", depth=2), "idle", dict(stage_starts=(1,)), 32),
     "beit": (lambda: make_backbone("beit_both_swiglu", depth=2), "evo", dict(stage_starts=(1,), representative=True),
              32),
+    "vit_relpos": (lambda: make_backbone("relpos_gap", depth=2), "idle", dict(stage_starts=(1,)), 32),
     "levit": (lambda: _levit("levit_cifar"), "evo", dict(stage_starts=(1,)), 32),
     "evo_levit": (lambda: _levit("evo_levit_cifar"), "evo", dict(stage_starts=(1,)), 32),
     "swin": (_swin, "idle", dict(stage_starts=(1,)), 32),

@@ -49,6 +49,7 @@ FAMILIES = {  # name: (build, input size, methods, flat)
     "eva_rope_mixed": (lambda: make_backbone("rope_mixed"), 32, ("evo", "idle", "evit", "topk"), True),
     "eva_dinov3": (lambda: make_backbone("dinov3"), 32, ("evo", "idle"), True),
     "beit": (lambda: make_backbone("beit_shared_abs_token"), 32, ("evo", "idle", "evit", "topk"), True),
+    "vit_relpos": (lambda: make_backbone("relpos_rpn_swin_mlp"), 32, ("evo", "idle", "evit", "topk"), True),
     "lvvit": (lambda: _small("lvvit_s"), 32, ("evo", "idle", "evit", "topk"), True),
     "evo_deit": (lambda: _small("evo_deit_small_patch16_224"), 32, ("evo", "idle", "evit", "topk"), True),
     "levit": (lambda: _levit("levit_cifar"), 32, ("evo", "idle"), False),
@@ -188,7 +189,8 @@ def _linear_calls(block):
 
 @pytest.mark.parametrize("family,method", [("vit_registers", "evo"), ("vit_registers", "idle"),
                                            ("vit_registers", "evit"), ("eva_rope_mixed", "idle"),
-                                           ("eva_rope_mixed", "topk"), ("beit", "evo"), ("levit", "evo"), ("evo_levit", "evo"),
+                                           ("eva_rope_mixed", "topk"), ("beit", "evo"), ("vit_relpos", "idle"),
+                                           ("levit", "evo"), ("evo_levit", "evo"),
                                            ("swin", "idle"), ("swin_v2", "idle"), ("pvt_v2", "idle")])
 def test_gradient_checkpointing_is_honoured_with_equal_gradients(family, method):
     build, size, _, _ = FAMILIES[family]

@@ -80,7 +80,7 @@ def test_unsupported_vit_block_type():
 def test_unsupported_blocks_pools_and_classes_name_what_is_accepted():
     from timm.models.eva import Eva
     from timm.models.naflexvit import NaFlexVit
-    from timm.models.swin_transformer_v2 import SwinTransformerV2
+    from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
     from timm.models.vision_transformer import ParallelScalingBlock
 
     parallel = make_vit("deit", depth=2, block_fn=ParallelScalingBlock)  # vit_pwee_*: no separate attention
@@ -96,8 +96,9 @@ def test_unsupported_blocks_pools_and_classes_name_what_is_accepted():
         tokenpace.apply(pooled, "idle")
     with torch.device("meta"):
         naflex = NaFlexVit(embed_dim=48, depth=2, num_heads=3)
-    swin_v2 = SwinTransformerV2(img_size=32, patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,), window_size=4)
-    for model in (naflex, swin_v2):
+    swin_v2_cr = SwinTransformerV2Cr(img_size=32, patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,),
+                                     window_size=4)
+    for model in (naflex, swin_v2_cr):
         with pytest.raises(TypeError, match="is not a supported model; tokenpace supports: timm VisionTransformer"):
             tokenpace.apply(model, "idle")
 

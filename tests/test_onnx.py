@@ -35,9 +35,10 @@ def _explicit_softmax(model):
 FAMILIES = {
     "vit": (lambda: make_vit("deit", depth=2), ("evit", {})),
     "eva": (lambda: make_backbone("eva02", depth=2), ("idle", {})),
-    # timm's Beit exports with the explicit softmax only (fused_attn False): torch.onnx fails to decompose its SDPA
-    # with the bias (a view of the transposed output), unpatched as well
+    # timm's Beit and VisionTransformerRelPos export with the explicit softmax only (fused_attn False): torch.onnx
+    # fails to decompose their SDPA with the bias (a view of the transposed output), unpatched as well
     "beit": (lambda: _explicit_softmax(make_backbone("beit_both_swiglu", depth=2)), ("evo", {"representative": True})),
+    "vit_relpos": (lambda: _explicit_softmax(make_backbone("relpos_cls_shared_table", depth=2)), ("evit", {})),
     "levit": (lambda: make_levit("levit_cifar", depth=(1, 1, 1)), ("evo", {})),
     "evo_levit": (lambda: make_levit("evo_levit_cifar", depth=(1, 1, 1)), ("evo", {})),
     "swin": (lambda: make_swin("padded"), ("idle", {})),  # padded windows, shifted, dynamic mask

@@ -47,6 +47,17 @@ class TokenSet:
         # built directly: dataclasses.replace costs several times more, once per selection
         return TokenSet(self.prefix, pos, extra, self.frame, self.holes)
 
+    def table_rows(self, patches: int, first: int, blank: int, device: torch.device) -> torch.Tensor:
+        """Each token's row (B or 1, n) in a table over token positions (a relative-position bias): the patch at
+        raster position p -> ``first`` + p; every token without a position (prefix, extra, a hole) -> ``blank``.
+        ``patches``: the patch count when ``pos`` is None (every patch, in order)."""
+        pos = torch.arange(patches, device=device).unsqueeze(0) if self.pos is None else self.pos
+        rows = torch.where(pos >= 0, pos + first, blank) if self.holes else pos + first
+        if not self.prefix and not self.extra:
+            return rows
+        B = rows.shape[0]
+        return torch.cat([rows.new_full((B, self.prefix), blank), rows, rows.new_full((B, self.extra), blank)], dim=1)
+
     def patches(self, idx: torch.Tensor) -> "TokenSet":
         """The set holding only the patch tokens idx (B, m) of this set (no prefix, no extra tokens)."""
         return replace(self.select(idx), prefix=0)

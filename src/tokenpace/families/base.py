@@ -305,9 +305,11 @@ class SequenceFamily(Family):
 
     def run_selected(self, i: int, x: torch.Tensor, prep: SequencePrep, idx: torch.Tensor, keep_qk: bool = False):
         keep = idx[:, 0]
-        seq = with_prefix(keep, self.num_prefix)
-        keys = None if prep.keys is None else gather_heads(prep.keys, seq)
-        queries = None if prep.queries is None else gather_heads(prep.queries, seq)
+        keys = queries = None
+        if prep.keys is not None or prep.queries is not None:  # reused from scoring: the selected tokens' own
+            seq = with_prefix(keep, self.num_prefix)
+            keys = None if prep.keys is None else gather_heads(prep.keys, seq)
+            queries = None if prep.queries is None else gather_heads(prep.queries, seq)
         # once for the block's input, its norm1 output and its output; offsets shared by the forward's selections
         rows = sequence_rows(keep, self.num_prefix, x.shape[1], getattr(prep.where.frame, "cache", None))
         sub, _, qk = run_block(self.parts(i), gather_rows(x, rows), prep.where.select(keep),

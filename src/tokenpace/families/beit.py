@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..anatomy import Frame, TokenSet
+from ..anatomy import Frame
 from .base import built_for_only
 from .eva import EvaParts
 from .patch_embed import patch_grid
@@ -33,17 +33,6 @@ class BeitFrame(Frame):
     model does, or None."""
 
     shared_bias: torch.Tensor | None = None
-
-
-def bias_rows(where: TokenSet, patches: int, device: torch.device) -> torch.Tensor:
-    """Each token's row (and column) in BEiT's (patches+1)-square bias, (B or 1, n): 0 for the class token and every
-    other position-less token (prefix, extra, a hole at position -1), 1 + p for the patch at raster position p."""
-    pos = torch.arange(patches, device=device).unsqueeze(0) if where.pos is None else where.pos
-    rows = pos + 1  # a hole (-1) lands on the class token's row
-    if not where.prefix and not where.extra:
-        return rows
-    B = rows.shape[0]
-    return torch.cat([rows.new_zeros(B, where.prefix), rows, rows.new_zeros(B, where.extra)], dim=1)
 
 
 class BeitParts(EvaParts):
@@ -73,7 +62,7 @@ class BeitParts(EvaParts):
         if where is None or (where.pos is None and where.prefix == 1 and not where.extra):
             index = index.unsqueeze(0)  # every token in order
         else:  # the tokens' rows and columns; a gather of H-wide table rows, not of the (H, n+1, n+1) bias
-            rows = bias_rows(where, index.shape[0] - 1, index.device)
+            rows = where.table_rows(index.shape[0] - 1, 1, 0, index.device)  # position-less: the class token's
             index = index[rows.unsqueeze(-1), rows.unsqueeze(-2)]
         return table[index].permute(0, 3, 1, 2)  # (B or 1, H, n, n)
 
