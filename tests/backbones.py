@@ -12,9 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokenpace
 from timm.models.beit import Beit
-from timm.models.eva import Eva
+from timm.models.eva import Eva, EvaBlockPostNorm
+from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 from timm.models.vision_transformer_relpos import ResPostRelPosBlock, VisionTransformerRelPos
-from timm.models.vision_transformer import VisionTransformer
 
 from conftest import spread_weights
 
@@ -56,6 +56,11 @@ RELPOS = {  # timm VisionTransformerRelPos: MLP or table bias, per block or shar
     "relpos_rpn_swin_mlp": dict(block_fn=ResPostRelPosBlock, rel_pos_type="mlp_swin", class_token=True),
 }
 
+POST_NORM = {  # post-norm blocks of timm's ViT (vit_*_rpn_*) and Eva (EVA-02 enormous)
+    "vit_rpn": (VisionTransformer, dict(block_fn=ResPostBlock, qkv_bias=True, init_values=0.5)),
+    "eva_post_norm": (Eva, dict(use_post_norm=True, use_rot_pos_emb=True, ref_feat_shape=(8, 8))),
+}
+
 
 def make_backbone(variant: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
@@ -65,6 +70,9 @@ def make_backbone(variant: str, seed: int = 0, **overrides):
         model = Beit(**{**SMALL, **BEITS[variant], **overrides})
     elif variant in RELPOS:
         model = VisionTransformerRelPos(**{**SMALL, **RELPOS[variant], **overrides})
+    elif variant in POST_NORM:
+        model_class, options = POST_NORM[variant]
+        model = model_class(**{**SMALL, **options, **overrides})
     else:
         model = Eva(**{**SMALL, **EVAS[variant], **overrides})
     return spread_weights(model, seed).eval()
@@ -110,7 +118,7 @@ def call_block(model, i, x, context, mask=None):
 
 
 def is_post_norm(blk) -> bool:
-    return isinstance(blk, ResPostRelPosBlock)
+    return isinstance(blk, (ResPostBlock, EvaBlockPostNorm, ResPostRelPosBlock))
 
 
 def relpos_block(model, i, x, context, mask=None):

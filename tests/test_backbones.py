@@ -1,15 +1,15 @@
 """Today's backbones: timm VisionTransformers without a class token (SigLIP, AIMv2, *_gap_*), timm Eva (EVA-02,
-DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2) and timm VisionTransformerRelPos (relative-position biases).
-keep=1 is the unpatched model; Evo, Idle and top-k equal literal masked references (full sequences at their own
+DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), timm VisionTransformerRelPos (relative-position biases) and
+post-norm blocks. keep=1 is the unpatched model; Evo, Idle and top-k equal literal masked references (full sequences at their own
 positions, idle keys masked); MACs equal FlopCounterMode / 2."""
 import pytest
 import torch
 
 import tokenpace
-from backbones import (BEITS, CLASS_FREE, EVAS, RELPOS, assert_keep_one_equals_unpatched,
+from backbones import (BEITS, CLASS_FREE, EVAS, POST_NORM, RELPOS, assert_keep_one_equals_unpatched,
                        assert_macs_equal_flop_counter, make_backbone, ref_evo, ref_idle, ref_topk)
 
-VARIANTS = sorted(CLASS_FREE) + sorted(EVAS) + sorted(BEITS) + sorted(RELPOS)
+VARIANTS = sorted(CLASS_FREE) + sorted(EVAS) + sorted(BEITS) + sorted(RELPOS) + sorted(POST_NORM)
 ALL_TOKENS = [("evo", {}), ("evo", {"mode": "layer"}), ("idle", {}), ("evit", {}), ("evit", {"fuse": False}),
               ("topk", {})]
 

@@ -70,10 +70,11 @@ def test_compile_wrappers_and_non_modules_are_refused_by_apply_and_remove():
 
 
 def test_unsupported_vit_block_type():
-    from timm.models.vision_transformer import ResPostBlock
+    from timm.models.vision_transformer import Block
 
-    model = make_vit("deit", block_fn=ResPostBlock, depth=4)
-    with pytest.raises(TypeError, match="ResPostBlock.*supports timm's pre-norm Block"):
+    model = make_vit("deit", depth=4)
+    model.blocks[2].__class__ = type("MyBlock", (Block,), {})  # a subclass may compute anything: refused
+    with pytest.raises(TypeError, match="block 2 of this VisionTransformer is MyBlock.*supports timm's pre-norm Block"):
         tokenpace.apply(model, "evo")
 
 
@@ -85,11 +86,15 @@ def test_unsupported_blocks_pools_and_classes_name_what_is_accepted():
 
     parallel = make_vit("deit", depth=2, block_fn=ParallelScalingBlock)  # vit_pwee_*: no separate attention
     with pytest.raises(TypeError, match="block 0 of this VisionTransformer is ParallelScalingBlock with no separate "
-                                        "attention; tokenpace supports timm's pre-norm Block"):
+                                        "attention; tokenpace supports timm's pre-norm Block or post-norm ResPostBlock"):
         tokenpace.apply(parallel, "idle")
-    post_norm = Eva(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3, use_post_norm=True)
-    with pytest.raises(TypeError, match="EvaBlockPostNorm.*post-norm blocks are not supported"):
-        tokenpace.apply(post_norm, "evo")
+    from timm.models.eva import EvaBlock
+
+    own = Eva(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3)
+    own.blocks[1].__class__ = type("MyEvaBlock", (EvaBlock,), {})
+    with pytest.raises(TypeError, match="block 1 of this Eva is MyEvaBlock.*supports timm's EvaBlock or "
+                                        "EvaBlockPostNorm"):
+        tokenpace.apply(own, "evo")
     pooled = make_vit("deit", depth=2)
     pooled.global_pool = "gem"
     with pytest.raises(TypeError, match="global_pool='gem'.*accepted: 'token', 'avg', 'avgmax', 'max', 'map', ''"):

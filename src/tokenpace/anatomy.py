@@ -123,6 +123,25 @@ def check_projections(projections: list[tuple[dict, str, nn.Module, str, str | N
             check_plain_linear(getattr(current, inner, current) if inner else current, label)
 
 
+class PostNorm:
+    """Mix in before a family's parts for post-norm blocks, ``x + drop_path(norm(branch(x)))``: the branches read the
+    tokens as they are, and each norm sits in its residual (timm's ``ResPostBlock``, ``EvaBlockPostNorm``, SwinV2)."""
+
+    block: nn.Module
+
+    def norm1(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def norm2(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def res_attn(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + self.block.drop_path1(self.block.norm1(y))
+
+    def res_mlp(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + self.block.drop_path2(self.block.norm2(y))
+
+
 class BlockParts:
     """The anatomy of one block; families subclass it. Defaults fit timm's pre-norm ``Block``."""
 

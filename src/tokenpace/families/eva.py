@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anatomy import Frame, TokenSet
+from ..anatomy import Frame, PostNorm, TokenSet
 from ..core.macs import BlockShape, linear_macs
 from .patch_embed import patch_grid
 from .timm_vit import PatchSequenceFamily, VitParts
@@ -21,9 +21,9 @@ from .timm_vit import PatchSequenceFamily, VitParts
 
 def _timm_classes():
     from timm.layers import AttentionRope
-    from timm.models.eva import Eva, EvaAttention, EvaBlock
+    from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 
-    return Eva, EvaBlock, (EvaAttention, AttentionRope)
+    return Eva, (EvaBlock, EvaBlockPostNorm), (EvaAttention, AttentionRope)
 
 
 def rope_at(table: torch.Tensor, where: TokenSet) -> torch.Tensor:
@@ -133,16 +133,20 @@ class EvaParts(VitParts):
                           mlp=linear_macs(self.block.mlp), k_proj=dim * self.head_dim * self.kv_heads)
 
 
+class PostNormEvaParts(PostNorm, EvaParts):
+    """timm ``EvaBlockPostNorm`` (EVA-02 enormous): EVA's attention, post-norm residuals."""
+
+
 class TimmEva(PatchSequenceFamily):
     name = "timm Eva"
 
     def __init__(self, model: nn.Module) -> None:
-        _, EvaBlock, attentions = _timm_classes()
+        _, blocks, attentions = _timm_classes()
         for i, blk in enumerate(model.blocks):
-            if type(blk) is not EvaBlock or type(blk.attn) not in attentions:
+            if type(blk) not in blocks or type(blk.attn) not in attentions:
                 raise TypeError(f"block {i} of this Eva is {type(blk).__name__} with {type(blk.attn).__name__}; "
-                                "tokenpace supports timm's pre-norm EvaBlock with EvaAttention or AttentionRope "
-                                "(EVA-02, DINOv3, PE, RoPE ViTs); post-norm blocks are not supported")
+                                "tokenpace supports timm's EvaBlock or EvaBlockPostNorm with EvaAttention or "
+                                "AttentionRope (EVA-02, DINOv3, PE, RoPE ViTs)")
         if model.patch_drop is not None:
             raise TypeError("patch dropout (patch_drop_rate > 0) changes the token count before the blocks; "
                             "build the model with patch_drop_rate=0 to use tokenpace")
@@ -159,7 +163,9 @@ class TimmEva(PatchSequenceFamily):
 
     def make_parts(self, i: int) -> EvaParts:
         m = self.model
-        return EvaParts(self.blocks[i], i, m.rope is not None, getattr(m, "rope_mixed", False))
+        post_norm = isinstance(self.blocks[i], _timm_classes()[1][1])
+        return (PostNormEvaParts if post_norm else EvaParts)(self.blocks[i], i, m.rope is not None,
+                                                              getattr(m, "rope_mixed", False))
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
         m = self.model

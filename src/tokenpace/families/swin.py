@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anatomy import BlockParts, Frame, LinearMap
+from ..anatomy import BlockParts, Frame, LinearMap, PostNorm
 from ..blockops import attention_branch, mlp_half
 from ..core.macs import BlockShape, BlockWork, linear_macs
 from ..core.tokens import flat_rows, gather_heads, gather_rows, gather_tokens, scatter_rows
@@ -188,23 +188,11 @@ class SwinParts(BlockParts):
                           proj=linear_macs(attn.proj), mlp=linear_macs(self.block.mlp))
 
 
-class SwinV2Parts(SwinParts):
+class SwinV2Parts(PostNorm, SwinParts):
     """timm ``SwinTransformerV2Block`` + its ``WindowAttention``: post-norm residuals (``x + norm1(attn(x))``,
     ``x + norm2(mlp(x))``), cosine attention, continuous position bias. The per-head logit scale multiplies the
     normalised queries, so the attention core's own scale is 1; queries and keys are not affine in the input, so
     scoring projects every key and the block reuses the selected ones."""
-
-    def norm1(self, x):
-        return x
-
-    def norm2(self, x):
-        return x
-
-    def res_attn(self, x, y):
-        return x + self.block.drop_path1(self.block.norm1(y))
-
-    def res_mlp(self, x, y):
-        return x + self.block.drop_path2(self.block.norm2(y))
 
     def _affine(self, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         rows = self._rows(j)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anatomy import BlockParts, Frame, LinearMap
+from ..anatomy import BlockParts, Frame, LinearMap, PostNorm
 from ..core.feature_maps import vit_intermediates
 from ..core.macs import BlockShape, linear_macs
 from .base import SequenceFamily, parse_img_size
@@ -23,9 +23,9 @@ POOLS = ("token", "avg", "avgmax", "max", "map", "")
 
 def _timm_classes():
     from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
+    from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 
-    return VisionTransformer, Block, Attention
+    return VisionTransformer, (Block, ResPostBlock), Attention
 
 
 def counted_macs(module: nn.Module, input_size: tuple[int, int, int]) -> int:
@@ -129,6 +129,10 @@ class VitParts(BlockParts):
                           mlp=linear_macs(self.block.mlp))
 
 
+class PostNormVitParts(PostNorm, VitParts):
+    """timm ``ResPostBlock`` (``vit_*_rpn_*``): the standard attention, post-norm residuals."""
+
+
 class PatchSequenceFamily(SequenceFamily):
     """A flat timm model: one patch embedding (``patch_embed``), ``num_prefix_tokens`` prefix tokens, one stage of
     ``blocks``, a final ``norm``; the family checks its blocks and pooling before building."""
@@ -194,15 +198,16 @@ class TimmViT(PatchSequenceFamily):
     blocks_use_positions = False  # absolute position embeddings are added at the embedding
 
     def __init__(self, model: nn.Module) -> None:
-        _, Block, Attention = _timm_classes()
+        _, blocks, Attention = _timm_classes()
         for i, blk in enumerate(model.blocks):
             attn = getattr(blk, "attn", None)
-            if type(blk) is not Block or type(attn) is not Attention:
+            if type(blk) not in blocks or type(attn) is not Attention:
                 raise TypeError(
                     f"block {i} of this VisionTransformer is {type(blk).__name__} with "
                     f"{type(attn).__name__ if attn is not None else 'no separate attention'}; tokenpace supports "
-                    "timm's pre-norm Block with the standard Attention (DeiT, ViT/AugReg, DeiT-III, registers, "
-                    "qk-norm, SigLIP, AIMv2); parallel, post-norm and differential-attention blocks are not supported")
+                    "timm's pre-norm Block or post-norm ResPostBlock with the standard Attention (DeiT, ViT/AugReg, "
+                    "DeiT-III, registers, qk-norm, SigLIP, AIMv2); parallel and differential-attention blocks are not "
+                    "supported")
         if not isinstance(model.patch_drop, nn.Identity):
             raise TypeError("patch dropout (patch_drop_rate > 0) changes the token count before the blocks; "
                             "build the model with patch_drop_rate=0 to use tokenpace")
@@ -217,7 +222,8 @@ class TimmViT(PatchSequenceFamily):
         return isinstance(model, VisionTransformer)
 
     def make_parts(self, i: int) -> VitParts:
-        return VitParts(self.blocks[i])
+        post_norm = isinstance(self.blocks[i], _timm_classes()[1][1])
+        return (PostNormVitParts if post_norm else VitParts)(self.blocks[i])
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
         m = self.model

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anatomy import Frame, TokenSet
+from ..anatomy import Frame, PostNorm, TokenSet
 from ..core.macs import linear_macs
 from .base import SequencePrep, built_for_only
 from .patch_embed import patch_grid
@@ -45,26 +45,12 @@ def bias_macs(rel_pos: nn.Module | None) -> int:
 
 
 class RelPosParts(VitParts):
-    """``RelPosBlock``/``ResPostRelPosBlock`` + ``RelPosAttention``: timm's fused q/k/v with optional q/k norms, the
-    relative-position bias, pre-norm (LayerScale ``ls1``/``ls2``) or post-norm residuals."""
+    """``RelPosBlock`` + ``RelPosAttention``: timm's fused q/k/v with optional q/k norms, the relative-position bias,
+    pre-norm residuals with LayerScale ``ls1``/``ls2`` (the defaults)."""
 
-    def __init__(self, block: nn.Module, prefix: int, post_norm: bool) -> None:
+    def __init__(self, block: nn.Module, prefix: int) -> None:
         super().__init__(block)
-        self.prefix, self.post_norm = prefix, post_norm
-
-    def norm1(self, x):
-        return x if self.post_norm else self.block.norm1(x)
-
-    def norm2(self, x):
-        return x if self.post_norm else self.block.norm2(x)
-
-    def res_attn(self, x, y):
-        blk = self.block
-        return x + blk.drop_path1(blk.norm1(y) if self.post_norm else blk.ls1(y))
-
-    def res_mlp(self, x, y):
-        blk = self.block
-        return x + blk.drop_path2(blk.norm2(y) if self.post_norm else blk.ls2(y))
+        self.prefix = prefix
 
     def full_bias(self, frame: Frame | None) -> torch.Tensor | None:
         """The bias (1, H, N, N) over every token: the block's own (timm's attention ignores a shared one then), or
@@ -86,6 +72,10 @@ class RelPosParts(VitParts):
             grid, blank = F.pad(grid, (0, 0, 0, 1, 0, 1)), N
         rows = where.table_rows(N - self.prefix, self.prefix, blank, full.device)
         return grid[rows.unsqueeze(-1), rows.unsqueeze(-2)].permute(0, 3, 1, 2)  # (B, H, n, n)
+
+
+class PostNormRelPosParts(PostNorm, RelPosParts):
+    """``ResPostRelPosBlock`` (the ``*_rpn_*`` models): the same attention, post-norm residuals."""
 
 
 class TimmRelPosViT(PatchSequenceFamily):
@@ -111,8 +101,8 @@ class TimmRelPosViT(PatchSequenceFamily):
         return isinstance(model, Model)
 
     def make_parts(self, i: int) -> RelPosParts:
-        post_norm = _timm_classes()[3]
-        return RelPosParts(self.blocks[i], self.num_prefix, isinstance(self.blocks[i], post_norm))
+        post_norm = isinstance(self.blocks[i], _timm_classes()[3])
+        return (PostNormRelPosParts if post_norm else RelPosParts)(self.blocks[i], self.num_prefix)
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, RelPosFrame]:
         m = self.model
