@@ -45,8 +45,8 @@ EVAS = {  # timm Eva: RoPE plain and mixed, registers, LayerScale, SwiGLU, MAP a
 BEITS = {  # timm Beit: a relative-position bias per block, one shared by all blocks, or both; LayerScale or not
     "beit": dict(qkv_bias=True, use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1),
     "beit_shared_abs_token": dict(qkv_bias=True, use_shared_rel_pos_bias=True, global_pool="token"),
-    "beit_both_swiglu": dict(use_abs_pos_emb=False, use_rel_pos_bias=True, use_shared_rel_pos_bias=True,
-                             swiglu_mlp=True, scale_mlp=True),
+    "beit_both_swiglu": dict(qkv_bias=False, use_abs_pos_emb=False, use_rel_pos_bias=True,
+                             use_shared_rel_pos_bias=True, swiglu_mlp=True, scale_mlp=True),
 }
 
 RELPOS = {  # timm VisionTransformerRelPos: MLP or table bias, per block or shared, pre- or post-norm, class token or no

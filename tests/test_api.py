@@ -209,7 +209,7 @@ def _selection_share(model, images, dtype):
 
 
 @pytest.mark.parametrize("method", ["evo", "idle", "evit", "topk"])
-@pytest.mark.parametrize("variant", ["deit", "eva02", "siglip_map", "beit"])
+@pytest.mark.parametrize("variant", ["deit", "eva02", "siglip_map", "beit", "relpos_gap"])
 def test_bf16_selections_agree_with_fp32(method, variant):
     from backbones import make_backbone
 

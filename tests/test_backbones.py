@@ -1,7 +1,7 @@
 """Today's backbones: timm VisionTransformers without a class token (SigLIP, AIMv2, *_gap_*), timm Eva (EVA-02,
 DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), timm VisionTransformerRelPos (relative-position biases) and
-post-norm blocks. keep=1 is the unpatched model; Evo, Idle and top-k equal literal masked references (full sequences at their own
-positions, idle keys masked); MACs equal FlopCounterMode / 2."""
+post-norm blocks. keep=1 is the unpatched model; Evo, Idle and top-k equal literal masked references (full
+sequences at their own positions, idle keys masked); MACs equal FlopCounterMode / 2."""
 import pytest
 import torch
 
@@ -107,7 +107,7 @@ def test_random_control_on_a_class_free_model(images):
     assert torch.isfinite(shuffled).all() and not torch.allclose(ranked, shuffled, atol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["rope_mixed", "beit_both_swiglu"])
+@pytest.mark.parametrize("variant", ["rope_mixed", "beit_both_swiglu", "relpos_rpn_swin_mlp"])
 def test_idle_cut_loss_records_positions_on_position_models(variant, images):
     """The token cut loss projects the idle tokens' q and k at their own positions: reusing the block's q and k for
     the selected tokens equals projecting every token."""

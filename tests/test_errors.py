@@ -85,8 +85,9 @@ def test_unsupported_blocks_pools_and_classes_name_what_is_accepted():
     from timm.models.vision_transformer import ParallelScalingBlock
 
     parallel = make_vit("deit", depth=2, block_fn=ParallelScalingBlock)  # vit_pwee_*: no separate attention
-    with pytest.raises(TypeError, match="block 0 of this VisionTransformer is ParallelScalingBlock with no separate "
-                                        "attention; tokenpace supports timm's pre-norm Block or post-norm ResPostBlock"):
+    with pytest.raises(TypeError, match="block 0 of this VisionTransformer is ParallelScalingBlock with no "
+                                        "separate attention; tokenpace supports timm's pre-norm Block or post-norm "
+                                        "ResPostBlock"):
         tokenpace.apply(parallel, "idle")
     from timm.models.eva import EvaBlock
 

@@ -23,6 +23,7 @@ from test_lvvit import make_lvvit  # noqa: E402
 from test_pvt_v2 import make_pvt  # noqa: E402
 from test_swin import make_swin  # noqa: E402
 
+
 def _explicit_softmax(model):
     for module in model.modules():
         if hasattr(module, "fused_attn"):
@@ -35,8 +36,8 @@ def _explicit_softmax(model):
 FAMILIES = {
     "vit": (lambda: make_vit("deit", depth=2), ("evit", {})),
     "eva": (lambda: make_backbone("eva02", depth=2), ("idle", {})),
-    # timm's Beit and VisionTransformerRelPos export with the explicit softmax only (fused_attn False): torch.onnx
-    # fails to decompose their SDPA with the bias (a view of the transposed output), unpatched as well
+    # timm's Beit and VisionTransformerRelPos blocks export with the explicit softmax only (fused_attn False):
+    # torch.onnx fails to decompose their SDPA with the bias (a view of the transposed output), unpatched as well
     "beit": (lambda: _explicit_softmax(make_backbone("beit_both_swiglu", depth=2)), ("evo", {"representative": True})),
     "vit_relpos": (lambda: _explicit_softmax(make_backbone("relpos_cls_shared_table", depth=2)), ("evit", {})),
     "levit": (lambda: make_levit("levit_cifar", depth=(1, 1, 1)), ("evo", {})),
@@ -67,6 +68,14 @@ def test_onnx_runtime_equals_pytorch_at_batch_1_and_8(family, tmp_path):
         expected = model(images)
     assert (run_onnx(path, images) - expected).abs().max() <= 1e-4
     assert tokenpace.get_patch(model) is not None and not model.training  # the model is left as it was
+
+
+def test_fused_attention_with_a_bias_names_the_fix(tmp_path):
+    """torch.onnx cannot decompose fused SDPA with BEiT's bias in timm's own block (unpatched models too): the error
+    says what to change."""
+    model = tokenpace.apply(make_backbone("beit", depth=4), "idle")  # its first blocks run as timm's, fused
+    with pytest.raises(TokenpaceError, match="could not export this TokenPaceBeit.*set fused_attn = False"):
+        tokenpace.export_onnx(model, str(tmp_path / "beit.onnx"))
 
 
 def test_cli_export_bench_onnx_and_refusals(tmp_path, capsys):

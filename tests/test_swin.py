@@ -296,15 +296,21 @@ def test_unknown_blocks_and_swin_v2_cr_are_rejected():
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_bf16_autocast_and_training(fused):
-    model = tokenpace.apply(set_fused(make_swin("padded", drop_path_rate=0.2), fused), "idle", keep=0.5)
-    img = swin_images("padded")
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model(img).isfinite().all()
+@pytest.mark.parametrize("variant", ["padded", "v2_padded"])
+def test_bf16_autocast_and_training(variant, fused):
+    model = tokenpace.apply(set_fused(make_swin(variant, drop_path_rate=0.2), fused), "idle", keep=0.5)
+    img = swin_images(variant)
+    with torch.no_grad():
+        fp32 = model(img)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(img)
+    assert half.isfinite().all() and (half.float() - fp32).abs().max() < 0.1 * fp32.abs().max()
     model.train()
     model(img).logsumexp(-1).mean().backward()
-    idling = tokenpace.get_patch(model).adapter.blocks[3]
-    for p in (idling.attn.qkv.weight, idling.attn.relative_position_bias_table, idling.mlp.fc1.weight):
+    attn = tokenpace.get_patch(model).adapter.blocks[3].attn
+    bias = (attn.cpb_mlp[0].weight, attn.logit_scale) if variant.startswith("v2_") else (
+        attn.relative_position_bias_table,)
+    for p in (attn.qkv.weight, *bias, tokenpace.get_patch(model).adapter.blocks[3].mlp.fc1.weight):
         assert p.grad is not None and p.grad.isfinite().all() and p.grad.abs().sum() > 0
 
 

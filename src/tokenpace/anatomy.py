@@ -66,11 +66,13 @@ class TokenSet:
 @dataclass(frozen=True)
 class Frame:
     """Per-forward data a family's position terms need: the patch grid (rows, cols) at this input and the family's
-    own tables (e.g. RoPE sin/cos over every patch position). ``cache`` holds what every selection of this forward
-    shares (core.tokens.sequence_rows' row offsets), made once instead of once per block."""
+    own tables (e.g. RoPE sin/cos over every patch position; a relative-position bias every block shares, over every
+    token, as the model makes it once per forward: BEiT, RelPos ViT). ``cache`` holds what every selection of this
+    forward shares (core.tokens.sequence_rows' row offsets), made once instead of once per block."""
 
     grid: tuple[int, int]
     rope: torch.Tensor | None = None
+    shared_bias: torch.Tensor | None = None
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
 

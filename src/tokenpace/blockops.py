@@ -9,6 +9,9 @@ import torch
 from .anatomy import BlockParts
 from .core.attention import attend
 
+# torch.export's tracing flag (older torch has none, and no exporter that needs the copy below)
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
 
 @dataclass(frozen=True)
 class Row:
@@ -34,7 +37,7 @@ def attention_branch(parts: BlockParts, h: torch.Tensor, where: Any, row: Row | 
                        None if row is None else row.query, "mean" if row is None else row.heads)
     B, H, n, dv = o.shape
     o = o.transpose(1, 2)
-    if torch.compiler.is_exporting():  # a layout-free copy: torch.onnx's SDPA decomposition may not keep the
+    if _exporting():  # a layout-free copy: torch.onnx's SDPA decomposition may not keep the
         o = o.clone(memory_format=torch.contiguous_format)  # output layout the trace saw (a reshape became a view)
     return parts.out(o.reshape(B, n, H * dv), h), scores, ((q, k) if keep_qk else None)
 

@@ -29,7 +29,8 @@ def mean_head_logits(parts: BlockParts, normed: torch.Tensor, where, index: torc
     (relative-position biases; BEiT): (B, N, N), from one full-width product.
 
     The head mean of per-head logits equals one product of the concatenated (normed, rotated) queries and keys,
-    so the B x H x N x N map is never formed (a bias is, where the block has one). ``where`` says where the N tokens of ``normed`` sit (position terms).
+    so the B x H x N x N map is never formed (a bias is, where the block has one). ``where`` says where the N
+    tokens of ``normed`` sit (position terms).
     With ``index`` (B, K) the tokens come reordered, rows and columns alike: the selected ones first in ``index``
     order (prefix tokens first), then the others. With ``qk``, the (q, k) the block already computed for the
     selected tokens, only the others are projected (same values, same gradients; where the block's q/k/v normalise

@@ -185,7 +185,13 @@ def _export(model: nn.Module, path: str, example: torch.Tensor, opset: int) -> N
                               output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
                               external_data=weights > _PROTOBUF_LIMIT)
     except Exception as err:  # the exporter's own failures: say which model and why, in one line
-        raise TokenpaceError(f"torch.onnx could not export this {type(model).__name__}: {_first_line(err)}") from err
+        hint = ""
+        if "decompose" in str(err) and any(getattr(m, "fused_attn", False) is True for m in model.modules()):
+            # timm's Beit and VisionTransformerRelPos, unpatched too: SDPA with their bias does not decompose
+            hint = ("; attention that adds a bias exports with the explicit softmax: set fused_attn = False on the "
+                    "model's attention modules and export again")
+        raise TokenpaceError(f"torch.onnx could not export this {type(model).__name__}: {_first_line(err)}"
+                             f"{hint}") from err
     _verify(path, opset)
 
 

@@ -9,8 +9,6 @@ token's entries, the bias BEiT learned for a token outside the grid.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -25,14 +23,6 @@ def _timm_classes():
     from timm.models.beit import Attention, Beit, Block
 
     return Beit, Block, Attention
-
-
-@dataclass(frozen=True)
-class BeitFrame(Frame):
-    """A BEiT forward's position data: the shared relative-position bias (H, n+1, n+1), made once per forward as the
-    model does, or None."""
-
-    shared_bias: torch.Tensor | None = None
 
 
 class BeitParts(EvaParts):
@@ -91,7 +81,7 @@ class TimmBeit(PatchSequenceFamily):
     def make_parts(self, i: int) -> BeitParts:
         return BeitParts(self.blocks[i], self.model.rel_pos_bias)
 
-    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, BeitFrame]:
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
         m = self.model
         grid = patch_grid(m.patch_embed, tuple(x.shape[-2:]))
         x = m.patch_embed(x)
@@ -99,9 +89,9 @@ class TimmBeit(PatchSequenceFamily):
         if m.pos_embed is not None:
             x = x + m.pos_embed
         shared = m.rel_pos_bias() if m.rel_pos_bias is not None else None
-        return m.pos_drop(x), BeitFrame(grid=grid, shared_bias=shared)
+        return m.pos_drop(x), Frame(grid=grid, shared_bias=shared)
 
-    def block(self, i: int, x: torch.Tensor, frame: BeitFrame) -> torch.Tensor:
+    def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.blocks[i](x, shared_rel_pos_bias=frame.shared_bias)
 
     def size_problem(self, size: tuple[int, int]) -> str | None:

@@ -163,9 +163,9 @@ class TimmEva(PatchSequenceFamily):
 
     def make_parts(self, i: int) -> EvaParts:
         m = self.model
-        post_norm = isinstance(self.blocks[i], _timm_classes()[1][1])
-        return (PostNormEvaParts if post_norm else EvaParts)(self.blocks[i], i, m.rope is not None,
-                                                              getattr(m, "rope_mixed", False))
+        _, post_norm = _timm_classes()[1]
+        parts = PostNormEvaParts if type(self.blocks[i]) is post_norm else EvaParts
+        return parts(self.blocks[i], i, m.rope is not None, getattr(m, "rope_mixed", False))
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
         m = self.model

@@ -22,14 +22,14 @@ still fill its k places (fixed shapes), are masked out as keys, and their output
 
 Scores (no class token). ``"received"`` (default): the mean pre-softmax logit a token receives from all queries of
 its window (padding queries included, as in timm's window), summed over heads, with the bias and mask terms; by
-linearity it needs no key projection (``scoring.query_logits``). ``"norm"``: the L2 norm of the
-token's input feature (before norm1). ``"random"``: the control (uniform over the window's n slots, padding too).
+linearity it needs no key projection on Swin v1 (``scoring.query_logits``); SwinV2's cosine attention projects every
+query and key, and the block reuses the selected ones. ``"norm"``: the L2 norm of the token's input feature (before
+norm1). ``"random"``: the control (uniform over the window's n slots, padding too).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -192,11 +192,12 @@ class SwinV2Parts(PostNorm, SwinParts):
     """timm ``SwinTransformerV2Block`` + its ``WindowAttention``: post-norm residuals (``x + norm1(attn(x))``,
     ``x + norm2(mlp(x))``), cosine attention, continuous position bias. The per-head logit scale multiplies the
     normalised queries, so the attention core's own scale is 1; queries and keys are not affine in the input, so
-    scoring projects every key and the block reuses the selected ones."""
+    scoring projects every query and key and the block reuses the selected ones."""
 
-    def _affine(self, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _project(self, h: torch.Tensor, j: int) -> torch.Tensor:
+        """Queries (j=0), keys (1) or values (2) of h, all heads side by side, before any norm."""
         rows = self._rows(j)
-        return rows.weight, rows.bias
+        return F.linear(h, rows.weight, rows.bias)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """(G, n, heads * d) -> (G, n, heads, d): normalised in this layout, then the head axis moves second."""
@@ -216,13 +217,13 @@ class SwinV2Parts(PostNorm, SwinParts):
         return self._scaled(q).transpose(1, 2), F.normalize(k, dim=-1).transpose(1, 2), v.transpose(1, 2)
 
     def queries(self, h, where):
-        return self._scaled(self._heads(F.linear(h, *self._affine(0)))).transpose(1, 2)
+        return self._scaled(self._heads(self._project(h, 0))).transpose(1, 2)
 
     def keys(self, h, where):
-        return F.normalize(self._heads(F.linear(h, *self._affine(1))), dim=-1).transpose(1, 2)
+        return F.normalize(self._heads(self._project(h, 1)), dim=-1).transpose(1, 2)
 
     def values(self, h, where):
-        return self._heads(F.linear(h, *self._affine(2))).transpose(1, 2)
+        return self._heads(self._project(h, 2)).transpose(1, 2)
 
     def linear_queries(self):
         return None

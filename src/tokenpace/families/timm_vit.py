@@ -222,8 +222,8 @@ class TimmViT(PatchSequenceFamily):
         return isinstance(model, VisionTransformer)
 
     def make_parts(self, i: int) -> VitParts:
-        post_norm = isinstance(self.blocks[i], _timm_classes()[1][1])
-        return (PostNormVitParts if post_norm else VitParts)(self.blocks[i])
+        _, post_norm = _timm_classes()[1]
+        return (PostNormVitParts if type(self.blocks[i]) is post_norm else VitParts)(self.blocks[i])
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
         m = self.model

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anatomy import Frame, PostNorm, TokenSet
+from ..anatomy import Frame, PostNorm
 from ..core.macs import linear_macs
 from .base import SequencePrep, built_for_only
 from .patch_embed import patch_grid
@@ -26,15 +26,14 @@ def _timm_classes():
     from timm.models.vision_transformer_relpos import (RelPosAttention, RelPosBlock, ResPostRelPosBlock,
                                                        VisionTransformerRelPos)
 
-    return VisionTransformerRelPos, (RelPosBlock, ResPostRelPosBlock), RelPosAttention, ResPostRelPosBlock
+    return VisionTransformerRelPos, (RelPosBlock, ResPostRelPosBlock), RelPosAttention
 
 
 @dataclass(frozen=True)
 class RelPosFrame(Frame):
-    """A forward's position data: the shared bias (1, H, N, N) over every token, made once per forward as the model
-    does; and, in the token set one block's scoring and run share, that block's own bias, made once for both."""
+    """A forward's position data (the shared bias (1, H, N, N), if any) and, in the token set one block's scoring
+    and run share, that block's own bias, made once for both."""
 
-    shared_bias: torch.Tensor | None = None
     block_bias: torch.Tensor | None = None
 
 
@@ -82,7 +81,7 @@ class TimmRelPosViT(PatchSequenceFamily):
     name = "timm VisionTransformerRelPos"
 
     def __init__(self, model: nn.Module) -> None:
-        _, blocks, Attention, _ = _timm_classes()
+        _, blocks, Attention = _timm_classes()
         for i, blk in enumerate(model.blocks):
             if type(blk) not in blocks or type(blk.attn) is not Attention:
                 raise TypeError(f"block {i} of this VisionTransformerRelPos is {type(blk).__name__} with "
@@ -101,8 +100,9 @@ class TimmRelPosViT(PatchSequenceFamily):
         return isinstance(model, Model)
 
     def make_parts(self, i: int) -> RelPosParts:
-        post_norm = isinstance(self.blocks[i], _timm_classes()[3])
-        return (PostNormRelPosParts if post_norm else RelPosParts)(self.blocks[i], self.num_prefix)
+        _, post_norm = _timm_classes()[1]
+        parts = PostNormRelPosParts if type(self.blocks[i]) is post_norm else RelPosParts
+        return parts(self.blocks[i], self.num_prefix)
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, RelPosFrame]:
         m = self.model
@@ -121,12 +121,12 @@ class TimmRelPosViT(PatchSequenceFamily):
         prep = super().prepare(i, x, frame)
         rel_pos = self.blocks[i].attn.rel_pos
         if rel_pos is not None:
-            prep.where = TokenSet(prep.where.prefix, frame=replace(frame, block_bias=rel_pos.get_bias()))
+            prep.where = replace(prep.where, frame=replace(frame, block_bias=rel_pos.get_bias()))
         return prep
 
     def size_problem(self, size: tuple[int, int]) -> str | None:
         own = tuple(self.input_size()[1:])  # the position bias is built for one grid
-        return None if size == own else built_for_only(own)
+        return None if size == own else built_for_only(own, "img_size=N, or model.set_input_size(img_size=N)")
 
     def count_macs(self, works, img_size) -> int:
         """The blocks, stem and head, plus the bias MLPs: each block's once per forward, the shared one once."""
