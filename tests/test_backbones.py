@@ -198,3 +198,21 @@ def test_relpos_position_less_tokens_take_zero_bias_without_a_class_token():
     rows = torch.tensor([3, 9])
     assert torch.equal(got[0][:, [0, 2]][:, :, [0, 2]], full[:, rows][:, :, rows])
     assert not got[0][:, [1, 3]].any() and not got[0][:, :, [1, 3]].any()
+
+
+@pytest.mark.parametrize("variant", ["beit_both_swiglu", "relpos_gap", "relpos_cls_shared_table"])
+def test_mean_bias_is_the_head_mean_of_the_bias(variant):
+    """The cut loss's head-mean bias, averaged before the gather, equals the gathered bias averaged over heads."""
+    from tokenpace.anatomy import TokenSet
+    from tokenpace.families import adapter_for
+
+    model = make_backbone(variant)
+    family = adapter_for(model)
+    parts, prefix = family.parts(1), family.num_prefix
+    with torch.no_grad():
+        frame = family.embed(torch.zeros(1, 3, 32, 32))[1]
+        for where in (TokenSet(prefix, frame=frame),
+                      TokenSet(prefix, pos=torch.tensor([[5, -1, 63], [0, 17, 2]]), extra=1, frame=frame,
+                               holes=True)):
+            expected = parts.bias(where).mean(dim=1)
+            torch.testing.assert_close(parts.mean_bias(where).expand_as(expected), expected)

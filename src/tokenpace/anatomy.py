@@ -208,6 +208,12 @@ class BlockParts:
         (B, H, n, n); None when the block has none."""
         return None
 
+    def mean_bias(self, where: Any) -> torch.Tensor | None:
+        """The head mean of :meth:`bias`, broadcastable to (B, n, n) (the token cut loss's logits); families whose
+        bias is gathered from a table override it to average the table first, so no (B, H, n, n) tensor is made."""
+        bias = self.bias(where)
+        return None if bias is None else bias.mean(dim=1)
+
     def out(self, o: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Attention output o (B, n, H*d_v) -> the branch output (inner norm, gate from h, projection, dropout)."""
         raise NotImplementedError

@@ -52,8 +52,8 @@ def mean_head_logits(parts: BlockParts, normed: torch.Tensor, where, index: torc
             q = torch.cat([qk[0], parts.queries(picked, others)], dim=2)
             k = torch.cat([qk[1], parts.keys(picked, others)], dim=2)
     logits = (_flat(q) * (parts.scale / parts.num_heads)) @ _flat(k).transpose(1, 2)
-    bias = parts.bias(tokens)
-    return logits if bias is None else logits + bias.mean(dim=1)
+    bias = parts.mean_bias(tokens)
+    return logits if bias is None else logits + bias
 
 
 def cut_terms(logits: torch.Tensor, num_selected: int, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:

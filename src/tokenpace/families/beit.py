@@ -44,17 +44,27 @@ class BeitParts(EvaParts):
         # one gather of the summed tables: the same values as the model's two gathered biases summed
         return own.relative_position_bias_table + shared.relative_position_bias_table, own.relative_position_index
 
+    @staticmethod
+    def _pairs(where, index: torch.Tensor) -> torch.Tensor:
+        """The table index (B or 1, n, n) of every token pair at ``where``."""
+        if where is None or (where.pos is None and where.prefix == 1 and not where.extra):
+            return index.unsqueeze(0)  # every token in order
+        rows = where.table_rows(index.shape[0] - 1, 1, 0, index.device)  # position-less: the class token's
+        return index[rows.unsqueeze(-1), rows.unsqueeze(-2)]
+
     def bias(self, where):
         found = self.bias_table()
         if found is None:
             return None
+        table, index = found  # a gather of H-wide table rows, not of the (H, n+1, n+1) bias
+        return table[self._pairs(where, index)].permute(0, 3, 1, 2)  # (B or 1, H, n, n)
+
+    def mean_bias(self, where):
+        found = self.bias_table()
+        if found is None:
+            return None
         table, index = found
-        if where is None or (where.pos is None and where.prefix == 1 and not where.extra):
-            index = index.unsqueeze(0)  # every token in order
-        else:  # the tokens' rows and columns; a gather of H-wide table rows, not of the (H, n+1, n+1) bias
-            rows = where.table_rows(index.shape[0] - 1, 1, 0, index.device)  # position-less: the class token's
-            index = index[rows.unsqueeze(-1), rows.unsqueeze(-2)]
-        return table[index].permute(0, 3, 1, 2)  # (B or 1, H, n, n)
+        return table.mean(dim=-1)[self._pairs(where, index)]  # (B or 1, n, n)
 
 
 class TimmBeit(PatchSequenceFamily):

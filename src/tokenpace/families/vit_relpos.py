@@ -59,18 +59,30 @@ class RelPosParts(VitParts):
         rel_pos = self.attn.rel_pos
         return rel_pos.get_bias() if rel_pos is not None else getattr(frame, "shared_bias", None)
 
-    def bias(self, where):
-        full = self.full_bias(getattr(where, "frame", None))
-        if full is None or where is None or (where.pos is None and where.prefix == self.prefix and not where.extra):
-            return full
-        N = full.shape[-1]
-        grid = full[0].permute(1, 2, 0)  # (N, N, H): a gather then takes H-wide rows
+    def _every_token(self, where) -> bool:
+        return where is None or (where.pos is None and where.prefix == self.prefix and not where.extra)
+
+    def _gather(self, grid: torch.Tensor, where) -> torch.Tensor:
+        """grid (N, N, C) over every token -> (B, n, n, C) at the token pairs of ``where``."""
+        N = grid.shape[0]
         if self.prefix:  # position-less tokens take the class token's entries
             blank = 0
         else:  # none learned: one zero row and column
             grid, blank = F.pad(grid, (0, 0, 0, 1, 0, 1)), N
-        rows = where.table_rows(N - self.prefix, self.prefix, blank, full.device)
-        return grid[rows.unsqueeze(-1), rows.unsqueeze(-2)].permute(0, 3, 1, 2)  # (B, H, n, n)
+        rows = where.table_rows(N - self.prefix, self.prefix, blank, grid.device)
+        return grid[rows.unsqueeze(-1), rows.unsqueeze(-2)]
+
+    def bias(self, where):
+        full = self.full_bias(getattr(where, "frame", None))
+        if full is None or self._every_token(where):
+            return full
+        return self._gather(full[0].permute(1, 2, 0), where).permute(0, 3, 1, 2)  # H-wide rows gathered
+
+    def mean_bias(self, where):
+        full = self.full_bias(getattr(where, "frame", None))
+        if full is None or self._every_token(where):
+            return None if full is None else full.mean(dim=1)
+        return self._gather(full[0].mean(dim=0).unsqueeze(-1), where).squeeze(-1)  # (B, n, n)
 
 
 class PostNormRelPosParts(PostNorm, RelPosParts):
