@@ -94,6 +94,25 @@ class LinearMap:
     bias: torch.Tensor | None
 
 
+def fused_qkv_bias(attn: nn.Module) -> torch.Tensor | None:
+    """The bias of an attention's fused q/k/v projection (``attn.qkv``): timm's separate ``q_bias``, zero ``k_bias``
+    and ``v_bias`` side by side (EVA, BEiT, SwinV2), else the Linear's own (None without)."""
+    if getattr(attn, "q_bias", None) is not None:
+        return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    return attn.qkv.bias
+
+
+def qkv_rows(attn: nn.Module, j: int, width: int) -> LinearMap:
+    """Row block j (0: q, 1: k, 2: v) of the fused projection ``attn.qkv`` (``width`` rows each) with its bias, read
+    as :func:`fused_qkv_bias` reads it, without concatenating."""
+    rows = slice(j * width, (j + 1) * width)
+    if getattr(attn, "q_bias", None) is not None:
+        bias = (attn.q_bias, attn.k_bias, attn.v_bias)[j]
+    else:
+        bias = None if attn.qkv.bias is None else attn.qkv.bias[rows]
+    return LinearMap(attn.qkv.weight[rows], bias)
+
+
 def _plain_forwards() -> tuple:
     forwards = [nn.Linear.forward]
     try:  # timm's Linear subclass only casts its bias for TorchScript: the same product

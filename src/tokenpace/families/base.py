@@ -207,11 +207,13 @@ class Family(ABC):
     def input_size(self) -> tuple[int, int, int]:
         """(channels, height, width) of the images the model is built for."""
 
+    resize_hint = "img_size=N"  # how a fixed-size model of the family is built for another size
+
     def size_problem(self, size: tuple[int, int]) -> str | None:
         """Why the model cannot run (H, W) inputs, or None when it can. By default a model runs the size it is
         built for only; families whose models resize (dynamic image size, any size) override this."""
         own = tuple(self.input_size()[1:])
-        return None if size == own else built_for_only(own)
+        return None if size == own else built_for_only(own, self.resize_hint)
 
     @abstractmethod
     def block_grid(self, i: int) -> tuple[int, int]:
@@ -236,6 +238,10 @@ class Family(ABC):
             if block_reuses_queries(parts, score.query):
                 macs -= work.attn_tokens * parts.shape().query_macs()
         return groups * macs
+
+
+# the hint of models whose position tables follow the grid they are built for (BEiT, RelPos ViT)
+FIXED_GRID_RESIZE = "img_size=N, or model.set_input_size(img_size=N)"
 
 
 def built_for_only(own: tuple[int, int], resize_hint: str = "img_size=N") -> str:

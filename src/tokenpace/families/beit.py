@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..anatomy import Frame
-from .base import built_for_only
+from .base import FIXED_GRID_RESIZE, Family
 from .eva import EvaParts
 from .patch_embed import patch_grid
 from .timm_vit import PatchSequenceFamily
@@ -69,6 +69,9 @@ class BeitParts(EvaParts):
 
 class TimmBeit(PatchSequenceFamily):
     name = "timm Beit"
+    # the relative-position tables are built for one grid (timm's set_input_size resizes them)
+    size_problem = Family.size_problem
+    resize_hint = FIXED_GRID_RESIZE
 
     def __init__(self, model: nn.Module) -> None:
         _, Block, Attention = _timm_classes()
@@ -103,8 +106,3 @@ class TimmBeit(PatchSequenceFamily):
 
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.blocks[i](x, shared_rel_pos_bias=frame.shared_bias)
-
-    def size_problem(self, size: tuple[int, int]) -> str | None:
-        # the relative-position tables are built for one grid (timm's set_input_size resizes them)
-        own = tuple(self.input_size()[1:])
-        return None if size == own else built_for_only(own, "img_size=N, or model.set_input_size(img_size=N)")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anatomy import Frame, PostNorm, TokenSet
+from ..anatomy import Frame, PostNorm, TokenSet, fused_qkv_bias
 from ..core.macs import BlockShape, linear_macs
 from .patch_embed import patch_grid
 from .timm_vit import PatchSequenceFamily, VitParts
@@ -51,19 +51,13 @@ class EvaParts(VitParts):
         self.kv_heads = getattr(attn, "num_kv_heads", attn.num_heads)
         self.half = getattr(attn, "rotate_half", False)
 
-    def _bias(self, j: int) -> torch.Tensor | None:
-        """EVA's separate q/k/v biases (the key's is a zero buffer) as one slice of the fused layout."""
-        attn = self.attn
-        if getattr(attn, "q_bias", None) is not None:
-            return (attn.q_bias, attn.k_bias, attn.v_bias)[j]
-        return None if attn.qkv.bias is None else attn.qkv.bias[j * self.width:(j + 1) * self.width]
-
     def _weights(self, j: int):
+        """Row block j of the fused projection (EVA's separate q/k/v biases included), or projection j itself."""
         attn = self.attn
         if attn.qkv is None:
             proj = (attn.q_proj, attn.k_proj, attn.v_proj)[j]
             return proj.weight, proj.bias
-        return attn.qkv.weight[j * self.width:(j + 1) * self.width], self._bias(j)
+        return super()._weights(j)
 
     def _heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
         B, n, _ = t.shape
@@ -87,12 +81,7 @@ class EvaParts(VitParts):
     def qkv(self, h, where):
         attn = self.attn
         if attn.qkv is not None:
-            bias = None
-            if getattr(attn, "q_bias", None) is not None:
-                bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-            elif attn.qkv.bias is not None:
-                bias = attn.qkv.bias
-            q, k, v = self._split(F.linear(h, attn.qkv.weight, bias), 3).unbind(0)
+            q, k, v = self._split(F.linear(h, attn.qkv.weight, fused_qkv_bias(attn)), 3).unbind(0)
         else:
             q = self._heads(attn.q_proj(h), self.num_heads)
             k, v = self._heads(attn.k_proj(h), self.kv_heads), self._heads(attn.v_proj(h), self.kv_heads)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anatomy import BlockParts, Frame, LinearMap, PostNorm
+from ..anatomy import BlockParts, Frame, LinearMap, PostNorm, fused_qkv_bias, qkv_rows
 from ..blockops import attention_branch, mlp_half
 from ..core.macs import BlockShape, BlockWork, linear_macs
 from ..core.tokens import flat_rows, gather_heads, gather_rows, gather_tokens, scatter_rows
@@ -166,12 +166,7 @@ class SwinParts(BlockParts):
     def _rows(self, j: int) -> LinearMap:
         """Row block j (0: q, 1: k, 2: v) of the fused projection, with its bias (SwinV2: q_bias, a zero k_bias,
         v_bias)."""
-        attn, w = self.attn, self.width
-        if getattr(attn, "q_bias", None) is not None:
-            bias = (attn.q_bias, attn.k_bias, attn.v_bias)[j]
-        else:
-            bias = None if attn.qkv.bias is None else attn.qkv.bias[j * w:(j + 1) * w]
-        return LinearMap(attn.qkv.weight[j * w:(j + 1) * w], bias)
+        return qkv_rows(self.attn, j, self.width)
 
     def linear_queries(self):
         return self._rows(0)
@@ -211,9 +206,8 @@ class SwinV2Parts(PostNorm, SwinParts):
 
     def qkv(self, h, where):
         attn = self.attn
-        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
         G, n, _ = h.shape
-        q, k, v = F.linear(h, attn.qkv.weight, bias).reshape(G, n, 3, self.num_heads, -1).unbind(2)
+        q, k, v = F.linear(h, attn.qkv.weight, fused_qkv_bias(attn)).reshape(G, n, 3, self.num_heads, -1).unbind(2)
         return self._scaled(q).transpose(1, 2), F.normalize(k, dim=-1).transpose(1, 2), v.transpose(1, 2)
 
     def queries(self, h, where):

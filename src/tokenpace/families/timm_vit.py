@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anatomy import BlockParts, Frame, LinearMap, PostNorm
+from ..anatomy import BlockParts, Frame, LinearMap, PostNorm, qkv_rows
 from ..core.feature_maps import vit_intermediates
 from ..core.macs import BlockShape, linear_macs
 from .base import SequenceFamily, parse_img_size
@@ -89,9 +89,9 @@ class VitParts(BlockParts):
         return t.reshape(B, n, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
     def _weights(self, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Row block j (0: q, 1: k, 2: v) of the fused projection."""
-        qkv, w = self.attn.qkv, self.width
-        return qkv.weight[j * w:(j + 1) * w], None if qkv.bias is None else qkv.bias[j * w:(j + 1) * w]
+        """Row block j (0: q, 1: k, 2: v) of the fused projection, and its bias."""
+        rows = qkv_rows(self.attn, j, self.width)
+        return rows.weight, rows.bias
 
     def qkv(self, h, where):
         q, k, v = self._split(self.attn.qkv(h), 3).unbind(0)

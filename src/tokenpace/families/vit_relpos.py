@@ -17,7 +17,7 @@ from torch import nn
 
 from ..anatomy import Frame, PostNorm
 from ..core.macs import linear_macs
-from .base import SequencePrep, built_for_only
+from .base import FIXED_GRID_RESIZE, Family, SequencePrep
 from .patch_embed import patch_grid
 from .timm_vit import PatchSequenceFamily, VitParts
 
@@ -91,6 +91,9 @@ class PostNormRelPosParts(PostNorm, RelPosParts):
 
 class TimmRelPosViT(PatchSequenceFamily):
     name = "timm VisionTransformerRelPos"
+    # the position bias is built for one grid (timm's set_input_size resizes it)
+    size_problem = Family.size_problem
+    resize_hint = FIXED_GRID_RESIZE
 
     def __init__(self, model: nn.Module) -> None:
         _, blocks, Attention = _timm_classes()
@@ -135,10 +138,6 @@ class TimmRelPosViT(PatchSequenceFamily):
         if rel_pos is not None:
             prep.where = replace(prep.where, frame=replace(frame, block_bias=rel_pos.get_bias()))
         return prep
-
-    def size_problem(self, size: tuple[int, int]) -> str | None:
-        own = tuple(self.input_size()[1:])  # the position bias is built for one grid
-        return None if size == own else built_for_only(own, "img_size=N, or model.set_input_size(img_size=N)")
 
     def count_macs(self, works, img_size) -> int:
         """The blocks, stem and head, plus the bias MLPs: each block's once per forward, the shared one once."""
