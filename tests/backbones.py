@@ -1,4 +1,4 @@
-"""Small class-token-free ViTs, timm Eva, Beit and VisionTransformerRelPos models (random, well-spread weights) and
+"""Small class-token-free ViTs, timm Eva, Beit, VisionTransformerRelPos and NaFlexVit models (random, well-spread weights) and
 literal masked references of Evo, Idle and top-k on them: the full sequence at its original positions (RoPE and
 relative-position biases at every token's own position), idle keys masked, updates kept where selected."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tokenpace
 from timm.models.beit import Beit
 from timm.models.eva import Eva, EvaBlockPostNorm
+from timm.models.naflexvit import NaFlexVit
 from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 from timm.models.vision_transformer_relpos import ResPostRelPosBlock, VisionTransformerRelPos
 
@@ -62,6 +63,19 @@ POST_NORM = {  # post-norm blocks of timm's ViT (vit_*_rpn_*) and Eva (EVA-02 en
 }
 
 
+NAFLEX = {  # timm NaFlexVit on image batches: SigLIP2 NaFlex, C-RADIO (class token, registers, aspect-preserving
+    # position embeddings resized at other sizes, LayerScale), and EvaBlock variants: mixed RoPE; DINOv3 RoPE + SwiGLU, factorized
+    # position embeddings and a conv patch projection
+    "naflex_siglip": dict(class_token=False, global_pool="map"),
+    "naflex_radio": dict(class_token=True, reg_tokens=3, global_pool="token", final_norm=False, init_values=0.5,
+                         pos_embed_interp_mode="bilinear", pos_embed_ar_preserving=True,
+                         pos_embed_antialias=False),
+    "naflex_rope_mixed": dict(class_token=True, global_pool="token", rope_type="mixed", pos_embed="none"),
+    "naflex_dinov3_swiglu": dict(reg_tokens=2, global_pool="avg", rope_type="dinov3", rope_rotate_half=True,
+                                 swiglu_mlp=True, init_values=0.5, pos_embed="factorized", embed_proj_type="conv"),
+}
+
+
 def make_backbone(variant: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     if variant in CLASS_FREE:
@@ -70,6 +84,8 @@ def make_backbone(variant: str, seed: int = 0, **overrides):
         model = Beit(**{**SMALL, **BEITS[variant], **overrides})
     elif variant in RELPOS:
         model = VisionTransformerRelPos(**{**SMALL, **RELPOS[variant], **overrides})
+    elif variant in NAFLEX:
+        model = NaFlexVit(**{**SMALL, "pos_embed_grid_size": (8, 8), **NAFLEX[variant], **overrides})
     elif variant in POST_NORM:
         model_class, options = POST_NORM[variant]
         model = model_class(**{**SMALL, **options, **overrides})
@@ -79,12 +95,20 @@ def make_backbone(variant: str, seed: int = 0, **overrides):
 
 
 def is_eva(model) -> bool:
-    return isinstance(model, Eva)
+    """Blocks that take a RoPE table (Eva, a NaFlexVit with RoPE)."""
+    return isinstance(model, Eva) or getattr(model, "rope", None) is not None
+
+
+def has_class_token(model) -> bool:
+    return getattr(model, "cls_token", None) is not None or bool(getattr(model, "has_class_token", False))
 
 
 def embed(model, img):
-    """Tokens before the first block, and the blocks' position context: the RoPE table (Eva), the shared
+    """Tokens before the first block, and the blocks' position context: the RoPE table (Eva, NaFlexVit), the shared
     relative-position bias (Beit), or None."""
+    if isinstance(model, NaFlexVit):  # timm's own embedding path, image mode
+        embeds = model._forward_embeds(img, None, None, None)
+        return embeds["patches"], embeds["rope_embeds"]
     if is_eva(model):
         x, rope = model._pos_embed(model.patch_embed(img))
         return model.norm_pre(x), rope
@@ -102,7 +126,8 @@ def embed(model, img):
 
 
 def block_rope(model, rope, i):
-    return rope[i] if rope is not None and getattr(model, "rope_mixed", False) else rope
+    mixed = getattr(model, "rope_mixed", False) or getattr(model, "rope_is_mixed", False)
+    return rope[i] if rope is not None and mixed else rope
 
 
 def call_block(model, i, x, context, mask=None):

@@ -1,15 +1,15 @@
 """Today's backbones: timm VisionTransformers without a class token (SigLIP, AIMv2, *_gap_*), timm Eva (EVA-02,
-DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), timm VisionTransformerRelPos (relative-position biases) and
-post-norm blocks. keep=1 is the unpatched model; Evo, Idle and top-k equal literal masked references (full
+DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), timm VisionTransformerRelPos (relative-position biases),
+timm NaFlexVit (SigLIP2 NaFlex, C-RADIO, on image batches) and post-norm blocks. keep=1 is the unpatched model; Evo, Idle and top-k equal literal masked references (full
 sequences at their own positions, idle keys masked); MACs equal FlopCounterMode / 2."""
 import pytest
 import torch
 
 import tokenpace
-from backbones import (BEITS, CLASS_FREE, EVAS, POST_NORM, RELPOS, assert_keep_one_equals_unpatched,
-                       assert_macs_equal_flop_counter, make_backbone, ref_evo, ref_idle, ref_topk)
+from backbones import (BEITS, CLASS_FREE, EVAS, NAFLEX, POST_NORM, RELPOS, assert_keep_one_equals_unpatched,
+                       assert_macs_equal_flop_counter, has_class_token, make_backbone, ref_evo, ref_idle, ref_topk)
 
-VARIANTS = sorted(CLASS_FREE) + sorted(EVAS) + sorted(BEITS) + sorted(RELPOS) + sorted(POST_NORM)
+VARIANTS = sorted(CLASS_FREE) + sorted(EVAS) + sorted(BEITS) + sorted(RELPOS) + sorted(NAFLEX) + sorted(POST_NORM)
 ALL_TOKENS = [("evo", {}), ("evo", {"mode": "layer"}), ("idle", {}), ("evit", {}), ("evit", {"fuse": False}),
               ("topk", {})]
 
@@ -20,7 +20,7 @@ def images():
 
 
 def default_row(model):
-    return "cls" if model.cls_token is not None else "mean"
+    return "cls" if has_class_token(model) else "mean"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -33,7 +33,7 @@ def test_keep_one_equals_the_unpatched_model(variant, method, options, images):
 @pytest.mark.parametrize("keep", [0.7, 0.4])
 def test_idle_equals_the_masked_reference(variant, keep, images):
     model = make_backbone(variant)
-    score = "cls" if model.cls_token is not None else "received"
+    score = "cls" if has_class_token(model) else "received"
     with torch.no_grad():
         expected = ref_idle(model, images, keep, (2, 3, 5), score)  # depth 6: the scaled (3, 6, 9)
         got = tokenpace.apply(model, "idle", keep=keep)(images)
@@ -61,7 +61,7 @@ def test_topk_equals_the_masked_reference(variant, images):
 
 
 @pytest.mark.parametrize("variant", ["eva02", "rope_mixed", "siglip_map", "beit", "beit_both_swiglu", "relpos_gap",
-                                     "relpos_rpn_swin_mlp"])
+                                     "relpos_rpn_swin_mlp", "naflex_rope_mixed", "naflex_dinov3_swiglu"])
 def test_position_less_tokens_run_on_position_models(variant, images):
     """EViT's fused token and Evo's representative token have no position: not rotated, like prefix tokens (Eva);
     the class token's bias entries (Beit)."""
@@ -107,7 +107,7 @@ def test_random_control_on_a_class_free_model(images):
     assert torch.isfinite(shuffled).all() and not torch.allclose(ranked, shuffled, atol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["rope_mixed", "beit_both_swiglu", "relpos_rpn_swin_mlp"])
+@pytest.mark.parametrize("variant", ["rope_mixed", "beit_both_swiglu", "relpos_rpn_swin_mlp", "naflex_rope_mixed"])
 def test_idle_cut_loss_records_positions_on_position_models(variant, images):
     """The token cut loss projects the idle tokens' q and k at their own positions: reusing the block's q and k for
     the selected tokens equals projecting every token."""

@@ -45,6 +45,7 @@ CASES = {
     "beit": (lambda: make_backbone("beit_both_swiglu", depth=2), "evo", dict(stage_starts=(1,), representative=True),
              32),
     "vit_relpos": (lambda: make_backbone("relpos_gap", depth=2), "idle", dict(stage_starts=(1,)), 32),
+    "naflexvit": (lambda: make_backbone("naflex_rope_mixed", depth=2), "idle", dict(stage_starts=(1,)), 32),
     "levit": (lambda: _levit("levit_cifar"), "evo", dict(stage_starts=(1,)), 32),
     "evo_levit": (lambda: _levit("evo_levit_cifar"), "evo", dict(stage_starts=(1,)), 32),
     "swin": (_swin, "idle", dict(stage_starts=(1,)), 32),
@@ -121,10 +122,11 @@ def test_export_under_autocast_runs_without_it(family, method, options):
     model does: no cast in the forward may pin a dtype the trace saw (casts ride in the reductions, the score side
     switches autocast off only where the tokens already have the weights' dtype, attention biases are cast by
     autocast, Evo's and EViT's merge weights too). Families whose token stream turns bf16 under autocast (Swin,
-    LeViT) failed before. timm's EVA casts RoPE'd q and k with ``type_as``, so its own export keeps bf16 there: on
-    it, the patched model at keep=1 is held to the plain model's export instead."""
+    LeViT) failed before. timm's EVA attention casts RoPE'd q and k with ``type_as``, so its own export keeps bf16
+    there: on models with it (Eva, a NaFlexVit with RoPE), the patched model at keep=1 is held to the plain model's
+    export instead."""
     build, _, _, size = CASES[family]
-    pinned_by_timm = family.startswith("eva_rope")
+    pinned_by_timm = family in ("eva_rope_mixed", "naflexvit")
     model = tokenpace.apply(build(), method, keep=1.0 if pinned_by_timm else 0.5, **options)
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.autocast("cpu", dtype=torch.bfloat16):

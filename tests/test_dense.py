@@ -50,6 +50,7 @@ FAMILIES = {  # name: (build, input size, methods, flat)
     "eva_dinov3": (lambda: make_backbone("dinov3"), 32, ("evo", "idle"), True),
     "beit": (lambda: make_backbone("beit_shared_abs_token"), 32, ("evo", "idle", "evit", "topk"), True),
     "vit_relpos": (lambda: make_backbone("relpos_rpn_swin_mlp"), 32, ("evo", "idle", "evit", "topk"), True),
+    "naflexvit": (lambda: make_backbone("naflex_radio"), 32, ("evo", "idle", "evit", "topk"), True),
     "lvvit": (lambda: _small("lvvit_s"), 32, ("evo", "idle", "evit", "topk"), True),
     "evo_deit": (lambda: _small("evo_deit_small_patch16_224"), 32, ("evo", "idle", "evit", "topk"), True),
     "levit": (lambda: _levit("levit_cifar"), 32, ("evo", "idle"), False),
@@ -148,6 +149,8 @@ def test_get_intermediate_layers_and_features_only_models_run_the_method():
     assert [t.shape for t in idled] == [t.shape for t in dense] == [(2, 48, 8, 8)] * 2
     assert not torch.allclose(idled[-1], dense[-1], atol=1e-3)
     for name, kwargs in [("vit_tiny_patch16_224", dict(img_size=32, patch_size=4)),
+                         ("naflexvit_base_patch16_siglip", dict(patch_size=4, embed_dim=48, depth=4, num_heads=3,
+                                                                pos_embed_grid_size=(8, 8))),
                          ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4,
                                                                feature_cls="getter"))]:
         torch.manual_seed(0)
@@ -190,6 +193,7 @@ def _linear_calls(block):
 @pytest.mark.parametrize("family,method", [("vit_registers", "evo"), ("vit_registers", "idle"),
                                            ("vit_registers", "evit"), ("eva_rope_mixed", "idle"),
                                            ("eva_rope_mixed", "topk"), ("beit", "evo"), ("vit_relpos", "idle"),
+                                           ("naflexvit", "evo"),
                                            ("levit", "evo"), ("evo_levit", "evo"),
                                            ("swin", "idle"), ("swin_v2", "idle"), ("pvt_v2", "idle")])
 def test_gradient_checkpointing_is_honoured_with_equal_gradients(family, method):

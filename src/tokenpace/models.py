@@ -77,7 +77,7 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
 
     try:
         try:
-            return build(**kwargs)
+            return _recorded_size(build(**kwargs), kwargs.get("img_size"))
         except TypeError as err:
             if "img_size" not in kwargs or "'img_size'" not in str(err):
                 raise
@@ -95,6 +95,26 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
         raise ModelSourceError(f"the pretrained weights of {name!r} are not in the local cache and {hub_host()} "
                                "cannot be reached (offline?); download them once online, or pass --checkpoint "
                                f"FILE ({type(err).__name__})") from None
+
+
+def _recorded_size(model: nn.Module, img_size) -> nn.Module:
+    """``model``, with ``img_size`` recorded in its pretrained_cfg where the model took the argument but keeps no
+    size of its own (timm's NaFlexVit drops it when its config sets a position grid, and runs any size), so that
+    bench, MACs and the data transforms use the size asked for instead of the pretrained one."""
+    from .families import adapter_for
+
+    if img_size is None:
+        return model
+    hw = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
+    try:
+        family = adapter_for(model)
+    except TypeError:  # not a model tokenpace runs: what it was built with is the caller's business
+        return model
+    chans, *own = family.input_size()
+    if tuple(own) != hw and family.size_problem(hw) is None:
+        model.pretrained_cfg = model.default_cfg = {**(getattr(model, "pretrained_cfg", None) or {}),
+                                                    "input_size": (chans, *hw)}
+    return model
 
 
 def build_model(name: str | None = None, *, checkpoint: str | None = None, run: str | None = None,

@@ -85,8 +85,20 @@ class Patch:
         return family.intermediates(maps, x, state.frame, list(taken), stopped, IntermediateOptions(**options))
 
 
-def _refuse_masks(args, kwargs) -> None:
-    if args or any(v is not None and v is not False for v in kwargs.values()):
+# arguments of the models' forward_features / forward_intermediates that describe another input than an image batch
+_MASKS = ("attn_mask", "is_causal")
+_NAFLEX_INPUT = ("patch_coord", "patch_valid")
+
+
+def _refuse_masks(arguments: dict) -> None:
+    """ValueError for an argument beside the images that asks for another input than an image batch."""
+    given = [name for name, value in arguments.items() if value is not None and value is not False]
+    if any(name in _NAFLEX_INPUT for name in given):
+        raise ValueError("packed NaFlex input (patches with patch_coord / patch_valid, as timm's NaFlex collator "
+                         "makes them) is not supported on a tokenpace-patched model: its images have grids of their "
+                         "own and padding tokens; pass image batches (B, C, H, W), or call tokenpace.remove(model) "
+                         "first")
+    if given:
         raise ValueError("attention masks and causal attention are not supported on a tokenpace-patched model; "
                          "call tokenpace.remove(model) first")
 
@@ -103,9 +115,14 @@ def _own_patch(model: nn.Module) -> Patch:
     return patch
 
 
-def _forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    _refuse_masks(args, kwargs)
-    return _own_patch(self).forward_features(x)
+def _forward_features(self, *args, **kwargs) -> torch.Tensor:
+    if len(args) == 1 and all(value is None or value is False for value in kwargs.values()):
+        # the call timm's forward makes: the images, and at most masks that ask for nothing (attn_mask=None)
+        return _own_patch(self).forward_features(args[0])
+    patch = _own_patch(self)
+    x, given = _bound_arguments(patch.original_class.forward_features, self, args, kwargs)
+    _refuse_masks(given)
+    return patch.forward_features(x)
 
 
 def _forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
@@ -113,29 +130,33 @@ def _forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
     put ``return_prefix_tokens`` third, the pyramids ``norm``); an argument the class does not take is a TypeError,
     as it is unpatched."""
     patch = _own_patch(self)
-    given = _bound_arguments(patch.original_class.forward_intermediates, self, x, args, kwargs)
-    _refuse_masks((), {name: given.pop(name, None) for name in ("attn_mask", "is_causal")})
+    _, given = _bound_arguments(patch.original_class.forward_intermediates, self, (x, *args), kwargs)
+    _refuse_masks({name: given.pop(name, None) for name in _MASKS + _NAFLEX_INPUT})
     indices, stop_early = given.pop("indices", None), given.pop("stop_early", False)
     return patch.forward_intermediates(x, indices, stop_early, **given)
 
 
 @functools.lru_cache(maxsize=None)
 def _signature(method) -> tuple[inspect.Signature, tuple[inspect.Parameter, ...]]:
-    """A method's signature and its parameters after (self, x): read once per class, not on every call."""
+    """A method's signature and its parameters after self: read once per class, not on every call."""
     signature = inspect.signature(method)
-    return signature, tuple(signature.parameters.values())[2:]
+    return signature, tuple(signature.parameters.values())[1:]
 
 
-def _bound_arguments(method, model: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> dict:
-    """The arguments after (self, x) that a call of ``method`` names, by name (defaults left out)."""
-    signature, rest = _signature(method)
-    bound = signature.bind(model, x, *args, **kwargs).arguments
+def _bound_arguments(method, model: nn.Module, args: tuple, kwargs: dict):
+    """A call of ``method`` bound as the model's own class binds it (a TypeError where it would be one): its input
+    (the first argument, whatever the class names it: ``x``, NaFlexVit's ``patches``) and the other arguments the
+    call names, by name (defaults left out)."""
+    signature, params = _signature(method)
+    bound = signature.bind(model, *args, **kwargs).arguments
     given = {}
-    for param in rest:
+    for param in params[1:]:
         if param.name in bound:
             value = bound[param.name]
             given.update(value if param.kind is inspect.Parameter.VAR_KEYWORD else {param.name: value})
-    return given
+    if params[0].name not in bound:
+        raise TypeError(f"{method.__qualname__}() missing its input argument {params[0].name!r}")
+    return bound[params[0].name], given
 
 
 def _reduce_ex(self, protocol):

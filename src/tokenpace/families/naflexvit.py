@@ -1,0 +1,130 @@
+"""timm ``NaFlexVit`` (``naflexvit_*``: SigLIP2 NaFlex towers, C-RADIO v3/v4, NaFlex ViTs) on image batches.
+
+Its blocks are timm's ViT ``Block`` (or ``ResPostBlock``) with the standard attention, or timm's ``EvaBlock`` where
+the model has RoPE, SwiGLU, grouped-query or gated attention: the parts are those of the ViT and Eva families.
+What differs is around the blocks: one ``embeds`` module (patchify + linear, or a conv; learned or factorized
+position embeddings resized to the input's grid; class and register tokens), the RoPE table made for the input's
+grid, and the pooling.
+
+Packed NaFlex input (patches with ``patch_coord`` / ``patch_valid`` from timm's NaFlex collator) has a grid per
+image and padding tokens that must never be selected: it is refused, image batches (B, C, H, W) of any size the
+embedding takes are accepted.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..anatomy import BlockParts, Frame
+from .base import parse_img_size
+from .eva import EvaParts, PostNormEvaParts
+from .eva import _timm_classes as _eva_classes
+from .timm_vit import PatchSequenceFamily, PostNormVitParts, VitParts
+from .timm_vit import _timm_classes as _vit_classes
+
+
+def _parts_class(block: nn.Module) -> type[BlockParts] | None:
+    """The parts that read ``block``, or None for a block tokenpace does not run (parallel, differential)."""
+    _, (vit_block, vit_post_norm), attention = _vit_classes()
+    _, (eva_block, eva_post_norm), eva_attentions = _eva_classes()
+    attn = type(getattr(block, "attn", None))
+    if attn is attention:
+        return {vit_block: VitParts, vit_post_norm: PostNormVitParts}.get(type(block))
+    if attn in eva_attentions:
+        return {eva_block: EvaParts, eva_post_norm: PostNormEvaParts}.get(type(block))
+    return None
+
+
+class TimmNaFlexVit(PatchSequenceFamily):
+    name = "timm NaFlexVit"
+
+    def __init__(self, model: nn.Module) -> None:
+        for i, blk in enumerate(model.blocks):
+            if _parts_class(blk) is None:
+                attn = getattr(blk, "attn", None)
+                raise TypeError(
+                    f"block {i} of this NaFlexVit is {type(blk).__name__} with "
+                    f"{type(attn).__name__ if attn is not None else 'no separate attention'}; tokenpace supports "
+                    "timm's Block or ResPostBlock with the standard Attention and EvaBlock with EvaAttention or "
+                    "AttentionRope; parallel and differential-attention blocks are not supported")
+        if model.patch_drop is not None:
+            raise TypeError("patch dropout (patch_drop_rate > 0) changes the token count before the blocks; "
+                            "build the model with patch_drop_rate=0 to use tokenpace")
+        super().__init__(model)
+        self.blocks_use_positions = model.rope is not None
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        try:
+            from timm.models.naflexvit import NaFlexVit
+        except ImportError:  # an older timm: nothing of this family can exist
+            return False
+        return isinstance(model, NaFlexVit)
+
+    @property
+    def has_class_token(self) -> bool:
+        return bool(self.model.has_class_token)
+
+    def make_parts(self, i: int) -> BlockParts:
+        blk = self.blocks[i]
+        parts = _parts_class(blk)
+        if issubclass(parts, EvaParts):
+            return parts(blk, i, self.model.rope is not None, self.model.rope_is_mixed)
+        return parts(blk)
+
+    # --- the forward around the blocks ---------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
+        if not torch.is_tensor(x) or x.ndim != 4:
+            got = f"a {tuple(x.shape)} tensor" if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"tokenpace runs NaFlexVit on image batches (B, C, H, W); got {got}. Packed or "
+                             "pre-patchified NaFlex input (patches with patch_coord / patch_valid) is not supported")
+        m = self.model
+        x, grid = m.embeds(x)
+        grid = (int(grid[0]), int(grid[1]))
+        rope = None if m.rope is None else m.rope.get_embed(shape=list(grid))
+        return m.norm_pre(x), Frame(grid=grid, rope=rope)
+
+    def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
+        if frame.rope is None:
+            return self.blocks[i](x)
+        return self.blocks[i](x, rope=frame.rope[i] if self.model.rope_is_mixed else frame.rope)
+
+    # --- sizes and cost ------------------------------------------------------------------------------------------
+    def _own_size(self) -> tuple[int, int]:
+        """The size the model is built for: its ``img_size``, else its pretrained config's, else its position
+        embedding's grid in pixels (it runs other sizes too)."""
+        embeds = self.model.embeds
+        size = getattr(embeds, "default_img_size", None)
+        if size is None:
+            size = ((getattr(self.model, "pretrained_cfg", None) or {}).get("input_size") or (None,))[1:] or None
+        if size is None:
+            size = tuple(g * p for g, p in zip(embeds.pos_embed_grid_size, embeds.patch_size))
+        return tuple(int(s) for s in size)
+
+    def _grid(self, img_size) -> tuple[int, int]:
+        size = self._own_size() if img_size is None else parse_img_size(img_size)
+        return tuple(self.model.embeds.dynamic_feat_size(size))
+
+    def input_size(self) -> tuple[int, int, int]:
+        return (self.model.in_chans, *self._own_size())
+
+    def size_problem(self, size: tuple[int, int]) -> str | None:
+        """Any size whose sides are multiples of the patch (or any size with ``dynamic_img_pad``): the position
+        embeddings are resized to the grid."""
+        embeds = self.model.embeds
+        patch = tuple(embeds.patch_size)
+        if not embeds.dynamic_img_pad and (size[0] % patch[0] or size[1] % patch[1]):
+            return (f"its sides must be multiples of the patch size {patch[0]}x{patch[1]} (or build it with "
+                    "dynamic_img_pad=True)")
+        return None
+
+    def block_grid(self, i: int) -> tuple[int, int]:
+        return self._grid(None)
+
+    def stage_patches(self, img_size) -> list[int]:
+        rows, cols = self._grid(img_size)
+        return [rows * cols]
+
+    def stem_macs(self, img_size) -> int:
+        # a linear over each flattened patch or a conv with the patch as stride: one weight use per patch
+        return self.model.embeds.proj.weight.numel() * self.stage_patches(img_size)[0]
