@@ -117,3 +117,18 @@ def test_img_size_is_the_input_a_naflexvit_runs_at():
     assert adapter_for(model).input_size() == (3, 224, 224) and data_config(model)["input_size"] == (3, 224, 224)
     assert adapter_for(padded).input_size() == (3, 224, 192)
     assert tokenpace.macs(model) == tokenpace.macs(pretrained_size, img_size=224)
+
+
+def test_a_recipe_freeze_this_model_names_otherwise_is_said():
+    """IdleViT's recipe freezes cls_token and pos_embed; NaFlexVit keeps them under embeds. and a class-token-free
+    ViT has no cls_token: the run says which names froze nothing, and what is named like them."""
+    from conftest import make_vit
+    from tokenpace.train.loop import unmatched_freeze
+
+    freeze = ("cls_token", "pos_embed")
+    said = unmatched_freeze(make_backbone("naflex_radio", depth=1), freeze)
+    assert said == ("the recipe freezes cls_token, pos_embed, which this model has no parameter named (nothing frozen "
+                    "for them); named like them: embeds.cls_token, embeds.pos_embed, left trainable")
+    assert unmatched_freeze(make_backbone("siglip_map", depth=1), freeze).startswith(
+        "the recipe freezes cls_token, which this model has no parameter named (nothing frozen for it)")
+    assert unmatched_freeze(make_vit("deit", depth=1), freeze) is None

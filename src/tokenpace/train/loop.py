@@ -210,6 +210,20 @@ def evaluate_top1(model: nn.Module, loader, accelerator=None) -> tuple[float, fl
     return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
 
 
+def unmatched_freeze(model: nn.Module, freeze: tuple[str, ...]) -> str | None:
+    """What a run says when the recipe freezes parameter names ``model`` does not have (a class-token-free ViT has
+    no ``cls_token``; NaFlexVit keeps its embeddings under ``embeds.``): those stay trainable, and the parameters
+    named like them are listed; None when every name matched."""
+    names = [name for name, _ in model.named_parameters()]
+    missing = [entry for entry in freeze if entry not in names]
+    if not missing:
+        return None
+    alike = [name for name in names if name.rsplit(".", 1)[-1] in missing]
+    return (f"the recipe freezes {', '.join(missing)}, which this model has no parameter named (nothing frozen for "
+            f"{'them' if len(missing) > 1 else 'it'})" + (f"; named like them: {', '.join(alike)}, left trainable"
+                                                           if alike else ""))
+
+
 def _loaders(cfg: TrainConfig, train_ds, val_ds, device: torch.device):
     """Epoch-seeded training batches; pinned memory on CUDA, workers kept alive across epochs."""
     sampler = EpochSampler(len(train_ds), cfg.seed)
@@ -273,6 +287,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     for name, p in student.named_parameters():
         if name in r.freeze:
             p.requires_grad_(False)
+    unmatched = unmatched_freeze(student, r.freeze)
+    if unmatched and accelerator.is_main_process and not cfg.resume:
+        note(unmatched)
 
     global_batch = cfg.batch_size * accelerator.num_processes
     lr = cfg.lr if cfg.lr is not None else r.lr * global_batch / r.lr_base_batch
