@@ -1,6 +1,6 @@
-"""Small class-token-free ViTs, timm Eva, Beit, VisionTransformerRelPos and NaFlexVit models (random, well-spread weights) and
-literal masked references of Evo, Idle and top-k on them: the full sequence at its original positions (RoPE and
-relative-position biases at every token's own position), idle keys masked, updates kept where selected."""
+"""Small class-token-free ViTs, timm Eva, Beit, VisionTransformerRelPos and NaFlexVit models (random, well-spread
+weights) and literal masked references of Evo, Idle and top-k on them: the full sequence at its original positions
+(RoPE and relative-position biases at every token's own position), idle keys masked, updates kept where selected."""
 from __future__ import annotations
 
 from functools import partial
@@ -64,8 +64,9 @@ POST_NORM = {  # post-norm blocks of timm's ViT (vit_*_rpn_*) and Eva (EVA-02 en
 
 
 NAFLEX = {  # timm NaFlexVit on image batches: SigLIP2 NaFlex, C-RADIO (class token, registers, aspect-preserving
-    # position embeddings resized at other sizes, LayerScale), and EvaBlock variants: mixed RoPE; DINOv3 RoPE + SwiGLU, factorized
-    # position embeddings and a conv patch projection
+    # position embeddings resized at other sizes, LayerScale), and EvaBlock variants: mixed RoPE; DINOv3 RoPE +
+    # SwiGLU, factorized position embeddings and a conv patch projection; axial RoPE with grouped-query attention
+    # (separate q/k/v) and the sigmoid output gate
     "naflex_siglip": dict(class_token=False, global_pool="map"),
     "naflex_radio": dict(class_token=True, reg_tokens=3, global_pool="token", final_norm=False, init_values=0.5,
                          pos_embed_interp_mode="bilinear", pos_embed_ar_preserving=True,
@@ -73,6 +74,8 @@ NAFLEX = {  # timm NaFlexVit on image batches: SigLIP2 NaFlex, C-RADIO (class to
     "naflex_rope_mixed": dict(class_token=True, global_pool="token", rope_type="mixed", pos_embed="none"),
     "naflex_dinov3_swiglu": dict(reg_tokens=2, global_pool="avg", rope_type="dinov3", rope_rotate_half=True,
                                  swiglu_mlp=True, init_values=0.5, pos_embed="factorized", embed_proj_type="conv"),
+    "naflex_axial_gqa_gated": dict(class_token=True, global_pool="token", rope_type="axial", num_kv_heads=1,
+                                   qkv_fused=False, attn_gated=True),
 }
 
 

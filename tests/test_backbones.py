@@ -1,7 +1,8 @@
 """Today's backbones: timm VisionTransformers without a class token (SigLIP, AIMv2, *_gap_*), timm Eva (EVA-02,
 DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), timm VisionTransformerRelPos (relative-position biases),
-timm NaFlexVit (SigLIP2 NaFlex, C-RADIO, on image batches) and post-norm blocks. keep=1 is the unpatched model; Evo, Idle and top-k equal literal masked references (full
-sequences at their own positions, idle keys masked); MACs equal FlopCounterMode / 2."""
+timm NaFlexVit (SigLIP2 NaFlex, C-RADIO, on image batches) and post-norm blocks. keep=1 is the unpatched model; Evo,
+Idle and top-k equal literal masked references (full sequences at their own positions, idle keys masked); MACs equal
+FlopCounterMode / 2."""
 import pytest
 import torch
 

@@ -215,3 +215,15 @@ def test_an_output_through_a_broken_symbolic_link_names_the_missing_folder(tmp_p
     link.symlink_to("/no/such/bench.json")
     assert main(["bench", "--json", str(link)]) == 2
     assert "is in folder '/no/such', which does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["deit", "eva02", "naflex_siglip"])
+def test_patch_dropout_is_refused_on_every_flat_timm_class(variant):
+    """Patch dropout changes the token count before the blocks (timm keeps it as an Identity, None or a module)."""
+    from backbones import make_backbone
+
+    model = make_vit("deit", depth=2, patch_drop_rate=0.1) if variant == "deit" else make_backbone(
+        variant, depth=2, patch_drop_rate=0.1)
+    with pytest.raises(TypeError, match=r"patch dropout \(patch_drop_rate > 0\) changes the token count"):
+        tokenpace.apply(model, "idle")
+    tokenpace.apply(make_vit("deit", depth=2) if variant == "deit" else make_backbone(variant, depth=2), "idle")

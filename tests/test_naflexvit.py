@@ -1,5 +1,6 @@
 """timm NaFlexVit beyond the shared backbone checks (tests/test_backbones.py): other image sizes (its position
-embeddings are resized to each grid), the size it refuses, packed NaFlex input refused loudly, unsupported blocks."""
+embeddings are resized to each grid), the size it refuses, packed NaFlex input refused loudly, unsupported blocks,
+the img_size timm drops recorded, the recipe freeze names it does not have said."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -91,8 +92,7 @@ def test_packed_naflex_input_is_refused_naming_what_runs():
 @pytest.mark.parametrize("options,match", [
     (dict(block_fn="parallel"), "block 0 of this NaFlexVit is ParallelScalingBlock with no separate attention"),
     (dict(attn_layer="diff"), "block 0 of this NaFlexVit is Block with DiffAttention"),
-    (dict(patch_drop_rate=0.1), r"patch dropout \(patch_drop_rate > 0\)"),
-], ids=["parallel", "diff", "patch_drop"])
+], ids=["parallel", "diff"])
 def test_unsupported_variants_are_refused(options, match):
     if options.get("block_fn") == "parallel":
         from timm.models.vision_transformer import ParallelScalingBlock
@@ -109,14 +109,31 @@ def test_img_size_is_the_input_a_naflexvit_runs_at():
     from tokenpace.families import adapter_for
     from tokenpace.models import create_model
 
+    from tokenpace.models import ModelSourceError
+
     with torch.device("meta"):
         pretrained_size = create_model("naflexvit_base_patch16_siglip")
         model = create_model("naflexvit_base_patch16_siglip", img_size=224)
-        padded = create_model("naflexvit_base_patch16_siglip", img_size=(224, 192))
+        oblong = create_model("naflexvit_base_patch16_siglip", img_size=[224, 192])
+        features = create_model("naflexvit_base_patch16_siglip", img_size=224, features_only=True)
+        with pytest.raises(ModelSourceError, match=r"'naflexvit_base_patch16_siglip' cannot run 200x200 inputs "
+                                                   r"\(img_size=200\): its sides must be multiples of the patch size "
+                                                   "16x16"):
+            create_model("naflexvit_base_patch16_siglip", img_size=200)  # not silently run at 384
     assert adapter_for(pretrained_size).input_size() == (3, 384, 384)
     assert adapter_for(model).input_size() == (3, 224, 224) and data_config(model)["input_size"] == (3, 224, 224)
-    assert adapter_for(padded).input_size() == (3, 224, 192)
+    assert adapter_for(oblong).input_size() == (3, 224, 192)
+    assert adapter_for(features.model).input_size() == (3, 224, 224)  # recorded on the model a feature net wraps
     assert tokenpace.macs(model) == tokenpace.macs(pretrained_size, img_size=224)
+
+
+def test_a_naflexvit_that_keeps_no_size_is_refused_naming_the_fix():
+    from timm.models.naflexvit import NaFlexVit
+
+    model = NaFlexVit(patch_size=4, embed_dim=48, depth=1, num_heads=3, pos_embed="none", pos_embed_grid_size=None,
+                      rope_type="axial", class_token=True, global_pool="token")
+    with pytest.raises(TypeError, match=r"keeps no input size.*build it with img_size=N"):
+        tokenpace.apply(model, "idle")
 
 
 def test_a_recipe_freeze_this_model_names_otherwise_is_said():

@@ -141,3 +141,10 @@ def test_a_failed_export_leaves_the_existing_file_as_it_was(tmp_path, monkeypatc
     assert result.max_abs_diff[1] <= 1e-4 and onnx.load(str(path)).graph.input[0].name == "images"
     assert link.is_symlink() and os.readlink(link) == str(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.onnx", "m.onnx"]  # the earlier rejected graph too
+
+
+def test_exporter_errors_are_one_line_without_terminal_colour_codes():
+    from tokenpace.onnx_export import _first_line
+
+    err = RuntimeError("\x1b[1m\x1b[31mFailed to decompose\x1b[0m the graph\nTraceback (most recent call last): ...")
+    assert _first_line(err) == "RuntimeError: Failed to decompose the graph"

@@ -77,16 +77,12 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
 
     try:
         try:
-            return _recorded_size(build(**kwargs), kwargs.get("img_size"))
+            model = build(**kwargs)
         except TypeError as err:
             if "img_size" not in kwargs or "'img_size'" not in str(err):
                 raise
-            # a model built for any input size (PVTv2): img_size is the input it is used at, which timm records in
-            # its pretrained_cfg (where bench, MACs and the data transforms read it)
-            size = kwargs["img_size"]
-            hw = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-            rest = {k: v for k, v in kwargs.items() if k != "img_size"}
-            return build(**rest, pretrained_cfg_overlay={"input_size": (rest.get("in_chans", 3), *hw)})
+            # a model built for any input size (PVTv2) takes no img_size: the size is recorded below
+            model = build(**{k: v for k, v in kwargs.items() if k != "img_size"})
     except (TypeError, ValueError, AssertionError) as err:  # arguments the model's constructor refuses
         raise ModelSourceError(f"model {name!r} cannot be built with {kwargs or 'its defaults'}: {err}") from None
     except OSError as err:
@@ -95,25 +91,34 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
         raise ModelSourceError(f"the pretrained weights of {name!r} are not in the local cache and {hub_host()} "
                                "cannot be reached (offline?); download them once online, or pass --checkpoint "
                                f"FILE ({type(err).__name__})") from None
+    return _recorded_size(model, name, kwargs.get("img_size"))
 
 
-def _recorded_size(model: nn.Module, img_size) -> nn.Module:
-    """``model``, with ``img_size`` recorded in its pretrained_cfg where the model took the argument but keeps no
-    size of its own (timm's NaFlexVit drops it when its config sets a position grid, and runs any size), so that
-    bench, MACs and the data transforms use the size asked for instead of the pretrained one."""
+def _recorded_size(model: nn.Module, name: str, img_size) -> nn.Module:
+    """``model``, with ``img_size`` recorded in its pretrained_cfg where the model keeps no size of its own: it
+    takes no img_size (PVTv2), or drops it (timm's NaFlexVit, when its config sets a position grid) and runs any
+    size. Bench, MACs and the data transforms then use the size asked for; a size the model cannot run is refused
+    (ModelSourceError) instead of silently replaced by its pretrained one."""
     from .families import adapter_for
+    from .families.base import parse_img_size
+    from .patch import patched_model
 
     if img_size is None:
         return model
-    hw = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
     try:
-        family = adapter_for(model)
+        target = patched_model(model)  # a features_only wrapper records on the model it wraps
+        family = adapter_for(target)
     except TypeError:  # not a model tokenpace runs: what it was built with is the caller's business
         return model
+    hw = parse_img_size(img_size)
     chans, *own = family.input_size()
-    if tuple(own) != hw and family.size_problem(hw) is None:
-        model.pretrained_cfg = model.default_cfg = {**(getattr(model, "pretrained_cfg", None) or {}),
-                                                    "input_size": (chans, *hw)}
+    if tuple(own) == hw:
+        return model
+    problem = family.size_problem(hw)
+    if problem is not None:
+        raise ModelSourceError(f"model {name!r} cannot run {hw[0]}x{hw[1]} inputs (img_size={img_size!r}): {problem}")
+    target.pretrained_cfg = target.default_cfg = {**(getattr(target, "pretrained_cfg", None) or {}),
+                                                  "input_size": (chans, *hw)}
     return model
 
 

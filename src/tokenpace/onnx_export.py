@@ -12,6 +12,7 @@ import importlib.util
 import io
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -169,8 +170,13 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
+_ANSI_CODE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def _first_line(err: Exception) -> str:
-    return f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0][:300]
+    """An error's type and first line, without the terminal colour codes torch's exporter puts in its messages."""
+    text = _ANSI_CODE.sub("", str(err)).strip()
+    return f"{type(err).__name__}: " + (text.splitlines() or [""])[0][:300]
 
 
 def _export(model: nn.Module, path: str, example: torch.Tensor, opset: int) -> None:

@@ -249,6 +249,13 @@ def built_for_only(own: tuple[int, int], resize_hint: str = "img_size=N") -> str
     return f"it is built for {own[0]}x{own[1]} inputs only (build it with {resize_hint} for another size)"
 
 
+def recorded_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """(H, W) of the input size in the model's pretrained config (timm's, or the size ``tokenpace.models.create_model``
+    recorded there for a model that keeps none of its own), or None."""
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    return None if size is None else (int(size[-2]), int(size[-1]))
+
+
 def parse_img_size(img_size: int | tuple[int, int]) -> tuple[int, int]:
     if isinstance(img_size, int) and not isinstance(img_size, bool):
         img_size = (img_size, img_size)

@@ -41,6 +41,11 @@ def rope_at(table: torch.Tensor, where: TokenSet) -> torch.Tensor:
     return rows
 
 
+def block_rope(rope: torch.Tensor | None, i: int, mixed: bool) -> torch.Tensor | None:
+    """The RoPE table block i takes: its own of a per-depth (``mixed``) table, else the one every block shares."""
+    return rope[i] if rope is not None and mixed else rope
+
+
 class EvaParts(VitParts):
     """``EvaBlock`` with ``EvaAttention`` or ``AttentionRope``."""
 
@@ -68,8 +73,7 @@ class EvaParts(VitParts):
             return t
         from timm.layers import apply_rot_embed_cat
 
-        table = where.frame.rope[self.index] if self.mixed else where.frame.rope
-        rope = rope_at(table, where)
+        rope = rope_at(block_rope(where.frame.rope, self.index, self.mixed), where)
         p, m = where.prefix, rope.shape[-2]
         rotated = apply_rot_embed_cat(t[:, :, p:p + m], rope, half=self.half)
         return torch.cat([t[:, :, :p], rotated, t[:, :, p + m:]], dim=2)
@@ -136,9 +140,6 @@ class TimmEva(PatchSequenceFamily):
                 raise TypeError(f"block {i} of this Eva is {type(blk).__name__} with {type(blk.attn).__name__}; "
                                 "tokenpace supports timm's EvaBlock or EvaBlockPostNorm with EvaAttention or "
                                 "AttentionRope (EVA-02, DINOv3, PE, RoPE ViTs)")
-        if model.patch_drop is not None:
-            raise TypeError("patch dropout (patch_drop_rate > 0) changes the token count before the blocks; "
-                            "build the model with patch_drop_rate=0 to use tokenpace")
         super().__init__(model)
         self.blocks_use_positions = model.rope is not None
 
@@ -163,5 +164,4 @@ class TimmEva(PatchSequenceFamily):
         return m.norm_pre(x), Frame(grid=grid, rope=rope)
 
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
-        rope = frame.rope[i] if frame.rope is not None and getattr(self.model, "rope_mixed", False) else frame.rope
-        return self.blocks[i](x, rope=rope)
+        return self.blocks[i](x, rope=block_rope(frame.rope, i, getattr(self.model, "rope_mixed", False)))

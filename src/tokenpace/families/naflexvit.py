@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from ..anatomy import BlockParts, Frame
-from .base import parse_img_size
-from .eva import EvaParts, PostNormEvaParts
+from .base import parse_img_size, recorded_input_size
+from .eva import EvaParts, PostNormEvaParts, block_rope
 from .eva import _timm_classes as _eva_classes
+from .patch_embed import patch_grid, patch_multiple_problem
 from .timm_vit import PatchSequenceFamily, PostNormVitParts, VitParts
 from .timm_vit import _timm_classes as _vit_classes
 
@@ -47,9 +48,6 @@ class TimmNaFlexVit(PatchSequenceFamily):
                     f"{type(attn).__name__ if attn is not None else 'no separate attention'}; tokenpace supports "
                     "timm's Block or ResPostBlock with the standard Attention and EvaBlock with EvaAttention or "
                     "AttentionRope; parallel and differential-attention blocks are not supported")
-        if model.patch_drop is not None:
-            raise TypeError("patch dropout (patch_drop_rate > 0) changes the token count before the blocks; "
-                            "build the model with patch_drop_rate=0 to use tokenpace")
         super().__init__(model)
         self.blocks_use_positions = model.rope is not None
 
@@ -85,25 +83,28 @@ class TimmNaFlexVit(PatchSequenceFamily):
         return m.norm_pre(x), Frame(grid=grid, rope=rope)
 
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
-        if frame.rope is None:
+        if frame.rope is None:  # timm's ViT Block takes no rope argument
             return self.blocks[i](x)
-        return self.blocks[i](x, rope=frame.rope[i] if self.model.rope_is_mixed else frame.rope)
+        return self.blocks[i](x, rope=block_rope(frame.rope, i, self.model.rope_is_mixed))
 
     # --- sizes and cost ------------------------------------------------------------------------------------------
     def _own_size(self) -> tuple[int, int]:
-        """The size the model is built for: its ``img_size``, else its pretrained config's, else its position
-        embedding's grid in pixels (it runs other sizes too)."""
+        """The size the model is used at (it runs others too): its ``img_size`` where timm kept it, else its
+        pretrained config's (where ``tokenpace.models.create_model`` records an ``img_size`` timm dropped), else
+        its position embedding's grid in pixels."""
         embeds = self.model.embeds
-        size = getattr(embeds, "default_img_size", None)
-        if size is None:
-            size = ((getattr(self.model, "pretrained_cfg", None) or {}).get("input_size") or (None,))[1:] or None
-        if size is None:
-            size = tuple(g * p for g, p in zip(embeds.pos_embed_grid_size, embeds.patch_size))
-        return tuple(int(s) for s in size)
+        if getattr(embeds, "default_img_size", None) is not None:
+            return tuple(int(s) for s in embeds.default_img_size)
+        recorded = recorded_input_size(self.model)
+        if recorded is not None:
+            return recorded
+        if getattr(embeds, "pos_embed_grid_size", None) is None:
+            raise TypeError("this NaFlexVit keeps no input size (no img_size, pretrained config or position grid): "
+                            "build it with img_size=N, or with tokenpace.models.create_model(name, img_size=N)")
+        return tuple(int(g * p) for g, p in zip(embeds.pos_embed_grid_size, embeds.patch_size))
 
     def _grid(self, img_size) -> tuple[int, int]:
-        size = self._own_size() if img_size is None else parse_img_size(img_size)
-        return tuple(self.model.embeds.dynamic_feat_size(size))
+        return patch_grid(self.model.embeds, self._own_size() if img_size is None else parse_img_size(img_size))
 
     def input_size(self) -> tuple[int, int, int]:
         return (self.model.in_chans, *self._own_size())
@@ -111,12 +112,7 @@ class TimmNaFlexVit(PatchSequenceFamily):
     def size_problem(self, size: tuple[int, int]) -> str | None:
         """Any size whose sides are multiples of the patch (or any size with ``dynamic_img_pad``): the position
         embeddings are resized to the grid."""
-        embeds = self.model.embeds
-        patch = tuple(embeds.patch_size)
-        if not embeds.dynamic_img_pad and (size[0] % patch[0] or size[1] % patch[1]):
-            return (f"its sides must be multiples of the patch size {patch[0]}x{patch[1]} (or build it with "
-                    "dynamic_img_pad=True)")
-        return None
+        return patch_multiple_problem(self.model.embeds, size)
 
     def block_grid(self, i: int) -> tuple[int, int]:
         return self._grid(None)

@@ -39,7 +39,7 @@ from ..blockops import attention_branch
 from ..core.macs import BlockShape, BlockWork, conv_macs, linear_macs
 from ..core.tokens import flat_rows, gather_rows, scatter_rows
 from ..scoring import token_norms
-from .base import GROUPED, Family, GroupCount, parse_img_size
+from .base import GROUPED, Family, GroupCount, parse_img_size, recorded_input_size
 
 DEFAULT_IMG_SIZE = 224  # every timm PVTv2 config; used when the model carries no pretrained config
 
@@ -225,9 +225,7 @@ class PvtV2Adapter(Family):
 
     # --- sizes ---------------------------------------------------------------------------------------------------
     def input_size(self) -> tuple[int, int, int]:
-        cfg = getattr(self.model, "pretrained_cfg", None) or {}
-        _, H, W = cfg.get("input_size", (None, DEFAULT_IMG_SIZE, DEFAULT_IMG_SIZE))
-        return (self.model.in_chans, H, W)
+        return (self.model.in_chans, *(recorded_input_size(self.model) or (DEFAULT_IMG_SIZE, DEFAULT_IMG_SIZE)))
 
     def _input_grid(self, img_size: int | tuple[int, int] | None) -> tuple[int, int]:
         return self.input_size()[1:] if img_size is None else parse_img_size(img_size)

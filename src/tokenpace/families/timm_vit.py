@@ -139,6 +139,10 @@ class PatchSequenceFamily(SequenceFamily):
 
     def __init__(self, model: nn.Module) -> None:
         check_pool(model)
+        patch_drop = getattr(model, "patch_drop", None)  # None or an Identity when off, as timm's classes keep it
+        if patch_drop is not None and not isinstance(patch_drop, nn.Identity):
+            raise TypeError("patch dropout (patch_drop_rate > 0) changes the token count before the blocks; "
+                            "build the model with patch_drop_rate=0 to use tokenpace")
         super().__init__(model, [model.blocks])
         self.fixed_length_head = has_fixed_length_pool(model)
 
@@ -208,9 +212,6 @@ class TimmViT(PatchSequenceFamily):
                     "timm's pre-norm Block or post-norm ResPostBlock with the standard Attention (DeiT, ViT/AugReg, "
                     "DeiT-III, registers, qk-norm, SigLIP, AIMv2); parallel and differential-attention blocks are not "
                     "supported")
-        if not isinstance(model.patch_drop, nn.Identity):
-            raise TypeError("patch dropout (patch_drop_rate > 0) changes the token count before the blocks; "
-                            "build the model with patch_drop_rate=0 to use tokenpace")
         super().__init__(model)
 
     @classmethod
