@@ -240,6 +240,7 @@ def _families():
         "swin": (spread_weights(SwinTransformer(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2),
                                                 num_heads=(2, 2), window_size=4, num_classes=10)).eval(), "idle", 32),
         "swin_v2": (make_swin("v2_padded", depths=(2,), num_heads=(2,)), "idle", 40),
+        "swin_v2_cr": (make_swin("cr_padded", depths=(2,), num_heads=(2,)), "idle", 40),
         "pvt_v2": (spread_weights(PyramidVisionTransformerV2(depths=(1, 2), embed_dims=(16, 32), num_heads=(1, 2),
                                                               sr_ratios=(4, 2), mlp_ratios=(4, 4),
                                                               num_classes=10)).eval(), "idle", 64),
@@ -290,7 +291,7 @@ def test_a_keep_that_keeps_no_token_is_refused():
 
 
 @pytest.mark.parametrize("family", ["vit", "eva", "beit", "vit_relpos", "naflexvit", "levit", "evo_levit", "swin",
-                                    "swin_v2", "pvt_v2"])
+                                    "swin_v2", "swin_v2_cr", "pvt_v2"])
 def test_patched_models_pickle_deepcopy_and_torch_save(family, tmp_path):
     import copy
     import pickle

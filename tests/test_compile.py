@@ -50,6 +50,8 @@ CASES = {
     "evo_levit": (lambda: _levit("evo_levit_cifar"), "evo", dict(stage_starts=(1,)), 32),
     "swin": (_swin, "idle", dict(stage_starts=(1,)), 32),
     "swin_v2": (lambda: make_swin("v2_padded", depths=(2,), num_heads=(2,)), "idle", dict(stage_starts=(1,)), 40),
+    "swin_v2_cr": (lambda: make_swin("cr_padded", depths=(2,), num_heads=(2,)), "idle", dict(stage_starts=(1,)),
+                   40),
     "pvt_v2": (_pvt, "idle", dict(stage_starts=(1,)), 64),
 }
 

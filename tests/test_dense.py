@@ -58,6 +58,8 @@ FAMILIES = {  # name: (build, input size, methods, flat)
     "swin": (_swin, 32, ("idle",), False),
     "swin_v2": (lambda: make_swin("v2_shifted", embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 4)), 32, ("idle",),
                 False),
+    "swin_v2_cr": (lambda: make_swin("cr_shifted", embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 4)), 32,
+                   ("idle",), False),
     "pvt_v2": (_pvt, 64, ("idle",), False),
 }
 
@@ -195,7 +197,8 @@ def _linear_calls(block):
                                            ("eva_rope_mixed", "topk"), ("beit", "evo"), ("vit_relpos", "idle"),
                                            ("naflexvit", "evo"),
                                            ("levit", "evo"), ("evo_levit", "evo"),
-                                           ("swin", "idle"), ("swin_v2", "idle"), ("pvt_v2", "idle")])
+                                           ("swin", "idle"), ("swin_v2", "idle"), ("swin_v2_cr", "idle"),
+                                           ("pvt_v2", "idle")])
 def test_gradient_checkpointing_is_honoured_with_equal_gradients(family, method):
     build, size, _, _ = FAMILIES[family]
     plain = build().train()

@@ -80,7 +80,6 @@ def test_unsupported_vit_block_type():
 
 def test_unsupported_blocks_pools_and_classes_name_what_is_accepted():
     from timm.models.eva import Eva
-    from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
     from timm.models.vision_transformer import ParallelScalingBlock
 
     parallel = make_vit("deit", depth=2, block_fn=ParallelScalingBlock)  # vit_pwee_*: no separate attention
@@ -99,10 +98,10 @@ def test_unsupported_blocks_pools_and_classes_name_what_is_accepted():
     pooled.global_pool = "gem"
     with pytest.raises(TypeError, match="global_pool='gem'.*accepted: 'token', 'avg', 'avgmax', 'max', 'map', ''"):
         tokenpace.apply(pooled, "idle")
-    swin_v2_cr = SwinTransformerV2Cr(img_size=32, patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,),
-                                     window_size=4)
+    with torch.device("meta"):  # SAM's ViT (windowed and global blocks, a neck): another class
+        sam = timm.create_model("samvit_base_patch16")
     with pytest.raises(TypeError, match="is not a supported model; tokenpace supports: timm VisionTransformer"):
-        tokenpace.apply(swin_v2_cr, "idle")
+        tokenpace.apply(sam, "idle")
 
 
 def test_attention_masks_are_refused_on_a_patched_model():

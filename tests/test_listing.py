@@ -9,7 +9,8 @@ def _by_name(rows):
 def test_supported_and_refused_models_with_reasons():
     rows = _by_name(list_support("deit_small_patch16_224") + list_support("swin_tiny_patch4_window7_224")
                     + list_support("vit_pwee") + list_support("swinv2_tiny_window8")
-                    + list_support("swinv2_cr_small_224") + list_support("siglip_224") + list_support("dinov3"))
+                    + list_support("samvit_base") + list_support("swinv2_cr_small_224") + list_support("siglip_224")
+                    + list_support("dinov3"))
     assert rows["deit_small_patch16_224.fb_in1k"].accepted() == ["evo", "idle", "evit", "topk"]
     swin = rows["swin_tiny_patch4_window7_224.ms_in1k"]
     assert swin.model_class == "SwinTransformer" and swin.accepted() == ["idle"]
@@ -17,8 +18,9 @@ def test_supported_and_refused_models_with_reasons():
     pwee = rows["vit_pwee_patch16_reg1_gap_256.sbb_in1k"]
     assert pwee.accepted() == [] and "ParallelScalingBlock" in pwee.refusals["idle"]
     assert rows["swinv2_tiny_window8_256.ms_in1k"].accepted() == ["idle"]
-    swinv2_cr = rows["swinv2_cr_small_224.sw_in1k"].refusals["idle"]
-    assert swinv2_cr == "no tokenpace family runs SwinTransformerV2Cr models"  # one line, not the families' list
+    assert rows["swinv2_cr_small_224.sw_in1k"].accepted() == ["idle"]
+    sam = rows["samvit_base_patch16.sa1b"].refusals["idle"]
+    assert sam == "no tokenpace family runs VisionTransformerSAM models"  # one line, not the families' list
     siglip = [r for name, r in rows.items() if name.startswith("vit_base_patch16_siglip_224")]
     dinov3 = [r for name, r in rows.items() if "dinov3" in name]
     assert siglip and dinov3 and all(r.accepted() == ["evo", "idle", "evit", "topk"] for r in siglip + dinov3)

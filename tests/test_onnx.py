@@ -45,6 +45,7 @@ FAMILIES = {
     "evo_levit": (lambda: make_levit("evo_levit_cifar", depth=(1, 1, 1)), ("evo", {})),
     "swin": (lambda: make_swin("padded"), ("idle", {})),  # padded windows, shifted, dynamic mask
     "swin_v2": (lambda: make_swin("v2_padded", depths=(2,), num_heads=(2,)), ("idle", {})),
+    "swin_v2_cr": (lambda: make_swin("cr_padded", depths=(2,), num_heads=(2,)), ("idle", {})),
     "pvt_v2": (lambda: make_pvt("sr", depths=(1, 1, 1, 1)), ("idle", {})),
     "lvvit": (lambda: make_lvvit(depth=2), ("idle", {"keep": 0.5})),
 }

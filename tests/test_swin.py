@@ -1,5 +1,6 @@
-"""SwinAdapter and SwinV2Adapter: IdleViT per attention window on timm SwinTransformer and SwinTransformerV2 (post-norm,
-cosine attention, continuous position bias), against a literal masked reference."""
+"""SwinAdapter, SwinV2Adapter and SwinV2CrAdapter: IdleViT per attention window on timm SwinTransformer,
+SwinTransformerV2 (post-norm, cosine attention, continuous position bias) and SwinTransformerV2Cr (NCHW stages, an MLP
+bias over log-spaced offsets, main-branch norms), against a literal masked reference."""
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
 from timm.models.swin_transformer_v2 import SwinTransformerV2, SwinTransformerV2Block
+from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr, SwinTransformerV2CrBlock
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokenpace
@@ -25,16 +27,23 @@ SWINS = {
                 40),
 }
 SWINS.update({f"v2_{name}": SWINS[name] for name in list(SWINS)})  # the same maps on SwinTransformerV2
+# and on SwinTransformerV2Cr, the shifted one with a main-branch norm ending every stage (its *_ns_* models)
+SWINS.update({"cr_shifted": ({**SWINS["shifted"][0], "extra_norm_stage": True}, 32), "cr_padded": SWINS["padded"]})
 STARTS = {"shifted": (1, 3, 5), "padded": (1, 2, 3), "dynamic": (1, 3, 5)}  # shifted blocks idle in each model
-STARTS.update({f"v2_{name}": STARTS[name] for name in list(STARTS)})
+STARTS.update({f"{kind}_{name}": STARTS[name] for kind in ("v2", "cr") for name in list(STARTS)})
+CLASSES = {"": SwinTransformer, "v2": SwinTransformerV2, "cr": SwinTransformerV2Cr}
+
+
+def swin_class(variant: str):
+    return CLASSES[variant.split("_")[0] if "_" in variant else ""]
 
 
 def make_swin(variant: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     options = {**dict(embed_dim=32, window_size=4, num_classes=10), **SWINS[variant][0], **overrides}
-    if not variant.startswith("v2_"):
+    if swin_class(variant) is SwinTransformer:
         return spread_weights(SwinTransformer(**options), seed).eval()
-    model = spread_weights(SwinTransformerV2(**options), seed).eval()
+    model = spread_weights(swin_class(variant)(**options), seed).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # logit scales near timm's init (log 10), not spread as weights
         for blk in swin_blocks(model):
@@ -48,8 +57,18 @@ def swin_images(variant: str, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
+def swin_stages(model):
+    return model.stages if isinstance(model, SwinTransformerV2Cr) else model.layers
+
+
 def swin_blocks(model):
-    return [blk for stage in model.layers for blk in stage.blocks]
+    return [blk for stage in swin_stages(model) for blk in stage.blocks]
+
+
+def swin_embed(model, img):
+    """The first stage's (B, H, W, C) map: SwinV2Cr's embedding gives NCHW, its stages convert."""
+    x = model.patch_embed(img)
+    return x.permute(0, 2, 3, 1) if isinstance(model, SwinTransformerV2Cr) else x
 
 
 def set_fused(model, fused: bool):
@@ -82,22 +101,28 @@ def ref_unwindows(blk, t, H, W):
 
 def ref_logits(blk, x):
     """Every window's full scaled logits (G, heads, n, n) with relative-position bias and shift mask, and v.
-    SwinV2: no norm before the attention, cosine logits times the clamped logit scale, 16 sigmoid(cpb_mlp) bias."""
+    SwinV2: no norm before the attention, cosine logits times the clamped logit scale, 16 sigmoid(cpb_mlp) bias;
+    SwinV2Cr: the same, with its meta MLP's bias over every slot pair."""
     attn = blk.attn
-    v2 = isinstance(blk, SwinTransformerV2Block)
+    cr = isinstance(blk, SwinTransformerV2CrBlock)
+    v2 = cr or isinstance(blk, SwinTransformerV2Block)
     normed = x if v2 else blk.norm1(x)
     shifted, win = ref_shift_pad(blk, normed), ref_windows(blk, normed)
     G, n, _ = win.shape
     if v2:
-        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        bias = attn.qkv.bias if cr or attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
         qkv = F.linear(win, attn.qkv.weight, bias)
     else:
         qkv = attn.qkv(win)
     q, k, v = qkv.reshape(G, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    if v2:
+    if cr:
+        rel = attn.meta_mlp(attn.relative_coordinates_log).transpose(0, 1).reshape(attn.num_heads, n, n)
+        scale = torch.clamp(attn.logit_scale, max=math.log(100)).exp().view(-1, 1, 1)
+    elif v2:
         table = attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads)
         rel = 16 * torch.sigmoid(table[attn.relative_position_index].permute(2, 0, 1))
         scale = torch.clamp(attn.logit_scale, max=math.log(100)).exp()
+    if v2:
         logits = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * scale + rel
     else:
         logits = (q * attn.scale) @ k.transpose(-2, -1) + attn._get_rel_pos_bias()
@@ -128,18 +153,20 @@ def ref_idle_block(blk, x, k, score):
     sel = torch.zeros_like(pad).scatter(1, ref_scores(blk, x, score).topk(k, dim=1).indices, True)
     probs = logits.masked_fill(~(sel & ~pad)[:, None, None, :], float("-inf")).softmax(-1)
     out = ref_unwindows(blk, blk.attn.proj((probs @ v).transpose(1, 2).reshape(*pad.shape, -1)), H, W)
-    if isinstance(blk, SwinTransformerV2Block):  # post-norm
+    if isinstance(blk, (SwinTransformerV2Block, SwinTransformerV2CrBlock)):  # post-norm
         y = x + blk.norm1(out)
         y = y + blk.norm2(blk.mlp(y))
     else:
         y = x + out
         y = y + blk.mlp(blk.norm2(y))
-    return torch.where(ref_unwindows(blk, sel.unsqueeze(-1).float(), H, W) > 0.5, y, x)
+    y = torch.where(ref_unwindows(blk, sel.unsqueeze(-1).float(), H, W) > 0.5, y, x)
+    # SwinV2Cr's main-branch norm (stage end, final): on every token, idle ones too
+    return blk.norm3(y) if isinstance(blk, SwinTransformerV2CrBlock) else y
 
 
 def ref_idle(model, img, keep, score, starts):
-    x, i = model.patch_embed(img), 0
-    for stage in model.layers:
+    x, i = swin_embed(model, img), 0
+    for stage in swin_stages(model):
         x = stage.downsample(x)
         for blk in stage.blocks:
             s = sum(i >= start for start in starts)
@@ -147,6 +174,8 @@ def ref_idle(model, img, keep, score, starts):
             k = int(n * keep ** s)
             x = blk(x) if s == 0 or k == n else ref_idle_block(blk, x, k, score)
             i += 1
+    if isinstance(model, SwinTransformerV2Cr):  # no final norm module: the last block's norm3
+        return model.forward_head(x.permute(0, 3, 1, 2))
     return model.forward_head(model.norm(x))
 
 
@@ -162,7 +191,7 @@ def test_keep_one_is_the_model_and_remove_restores_it(variant):
         assert not torch.allclose(tokenpace.apply(model, "idle", keep=0.7)(img), ref, atol=1e-3)
         assert list(model.state_dict()) == keys
         assert torch.equal(tokenpace.remove(model)(img), ref)
-    assert type(model) is (SwinTransformerV2 if variant.startswith("v2_") else SwinTransformer)
+    assert type(model) is swin_class(variant)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -180,7 +209,8 @@ def test_idle_equals_the_masked_window_reference(variant, score, fused):
 
 @pytest.mark.parametrize("variant,block,grid", [("shifted", 1, (16, 16)), ("shifted", 2, (8, 8)),
                                                 ("padded", 3, (5, 5)), ("dynamic", 3, (10, 10)),
-                                                ("v2_shifted", 1, (16, 16)), ("v2_padded", 3, (5, 5))])
+                                                ("v2_shifted", 1, (16, 16)), ("v2_padded", 3, (5, 5)),
+                                                ("cr_shifted", 1, (16, 16)), ("cr_padded", 3, (5, 5))])
 def test_adapter_scores_rank_like_the_full_logits(variant, block, grid):
     """Shifted-window mask, relative-position bias and padding included: scores differ by one constant per window."""
     model = make_swin(variant)
@@ -243,9 +273,9 @@ def test_trace_positions(variant):
     img = swin_images(variant)
     with torch.no_grad(), tokenpace.trace(model) as tr:
         model(img)
-        x = model.patch_embed(img)  # the real map of each stage (the dynamic model runs at another size)
+        x = swin_embed(model, img)  # the real map of each stage (the dynamic model runs at another size)
         grids = []
-        for stage in model.layers:
+        for stage in swin_stages(model):
             x = stage.downsample(x)
             grids += [x.shape[1:3]] * len(stage.blocks)
     assert [kept is None for kept in tr.kept] == [i < STARTS[variant][0] for i in range(adapter.depth)]
@@ -277,9 +307,7 @@ def test_only_idle_and_window_scores():
     assert tokenpace.get_patch(model) is None
 
 
-def test_unknown_blocks_and_swin_v2_cr_are_rejected():
-    from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
-
+def test_unknown_blocks_are_rejected():
     model = make_swin("padded")
     model.layers[1].blocks[0].__class__ = type("MyBlock", (SwinTransformerBlock,), {})
     with pytest.raises(TypeError, match="block 2 of this SwinTransformer is MyBlock.*supports timm's "
@@ -290,13 +318,15 @@ def test_unknown_blocks_and_swin_v2_cr_are_rejected():
     with pytest.raises(TypeError, match="block 1 of this SwinTransformerV2 is MyBlock.*supports timm's "
                                         "SwinTransformerV2Block with WindowAttention \\(SwinV2"):
         tokenpace.apply(v2, "idle")
-    cr = SwinTransformerV2Cr(img_size=32, patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,), window_size=4)
-    with pytest.raises(TypeError, match="not a supported model"):
+    cr = make_swin("cr_padded")
+    cr.stages[1].blocks[1].__class__ = type("MyBlock", (SwinTransformerV2CrBlock,), {})
+    with pytest.raises(TypeError, match="block 3 of this SwinTransformerV2Cr is MyBlock.*supports timm's "
+                                        "SwinTransformerV2CrBlock with WindowMultiHeadAttention \\(SwinV2 Cr"):
         tokenpace.apply(cr, "idle")
 
 
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("variant", ["padded", "v2_padded"])
+@pytest.mark.parametrize("variant", ["padded", "v2_padded", "cr_padded"])
 def test_bf16_autocast_and_training(variant, fused):
     model = tokenpace.apply(set_fused(make_swin(variant, drop_path_rate=0.2), fused), "idle", keep=0.5)
     img = swin_images(variant)
@@ -308,24 +338,34 @@ def test_bf16_autocast_and_training(variant, fused):
     model.train()
     model(img).logsumexp(-1).mean().backward()
     attn = tokenpace.get_patch(model).adapter.blocks[3].attn
-    bias = (attn.cpb_mlp[0].weight, attn.logit_scale) if variant.startswith("v2_") else (
-        attn.relative_position_bias_table,)
+    if variant.startswith("v2_"):
+        bias = (attn.cpb_mlp[0].weight, attn.logit_scale)
+    elif variant.startswith("cr_"):
+        bias = (attn.meta_mlp.fc1.weight, attn.logit_scale)
+    else:
+        bias = (attn.relative_position_bias_table,)
     for p in (attn.qkv.weight, *bias, tokenpace.get_patch(model).adapter.blocks[3].mlp.fc1.weight):
         assert p.grad is not None and p.grad.isfinite().all() and p.grad.abs().sum() > 0
 
 
-def test_v2_gradients_equal_the_references():
+@pytest.mark.parametrize("variant", ["v2_padded", "cr_padded"])
+def test_v2_gradients_equal_the_references(variant):
     """SwinV2 in training: the keys scoring projected are reused by the block with their gradient, so every
     parameter's gradient (q/k/v, the logit scale, the position-bias MLP) equals the literal reference's."""
-    model = make_swin("v2_padded", drop_path_rate=0.0).train()  # no stochastic depth: both runs are the same
-    img = swin_images("v2_padded")
-    ref_idle(model, img, 0.5, "received", STARTS["v2_padded"]).logsumexp(-1).mean().backward()
+    model = make_swin(variant, drop_path_rate=0.0).train()  # no stochastic depth: both runs are the same
+    for blk in swin_blocks(model):  # SwinV2Cr's meta MLP has dropout: off, so both runs draw nothing
+        for m in blk.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    img = swin_images(variant)
+    ref_idle(model, img, 0.5, "received", STARTS[variant]).logsumexp(-1).mean().backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
-    tokenpace.apply(model, "idle", keep=0.5, stage_starts=STARTS["v2_padded"]).train()
+    tokenpace.apply(model, "idle", keep=0.5, stage_starts=STARTS[variant]).train()
     model(img).logsumexp(-1).mean().backward()
     idling = tokenpace.get_patch(model).adapter.blocks[3]
-    assert idling.attn.logit_scale.grad.abs().sum() > 0 and idling.attn.cpb_mlp[0].weight.grad.abs().sum() > 0
+    mlp = idling.attn.meta_mlp.fc1 if variant.startswith("cr") else idling.attn.cpb_mlp[0]
+    assert idling.attn.logit_scale.grad.abs().sum() > 0 and mlp.weight.grad.abs().sum() > 0
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], atol=1e-4, rtol=1e-4, msg=name)
 

@@ -1,7 +1,9 @@
-"""timm ``SwinTransformer`` (Swin v1) and ``SwinTransformerV2`` families: IdleViT on a pyramid ViT with
-shifted-window attention. SwinV2's blocks are post-norm with cosine attention (a learned per-head logit scale) and
-a continuous position bias (16 sigmoid of a small MLP over log-spaced offsets); its anatomy says so (``SwinV2Parts``)
-and the windows, padding, masks and idling below are the same.
+"""timm ``SwinTransformer`` (Swin v1), ``SwinTransformerV2`` and ``SwinTransformerV2Cr`` families: IdleViT on a
+pyramid ViT with shifted-window attention. SwinV2's blocks are post-norm with cosine attention (a learned per-head
+logit scale) and a continuous position bias (16 sigmoid of a small MLP over log-spaced offsets); its anatomy says so
+(``SwinV2Parts``) and the windows, padding, masks and idling below are the same. SwinV2Cr (``swinv2_cr_*``, another
+implementation of SwinV2) differs in its bias (an MLP over every slot pair's log-spaced offset), its NCHW stages and a
+main-branch norm some blocks end with (``SwinV2CrParts``, ``SwinV2CrAdapter``).
 
 Layout. Between blocks the tokens travel as timm's (B, H, W, C) map. Blocks are numbered across stages; stage s's
 entry runs its patch merging (or nothing) on the full map, so idle tokens merge with the others as usual.
@@ -60,6 +62,14 @@ def _timm_v2_classes():
     return SwinTransformerV2, SwinTransformerV2Stage, SwinTransformerV2Block, WindowAttention, PatchMerging
 
 
+def _timm_v2_cr_classes():
+    from timm.models.swin_transformer_v2_cr import (PatchMerging, SwinTransformerV2Cr, SwinTransformerV2CrBlock,
+                                                    SwinTransformerV2CrStage, WindowMultiHeadAttention)
+
+    return (SwinTransformerV2Cr, SwinTransformerV2CrStage, SwinTransformerV2CrBlock, WindowMultiHeadAttention,
+            PatchMerging)
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -97,7 +107,7 @@ class _Prep:
     windows: torch.Tensor  # (B*nW, n, C) norm1 output, shifted, padded and partitioned as timm does
     mask: torch.Tensor | None  # (nW, n, n) shifted-window mask (0 / -100), None for unshifted blocks
     layout: _Layout
-    table: torch.Tensor  # (R, heads) relative-position bias table, made once per block call (SwinV2 computes it)
+    table: torch.Tensor  # the block's relative-position bias table (``bias_table``), made once per block call
     keys: torch.Tensor | None = None  # (B*nW, heads, n, d) every slot's keys where scoring had to project them
     queries: torch.Tensor | None = None  # (B*nW, heads, n, d) every slot's queries, likewise
 
@@ -137,15 +147,21 @@ class SwinParts(BlockParts):
         """MACs of making :meth:`bias_table` (once per block call)."""
         return 0
 
+    def pair_bias(self, table: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None):
+        """The bias (..., heads) of the slot pairs [rows, cols] of a window, from :meth:`bias_table` (every pair,
+        (n, n, heads), when rows is None)."""
+        index = self.attn.relative_position_index
+        return table[index] if rows is None else table[index[rows, cols]]
+
     def bias(self, where: _Slots):
-        attn, prep = self.attn, where.prep
+        prep = where.prep
         if where.sel is None:  # every slot of every window: (nW or 1, heads, n, n)
-            bias = prep.table[attn.relative_position_index].permute(2, 0, 1)
+            bias = self.pair_bias(prep.table).permute(2, 0, 1)
             return bias if prep.mask is None else bias + prep.mask.unsqueeze(1)
         sel = where.sel
         B, nW, k = sel.shape
         rows, cols = sel.unsqueeze(-1), sel.unsqueeze(-2)  # (B, nW, k, 1), (B, nW, 1, k)
-        bias = prep.table[attn.relative_position_index[rows, cols]].permute(0, 1, 4, 2, 3)
+        bias = self.pair_bias(prep.table, rows, cols).permute(0, 1, 4, 2, 3)
         win = torch.arange(nW, device=sel.device).view(1, nW, 1, 1)
         if prep.mask is not None:
             bias = bias + prep.mask[win, rows, cols].unsqueeze(2)
@@ -237,26 +253,46 @@ class SwinV2Parts(PostNorm, SwinParts):
         return coords.numel() // coords.shape[-1] * linear_macs(self.attn.cpb_mlp)
 
 
+class SwinV2CrParts(SwinV2Parts):
+    """timm ``SwinTransformerV2CrBlock`` + ``WindowMultiHeadAttention`` (``swinv2_cr_*``): SwinV2's post-norm
+    residuals and cosine attention; the bias is a small MLP over the log-spaced offsets of every slot pair, no sigmoid
+    and no index table, so :meth:`bias_table` is the (heads, n, n) bias itself. The block's main-branch norm
+    (``norm3``, the stage-end and final norm) is not a residual: the adapter applies it to every token."""
+
+    def bias_table(self) -> torch.Tensor:
+        attn = self.attn
+        n = attn.window_size[0] * attn.window_size[1]
+        return attn.meta_mlp(attn.relative_coordinates_log).transpose(0, 1).reshape(self.num_heads, n, n)
+
+    def table_macs(self) -> int:
+        return self.attn.relative_coordinates_log.shape[0] * linear_macs(self.attn.meta_mlp)
+
+    def pair_bias(self, table, rows=None, cols=None):
+        pairs = table.permute(1, 2, 0)  # (n, n, heads)
+        return pairs if rows is None else pairs[rows, cols]
+
+
 class SwinAdapter(Family):
     name = "timm SwinTransformer"
     layout = GROUPED
     classes = staticmethod(_timm_classes)  # (model, stage, block, attention, patch merging) classes
     parts_class = SwinParts
     variants = "Swin v1: swin_tiny..swin_large"
+    stages_attr = "layers"  # where the model keeps its stages
 
     def __init__(self, model: nn.Module) -> None:
         Model, Stage, Block, WindowAttention, PatchMerging = self.classes()
-        for s, stage in enumerate(model.layers):
+        for s, stage in enumerate(getattr(model, self.stages_attr)):
             if type(stage) is not Stage or type(stage.downsample) not in (PatchMerging, nn.Identity):
                 raise TypeError(f"stage {s} of this {Model.__name__} is {type(stage).__name__} with "
                                 f"{type(stage.downsample).__name__}; tokenpace supports timm's {Stage.__name__} "
                                 f"with PatchMerging or no down-sampling ({self.variants})")
-        super().__init__(model, [stage.blocks for stage in model.layers])
+        super().__init__(model, [stage.blocks for stage in getattr(model, self.stages_attr)])
         for i, blk in enumerate(self.blocks):
             if type(blk) is not Block or type(blk.attn) is not WindowAttention:
                 raise TypeError(f"block {i} of this {Model.__name__} is {type(blk).__name__} with "
                                 f"{type(blk.attn).__name__}; tokenpace supports timm's {Block.__name__} with "
-                                f"WindowAttention ({self.variants})")
+                                f"{WindowAttention.__name__} ({self.variants})")
         self._layouts: dict[tuple, _Layout] = {}  # per (map size, window, shift, device): built once
 
     @classmethod
@@ -278,12 +314,16 @@ class SwinAdapter(Family):
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.norm(x)
 
+    @property
+    def stages(self) -> nn.Module:
+        return getattr(self.model, self.stages_attr)
+
     def enter_stage(self, s: int, x: torch.Tensor, frame: Frame, row: str | None = None):
-        return self.model.layers[s].downsample(x), None
+        return self.stages[s].downsample(x), None
 
     @property
     def checkpointing(self) -> bool:
-        return any(stage.grad_checkpointing for stage in self.model.layers)
+        return any(stage.grad_checkpointing for stage in self.stages)
 
     def intermediates(self, maps, final, frame, taken, stopped, options):
         """As timm's Swin: each stage's (B, H, W, C) map as NCHW; the final norm only on the last stage's."""
@@ -401,7 +441,7 @@ class SwinAdapter(Family):
     def _stage_grids(self, img_size: int | tuple[int, int] | None) -> list[tuple[int, int]]:
         """(H, W) of each stage's blocks: patch merging halves the map, rounding up as its padding does."""
         grid, grids = self._patch_grid(img_size), []
-        for stage in self.model.layers:
+        for stage in self.stages:
             if not isinstance(stage.downsample, nn.Identity):  # patch merging
                 grid = (_ceil_div(grid[0], 2), _ceil_div(grid[1], 2))
             grids.append(grid)
@@ -426,7 +466,7 @@ class SwinAdapter(Family):
         proj = m.patch_embed.proj
         rows, cols = self._patch_grid(img_size)
         total = (proj.weight.numel() * rows * cols if isinstance(proj, nn.Conv2d) else 0) + linear_macs(m.head)
-        for s, (stage, blocks) in enumerate(zip(m.layers, self.stage_blocks)):
+        for s, (stage, blocks) in enumerate(zip(self.stages, self.stage_blocks)):
             H, W = grids[s]
             total += linear_macs(stage.downsample) * H * W  # patch merging: one reduction per output token
             for i in blocks:
@@ -444,3 +484,32 @@ class SwinV2Adapter(SwinAdapter):
     classes = staticmethod(_timm_v2_classes)
     parts_class = SwinV2Parts
     variants = "SwinV2: swinv2_tiny..swinv2_large, the cr_ variants are another class"
+
+
+class SwinV2CrAdapter(SwinV2Adapter):
+    """timm ``SwinTransformerV2Cr``: its stages take and give NCHW maps and convert to (B, H, W, C) inside, so the
+    tokens travel as (B, H, W, C) here too and ``finish`` gives NCHW back; there is no final norm module (the last
+    block's ``norm3`` is it), and each block's ``norm3`` runs on every token, idle ones included."""
+
+    name = "timm SwinTransformerV2Cr"
+    classes = staticmethod(_timm_v2_cr_classes)
+    parts_class = SwinV2CrParts
+    variants = "SwinV2 Cr: swinv2_cr_tiny..swinv2_cr_giant"
+    stages_attr = "stages"
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
+        x = self.model.patch_embed(x).permute(0, 2, 3, 1)
+        return x, Frame(grid=tuple(x.shape[1:3]))
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2)  # NCHW, as timm's forward_features gives it to the head
+
+    def intermediates(self, maps, final, frame, taken, stopped, options):
+        """As timm's SwinV2Cr: each stage's map as NCHW (its ``norm`` argument changes nothing there)."""
+        options.only_nchw(self.name)
+        maps = [y.permute(0, 3, 1, 2) for y in maps]
+        return maps if options.intermediates_only else (self.finish(final), maps)
+
+    def run_selected(self, i: int, x: torch.Tensor, prep: _Prep, idx: torch.Tensor, keep_qk: bool = False):
+        x, qk = super().run_selected(i, x, prep, idx, keep_qk)
+        return self.blocks[i].norm3(x), qk
