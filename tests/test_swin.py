@@ -28,7 +28,8 @@ SWINS = {
 }
 SWINS.update({f"v2_{name}": SWINS[name] for name in list(SWINS)})  # the same maps on SwinTransformerV2
 # and on SwinTransformerV2Cr, the shifted one with a main-branch norm ending every stage (its *_ns_* models)
-SWINS.update({"cr_shifted": ({**SWINS["shifted"][0], "extra_norm_stage": True}, 32), "cr_padded": SWINS["padded"]})
+SWINS.update({"cr_shifted": ({**SWINS["shifted"][0], "extra_norm_stage": True}, 32), "cr_padded": SWINS["padded"],
+              "cr_dynamic": SWINS["dynamic"]})
 STARTS = {"shifted": (1, 3, 5), "padded": (1, 2, 3), "dynamic": (1, 3, 5)}  # shifted blocks idle in each model
 STARTS.update({f"{kind}_{name}": STARTS[name] for kind in ("v2", "cr") for name in list(STARTS)})
 CLASSES = {"": SwinTransformer, "v2": SwinTransformerV2, "cr": SwinTransformerV2Cr}
@@ -72,6 +73,8 @@ def swin_embed(model, img):
 
 
 def set_fused(model, fused: bool):
+    """timm's flag, read by tokenpace's attention at each forward (SwinV2Cr's attention has none: set here, it asks
+    tokenpace for the explicit softmax too; timm's own Cr attention is always explicit)."""
     for blk in swin_blocks(model):
         blk.attn.fused_attn = fused
     return model
@@ -377,3 +380,15 @@ def test_torch_compile_full_graph():
         expected = model(images)
         compiled = torch.compile(model, fullgraph=True, backend="eager")
         assert torch.allclose(compiled(images), expected, atol=1e-5)
+
+
+def test_swinv2_cr_sizes():
+    """A strict SwinV2Cr runs its own size only; built with strict_img_size=False it runs any size (masks built per
+    forward, the patch conv rounding the sides down), and the count follows what runs."""
+    with pytest.raises(ValueError, match=r"built for 40x40 inputs only \(build it with strict_img_size=False"):
+        tokenpace.macs(make_swin("cr_padded"), img_size=48)
+    model = tokenpace.apply(set_fused(make_swin("cr_dynamic"), False), "idle")
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.randn(1, 3, 33, 35))
+    assert tokenpace.macs(model, img_size=(33, 35)) == counter.get_total_flops() // 2

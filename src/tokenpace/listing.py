@@ -15,8 +15,9 @@ from .patch import apply, remove
 
 # timm modules whose models tokenpace runs, then look-alikes it refuses (listed so that a search finds the reason)
 SUPPORTED_MODULES = ("vision_transformer", "vision_transformer_hybrid", "vision_transformer_relpos", "vitamin", "deit",
-                     "eva", "beit", "levit", "swin_transformer", "swin_transformer_v2", "pvt_v2", "archs")
-REFUSED_MODULES = ("naflexvit", "swin_transformer_v2_cr", "vision_transformer_sam")
+                     "eva", "beit", "naflexvit", "levit", "swin_transformer", "swin_transformer_v2",
+                     "swin_transformer_v2_cr", "pvt_v2", "archs")
+REFUSED_MODULES = ("vision_transformer_sam",)
 
 
 @dataclass

@@ -42,7 +42,7 @@ from ..blockops import attention_branch, mlp_half
 from ..core.macs import BlockShape, BlockWork, linear_macs
 from ..core.tokens import flat_rows, gather_heads, gather_rows, gather_tokens, scatter_rows
 from ..scoring import bias_row, block_reuses_keys, block_reuses_queries, query_logits, token_norms
-from .base import GROUPED, Family, GroupCount, parse_img_size
+from .base import GROUPED, Family, GroupCount, built_for_only, parse_img_size
 from .patch_embed import patch_embed_size_problem, patch_grid
 
 PAD_LOGIT = -1e4  # masks padding keys: exp underflows to exactly 0 next to real keys, and fits fp16/bf16
@@ -257,7 +257,9 @@ class SwinV2CrParts(SwinV2Parts):
     """timm ``SwinTransformerV2CrBlock`` + ``WindowMultiHeadAttention`` (``swinv2_cr_*``): SwinV2's post-norm
     residuals and cosine attention; the bias is a small MLP over the log-spaced offsets of every slot pair, no sigmoid
     and no index table, so :meth:`bias_table` is the (heads, n, n) bias itself. The block's main-branch norm
-    (``norm3``, the stage-end and final norm) is not a residual: the adapter applies it to every token."""
+    (``norm3``, the stage-end and final norm) is not a residual: the adapter applies it to every token. With
+    ``extra_norm_period`` (huge and giant, no pretrained weights) a token idle across several such blocks is normed
+    at each of them, as a dense run would norm it."""
 
     def bias_table(self) -> torch.Tensor:
         attn = self.attn
@@ -267,7 +269,7 @@ class SwinV2CrParts(SwinV2Parts):
     def table_macs(self) -> int:
         return self.attn.relative_coordinates_log.shape[0] * linear_macs(self.attn.meta_mlp)
 
-    def pair_bias(self, table, rows=None, cols=None):
+    def pair_bias(self, table: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None):
         pairs = table.permute(1, 2, 0)  # (n, n, heads)
         return pairs if rows is None else pairs[rows, cols]
 
@@ -483,7 +485,7 @@ class SwinV2Adapter(SwinAdapter):
     name = "timm SwinTransformerV2"
     classes = staticmethod(_timm_v2_classes)
     parts_class = SwinV2Parts
-    variants = "SwinV2: swinv2_tiny..swinv2_large, the cr_ variants are another class"
+    variants = "SwinV2: swinv2_tiny..swinv2_large; swinv2_cr_* is SwinTransformerV2Cr, also supported"
 
 
 class SwinV2CrAdapter(SwinV2Adapter):
@@ -513,3 +515,10 @@ class SwinV2CrAdapter(SwinV2Adapter):
     def run_selected(self, i: int, x: torch.Tensor, prep: _Prep, idx: torch.Tensor, keep_qk: bool = False):
         x, qk = super().run_selected(i, x, prep, idx, keep_qk)
         return self.blocks[i].norm3(x), qk
+
+    def size_problem(self, size: tuple[int, int]) -> str | None:
+        """Its own size, or any size when built with ``strict_img_size=False`` (then its blocks build their masks per
+        forward, and its patch conv rounds the sides down, as ``patch_grid`` counts them)."""
+        pe = self.model.patch_embed
+        own = tuple(pe.img_size)
+        return None if size == own or not pe.strict_img_size else built_for_only(own, "strict_img_size=False")
