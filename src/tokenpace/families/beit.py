@@ -16,7 +16,7 @@ from ..anatomy import Frame
 from .base import FIXED_GRID_RESIZE, Family
 from .eva import EvaParts
 from .patch_embed import patch_grid
-from .timm_vit import PatchSequenceFamily
+from .timm_vit import PatchSequenceFamily, check_blocks
 
 
 def _timm_classes():
@@ -75,10 +75,8 @@ class TimmBeit(PatchSequenceFamily):
 
     def __init__(self, model: nn.Module) -> None:
         _, Block, Attention = _timm_classes()
-        for i, blk in enumerate(model.blocks):
-            if type(blk) is not Block or type(blk.attn) is not Attention:
-                raise TypeError(f"block {i} of this Beit is {type(blk).__name__} with {type(blk.attn).__name__}; "
-                                "tokenpace supports timm's BEiT Block with its Attention")
+        check_blocks(model, "Beit", lambda blk: type(blk) is Block and type(getattr(blk, "attn", None)) is Attention,
+                     "timm's BEiT Block with its Attention")
         super().__init__(model)
         self.blocks_use_positions = model.rel_pos_bias is not None or any(
             blk.attn.relative_position_bias_table is not None for blk in model.blocks)

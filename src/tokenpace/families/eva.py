@@ -16,7 +16,7 @@ from torch import nn
 from ..anatomy import Frame, PostNorm, TokenSet, fused_qkv_bias
 from ..core.macs import BlockShape, linear_macs
 from .patch_embed import patch_grid
-from .timm_vit import PatchSequenceFamily, VitParts
+from .timm_vit import PatchSequenceFamily, VitParts, check_blocks
 
 
 def _timm_classes():
@@ -130,16 +130,22 @@ class PostNormEvaParts(PostNorm, EvaParts):
     """timm ``EvaBlockPostNorm`` (EVA-02 enormous): EVA's attention, post-norm residuals."""
 
 
+def eva_parts_class(block: nn.Module) -> type[EvaParts] | None:
+    """The parts that read a timm EVA block (``EvaBlock`` or ``EvaBlockPostNorm`` with ``EvaAttention`` or
+    ``AttentionRope``), or None for any other block."""
+    _, (pre_norm, post_norm), attentions = _timm_classes()
+    if type(getattr(block, "attn", None)) not in attentions:
+        return None
+    return {pre_norm: EvaParts, post_norm: PostNormEvaParts}.get(type(block))
+
+
 class TimmEva(PatchSequenceFamily):
     name = "timm Eva"
 
     def __init__(self, model: nn.Module) -> None:
-        _, blocks, attentions = _timm_classes()
-        for i, blk in enumerate(model.blocks):
-            if type(blk) not in blocks or type(blk.attn) not in attentions:
-                raise TypeError(f"block {i} of this Eva is {type(blk).__name__} with {type(blk.attn).__name__}; "
-                                "tokenpace supports timm's EvaBlock or EvaBlockPostNorm with EvaAttention or "
-                                "AttentionRope (EVA-02, DINOv3, PE, RoPE ViTs)")
+        check_blocks(model, "Eva", lambda blk: eva_parts_class(blk) is not None,
+                     "timm's EvaBlock or EvaBlockPostNorm with EvaAttention or AttentionRope (EVA-02, DINOv3, PE, "
+                     "RoPE ViTs)")
         super().__init__(model)
         self.blocks_use_positions = model.rope is not None
 
@@ -153,9 +159,7 @@ class TimmEva(PatchSequenceFamily):
 
     def make_parts(self, i: int) -> EvaParts:
         m = self.model
-        _, post_norm = _timm_classes()[1]
-        parts = PostNormEvaParts if type(self.blocks[i]) is post_norm else EvaParts
-        return parts(self.blocks[i], i, m.rope is not None, getattr(m, "rope_mixed", False))
+        return eva_parts_class(self.blocks[i])(self.blocks[i], i, m.rope is not None, getattr(m, "rope_mixed", False))
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
         m = self.model

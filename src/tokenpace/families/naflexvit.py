@@ -17,37 +17,23 @@ from torch import nn
 
 from ..anatomy import BlockParts, Frame
 from .base import parse_img_size, recorded_input_size
-from .eva import EvaParts, PostNormEvaParts, block_rope
-from .eva import _timm_classes as _eva_classes
+from .eva import EvaParts, block_rope, eva_parts_class
 from .patch_embed import patch_grid, patch_multiple_problem
-from .timm_vit import PatchSequenceFamily, PostNormVitParts, VitParts
-from .timm_vit import _timm_classes as _vit_classes
+from .timm_vit import PatchSequenceFamily, check_blocks, vit_parts_class
 
 
 def _parts_class(block: nn.Module) -> type[BlockParts] | None:
-    """The parts that read ``block``, or None for a block tokenpace does not run (parallel, differential)."""
-    _, (vit_block, vit_post_norm), attention = _vit_classes()
-    _, (eva_block, eva_post_norm), eva_attentions = _eva_classes()
-    attn = type(getattr(block, "attn", None))
-    if attn is attention:
-        return {vit_block: VitParts, vit_post_norm: PostNormVitParts}.get(type(block))
-    if attn in eva_attentions:
-        return {eva_block: EvaParts, eva_post_norm: PostNormEvaParts}.get(type(block))
-    return None
+    """The parts that read ``block`` (a timm ViT or EVA block), or None (parallel, differential attention)."""
+    return vit_parts_class(block) or eva_parts_class(block)
 
 
 class TimmNaFlexVit(PatchSequenceFamily):
     name = "timm NaFlexVit"
 
     def __init__(self, model: nn.Module) -> None:
-        for i, blk in enumerate(model.blocks):
-            if _parts_class(blk) is None:
-                attn = getattr(blk, "attn", None)
-                raise TypeError(
-                    f"block {i} of this NaFlexVit is {type(blk).__name__} with "
-                    f"{type(attn).__name__ if attn is not None else 'no separate attention'}; tokenpace supports "
-                    "timm's Block or ResPostBlock with the standard Attention and EvaBlock with EvaAttention or "
-                    "AttentionRope; parallel and differential-attention blocks are not supported")
+        check_blocks(model, "NaFlexVit", lambda blk: _parts_class(blk) is not None,
+                     "timm's Block or ResPostBlock with the standard Attention and EvaBlock with EvaAttention or "
+                     "AttentionRope; parallel and differential-attention blocks are not supported")
         super().__init__(model)
         self.blocks_use_positions = model.rope is not None
 

@@ -133,6 +133,26 @@ class PostNormVitParts(PostNorm, VitParts):
     """timm ``ResPostBlock`` (``vit_*_rpn_*``): the standard attention, post-norm residuals."""
 
 
+def vit_parts_class(block: nn.Module) -> type[VitParts] | None:
+    """The parts that read a timm ViT block (pre-norm ``Block`` or post-norm ``ResPostBlock`` with the standard
+    ``Attention``), or None for any other block (parallel, differential attention)."""
+    _, (pre_norm, post_norm), Attention = _timm_classes()
+    if type(getattr(block, "attn", None)) is not Attention:
+        return None
+    return {pre_norm: VitParts, post_norm: PostNormVitParts}.get(type(block))
+
+
+def check_blocks(model: nn.Module, kind: str, readable, supported: str) -> None:
+    """TypeError naming the first of the model's blocks its family cannot read (``readable(block)`` false), with the
+    block's attention, and what the family supports."""
+    for i, blk in enumerate(model.blocks):
+        if not readable(blk):
+            attn = getattr(blk, "attn", None)
+            raise TypeError(f"block {i} of this {kind} is {type(blk).__name__} with "
+                            f"{type(attn).__name__ if attn is not None else 'no separate attention'}; tokenpace "
+                            f"supports {supported}")
+
+
 class PatchSequenceFamily(SequenceFamily):
     """A flat timm model: one patch embedding (``patch_embed``), ``num_prefix_tokens`` prefix tokens, one stage of
     ``blocks``, a final ``norm``; the family checks its blocks and pooling before building."""
@@ -202,16 +222,10 @@ class TimmViT(PatchSequenceFamily):
     blocks_use_positions = False  # absolute position embeddings are added at the embedding
 
     def __init__(self, model: nn.Module) -> None:
-        _, blocks, Attention = _timm_classes()
-        for i, blk in enumerate(model.blocks):
-            attn = getattr(blk, "attn", None)
-            if type(blk) not in blocks or type(attn) is not Attention:
-                raise TypeError(
-                    f"block {i} of this VisionTransformer is {type(blk).__name__} with "
-                    f"{type(attn).__name__ if attn is not None else 'no separate attention'}; tokenpace supports "
-                    "timm's pre-norm Block or post-norm ResPostBlock with the standard Attention (DeiT, ViT/AugReg, "
-                    "DeiT-III, registers, qk-norm, SigLIP, AIMv2); parallel and differential-attention blocks are not "
-                    "supported")
+        check_blocks(model, "VisionTransformer", lambda blk: vit_parts_class(blk) is not None,
+                     "timm's pre-norm Block or post-norm ResPostBlock with the standard Attention (DeiT, ViT/AugReg, "
+                     "DeiT-III, registers, qk-norm, SigLIP, AIMv2); parallel and differential-attention blocks are not "
+                     "supported")
         super().__init__(model)
 
     @classmethod
@@ -223,8 +237,7 @@ class TimmViT(PatchSequenceFamily):
         return isinstance(model, VisionTransformer)
 
     def make_parts(self, i: int) -> VitParts:
-        _, post_norm = _timm_classes()[1]
-        return (PostNormVitParts if type(self.blocks[i]) is post_norm else VitParts)(self.blocks[i])
+        return vit_parts_class(self.blocks[i])(self.blocks[i])
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
         m = self.model

@@ -19,7 +19,7 @@ from ..anatomy import Frame, PostNorm
 from ..core.macs import linear_macs
 from .base import FIXED_GRID_RESIZE, Family, SequencePrep
 from .patch_embed import patch_grid
-from .timm_vit import PatchSequenceFamily, VitParts
+from .timm_vit import PatchSequenceFamily, VitParts, check_blocks
 
 
 def _timm_classes():
@@ -97,11 +97,9 @@ class TimmRelPosViT(PatchSequenceFamily):
 
     def __init__(self, model: nn.Module) -> None:
         _, blocks, Attention = _timm_classes()
-        for i, blk in enumerate(model.blocks):
-            if type(blk) not in blocks or type(blk.attn) is not Attention:
-                raise TypeError(f"block {i} of this VisionTransformerRelPos is {type(blk).__name__} with "
-                                f"{type(blk.attn).__name__}; tokenpace supports timm's RelPosBlock and "
-                                "ResPostRelPosBlock with RelPosAttention")
+        check_blocks(model, "VisionTransformerRelPos",
+                     lambda blk: type(blk) in blocks and type(getattr(blk, "attn", None)) is Attention,
+                     "timm's RelPosBlock and ResPostRelPosBlock with RelPosAttention")
         super().__init__(model)
         self.blocks_use_positions = model.shared_rel_pos is not None or any(
             blk.attn.rel_pos is not None for blk in model.blocks)
