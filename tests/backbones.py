@@ -14,7 +14,8 @@ import tokenpace
 from timm.models.beit import Beit
 from timm.models.eva import Eva, EvaBlockPostNorm
 from timm.models.naflexvit import NaFlexVit
-from timm.models.vision_transformer import ResPostBlock, VisionTransformer
+from timm.models.vision_transformer import (DiffParallelScalingBlock, ParallelScalingBlock, ParallelThingsBlock,
+                                            ResPostBlock, VisionTransformer)
 from timm.models.vision_transformer_relpos import ResPostRelPosBlock, VisionTransformerRelPos
 
 from conftest import spread_weights
@@ -78,11 +79,28 @@ NAFLEX = {  # timm NaFlexVit on image batches: SigLIP2 NaFlex, C-RADIO (class to
                                    qkv_fused=False, attn_gated=True),
 }
 
+VIT_BLOCKS = {  # timm ViT blocks beyond the standard one: differential attention (vit_dwee, vit_dlittle), ViT-22B's
+    # parallel block (vit_*_xp_* with RmsNorm and qk-norm; fused output projection with biases; vit_pwee), with
+    # differential attention (vit_dpwee), and parallel branches (vit_*_18x2_*)
+    "diff_reg_gap": dict(attn_layer="diff", class_token=False, no_embed_class=True, reg_tokens=1, global_pool="avg",
+                         init_values=0.5),
+    "diff_token_qknorm": dict(attn_layer="diff", qk_norm=True, qkv_bias=True),
+    "parallel_xp": dict(block_fn=ParallelScalingBlock, qkv_bias=False, qk_norm=True, norm_layer=RmsNorm,
+                        no_embed_class=True, pre_norm=True),
+    "parallel_fused_gap": dict(block_fn=partial(ParallelScalingBlock, fuse_out_proj=True), qkv_bias=True,
+                               class_token=False, global_pool="avg", init_values=0.5),
+    "diff_parallel_reg_gap": dict(block_fn=DiffParallelScalingBlock, class_token=False, no_embed_class=True,
+                                  reg_tokens=1, global_pool="avg", init_values=0.5),
+    "parallel_things": dict(block_fn=ParallelThingsBlock, qkv_bias=True, init_values=0.5),
+}
+
 
 def make_backbone(variant: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     if variant in CLASS_FREE:
         model = VisionTransformer(**{**SMALL, "qkv_bias": True, **CLASS_FREE[variant], **overrides})
+    elif variant in VIT_BLOCKS:
+        model = VisionTransformer(**{**SMALL, **VIT_BLOCKS[variant], **overrides})
     elif variant in BEITS:
         model = Beit(**{**SMALL, **BEITS[variant], **overrides})
     elif variant in RELPOS:
@@ -178,9 +196,43 @@ def literal_bias(model, i, context):
     return bias if context is None else bias + context
 
 
+def scale_of(model, i):
+    blk = model.blocks[i]
+    return blk.attns[0].attn.scale if hasattr(blk, "attns") else getattr(blk, "attn", blk).scale
+
+
+def heads_of(t, heads):
+    B, N, width = t.shape
+    return t.reshape(B, N, heads, width // heads).transpose(1, 2)
+
+
+def other_block_qk(blk, x):
+    """q, k of timm's parallel and differential-attention blocks, as their forwards make them: the parallel block's
+    from the q and k rows of its input projection; differential attention's as 2H heads of half width (both maps of
+    every pair); parallel branches' side by side."""
+    if isinstance(blk, ParallelThingsBlock):
+        pairs = [_standard_qk(branch.attn, branch.norm(x)) for branch in blk.attns]
+        return tuple(torch.cat(t, dim=1) for t in zip(*pairs))
+    if isinstance(blk, (ParallelScalingBlock, DiffParallelScalingBlock)):
+        _, q, k, _ = torch.split(blk.in_proj(blk.in_norm(x)), blk.in_split, dim=-1)
+        heads = q.shape[-1] // blk.head_dim
+        return blk.q_norm(heads_of(q, heads)), blk.k_norm(heads_of(k, heads))
+    attn = blk.attn  # a Block with DiffAttention
+    q, k, _ = attn.qkv(blk.norm1(x)).chunk(3, dim=-1)
+    return attn.q_norm(heads_of(q, 2 * attn.num_heads)), attn.k_norm(heads_of(k, 2 * attn.num_heads))
+
+
+def _standard_qk(attn, h):
+    B, N, _ = h.shape
+    q, k, _ = attn.qkv(h).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k)
+
+
 def literal_qk(model, i, x, context):
     """q, k (B, H, N, d) of block i on the full sequence, position terms at every token's own position."""
     blk, P = model.blocks[i], model.num_prefix_tokens
+    if type(getattr(blk, "attn", None)).__name__ == "DiffAttention" or not hasattr(blk, "attn"):
+        return other_block_qk(blk, x)
     attn, h = blk.attn, (x if is_post_norm(blk) else blk.norm1(x))
     B, N, _ = h.shape
     H = attn.num_heads
@@ -224,7 +276,7 @@ def ref_idle(model, img, keep, starts, score):
             x = call_block(model, i, x, context)
             continue
         q, k = literal_qk(model, i, x, context)
-        logits = q @ k.transpose(-2, -1) * model.blocks[i].attn.scale + literal_bias(model, i, context)
+        logits = q @ k.transpose(-2, -1) * scale_of(model, i) + literal_bias(model, i, context)
         scores = (logits[:, :, 0] if score == "cls" else logits.mean(2)).sum(1)[:, P:]
         top = scores.topk(int(N * keep ** stage), dim=1).indices
         m = torch.zeros(x.shape[:2]).scatter(1, top + P, 1.0)
@@ -259,14 +311,14 @@ def ref_evo(model, img, keep, starts, mode, row, alpha=0.5):
         if i < first:
             if i == first - 1:
                 q, k = literal_qk(model, i, x, context)
-                g = _row(q, k, model.blocks[i].attn.scale, ones, row, literal_bias(model, i, context))[:, P:]
+                g = _row(q, k, scale_of(model, i), ones, row, literal_bias(model, i, context))[:, P:]
             x = call_block(model, i, x, context)
             continue
         if mode == "layer" or i in starts:
             m = torch.zeros(x.shape[:2]).scatter(1, g.topk(K, dim=1).indices + P, 1.0)
             m[:, :P] = 1.0
         q, k = literal_qk(model, i, x, context)
-        a = _row(q, k, model.blocks[i].attn.scale, m, row, literal_bias(model, i, context))[:, P:]
+        a = _row(q, k, scale_of(model, i), m, row, literal_bias(model, i, context))[:, P:]
         g = torch.where(m[:, P:].bool(), (1 - alpha) * g + alpha * a, g)
         x = torch.where(m.bool()[..., None], call_block(model, i, x, context, key_mask(m)), x)
     return finish(model, x)
@@ -281,7 +333,7 @@ def ref_topk(model, img, keep, layer, row):
     for i in range(len(model.blocks)):
         if i == layer - 1:
             q, k = literal_qk(model, i, x, context)
-            g = _row(q, k, model.blocks[i].attn.scale, m, row, literal_bias(model, i, context))[:, P:]
+            g = _row(q, k, scale_of(model, i), m, row, literal_bias(model, i, context))[:, P:]
         if i == layer:
             m = torch.zeros(x.shape[:2]).scatter(1, g.topk(int(N * keep), dim=1).indices + P, 1.0)
             m[:, :P] = 1.0

@@ -209,7 +209,8 @@ def _selection_share(model, images, dtype):
 
 
 @pytest.mark.parametrize("method", ["evo", "idle", "evit", "topk"])
-@pytest.mark.parametrize("variant", ["deit", "eva02", "siglip_map", "beit", "relpos_gap", "naflex_radio"])
+@pytest.mark.parametrize("variant", ["deit", "eva02", "siglip_map", "beit", "relpos_gap", "naflex_radio",
+                                     "diff_parallel_reg_gap"])
 def test_bf16_selections_agree_with_fp32(method, variant):
     from backbones import make_backbone
 
@@ -235,6 +236,7 @@ def _families():
         "beit": (make_backbone("beit_both_swiglu"), "evo", 32),
         "vit_relpos": (make_backbone("relpos_rpn_swin_mlp"), "idle", 32),
         "naflexvit": (make_backbone("naflex_rope_mixed"), "evo", 32),
+        "vit_parallel_things": (make_backbone("parallel_things"), "idle", 32),
         "levit": (spread_weights(timm.create_model("levit_cifar", **small_levit)).eval(), "evo", 32),
         "evo_levit": (spread_weights(timm.create_model("evo_levit_cifar", **small_levit)).eval(), "evo", 32),
         "swin": (spread_weights(SwinTransformer(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2),
@@ -290,8 +292,8 @@ def test_a_keep_that_keeps_no_token_is_refused():
     tokenpace.apply(model, "evit", keep=0.01)  # EViT's ceiling keeps one token at least, as the official code
 
 
-@pytest.mark.parametrize("family", ["vit", "eva", "beit", "vit_relpos", "naflexvit", "levit", "evo_levit", "swin",
-                                    "swin_v2", "swin_v2_cr", "pvt_v2"])
+@pytest.mark.parametrize("family", ["vit", "eva", "beit", "vit_relpos", "naflexvit", "vit_parallel_things", "levit",
+                                    "evo_levit", "swin", "swin_v2", "swin_v2_cr", "pvt_v2"])
 def test_patched_models_pickle_deepcopy_and_torch_save(family, tmp_path):
     import copy
     import pickle

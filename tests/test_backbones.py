@@ -1,16 +1,19 @@
 """Today's backbones: timm VisionTransformers without a class token (SigLIP, AIMv2, *_gap_*), timm Eva (EVA-02,
 DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), timm VisionTransformerRelPos (relative-position biases),
-timm NaFlexVit (SigLIP2 NaFlex, C-RADIO, on image batches) and post-norm blocks. keep=1 is the unpatched model; Evo,
+timm NaFlexVit (SigLIP2 NaFlex, C-RADIO, on image batches), post-norm blocks, and timm ViT's differential-attention
+and parallel blocks. keep=1 is the unpatched model; Evo,
 Idle and top-k equal literal masked references (full sequences at their own positions, idle keys masked); MACs equal
 FlopCounterMode / 2."""
 import pytest
 import torch
 
 import tokenpace
-from backbones import (BEITS, CLASS_FREE, EVAS, NAFLEX, POST_NORM, RELPOS, assert_keep_one_equals_unpatched,
-                       assert_macs_equal_flop_counter, has_class_token, make_backbone, ref_evo, ref_idle, ref_topk)
+from backbones import (BEITS, CLASS_FREE, EVAS, NAFLEX, POST_NORM, RELPOS, VIT_BLOCKS,
+                       assert_keep_one_equals_unpatched, assert_macs_equal_flop_counter, has_class_token,
+                       make_backbone, ref_evo, ref_idle, ref_topk)
 
-VARIANTS = sorted(CLASS_FREE) + sorted(EVAS) + sorted(BEITS) + sorted(RELPOS) + sorted(NAFLEX) + sorted(POST_NORM)
+VARIANTS = (sorted(CLASS_FREE) + sorted(EVAS) + sorted(BEITS) + sorted(RELPOS) + sorted(NAFLEX) + sorted(POST_NORM)
+            + sorted(VIT_BLOCKS))
 ALL_TOKENS = [("evo", {}), ("evo", {"mode": "layer"}), ("idle", {}), ("evit", {}), ("evit", {"fuse": False}),
               ("topk", {})]
 

@@ -51,6 +51,7 @@ FAMILIES = {  # name: (build, input size, methods, flat)
     "beit": (lambda: make_backbone("beit_shared_abs_token"), 32, ("evo", "idle", "evit", "topk"), True),
     "vit_relpos": (lambda: make_backbone("relpos_rpn_swin_mlp"), 32, ("evo", "idle", "evit", "topk"), True),
     "naflexvit": (lambda: make_backbone("naflex_radio"), 32, ("evo", "idle", "evit", "topk"), True),
+    "vit_parallel_things": (lambda: make_backbone("parallel_things"), 32, ("evo", "idle", "evit", "topk"), True),
     "lvvit": (lambda: _small("lvvit_s"), 32, ("evo", "idle", "evit", "topk"), True),
     "evo_deit": (lambda: _small("evo_deit_small_patch16_224"), 32, ("evo", "idle", "evit", "topk"), True),
     "levit": (lambda: _levit("levit_cifar"), 32, ("evo", "idle"), False),

@@ -80,12 +80,12 @@ def test_unsupported_vit_block_type():
 
 def test_unsupported_blocks_pools_and_classes_name_what_is_accepted():
     from timm.models.eva import Eva
-    from timm.models.vision_transformer import ParallelScalingBlock
+    from timm.models.vision_transformer import ParallelThingsBlock
 
-    parallel = make_vit("deit", depth=2, block_fn=ParallelScalingBlock)  # vit_pwee_*: no separate attention
-    with pytest.raises(TypeError, match="block 0 of this VisionTransformer is ParallelScalingBlock with no "
-                                        "separate attention; tokenpace supports timm's pre-norm Block or post-norm "
-                                        "ResPostBlock"):
+    parallel = make_vit("deit", depth=2, block_fn=ParallelThingsBlock, attn_layer="diff")  # no timm model has it
+    with pytest.raises(TypeError, match="block 0 of this VisionTransformer is ParallelThingsBlock with no "
+                                        "separate attention; tokenpace supports timm's pre-norm Block .*"
+                                        "ParallelThingsBlock with the standard Attention"):
         tokenpace.apply(parallel, "idle")
     from timm.models.eva import EvaBlock
 

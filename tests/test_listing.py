@@ -16,7 +16,7 @@ def test_supported_and_refused_models_with_reasons():
     assert swin.model_class == "SwinTransformer" and swin.accepted() == ["idle"]
     assert "needs a sequence layout" in swin.refusals["evo"]
     pwee = rows["vit_pwee_patch16_reg1_gap_256.sbb_in1k"]
-    assert pwee.accepted() == [] and "ParallelScalingBlock" in pwee.refusals["idle"]
+    assert pwee.accepted() == ["evo", "idle", "evit", "topk"]  # a parallel block
     assert rows["swinv2_tiny_window8_256.ms_in1k"].accepted() == ["idle"]
     assert rows["swinv2_cr_small_224.sw_in1k"].accepted() == ["idle"]
     sam = rows["samvit_base_patch16.sa1b"].refusals["idle"]

@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokenpace
-from backbones import make_backbone, ref_idle
+from backbones import make_backbone, ref_evo, ref_idle
 
 
 def _images(height, width, batch=2):
@@ -89,17 +89,29 @@ def test_packed_naflex_input_is_refused_naming_what_runs():
             model.forward_features(images, colour=True)
 
 
-@pytest.mark.parametrize("options,match", [
-    (dict(block_fn="parallel"), "block 0 of this NaFlexVit is ParallelScalingBlock with no separate attention"),
-    (dict(attn_layer="diff"), "block 0 of this NaFlexVit is Block with DiffAttention"),
-], ids=["parallel", "diff"])
-def test_unsupported_variants_are_refused(options, match):
-    if options.get("block_fn") == "parallel":
-        from timm.models.vision_transformer import ParallelScalingBlock
+@pytest.mark.parametrize("block", ["parallel", "diff"])
+def test_parallel_and_differential_blocks_equal_the_references(block, images):
+    """timm ViT's parallel and differential-attention blocks (families/vit_blocks.py) in a NaFlexVit."""
+    from timm.models.vision_transformer import ParallelScalingBlock
 
-        options = dict(block_fn=ParallelScalingBlock)
-    with pytest.raises(TypeError, match=match):
-        tokenpace.apply(make_backbone("naflex_siglip", depth=2, **options), "idle")
+    model = make_backbone("naflex_siglip", **(dict(block_fn=ParallelScalingBlock) if block == "parallel"
+                                              else dict(attn_layer="diff")))
+    with torch.no_grad():
+        dense = model(images)
+        assert torch.equal(tokenpace.apply(model, "idle", keep=1.0)(images), dense)
+        idle, evo = (ref_idle(model, images, 0.5, (2, 3, 5), "received"),
+                     ref_evo(model, images, 0.5, (2, 4), "stage", "mean"))
+        torch.testing.assert_close(tokenpace.apply(model, "idle", keep=0.5)(images), idle, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(tokenpace.apply(model, "evo", keep=0.5)(images), evo, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(idle, dense, atol=1e-3)
+
+
+def test_unsupported_blocks_are_refused():
+    from timm.models.vision_transformer import ParallelThingsBlock
+
+    with pytest.raises(TypeError, match="block 0 of this NaFlexVit is ParallelThingsBlock with no separate attention"):
+        tokenpace.apply(make_backbone("naflex_siglip", depth=2, block_fn=ParallelThingsBlock, attn_layer="diff"),
+                        "idle")
 
 
 def test_img_size_is_the_input_a_naflexvit_runs_at():

@@ -41,6 +41,7 @@ FAMILIES = {
     "beit": (lambda: _explicit_softmax(make_backbone("beit_both_swiglu", depth=2)), ("evo", {"representative": True})),
     "vit_relpos": (lambda: _explicit_softmax(make_backbone("relpos_cls_shared_table", depth=2)), ("evit", {})),
     "naflexvit": (lambda: make_backbone("naflex_radio", depth=2), ("evo", {})),
+    "vit_diff": (lambda: make_backbone("diff_token_qknorm", depth=2), ("evit", {})),
     "levit": (lambda: make_levit("levit_cifar", depth=(1, 1, 1)), ("evo", {})),
     "evo_levit": (lambda: make_levit("evo_levit_cifar", depth=(1, 1, 1)), ("evo", {})),
     "swin": (lambda: make_swin("padded"), ("idle", {})),  # padded windows, shifted, dynamic mask

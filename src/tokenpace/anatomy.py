@@ -7,7 +7,10 @@ Every supported block is read as the pre-norm transformer block
     x = res_attn(x, out(o, h));  x = res_mlp(x, mlp(norm2(x)))
 
 A family without norms (LeViT) returns its input from ``norm1``/``norm2``; ``res_*`` hold LayerScale, drop path and
-scaled residuals; ``out`` the inner norm, the gate, the output projection and its dropout. Position-dependent terms
+scaled residuals; ``out`` the inner norm, the gate, the output projection and its dropout. A parallel block (ViT-22B:
+attention and MLP read the same normed input and share one residual) has no separate MLP half
+(``separate_mlp = False``): its ``out`` adds the MLP branch computed from h. ``attend`` is the softmax attention
+(``core.attention``) unless the block mixes its maps otherwise (differential attention). Position-dependent terms
 (RoPE, relative-position biases, shift masks) are taken where the tokens sit, which ``where`` describes: a
 :class:`TokenSet` on sequence families, the family's own slot description on windowed ones. Methods never read
 module internals; they call these parts.
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .core.attention import attend
 from .core.macs import BlockShape
 
 
@@ -169,6 +173,7 @@ class BlockParts:
     num_heads: int
     scale: float
     accepts_extra: bool = True  # position-less tokens after the patches are allowed (no bias needs a position)
+    separate_mlp: bool = True  # False: a parallel block, whose ``out`` holds the MLP branch (no MLP half)
     evolution_logit: torch.Tensor | None = None  # a learned Evo evolution weight (logit) the block carries
 
     def __init__(self, block: nn.Module) -> None:
@@ -221,6 +226,12 @@ class BlockParts:
     def values(self, h: torch.Tensor, where: Any) -> torch.Tensor:
         """v (B, H, n, d_v) alone."""
         return self.qkv(h, where)[2]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, row: str | None,
+               heads: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention (B, H, n, d_v) of q, k, v with :meth:`bias`, and the score ``row`` over the keys reduced over
+        heads by ``heads`` (``core.attention.attend``)."""
+        return attend(q, k, v, self.scale, bias, self.dropout(), self.fused, row, heads)
 
     def bias(self, where: Any) -> torch.Tensor | None:
         """Additive logits among the tokens at ``where`` (relative-position bias, masks), broadcastable to

@@ -7,7 +7,6 @@ from typing import Any
 import torch
 
 from .anatomy import BlockParts
-from .core.attention import attend
 
 # torch.export's tracing flag (older torch has none, and no exporter that needs the copy below)
 _exporting = getattr(torch.compiler, "is_exporting", lambda: False)
@@ -33,8 +32,8 @@ def attention_branch(parts: BlockParts, h: torch.Tensor, where: Any, row: Row | 
         q = parts.queries(h, where) if queries is None else queries
         k = parts.keys(h, where) if keys is None else keys
         v = parts.values(h, where)
-    o, scores = attend(q, k, v, parts.scale, parts.bias(where), parts.dropout(), parts.fused,
-                       None if row is None else row.query, "mean" if row is None else row.heads)
+    o, scores = parts.attend(q, k, v, parts.bias(where), None if row is None else row.query,
+                             "mean" if row is None else row.heads)
     B, H, n, dv = o.shape
     o = o.transpose(1, 2)
     if _exporting():  # a layout-free copy: torch.onnx's SDPA decomposition may not keep the
@@ -52,7 +51,9 @@ def attention_half(parts: BlockParts, x: torch.Tensor, where: Any, h: torch.Tens
 
 
 def mlp_half(parts: BlockParts, x: torch.Tensor, where: Any = None) -> torch.Tensor:
-    """x after the MLP residual."""
+    """x after the MLP residual (x itself after a parallel block, whose attention half ran its MLP)."""
+    if not parts.separate_mlp:
+        return x
     return parts.res_mlp(x, parts.mlp(parts.norm2(x), where))
 
 

@@ -1,8 +1,9 @@
 """timm ``VisionTransformer``: DeiT (and distilled), ViT/AugReg, DeiT-III/LayerScale, registers, qk-norm, gated
 attention, SigLIP/SigLIP2 and AIMv2 (no class token, MAP or average pooling), SwiGLU/GeGLU MLPs, RmsNorm.
 
-Blocks must be timm's pre-norm ``Block`` with the standard ``Attention``; there are no position terms inside the
-blocks (absolute position embeddings are added at the embedding), so a block runs on any subset as it is.
+Blocks are timm's pre-norm ``Block`` with the standard ``Attention``, post-norm ``ResPostBlock``, or those of
+``vit_blocks.py`` (differential attention, parallel blocks); there are no position terms inside the blocks (absolute
+position embeddings are added at the embedding), so a block runs on any subset as it is.
 """
 from __future__ import annotations
 
@@ -126,20 +127,22 @@ class VitParts(BlockParts):
         attn = self.attn
         return BlockShape(dim=attn.qkv.in_features, qk_dim=self.width, v_dim=self.width, qkv=linear_macs(attn.qkv),
                           proj=linear_macs(attn.proj) + linear_macs(getattr(attn, "gate", None)),
-                          mlp=linear_macs(self.block.mlp))
+                          mlp=linear_macs(getattr(self.block, "mlp", None)))  # none on a parallel branch
 
 
 class PostNormVitParts(PostNorm, VitParts):
     """timm ``ResPostBlock`` (``vit_*_rpn_*``): the standard attention, post-norm residuals."""
 
 
-def vit_parts_class(block: nn.Module) -> type[VitParts] | None:
+def vit_parts_class(block: nn.Module) -> type[BlockParts] | None:
     """The parts that read a timm ViT block (pre-norm ``Block`` or post-norm ``ResPostBlock`` with the standard
-    ``Attention``), or None for any other block (parallel, differential attention)."""
+    ``Attention``; differential attention and the parallel blocks: ``vit_blocks.py``), or None for any other."""
     _, (pre_norm, post_norm), Attention = _timm_classes()
-    if type(getattr(block, "attn", None)) is not Attention:
-        return None
-    return {pre_norm: VitParts, post_norm: PostNormVitParts}.get(type(block))
+    if type(getattr(block, "attn", None)) is Attention and type(block) in (pre_norm, post_norm):
+        return VitParts if type(block) is pre_norm else PostNormVitParts
+    from .vit_blocks import other_vit_parts_class  # here, not at the top: vit_blocks builds on VitParts
+
+    return other_vit_parts_class(block)
 
 
 def check_blocks(model: nn.Module, kind: str, readable, supported: str) -> None:
@@ -223,9 +226,9 @@ class TimmViT(PatchSequenceFamily):
 
     def __init__(self, model: nn.Module) -> None:
         check_blocks(model, "VisionTransformer", lambda blk: vit_parts_class(blk) is not None,
-                     "timm's pre-norm Block or post-norm ResPostBlock with the standard Attention (DeiT, ViT/AugReg, "
-                     "DeiT-III, registers, qk-norm, SigLIP, AIMv2); parallel and differential-attention blocks are not "
-                     "supported")
+                     "timm's pre-norm Block (the standard Attention or DiffAttention), post-norm ResPostBlock, "
+                     "ParallelScalingBlock, DiffParallelScalingBlock and ParallelThingsBlock with the standard "
+                     "Attention")
         super().__init__(model)
 
     @classmethod
@@ -236,7 +239,7 @@ class TimmViT(PatchSequenceFamily):
             return False
         return isinstance(model, VisionTransformer)
 
-    def make_parts(self, i: int) -> VitParts:
+    def make_parts(self, i: int) -> BlockParts:
         return vit_parts_class(self.blocks[i])(self.blocks[i])
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
