@@ -16,9 +16,9 @@ from conftest import make_vit, spread_weights
 from test_swin import make_swin
 
 
-def _levit(name):
+def _levit(name, **options):
     torch.manual_seed(0)
-    model = timm.create_model(name, embed_dim=(32, 48), key_dim=8, num_heads=(2, 3), depth=(2, 1))
+    model = timm.create_model(name, embed_dim=(32, 48), key_dim=8, num_heads=(2, 3), depth=(2, 1), **options)
     return spread_weights(model).eval()
 
 
@@ -51,6 +51,7 @@ CASES = {
     "vit_parallel_things": (lambda: make_backbone("parallel_things", depth=2), "idle", dict(stage_starts=(1,)), 32),
     "levit": (lambda: _levit("levit_cifar"), "evo", dict(stage_starts=(1,)), 32),
     "evo_levit": (lambda: _levit("evo_levit_cifar"), "evo", dict(stage_starts=(1,)), 32),
+    "levit_conv": (lambda: _levit("levit_cifar", use_conv=True), "evo", dict(stage_starts=(1,)), 32),
     "swin": (_swin, "idle", dict(stage_starts=(1,)), 32),
     "swin_v2": (lambda: make_swin("v2_padded", depths=(2,), num_heads=(2,)), "idle", dict(stage_starts=(1,)), 40),
     "swin_v2_cr": (lambda: make_swin("cr_padded", depths=(2,), num_heads=(2,)), "idle", dict(stage_starts=(1,)),

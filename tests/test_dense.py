@@ -32,9 +32,9 @@ def _pvt():
                                                      num_classes=10)).eval()
 
 
-def _levit(name):
+def _levit(name, **options):
     torch.manual_seed(0)
-    return spread_weights(timm.create_model(name, **SMALL_LEVIT)).eval()
+    return spread_weights(timm.create_model(name, **SMALL_LEVIT, **options)).eval()
 
 
 def _small(name):
@@ -55,6 +55,7 @@ FAMILIES = {  # name: (build, input size, methods, flat)
     "lvvit": (lambda: _small("lvvit_s"), 32, ("evo", "idle", "evit", "topk"), True),
     "evo_deit": (lambda: _small("evo_deit_small_patch16_224"), 32, ("evo", "idle", "evit", "topk"), True),
     "levit": (lambda: _levit("levit_cifar"), 32, ("evo", "idle"), False),
+    "levit_conv": (lambda: _levit("levit_cifar", use_conv=True), 32, ("evo", "idle"), False),
     "evo_levit": (lambda: _levit("evo_levit_cifar"), 32, ("evo", "idle"), False),
     "swin": (_swin, 32, ("idle",), False),
     "swin_v2": (lambda: make_swin("v2_shifted", embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 4)), 32, ("idle",),

@@ -281,10 +281,6 @@ def test_levit_errors():
         tokenpace.apply(model, "evo", representative=True)
     with pytest.raises(ValueError, match="outside the model"):
         tokenpace.apply(model, "evo", stage_starts=(0,))
-    with torch.device("meta"):
-        conv = timm.create_model("levit_conv_128s")
-    with pytest.raises(TypeError, match="levit_conv"):
-        tokenpace.apply(conv, "evo")
     evo = make_levit("evo_levit_cifar")
     with pytest.raises(ValueError, match="cannot run 64x64 inputs: it is built for 32x32 inputs only"):
         tokenpace.macs(evo, img_size=64)
@@ -508,3 +504,90 @@ def test_a_two_block_evo_levit_prunes_from_its_last_block_by_default():
     model = timm.create_model("evo_levit_cifar", depth=(1, 1), embed_dim=(96, 144), num_heads=(4, 6))
     assert tokenpace.supported_methods(model) == ["evo", "idle"]
     assert tokenpace.get_patch(tokenpace.apply(model, "evo")).config.stage_starts == (1,)  # block 2 is not there
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timm's NCHW LeViT (levit_conv_*): the same weights as 1x1 convolutions and BatchNorm2d, run on tokens
+# ----------------------------------------------------------------------------------------------------------------
+def make_levit_twins(**overrides):
+    """timm LeViT in its linear layout and in NCHW (``use_conv``) with the same weights and BatchNorm statistics."""
+    linear = spread_batchnorm_statistics(make_levit("levit_cifar", **overrides))
+    torch.manual_seed(0)
+    conv = timm.create_model("levit_cifar", use_conv=True, **{**SMALL, **overrides}).eval()
+    target = conv.state_dict()
+    assert list(target) == list(linear.state_dict())
+    conv.load_state_dict({k: v.view_as(target[k]) for k, v in linear.state_dict().items()})
+    return linear, conv
+
+
+TWIN_OPTIONS = [("evo", {}), ("evo", {"mode": "layer"}), ("evo", {"keep": 0.3}), ("idle", {}),
+                ("idle", {"project_keys": True}), ("idle", {"score": "norm"})]
+
+
+def test_conv_levit_keep_one_is_the_unpatched_model(images):
+    linear, conv = make_levit_twins()
+    with torch.no_grad():
+        dense = conv(images)
+        torch.testing.assert_close(dense, linear(images), atol=1e-5, rtol=1e-5)  # the twins are one model
+        for method in ("evo", "idle"):
+            assert torch.equal(tokenpace.apply(conv, method, keep=1.0)(images), dense)
+            assert torch.equal(tokenpace.remove(conv)(images), dense)
+
+
+@pytest.mark.parametrize("method,options", TWIN_OPTIONS, ids=str)
+def test_conv_levit_equals_its_linear_twin(method, options, images):
+    """Each method on the NCHW model computes what it computes on the linear one (held to the literal references
+    above): scores, gathered biases, down-sampling rows and the blocks on token subsets."""
+    linear, conv = make_levit_twins()
+    with torch.no_grad():
+        expected = tokenpace.apply(linear, method, **options)(images)
+        got = tokenpace.apply(conv, method, **options)(images)
+        assert not torch.allclose(got, tokenpace.remove(copy.deepcopy(conv))(images), atol=1e-3)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_conv_levit_trains_as_its_linear_twin(images):
+    """In training BatchNorm2d normalises over the tokens a block runs on, as the linear model's BatchNorm1d:
+    outputs, running statistics and gradients agree. In float64: batch statistics over a few tokens amplify float32
+    rounding (the unpatched twins' stem gradients differ by 3e-4 in float32)."""
+    linear, conv = (model.double() for model in make_levit_twins())
+    outputs = []
+    for model in (linear, conv):
+        tokenpace.apply(model.train(), "idle", keep=0.65)
+        out = model(images.double())
+        out.logsumexp(-1).mean().backward()
+        outputs.append(out)
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-10, rtol=1e-10)
+    for (name, a), b in zip(linear.state_dict().items(), conv.state_dict().values()):
+        torch.testing.assert_close(b.view_as(a), a, atol=1e-10, rtol=1e-10, msg=name)
+    for (name, a), b in zip(linear.named_parameters(), conv.parameters()):
+        torch.testing.assert_close(b.grad.view_as(a.grad), a.grad, atol=1e-10, rtol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("method,options", [(None, {})] + TWIN_OPTIONS, ids=str)
+def test_conv_levit_macs_equal_flop_counter(method, options, images):
+    _, conv = make_levit_twins()
+    if method is not None:
+        tokenpace.apply(conv, method, **options)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        conv(images[:1])
+    assert tokenpace.macs(conv) == counter.get_total_flops() // 2
+
+
+def test_batchnorm_fused_conv_levit_keeps_working(images):
+    """fuse_batchnorm turns every ConvNorm into one 1x1 Conv2d with a bias: still read as a linear map."""
+    _, conv = make_levit_twins()
+    with torch.no_grad():
+        expected = tokenpace.apply(conv, "evo", keep=0.5)(images)
+        fused = fuse_batchnorm(copy.deepcopy(tokenpace.remove(conv)))
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+        got = tokenpace.apply(fused, "evo", keep=0.5)(images)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_published_conv_levit_is_the_linear_one():
+    with torch.device("meta"):
+        conv, linear = timm.create_model("levit_conv_256"), timm.create_model("levit_256")
+    assert tokenpace.macs(conv) == tokenpace.macs(linear)
+    assert tokenpace.macs(tokenpace.apply(conv, "evo")) == tokenpace.macs(tokenpace.apply(linear, "evo"))

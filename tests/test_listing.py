@@ -31,8 +31,9 @@ def test_tokenpace_models_and_formatting():
     names = {r.name for r in rows}
     assert {"evo_levit_256", "levit_cifar", "levit_256", "levit_conv_256"} <= names
     table = format_support(rows)
-    conv = next(line for line in table.splitlines() if line.startswith("levit_conv_256 "))
-    assert "levit_conv" in conv and "yes" not in conv
+    conv = next(r for r in rows if r.name == "levit_conv_256")
+    assert conv.accepted() == ["evo", "idle"]  # the NCHW layout of levit_256
+    assert next(line for line in table.splitlines() if line.startswith("levit_conv_256 ")).count("yes") == 2
     assert next(r for r in rows if r.name == "evo_levit_256").accepted() == ["evo", "idle"]
     summary = summarize(rows).splitlines()
     assert summary[-1].split()[:2] == ["all", str(len(rows))]

@@ -44,6 +44,7 @@ FAMILIES = {
     "vit_diff": (lambda: make_backbone("diff_token_qknorm", depth=2), ("evit", {})),
     "levit": (lambda: make_levit("levit_cifar", depth=(1, 1, 1)), ("evo", {})),
     "evo_levit": (lambda: make_levit("evo_levit_cifar", depth=(1, 1, 1)), ("evo", {})),
+    "levit_conv": (lambda: make_levit("levit_cifar", depth=(1, 1, 1), use_conv=True), ("idle", {})),
     "swin": (lambda: make_swin("padded"), ("idle", {})),  # padded windows, shifted, dynamic mask
     "swin_v2": (lambda: make_swin("v2_padded", depths=(2,), num_heads=(2,)), ("idle", {})),
     "swin_v2_cr": (lambda: make_swin("cr_padded", depths=(2,), num_heads=(2,)), ("idle", {})),

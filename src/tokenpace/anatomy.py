@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .core.attention import attend
-from .core.macs import BlockShape
+from .core.macs import BlockShape, pointwise_conv
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,10 @@ def _plain_forwards() -> tuple:
 def check_plain_linear(module: nn.Module, name: str) -> None:
     """Refuse (TypeError) a projection whose weight and bias do not say all it computes: the scores and the split
     q/k/v projections read them directly, so what a wrapper adds in its forward (a LoRA adapter) would be left out
-    there while the block's own call kept it."""
+    there while the block's own call kept it. A plain 1x1 convolution is a linear layer on tokens (NCHW LeViT)."""
     if isinstance(module, nn.Linear) and type(module).forward in _plain_forwards():
+        return
+    if type(module) is nn.Conv2d and pointwise_conv(module):
         return
     raise TypeError(f"{name} is a {type(module).__name__}, not a plain torch.nn.Linear: tokenpace reads its weight "
                     "and bias for token scores and split q/k/v projections, which would leave out what its forward "

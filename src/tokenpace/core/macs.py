@@ -21,11 +21,19 @@ def conv_macs(module: nn.Module, size: tuple[int, int]) -> tuple[int, tuple[int,
     return total, size
 
 
+def pointwise_conv(module: nn.Module) -> bool:
+    """A Conv2d that is a token-wise linear layer: 1x1 kernel, stride 1, no padding, no groups (timm's NCHW LeViT)."""
+    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1)
+            and module.padding == (0, 0) and module.groups == 1)
+
+
 def linear_macs(module: nn.Module | None) -> int:
-    """Per-token MACs of the token-wise linear layers inside ``module`` (itself included; 0 for None)."""
+    """Per-token MACs of the token-wise linear layers inside ``module`` (itself included; 0 for None): Linear layers
+    and 1x1 convolutions."""
     if module is None:
         return 0
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+    return sum(m.in_features * m.out_features if isinstance(m, nn.Linear) else m.in_channels * m.out_channels
+               for m in module.modules() if isinstance(m, nn.Linear) or pointwise_conv(m))
 
 
 @dataclass(frozen=True)

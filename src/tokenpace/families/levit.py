@@ -2,7 +2,9 @@
 
 - ``TimmLevit``: timm ``Levit`` / ``LevitDistilled`` (``levit_*``, pretrained weights, BatchNorm-fused or not). Its
   attention has learned relative-position biases, taken at the positions of the tokens present; there is no class
-  token.
+  token. ``levit_conv_*`` (the same weights in NCHW layout, 1x1 convolutions + BatchNorm2d) run on tokens too: every
+  layer inside a block is token-wise (:func:`tokenwise`), and the stages' blocks, down-sampling and head get the
+  NCHW grid they were built for.
 - ``EvoLevitFamily``: tokenpace's ``EvoLevit`` (``evo_levit_*``, the official Evo-LeViT): a class token, no biases,
   and a learnable evolution weight in every attention.
 
@@ -42,22 +44,50 @@ def batch_normalised(layer: nn.Module) -> bool:
 
 
 def inference_map(layer: nn.Module) -> LinearMap:
-    """A Linear, or timm's LinearNorm with BatchNorm's running statistics, as one affine map: the layer in eval mode
-    (in training too, where BatchNorm itself would use batch statistics and update its running ones)."""
-    if isinstance(layer, nn.Linear):
-        return LinearMap(layer.weight, layer.bias)
+    """A Linear (or 1x1 Conv2d), or timm's LinearNorm / ConvNorm with BatchNorm's running statistics, as one affine
+    map: the layer in eval mode (in training too, where BatchNorm itself would use batch statistics and update its
+    running ones)."""
+    if isinstance(layer, (nn.Linear, nn.Conv2d)):
+        return LinearMap(layer.weight.flatten(1), layer.bias)
     linear, bn = layer.linear, layer.bn
     gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     bias = bn.bias - bn.running_mean * gain + (0 if linear.bias is None else linear.bias * gain)
-    return LinearMap(linear.weight * gain[:, None], bias)
+    return LinearMap(linear.weight.flatten(1) * gain[:, None], bias)
+
+
+def tokenwise(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A token-wise module of timm's NCHW LeViT (a ConvNorm: 1x1 Conv2d + BatchNorm2d; a LevitMlp; a Sequential of
+    them and activations) on tokens x (B, n, C), as it computes on an NCHW map holding them: the convolution as a
+    linear map, BatchNorm2d over the tokens (its batch statistics in training, as on the map)."""
+    from timm.models.levit import ConvNorm, LevitMlp
+
+    if isinstance(module, (ConvNorm, LevitMlp, nn.Sequential)):  # children in the order their forwards call them
+        for child in module.children():
+            x = tokenwise(child, x)
+        return x
+    if isinstance(module, nn.Conv2d):
+        return F.linear(x, module.weight.flatten(1), module.bias)
+    if isinstance(module, nn.BatchNorm2d):
+        return module(x.reshape(-1, x.shape[-1], 1, 1)).view(x.shape)
+    return module(x)  # activation, dropout
+
+
+def to_map(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Tokens (B, H * W, C) in raster order -> the NCHW map (B, C, H, W)."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2).transpose(1, 2)
 
 
 class LevitParts(BlockParts):
     """LeViT's block: no norms, q/k/v per head side by side in one projection, an activation before the output
     projection, relative-position biases (timm) or none (Evo-LeViT)."""
 
-    def __init__(self, block: nn.Module, biases: bool) -> None:
+    def __init__(self, block: nn.Module, biases: bool, conv: bool = False) -> None:
         super().__init__(block)
+        self.conv = conv  # timm's NCHW layout: layers called through tokenwise()
         attn = self.attn = block.attn
         self.num_heads, self.scale = attn.num_heads, attn.scale
         self.key_dim, self.val_dim = attn.key_dim, attn.val_dim
@@ -73,9 +103,12 @@ class LevitParts(BlockParts):
     def norm2(self, x):
         return x
 
+    def _call(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return tokenwise(module, x) if self.conv else module(x)
+
     def qkv(self, h, where):
         B, n, _ = h.shape
-        q, k, v = self.attn.qkv(h).view(B, n, self.num_heads, -1).split(
+        q, k, v = self._call(self.attn.qkv, h).view(B, n, self.num_heads, -1).split(
             [self.key_dim, self.key_dim, self.val_dim], dim=3)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
@@ -110,7 +143,10 @@ class LevitParts(BlockParts):
         return attn.attention_biases[:, idx].transpose(0, 1)
 
     def out(self, o, h):
-        return self.attn.proj(o)
+        return self._call(self.attn.proj, o)
+
+    def mlp(self, h, where=None):
+        return self._call(self.block.mlp, h)
 
     def res_attn(self, x, y):
         return x + self.block.drop_path1(y)
@@ -145,8 +181,8 @@ class LevitParts(BlockParts):
 
     def shape(self) -> BlockShape:
         attn = self.attn
-        qkv = attn.qkv.linear if hasattr(attn.qkv, "linear") else attn.qkv
-        return BlockShape(dim=qkv.in_features, qk_dim=attn.num_heads * attn.key_dim,
+        weight = getattr(attn.qkv, "linear", attn.qkv).weight  # (out, in) or (out, in, 1, 1)
+        return BlockShape(dim=weight.shape[1], qk_dim=attn.num_heads * attn.key_dim,
                           v_dim=attn.num_heads * attn.val_dim, qkv=linear_macs(attn.qkv),
                           proj=linear_macs(attn.proj), mlp=linear_macs(self.block.mlp))
 
@@ -157,6 +193,7 @@ def _attention_macs(attn: nn.Module, n_q: int, n_k: int) -> int:
 
 class _LevitBase(SequenceFamily):
     received_row = "columns"
+    conv = False  # timm's NCHW layout (levit_conv_*)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model, self._stage_block_lists(model))
@@ -178,6 +215,8 @@ class _LevitBase(SequenceFamily):
             grids.append((rows, cols))
         p = self.num_prefix
         maps = [y[:, p:].reshape(y.shape[0], *grids[j], -1).permute(0, 3, 1, 2) for j, y in zip(taken, maps)]
+        if self.conv:  # the NCHW model's final is a map too, of the stage it ended at
+            final = to_map(final, grids[max(taken) if stopped else -1])
         return maps if options.intermediates_only else (final, maps)
 
     def block_grid(self, i: int) -> tuple[int, int]:
@@ -207,9 +246,6 @@ class TimmLevit(_LevitBase):
     def __init__(self, model: nn.Module) -> None:
         from timm.models.levit import Attention, LevitBlock, LevitDownsample
 
-        if model.use_conv:
-            raise TypeError("timm's levit_conv_* models (NCHW layout) are not supported; use the levit_* models "
-                            "(same weights, linear layout)")
         for name, m in model.named_modules():
             if isinstance(m, LevitBlock) and type(m.attn) is not Attention:
                 raise TypeError(f"{name} has attention {type(m.attn).__name__}; tokenpace supports timm LeViT's "
@@ -219,6 +255,12 @@ class TimmLevit(_LevitBase):
                 raise TypeError(f"stage {s} down-samples with {type(stage.downsample).__name__}; tokenpace supports "
                                 "timm LeViT's LevitDownsample (down_op='subsample')")
         super().__init__(model)
+        self.conv = model.use_conv
+        self._final_grid = self.resolutions(None)[-1]
+
+    def _call(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A token-wise module on tokens, in either layout."""
+        return tokenwise(module, x) if self.conv else module(x)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -233,11 +275,19 @@ class TimmLevit(_LevitBase):
         return [stage.blocks for stage in model.stages]
 
     def make_parts(self, i: int) -> LevitParts:
-        return LevitParts(self.blocks[i], biases=True)
+        return LevitParts(self.blocks[i], biases=True, conv=self.conv)
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
         x = self.model.stem(x)
-        return x.flatten(2).transpose(1, 2), Frame(grid=tuple(x.shape[-2:]))
+        return to_tokens(x), Frame(grid=tuple(x.shape[-2:]))
+
+    def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
+        if self.conv:  # the NCHW block on its stage's map (its biases fix the grid)
+            return to_tokens(self.blocks[i](to_map(x, self.blocks[i].attn.resolution)))
+        return self.blocks[i](x)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return to_map(x, self._final_grid) if self.conv else x  # the NCHW head pools the map
 
     def _downsample_parts(self, s: int):
         ds = self.model.stages[s].downsample
@@ -248,14 +298,16 @@ class TimmLevit(_LevitBase):
             return x, None
         ds, ad = self._downsample_parts(s)
         if row is None:
-            return ds(x), None
+            return (to_tokens(ds(to_map(x, ad.resolution))) if self.conv else ds(x)), None
         B, n, _ = x.shape
-        k, v = ad.kv(x).view(B, n, ad.num_heads, -1).split([ad.key_dim, ad.val_dim], dim=3)
-        q = ad.q(x).view(B, -1, ad.num_heads, ad.key_dim)
+        k, v = self._call(ad.kv, x).view(B, n, ad.num_heads, -1).split([ad.key_dim, ad.val_dim], dim=3)
+        # the query side sub-samples (or pools) the grid first
+        q = tokenwise(ad.q.ln, to_tokens(ad.q.down(to_map(x, ad.resolution)))) if self.conv else ad.q(x)
+        q = q.view(B, -1, ad.num_heads, ad.key_dim)
         bias = ad.get_attention_biases(x.device)
         out, scores = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ad.scale, bias, row=row)
-        out = ad.proj(out.transpose(1, 2).reshape(B, out.shape[2], -1))
-        return out + ds.drop_path(ds.mlp(out)), scores
+        out = self._call(ad.proj, out.transpose(1, 2).reshape(B, out.shape[2], -1))
+        return out + ds.drop_path(self._call(ds.mlp, out)), scores
 
     def stage_entry(self, s: int, device: torch.device) -> StageEntry:
         rows, cols = self.model.stages[s].downsample.attn_downsample.resolution
