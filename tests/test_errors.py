@@ -83,8 +83,8 @@ def test_unsupported_blocks_pools_and_classes_name_what_is_accepted():
     from timm.models.vision_transformer import ParallelThingsBlock
 
     parallel = make_vit("deit", depth=2, block_fn=ParallelThingsBlock, attn_layer="diff")  # no timm model has it
-    with pytest.raises(TypeError, match="block 0 of this VisionTransformer is ParallelThingsBlock with no "
-                                        "separate attention; tokenpace supports timm's pre-norm Block .*"
+    with pytest.raises(TypeError, match="block 0 of this VisionTransformer is ParallelThingsBlock with "
+                                        "DiffAttention; tokenpace supports timm's pre-norm Block .*"
                                         "ParallelThingsBlock with the standard Attention"):
         tokenpace.apply(parallel, "idle")
     from timm.models.eva import EvaBlock

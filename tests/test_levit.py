@@ -546,14 +546,16 @@ def test_conv_levit_equals_its_linear_twin(method, options, images):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_conv_levit_trains_as_its_linear_twin(images):
-    """In training BatchNorm2d normalises over the tokens a block runs on, as the linear model's BatchNorm1d:
-    outputs, running statistics and gradients agree. In float64: batch statistics over a few tokens amplify float32
-    rounding (the unpatched twins' stem gradients differ by 3e-4 in float32)."""
+@pytest.mark.parametrize("method", ["idle", "evo"])
+def test_conv_levit_trains_as_its_linear_twin(method, images):
+    """In training BatchNorm2d normalises over the tokens a block runs on (and the down-sampling's over its
+    sub-sampled queries, where Evo reads the scores), as the linear model's BatchNorm1d: outputs, running statistics
+    and gradients agree. In float64: batch statistics over a few tokens amplify float32 rounding (the unpatched
+    twins' stem gradients differ by 3e-4 in float32)."""
     linear, conv = (model.double() for model in make_levit_twins())
     outputs = []
     for model in (linear, conv):
-        tokenpace.apply(model.train(), "idle", keep=0.65)
+        tokenpace.apply(model.train(), method, keep=0.65)
         out = model(images.double())
         out.logsumexp(-1).mean().backward()
         outputs.append(out)
@@ -591,3 +593,14 @@ def test_published_conv_levit_is_the_linear_one():
         conv, linear = timm.create_model("levit_conv_256"), timm.create_model("levit_256")
     assert tokenpace.macs(conv) == tokenpace.macs(linear)
     assert tokenpace.macs(tokenpace.apply(conv, "evo")) == tokenpace.macs(tokenpace.apply(linear, "evo"))
+
+
+def test_conv_levit_refuses_a_wrapped_convolution(images):
+    """The NCHW layers run on tokens as linear maps read from their weights: a wrapper (a LoRA conv) would be left
+    out, so the forward refuses it, naming the fix."""
+    _, conv = make_levit_twins()
+    tokenpace.apply(conv, "idle", keep=0.65)
+    inner = conv.stages[1].blocks[0].mlp.ln1
+    inner.linear = type("LoraConv2d", (torch.nn.Conv2d,), {})(inner.linear.in_channels, inner.linear.out_channels, 1)
+    with pytest.raises(TypeError, match="a LoraConv2d inside timm's NCHW LeViT.*merge_and_unload"):
+        conv(images)

@@ -109,7 +109,9 @@ def test_parallel_and_differential_blocks_equal_the_references(block, images):
 def test_unsupported_blocks_are_refused():
     from timm.models.vision_transformer import ParallelThingsBlock
 
-    with pytest.raises(TypeError, match="block 0 of this NaFlexVit is ParallelThingsBlock with no separate attention"):
+    with pytest.raises(TypeError, match="block 0 of this NaFlexVit is ParallelThingsBlock with DiffAttention; "
+                                        "tokenpace supports timm's pre-norm Block .*ParallelThingsBlock with the "
+                                        "standard Attention and EvaBlock with EvaAttention or AttentionRope$"):
         tokenpace.apply(make_backbone("naflex_siglip", depth=2, block_fn=ParallelThingsBlock, attn_layer="diff"),
                         "idle")
 

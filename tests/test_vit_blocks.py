@@ -41,6 +41,26 @@ def test_the_anatomy_runs_each_block_as_timm(variant, fused, images):
             torch.testing.assert_close(got, x, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["diff_token_qknorm", "parallel_xp", "parallel_fused_gap", "diff_parallel_reg_gap"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
+def test_training_draws_dropout_and_drop_path_as_timm(variant, fused, images):
+    """In training the anatomy draws attention dropout, projection or MLP dropout and drop path in timm's order, so
+    one seed gives timm's block output exactly (parallel branches draw one attention dropout for all their heads,
+    timm one per branch: not compared)."""
+    model = make_backbone(variant, attn_drop_rate=0.2, proj_drop_rate=0.2, drop_path_rate=0.3).train()
+    _set_fused(model, fused)
+    parts = adapter_for(model).parts(3)
+    x, _ = embed(model, images)
+    torch.manual_seed(0)
+    expected = model.blocks[3](x)
+    torch.manual_seed(0)
+    got, _, _ = run_block(parts, x, None)
+    assert parts.dropout() == 0.2
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(1)
+    assert not torch.allclose(run_block(parts, x, None)[0], expected, atol=1e-3)  # the draws matter
+
+
 def _attention_half(blk, x):
     """x after the attention residual of a sequential block (a Block with DiffAttention, parallel branches)."""
     if hasattr(blk, "attns"):

@@ -142,8 +142,8 @@ def check_plain_linear(module: nn.Module, name: str) -> None:
 
 
 def check_projections(projections: list[tuple[dict, str, nn.Module, str, str | None]]) -> None:
-    """Each projection checked when the anatomy was built is still the module it was, or another plain Linear (or
-    a module whose ``inner`` submodule is one)."""
+    """Each projection checked when the anatomy was built is still the module it was, or another plain Linear or 1x1
+    Conv2d (or a module whose ``inner`` submodule is one)."""
     for modules, attribute, module, label, inner in projections:
         current = modules.get(attribute)
         if current is not module:
@@ -187,7 +187,7 @@ class BlockParts:
     def require_plain_linear(self, owner: nn.Module, attribute: str, label: str, inner: str | None = None) -> None:
         """Refuse (TypeError) a projection ``owner.<attribute>`` that is not a plain Linear, now and at each forward
         (:func:`check_projections`): peft wraps the Linears of a model already patched in place. ``inner``: the
-        projection's own Linear where it wraps one (timm LeViT's LinearNorm: ``linear``, then a BatchNorm); both
+        projection's own Linear where it wraps one (timm LeViT's LinearNorm or ConvNorm: ``linear``, then a BatchNorm); both
         levels are watched, and either may become a plain Linear (BatchNorm fused after ``apply``)."""
         module = getattr(owner, attribute)
         linear = getattr(module, inner, module) if inner else module

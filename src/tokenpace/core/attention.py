@@ -26,10 +26,16 @@ def _reduce_heads(scores: torch.Tensor, heads: str) -> torch.Tensor:
     return scores.sum(dim=1, dtype=f32) if heads == "sum" else scores.mean(dim=1, dtype=f32)
 
 
-def _explicit(q, k, v, scale, bias, dropout):
+def softmax_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
+                  dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The explicit attention probabilities softmax(q k^T * scale + bias) (B, H, n_q, n_k), and them after dropout."""
     logits = (q * scale) @ k.transpose(-2, -1)
     probs = (logits if bias is None else logits + bias).softmax(dim=-1)
-    dropped = F.dropout(probs, dropout) if dropout > 0 else probs
+    return probs, (F.dropout(probs, dropout) if dropout > 0 else probs)
+
+
+def _explicit(q, k, v, scale, bias, dropout):
+    probs, dropped = softmax_probs(q, k, scale, bias, dropout)
     return dropped @ v, probs
 
 

@@ -13,13 +13,15 @@ receives is read exactly (the mean of its softmax column): token counts are smal
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..anatomy import BlockParts, Frame, LinearMap, StageEntry
 from ..core.attention import attend, probs_scores
-from ..core.macs import BlockShape, conv_macs, linear_macs
+from ..core.macs import BlockShape, conv_macs, linear_macs, pointwise_conv
 from .base import SequenceFamily, parse_img_size
 
 
@@ -37,8 +39,9 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def batch_normalised(layer: nn.Module) -> bool:
-    """Whether ``layer`` (a Linear, or timm's LinearNorm: Linear + BatchNorm1d) normalises with the statistics of
-    the tokens it is called on (BatchNorm in training), so that a token's output depends on the others in the call."""
+    """Whether ``layer`` (a Linear or 1x1 Conv2d, or timm's LinearNorm / ConvNorm, which add a BatchNorm) normalises
+    with the statistics of the tokens it is called on (BatchNorm in training), so that a token's output depends on the
+    others in the call."""
     bn = getattr(layer, "bn", None)
     return bn is not None and bn.training
 
@@ -55,21 +58,37 @@ def inference_map(layer: nn.Module) -> LinearMap:
     return LinearMap(linear.weight.flatten(1) * gain[:, None], bias)
 
 
+@functools.cache
+def _containers() -> tuple[type, ...]:
+    """Modules of timm's LeViT whose forward calls their children in order."""
+    from timm.models.levit import ConvNorm, LevitMlp
+
+    return ConvNorm, LevitMlp, nn.Sequential
+
+
 def tokenwise(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A token-wise module of timm's NCHW LeViT (a ConvNorm: 1x1 Conv2d + BatchNorm2d; a LevitMlp; a Sequential of
     them and activations) on tokens x (B, n, C), as it computes on an NCHW map holding them: the convolution as a
-    linear map, BatchNorm2d over the tokens (its batch statistics in training, as on the map)."""
-    from timm.models.levit import ConvNorm, LevitMlp
-
-    if isinstance(module, (ConvNorm, LevitMlp, nn.Sequential)):  # children in the order their forwards call them
+    linear map, BatchNorm2d over the tokens (its batch statistics in training, as on the map). Any other layer with
+    parameters (a LoRA wrapper, another convolution) is refused: its weights would not say what it computes."""
+    if type(module) in _containers():
         for child in module.children():
             x = tokenwise(child, x)
         return x
-    if isinstance(module, nn.Conv2d):
+    if type(module) is nn.Conv2d and pointwise_conv(module):
         return F.linear(x, module.weight.flatten(1), module.bias)
-    if isinstance(module, nn.BatchNorm2d):
+    if type(module) is nn.BatchNorm2d:
         return module(x.reshape(-1, x.shape[-1], 1, 1)).view(x.shape)
+    if next(module.parameters(), None) is not None:
+        raise TypeError(f"a {type(module).__name__} inside timm's NCHW LeViT: tokenpace runs its 1x1 convolutions "
+                        "(ConvNorm: Conv2d + BatchNorm2d, or a fused Conv2d) on tokens as linear layers; merge what "
+                        "wraps them into the weights first (peft: merge_and_unload())")
     return module(x)  # activation, dropout
+
+
+def call_tokenwise(module: nn.Module, x: torch.Tensor, conv: bool) -> torch.Tensor:
+    """A token-wise module on tokens (B, n, C), in either layout (``conv``: timm's NCHW LeViT)."""
+    return tokenwise(module, x) if conv else module(x)
 
 
 def to_map(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -103,12 +122,9 @@ class LevitParts(BlockParts):
     def norm2(self, x):
         return x
 
-    def _call(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return tokenwise(module, x) if self.conv else module(x)
-
     def qkv(self, h, where):
         B, n, _ = h.shape
-        q, k, v = self._call(self.attn.qkv, h).view(B, n, self.num_heads, -1).split(
+        q, k, v = call_tokenwise(self.attn.qkv, h, self.conv).view(B, n, self.num_heads, -1).split(
             [self.key_dim, self.key_dim, self.val_dim], dim=3)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
@@ -143,10 +159,10 @@ class LevitParts(BlockParts):
         return attn.attention_biases[:, idx].transpose(0, 1)
 
     def out(self, o, h):
-        return self._call(self.attn.proj, o)
+        return call_tokenwise(self.attn.proj, o, self.conv)
 
     def mlp(self, h, where=None):
-        return self._call(self.block.mlp, h)
+        return call_tokenwise(self.block.mlp, h, self.conv)
 
     def res_attn(self, x, y):
         return x + self.block.drop_path1(y)
@@ -214,7 +230,7 @@ class _LevitBase(SequenceFamily):
             rows, cols = (rows - 1) // 2 + 1, (cols - 1) // 2 + 1
             grids.append((rows, cols))
         p = self.num_prefix
-        maps = [y[:, p:].reshape(y.shape[0], *grids[j], -1).permute(0, 3, 1, 2) for j, y in zip(taken, maps)]
+        maps = [to_map(y[:, p:], grids[j]) for j, y in zip(taken, maps)]
         if self.conv:  # the NCHW model's final is a map too, of the stage it ended at
             final = to_map(final, grids[max(taken) if stopped else -1])
         return maps if options.intermediates_only else (final, maps)
@@ -256,11 +272,7 @@ class TimmLevit(_LevitBase):
                                 "timm LeViT's LevitDownsample (down_op='subsample')")
         super().__init__(model)
         self.conv = model.use_conv
-        self._final_grid = self.resolutions(None)[-1]
-
-    def _call(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """A token-wise module on tokens, in either layout."""
-        return tokenwise(module, x) if self.conv else module(x)
+        self._final_grid = self.resolutions(None)[-1] if self.conv else None  # the map the NCHW head pools
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -300,14 +312,14 @@ class TimmLevit(_LevitBase):
         if row is None:
             return (to_tokens(ds(to_map(x, ad.resolution))) if self.conv else ds(x)), None
         B, n, _ = x.shape
-        k, v = self._call(ad.kv, x).view(B, n, ad.num_heads, -1).split([ad.key_dim, ad.val_dim], dim=3)
+        k, v = call_tokenwise(ad.kv, x, self.conv).view(B, n, ad.num_heads, -1).split([ad.key_dim, ad.val_dim], dim=3)
         # the query side sub-samples (or pools) the grid first
         q = tokenwise(ad.q.ln, to_tokens(ad.q.down(to_map(x, ad.resolution)))) if self.conv else ad.q(x)
         q = q.view(B, -1, ad.num_heads, ad.key_dim)
         bias = ad.get_attention_biases(x.device)
         out, scores = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ad.scale, bias, row=row)
-        out = self._call(ad.proj, out.transpose(1, 2).reshape(B, out.shape[2], -1))
-        return out + ds.drop_path(self._call(ds.mlp, out)), scores
+        out = call_tokenwise(ad.proj, out.transpose(1, 2).reshape(B, out.shape[2], -1), self.conv)
+        return out + ds.drop_path(call_tokenwise(ds.mlp, out, self.conv)), scores
 
     def stage_entry(self, s: int, device: torch.device) -> StageEntry:
         rows, cols = self.model.stages[s].downsample.attn_downsample.resolution

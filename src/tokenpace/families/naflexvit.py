@@ -1,7 +1,8 @@
 """timm ``NaFlexVit`` (``naflexvit_*``: SigLIP2 NaFlex towers, C-RADIO v3/v4, NaFlex ViTs) on image batches.
 
-Its blocks are timm's ViT ``Block`` (or ``ResPostBlock``) with the standard attention, or timm's ``EvaBlock`` where
-the model has RoPE, SwiGLU, grouped-query or gated attention: the parts are those of the ViT and Eva families.
+Its blocks are timm's ViT blocks (``Block``, ``ResPostBlock``, differential attention, the parallel blocks), or
+timm's ``EvaBlock`` where the model has RoPE, SwiGLU, grouped-query or gated attention: the parts are those of the
+ViT and Eva families.
 What differs is around the blocks: one ``embeds`` module (patchify + linear, or a conv; learned or factorized
 position embeddings resized to the input's grid; class and register tokens), the RoPE table made for the input's
 grid, and the pooling.
@@ -19,11 +20,11 @@ from ..anatomy import BlockParts, Frame
 from .base import parse_img_size, recorded_input_size
 from .eva import EvaParts, block_rope, eva_parts_class
 from .patch_embed import patch_grid, patch_multiple_problem
-from .timm_vit import PatchSequenceFamily, check_blocks, vit_parts_class
+from .timm_vit import VIT_BLOCKS, PatchSequenceFamily, check_blocks, vit_parts_class
 
 
 def _parts_class(block: nn.Module) -> type[BlockParts] | None:
-    """The parts that read ``block`` (a timm ViT or EVA block), or None (parallel, differential attention)."""
+    """The parts that read ``block`` (a timm ViT or EVA block), or None."""
     return vit_parts_class(block) or eva_parts_class(block)
 
 
@@ -32,8 +33,7 @@ class TimmNaFlexVit(PatchSequenceFamily):
 
     def __init__(self, model: nn.Module) -> None:
         check_blocks(model, "NaFlexVit", lambda blk: _parts_class(blk) is not None,
-                     "timm's Block or ResPostBlock with the standard Attention and EvaBlock with EvaAttention or "
-                     "AttentionRope; parallel and differential-attention blocks are not supported")
+                     f"{VIT_BLOCKS} and EvaBlock with EvaAttention or AttentionRope")
         super().__init__(model)
         self.blocks_use_positions = model.rope is not None
 

@@ -20,6 +20,8 @@ from .base import SequenceFamily, parse_img_size
 from .patch_embed import patch_embed_size_problem, patch_grid
 
 POOLS = ("token", "avg", "avgmax", "max", "map", "")
+VIT_BLOCKS = ("timm's pre-norm Block (the standard Attention or DiffAttention), post-norm ResPostBlock, "
+              "ParallelScalingBlock, DiffParallelScalingBlock and ParallelThingsBlock with the standard Attention")
 
 
 def _timm_classes():
@@ -151,6 +153,8 @@ def check_blocks(model: nn.Module, kind: str, readable, supported: str) -> None:
     for i, blk in enumerate(model.blocks):
         if not readable(blk):
             attn = getattr(blk, "attn", None)
+            if attn is None and getattr(blk, "attns", None):  # parallel branches: name their attention
+                attn = getattr(blk.attns[0], "attn", None)
             raise TypeError(f"block {i} of this {kind} is {type(blk).__name__} with "
                             f"{type(attn).__name__ if attn is not None else 'no separate attention'}; tokenpace "
                             f"supports {supported}")
@@ -225,10 +229,7 @@ class TimmViT(PatchSequenceFamily):
     blocks_use_positions = False  # absolute position embeddings are added at the embedding
 
     def __init__(self, model: nn.Module) -> None:
-        check_blocks(model, "VisionTransformer", lambda blk: vit_parts_class(blk) is not None,
-                     "timm's pre-norm Block (the standard Attention or DiffAttention), post-norm ResPostBlock, "
-                     "ParallelScalingBlock, DiffParallelScalingBlock and ParallelThingsBlock with the standard "
-                     "Attention")
+        check_blocks(model, "VisionTransformer", lambda blk: vit_parts_class(blk) is not None, VIT_BLOCKS)
         super().__init__(model)
 
     @classmethod

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..anatomy import BlockParts, LinearMap
-from ..core.attention import probs_scores, row_scores
+from ..core.attention import probs_scores, row_scores, softmax_probs
 from ..core.autocast import operand_as
 from ..core.macs import BlockShape, linear_macs
 from .timm_vit import VitParts
@@ -64,9 +64,8 @@ class DifferentialAttention:
                                                      dropout_p=dropout, scale=scale) for c in (0, 1))
             o = o1 - lam * o2
         else:
-            logits = (q * scale) @ k.transpose(-2, -1)
-            probs = (logits if bias is None else logits + bias).softmax(dim=-1)
-            pairs = (F.dropout(probs, dropout) if dropout > 0 else probs).unflatten(1, (-1, 2))
+            probs, dropped = softmax_probs(q, k, scale, bias, dropout)
+            pairs = dropped.unflatten(1, (-1, 2))
             o = (pairs[:, :, 0] - lam * pairs[:, :, 1]) @ v
         if row == "columns":
             scores = probs_scores(probs, row, heads)
@@ -77,7 +76,8 @@ class DifferentialAttention:
 
 class DiffVitParts(DifferentialAttention, VitParts):
     """timm ``Block`` with ``DiffAttention``: its fused q/k/v, norms and output projection as the standard
-    attention's; the heads and the attention differential."""
+    attention's; the heads and the attention differential. MACs count one A v product per pair (the explicit path);
+    the fused path's two SDPA calls compute A1 v and A2 v, n^2 C more per block."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__(block)
@@ -182,8 +182,8 @@ class DiffParallelScalingParts(DifferentialAttention, ParallelScalingParts):
 
 class ParallelThingsParts(BlockParts):
     """timm ``ParallelThingsBlock`` with standard attention branches: the branches' heads side by side on their
-    normed inputs side by side (norm1 is (B, n, P * C)); keys are projected per branch, as no one map of the side by
-    side input is cheaper."""
+    normed inputs side by side (norm1 is (B, n, P * C)). Its q and k are left non-affine for scoring, whose key-free
+    shortcut assumes an input of the token width: scores project each branch's keys (n * P * C * d_qk MACs)."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__(block)

@@ -2,7 +2,8 @@
 
 At each shrink layer the attention runs on all current tokens; then the top ceil(keep * n) image tokens by the
 head-mean class attention stay, the others are dropped or fused into one token weighted by their attention, and
-the MLP runs on the reduced sequence. Counts compound across shrink layers (196 -> 138+1 -> 98+1 -> 70+1 at 0.7).
+the MLP runs on the reduced sequence (in a parallel block the MLP ran beside the attention, on every token). Counts
+compound across shrink layers (196 -> 138+1 -> 98+1 -> 70+1 at 0.7).
 A fused token has no position: where blocks have position terms (RoPE) it is not rotated, like a prefix token.
 """
 from __future__ import annotations
