@@ -89,13 +89,14 @@ def test_packed_naflex_input_is_refused_naming_what_runs():
             model.forward_features(images, colour=True)
 
 
-@pytest.mark.parametrize("block", ["parallel", "diff"])
+@pytest.mark.parametrize("block", ["parallel", "branches", "diff"])
 def test_parallel_and_differential_blocks_equal_the_references(block, images):
     """timm ViT's parallel and differential-attention blocks (families/vit_blocks.py) in a NaFlexVit."""
-    from timm.models.vision_transformer import ParallelScalingBlock
+    from timm.models.vision_transformer import ParallelScalingBlock, ParallelThingsBlock
 
-    model = make_backbone("naflex_siglip", **(dict(block_fn=ParallelScalingBlock) if block == "parallel"
-                                              else dict(attn_layer="diff")))
+    options = {"parallel": dict(block_fn=ParallelScalingBlock), "branches": dict(block_fn=ParallelThingsBlock),
+               "diff": dict(attn_layer="diff")}[block]
+    model = make_backbone("naflex_siglip", **options)
     with torch.no_grad():
         dense = model(images)
         assert torch.equal(tokenpace.apply(model, "idle", keep=1.0)(images), dense)

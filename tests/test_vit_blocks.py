@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import tokenpace
-from backbones import (VIT_BLOCKS, _row, embed, finish, has_class_token, literal_qk, make_backbone, ref_idle,
-                       scale_of)
+from backbones import (VIT_BLOCKS, _row, embed, finish, has_class_token, literal_qk, make_backbone, ref_evo,
+                       ref_idle, scale_of)
 from tokenpace.blockops import run_block
 from tokenpace.families import adapter_for
 
@@ -136,3 +136,28 @@ def test_idle_training_gradients_equal_the_masked_reference(variant, idling, ima
     for name, p in named.items():
         torch.testing.assert_close(p.grad, expected[name], atol=1e-4, rtol=1e-4, msg=name)
 
+
+
+def test_differential_attention_with_its_other_options(images):
+    """DiffAttention with the inner norm before the projection (scale_attn_norm) and the two-scalar lambda
+    (dual_lambda, which no timm model sets: swapped in): Idle and Evo equal the literal references."""
+    from timm.layers import DiffAttention
+
+    model = make_backbone("diff_token_qknorm", scale_attn_norm=True)
+    for i, blk in enumerate(model.blocks):
+        old = blk.attn
+        blk.attn = DiffAttention(48, num_heads=3, qkv_bias=True, qk_norm=True, scale_norm=True, depth=i,
+                                 dual_lambda=True)
+        blk.attn.load_state_dict({k: v for k, v in old.state_dict().items() if "lambda" not in k}, strict=False)
+        with torch.no_grad():
+            blk.attn.lambda_a.fill_(0.1 * i)
+            blk.attn.lambda_b.fill_(-0.2)
+    assert not isinstance(model.blocks[0].attn.norm, torch.nn.Identity)
+    with torch.no_grad():
+        dense = model(images)
+        assert torch.equal(tokenpace.apply(model, "idle", keep=1.0)(images), dense)
+        idle = ref_idle(model, images, 0.5, (2, 3, 5), "cls")
+        evo = ref_evo(model, images, 0.5, (2, 4), "stage", "cls")
+        torch.testing.assert_close(tokenpace.apply(model, "idle", keep=0.5)(images), idle, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(tokenpace.apply(model, "evo", keep=0.5)(images), evo, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(idle, dense, atol=1e-3)
