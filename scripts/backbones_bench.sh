@@ -8,7 +8,8 @@ RUNS=${2:-5}
 mkdir -p "$OUT"
 for model in deit_small_patch16_224 eva02_small_patch14_224 vit_base_patch16_siglip_224 vit_small_patch16_dinov3 \
              beitv2_base_patch16_224 swinv2_tiny_window8_256 swinv2_cr_tiny_ns_224 vit_relpos_medium_patch16_224 \
-             naflexvit_base_patch16_siglip \
+             naflexvit_base_patch16_siglip vit_dwee_patch16_reg1_gap_256 vit_pwee_patch16_reg1_gap_256 \
+             vit_dpwee_patch16_reg1_gap_256 levit_conv_256 \
              levit_256 swin_tiny_patch4_window7_224 pvt_v2_b2; do
     tokenpace bench --model "$model" --batch-size 32 --runs "$RUNS" --warmup 1 --json "$OUT/$model.json" --quiet
 done

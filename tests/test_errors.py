@@ -226,3 +226,23 @@ def test_patch_dropout_is_refused_on_every_flat_timm_class(variant):
     with pytest.raises(TypeError, match=r"patch dropout \(patch_drop_rate > 0\) changes the token count"):
         tokenpace.apply(model, "idle")
     tokenpace.apply(make_vit("deit", depth=2) if variant == "deit" else make_backbone(variant, depth=2), "idle")
+
+
+def test_forward_features_takes_what_the_class_takes():
+    """An argument the model's own forward_features does not take is a TypeError, None or not, as unpatched; the
+    masks it does take pass when they ask for nothing."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    vit = tokenpace.apply(make_vit("deit", depth=2), "idle")
+    swin = tokenpace.apply(SwinTransformer(img_size=32, patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,),
+                                           window_size=4, num_classes=10).eval(), "idle")
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(vit.forward_features(images, attn_mask=None, is_causal=False), vit.forward_features(images))
+        for model in (vit, swin):
+            with pytest.raises(TypeError, match="colour"):
+                model.forward_features(images, colour=None)
+        with pytest.raises(TypeError, match="attn_mask"):  # Swin's forward_features takes no mask
+            swin.forward_features(images, attn_mask=None)
+        with pytest.raises(TypeError, match="attn_mask"):
+            tokenpace.remove(swin).forward_features(images, attn_mask=None)

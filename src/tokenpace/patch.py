@@ -42,6 +42,9 @@ class Patch:
     adapter: Family
     original_class: type
     tracer: Trace | None = None
+    # the masks the class's forward_features takes by name: a call naming only those, set to None or False, is
+    # the images alone (read once: the common call then binds no signature, also under torch.compile)
+    feature_masks: frozenset = frozenset()
     last_state: ForwardState | None = None  # the latest forward's state (what training losses read)
 
     def _state(self, **taps) -> ForwardState:
@@ -116,10 +119,11 @@ def _own_patch(model: nn.Module) -> Patch:
 
 
 def _forward_features(self, *args, **kwargs) -> torch.Tensor:
-    if len(args) == 1 and all(value is None or value is False for value in kwargs.values()):
-        # the call timm's forward makes: the images, and at most masks that ask for nothing (attn_mask=None)
-        return _own_patch(self).forward_features(args[0])
     patch = _own_patch(self)
+    if len(args) == 1 and all(name in patch.feature_masks and (value is None or value is False)
+                              for name, value in kwargs.items()):
+        # the call timm's forward makes: the images, and at most masks that ask for nothing (attn_mask=None)
+        return patch.forward_features(args[0])
     x, given = _bound_arguments(patch.original_class.forward_features, self, args, kwargs)
     _refuse_masks(given)
     return patch.forward_features(x)
@@ -249,7 +253,9 @@ def apply(model: nn.Module, method: str | MethodConfig, **options) -> nn.Module:
     family.anatomy()  # now, not in the first forward (a compiled model would compile twice)
     remove(target)
     original = type(target)
-    target.__dict__[_ATTR] = Patch(config=policy.config, policy=policy, adapter=family, original_class=original)
+    masks = frozenset(p.name for p in _signature(original.forward_features)[1]).intersection(_MASKS + _NAFLEX_INPUT)
+    target.__dict__[_ATTR] = Patch(config=policy.config, policy=policy, adapter=family, original_class=original,
+                                   feature_masks=masks)
     target.__class__ = _patched_class(original)
     return model
 
