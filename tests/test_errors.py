@@ -228,17 +228,21 @@ def test_patch_dropout_is_refused_on_every_flat_timm_class(variant):
     tokenpace.apply(make_vit("deit", depth=2) if variant == "deit" else make_backbone(variant, depth=2), "idle")
 
 
-def test_forward_features_takes_what_the_class_takes():
+def test_forward_features_takes_what_the_class_takes(monkeypatch):
     """An argument the model's own forward_features does not take is a TypeError, None or not, as unpatched; the
-    masks it does take pass when they ask for nothing."""
+    masks it does take pass when they ask for nothing, without binding the signature (timm's forward names them)."""
     from timm.models.swin_transformer import SwinTransformer
+
+    import tokenpace.patch
 
     vit = tokenpace.apply(make_vit("deit", depth=2), "idle")
     swin = tokenpace.apply(SwinTransformer(img_size=32, patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,),
                                            window_size=4, num_classes=10).eval(), "idle")
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(vit.forward_features(images, attn_mask=None, is_causal=False), vit.forward_features(images))
+        with monkeypatch.context() as patched:
+            patched.setattr(tokenpace.patch, "_bound_arguments", None)  # the common call must not bind
+            assert torch.equal(vit(images), vit.forward_head(vit.forward_features(images)))
         for model in (vit, swin):
             with pytest.raises(TypeError, match="colour"):
                 model.forward_features(images, colour=None)

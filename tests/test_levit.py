@@ -604,3 +604,26 @@ def test_conv_levit_refuses_a_wrapped_convolution(images):
     inner.linear = type("LoraConv2d", (torch.nn.Conv2d,), {})(inner.linear.in_channels, inner.linear.out_channels, 1)
     with pytest.raises(TypeError, match="a LoraConv2d inside timm's NCHW LeViT.*merge_and_unload"):
         conv(images)
+
+
+def test_conv_levit_runs_frozen_and_sync_batchnorm_and_refuses_hooks(images):
+    """timm's freeze_batch_norm_2d (FrozenBatchNorm2d) and DDP's SyncBatchNorm are per-channel norms on tokens too;
+    a pruning hook recomputes a weight the token path would not read: refused."""
+    import torch.nn.utils.prune as prune
+    from timm.layers import freeze_batch_norm_2d
+
+    _, conv = make_levit_twins()
+    with torch.no_grad():
+        expected = tokenpace.apply(conv, "idle", keep=0.65)(images)
+        plain = tokenpace.remove(conv)
+        frozen = freeze_batch_norm_2d(copy.deepcopy(plain))
+        sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain)).eval()
+        assert type(frozen.stages[1].blocks[0].mlp.ln1.bn).__name__ == "FrozenBatchNorm2d"
+        assert type(sync.stages[1].blocks[0].mlp.ln1.bn) is torch.nn.SyncBatchNorm
+        for model in (frozen, sync):
+            torch.testing.assert_close(tokenpace.apply(model, "idle", keep=0.65)(images), expected, atol=1e-5,
+                                       rtol=1e-5)
+    prune.l1_unstructured(conv.stages[1].blocks[0].mlp.ln1.linear, "weight", amount=0.5)
+    tokenpace.apply(conv, "idle", keep=0.65)
+    with pytest.raises(TypeError, match="a Conv2d with forward hooks inside timm's NCHW LeViT.*prune.remove"):
+        conv(images)

@@ -138,21 +138,25 @@ def test_idle_training_gradients_equal_the_masked_reference(variant, idling, ima
 
 
 
-def test_differential_attention_with_its_other_options(images):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
+def test_differential_attention_with_its_other_options(fused, images):
     """DiffAttention with the inner norm before the projection (scale_attn_norm) and the two-scalar lambda
-    (dual_lambda, which no timm model sets: swapped in): Idle and Evo equal the literal references."""
+    (dual_lambda, which no timm model sets: swapped in, the rest of each block's weights kept): Idle and Evo equal
+    the literal references."""
     from timm.layers import DiffAttention
 
     model = make_backbone("diff_token_qknorm", scale_attn_norm=True)
     for i, blk in enumerate(model.blocks):
         old = blk.attn
         blk.attn = DiffAttention(48, num_heads=3, qkv_bias=True, qk_norm=True, scale_norm=True, depth=i,
-                                 dual_lambda=True)
-        blk.attn.load_state_dict({k: v for k, v in old.state_dict().items() if "lambda" not in k}, strict=False)
+                                 dual_lambda=True, norm_layer=torch.nn.LayerNorm)
+        missing, unexpected = blk.attn.load_state_dict(
+            {k: v for k, v in old.state_dict().items() if "lambda" not in k}, strict=False)
+        assert missing == ["lambda_a", "lambda_b"] and unexpected == []
         with torch.no_grad():
             blk.attn.lambda_a.fill_(0.1 * i)
             blk.attn.lambda_b.fill_(-0.2)
-    assert not isinstance(model.blocks[0].attn.norm, torch.nn.Identity)
+    _set_fused(model, fused)
     with torch.no_grad():
         dense = model(images)
         assert torch.equal(tokenpace.apply(model, "idle", keep=1.0)(images), dense)

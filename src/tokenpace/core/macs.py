@@ -44,8 +44,8 @@ class BlockShape:
     qk_dim: int  # all heads' query/key width (the q . k products)
     v_dim: int  # all heads' value width (the attention @ v products)
     qkv: int  # per-token MACs of the q, k, v projections
-    proj: int  # per-token MACs after the attention (output projection, gate; a parallel block's MLP branch)
-    mlp: int  # per-token MACs of the MLP half (0 in a parallel block)
+    proj: int  # per-token MACs after the attention (output projection, gate; a ParallelScalingBlock's MLP branch)
+    mlp: int  # per-token MACs of the MLP half (0 in a ParallelScalingBlock)
     q_proj: int = 0  # per-token MACs of the query projection alone (scores; 0: dim * qk_dim)
     k_proj: int = 0  # per-token MACs of the key projection alone (scores; 0: dim * qk_dim; less with grouped keys)
 

@@ -13,8 +13,6 @@ receives is read exactly (the mean of its softmax column): token counts are smal
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,28 +56,46 @@ def inference_map(layer: nn.Module) -> LinearMap:
     return LinearMap(linear.weight.flatten(1) * gain[:, None], bias)
 
 
-@functools.cache
-def _containers() -> tuple[type, ...]:
-    """Modules of timm's LeViT whose forward calls their children in order."""
-    from timm.models.levit import ConvNorm, LevitMlp
+_KINDS: list = []  # (containers, channel norms) of timm's NCHW LeViT, filled by levit_kinds()
 
-    return ConvNorm, LevitMlp, nn.Sequential
+
+def levit_kinds() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """The module classes :func:`tokenwise` walks into (their forwards call their children in order) and the
+    per-channel norms it runs on tokens (BatchNorm2d; SyncBatchNorm for DDP; FrozenBatchNorm2d from timm's
+    freeze_batch_norm_2d). Read once, when a family is built: no cache wrapper on the forward path (dynamo warns)."""
+    if not _KINDS:
+        from timm.models.levit import ConvNorm, LevitMlp
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        _KINDS.append(((ConvNorm, LevitMlp, nn.Sequential), (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)))
+    return _KINDS[0]
 
 
 def tokenwise(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A token-wise module of timm's NCHW LeViT (a ConvNorm: 1x1 Conv2d + BatchNorm2d; a LevitMlp; a Sequential of
     them and activations) on tokens x (B, n, C), as it computes on an NCHW map holding them: the convolution as a
-    linear map, BatchNorm2d over the tokens (its batch statistics in training, as on the map). Any other layer with
-    parameters (a LoRA wrapper, another convolution) is refused: its weights would not say what it computes."""
-    if type(module) in _containers():
+    linear map, the norm over the tokens (BatchNorm's batch statistics in training, as on the map). Refused: any
+    other layer with parameters or buffers (a LoRA wrapper, another convolution), and hooks (pruning and weight
+    norm recompute a weight in a hook that a linear map read from the weight would skip)."""
+    if module._forward_pre_hooks or module._forward_hooks:
+        raise TypeError(f"a {type(module).__name__} with forward hooks inside timm's NCHW LeViT: tokenpace runs its "
+                        "layers on tokens without calling their forwards; remove the hooks (torch.nn.utils.prune."
+                        "remove, remove_weight_norm) before tokenpace.apply")
+    containers, norms = levit_kinds()
+    if type(module) in containers:
         for child in module.children():
             x = tokenwise(child, x)
         return x
     if type(module) is nn.Conv2d and pointwise_conv(module):
         return F.linear(x, module.weight.flatten(1), module.bias)
-    if type(module) is nn.BatchNorm2d:
+    if type(module) in norms:
         return module(x.reshape(-1, x.shape[-1], 1, 1)).view(x.shape)
-    if next(module.parameters(), None) is not None:
+    if type(module) is nn.Conv2d:
+        raise TypeError(f"a {type(module).__name__} with kernel {module.kernel_size}, stride {module.stride}, "
+                        f"padding {module.padding} and groups {module.groups} inside timm's NCHW LeViT: tokenpace "
+                        "runs its convolutions on tokens as linear layers, which only a plain 1x1 Conv2d (stride 1, "
+                        "no padding, one group) is")
+    if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
         raise TypeError(f"a {type(module).__name__} inside timm's NCHW LeViT: tokenpace runs its 1x1 convolutions "
                         "(ConvNorm: Conv2d + BatchNorm2d, or a fused Conv2d) on tokens as linear layers; merge what "
                         "wraps them into the weights first (peft: merge_and_unload())")
@@ -272,6 +288,8 @@ class TimmLevit(_LevitBase):
                                 "timm LeViT's LevitDownsample (down_op='subsample')")
         super().__init__(model)
         self.conv = model.use_conv
+        if self.conv:
+            levit_kinds()  # the classes tokenwise() dispatches on, read now rather than in a compiled forward
         self._final_grid = self.resolutions(None)[-1] if self.conv else None  # the map the NCHW head pools
 
     @classmethod

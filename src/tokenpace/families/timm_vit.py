@@ -153,8 +153,10 @@ def check_blocks(model: nn.Module, kind: str, readable, supported: str) -> None:
     for i, blk in enumerate(model.blocks):
         if not readable(blk):
             attn = getattr(blk, "attn", None)
-            if attn is None and getattr(blk, "attns", None):  # parallel branches: name their attention
-                attn = getattr(blk.attns[0], "attn", None)
+            if attn is None and getattr(blk, "attns", None):  # parallel branches: the first unreadable attention
+                _, _, Attention = _timm_classes()
+                attn = next((a for a in (getattr(b, "attn", None) for b in blk.attns) if type(a) is not Attention),
+                            None)
             raise TypeError(f"block {i} of this {kind} is {type(blk).__name__} with "
                             f"{type(attn).__name__ if attn is not None else 'no separate attention'}; tokenpace "
                             f"supports {supported}")
