@@ -250,3 +250,35 @@ def test_forward_features_takes_what_the_class_takes(monkeypatch):
             swin.forward_features(images, attn_mask=None)
         with pytest.raises(TypeError, match="attn_mask"):
             tokenpace.remove(swin).forward_features(images, attn_mask=None)
+
+
+def test_modules_replaced_after_apply_are_refused_until_apply_runs_again():
+    """The forward is built from the blocks and attentions the model had at apply: a block, its attention or the
+    block container put in their place later would be left out, so the forward refuses it, naming the fix."""
+    import copy
+
+    from timm.models.swin_transformer import SwinTransformer
+
+    images = torch.randn(2, 3, 32, 32)
+    vit = make_vit("deit", depth=4)
+    swin = SwinTransformer(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 2), window_size=4,
+                           num_classes=10).eval()
+    replacements = [
+        (vit, lambda: setattr(vit.blocks[2], "attn", copy.deepcopy(vit.blocks[2].attn)),
+         "block 2's attn \\(Attention\\)"),
+        (vit, lambda: vit.blocks.__setitem__(1, copy.deepcopy(vit.blocks[1])), "block 1 \\(Block\\)"),
+        (vit, lambda: setattr(vit, "blocks", torch.nn.Sequential(*vit.blocks)), "the model's module 'blocks'"),
+        (swin, lambda: swin.layers[1].blocks.__setitem__(0, copy.deepcopy(swin.layers[1].blocks[0])),
+         "block 2 \\(SwinTransformerBlock\\)"),
+    ]
+    for model, replace, name in replacements:
+        tokenpace.apply(model, "idle", keep=1.0)
+        with torch.no_grad():
+            expected = tokenpace.remove(model)(images)
+            tokenpace.apply(model, "idle", keep=1.0)
+            replace()
+            with pytest.raises(TypeError, match=f"{name} was replaced after tokenpace.apply.*apply\\(model, "
+                                                "...\\) again"):
+                model(images)
+            tokenpace.apply(model, "idle", keep=1.0)  # reads the new modules: the copies compute the same
+            assert torch.equal(model(images), expected)

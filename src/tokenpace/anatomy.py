@@ -150,6 +150,15 @@ def check_projections(projections: list[tuple[dict, str, nn.Module, str, str | N
             check_plain_linear(getattr(current, inner, current) if inner else current, label)
 
 
+def check_held(held: list[tuple[dict, str, nn.Module, str]]) -> None:
+    """Each module the anatomy was built from is still where it was: the parts (and a family's block list) hold the
+    modules themselves, so one put in its place after ``apply`` would be left out of the forward (TypeError)."""
+    for modules, attribute, module, label in held:
+        if modules.get(attribute) is not module:
+            raise TypeError(f"{label} was replaced after tokenpace.apply, which built the forward from the module it "
+                            "had; call tokenpace.apply(model, ...) again so that the new one runs")
+
+
 class PostNorm:
     """Mix in before a family's parts for post-norm blocks, ``x + drop_path(norm(branch(x)))``: the branches read the
     tokens as they are, and each norm sits in its residual (timm's ``ResPostBlock``, ``EvaBlockPostNorm``, SwinV2)."""
@@ -183,6 +192,13 @@ class BlockParts:
         # (the owner's submodules, attribute, the module checked, label, inner): the dict lookup costs a fraction
         # of nn.Module.__getattr__, and the check runs at every forward
         self.projections: list[tuple[dict, str, nn.Module, str, str | None]] = []
+        self.held: list[tuple[dict, str, nn.Module, str]] = []  # (owner's submodules, attribute, module, name)
+
+    def hold(self, owner: nn.Module, attribute: str) -> nn.Module:
+        """``owner.<attribute>``, which the parts keep: :func:`check_held` refuses a forward after it is replaced."""
+        module = getattr(owner, attribute)
+        self.held.append((owner._modules, attribute, module, attribute))
+        return module
 
     def require_plain_linear(self, owner: nn.Module, attribute: str, label: str, inner: str | None = None) -> None:
         """Refuse (TypeError) a projection ``owner.<attribute>`` that is not a plain Linear, now and at each forward

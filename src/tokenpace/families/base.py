@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..anatomy import BlockParts, Frame, StageEntry, TokenSet, check_projections
+from ..anatomy import BlockParts, Frame, StageEntry, TokenSet, check_held, check_projections
 from ..blockops import run_block
 from ..core.macs import BlockWork, block_macs, dense_work
 from ..core.tokens import gather_heads, gather_rows, scatter_rows, sequence_rows, with_prefix
@@ -53,6 +53,25 @@ class GroupCount:
     prefix: int = 0
 
 
+def _held_blocks(model: nn.Module, stages) -> list[tuple[dict, str, nn.Module, str]]:
+    """What a family's block list copies from the model, for :func:`anatomy.check_held`: each stage's block
+    container where the model holds it, and each block in it."""
+    names = {id(m): name for name, m in model.named_modules()}
+    held, index = [], 0
+    for blocks in stages:
+        if isinstance(blocks, nn.Module):
+            name = names.get(id(blocks))
+            if name:
+                parent, _, attribute = name.rpartition(".")
+                held.append((model.get_submodule(parent)._modules, attribute, blocks, f"the model's module {name!r}"))
+            for key, blk in blocks._modules.items():
+                held.append((blocks._modules, key, blk, f"block {index} ({type(blk).__name__})"))
+                index += 1
+        else:
+            index += len(list(blocks))
+    return held
+
+
 class Family(ABC):
     """One model family: structure, block anatomy, selection groups, sizes and cost.
 
@@ -74,6 +93,8 @@ class Family(ABC):
         self.model = model
         self.blocks: list[nn.Module] = []
         self.stage_blocks: list[range] = []  # the global indices of each stage's blocks, in order
+        stages = list(stages)
+        self._held: list = _held_blocks(model, stages)  # the block containers and blocks the list below copies
         for blocks in stages:
             start = len(self.blocks)
             self.blocks.extend(blocks)
@@ -109,6 +130,8 @@ class Family(ABC):
         if self._parts is None:
             self._parts = [self.make_parts(i) for i in range(self.depth)]
             self._projections = [p for parts in self._parts for p in parts.projections]
+            self._held += [(modules, attribute, module, f"block {i}'s {name} ({type(module).__name__})")
+                           for i, parts in enumerate(self._parts) for modules, attribute, module, name in parts.held]
         return self._parts
 
     def parts(self, i: int) -> BlockParts:
@@ -120,6 +143,7 @@ class Family(ABC):
         e.g. peft's LoRA, whose weights the scores and split projections would read around)."""
         self.anatomy()
         check_projections(self._projections)
+        check_held(self._held)
 
     @abstractmethod
     def make_parts(self, i: int) -> BlockParts: ...

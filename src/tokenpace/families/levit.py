@@ -123,7 +123,7 @@ class LevitParts(BlockParts):
     def __init__(self, block: nn.Module, biases: bool, conv: bool = False) -> None:
         super().__init__(block)
         self.conv = conv  # timm's NCHW layout: layers called through tokenwise()
-        attn = self.attn = block.attn
+        attn = self.attn = self.hold(block, "attn")
         self.num_heads, self.scale = attn.num_heads, attn.scale
         self.key_dim, self.val_dim = attn.key_dim, attn.val_dim
         # timm's LinearNorm (linear + BatchNorm), or a Linear (Evo-LeViT, or timm's with the BatchNorm fused)

@@ -79,7 +79,7 @@ class PvtParts(BlockParts):
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__(block)
-        attn = self.attn = block.attn
+        attn = self.attn = self.hold(block, "attn")
         self.num_heads, self.scale = attn.num_heads, attn.scale
         self.require_plain_linear(attn, "q", f"attn.q of a {type(block).__name__}")
 

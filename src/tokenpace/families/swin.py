@@ -126,7 +126,7 @@ class SwinParts(BlockParts):
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__(block)
-        attn = self.attn = block.attn
+        attn = self.attn = self.hold(block, "attn")
         self.num_heads = attn.num_heads
         self.scale = getattr(attn, "scale", 1.0)  # SwinV2 has none: its logit scale multiplies the queries
         self.require_plain_linear(attn, "qkv", f"attn.qkv of a {type(block).__name__}")

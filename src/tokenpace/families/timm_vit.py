@@ -75,7 +75,7 @@ class VitParts(BlockParts):
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__(block)
-        attn = self.attn = block.attn
+        attn = self.attn = self.hold(block, "attn")
         self.num_heads, self.scale = attn.num_heads, attn.scale
         self.head_dim = getattr(attn, "head_dim", None) or attn.qkv.out_features // (3 * attn.num_heads)
         self.width = attn.num_heads * self.head_dim
