@@ -253,8 +253,9 @@ def test_forward_features_takes_what_the_class_takes(monkeypatch):
 
 
 def test_modules_replaced_after_apply_are_refused_until_apply_runs_again():
-    """The forward is built from the blocks and attentions the model had at apply: a block, its attention or the
-    block container put in their place later would be left out, so the forward refuses it, naming the fix."""
+    """The forward is built from the blocks and attentions the model had at apply: a block, its attention, a norm
+    inside it or the block container put in their place later would be left out, so the forward refuses it, naming
+    the fix."""
     import copy
 
     from timm.models.swin_transformer import SwinTransformer
@@ -268,6 +269,8 @@ def test_modules_replaced_after_apply_are_refused_until_apply_runs_again():
          "block 2's attn \\(Attention\\)"),
         (vit, lambda: vit.blocks.__setitem__(1, copy.deepcopy(vit.blocks[1])), "block 1 \\(Block\\)"),
         (vit, lambda: setattr(vit, "blocks", torch.nn.Sequential(*vit.blocks)), "the model's module 'blocks'"),
+        (vit, lambda: setattr(vit.blocks[0].attn, "q_norm", torch.nn.Identity()),
+         "block 0's attn.q_norm \\(Identity\\)"),
         (swin, lambda: swin.layers[1].blocks.__setitem__(0, copy.deepcopy(swin.layers[1].blocks[0])),
          "block 2 \\(SwinTransformerBlock\\)"),
     ]

@@ -165,3 +165,16 @@ def test_differential_attention_with_its_other_options(fused, images):
         torch.testing.assert_close(tokenpace.apply(model, "idle", keep=0.5)(images), idle, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(tokenpace.apply(model, "evo", keep=0.5)(images), evo, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(idle, dense, atol=1e-3)
+
+
+def test_parallel_modules_replaced_after_apply_are_refused(images):
+    import copy
+
+    model = tokenpace.apply(make_backbone("parallel_things", depth=2), "idle", keep=1.0)
+    model.blocks[1].attns[1] = copy.deepcopy(model.blocks[1].attns[1])
+    with pytest.raises(TypeError, match="block 1's attns.1 \\(Sequential\\) was replaced after tokenpace.apply"):
+        model(images)
+    model = tokenpace.apply(make_backbone("parallel_xp", depth=2), "idle", keep=1.0)
+    model.blocks[0].k_norm = copy.deepcopy(model.blocks[0].k_norm)
+    with pytest.raises(TypeError, match="block 0's k_norm \\(RmsNorm\\) was replaced after tokenpace.apply"):
+        model(images)

@@ -194,10 +194,11 @@ class BlockParts:
         self.projections: list[tuple[dict, str, nn.Module, str, str | None]] = []
         self.held: list[tuple[dict, str, nn.Module, str]] = []  # (owner's submodules, attribute, module, name)
 
-    def hold(self, owner: nn.Module, attribute: str) -> nn.Module:
-        """``owner.<attribute>``, which the parts keep: :func:`check_held` refuses a forward after it is replaced."""
+    def hold(self, owner: nn.Module, attribute: str, name: str | None = None) -> nn.Module:
+        """``owner.<attribute>``, which the parts keep: :func:`check_held` refuses a forward after it is replaced.
+        ``name``: how an error names it within the block (default: the attribute)."""
         module = getattr(owner, attribute)
-        self.held.append((owner._modules, attribute, module, attribute))
+        self.held.append((owner._modules, attribute, module, name or attribute))
         return module
 
     def require_plain_linear(self, owner: nn.Module, attribute: str, label: str, inner: str | None = None) -> None:

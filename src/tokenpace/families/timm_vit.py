@@ -64,12 +64,6 @@ def check_pool(model: nn.Module) -> None:
                         f"accepted: {', '.join(map(repr, POOLS))}")
 
 
-def _optional(module: nn.Module, name: str) -> nn.Module:
-    """``module.<name>``, or an Identity where the module has no such attribute (BEiT's attention has no norms)."""
-    found = getattr(module, name, None)
-    return nn.Identity() if found is None else found
-
-
 class VitParts(BlockParts):
     """timm ``Block`` + ``Attention``: fused q/k/v, optional per-head q/k norms, inner norm and sigmoid gate."""
 
@@ -79,10 +73,15 @@ class VitParts(BlockParts):
         self.num_heads, self.scale = attn.num_heads, attn.scale
         self.head_dim = getattr(attn, "head_dim", None) or attn.qkv.out_features // (3 * attn.num_heads)
         self.width = attn.num_heads * self.head_dim
-        self.q_norm, self.k_norm, self.inner_norm = (_optional(attn, n) for n in ("q_norm", "k_norm", "norm"))
+        self.q_norm, self.k_norm, self.inner_norm = (self._norm(attn, n) for n in ("q_norm", "k_norm", "norm"))
         for name in ("qkv", "q_proj", "k_proj", "v_proj"):  # the fused projection, or EVA's separate ones
             if getattr(attn, name, None) is not None:
                 self.require_plain_linear(attn, name, f"attn.{name} of a {type(block).__name__}")
+
+    def _norm(self, attn: nn.Module, name: str) -> nn.Module:
+        """The attention's norm ``name`` (held), or an Identity where it has none (BEiT's attention)."""
+        return self.hold(attn, name, f"attn.{name}") if isinstance(getattr(attn, name, None), nn.Module) else \
+            nn.Identity()
 
     def dropout(self) -> float:
         return self.attn.attn_drop.p if self.attn.training else 0.0

@@ -108,7 +108,7 @@ class ParallelScalingParts(BlockParts):
         self.num_heads = self.dim // block.head_dim  # query heads (2H half-width ones when differential)
         self.value_heads = block.num_heads
         self.scale = block.scale
-        self.q_norm, self.k_norm = block.q_norm, block.k_norm
+        self.q_norm, self.k_norm = self.hold(block, "q_norm"), self.hold(block, "k_norm")
         self.require_plain_linear(block, "in_proj", f"in_proj of a {type(block).__name__}")
 
     @property
@@ -187,9 +187,11 @@ class ParallelThingsParts(BlockParts):
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__(block)
-        self.branches = [VitParts(branch) for branch in block.attns]
-        for parts in self.branches:
+        self.branches = [VitParts(self.hold(block.attns, str(j), f"attns.{j}")) for j in range(len(block.attns))]
+        for j, parts in enumerate(self.branches):
             self.projections += parts.projections
+            self.held += [(modules, attribute, module, f"attns.{j}.{name}") for modules, attribute, module, name
+                          in parts.held]
         self.num_heads = sum(parts.num_heads for parts in self.branches)
         self.scale = self.branches[0].scale
 
