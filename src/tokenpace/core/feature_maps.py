@@ -1,10 +1,21 @@
-"""timm's ViT ``forward_intermediates`` output, formatted from token maps: shared by the patched flat families and
-tokenpace's own flat models (LV-ViT), so both return exactly what timm's ViT returns."""
+"""Token maps: tokens to NCHW maps and back, and timm's ViT ``forward_intermediates`` output formatted from them
+(shared by the patched flat families and tokenpace's own flat models, LV-ViT, so both return exactly what timm's ViT
+returns)."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+
+
+def to_map(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Tokens (B, H * W, C) in raster order -> the NCHW map (B, C, H, W) (a view where the layout allows)."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """An NCHW map (B, C, H, W) -> its tokens (B, H * W, C) in raster order."""
+    return x.flatten(2).transpose(1, 2)
 
 
 def vit_intermediates(maps: list[torch.Tensor], final: torch.Tensor, final_norm: Callable, num_prefix: int,

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..anatomy import BlockParts, Frame, LinearMap, StageEntry
 from ..core.attention import attend, probs_scores
+from ..core.feature_maps import to_map, to_tokens
 from ..core.macs import BlockShape, conv_macs, linear_macs, pointwise_conv
 from .base import SequenceFamily, parse_img_size
 
@@ -105,15 +106,6 @@ def tokenwise(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def call_tokenwise(module: nn.Module, x: torch.Tensor, conv: bool) -> torch.Tensor:
     """A token-wise module on tokens (B, n, C), in either layout (``conv``: timm's NCHW LeViT)."""
     return tokenwise(module, x) if conv else module(x)
-
-
-def to_map(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Tokens (B, H * W, C) in raster order -> the NCHW map (B, C, H, W)."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
-
-
-def to_tokens(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(2).transpose(1, 2)
 
 
 class LevitParts(BlockParts):

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..anatomy import BlockParts, Frame, LinearMap
 from ..blockops import attention_branch
+from ..core.feature_maps import to_map, to_tokens
 from ..core.macs import BlockShape, BlockWork, conv_macs, linear_macs
 from ..core.tokens import flat_rows, gather_rows, scatter_rows
 from ..scoring import token_norms
@@ -92,9 +93,9 @@ class PvtParts(BlockParts):
         q = attn.q(h).reshape(B, k, self.num_heads, -1).permute(0, 2, 1, 3)
         src, (H, W) = prep.normed, prep.grid
         if attn.sr is not None:  # spatial reduction (or the linear variant's pool + 1x1 conv) on the full map
-            grid = src.permute(0, 2, 1).reshape(B, C, H, W)
+            grid = to_map(src, (H, W))
             grid = attn.sr(attn.pool(grid) if attn.pool is not None else grid)
-            src = attn.norm(grid.reshape(B, C, -1).permute(0, 2, 1))
+            src = attn.norm(to_tokens(grid))
             if attn.act is not None:
                 src = attn.act(src)
         kv = attn.kv(src).reshape(B, -1, 2, self.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -109,7 +110,7 @@ class PvtParts(BlockParts):
         h = mlp.relu(mlp.fc1(h))  # ReLU before scattering: relu(0) = 0 at the idle positions either way
         B, k, hidden = h.shape
         full = scatter_rows(h.new_zeros(B, grid[0] * grid[1], hidden), where.rows, h)
-        full = mlp.dwconv(full.transpose(1, 2).reshape(B, hidden, *grid)).flatten(2).transpose(1, 2)
+        full = to_tokens(mlp.dwconv(to_map(full, grid)))
         return mlp.drop(mlp.fc2(mlp.drop(mlp.act(gather_rows(full, where.rows)))))
 
     def res_attn(self, x, y):
