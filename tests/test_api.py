@@ -227,6 +227,7 @@ def _families():
 
     from backbones import make_backbone
     from conftest import spread_weights
+    from test_sam import make_sam
     from test_swin import make_swin
 
     small_levit = dict(embed_dim=(32, 48), key_dim=8, num_heads=(2, 3), depth=(2, 1))
@@ -246,6 +247,7 @@ def _families():
         "pvt_v2": (spread_weights(PyramidVisionTransformerV2(depths=(1, 2), embed_dims=(16, 32), num_heads=(1, 2),
                                                               sr_ratios=(4, 2), mlp_ratios=(4, 4),
                                                               num_classes=10)).eval(), "idle", 64),
+        "sam": (make_sam("qk_norm"), "idle", 80),
     }
 
 
@@ -293,7 +295,7 @@ def test_a_keep_that_keeps_no_token_is_refused():
 
 
 @pytest.mark.parametrize("family", ["vit", "eva", "beit", "vit_relpos", "naflexvit", "vit_parallel_things", "levit",
-                                    "evo_levit", "swin", "swin_v2", "swin_v2_cr", "pvt_v2"])
+                                    "evo_levit", "swin", "swin_v2", "swin_v2_cr", "pvt_v2", "sam"])
 def test_patched_models_pickle_deepcopy_and_torch_save(family, tmp_path):
     import copy
     import pickle

@@ -13,6 +13,7 @@ import torch
 import tokenpace
 from backbones import make_backbone
 from conftest import make_vit, spread_weights
+from test_sam import make_sam
 from test_swin import make_swin
 
 
@@ -57,6 +58,7 @@ CASES = {
     "swin_v2_cr": (lambda: make_swin("cr_padded", depths=(2,), num_heads=(2,)), "idle", dict(stage_starts=(1,)),
                    40),
     "pvt_v2": (_pvt, "idle", dict(stage_starts=(1,)), 64),
+    "sam": (lambda: make_sam("padded", depth=2, global_attn_indexes=(1,)), "idle", dict(stage_starts=(1,)), 80),
 }
 
 
@@ -88,7 +90,8 @@ def test_inductor_full_graph(family):
     _compiled_equals_eager(family, "inductor", 1e-4)
 
 
-@pytest.mark.parametrize("family", ["vit", "vit_no_class_token", "eva_rope_mixed", "evo_levit", "swin", "pvt_v2"])
+@pytest.mark.parametrize("family", ["vit", "vit_no_class_token", "eva_rope_mixed", "evo_levit", "swin", "pvt_v2",
+                                    "sam"])
 def test_compiled_fresh_patch_does_not_recompile(family):
     """A model compiled straight after ``apply`` (as ``tokenpace bench --compile`` does) compiles once: nothing the
     first forward builds (the block anatomy) may change what the compiled graph's guards check. (Not timm's LeViT:

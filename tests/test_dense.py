@@ -10,6 +10,7 @@ import torch
 import tokenpace
 from backbones import make_backbone
 from conftest import CIFAR, make_vit, needs_cifar, spread_weights
+from test_sam import make_sam
 from test_swin import make_swin
 
 SMALL_LEVIT = dict(embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4), depth=(2, 2, 2))
@@ -63,6 +64,7 @@ FAMILIES = {  # name: (build, input size, methods, flat)
     "swin_v2_cr": (lambda: make_swin("cr_shifted", embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 4)), 32,
                    ("idle",), False),
     "pvt_v2": (_pvt, 64, ("idle",), False),
+    "sam": (lambda: make_sam("padded"), 80, ("idle",), False),
 }
 
 
@@ -156,7 +158,9 @@ def test_get_intermediate_layers_and_features_only_models_run_the_method():
                          ("naflexvit_base_patch16_siglip", dict(patch_size=4, embed_dim=48, depth=4, num_heads=3,
                                                                 pos_embed_grid_size=(8, 8))),
                          ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4,
-                                                               feature_cls="getter"))]:
+                                                               feature_cls="getter")),
+                         ("samvit_base_patch16", dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2,
+                                                      window_size=4, global_attn_indexes=(1, 3), neck_chans=16))]:
         torch.manual_seed(0)
         features = timm.create_model(name, features_only=True, **kwargs).eval()
         with torch.no_grad():
@@ -200,7 +204,7 @@ def _linear_calls(block):
                                            ("naflexvit", "evo"),
                                            ("levit", "evo"), ("evo_levit", "evo"),
                                            ("swin", "idle"), ("swin_v2", "idle"), ("swin_v2_cr", "idle"),
-                                           ("pvt_v2", "idle")])
+                                           ("pvt_v2", "idle"), ("sam", "idle")])
 def test_gradient_checkpointing_is_honoured_with_equal_gradients(family, method):
     build, size, _, _ = FAMILIES[family]
     plain = build().train()

@@ -1,5 +1,5 @@
 """tokenpace.listing: what each timm model accepts, built on the meta device, with one-line reasons."""
-from tokenpace.listing import format_support, list_support, summarize
+from tokenpace.listing import check_model, format_support, list_support, summarize
 
 
 def _by_name(rows):
@@ -19,8 +19,11 @@ def test_supported_and_refused_models_with_reasons():
     assert pwee.accepted() == ["evo", "idle", "evit", "topk"]  # a parallel block
     assert rows["swinv2_tiny_window8_256.ms_in1k"].accepted() == ["idle"]
     assert rows["swinv2_cr_small_224.sw_in1k"].accepted() == ["idle"]
-    sam = rows["samvit_base_patch16.sa1b"].refusals["idle"]
-    assert sam == "no tokenpace family runs VisionTransformerSAM models"  # one line, not the families' list
+    sam = rows["samvit_base_patch16.sa1b"]
+    assert sam.model_class == "VisionTransformerSAM" and sam.accepted() == ["idle"]
+    assert "needs a sequence layout" in sam.refusals["evo"]
+    cait = check_model("cait_xxs24_224").refusals["idle"]  # a class no family runs
+    assert cait == "no tokenpace family runs Cait models"  # one line, not the families' list
     siglip = [r for name, r in rows.items() if name.startswith("vit_base_patch16_siglip_224")]
     dinov3 = [r for name, r in rows.items() if "dinov3" in name]
     assert siglip and dinov3 and all(r.accepted() == ["evo", "idle", "evit", "topk"] for r in siglip + dinov3)

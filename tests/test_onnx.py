@@ -21,6 +21,7 @@ from conftest import make_vit  # noqa: E402
 from test_levit import make_levit  # noqa: E402
 from test_lvvit import make_lvvit  # noqa: E402
 from test_pvt_v2 import make_pvt  # noqa: E402
+from test_sam import make_sam  # noqa: E402
 from test_swin import make_swin  # noqa: E402
 
 
@@ -49,6 +50,8 @@ FAMILIES = {
     "swin_v2": (lambda: make_swin("v2_padded", depths=(2,), num_heads=(2,)), ("idle", {})),
     "swin_v2_cr": (lambda: make_swin("cr_padded", depths=(2,), num_heads=(2,)), ("idle", {})),
     "pvt_v2": (lambda: make_pvt("sr", depths=(1, 1, 1, 1)), ("idle", {})),
+    # a windowed block (padded windows) and a global one, both idling, with the decomposed bias
+    "sam": (lambda: make_sam("padded", depth=2, global_attn_indexes=(1,)), ("idle", {"stage_starts": (0,)})),
     "lvvit": (lambda: make_lvvit(depth=2), ("idle", {"keep": 0.5})),
 }
 

@@ -13,11 +13,10 @@ from .families import UnsupportedModel
 from .methods import METHODS
 from .patch import apply, remove
 
-# timm modules whose models tokenpace runs, then look-alikes it refuses (listed so that a search finds the reason)
+# timm modules whose models tokenpace runs
 SUPPORTED_MODULES = ("vision_transformer", "vision_transformer_hybrid", "vision_transformer_relpos", "vitamin", "deit",
                      "eva", "beit", "naflexvit", "levit", "swin_transformer", "swin_transformer_v2",
-                     "swin_transformer_v2_cr", "pvt_v2", "archs")
-REFUSED_MODULES = ("vision_transformer_sam",)
+                     "swin_transformer_v2_cr", "pvt_v2", "vision_transformer_sam", "archs")
 
 
 @dataclass
@@ -40,7 +39,7 @@ def candidate_names(pattern: str | None = None, pretrained: bool = True) -> list
     from . import archs  # noqa: F401  (registers tokenpace's own models)
 
     names = []
-    for module in SUPPORTED_MODULES + REFUSED_MODULES:
+    for module in SUPPORTED_MODULES:
         names += timm.list_models(module=module, pretrained=pretrained)
     if pattern:
         wildcard = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"

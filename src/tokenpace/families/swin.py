@@ -107,7 +107,7 @@ class _Prep:
     windows: torch.Tensor  # (B*nW, n, C) norm1 output, shifted, padded and partitioned as timm does
     mask: torch.Tensor | None  # (nW, n, n) shifted-window mask (0 / -100), None for unshifted blocks
     layout: _Layout
-    table: torch.Tensor  # the block's relative-position bias table (``bias_table``), made once per block call
+    table: object  # the block's position table(s) (``bias_table``; SAM: its axis tables), made once per block call
     keys: torch.Tensor | None = None  # (B*nW, heads, n, d) every slot's keys where scoring had to project them
     queries: torch.Tensor | None = None  # (B*nW, heads, n, d) every slot's queries, likewise
 
@@ -340,9 +340,13 @@ class SwinAdapter(Family):
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.blocks[i](x)
 
-    def _layout(self, i: int, H: int, W: int, device: torch.device) -> _Layout:
+    def window_shift(self, i: int, grid: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Block i's attention window (rows, cols) and cyclic shift on a ``grid`` map."""
         blk = self.blocks[i]
-        window, shift = tuple(blk.window_size), tuple(blk.shift_size)
+        return tuple(blk.window_size), tuple(blk.shift_size)
+
+    def _layout(self, i: int, H: int, W: int, device: torch.device) -> _Layout:
+        window, shift = self.window_shift(i, (H, W))
         key = (H, W, window, shift, device)
         if key not in self._layouts:
             pad = ((window[0] - H % window[0]) % window[0], (window[1] - W % window[1]) % window[1])
@@ -366,7 +370,7 @@ class SwinAdapter(Family):
 
     # --- selection groups: the attention windows -----------------------------------------------------------------
     def group_size(self, i: int, x: torch.Tensor) -> int:
-        wh, ww = self.blocks[i].window_size
+        wh, ww = self.window_shift(i, tuple(x.shape[1:3]))[0]
         return wh * ww
 
     def prepare(self, i: int, x: torch.Tensor, frame: Frame | None = None) -> _Prep:
@@ -397,13 +401,20 @@ class SwinAdapter(Family):
             if score == "norm":
                 scores = self._to_windows(token_norms(prep.x).unsqueeze(-1), prep.layout).view(B, nW, n)
             else:  # "received": the mean over the window's queries of the logits, summed over heads
+                queries = None if queries is None else queries.detach()
                 scores = query_logits(parts, prep.windows, where, "mean", project_keys,
-                                      None if keys is None else keys.detach(),
-                                      None if queries is None else queries.detach()).view(B, nW, n)
-                scores = scores + bias_row(parts, where, "mean")
+                                      None if keys is None else keys.detach(), queries).view(B, nW, n)
+                extra = self.received_bias(i, prep, queries)
+                scores = scores if extra is None else scores + extra
             if prep.layout.padding is not None:
                 scores = scores.masked_fill(prep.layout.padding, float("-inf"))
         return scores
+
+    def received_bias(self, i: int, prep: _Prep, queries: torch.Tensor | None) -> torch.Tensor | None:
+        """The position terms (bias, shift mask) of the mean logit each slot receives from its window's queries,
+        summed over heads, broadcastable to (B, nW, n), or None (``queries``: every slot's, where scoring projected
+        them)."""
+        return bias_row(self.parts(i), _Slots(prep), "mean")
 
     def run_selected(self, i: int, x: torch.Tensor, prep: _Prep, idx: torch.Tensor, keep_qk: bool = False):
         parts = self.parts(i)
@@ -453,7 +464,7 @@ class SwinAdapter(Family):
         return self._stage_grids(None)[self.stage_of_block(i)]
 
     def _windows(self, i: int, grid: tuple[int, int]) -> tuple[int, int]:
-        (wh, ww), (H, W) = self.blocks[i].window_size, grid
+        (wh, ww), (H, W) = self.window_shift(i, grid)[0], grid
         return _ceil_div(H, wh) * _ceil_div(W, ww), wh * ww
 
     def group_counts(self, img_size) -> list[GroupCount]:

@@ -5,9 +5,9 @@ softmax, on class-token models) plus the prefix tokens run the block among thems
 through unchanged and compete again in the next layer. K = int(P * keep**s) in stage s = 1, 2, 3.
 
 One policy for every family: selection happens in groups (one per image on sequence families; one per attention
-window on Swin, one per map on PVTv2), k of the n tokens of each group, with the groups as a batch. Stages follow the
-global block index (stage_starts (3, 6, 9) at 12 blocks, scaled), so on pyramids the ratio compounds across the
-pyramid's own stages too; down-sampling runs on the full grid.
+window on Swin and SAM, one per map on PVTv2 and in SAM's global blocks), k of the n tokens of each group, with the
+groups as a batch. Stages follow the global block index (stage_starts (3, 6, 9) at 12 blocks, scaled), so on pyramids
+the ratio compounds across the pyramid's own stages too; down-sampling runs on the full grid.
 """
 from __future__ import annotations
 

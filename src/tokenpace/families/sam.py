@@ -1,0 +1,271 @@
+"""timm ``VisionTransformerSAM`` (``samvit_*``: Segment Anything's image encoder, a ViTDet-style plain ViT): IdleViT
+on blocks that attend within square windows of the (B, H, W, C) map, with a few global-attention blocks between them.
+
+Blocks. A windowed block (``window_size`` > 0) does what timm's does up to its windows (norm1, zero padding at the
+bottom and right, window partition), then idles as Swin's blocks do (``families/swin.py``): k selected tokens in each
+window, windows as a batch, attention among them, then proj, residual and MLP on them only. As on Swin, padding is
+never a key (timm's dense block lets the zero padding act as keys and values): it ranks last, fills the places of a
+window with fewer than k real tokens, is masked out as a key, and its outputs are dropped. A global block
+(``window_size`` 0) is one window the size of the map: k of its H*W tokens. Drop path acts per image (timm's windowed
+block draws it per window).
+
+Position terms. SAM's decomposed relative position (MViTv2): the logit of query i and key j gains
+q_i . R_h[r_i - r_j] + q_i . R_w[c_i - c_j] (per head, the query unscaled; r, c the row and column in the window, or
+in the map for a global block), a bias that depends on the query (``core.decomposed_bias``). timm's tables, resized
+by timm's linear interpolation where the window or map differs from the size they were made for.
+
+Scores. ``"received"`` (default): the mean pre-softmax logit a token receives from all queries of its window (padding
+queries included, as in timm's window), summed over heads. Its content part needs no key projection
+(``scoring.query_logits``); its position part needs the sum of the queries on each window row and column, which is
+W_q times the sum of the inputs there plus the count times b_q: wh + ww projections per window, not one per slot.
+``"norm"``, ``"random"``: as on Swin.
+
+Not supported: RoPE (``use_rope``: no pretrained model uses it), refused with a TypeError.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..anatomy import Frame
+from ..core.decomposed_bias import pair_bias, pair_bias_macs, received_bias, received_bias_macs
+from ..core.macs import BlockWork, conv_macs, linear_macs
+from .base import Family
+from .swin import PAD_LOGIT, SwinAdapter, SwinParts, _Prep, _Slots
+
+
+def _timm_classes():
+    from timm.models.vision_transformer_sam import Attention, Block, VisionTransformerSAM
+
+    return VisionTransformerSAM, Block, Attention
+
+
+def axis_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
+    """A decomposed bias table (2*size - 1, d) for one axis of ``size`` positions: the table itself where it has that
+    length, else timm's resized one (read back from ``get_rel_pos``'s per-pair table, so the interpolation is
+    timm's own)."""
+    if rel_pos.shape[0] == 2 * size - 1:
+        return rel_pos
+    from timm.models.vision_transformer_sam import get_rel_pos
+
+    pairs = get_rel_pos(size, size, rel_pos)  # (size, size, d): [i, j] = table[i - j + size - 1]
+    return torch.cat([pairs[0].flip(0), pairs[1:, 0]])
+
+
+@dataclass(frozen=True)
+class _SlotBias:
+    """The position terms among the selected slots of each window, made once their queries are known: slot rows and
+    columns (G, k) in the window, the axis tables (or None: no relative position) and the padding keys (G, k) or
+    None."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    tables: tuple[torch.Tensor, torch.Tensor] | None
+    pad_keys: torch.Tensor | None
+
+    def logits(self, q: torch.Tensor) -> torch.Tensor:
+        """The additive logits for queries q (G, heads, k, d), broadcastable to (G, heads, k, k)."""
+        bias = None if self.tables is None else pair_bias(q, *self.tables, self.rows, self.cols)
+        if self.pad_keys is None:
+            return bias
+        mask = self.pad_keys[:, None, None, :]
+        if bias is None:
+            return q.new_zeros(mask.shape).masked_fill(mask, PAD_LOGIT)
+        return bias.masked_fill(mask, PAD_LOGIT)
+
+
+class SamParts(SwinParts):
+    """timm SAM ``Block`` + ``Attention``: pre-norm, optional query/key norms (``qk_norm``), optional LayerScale; the
+    decomposed relative-position bias and padding keys are the position terms, made from the selected slots'
+    queries in :meth:`attend`."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__(block)
+        attn = self.attn
+        if attn.rope is not None:
+            raise TypeError("SAM ViT blocks with RoPE (use_rope=True) are not supported; tokenpace runs SAM's ViT with "
+                            "its decomposed relative position (use_rel_pos=True) or without position terms")
+        self.q_norm = self.hold(attn, "q_norm", "attn.q_norm")
+        self.k_norm = self.hold(attn, "k_norm", "attn.k_norm")
+        self.rel_pos = bool(attn.use_rel_pos)
+
+    def qkv(self, h, where):
+        G, n, _ = h.shape
+        q, k, v = self.attn.qkv(h).reshape(G, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def _project(self, h: torch.Tensor, j: int) -> torch.Tensor:
+        """Queries (j=0), keys (1) or values (2) of h (G, n, C) -> (G, heads, n, d), before any norm."""
+        rows = self._rows(j)
+        G, n, _ = h.shape
+        return F.linear(h, rows.weight, rows.bias).view(G, n, self.num_heads, -1).transpose(1, 2)
+
+    def queries(self, h, where):
+        return self.q_norm(self._project(h, 0))
+
+    def keys(self, h, where):
+        return self.k_norm(self._project(h, 1))
+
+    def values(self, h, where):
+        return self._project(h, 2)
+
+    def linear_queries(self):
+        return self._rows(0) if type(self.q_norm) is nn.Identity else None
+
+    def linear_keys(self):
+        return self._rows(1) if type(self.k_norm) is nn.Identity else None
+
+    def keys_affine(self):
+        return type(self.k_norm) is nn.Identity
+
+    def axis_tables(self, window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The row and column tables for a ``window`` (rows, cols) of slots, or None without relative position."""
+        if not self.rel_pos:
+            return None
+        return axis_table(self.attn.rel_pos_h, window[0]), axis_table(self.attn.rel_pos_w, window[1])
+
+    def bias(self, where: _Slots) -> _SlotBias | None:
+        prep = where.prep
+        layout = prep.layout
+        B, nW, n = prep.x.shape[0], layout.num_windows, layout.positions.shape[1]
+        sel = where.sel
+        if sel is None:  # every slot of every window
+            sel = torch.arange(n, device=prep.x.device).expand(B, nW, n)
+        pad_keys = None
+        if layout.padding is not None:  # padding is never a key
+            pad_keys = layout.padding[torch.arange(nW, device=sel.device).view(1, nW, 1), sel].flatten(0, 1)
+        if prep.table is None and pad_keys is None:
+            return None
+        ww = layout.window[1]
+        slots = sel.flatten(0, 1)
+        return _SlotBias(slots // ww, slots % ww, prep.table, pad_keys)
+
+    def attend(self, q, k, v, bias, row, heads):
+        if isinstance(bias, _SlotBias):
+            bias = bias.logits(q)
+        return super().attend(q, k, v, bias, row, heads)
+
+    def mean_bias(self, where):
+        raise NotImplementedError("SAM's position bias depends on the query: there is no query-free mean")
+
+
+class SamAdapter(SwinAdapter):
+    """timm ``VisionTransformerSAM``: one stage of blocks over a (B, H, W, C) map, the neck (convolutions and norms
+    over the NCHW map) as the final norm, as timm's ``forward_features`` runs them."""
+
+    name = "timm VisionTransformerSAM"
+    classes = staticmethod(_timm_classes)  # (model, block, attention) classes
+    parts_class = SamParts
+    variants = "SAM's ViT: samvit_base/large/huge_patch16, samvit_base_patch16_224"
+
+    def __init__(self, model: nn.Module) -> None:
+        Model, Block, Attention = self.classes()
+        Family.__init__(self, model, [model.blocks])
+        for i, blk in enumerate(self.blocks):
+            if type(blk) is not Block or type(blk.attn) is not Attention:
+                raise TypeError(f"block {i} of this {Model.__name__} is {type(blk).__name__} with "
+                                f"{type(getattr(blk, 'attn', None)).__name__}; tokenpace supports timm's SAM "
+                                f"{Block.__name__} with its {Attention.__name__} ({self.variants})")
+        self._layouts = {}
+
+    # --- forward -------------------------------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
+        from timm.layers import resample_abs_pos_embed_nhwc
+
+        m = self.model
+        x = m.patch_embed(x)  # (B, H, W, C)
+        if m.pos_embed is not None:  # resized to the grid, as timm does for every input
+            x = x + resample_abs_pos_embed_nhwc(m.pos_embed, x.shape[1:3])
+        x = m.norm_pre(m.patch_drop(m.pos_drop(x)))
+        return x, Frame(grid=tuple(x.shape[1:3]))
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.neck(x.permute(0, 3, 1, 2))
+
+    def enter_stage(self, s: int, x: torch.Tensor, frame: Frame, row: str | None = None):
+        return x, None
+
+    @property
+    def checkpointing(self) -> bool:
+        return bool(self.model.grad_checkpointing)
+
+    def feature_points(self) -> list[int]:
+        return list(range(self.depth))  # timm's SAM indexes blocks
+
+    def intermediates(self, maps, final, frame, taken, stopped, options):
+        """As timm's SAM: each block's map as NCHW (through the neck with ``norm``); the neck on the final map."""
+        options.only_nchw(self.name)
+        maps = [y.permute(0, 3, 1, 2) for y in maps]
+        if options.norm:
+            maps = [self.model.neck(y) for y in maps]
+        return maps if options.intermediates_only else (self.finish(final), maps)
+
+    # --- windows: square windows, or the whole map in a global block ----------------------------------------------
+    def window_shift(self, i: int, grid: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+        w = self.blocks[i].window_size
+        return ((w, w) if w > 0 else tuple(grid)), (0, 0)
+
+    def prepare(self, i: int, x: torch.Tensor, frame: Frame | None = None) -> _Prep:
+        B, H, W, C = x.shape
+        parts = self.parts(i)
+        layout = self._layout(i, H, W, x.device)
+        windows = self._to_windows(parts.norm1(x), layout)
+        return _Prep(x=x, windows=windows, mask=None, layout=layout, table=parts.axis_tables(layout.window))
+
+    def received_bias(self, i: int, prep: _Prep, queries: torch.Tensor | None) -> torch.Tensor | None:
+        if prep.table is None:
+            return None
+        parts = self.parts(i)
+        B, nW, n = self.score_shape(prep)
+        G, heads = B * nW, parts.num_heads
+        wh, ww = prep.layout.window
+        if queries is None:  # affine queries: the sum of the queries on a line is W_q (their inputs' sum) + count b_q
+            linear = parts.linear_queries()
+            h = prep.windows.view(G, wh, ww, -1)
+
+            def line_queries(sums: torch.Tensor, count: int) -> torch.Tensor:
+                q = F.linear(sums, linear.weight)
+                q = q if linear.bias is None else q + count * linear.bias
+                return q.view(G, sums.shape[1], heads, -1).transpose(1, 2)
+
+            rows, cols = line_queries(h.sum(2), ww), line_queries(h.sum(1), wh)
+        else:  # every query projected (query norm): sum them
+            every = queries.view(G, heads, wh, ww, -1)
+            rows, cols = every.sum(3), every.sum(2)
+        return received_bias(rows, cols, *prep.table).view(B, nW, n) / n
+
+    # --- structure and cost model --------------------------------------------------------------------------------
+    def _stage_grids(self, img_size: int | tuple[int, int] | None) -> list[tuple[int, int]]:
+        return [self._patch_grid(img_size)]
+
+    def count_macs(self, works: list[BlockWork] | None, img_size) -> int:
+        """As timm computes: q, k, v, proj and the attention products per window slot (padding included), the
+        decomposed bias per window query (q against every key row and column), the MLP per real token; when idling,
+        per selected slot (the bias: each query against every offset), plus the scores; then the neck and head."""
+        m = self.model
+        grid = self._patch_grid(img_size)
+        H, W = grid
+        total = m.patch_embed.proj.weight.numel() * H * W + conv_macs(m.neck, grid)[0] + linear_macs(m.head)
+        for i in range(self.depth):
+            parts = self.parts(i)
+            shape = parts.shape()
+            num_windows, n = self._windows(i, grid)
+            window = self.window_shift(i, grid)[0]
+            work = works[i] if works is not None else BlockWork(n, n)
+            position = 0
+            if work.attn_tokens == n:  # dense: timm's MLP runs on the real tokens only
+                total += H * W * shape.mlp
+                if parts.rel_pos:
+                    position = n * (window[0] + window[1]) * shape.qk_dim
+                work = BlockWork(n, 0, score=work.score)
+            elif parts.rel_pos:
+                position = pair_bias_macs(work.attn_tokens, window, shape.qk_dim)
+                if work.score is not None and work.score.query == "mean":
+                    position += received_bias_macs(window, shape.qk_dim)
+                    if parts.linear_queries() is not None:  # the line sums' queries
+                        position += (window[0] + window[1]) * shape.query_macs()
+            total += self.block_work_macs(i, work, num_windows) + num_windows * position
+        return total
