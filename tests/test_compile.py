@@ -58,7 +58,8 @@ CASES = {
     "swin_v2_cr": (lambda: make_swin("cr_padded", depths=(2,), num_heads=(2,)), "idle", dict(stage_starts=(1,)),
                    40),
     "pvt_v2": (_pvt, "idle", dict(stage_starts=(1,)), 64),
-    "sam": (lambda: make_sam("padded", depth=2, global_attn_indexes=(1,)), "idle", dict(stage_starts=(1,)), 80),
+    # a padded windowed block and a global one, both idling
+    "sam": (lambda: make_sam("padded", depth=2, global_attn_indexes=(1,)), "idle", dict(stage_starts=(0,)), 80),
 }
 
 

@@ -32,6 +32,12 @@ def _explicit_softmax(model):
     return model
 
 
+def _explicit_dense_sam():
+    model = make_sam("padded", depth=3, global_attn_indexes=(2,))
+    model.blocks[0].attn.fused_attn = False
+    return model
+
+
 # family: (a small model, the method exported on it); each method's own graph ops appear once at least: one selecting
 # block past a dense one (the exporter's time grows with the blocks, 6-12 s for two, 13-21 s for four)
 FAMILIES = {
@@ -50,8 +56,9 @@ FAMILIES = {
     "swin_v2": (lambda: make_swin("v2_padded", depths=(2,), num_heads=(2,)), ("idle", {})),
     "swin_v2_cr": (lambda: make_swin("cr_padded", depths=(2,), num_heads=(2,)), ("idle", {})),
     "pvt_v2": (lambda: make_pvt("sr", depths=(1, 1, 1, 1)), ("idle", {})),
-    # a windowed block (padded windows) and a global one, both idling, with the decomposed bias
-    "sam": (lambda: make_sam("padded", depth=2, global_attn_indexes=(1,)), ("idle", {"stage_starts": (0,)})),
+    # timm's dense windowed block (explicit softmax: its fused attention does not export, unpatched too), then a
+    # windowed block (padded windows) and a global one idling, fused, with the bias
+    "sam": (lambda: _explicit_dense_sam(), ("idle", {"stage_starts": (1,)})),
     "lvvit": (lambda: make_lvvit(depth=2), ("idle", {"keep": 0.5})),
 }
 
@@ -77,12 +84,15 @@ def test_onnx_runtime_equals_pytorch_at_batch_1_and_8(family, tmp_path):
     assert tokenpace.get_patch(model) is not None and not model.training  # the model is left as it was
 
 
-def test_fused_attention_with_a_bias_names_the_fix(tmp_path):
-    """torch.onnx cannot decompose fused SDPA with BEiT's bias in timm's own block (unpatched models too): the error
-    says what to change."""
-    model = tokenpace.apply(make_backbone("beit", depth=4), "idle")  # its first blocks run as timm's, fused
-    with pytest.raises(TokenpaceError, match="could not export this TokenPaceBeit.*set fused_attn = False"):
-        tokenpace.export_onnx(model, str(tmp_path / "beit.onnx"))
+@pytest.mark.parametrize("family", ["beit", "sam"])
+def test_fused_attention_that_does_not_export_names_the_fix(family, tmp_path):
+    """torch.onnx cannot decompose fused SDPA with BEiT's bias in timm's own block, nor convert SAM's SDPA on 3-D
+    tensors (unpatched models too): the error says what to change."""
+    build = (lambda: make_backbone("beit", depth=4)) if family == "beit" else (
+        lambda: make_sam("padded", depth=2, global_attn_indexes=(1,)))
+    model = tokenpace.apply(build(), "idle", **({} if family == "beit" else {"stage_starts": (1,)}))
+    with pytest.raises(TokenpaceError, match="could not export this TokenPace.*set fused_attn = False"):
+        tokenpace.export_onnx(model, str(tmp_path / f"{family}.onnx"))
 
 
 def test_cli_export_bench_onnx_and_refusals(tmp_path, capsys):

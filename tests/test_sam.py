@@ -22,6 +22,8 @@ SAMS = {
     "qk_norm": (dict(img_size=80, qk_norm=True, init_values=0.5, use_abs_pos=False, neck_chans=None), 80),
     # no relative position: the padding keys are the only position term
     "no_rel_pos": (dict(img_size=80, use_rel_pos=False), 80),
+    # a window larger than the map, a map that is not square: 10x8 tokens in one 12x12 window, global 10x8
+    "wide_window": (dict(img_size=(80, 64), window_size=12), (80, 64)),
 }
 STARTS = (1, 2, 3)
 
@@ -35,7 +37,8 @@ def make_sam(variant: str, seed: int = 0, **overrides):
 
 def sam_images(variant: str, batch: int = 2) -> torch.Tensor:
     size = SAMS[variant][1]
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    size = size if isinstance(size, tuple) else (size, size)
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(1))
 
 
 def set_fused(model, fused: bool):
@@ -269,9 +272,10 @@ def test_only_idle_and_no_rope():
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_bf16_autocast_and_training(fused):
-    model = set_fused(make_sam("padded"), fused)
-    img = sam_images("padded")
+@pytest.mark.parametrize("variant", ["padded", "qk_norm"])
+def test_bf16_autocast_and_training(variant, fused):
+    model = set_fused(make_sam(variant), fused)
+    img = sam_images(variant)
     tokenpace.apply(model, "idle", keep=0.7, stage_starts=STARTS)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(img)

@@ -191,11 +191,14 @@ def _export(model: nn.Module, path: str, example: torch.Tensor, opset: int) -> N
                               output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
                               external_data=weights > _PROTOBUF_LIMIT)
     except Exception as err:  # the exporter's own failures: say which model and why, in one line
-        hint = ""
-        if "decompose" in str(err) and any(getattr(m, "fused_attn", False) is True for m in model.modules()):
-            # timm's Beit and VisionTransformerRelPos, unpatched too: SDPA with their bias does not decompose
-            hint = ("; attention that adds a bias exports with the explicit softmax: set fused_attn = False on the "
-                    "model's attention modules and export again")
+        hint, message = "", str(err)
+        fused = any(getattr(m, "fused_attn", False) is True for m in model.modules())
+        # timm's own blocks, unpatched too: SDPA with Beit's and VisionTransformerRelPos' bias does not decompose,
+        # and SAM's attention calls SDPA on 3-D tensors (heads folded into the batch), which the converter refuses
+        if fused and ("decompose" in message or "only 4D query" in message):
+            hint = ("; timm's fused attention in this model's blocks does not export (SDPA with a bias, or on 3-D "
+                    "tensors); the explicit softmax does: set fused_attn = False on the model's attention modules "
+                    "and export again")
         raise TokenpaceError(f"torch.onnx could not export this {type(model).__name__}: {_first_line(err)}"
                              f"{hint}") from err
     _verify(path, opset)

@@ -42,7 +42,7 @@ def _affine_query(h: torch.Tensor, query: str, linear: LinearMap, scale: float) 
     return q.view(*src.shape[:-1], q.shape[-1])
 
 
-def _in_own_dtype(h: torch.Tensor, weight: torch.Tensor):
+def score_precision(h: torch.Tensor, weight: torch.Tensor):
     """A context for the score side: autocast off where it is on and h has the weights' dtype, else as it is.
     Under autocast h is often the norm's float32 output; a bfloat16 product over every token would first write a
     half-size copy of the whole sequence and then read it (one more pass per selection, the kind that bounds an
@@ -92,7 +92,7 @@ def query_logits(parts: BlockParts, h: torch.Tensor, where: Any, query: str, pro
     if linear_queries is None:  # a query through the anatomy (norms, position terms), under the model's autocast
         u = (_query_row(parts, h, where, query, queries).flatten(-3) * parts.scale) @ linear_keys.weight
         return (h @ u.unsqueeze(-1)).squeeze(-1)
-    with _in_own_dtype(h, linear_keys.weight):
+    with score_precision(h, linear_keys.weight):
         u = _affine_query(h, query, linear_queries, parts.scale) @ linear_keys.weight  # (..., C): sum over heads
         return (h @ u.unsqueeze(-1)).squeeze(-1)  # of W_k,h^T q_h, every group
 

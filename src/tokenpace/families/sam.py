@@ -17,8 +17,14 @@ by timm's linear interpolation where the window or map differs from the size the
 Scores. ``"received"`` (default): the mean pre-softmax logit a token receives from all queries of its window (padding
 queries included, as in timm's window), summed over heads. Its content part needs no key projection
 (``scoring.query_logits``); its position part needs the sum of the queries on each window row and column, which is
-W_q times the sum of the inputs there plus the count times b_q: wh + ww projections per window, not one per slot.
-``"norm"``, ``"random"``: as on Swin.
+W_q times the sum of the inputs there plus the count times b_q: wh + ww projections per window, not one per slot
+(with ``qk_norm`` every query and key is projected, and the block reuses the selected ones). ``"norm"``,
+``"random"``: as on Swin.
+
+Keep counts a window's slots, padding included (as on Swin): k = int(n * keep) of n = 196 slots at window 14. At
+1024 px the 64 x 64 map pads to 70 x 70, so the 9 windows on the bottom and right edges hold 112 or 64 real tokens:
+at keep 0.7 (k = 137) they run all of them, and 77% of the real tokens of a windowed block run instead of 70%. The
+MACs count says so (padding slots included, as timm computes them).
 
 Not supported: RoPE (``use_rope``: no pretrained model uses it), refused with a TypeError.
 """
@@ -33,6 +39,7 @@ from torch import nn
 from ..anatomy import Frame
 from ..core.decomposed_bias import pair_bias, pair_bias_macs, received_bias, received_bias_macs
 from ..core.macs import BlockWork, conv_macs, linear_macs
+from ..scoring import score_precision
 from .base import Family
 from .swin import PAD_LOGIT, SwinAdapter, SwinParts, _Prep, _Slots
 
@@ -222,20 +229,22 @@ class SamAdapter(SwinAdapter):
         B, nW, n = self.score_shape(prep)
         G, heads = B * nW, parts.num_heads
         wh, ww = prep.layout.window
-        if queries is None:  # affine queries: the sum of the queries on a line is W_q (their inputs' sum) + count b_q
-            linear = parts.linear_queries()
-            h = prep.windows.view(G, wh, ww, -1)
+        table_h, table_w = prep.table
+        with score_precision(prep.windows, table_h):  # ranked in the weights' precision, as the content part
+            if queries is None:  # affine queries: a line's queries sum to W_q (their inputs' sum) + count b_q
+                linear = parts.linear_queries()
+                h = prep.windows.view(G, wh, ww, -1)
 
-            def line_queries(sums: torch.Tensor, count: int) -> torch.Tensor:
-                q = F.linear(sums, linear.weight)
-                q = q if linear.bias is None else q + count * linear.bias
-                return q.view(G, sums.shape[1], heads, -1).transpose(1, 2)
+                def line_queries(sums: torch.Tensor, count: int) -> torch.Tensor:
+                    q = F.linear(sums, linear.weight)
+                    q = q if linear.bias is None else q + count * linear.bias
+                    return q.view(G, sums.shape[1], heads, -1).transpose(1, 2)
 
-            rows, cols = line_queries(h.sum(2), ww), line_queries(h.sum(1), wh)
-        else:  # every query projected (query norm): sum them
-            every = queries.view(G, heads, wh, ww, -1)
-            rows, cols = every.sum(3), every.sum(2)
-        return received_bias(rows, cols, *prep.table).view(B, nW, n) / n
+                rows, cols = line_queries(h.sum(2), ww), line_queries(h.sum(1), wh)
+            else:  # every query projected (query norm, under the model's autocast): summed in the tables' dtype
+                every = queries.view(G, heads, wh, ww, -1)
+                rows, cols = every.sum(3, dtype=table_h.dtype), every.sum(2, dtype=table_h.dtype)
+            return received_bias(rows, cols, table_h, table_w).view(B, nW, n) / n
 
     # --- structure and cost model --------------------------------------------------------------------------------
     def _stage_grids(self, img_size: int | tuple[int, int] | None) -> list[tuple[int, int]]:
