@@ -6,6 +6,8 @@ A small ViT with a class head and a per-patch head (foreground/background from t
 Idle at keep 0.7 and 0.5, each with its random-score control, and EViT/top-k (whose maps keep the features dropped
 tokens entered their last block with) are evaluated off the shelf, and Evo and Idle again after a short fine-tune.
 Reported: top-1 and patch-level foreground IoU. Writes RESULTS.json and a picture (image, true mask, predicted masks).
+``--arch sam``: the same task on a small timm SAM ViT (windowed blocks with two global ones, decomposed relative
+position, a norm neck, average pool), where only Idle runs.
 
     python scripts/dense_task.py --data ../shared/data/cifar10_jpeg.npz --out runs/dense_task
 """
@@ -34,6 +36,8 @@ CONFIGS = [("dense", {}), ("evo", {"keep": 0.7}), ("evo", {"keep": 0.7, "score":
            ("idle", {"keep": 0.7, "score": "random"}), ("idle", {"keep": 0.5}),
            ("idle", {"keep": 0.5, "score": "random"}), ("evit", {"keep": 0.7}), ("topk", {"keep": 0.5})]
 FINETUNED = [("evo", {"keep": 0.7}), ("evo", {"keep": 0.5}), ("idle", {"keep": 0.7}), ("idle", {"keep": 0.5})]
+SHOWN = [("dense", {}), ("evo", {"keep": 0.5}), ("idle", {"keep": 0.5}), ("topk", {"keep": 0.5})]
+ARCH_METHODS = {"vit": ("dense", "evo", "idle", "evit", "topk"), "sam": ("dense", "idle")}  # what each arch accepts
 
 
 class PatchMasks(Dataset):
@@ -59,20 +63,37 @@ class PatchMasks(Dataset):
 
 
 class DenseViT(nn.Module):
-    """A timm ViT with its class head and a per-patch foreground head on the final normed patch tokens."""
+    """A timm ViT (or SAM ViT) with its class head and a per-patch foreground head on the final normed patch tokens.
+    The SAM ViT: windows of ``window`` tokens a side, global attention in the middle and last blocks (SAM-B's
+    pattern at half its depth), a LayerNorm2d neck, average pool."""
 
-    def __init__(self, canvas: int, patch: int, width: int, depth: int, heads: int) -> None:
+    def __init__(self, canvas: int, patch: int, width: int, depth: int, heads: int, arch: str = "vit",
+                 window: int = 4) -> None:
         super().__init__()
-        from timm.models.vision_transformer import VisionTransformer
+        self.arch = arch
+        if arch == "sam":
+            from timm.models.vision_transformer_sam import VisionTransformerSAM
 
-        self.backbone = VisionTransformer(img_size=canvas, patch_size=patch, embed_dim=width, depth=depth,
-                                          num_heads=heads, num_classes=10)
+            self.backbone = VisionTransformerSAM(img_size=canvas, patch_size=patch, embed_dim=width, depth=depth,
+                                                 num_heads=heads, window_size=window, use_rel_pos=True,
+                                                 global_attn_indexes=(depth // 2 - 1, depth - 1), neck_chans=None,
+                                                 num_classes=10)
+        else:
+            from timm.models.vision_transformer import VisionTransformer
+
+            self.backbone = VisionTransformer(img_size=canvas, patch_size=patch, embed_dim=width, depth=depth,
+                                              num_heads=heads, num_classes=10)
         self.patch_head = nn.Linear(width, 2)
 
     def forward(self, x: torch.Tensor):
-        final, maps = self.backbone.forward_intermediates(x, indices=[len(self.backbone.blocks) - 1], norm=True,
-                                                          output_fmt="NLC")
-        return self.backbone.forward_head(final), self.patch_head(maps[0])  # (B, 10), (B, N, 2)
+        last = [len(self.backbone.blocks) - 1]
+        if self.arch == "sam":  # NCHW maps only; norm=True runs the neck on them, as on the final map
+            final, maps = self.backbone.forward_intermediates(x, indices=last, norm=True)
+            tokens = maps[0].flatten(2).transpose(1, 2)
+        else:
+            final, maps = self.backbone.forward_intermediates(x, indices=last, norm=True, output_fmt="NLC")
+            tokens = maps[0]
+        return self.backbone.forward_head(final), self.patch_head(tokens)  # (B, 10), (B, N, 2)
 
 
 def loaders(args):
@@ -173,6 +194,9 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=128, help="ViT width")
     parser.add_argument("--depth", type=int, default=6, help="ViT depth")
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--arch", choices=tuple(ARCH_METHODS), default="vit",
+                        help="vit: timm VisionTransformer (every method); sam: timm VisionTransformerSAM (Idle)")
+    parser.add_argument("--window", type=int, default=4, help="--arch sam: window side in tokens")
     parser.add_argument("--epochs", type=int, default=6, help="dense training epochs")
     parser.add_argument("--finetune-epochs", type=int, default=1, help="epochs of each method's fine-tune")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the dense training")
@@ -192,7 +216,8 @@ def main() -> int:
         log.flush()
 
     train_loader, test_loader = loaders(args)
-    model = DenseViT(args.canvas, args.patch, args.width, args.depth, args.heads)
+    model = DenseViT(args.canvas, args.patch, args.width, args.depth, args.heads, args.arch, args.window)
+    accepted = ARCH_METHODS[args.arch]
     weights = os.path.join(args.out, "dense.pt")
     if os.path.isfile(weights):
         model.load_state_dict(torch.load(weights, weights_only=True))
@@ -202,13 +227,13 @@ def main() -> int:
         train(model, train_loader, args.epochs, args.lr, say)
         torch.save(model.state_dict(), weights)
     results = {"settings": vars(args), "off_the_shelf": {}, "fine_tuned": {}}
-    for method, options in CONFIGS:
+    for method, options in [(m, o) for m, o in CONFIGS if m in accepted]:
         row = evaluate(configured(model, method, options), test_loader)
         results["off_the_shelf"][label(method, options)] = row
         say(f"{label(method, options):<28} top-1 {row['top1']:.2f}  IoU {row['iou']:.2f}")
     picture(model, test_loader.dataset, os.path.join(args.out, "dense_task.png"),
-            [("dense", {}), ("evo", {"keep": 0.5}), ("idle", {"keep": 0.5}), ("topk", {"keep": 0.5})])
-    for method, options in FINETUNED:
+            [(m, o) for m, o in SHOWN if m in accepted])
+    for method, options in [(m, o) for m, o in FINETUNED if m in accepted]:
         tuned = configured(copy.deepcopy(configured(model, "dense", {})), method, options)
         say(f"fine-tuning {label(method, options)}")
         train(tuned, train_loader, args.finetune_epochs, args.finetune_lr, say)
