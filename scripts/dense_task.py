@@ -38,6 +38,7 @@ CONFIGS = [("dense", {}), ("evo", {"keep": 0.7}), ("evo", {"keep": 0.7, "score":
 FINETUNED = [("evo", {"keep": 0.7}), ("evo", {"keep": 0.5}), ("idle", {"keep": 0.7}), ("idle", {"keep": 0.5})]
 SHOWN = [("dense", {}), ("evo", {"keep": 0.5}), ("idle", {"keep": 0.5}), ("topk", {"keep": 0.5})]
 ARCH_METHODS = {"vit": ("dense", "evo", "idle", "evit", "topk"), "sam": ("dense", "idle")}  # what each arch accepts
+ARCH_EXTRA = {"vit": [], "sam": [("idle", {"keep": 0.7, "score": "norm"}), ("idle", {"keep": 0.5, "score": "norm"})]}
 
 
 class PatchMasks(Dataset):
@@ -128,19 +129,36 @@ def train(model: DenseViT, loader, epochs: int, lr: float, say) -> None:
 
 @torch.no_grad()
 def evaluate(model: DenseViT, loader) -> dict:
-    """Top-1, patch-level foreground IoU (summed over the set), and the foreground share predicted."""
+    """Top-1, patch-level foreground IoU (summed over the set), the foreground share predicted, and on a patched
+    model, per block that selects, the share of the tokens it runs in full that lie on the object (``tokenpace.trace``:
+    does the score find the object?)."""
     torch.manual_seed(0)  # the random controls draw the same scores every time
     hits = total = inter = union = predicted = 0
+    on_object: dict[int, list[int]] = {}  # block: [tokens on the object, tokens]
+    patched = tokenpace.get_patch(model.backbone) is not None
     for images, labels, masks in loader:
-        logits, patches = model(images)
+        if patched:
+            with tokenpace.trace(model.backbone) as trace:
+                logits, patches = model(images)
+            for i, kept in enumerate(trace.kept):
+                if kept is not None:  # -1: a padding slot or a fused token, not a patch
+                    real = kept >= 0
+                    counts = on_object.setdefault(i, [0, 0])
+                    counts[0] += (masks.flatten(1).gather(1, kept.clamp(min=0)) * real).sum().item()
+                    counts[1] += real.sum().item()
+        else:
+            logits, patches = model(images)
         fg, true = patches.argmax(-1), masks.flatten(1)
         hits += (logits.argmax(-1) == labels).sum().item()
         total += labels.numel()
         inter += (fg & true).sum().item()
         union += (fg | true).sum().item()
         predicted += fg.sum().item()
-    return {"top1": 100 * hits / total, "iou": 100 * inter / max(union, 1),
-            "fg_share": 100 * predicted / (total * patches.shape[1])}
+    row = {"top1": 100 * hits / total, "iou": 100 * inter / max(union, 1),
+           "fg_share": 100 * predicted / (total * patches.shape[1])}
+    if on_object:
+        row["object_share"] = {i: 100 * hit / max(n, 1) for i, (hit, n) in on_object.items()}
+    return row
 
 
 def configured(model: DenseViT, method: str, options: dict) -> DenseViT:
@@ -227,10 +245,12 @@ def main() -> int:
         train(model, train_loader, args.epochs, args.lr, say)
         torch.save(model.state_dict(), weights)
     results = {"settings": vars(args), "off_the_shelf": {}, "fine_tuned": {}}
-    for method, options in [(m, o) for m, o in CONFIGS if m in accepted]:
+    for method, options in [(m, o) for m, o in CONFIGS if m in accepted] + ARCH_EXTRA[args.arch]:
         row = evaluate(configured(model, method, options), test_loader)
         results["off_the_shelf"][label(method, options)] = row
-        say(f"{label(method, options):<28} top-1 {row['top1']:.2f}  IoU {row['iou']:.2f}")
+        share = " ".join(f"{i}:{s:.0f}%" for i, s in row.get("object_share", {}).items())
+        say(f"{label(method, options):<28} top-1 {row['top1']:.2f}  IoU {row['iou']:.2f}"
+            + (f"  on the object (block: share run) {share}" if share else ""))
     picture(model, test_loader.dataset, os.path.join(args.out, "dense_task.png"),
             [(m, o) for m, o in SHOWN if m in accepted])
     for method, options in [(m, o) for m, o in FINETUNED if m in accepted]:
