@@ -23,7 +23,7 @@ def _axis_pairs(q: torch.Tensor, table: torch.Tensor, lines: torch.Tensor) -> to
     (G, heads, k, 2s-1), then per query the value of each key line (G, heads, k, s), then per key its line's."""
     G, heads, k, _ = q.shape
     size = (table.shape[0] + 1) // 2
-    to_line = lines.unsqueeze(-1) - torch.arange(size, device=lines.device) + (size - 1)  # (G, k, s)
+    to_line = axis_offsets(size, lines.device)[lines]  # (G, k, s): each query's offset to every line
     per_line = (q @ table.t()).gather(-1, to_line.unsqueeze(1).expand(G, heads, k, size))
     return per_line.gather(-1, lines[:, None, None, :].expand(G, heads, k, k))
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..anatomy import Frame
 from ..core.decomposed_bias import pair_bias, pair_bias_macs, received_bias, received_bias_macs
-from ..core.macs import BlockWork, conv_macs, linear_macs
+from ..core.macs import BlockWork, conv_macs
 from ..scoring import score_precision
 from .base import Family
 from .swin import PAD_LOGIT, SwinAdapter, SwinParts, _Prep, _Slots
@@ -250,31 +250,28 @@ class SamAdapter(SwinAdapter):
     def _stage_grids(self, img_size: int | tuple[int, int] | None) -> list[tuple[int, int]]:
         return [self._patch_grid(img_size)]
 
-    def count_macs(self, works: list[BlockWork] | None, img_size) -> int:
-        """As timm computes: q, k, v, proj and the attention products per window slot (padding included), the
-        decomposed bias per window query (q against every key row and column), the MLP per real token; when idling,
-        per selected slot (the bias: each query against every offset), plus the scores; then the neck and head."""
-        m = self.model
-        grid = self._patch_grid(img_size)
-        H, W = grid
-        total = m.patch_embed.proj.weight.numel() * H * W + conv_macs(m.neck, grid)[0] + linear_macs(m.head)
-        for i in range(self.depth):
-            parts = self.parts(i)
-            shape = parts.shape()
-            num_windows, n = self._windows(i, grid)
-            window = self.window_shift(i, grid)[0]
-            work = works[i] if works is not None else BlockWork(n, n)
-            position = 0
-            if work.attn_tokens == n:  # dense: timm's MLP runs on the real tokens only
-                total += H * W * shape.mlp
-                if parts.rel_pos:
-                    position = n * (window[0] + window[1]) * shape.qk_dim
-                work = BlockWork(n, 0, score=work.score)
-            elif parts.rel_pos:
-                position = pair_bias_macs(work.attn_tokens, window, shape.qk_dim)
-                if work.score is not None and work.score.query == "mean":
-                    position += received_bias_macs(window, shape.qk_dim)
-                    if parts.linear_queries() is not None:  # the line sums' queries
-                        position += (window[0] + window[1]) * shape.query_macs()
-            total += self.block_work_macs(i, work, num_windows) + num_windows * position
-        return total
+    def ends_macs(self, img_size) -> int:
+        """The patch embedding, the neck (its convolutions) and the head."""
+        return super().ends_macs(img_size) + conv_macs(self.model.neck, self._patch_grid(img_size))[0]
+
+    def stage_entry_macs(self, s: int, grid: tuple[int, int]) -> int:
+        return 0  # one stage, no down-sampling
+
+    def position_macs(self, i: int, work: BlockWork, grid: tuple[int, int], dense: bool) -> int:
+        """The decomposed bias as timm computes it when dense (every window query against every key row and column);
+        when idling, each selected query against every offset, plus the received score's line sums and their
+        products with the tables."""
+        parts = self.parts(i)
+        if not parts.rel_pos:
+            return 0
+        shape = parts.shape()
+        num_windows, n = self._windows(i, grid)
+        window = self.window_shift(i, grid)[0]
+        if dense:
+            return num_windows * n * (window[0] + window[1]) * shape.qk_dim
+        macs = pair_bias_macs(work.attn_tokens, window, shape.qk_dim)
+        if work.score is not None and work.score.query == "mean":
+            macs += received_bias_macs(window, shape.qk_dim)
+            if parts.linear_queries() is not None:  # the line sums' queries
+                macs += (window[0] + window[1]) * shape.query_macs()
+        return num_windows * macs

@@ -474,22 +474,34 @@ class SwinAdapter(Family):
     def count_macs(self, works: list[BlockWork] | None, img_size) -> int:
         """Per window token (padding included, as timm computes it): q, k, v, proj and the attention products; the
         MLP per real token when dense, per selected token when idling; plus the scores."""
-        m = self.model
         grids = self._stage_grids(img_size)
-        proj = m.patch_embed.proj
-        rows, cols = self._patch_grid(img_size)
-        total = (proj.weight.numel() * rows * cols if isinstance(proj, nn.Conv2d) else 0) + linear_macs(m.head)
-        for s, (stage, blocks) in enumerate(zip(self.stages, self.stage_blocks)):
+        total = self.ends_macs(img_size)
+        for s, blocks in enumerate(self.stage_blocks):
             H, W = grids[s]
-            total += linear_macs(stage.downsample) * H * W  # patch merging: one reduction per output token
+            total += self.stage_entry_macs(s, grids[s])
             for i in blocks:
                 num_windows, n = self._windows(i, grids[s])
                 work = works[i] if works is not None else BlockWork(n, n)
-                if work.attn_tokens == n:  # dense: timm's MLP runs on the real tokens only
-                    work = BlockWork(n, 0, score=work.score)
+                dense = work.attn_tokens == n
+                if dense:  # timm's MLP runs on the real tokens only
                     total += H * W * self.parts(i).shape().mlp
-                total += self.block_work_macs(i, work, num_windows) + self.parts(i).table_macs()
+                total += self.block_work_macs(i, BlockWork(n, 0, score=work.score) if dense else work, num_windows)
+                total += self.position_macs(i, work, grids[s], dense)
         return total
+
+    def ends_macs(self, img_size) -> int:
+        """MACs of the patch embedding and the head."""
+        proj = self.model.patch_embed.proj
+        rows, cols = self._patch_grid(img_size)
+        return (proj.weight.numel() * rows * cols if isinstance(proj, nn.Conv2d) else 0) + linear_macs(self.model.head)
+
+    def stage_entry_macs(self, s: int, grid: tuple[int, int]) -> int:
+        """MACs of stage s's patch merging on its ``grid`` output map: one reduction per output token."""
+        return linear_macs(self.stages[s].downsample) * grid[0] * grid[1]
+
+    def position_macs(self, i: int, work: BlockWork, grid: tuple[int, int], dense: bool) -> int:
+        """MACs of block i's position terms in all its windows on a ``grid`` map: the bias table, once a call."""
+        return self.parts(i).table_macs()
 
 
 class SwinV2Adapter(SwinAdapter):
