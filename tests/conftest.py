@@ -220,6 +220,24 @@ TINY_ARGS = "img_size=32,patch_size=8,embed_dim=32,depth=4,num_heads=2"
 needs_cifar = pytest.mark.skipif(not os.path.isfile(CIFAR), reason="../shared/data/cifar10_jpeg.npz not found")
 
 
+def ref_window_idle_attention(logits, v, pad, scores, k):
+    """Literal masked-window Idle attention (Swin, SAM): the top k slots of each window by ``scores`` (G, n) are
+    selected (padding scores -inf: it ranks last); every query attends to the selected real keys only, over the full
+    logits (G, heads, n, n). -> (the attention output (G, n, heads * d) before the projection, selected (G, n))."""
+    sel = torch.zeros_like(pad).scatter(1, scores.topk(k, dim=1).indices, True)
+    probs = logits.masked_fill(~(sel & ~pad)[:, None, None, :], float("-inf")).softmax(-1)
+    return (probs @ v).transpose(1, 2).reshape(*pad.shape, -1), sel
+
+
+def assert_scores_match_per_window(ours, ref, real):
+    """Window scores (G, n) that rank like the reference: -inf exactly on the padding (``real`` False), and equal to
+    it up to one constant per window on the real slots (the per-group constants scoring leaves out)."""
+    assert torch.equal(ours.isinf(), ~real)
+    diff = torch.where(real, ours - ref, 0.0)
+    per_window = diff.sum(1, keepdim=True) / real.sum(1, keepdim=True)
+    torch.testing.assert_close(torch.where(real, diff - per_window, 0.0), torch.zeros_like(diff), atol=1e-4, rtol=0)
+
+
 def train_config(tmp_path, recipe="dense", name="run", **kw):
     from tokenpace.data import DataSpec
     from tokenpace.train import TrainConfig, get_recipe

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tokenpace
 from tokenpace.core.decomposed_bias import pair_bias, received_bias
 from tokenpace.families import adapter_for
-from conftest import spread_weights
+from conftest import assert_scores_match_per_window, ref_window_idle_attention, spread_weights
 
 # (model options, input size); windows of 4 on a 10x10 map (padded to 12x12: 9 windows, 4 of them part padding),
 # global blocks 1 and 3
@@ -110,10 +110,8 @@ def ref_scores(blk, x, score):
 def ref_idle_block(blk, x, k, score):
     B, H, W, C = x.shape
     logits, v = ref_logits(blk, x)
-    pad = ref_padding(blk, x)
-    sel = torch.zeros_like(pad).scatter(1, ref_scores(blk, x, score).topk(k, dim=1).indices, True)
-    probs = logits.masked_fill(~(sel & ~pad)[:, None, None, :], float("-inf")).softmax(-1)
-    out = ref_unwindows(blk, blk.attn.proj((probs @ v).transpose(1, 2).reshape(*pad.shape, -1)), H, W)
+    o, sel = ref_window_idle_attention(logits, v, ref_padding(blk, x), ref_scores(blk, x, score), k)
+    out = ref_unwindows(blk, blk.attn.proj(o), H, W)
     y = x + blk.ls1(out)
     y = y + blk.ls2(blk.mlp(blk.norm2(y)))
     return torch.where(ref_unwindows(blk, sel.unsqueeze(-1).float(), H, W) > 0.5, y, x)
@@ -185,11 +183,7 @@ def test_adapter_scores_rank_like_the_full_logits(variant, block):
     with torch.no_grad():
         ours = adapter.token_scores(block, adapter.prepare(block, x), "received").flatten(0, 1)
         ref = ref_scores(blk, x, "received")
-    real = ~ref_padding(blk, x)
-    assert torch.equal(ours.isinf(), ~real)
-    diff = torch.where(real, ours - ref, 0.0)
-    per_window = diff.sum(1, keepdim=True) / real.sum(1, keepdim=True)
-    torch.testing.assert_close(torch.where(real, diff - per_window, 0.0), torch.zeros_like(diff), atol=1e-4, rtol=0)
+    assert_scores_match_per_window(ours, ref, ~ref_padding(blk, x))
 
 
 @pytest.mark.parametrize("variant", list(SAMS))

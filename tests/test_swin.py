@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokenpace
 from tokenpace.families import adapter_for
-from conftest import spread_weights
+from conftest import assert_scores_match_per_window, ref_window_idle_attention, spread_weights
 
 # (model options, input size); window 4 everywhere
 SWINS = {
@@ -152,10 +152,8 @@ def ref_idle_block(blk, x, k, score):
     """IdleViT block: the top k slots of every window (padding last) update; queries see only selected real keys."""
     B, H, W, C = x.shape
     logits, v = ref_logits(blk, x)
-    pad = ref_padding(blk, x)
-    sel = torch.zeros_like(pad).scatter(1, ref_scores(blk, x, score).topk(k, dim=1).indices, True)
-    probs = logits.masked_fill(~(sel & ~pad)[:, None, None, :], float("-inf")).softmax(-1)
-    out = ref_unwindows(blk, blk.attn.proj((probs @ v).transpose(1, 2).reshape(*pad.shape, -1)), H, W)
+    o, sel = ref_window_idle_attention(logits, v, ref_padding(blk, x), ref_scores(blk, x, score), k)
+    out = ref_unwindows(blk, blk.attn.proj(o), H, W)
     if isinstance(blk, (SwinTransformerV2Block, SwinTransformerV2CrBlock)):  # post-norm
         y = x + blk.norm1(out)
         y = y + blk.norm2(blk.mlp(y))
@@ -223,11 +221,7 @@ def test_adapter_scores_rank_like_the_full_logits(variant, block, grid):
     with torch.no_grad():
         ours = adapter.token_scores(block, adapter.prepare(block, x), "received").flatten(0, 1)
         ref = ref_scores(blk, x, "received")
-    real = ~ref_padding(blk, x)
-    assert torch.equal(ours.isinf(), ~real)
-    diff = torch.where(real, ours - ref, 0.0)
-    per_window = diff.sum(1, keepdim=True) / real.sum(1, keepdim=True)
-    torch.testing.assert_close(torch.where(real, diff - per_window, 0.0), torch.zeros_like(diff), atol=1e-4, rtol=0)
+    assert_scores_match_per_window(ours, ref, ~ref_padding(blk, x))
 
 
 @pytest.mark.parametrize("variant", list(SWINS))
