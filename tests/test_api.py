@@ -227,6 +227,7 @@ def _families():
 
     from backbones import make_backbone
     from conftest import spread_weights
+    from test_cait import make_cait
     from test_sam import make_sam
     from test_swin import make_swin
 
@@ -238,6 +239,7 @@ def _families():
         "vit_relpos": (make_backbone("relpos_rpn_swin_mlp"), "idle", 32),
         "naflexvit": (make_backbone("naflex_rope_mixed"), "evo", 32),
         "vit_parallel_things": (make_backbone("parallel_things"), "idle", 32),
+        "cait": (make_cait(), "evit", 32),
         "levit": (spread_weights(timm.create_model("levit_cifar", **small_levit)).eval(), "evo", 32),
         "evo_levit": (spread_weights(timm.create_model("evo_levit_cifar", **small_levit)).eval(), "evo", 32),
         "swin": (spread_weights(SwinTransformer(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2),
@@ -294,8 +296,8 @@ def test_a_keep_that_keeps_no_token_is_refused():
     tokenpace.apply(model, "evit", keep=0.01)  # EViT's ceiling keeps one token at least, as the official code
 
 
-@pytest.mark.parametrize("family", ["vit", "eva", "beit", "vit_relpos", "naflexvit", "vit_parallel_things", "levit",
-                                    "evo_levit", "swin", "swin_v2", "swin_v2_cr", "pvt_v2", "sam"])
+@pytest.mark.parametrize("family", ["vit", "eva", "beit", "vit_relpos", "naflexvit", "vit_parallel_things", "cait",
+                                    "levit", "evo_levit", "swin", "swin_v2", "swin_v2_cr", "pvt_v2", "sam"])
 def test_patched_models_pickle_deepcopy_and_torch_save(family, tmp_path):
     import copy
     import pickle

@@ -13,6 +13,7 @@ import torch
 import tokenpace
 from backbones import make_backbone
 from conftest import make_vit, spread_weights
+from test_cait import make_cait
 from test_sam import make_sam
 from test_swin import make_swin
 
@@ -50,6 +51,7 @@ CASES = {
     "vit_diff_parallel": (lambda: make_backbone("diff_parallel_reg_gap", depth=2), "evo", dict(stage_starts=(1,)),
                           32),
     "vit_parallel_things": (lambda: make_backbone("parallel_things", depth=2), "idle", dict(stage_starts=(1,)), 32),
+    "cait": (lambda: make_cait(depth=2, depth_token_only=1), "evo", dict(stage_starts=(1,)), 32),
     "levit": (lambda: _levit("levit_cifar"), "evo", dict(stage_starts=(1,)), 32),
     "evo_levit": (lambda: _levit("evo_levit_cifar"), "evo", dict(stage_starts=(1,)), 32),
     "levit_conv": (lambda: _levit("levit_cifar", use_conv=True), "evo", dict(stage_starts=(1,)), 32),

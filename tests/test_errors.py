@@ -98,10 +98,10 @@ def test_unsupported_blocks_pools_and_classes_name_what_is_accepted():
     pooled.global_pool = "gem"
     with pytest.raises(TypeError, match="global_pool='gem'.*accepted: 'token', 'avg', 'avgmax', 'max', 'map', ''"):
         tokenpace.apply(pooled, "idle")
-    with torch.device("meta"):  # CaiT (class attention in its last blocks): another class
-        cait = timm.create_model("cait_xxs24_224")
+    with torch.device("meta"):  # XCiT (attention across channels): another class
+        xcit = timm.create_model("xcit_nano_12_p16_224")
     with pytest.raises(TypeError, match="is not a supported model; tokenpace supports: timm VisionTransformer"):
-        tokenpace.apply(cait, "idle")
+        tokenpace.apply(xcit, "idle")
 
 
 def test_attention_masks_are_refused_on_a_patched_model():

@@ -10,7 +10,7 @@ def test_supported_and_refused_models_with_reasons():
     rows = _by_name(list_support("deit_small_patch16_224") + list_support("swin_tiny_patch4_window7_224")
                     + list_support("vit_pwee") + list_support("swinv2_tiny_window8")
                     + list_support("samvit_base") + list_support("swinv2_cr_small_224") + list_support("siglip_224")
-                    + list_support("dinov3"))
+                    + list_support("dinov3") + list_support("cait_xxs24_224"))
     assert rows["deit_small_patch16_224.fb_in1k"].accepted() == ["evo", "idle", "evit", "topk"]
     swin = rows["swin_tiny_patch4_window7_224.ms_in1k"]
     assert swin.model_class == "SwinTransformer" and swin.accepted() == ["idle"]
@@ -22,8 +22,10 @@ def test_supported_and_refused_models_with_reasons():
     sam = rows["samvit_base_patch16.sa1b"]
     assert sam.model_class == "VisionTransformerSAM" and sam.accepted() == ["idle"]
     assert "needs a sequence layout" in sam.refusals["evo"]
-    cait = check_model("cait_xxs24_224").refusals["idle"]  # a class no family runs
-    assert cait == "no tokenpace family runs Cait models"  # one line, not the families' list
+    xcit = check_model("xcit_nano_12_p16_224").refusals["idle"]  # a class no family runs
+    assert xcit == "no tokenpace family runs Xcit models"  # one line, not the families' list
+    cait = rows["cait_xxs24_224.fb_dist_in1k"]  # talking heads, then class attention
+    assert cait.model_class == "Cait" and cait.accepted() == ["evo", "idle", "evit", "topk"]
     siglip = [r for name, r in rows.items() if name.startswith("vit_base_patch16_siglip_224")]
     dinov3 = [r for name, r in rows.items() if "dinov3" in name]
     assert siglip and dinov3 and all(r.accepted() == ["evo", "idle", "evit", "topk"] for r in siglip + dinov3)

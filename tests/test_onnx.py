@@ -21,6 +21,7 @@ from conftest import make_vit  # noqa: E402
 from test_levit import make_levit  # noqa: E402
 from test_lvvit import make_lvvit  # noqa: E402
 from test_pvt_v2 import make_pvt  # noqa: E402
+from test_cait import make_cait  # noqa: E402
 from test_sam import make_sam  # noqa: E402
 from test_swin import make_swin  # noqa: E402
 
@@ -49,6 +50,7 @@ FAMILIES = {
     "vit_relpos": (lambda: _explicit_softmax(make_backbone("relpos_cls_shared_table", depth=2)), ("evit", {})),
     "naflexvit": (lambda: make_backbone("naflex_radio", depth=2), ("evo", {})),
     "vit_diff": (lambda: make_backbone("diff_token_qknorm", depth=2), ("evit", {})),
+    "cait": (lambda: make_cait(depth=2, depth_token_only=1), ("idle", {"stage_starts": (1,), "keep": 0.5})),
     "levit": (lambda: make_levit("levit_cifar", depth=(1, 1, 1)), ("evo", {})),
     "evo_levit": (lambda: make_levit("evo_levit_cifar", depth=(1, 1, 1)), ("evo", {})),
     "levit_conv": (lambda: make_levit("levit_cifar", depth=(1, 1, 1), use_conv=True), ("idle", {})),

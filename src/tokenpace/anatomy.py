@@ -293,6 +293,11 @@ class BlockParts:
         the call then (LeViT uses the running statistics there)."""
         return False
 
+    def logit_head_weights(self) -> torch.Tensor | None:
+        """Per-head weights (H,) of the head-summed logits a token receives where the heads mix before the softmax
+        (talking heads: sum_h' L'_h' = sum_h w_h L_h + const), else None (each head counts once)."""
+        return None
+
     def keys_affine(self) -> bool:
         """Whether :meth:`linear_keys` gives a map. Scoring asks on every selection: families override it where
         the answer costs less than building the map (slicing or fusing weights)."""

@@ -73,14 +73,22 @@ def block_reuses_queries(parts: BlockParts, query: str) -> bool:
     return query == "mean" and parts.linear_queries() is None and not parts.batch_statistics()
 
 
+def _weigh_heads(q: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The query vector (..., H, 1, d) with each head times its logit weight
+    (:meth:`BlockParts.logit_head_weights`; None: as it is)."""
+    return q if weights is None else q * weights.view(-1, 1, 1).to(q.dtype)
+
+
 def query_logits(parts: BlockParts, h: torch.Tensor, where: Any, query: str, project_keys: bool = False,
                  keys: torch.Tensor | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
     """Head-summed scaled logits (..., n) that the tokens of h (..., n, C) receive from the ``query`` vector
-    (per-group constants left out). Additive position terms are not included: see :func:`bias_row`. ``keys``,
-    ``queries``: every token's (B, H, n, d) when the caller projected them already."""
+    (per-group constants left out; heads weighed where they mix before the softmax). Additive position terms are not
+    included: see :func:`bias_row`. ``keys``, ``queries``: every token's (B, H, n, d) when the caller projected them
+    already."""
     # each asked once: families slice them from a fused weight
     linear_keys = None if project_keys else parts.linear_keys()
     linear_queries = parts.linear_queries()
+    weights = parts.logit_head_weights()
     if linear_keys is None:
         if linear_queries is None:
             q = _query_row(parts, h, where, query, queries) * parts.scale  # (..., H, 1, d)
@@ -88,13 +96,17 @@ def query_logits(parts: BlockParts, h: torch.Tensor, where: Any, query: str, pro
             q = _affine_query(h, query, linear_queries, parts.scale)
             q = q.view(*q.shape[:-1], parts.num_heads, 1, -1)
         k = parts.keys(h, where) if keys is None else keys  # (B, H, n, d)
-        return (q @ k.transpose(-2, -1)).squeeze(-2).sum(dim=-2)
+        return (_weigh_heads(q, weights) @ k.transpose(-2, -1)).squeeze(-2).sum(dim=-2)
     if linear_queries is None:  # a query through the anatomy (norms, position terms), under the model's autocast
-        u = (_query_row(parts, h, where, query, queries).flatten(-3) * parts.scale) @ linear_keys.weight
+        q = _weigh_heads(_query_row(parts, h, where, query, queries), weights)
+        u = (q.flatten(-3) * parts.scale) @ linear_keys.weight
         return (h @ u.unsqueeze(-1)).squeeze(-1)
     with score_precision(h, linear_keys.weight):
-        u = _affine_query(h, query, linear_queries, parts.scale) @ linear_keys.weight  # (..., C): sum over heads
-        return (h @ u.unsqueeze(-1)).squeeze(-1)  # of W_k,h^T q_h, every group
+        q = _affine_query(h, query, linear_queries, parts.scale)
+        if weights is not None:
+            q = _weigh_heads(q.view(*q.shape[:-1], parts.num_heads, 1, -1), weights).flatten(-3)
+        u = q @ linear_keys.weight  # (..., C): sum over heads of W_k,h^T q_h, every group
+        return (h @ u.unsqueeze(-1)).squeeze(-1)
 
 
 def bias_row(parts: BlockParts, where: Any, query: str) -> torch.Tensor | None:

@@ -10,6 +10,8 @@ A score row is one of (each reduced over heads by ``heads``, "sum" or "mean", in
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -40,9 +42,10 @@ def _explicit(q, k, v, scale, bias, dropout):
 
 
 def row_scores(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None, row: str,
-               heads: str) -> torch.Tensor:
+               heads: str, mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The ``"cls"`` or ``"mean"`` score row (B, n_k) of q (B, H, n_q, d) against k (B, H, n_k, d): one query row
-    per head, never the n_q x n_k map."""
+    per head, never the n_q x n_k map. ``mix``: what the attention does to its logits (B, H, n_q, n_k) across heads
+    before the softmax (talking heads); it is linear, so it commutes with the mean query."""
     if row == "cls":
         query, bias_row = q[:, :, :1], None if bias is None else bias[..., :1, :]
     else:
@@ -50,6 +53,8 @@ def row_scores(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tenso
     logits = (query * scale) @ k.transpose(-2, -1)  # (B, H, 1, n_k)
     if bias_row is not None:
         logits = logits + bias_row
+    if mix is not None:
+        logits = mix(logits)
     return _reduce_heads(logits.squeeze(2).softmax(dim=-1, dtype=torch.float32), heads)
 
 

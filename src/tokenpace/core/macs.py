@@ -48,6 +48,7 @@ class BlockShape:
     mlp: int  # per-token MACs of the MLP half (0 in a ParallelScalingBlock)
     q_proj: int = 0  # per-token MACs of the query projection alone (scores; 0: dim * qk_dim)
     k_proj: int = 0  # per-token MACs of the key projection alone (scores; 0: dim * qk_dim; less with grouped keys)
+    head_mix: int = 0  # per query-key pair, MACs of mixing the heads' logits, and again their probabilities (CaiT)
 
     def query_macs(self) -> int:
         return self.q_proj or self.dim * self.qk_dim
@@ -84,8 +85,9 @@ def block_macs(shape: BlockShape, work: BlockWork) -> int:
     """Linear layers, the two attention products and a score row; scores before the block are the family's to add
     (they depend on its projections)."""
     n = work.attn_tokens
-    total = n * (shape.qkv + shape.proj) + n * n * (shape.qk_dim + shape.v_dim) + work.mlp_tokens * shape.mlp
-    return total + work.row_keys * shape.qk_dim + work.merged_tokens * shape.dim
+    pair = shape.qk_dim + shape.v_dim + 2 * shape.head_mix
+    total = n * (shape.qkv + shape.proj) + n * n * pair + work.mlp_tokens * shape.mlp
+    return total + work.row_keys * (shape.qk_dim + shape.head_mix) + work.merged_tokens * shape.dim
 
 
 def dense_work(num_tokens: int) -> BlockWork:

@@ -5,6 +5,7 @@ from torch import nn
 
 from .base import GROUPED, SEQUENCE, Family, GroupCount, SequenceFamily
 from .beit import TimmBeit
+from .cait import TimmCait
 from .eva import TimmEva
 from .levit import EvoLevitFamily, TimmLevit
 from .lvvit import LvVitFamily
@@ -15,14 +16,14 @@ from .swin import SwinAdapter, SwinV2Adapter, SwinV2CrAdapter
 from .timm_vit import TimmViT
 from .vit_relpos import TimmRelPosViT
 
-FAMILIES: tuple[type[Family], ...] = (TimmViT, TimmEva, TimmBeit, TimmRelPosViT, TimmNaFlexVit, TimmLevit,
-                                      EvoLevitFamily, LvVitFamily, SwinAdapter, SwinV2Adapter, SwinV2CrAdapter,
-                                      PvtV2Adapter, SamAdapter)
+FAMILIES: tuple[type[Family], ...] = (TimmViT, TimmEva, TimmBeit, TimmRelPosViT, TimmNaFlexVit, TimmCait,
+                                      TimmLevit, EvoLevitFamily, LvVitFamily, SwinAdapter, SwinV2Adapter,
+                                      SwinV2CrAdapter, PvtV2Adapter, SamAdapter)
 
 SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-norm, SigLIP, AIMv2; class token or "
              "not; tokenpace's evo_deit_*), timm Eva (EVA-02, DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), "
              "timm VisionTransformerRelPos (vit_relpos_*), timm NaFlexVit (naflexvit_*: SigLIP2 NaFlex, C-RADIO; image "
-             "batches), timm Levit (levit_*) and tokenpace's evo_levit_*, "
+             "batches), timm Cait (cait_*), timm Levit (levit_*) and tokenpace's evo_levit_*, "
              "tokenpace's LV-ViT (lvvit_*), "
              "timm SwinTransformer (swin_*), SwinTransformerV2 (swinv2_*), SwinTransformerV2Cr (swinv2_cr_*), "
              "PyramidVisionTransformerV2 (pvt_v2_*) and VisionTransformerSAM (samvit_*)")
