@@ -216,6 +216,32 @@ def test_a_group_is_cut_between_calls_at_its_deadline():
         run_group(group, build_model(group.model), torch.device("cpu"), Deadline.after(-1))
 
 
+def test_a_deadline_inside_torch_compile_counts_as_a_cut(monkeypatch):
+    """The alarm fires inside a compilation, where dynamo re-raises what its backend raised as the cause of its own
+    error: the group is listed as cut, not as failed; a real error is still a failure."""
+    import gpu_suite_throughput as throughput
+
+    class BackendCompilerFailed(RuntimeError):  # dynamo's wrapper keeps the original as inner_exception and cause
+        def __init__(self, inner):
+            super().__init__(f"backend='inductor' raised: {inner}")
+            self.inner_exception = inner
+
+    errors = iter([DeadlineReached("hard limit: 20 s past the section's deadline"), ValueError("out of memory")])
+
+    def run_group(group, model, device, cut_at):
+        inner = next(errors)
+        raise BackendCompilerFailed(inner) from inner
+
+    monkeypatch.setattr(throughput, "run_group", run_group)
+    monkeypatch.setattr(throughput, "build_model", lambda spec: None)
+    plan = smoke_plan()
+    plan = type(plan)(plan.groups[:2], (), 0.0, plan.target_model, plan.target_batch)
+    doc = run_throughput(plan, torch.device("cpu"), Deadline.after(60), 0.0, lambda msg: None, lambda doc: None)
+    assert doc["not_run"] == [{"key": plan.groups[0].key, "why": "cut: hard limit: 20 s past the section's deadline"}]
+    assert [f["key"] for f in doc["failed"]] == [plan.groups[1].key]
+    assert "out of memory" in doc["failed"][0]["error"]
+
+
 def test_alarm_interrupts_code_that_does_not_check_the_deadline():
     start = time.perf_counter()
     with pytest.raises(DeadlineReached, match="hard limit"):
