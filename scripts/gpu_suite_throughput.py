@@ -217,7 +217,8 @@ def run_group(group: BenchGroup, model: torch.nn.Module, device: torch.device, c
 
 def deadline_cause(err: BaseException) -> DeadlineReached | None:
     """The deadline that stopped a group, if one did: the alarm may fire inside torch.compile, whose dynamo wraps
-    what its backend raised (BackendCompilerFailed, with the original as its cause)."""
+    what its backend raised (BackendCompilerFailed, with the original as its cause). The chain is followed through
+    ``__context__`` too, so an error raised while a deadline was being handled also counts as the cut."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, DeadlineReached):
@@ -272,10 +273,11 @@ def run_throughput(plan: ThroughputPlan, device: torch.device, deadline: Deadlin
             if cut is not None:
                 doc["not_run"].append({"key": group.key, "why": f"cut: {cut}"})
                 log(f"  cut by the deadline: {cut}")
-                save(doc)
-                continue
-            doc["failed"].append({"key": group.key, "error": f"{type(err).__name__}: {str(err)[:500]}"})
-            log(f"  failed: {type(err).__name__}: {str(err)[:300]}")
+                if group.compile:  # a compilation stopped half-way: leave no partial state to later sections
+                    torch._dynamo.reset()
+            else:
+                doc["failed"].append({"key": group.key, "error": f"{type(err).__name__}: {str(err)[:500]}"})
+                log(f"  failed: {type(err).__name__}: {str(err)[:300]}")
         save(doc)
     return doc
 

@@ -233,3 +233,58 @@ def test_position_less_tokens_and_training(images):
     mixes = [blk.attn.proj_l.weight.grad for blk in model.blocks] + [blk.attn.proj_w.weight.grad
                                                                     for blk in model.blocks]
     assert all(g is not None and g.abs().sum() > 0 for g in mixes)
+
+
+@pytest.mark.parametrize("pool", ["avg", ""])
+def test_other_pools_and_a_pruned_model(pool, images):
+    """Average pooling and no pooling read the tokens left; after prune_intermediate_layers (no class-attention
+    blocks, no class token) the patched model's intermediates are timm's."""
+    model = make_cait(global_pool=pool)
+    with torch.no_grad():
+        dense = model(images)
+        assert torch.equal(tokenpace.apply(model, "idle", keep=1.0)(images), dense)
+        reduced = tokenpace.apply(model, "evit", keep=0.5)(images)
+        tokenpace.remove(model)
+        model.prune_intermediate_layers([1, 3])
+        expected = model.forward_intermediates(images, indices=[1, 3])
+        tokenpace.apply(model, "idle", keep=1.0)
+        got = model.forward_intermediates(images, indices=[1, 3])
+    assert torch.isfinite(reduced).all()
+    if pool:  # without a pool the output is the token sequence, and EViT leaves fewer tokens (the class token first)
+        assert reduced.shape == dense.shape
+    else:
+        assert reduced.shape[0] == 3 and 1 < reduced.shape[1] < dense.shape[1] == 65
+    assert torch.equal(got[0], expected[0]) and all(torch.equal(a, b) for a, b in zip(got[1], expected[1]))
+
+
+def test_bf16_autocast_and_training_with_dropout(images):
+    """Under bf16 autocast Idle and EViT run and stay near fp32; with drop path and attention dropout a training
+    step of every method reaches both talking-heads mixes."""
+    model = make_cait()
+    for method in ("idle", "evit"):
+        tokenpace.apply(model, method, keep=0.5)
+        with torch.no_grad():
+            full = model(images)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                half = model(images)
+        assert half.dtype == torch.bfloat16 and (half.float() - full).abs().max() < 0.1 * full.abs().max()
+    for method in ("evo", "idle", "evit", "topk"):
+        model = tokenpace.apply(make_cait(drop_path_rate=0.1, attn_drop_rate=0.1), method, keep=0.5).train()
+        model(images).logsumexp(-1).mean().backward()
+        assert all(blk.attn.proj_l.weight.grad is not None and blk.attn.proj_w.weight.grad is not None
+                   for blk in model.blocks[3:])
+
+
+def test_a_wrapped_mix_is_refused():
+    """The scores read proj_l's weight: a wrapper put in its place after apply (peft's LoRA) is refused at the next
+    forward, as on the q/k/v projections."""
+    model = tokenpace.apply(make_cait(), "idle", keep=0.5)
+
+    class Wrapped(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    wrapped = Wrapped(3, 3)
+    model.blocks[2].attn.proj_l = wrapped
+    with pytest.raises(TypeError, match="attn.proj_l of a LayerScaleBlock is a Wrapped, not a plain torch.nn.Linear"):
+        model(torch.randn(1, 3, 32, 32))

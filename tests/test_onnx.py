@@ -18,10 +18,10 @@ from tokenpace.errors import TokenpaceError  # noqa: E402
 from tokenpace.onnx_export import _verify, run_onnx  # noqa: E402
 from backbones import make_backbone  # noqa: E402
 from conftest import make_vit  # noqa: E402
+from test_cait import make_cait  # noqa: E402
 from test_levit import make_levit  # noqa: E402
 from test_lvvit import make_lvvit  # noqa: E402
 from test_pvt_v2 import make_pvt  # noqa: E402
-from test_cait import make_cait  # noqa: E402
 from test_sam import make_sam  # noqa: E402
 from test_swin import make_swin  # noqa: E402
 

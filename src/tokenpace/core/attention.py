@@ -45,7 +45,7 @@ def row_scores(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tenso
                heads: str, mix: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The ``"cls"`` or ``"mean"`` score row (B, n_k) of q (B, H, n_q, d) against k (B, H, n_k, d): one query row
     per head, never the n_q x n_k map. ``mix``: what the attention does to its logits (B, H, n_q, n_k) across heads
-    before the softmax (talking heads); it is linear, so it commutes with the mean query."""
+    before the softmax (talking heads); it is affine, so it commutes with the mean query."""
     if row == "cls":
         query, bias_row = q[:, :, :1], None if bias is None else bias[..., :1, :]
     else:

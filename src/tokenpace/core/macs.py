@@ -48,7 +48,7 @@ class BlockShape:
     mlp: int  # per-token MACs of the MLP half (0 in a ParallelScalingBlock)
     q_proj: int = 0  # per-token MACs of the query projection alone (scores; 0: dim * qk_dim)
     k_proj: int = 0  # per-token MACs of the key projection alone (scores; 0: dim * qk_dim; less with grouped keys)
-    head_mix: int = 0  # per query-key pair, MACs of mixing the heads' logits, and again their probabilities (CaiT)
+    head_mix: int = 0  # per query-key pair, MACs of one mix of the heads (CaiT: logits, then probabilities)
 
     def query_macs(self) -> int:
         return self.q_proj or self.dim * self.qk_dim

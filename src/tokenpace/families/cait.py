@@ -18,7 +18,7 @@ where the dense block adds all n: the tokens a method runs are the block's input
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from torch import nn
@@ -29,13 +29,13 @@ from ..core.feature_maps import vit_intermediates
 from ..core.macs import BlockShape, linear_macs
 from .base import Family
 from .patch_embed import patch_grid
-from .timm_vit import PatchSequenceFamily, VitParts
+from .timm_vit import PatchSequenceFamily, VitParts, check_blocks
 
 
 def _timm_classes():
-    from timm.models.cait import Cait, LayerScaleBlock, TalkingHeadAttn
+    from timm.models.cait import Cait, ClassAttn, LayerScaleBlock, LayerScaleBlockClassAttn, TalkingHeadAttn
 
-    return Cait, LayerScaleBlock, TalkingHeadAttn
+    return Cait, (LayerScaleBlock, TalkingHeadAttn), (LayerScaleBlockClassAttn, ClassAttn)
 
 
 def _over_heads(layer: nn.Linear, t: torch.Tensor) -> torch.Tensor:
@@ -47,9 +47,17 @@ class CaitParts(VitParts):
     """timm ``LayerScaleBlock`` + ``TalkingHeadAttn``: the standard fused q/k/v and projection, talking-heads mixes
     around the softmax, LayerScale residuals."""
 
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__(block)
+        # the scores read proj_l's weight: a wrapper (LoRA) would run in the block and be left out of them
+        self.require_plain_linear(self.attn, "proj_l", f"attn.proj_l of a {type(block).__name__}")
+        self.require_plain_linear(self.attn, "proj_w", f"attn.proj_w of a {type(block).__name__}")
+
     def attend(self, q, k, v, bias, row, heads):
         """timm's talking-heads attention (always explicit: the mixes need the n x n maps), and the score ``row``
-        from the mixed logits."""
+        from the mixed logits. CaiT's blocks have no position terms, so there is never a ``bias``."""
+        if bias is not None:
+            raise TypeError("CaiT's talking-heads attention takes no additive bias (it has no position terms)")
         attn = self.attn
         logits = _over_heads(attn.proj_l, (q * self.scale) @ k.transpose(-2, -1))
         probs = logits.softmax(dim=-1)
@@ -70,8 +78,7 @@ class CaitParts(VitParts):
         return x + self.block.drop_path(self.block.gamma_2 * y)
 
     def shape(self) -> BlockShape:
-        shape = super().shape()
-        return BlockShape(**{**asdict(shape), "head_mix": linear_macs(self.attn.proj_l)})
+        return replace(super().shape(), head_mix=linear_macs(self.attn.proj_l))
 
 
 class TimmCait(PatchSequenceFamily):
@@ -80,11 +87,16 @@ class TimmCait(PatchSequenceFamily):
     resize_hint = "img_size=N: its position embedding is built for one grid"
 
     def __init__(self, model: nn.Module) -> None:
-        _, Block, Attention = _timm_classes()
-        for i, blk in enumerate(model.blocks):
-            if type(blk) is not Block or type(blk.attn) is not Attention:
-                raise TypeError(f"block {i} of this Cait is {type(blk).__name__} with {type(blk.attn).__name__}; "
-                                "tokenpace supports timm's LayerScaleBlock with TalkingHeadAttn (cait_*)")
+        _, patch_block, class_block = _timm_classes()
+
+        def is_(pair):
+            return lambda blk: type(blk) is pair[0] and type(getattr(blk, "attn", None)) is pair[1]
+
+        check_blocks(model, "Cait", is_(patch_block), "timm's LayerScaleBlock with TalkingHeadAttn (cait_*)")
+        for i, blk in enumerate(model.blocks_token_only or ()):  # run as timm runs them; counted by head_macs
+            if not is_(class_block)(blk):
+                raise TypeError(f"class-attention block {i} of this Cait is {type(blk).__name__}; tokenpace "
+                                "supports timm's LayerScaleBlockClassAttn with ClassAttn (cait_*)")
         super().__init__(model)
 
     @classmethod
