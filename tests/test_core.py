@@ -118,6 +118,46 @@ def test_logit_scores_without_key_projection_rank_like_projected_keys(query):
     torch.testing.assert_close(query_logits(parts, h, None, query, project_keys=True), explicit)
 
 
+class _MixedHeadParts(_LinearParts):
+    """_LinearParts whose heads' logits are mixed before the softmax (talking heads): the head-summed logits weigh
+    head h by ``weights[h]``; ``affine_q`` / ``affine_k`` False hides the linear maps (the other scoring paths)."""
+
+    def __init__(self, *args, weights, affine_q, affine_k):
+        super().__init__(*args)
+        self.weights, self.affine_q, self.affine_k = weights, affine_q, affine_k
+
+    def logit_head_weights(self):
+        return self.weights
+
+    def linear_queries(self):
+        return super().linear_queries() if self.affine_q else None
+
+    def linear_keys(self):
+        return super().linear_keys() if self.affine_k else None
+
+
+@pytest.mark.parametrize("affine_q", [True, False])
+@pytest.mark.parametrize("affine_k", [True, False])
+@pytest.mark.parametrize("query", ["cls", "mean"])
+def test_logit_scores_weigh_mixed_heads_on_every_path(query, affine_q, affine_k):
+    """With head weights, each of query_logits' four paths (queries and keys affine or projected) gives
+    sum_h w_h (q_h . k_hj) up to one constant per group (the key bias term, where keys are not projected)."""
+    gen = torch.Generator().manual_seed(0)
+    G, n, C, H, scale = 3, 7, 8, 2, 0.37
+    h, w_q, w_k = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((G, n, C), (C, C), (C, C)))
+    b_q, b_k = torch.randn(C, generator=gen, dtype=torch.float64), torch.randn(C, generator=gen, dtype=torch.float64)
+    weights = torch.tensor([1.7, -0.6], dtype=torch.float64)
+    parts = _MixedHeadParts(w_q, b_q, w_k, b_k, H, scale, weights=weights, affine_q=affine_q, affine_k=affine_k)
+    q, k = parts.queries(h, None), parts.keys(h, None)  # (G, H, n, d)
+    per_head = scale * q @ k.transpose(-2, -1)  # (G, H, n, n)
+    rows = per_head[:, :, 0] if query == "cls" else per_head.mean(2)
+    explicit = (rows * weights.view(1, H, 1)).sum(1)
+    got = query_logits(parts, h, None, query)
+    centred = [t - t.mean(-1, keepdim=True) for t in (got, explicit)]
+    torch.testing.assert_close(centred[0], centred[1])
+    assert not torch.allclose(centred[0], (rows.sum(1) - rows.sum(1).mean(-1, keepdim=True)))  # the weights count
+
+
 @pytest.mark.parametrize("query", ["cls", "mean"])
 def test_logit_scores_under_autocast_are_the_float32_scores(query):
     """Under bf16 autocast the normed tokens h are float32 (the norm's output): the whole score side (a few vectors)
