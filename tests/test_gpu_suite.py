@@ -216,6 +216,29 @@ def test_a_group_is_cut_between_calls_at_its_deadline():
         run_group(group, build_model(group.model), torch.device("cpu"), Deadline.after(-1))
 
 
+def test_cifar_sections_with_the_full_runs_settings(data):
+    """The smoke run trains in fp32 and fine-tunes Idle by distillation; the GPU run uses bf16 autocast and plain
+    cross-entropy. Those settings, a few steps each on the CPU: dense, Evo from scratch, Idle fine-tuned, evaluated."""
+    import dataclasses
+
+    from gpu_suite_cifar import evaluate_model, finetune_idle, train_dense, train_evo
+    from gpu_suite_data import decode_cifar, to_device
+
+    cfg = dataclasses.replace(gpu_suite.smoke_cifar(data), amp="bf16", idle_objective="ce", train_limit=128,
+                              test_limit=100, batch_size=32, eval_batch=50, eval_reserve_s=0.0,
+                              sweep_keeps=(0.5, 1.0))
+    cpu = torch.device("cpu")
+    train, test = (to_device(split, cpu) for split in decode_cifar(data, cfg.train_limit, cfg.test_limit))
+    dense, report = train_dense(train, cfg, cpu, Deadline.after(30), lambda msg: None)
+    assert report.steps == 4 and report.stopped_by == "steps"  # one epoch of 128 images in batches of 32
+    evo, _ = train_evo(train, cfg, cpu, Deadline.after(30), lambda msg: None, max_steps=2)
+    idle, _ = finetune_idle(dense, train, cfg, cpu, Deadline.after(30), lambda msg: None)
+    for model, own in ((evo, ("evo", {"keep": 0.5, "mode": "stage"})), (idle, ("idle", {"keep": 0.7}))):
+        result = evaluate_model(model, own, (own[0],), test, cfg, cpu)
+        assert 0 <= result["top1"] <= 100 and 0 <= result["random_top1"] <= 100 and result["test_images"] == 100
+    assert all(torch.isfinite(p).all() for p in idle.parameters())
+
+
 def test_a_deadline_inside_torch_compile_counts_as_a_cut(monkeypatch):
     """The alarm fires inside a compilation, where dynamo re-raises what its backend raised as the cause of its own
     error: the group is listed as cut, not as failed; a real error is still a failure."""
