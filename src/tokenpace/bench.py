@@ -188,13 +188,16 @@ def restored(model: nn.Module):
 
 
 def random_input(model: nn.Module, batch_size: int, device: torch.device, seed: int = 0) -> torch.Tensor:
-    """Timing input: a batch of the model's input size in its parameters' dtype on ``device``, drawn from a private
-    generator (the caller's global RNG stream is left as it was)."""
+    """Timing input: a batch of the model's input size in its parameters' dtype on ``device``, drawn there from a
+    private generator (the caller's global RNG stream is left as it was). Drawn on the device, not on the host and
+    copied: ViT-B at 1024 px and batch 256 is 805 M values, seconds on a CPU."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
     dtype = next(model.parameters()).dtype
-    x = torch.randn(batch_size, *adapter_for(model).input_size(), generator=torch.Generator().manual_seed(seed))
-    return x.to(device, dtype if dtype.is_floating_point else torch.float32)
+    device = torch.device(device)
+    x = torch.randn(batch_size, *adapter_for(model).input_size(), device=device,
+                    generator=torch.Generator(device=device).manual_seed(seed))
+    return x.to(dtype if dtype.is_floating_point else torch.float32)
 
 
 def check_timing(specs: list, runs: int, warmup: int, amp: str) -> None:
