@@ -89,12 +89,12 @@ class TimmCait(PatchSequenceFamily):
     def __init__(self, model: nn.Module) -> None:
         _, patch_block, class_block = _timm_classes()
 
-        def is_(pair):
+        def made_of(pair):
             return lambda blk: type(blk) is pair[0] and type(getattr(blk, "attn", None)) is pair[1]
 
-        check_blocks(model, "Cait", is_(patch_block), "timm's LayerScaleBlock with TalkingHeadAttn (cait_*)")
+        check_blocks(model, "Cait", made_of(patch_block), "timm's LayerScaleBlock with TalkingHeadAttn (cait_*)")
         for i, blk in enumerate(model.blocks_token_only or ()):  # run as timm runs them; counted by head_macs
-            if not is_(class_block)(blk):
+            if not made_of(class_block)(blk):
                 raise TypeError(f"class-attention block {i} of this Cait is {type(blk).__name__}; tokenpace "
                                 "supports timm's LayerScaleBlockClassAttn with ClassAttn (cait_*)")
         super().__init__(model)
