@@ -35,8 +35,8 @@ def memory_rows(path: str) -> list[str]:
 
 
 def compare_rows(dir_a: str, dir_b: str) -> tuple[str, list[str]]:
-    """The header naming both runs (by their --malloc and any other setting that differs) and one row per model,
-    method and configuration found in both folders."""
+    """The header naming both runs by their --malloc setting, and one row per model, method and configuration found
+    in both folders."""
     names = sorted(n for n in os.listdir(dir_a) if n.endswith(".json") and os.path.exists(os.path.join(dir_b, n)))
     docs = [(json.load(open(os.path.join(dir_a, n))), json.load(open(os.path.join(dir_b, n)))) for n in names]
     labels = [f"malloc {doc.get('malloc', '?')}" for doc in docs[0]] if docs else ["A", "B"]

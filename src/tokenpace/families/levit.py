@@ -72,13 +72,13 @@ def levit_kinds() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return _KINDS[0]
 
 
-def pointwise_on_tokens(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1 convolution on tokens x (B, n, C), run as a convolution on the (B, C, n, 1) map they form (a view with
-    channels-last strides, no copy): the same linear map, through the convolution kernels the dense NCHW model
-    uses. On the project's CPU, oneDNN's channels-last 1x1 convolution took 3.8 ms where the matrix product of the
-    same shapes (MKL) took 7.4 ms, which alone undid Evo's saving on ``levit_conv_*``."""
-    B, n, C = x.shape
-    return F.conv2d(x.transpose(1, 2).reshape(B, C, n, 1), conv.weight, conv.bias).flatten(2).transpose(1, 2)
+def on_token_map(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A token-wise layer of the NCHW model (a 1x1 Conv2d, a BatchNorm2d) on tokens x (B, n, C), called on the
+    (B, C, n, 1) map they form (a view with channels-last strides, no copy): the kernels the dense NCHW model runs,
+    and for a norm the same statistics over the tokens present. Not as a matrix product: on the project's CPU,
+    oneDNN's channels-last 1x1 convolution took 3.8 ms where MKL's product of the same shapes took 7.4 ms, which
+    alone undid Evo's saving on ``levit_conv_*``."""
+    return to_tokens(module(to_map(x, (x.shape[1], 1))))
 
 
 def tokenwise(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -97,11 +97,8 @@ def tokenwise(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         for child in module.children():
             x = tokenwise(child, x)
         return x
-    if type(module) is nn.Conv2d and pointwise_conv(module):
-        return pointwise_on_tokens(module, x)
-    if type(module) in norms:  # per channel over the tokens present: the same statistics as on their map
-        B, n, C = x.shape
-        return module(x.transpose(1, 2).reshape(B, C, n, 1)).flatten(2).transpose(1, 2)
+    if (type(module) is nn.Conv2d and pointwise_conv(module)) or type(module) in norms:
+        return on_token_map(module, x)
     if type(module) is nn.Conv2d:
         raise TypeError(f"a {type(module).__name__} with kernel {module.kernel_size}, stride {module.stride}, "
                         f"padding {module.padding} and groups {module.groups} inside timm's NCHW LeViT: tokenpace "
