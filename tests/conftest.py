@@ -229,6 +229,24 @@ def ref_window_idle_attention(logits, v, pad, scores, k):
     return (probs @ v).transpose(1, 2).reshape(*pad.shape, -1), sel
 
 
+def dense_and_idle_macs(model, img, forward) -> dict:
+    """MACs (FlopCounterMode's FLOPs / 2) of ``forward(model, img)`` for the dense model, then with Idle at its
+    defaults, each asserted equal to ``tokenpace.macs``: {None: dense, "idle": idle}."""
+    import tokenpace
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = {}
+    for method in (None, "idle"):
+        if method is not None:
+            tokenpace.apply(model, method)
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            forward(model, img)
+        counts[method] = counter.get_total_flops() // 2
+        assert tokenpace.macs(model) == counts[method], method
+    return counts
+
+
 def assert_scores_match_per_window(ours, ref, real):
     """Window scores (G, n) that rank like the reference: -inf exactly on the padding (``real`` False), and equal to
     it up to one constant per window on the real slots (the per-group constants scoring leaves out)."""

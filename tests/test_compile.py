@@ -14,6 +14,7 @@ import tokenpace
 from backbones import make_backbone
 from conftest import make_vit, spread_weights
 from test_cait import make_cait
+from test_hiera import make_hiera
 from test_sam import make_sam
 from test_swin import make_swin
 
@@ -62,6 +63,9 @@ CASES = {
     "pvt_v2": (_pvt, "idle", dict(stage_starts=(1,)), 64),
     # a padded windowed block and a global one, both idling
     "sam": (lambda: make_sam("padded", depth=2, global_attn_indexes=(1,)), "idle", dict(stage_starts=(0,)), 80),
+    # mask-unit windows, a pooling stage entry (always dense) and a global block, idling
+    "hiera": (lambda: make_hiera(stages=(1, 1, 2), q_pool=2, mask_unit_size=(4, 4),
+                                 mask_unit_attn=(True, False, False)), "idle", dict(stage_starts=(0,)), 64),
 }
 
 
@@ -94,7 +98,7 @@ def test_inductor_full_graph(family):
 
 
 @pytest.mark.parametrize("family", ["vit", "vit_no_class_token", "eva_rope_mixed", "evo_levit", "swin", "pvt_v2",
-                                    "sam"])
+                                    "sam", "hiera"])
 def test_compiled_fresh_patch_does_not_recompile(family):
     """A model compiled straight after ``apply`` (as ``tokenpace bench --compile`` does) compiles once: nothing the
     first forward builds (the block anatomy) may change what the compiled graph's guards check. (Not timm's LeViT:

@@ -10,6 +10,7 @@ import torch
 import tokenpace
 from backbones import make_backbone
 from conftest import CIFAR, make_vit, needs_cifar, spread_weights
+from test_hiera import make_hiera
 from test_sam import make_sam
 from test_swin import make_swin
 
@@ -65,6 +66,7 @@ FAMILIES = {  # name: (build, input size, methods, flat)
                    ("idle",), False),
     "pvt_v2": (_pvt, 64, ("idle",), False),
     "sam": (lambda: make_sam("padded"), 80, ("idle",), False),
+    "hiera": (lambda: make_hiera(img_size=128), 128, ("idle",), False),  # keep**3 keeps 2 of its last 16
 }
 
 
@@ -81,8 +83,9 @@ def _flatten(out):
     return [t for item in out for t in _flatten(item)]
 
 
-def _option_sets(flat):
-    sets = [dict(), dict(indices=2), dict(indices=[0], stop_early=True), dict(intermediates_only=True, norm=True)]
+def _option_sets(flat, model):
+    norm = not isinstance(model, timm.models.hiera.Hiera)  # timm's Hiera norms no map (it asserts norm=False)
+    sets = [dict(), dict(indices=2), dict(indices=[0], stop_early=True), dict(intermediates_only=True, norm=norm)]
     if flat:
         sets += [dict(output_fmt="NLC", return_prefix_tokens=True, norm=True), dict(output_dict=True, indices=[1, 3])]
     return sets
@@ -92,7 +95,7 @@ def _option_sets(flat):
 def test_keep_one_intermediates_equal_the_unpatched_model(family):
     build, size, methods, flat = FAMILIES[family]
     model, images = build(), _images(size)
-    for options in _option_sets(flat):
+    for options in _option_sets(flat, model):
         if options.get("output_dict") and not hasattr(model, "pool_include_prefix"):
             continue  # output_dict is timm VisionTransformer's alone
         with torch.no_grad():
@@ -109,9 +112,11 @@ def test_positional_intermediate_arguments_keep_the_models_own_order(family):
     """timm's ViT and Eva take return_prefix_tokens third, the others norm: a patched model reads them as its class."""
     build, size, methods, _ = FAMILIES[family]
     model, images = build(), _images(size)
+    # Hiera: (mask, indices, norm, stop_early)
+    args = (None, [1], False, False) if family == "hiera" else ([1], True)
     with torch.no_grad():
-        expected = _flatten(tokenpace.remove(model).forward_intermediates(images, [1], True))
-        got = _flatten(tokenpace.apply(model, methods[0], keep=1.0).forward_intermediates(images, [1], True))
+        expected = _flatten(tokenpace.remove(model).forward_intermediates(images, *args))
+        got = _flatten(tokenpace.apply(model, methods[0], keep=1.0).forward_intermediates(images, *args))
     assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
@@ -160,7 +165,9 @@ def test_get_intermediate_layers_and_features_only_models_run_the_method():
                          ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, window_size=4,
                                                                feature_cls="getter")),
                          ("samvit_base_patch16", dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2,
-                                                      window_size=4, global_attn_indexes=(1, 3), neck_chans=16))]:
+                                                      window_size=4, global_attn_indexes=(1, 3), neck_chans=16)),
+                         ("hiera_tiny_224", dict(img_size=32, patch_stride=(2, 2), embed_dim=16, num_heads=1,
+                                                 stages=(1, 2, 3, 2)))]:
         torch.manual_seed(0)
         features = timm.create_model(name, features_only=True, **kwargs).eval()
         with torch.no_grad():
@@ -204,7 +211,7 @@ def _linear_calls(block):
                                            ("naflexvit", "evo"),
                                            ("levit", "evo"), ("evo_levit", "evo"),
                                            ("swin", "idle"), ("swin_v2", "idle"), ("swin_v2_cr", "idle"),
-                                           ("pvt_v2", "idle"), ("sam", "idle")])
+                                           ("pvt_v2", "idle"), ("sam", "idle"), ("hiera", "idle")])
 def test_gradient_checkpointing_is_honoured_with_equal_gradients(family, method):
     build, size, _, _ = FAMILIES[family]
     plain = build().train()

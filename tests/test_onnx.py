@@ -19,6 +19,7 @@ from tokenpace.onnx_export import _verify, run_onnx  # noqa: E402
 from backbones import make_backbone  # noqa: E402
 from conftest import make_vit  # noqa: E402
 from test_cait import make_cait  # noqa: E402
+from test_hiera import make_hiera  # noqa: E402
 from test_levit import make_levit  # noqa: E402
 from test_lvvit import make_lvvit  # noqa: E402
 from test_pvt_v2 import make_pvt  # noqa: E402
@@ -36,6 +37,11 @@ def _explicit_softmax(model):
 def _explicit_dense_sam():
     model = make_sam("padded", depth=3, global_attn_indexes=(2,))
     model.blocks[0].attn.fused_attn = False
+    return model
+
+
+def _explicit_stage_entry(model):
+    model.blocks[1].attn.fused_attn = False
     return model
 
 
@@ -62,6 +68,10 @@ FAMILIES = {
     # windowed block (padded windows) and a global one idling, fused, with the bias
     "sam": (lambda: _explicit_dense_sam(), ("idle", {"stage_starts": (1,)})),
     "lvvit": (lambda: make_lvvit(depth=2), ("idle", {"keep": 0.5})),
+    # a windowed block idling (fused), a windowed stage entry that pools (timm's, dense: explicit softmax, as its
+    # fused attention on 5-D windows does not export, unpatched too), a global block idling (fused)
+    "hiera": (lambda: _explicit_stage_entry(make_hiera(stages=(1, 2), q_pool=1, mask_unit_attn=(True, False))),
+              ("idle", {"stage_starts": (0,)})),
 }
 
 
@@ -86,12 +96,13 @@ def test_onnx_runtime_equals_pytorch_at_batch_1_and_8(family, tmp_path):
     assert tokenpace.get_patch(model) is not None and not model.training  # the model is left as it was
 
 
-@pytest.mark.parametrize("family", ["beit", "sam"])
+@pytest.mark.parametrize("family", ["beit", "sam", "hiera"])
 def test_fused_attention_that_does_not_export_names_the_fix(family, tmp_path):
     """torch.onnx cannot decompose fused SDPA with BEiT's bias in timm's own block, nor convert SAM's SDPA on 3-D
-    tensors (unpatched models too): the error says what to change."""
-    build = (lambda: make_backbone("beit", depth=4)) if family == "beit" else (
-        lambda: make_sam("padded", depth=2, global_attn_indexes=(1,)))
+    tensors or Hiera's on 5-D windows (unpatched models too): the error says what to change."""
+    build = {"beit": lambda: make_backbone("beit", depth=4),
+             "sam": lambda: make_sam("padded", depth=2, global_attn_indexes=(1,)),
+             "hiera": lambda: make_hiera(stages=(1, 2), q_pool=1, mask_unit_attn=(True, False))}[family]
     model = tokenpace.apply(build(), "idle", **({} if family == "beit" else {"stage_starts": (1,)}))
     with pytest.raises(TokenpaceError, match="could not export this TokenPace.*set fused_attn = False"):
         tokenpace.export_onnx(model, str(tmp_path / f"{family}.onnx"))

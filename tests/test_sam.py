@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tokenpace
 from tokenpace.core.decomposed_bias import pair_bias, received_bias
 from tokenpace.families import adapter_for
-from conftest import assert_scores_match_per_window, ref_window_idle_attention, spread_weights
+from conftest import assert_scores_match_per_window, dense_and_idle_macs, ref_window_idle_attention, spread_weights
 
 # (model options, input size); windows of 4 on a 10x10 map (padded to 12x12: 9 windows, 4 of them part padding),
 # global blocks 1 and 3
@@ -204,15 +204,7 @@ def test_samvit_base_macs_at_1024_equal_flop_counter():
     with torch.device("meta"):
         model = set_fused(timm.create_model("samvit_base_patch16"), False)
         img = torch.empty(1, 3, 1024, 1024)
-    counts = {}
-    for method in (None, "idle"):
-        if method is not None:
-            tokenpace.apply(model, method)
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model.forward_features(img)
-        counts[method] = counter.get_total_flops() // 2
-        assert tokenpace.macs(model) == counts[method]
+    counts = dense_and_idle_macs(model, img, lambda m, x: m.forward_features(x))
     print(f"samvit_base_patch16 at 1024 px: dense {counts[None] / 1e9:.1f} GMACs, "
           f"idle keep=0.7 {counts['idle'] / 1e9:.1f} GMACs")
     assert 480e9 < counts[None] < 500e9  # SAM ViT-B's image encoder: about 487 GMACs

@@ -194,10 +194,11 @@ def _export(model: nn.Module, path: str, example: torch.Tensor, opset: int) -> N
         hint, message = "", str(err)
         fused = any(getattr(m, "fused_attn", False) is True for m in model.modules())
         # timm's own blocks, unpatched too: SDPA with Beit's and VisionTransformerRelPos' bias does not decompose,
-        # and SAM's attention calls SDPA on 3-D tensors (heads folded into the batch), which the converter refuses
+        # SAM's attention calls SDPA on 3-D tensors (heads folded into the batch) and Hiera's windowed attention on
+        # 5-D ones (windows as an axis), which the converter refuses
         if fused and ("decompose" in message or "only 4D query" in message):
             hint = ("; timm's fused attention in this model's blocks does not export (SDPA with a bias, or on 3-D "
-                    "tensors); the explicit softmax does: set fused_attn = False on the model's attention modules "
+                    "or 5-D tensors); the explicit softmax does: set fused_attn = False on the model's attention modules "
                     "and export again")
         raise TokenpaceError(f"torch.onnx could not export this {type(model).__name__}: {_first_line(err)}"
                              f"{hint}") from err

@@ -67,14 +67,16 @@ class Patch:
         self._done(state)
         return x
 
-    def forward_intermediates(self, x: torch.Tensor, indices=None, stop_early: bool = False, **options):
+    def forward_intermediates(self, x: torch.Tensor, indices=None, stop_early: bool = False, coarse: bool = True,
+                              **options):
         """timm's ``forward_intermediates`` through the method: the full token map after each feature point (idle
         tokens and placeholders included; tokens a method dropped keep the features they entered their last block
-        with), formatted as the model's own method formats it."""
+        with), formatted as the model's own method formats it. ``coarse=False`` (Hiera's): a map after every block
+        instead of the family's feature points."""
         from timm.models._features import feature_take_indices
 
-        family = self.adapter
-        points = family.feature_points()
+        family, options = self.adapter, IntermediateOptions(**options)
+        points = family.feature_points() if coarse else list(range(family.depth))
         taken, last = feature_take_indices(len(points), indices)
         state = self._state(taps=frozenset(points[j] for j in taken), stop_after=points[last] if stop_early else None)
         x, state.frame = family.embed(x)
@@ -85,22 +87,30 @@ class Patch:
             x, stopped = stop.tokens, True
         self._done(state)
         maps = [state.maps[points[j]] for j in taken]
-        return family.intermediates(maps, x, state.frame, list(taken), stopped, IntermediateOptions(**options))
+        return family.intermediates(maps, x, state.frame, list(taken), stopped, options)
 
 
-# arguments of the models' forward_features / forward_intermediates that describe another input than an image batch
-_MASKS = ("attn_mask", "is_causal")
+# arguments of the models' forward_features / forward_intermediates that ask for another input or output than the
+# images and their features (None or False asks for nothing)
+_MASKS = ("attn_mask", "is_causal", "mask", "return_intermediates")
 _NAFLEX_INPUT = ("patch_coord", "patch_valid")
 
 
 def _refuse_masks(arguments: dict) -> None:
-    """ValueError for an argument beside the images that asks for another input than an image batch."""
+    """ValueError for an argument beside the images that asks for another input or output than the images and their
+    features."""
     given = [name for name, value in arguments.items() if value is not None and value is not False]
     if any(name in _NAFLEX_INPUT for name in given):
         raise ValueError("packed NaFlex input (patches with patch_coord / patch_valid, as timm's NaFlex collator "
                          "makes them) is not supported on a tokenpace-patched model: its images have grids of their "
                          "own and padding tokens; pass image batches (B, C, H, W), or call tokenpace.remove(model) "
                          "first")
+    if "return_intermediates" in given:
+        raise ValueError("forward_features(..., return_intermediates=True) is not supported on a tokenpace-patched "
+                         "model; call model.forward_intermediates(x) for its feature maps")
+    if "mask" in given:
+        raise ValueError("masked input (mask=..., Hiera's MAE mask units) is not supported on a tokenpace-patched "
+                         "model: idling needs every token; call tokenpace.remove(model) first")
     if given:
         raise ValueError("attention masks and causal attention are not supported on a tokenpace-patched model; "
                          "call tokenpace.remove(model) first")
@@ -136,8 +146,10 @@ def _forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
     patch = _own_patch(self)
     _, given = _bound_arguments(patch.original_class.forward_intermediates, self, (x, *args), kwargs)
     _refuse_masks({name: given.pop(name, None) for name in _MASKS + _NAFLEX_INPUT})
-    indices, stop_early = given.pop("indices", None), given.pop("stop_early", False)
-    return patch.forward_intermediates(x, indices, stop_early, **given)
+    # the class's own default: timm's Hiera stops early unless told otherwise, the others do not
+    default_stop = _signature(patch.original_class.forward_intermediates)[0].parameters["stop_early"].default
+    indices, stop_early = given.pop("indices", None), given.pop("stop_early", default_stop)
+    return patch.forward_intermediates(x, indices, stop_early, given.pop("coarse", True), **given)
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,6 +7,7 @@ from .base import GROUPED, SEQUENCE, Family, GroupCount, SequenceFamily
 from .beit import TimmBeit
 from .cait import TimmCait
 from .eva import TimmEva
+from .hiera import TimmHiera
 from .levit import EvoLevitFamily, TimmLevit
 from .lvvit import LvVitFamily
 from .naflexvit import TimmNaFlexVit
@@ -18,7 +19,7 @@ from .vit_relpos import TimmRelPosViT
 
 FAMILIES: tuple[type[Family], ...] = (TimmViT, TimmEva, TimmBeit, TimmRelPosViT, TimmNaFlexVit, TimmCait,
                                       TimmLevit, EvoLevitFamily, LvVitFamily, SwinAdapter, SwinV2Adapter,
-                                      SwinV2CrAdapter, PvtV2Adapter, SamAdapter)
+                                      SwinV2CrAdapter, PvtV2Adapter, SamAdapter, TimmHiera)
 
 SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-norm, SigLIP, AIMv2; class token or "
              "not; tokenpace's evo_deit_*), timm Eva (EVA-02, DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), "
@@ -26,7 +27,7 @@ SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-
              "batches), timm Cait (cait_*), timm Levit (levit_*) and tokenpace's evo_levit_*, "
              "tokenpace's LV-ViT (lvvit_*), "
              "timm SwinTransformer (swin_*), SwinTransformerV2 (swinv2_*), SwinTransformerV2Cr (swinv2_cr_*), "
-             "PyramidVisionTransformerV2 (pvt_v2_*) and VisionTransformerSAM (samvit_*)")
+             "PyramidVisionTransformerV2 (pvt_v2_*), VisionTransformerSAM (samvit_*) and Hiera (hiera_*)")
 
 
 class UnsupportedModel(TypeError):

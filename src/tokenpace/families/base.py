@@ -124,6 +124,11 @@ class Family(ABC):
     def stage_of_block(self, i: int) -> int:
         return next(s for s, blocks in enumerate(self.stage_blocks) if i in blocks)
 
+    def resamples(self, i: int) -> bool:
+        """Block i changes its tokens' count or width (Hiera's stage entries pool and widen them), so no token can
+        pass it unchanged: it runs on every token whatever the method."""
+        return False
+
     def anatomy(self) -> list[BlockParts]:
         """Every block's anatomy, built once. ``apply`` builds it before any forward: were the first forward of a
         compiled model to build it, the graph's guards would see it change and compile the model a second time."""

@@ -7,7 +7,8 @@ through unchanged and compete again in the next layer. K = int(P * keep**s) in s
 One policy for every family: selection happens in groups (one per image on sequence families; one per attention
 window on Swin and SAM, one per map on PVTv2 and in SAM's global blocks), k of the n tokens of each group, with the
 groups as a batch. Stages follow the global block index (stage_starts (3, 6, 9) at 12 blocks, scaled), so on pyramids
-the ratio compounds across the pyramid's own stages too; down-sampling runs on the full grid.
+the ratio compounds across the pyramid's own stages too; down-sampling runs on the full grid, and so does a block
+that re-samples its tokens (``Family.resamples``: Hiera's pooling stage entries).
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ class IdlePolicy(Policy):
 
     def _ratio(self, i: int) -> float | None:
         ratio = self.config.keep ** stage_of(i, self.starts)
-        return None if i < self.starts[0] or ratio >= 1.0 else ratio
+        return None if i < self.starts[0] or ratio >= 1.0 or self.family.resamples(i) else ratio
 
     def keep_ratio(self, i: int) -> float | None:
         """The keep ratio r**s of block i, or None where the block runs on every token."""
