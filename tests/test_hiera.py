@@ -140,10 +140,15 @@ def test_scores_rank_like_the_full_logits(block):
                                                                                       dtype=torch.bool))
 
 
-@pytest.mark.parametrize("variant", list(HIERAS))
+@pytest.mark.parametrize("variant", [*HIERAS, "no_pool"])
 @pytest.mark.parametrize("options", [None, {}, {"score": "norm"}, {"score": "random", "keep": 0.8}], ids=str)
 def test_macs_equal_flop_counter_on_the_non_fused_path(variant, options):
-    model = set_fused(make_hiera(variant), False)
+    if variant == "no_pool":  # the head's norm and classifier on every token
+        model = make_hiera()
+        model.reset_classifier(5, global_pool="")
+    else:
+        model = make_hiera(variant)
+    set_fused(model, False)
     if options is not None:
         tokenpace.apply(model, "idle", stage_starts=STARTS, **options)
     counter = FlopCounterMode(display=False)
@@ -162,12 +167,44 @@ def test_hiera_tiny_macs_equal_flop_counter():
     assert 0.6 < counts["idle"] / counts[None] < 0.8
 
 
-def test_unrolled_tokens_map_to_timms_raster_positions():
-    """Stage 0's map from unrolled place to raster position is what timm's own unroll does to a raster sequence."""
-    model = make_hiera()
+@pytest.mark.parametrize("variant", ["plain", "q_pool_2"])
+def test_unrolled_tokens_map_to_timms_raster_positions(variant):
+    """Each stage's map from unrolled place to raster position, against timm's own unroll of a raster sequence and
+    its pooling (a max over the q-stride axis): after s poolings, a token holds the largest stage-0 raster position of
+    its 2^s x 2^s cell, whose bottom-right corner it is."""
+    model = make_hiera(variant)
     adapter = adapter_for(model)
-    raster = torch.arange(256).view(1, 256, 1)
-    assert torch.equal(adapter._raster(0, torch.device("cpu")), model.unroll(raster).flatten())
+    rows, cols = model.tokens_spatial_shape
+    x = model.unroll(torch.arange(rows * cols, dtype=torch.float64).view(1, -1, 1))
+    for s, blocks in enumerate(adapter.stage_blocks):
+        if s > 0 and model.blocks[blocks[0]].attn.q_stride > 1:
+            x = x.view(1, 4, -1, 1).amax(dim=1)
+        grid = adapter.block_grid(blocks[0])
+        cell = rows // grid[0]
+        corner = x.flatten().long()
+        expected = (corner // cols // cell) * grid[1] + corner % cols // cell
+        assert torch.equal(adapter._raster(blocks[0], torch.device("cpu")), expected), s
+
+
+def test_window_slots_are_timms_mask_units():
+    """The reference's (and the family's) window membership: timm's mask-unit block equals its own block with
+    global attention run on each window's tokens x[:, w::nW] alone."""
+    model = make_hiera()
+    x = model.unroll(model._pos_embed(model.patch_embed(hiera_images())))
+    checked = []
+    with torch.no_grad():
+        for i, blk in enumerate(model.blocks[:3]):
+            if blk.dim == blk.dim_out:  # blocks 0 and 2: mask units of 64 and 16 slots
+                checked.append(i)
+                windows = x.shape[1] // blk.attn.window_size
+                whole = copy.deepcopy(blk)
+                whole.attn.use_mask_unit_attn = False
+                out, ref = blk(x), x.clone()
+                for w in range(windows):
+                    ref[:, w::windows] = whole(x[:, w::windows])
+                torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            x = blk(x)
+    assert checked == [0, 2]
 
 
 def test_trace_names_the_kept_positions():
@@ -235,8 +272,11 @@ def test_only_idle_and_what_is_refused():
             tokenpace.apply(model, method)
     with pytest.raises(ValueError, match="score"):
         tokenpace.apply(model, "idle", score="cls")
-    with pytest.raises(TypeError, match="patch_drop_rate=0.25.*patch_drop_rate=0"):
-        tokenpace.apply(make_hiera(patch_drop_rate=0.25), "idle")
+    dropping = tokenpace.apply(make_hiera(patch_drop_rate=0.25), "idle")
+    with torch.no_grad():
+        dropping(hiera_images())  # timm drops mask units only while training
+    with pytest.raises(ValueError, match="patch_drop_rate=0.25.*model.patch_drop_rate = 0"):
+        dropping.train()(hiera_images())
     with pytest.raises(ValueError, match="built for 64x64 inputs only"):
         tokenpace.macs(model, img_size=96)
     tokenpace.apply(model, "idle")

@@ -147,7 +147,8 @@ def _forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
     _, given = _bound_arguments(patch.original_class.forward_intermediates, self, (x, *args), kwargs)
     _refuse_masks({name: given.pop(name, None) for name in _MASKS + _NAFLEX_INPUT})
     # the class's own default: timm's Hiera stops early unless told otherwise, the others do not
-    default_stop = _signature(patch.original_class.forward_intermediates)[0].parameters["stop_early"].default
+    param = _signature(patch.original_class.forward_intermediates)[0].parameters.get("stop_early")
+    default_stop = param is not None and param.default is not inspect.Parameter.empty and bool(param.default)
     indices, stop_early = given.pop("indices", None), given.pop("stop_early", default_stop)
     return patch.forward_intermediates(x, indices, stop_early, given.pop("coarse", True), **given)
 

@@ -9,8 +9,9 @@ maps ``forward_intermediates`` returns are rerolled to raster order by timm's ow
 Blocks. Every block is timm's ``HieraBlock``: pre-norm, ``MaskUnitAttention`` (fused q/k/v, no bias term, no
 position term), LayerScale where built with it, and an MLP. A block attends within mask units (``nW`` windows, the
 first two stages of the pretrained models) or globally (one window of N tokens). The first block of each later stage
-re-samples the tokens: it widens them (``proj``) and max-pools its queries and its residual over the q-stride, so
-it has fewer outputs than inputs and runs on every token (``resamples``).
+re-samples the tokens: it widens them (``proj``, or max and mean pools side by side without it) and, in the first
+``q_pool`` stage entries, pools its queries and its residual over the q-stride; no token can pass it unchanged, so
+it runs on every token (``resamples``).
 
 Idling (one selection group per window). In an idling block the top k slots of each window run the block, windows
 as a batch: attention among the k selected tokens of their window, then proj, residual and MLP on them only; every
@@ -21,9 +22,9 @@ Scores (no class token). ``"received"`` (default): the mean pre-softmax logit a 
 its window, summed over heads; q and k are affine in the normed input, so no key is projected
 (``scoring.query_logits``). ``"norm"``: the L2 norm of the token's input feature. ``"random"``: the control.
 
-Not supported (refused with a TypeError): video Hiera (3-D token grids), patch dropout (``patch_drop_rate`` > 0:
-timm drops random mask units while training). The ``mask`` argument of MAE pre-training is refused at the forward.
-Hiera runs the size it is built for (its unroll is sized at construction).
+Not supported: video Hiera (3-D token grids; TypeError), patch dropout while training (``patch_drop_rate`` > 0:
+timm drops random mask units; ValueError at the training forward), the ``mask`` argument of MAE pre-training
+(ValueError at the forward). Hiera runs the size it is built for (its unroll is sized at construction).
 """
 from __future__ import annotations
 
@@ -104,9 +105,6 @@ class TimmHiera(Family):
         if len(model.tokens_spatial_shape) != 2:
             raise TypeError(f"this Hiera has a {len(model.tokens_spatial_shape)}-D token grid (video); tokenpace "
                             "supports 2-D image Hiera models (hiera_*)")
-        if model.patch_drop_rate > 0:
-            raise TypeError(f"this Hiera drops random mask units while training (patch_drop_rate="
-                            f"{model.patch_drop_rate}); tokenpace needs every token: build it with patch_drop_rate=0")
         ends = [-1, *model.stage_ends]
         super().__init__(model, [list(model.blocks)[a + 1:b + 1] for a, b in zip(ends, ends[1:])])
         for i, blk in enumerate(self.blocks):
@@ -139,6 +137,9 @@ class TimmHiera(Family):
     # --- forward -------------------------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
         m = self.model
+        if m.training and m.patch_drop_rate > 0:  # timm would drop random mask units here
+            raise ValueError(f"this Hiera drops random mask units while training (patch_drop_rate="
+                             f"{m.patch_drop_rate}); tokenpace needs every token: set model.patch_drop_rate = 0")
         x = m.unroll(m._pos_embed(m.patch_embed(x)))
         return x, Frame(grid=tuple(m.tokens_spatial_shape))
 
@@ -236,9 +237,12 @@ class TimmHiera(Family):
 
     def count_macs(self, works: list[BlockWork] | None, img_size) -> int:
         """The patch embedding, each block's linear layers and attention products (a stage entry always dense),
-        the scores, and the head's linear layers; norms, pooling and the position embedding count 0."""
+        the scores, and the head's linear layers (on every token without a pool); norms, pooling and the position
+        embedding count 0."""
         m = self.model
-        total = conv_macs(m.patch_embed.proj, self.input_size()[1:])[0] + linear_macs(m.head)
+        # without a pool (global_pool=''), timm's head runs its linear layers on every token
+        head_tokens = 1 if m.head.pool_type else math.prod(self.block_grid(self.depth - 1))
+        total = conv_macs(m.patch_embed.proj, self.input_size()[1:])[0] + head_tokens * linear_macs(m.head)
         for i in range(self.depth):
             tokens = self._tokens_in(i)
             if self.resamples(i):
