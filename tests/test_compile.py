@@ -15,6 +15,7 @@ from backbones import make_backbone
 from conftest import make_vit, spread_weights
 from test_cait import make_cait
 from test_hiera import make_hiera
+from test_hieradet import make_hieradet
 from test_sam import make_sam
 from test_swin import make_swin
 
@@ -66,6 +67,9 @@ CASES = {
     # mask-unit windows, a pooling stage entry (always dense) and a global block, idling
     "hiera": (lambda: make_hiera(stages=(1, 1, 2), q_pool=2, mask_unit_size=(4, 4),
                                  mask_unit_attn=(True, False, False)), "idle", dict(stage_starts=(0,)), 64),
+    # padded windows, a pooling stage entry over padded windows (always dense), a global block, idling
+    "hieradet": (lambda: make_hieradet(stages=(1, 2, 2), q_pool=2, window_spec=(4, 2, 4), global_att_blocks=(4,)),
+                 "idle", dict(stage_starts=(0,)), 96),
 }
 
 
@@ -98,7 +102,7 @@ def test_inductor_full_graph(family):
 
 
 @pytest.mark.parametrize("family", ["vit", "vit_no_class_token", "eva_rope_mixed", "evo_levit", "swin", "pvt_v2",
-                                    "sam", "hiera"])
+                                    "sam", "hiera", "hieradet"])
 def test_compiled_fresh_patch_does_not_recompile(family):
     """A model compiled straight after ``apply`` (as ``tokenpace bench --compile`` does) compiles once: nothing the
     first forward builds (the block anatomy) may change what the compiled graph's guards check. (Not timm's LeViT:

@@ -11,6 +11,7 @@ import tokenpace
 from backbones import make_backbone
 from conftest import CIFAR, make_vit, needs_cifar, spread_weights
 from test_hiera import make_hiera
+from test_hieradet import make_hieradet
 from test_sam import make_sam
 from test_swin import make_swin
 
@@ -67,6 +68,7 @@ FAMILIES = {  # name: (build, input size, methods, flat)
     "pvt_v2": (_pvt, 64, ("idle",), False),
     "sam": (lambda: make_sam("padded"), 80, ("idle",), False),
     "hiera": (lambda: make_hiera(img_size=128), 128, ("idle",), False),  # keep**3 keeps 2 of its last 16
+    "hieradet": (lambda: make_hieradet(window_spec=(4, 2, 4, 4)), 128, ("idle",), False),  # keep**3: 2 of 16
 }
 
 
@@ -84,7 +86,8 @@ def _flatten(out):
 
 
 def _option_sets(flat, model):
-    norm = not isinstance(model, timm.models.hiera.Hiera)  # timm's Hiera norms no map (it asserts norm=False)
+    # timm's Hiera and HieraDet norm no map (they assert norm=False)
+    norm = not isinstance(model, (timm.models.hiera.Hiera, timm.models.hieradet_sam2.HieraDet))
     sets = [dict(), dict(indices=2), dict(indices=[0], stop_early=True), dict(intermediates_only=True, norm=norm)]
     if flat:
         sets += [dict(output_fmt="NLC", return_prefix_tokens=True, norm=True), dict(output_dict=True, indices=[1, 3])]
@@ -113,7 +116,7 @@ def test_positional_intermediate_arguments_keep_the_models_own_order(family):
     build, size, methods, _ = FAMILIES[family]
     model, images = build(), _images(size)
     # Hiera: (mask, indices, norm, stop_early)
-    args = (None, [1], False, False) if family == "hiera" else ([1], True)
+    args = {"hiera": (None, [1], False, False), "hieradet": ([1], False, False)}.get(family, ([1], True))
     with torch.no_grad():
         expected = _flatten(tokenpace.remove(model).forward_intermediates(images, *args))
         got = _flatten(tokenpace.apply(model, methods[0], keep=1.0).forward_intermediates(images, *args))
@@ -167,7 +170,10 @@ def test_get_intermediate_layers_and_features_only_models_run_the_method():
                          ("samvit_base_patch16", dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2,
                                                       window_size=4, global_attn_indexes=(1, 3), neck_chans=16)),
                          ("hiera_tiny_224", dict(img_size=32, patch_stride=(2, 2), embed_dim=16, num_heads=1,
-                                                 stages=(1, 2, 3, 2)))]:
+                                                 stages=(1, 2, 3, 2))),
+                         ("sam2_hiera_tiny", dict(patch_stride=(2, 2), embed_dim=16, num_heads=1, stages=(1, 2, 3, 2),
+                                                  window_spec=(4, 2, 4, 2), global_att_blocks=(4,),
+                                                  global_pos_size=(4, 4)))]:
         torch.manual_seed(0)
         features = timm.create_model(name, features_only=True, **kwargs).eval()
         with torch.no_grad():
@@ -211,7 +217,8 @@ def _linear_calls(block):
                                            ("naflexvit", "evo"),
                                            ("levit", "evo"), ("evo_levit", "evo"),
                                            ("swin", "idle"), ("swin_v2", "idle"), ("swin_v2_cr", "idle"),
-                                           ("pvt_v2", "idle"), ("sam", "idle"), ("hiera", "idle")])
+                                           ("pvt_v2", "idle"), ("sam", "idle"), ("hiera", "idle"),
+                                           ("hieradet", "idle")])
 def test_gradient_checkpointing_is_honoured_with_equal_gradients(family, method):
     build, size, _, _ = FAMILIES[family]
     plain = build().train()

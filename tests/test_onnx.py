@@ -20,6 +20,7 @@ from backbones import make_backbone  # noqa: E402
 from conftest import make_vit  # noqa: E402
 from test_cait import make_cait  # noqa: E402
 from test_hiera import make_hiera  # noqa: E402
+from test_hieradet import make_hieradet  # noqa: E402
 from test_levit import make_levit  # noqa: E402
 from test_lvvit import make_lvvit  # noqa: E402
 from test_pvt_v2 import make_pvt  # noqa: E402
@@ -72,6 +73,9 @@ FAMILIES = {
     # fused attention on 5-D windows does not export, unpatched too), a global block idling (fused)
     "hiera": (lambda: _explicit_stage_entry(make_hiera(stages=(1, 2), q_pool=1, mask_unit_attn=(True, False))),
               ("idle", {"stage_starts": (0,)})),
+    # a padded windowed block idling, a pooling stage entry (timm's, dense), a global block idling
+    "hieradet": (lambda: make_hieradet(stages=(1, 2), q_pool=1, window_spec=(4, 4), global_att_blocks=(2,)),
+                 ("idle", {"stage_starts": (0,)})),
 }
 
 

@@ -8,6 +8,7 @@ from .beit import TimmBeit
 from .cait import TimmCait
 from .eva import TimmEva
 from .hiera import TimmHiera
+from .hieradet import HieraDetAdapter
 from .levit import EvoLevitFamily, TimmLevit
 from .lvvit import LvVitFamily
 from .naflexvit import TimmNaFlexVit
@@ -19,7 +20,8 @@ from .vit_relpos import TimmRelPosViT
 
 FAMILIES: tuple[type[Family], ...] = (TimmViT, TimmEva, TimmBeit, TimmRelPosViT, TimmNaFlexVit, TimmCait,
                                       TimmLevit, EvoLevitFamily, LvVitFamily, SwinAdapter, SwinV2Adapter,
-                                      SwinV2CrAdapter, PvtV2Adapter, SamAdapter, TimmHiera)
+                                      SwinV2CrAdapter, PvtV2Adapter, SamAdapter, TimmHiera,
+                                      HieraDetAdapter)
 
 SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-norm, SigLIP, AIMv2; class token or "
              "not; tokenpace's evo_deit_*), timm Eva (EVA-02, DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), "
@@ -27,7 +29,7 @@ SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-
              "batches), timm Cait (cait_*), timm Levit (levit_*) and tokenpace's evo_levit_*, "
              "tokenpace's LV-ViT (lvvit_*), "
              "timm SwinTransformer (swin_*), SwinTransformerV2 (swinv2_*), SwinTransformerV2Cr (swinv2_cr_*), "
-             "PyramidVisionTransformerV2 (pvt_v2_*), VisionTransformerSAM (samvit_*) and Hiera (hiera_*)")
+             "PyramidVisionTransformerV2 (pvt_v2_*), VisionTransformerSAM (samvit_*), Hiera (hiera_*) and HieraDet (sam2_hiera_*)")
 
 
 class UnsupportedModel(TypeError):

@@ -65,11 +65,11 @@ def axis_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class _SlotBias:
     """The position terms among the selected slots of each window, made once their queries are known: slot rows and
-    columns (G, k) in the window, the axis tables (or None: no relative position) and the padding keys (G, k) or
-    None."""
+    columns (G, k) in the window (None without tables), the axis tables (or None: no relative position) and the
+    padding keys (G, k) or None."""
 
-    rows: torch.Tensor
-    cols: torch.Tensor
+    rows: torch.Tensor | None
+    cols: torch.Tensor | None
     tables: tuple[torch.Tensor, torch.Tensor] | None
     pad_keys: torch.Tensor | None
 

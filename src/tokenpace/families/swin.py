@@ -480,6 +480,9 @@ class SwinAdapter(Family):
             H, W = grids[s]
             total += self.stage_entry_macs(s, grids[s])
             for i in blocks:
+                if self.resamples(i):  # a stage entry that pools or widens its tokens (HieraDet): always dense
+                    total += self.resampling_macs(i, grids[s - 1], grids[s])
+                    continue
                 num_windows, n = self._windows(i, grids[s])
                 work = works[i] if works is not None else BlockWork(n, n)
                 dense = work.attn_tokens == n
@@ -502,6 +505,10 @@ class SwinAdapter(Family):
     def position_macs(self, i: int, work: BlockWork, grid: tuple[int, int], dense: bool) -> int:
         """MACs of block i's position terms in all its windows on a ``grid`` map: the bias table, once a call."""
         return self.parts(i).table_macs()
+
+    def resampling_macs(self, i: int, grid_in: tuple[int, int], grid_out: tuple[int, int]) -> int:
+        """MACs of block i where it re-samples its tokens (``resamples``) from a ``grid_in`` map to ``grid_out``."""
+        raise NotImplementedError(f"{self.name} blocks keep their tokens")
 
 
 class SwinV2Adapter(SwinAdapter):
