@@ -67,8 +67,9 @@ CASES = {
     # mask-unit windows, a pooling stage entry (always dense) and a global block, idling
     "hiera": (lambda: make_hiera(stages=(1, 1, 2), q_pool=2, mask_unit_size=(4, 4),
                                  mask_unit_attn=(True, False, False)), "idle", dict(stage_starts=(0,)), 64),
-    # padded windows, a pooling stage entry over padded windows (always dense), a global block, idling
-    "hieradet": (lambda: make_hieradet(stages=(1, 2, 2), q_pool=2, window_spec=(4, 2, 4), global_att_blocks=(4,)),
+    # at 96 px: windows of 4 on 24x24, a pooling stage entry, windows of 8 on 12x12 (padded: padding keys masked),
+    # a stage entry pooling padded windows (always dense), a global block, idling
+    "hieradet": (lambda: make_hieradet(stages=(1, 2, 2), q_pool=2, window_spec=(4, 8, 4), global_att_blocks=(4,)),
                  "idle", dict(stage_starts=(0,)), 96),
 }
 

@@ -299,3 +299,19 @@ def test_bf16_autocast_and_training(fused):
     model(img).square().mean().backward()
     assert all(blk.attn.qkv.weight.grad is not None and blk.attn.qkv.weight.grad.abs().sum() > 0
                for blk in model.blocks)
+
+
+def test_a_pruned_features_only_model_runs_the_method():
+    """timm prunes a features_only model's blocks after its last out_index but keeps the stage ends: the stages left
+    empty are not stages of the family."""
+    torch.manual_seed(0)
+    features = timm.create_model("hiera_tiny_224", features_only=True, out_indices=(0, 1), img_size=64, embed_dim=16,
+                                 num_heads=1, stages=(1, 2, 3, 2)).eval()
+    img = hiera_images()
+    assert len(tokenpace.get_patch(tokenpace.apply(features, "idle")).adapter.blocks) == 3
+    with torch.no_grad():
+        dense = tokenpace.remove(features)(img)
+        assert all(torch.equal(a, b) for a, b in zip(tokenpace.apply(features, "idle", keep=1.0)(img), dense))
+        idled = tokenpace.apply(features, "idle", keep=0.7, stage_starts=(0,))(img)
+    assert [t.shape for t in idled] == [t.shape for t in dense] == [(2, 16, 16, 16), (2, 32, 8, 8)]
+    assert not torch.allclose(idled[-1], dense[-1], atol=1e-4)

@@ -21,6 +21,8 @@ HIERADETS = {
     "padded": (dict(), 96),
     "layerscale": (dict(init_values=0.5), 64),
     "q_pool_2": (dict(q_pool=2), 64),  # the last stage entry widens without pooling
+    # the stage-3 entry widens without pooling, over the whole map (timm's own block cannot pool a global block)
+    "global_entry": (dict(q_pool=2, global_att_blocks=(6,)), 64),
 }
 BASE = dict(embed_dim=16, num_heads=1, stages=(1, 2, 3, 2), window_spec=(4, 2, 4, 2), global_att_blocks=(4,),
             global_pos_size=(4, 4), num_classes=5)
@@ -133,9 +135,10 @@ def test_idle_equals_the_masked_window_reference(variant, score, fused):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # ... exactly as the reference says
 
 
-@pytest.mark.parametrize("variant,block", [("plain", 0), ("plain", 2), ("padded", 2), ("padded", 4), ("plain", 5)])
+@pytest.mark.parametrize("variant,block", [("plain", 0), ("plain", 2), ("padded", 4), ("padded", 5), ("padded", 7)])
 def test_scores_rank_like_the_full_logits(variant, block):
-    """Padding included: the scores differ from the full logits' mean by one constant a window."""
+    """Global (block 4) and padded windows (at 96 px, block 5: windows of 4 on 6x6, block 7: of 2 on 3x3) included:
+    the scores differ from the full logits' mean by one constant a window."""
     model, img = make_hieradet(variant), hieradet_images(variant)
     adapter = adapter_for(model)
     x = model._pos_embed(model.patch_embed(img))
@@ -185,6 +188,10 @@ def test_sizes_timm_runs_and_no_other():
         tokenpace.macs(model, img_size=80)
     with pytest.raises(RuntimeError):  # timm's own forward at that size (at batch 1 it broadcasts to 4 images)
         model(torch.randn(2, 3, 80, 80))
+    tokenpace.apply(model, "idle")
+    for batch in (1, 2):  # the patched forward refuses it by name, at batch 1 too
+        with pytest.raises(ValueError, match="cannot run a 20x20 patch grid: block 6 pools windows of 4x4"):
+            model(torch.randn(batch, 3, 80, 80))
 
 
 def test_forward_intermediates_match_timm_and_the_idle_run():
@@ -244,14 +251,38 @@ def test_only_idle_and_what_is_refused():
 def test_bf16_autocast_and_training(fused):
     model = set_fused(make_hieradet("padded", init_values=0.5), fused)
     img = hieradet_images("padded")
-    tokenpace.apply(model, "idle", keep=0.7, stage_starts=STARTS)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        low = model(img)
-    with torch.no_grad():
-        full = model(img)
-    # bf16 scores may pick a few other tokens than fp32 ones: a looser bound than a dense model's
-    assert low.dtype == torch.bfloat16 and (low.float() - full).abs().max() < 0.2 * full.abs().max()
+    for score in ("random", "received"):
+        tokenpace.apply(model, "idle", keep=0.7, stage_starts=STARTS, score=score)
+        runs = []
+        for autocast in (True, False):
+            torch.manual_seed(0)  # random scores: the same selections in both precisions
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                    tokenpace.trace(model) as trace:
+                runs.append((model(img), trace.kept))
+        (low, low_kept), (full, full_kept) = runs
+        assert low.dtype == torch.bfloat16
+        same = all((a is None and b is None) or torch.equal(a, b) for a, b in zip(low_kept, full_kept))
+        if score == "random":
+            assert same
+        if same:  # where bf16 scores picked what fp32 ones did, only the blocks' rounding differs
+            assert (low.float() - full).abs().max() < 0.1 * full.abs().max(), score
     model.train()
     model(img).square().mean().backward()
     assert all(blk.attn.qkv.weight.grad is not None and blk.attn.qkv.weight.grad.abs().sum() > 0
                for blk in model.blocks)
+
+
+def test_a_pruned_features_only_model_runs_the_method():
+    """timm prunes a features_only model's blocks after its last out_index but keeps the stage ends: the stages left
+    empty are not stages of the family."""
+    torch.manual_seed(0)
+    features = timm.create_model("sam2_hiera_tiny", features_only=True, out_indices=(0, 1),
+                                 **{k: v for k, v in BASE.items() if k != "num_classes"}).eval()
+    img = hieradet_images("padded")
+    assert len(tokenpace.get_patch(tokenpace.apply(features, "idle")).adapter.blocks) == 3
+    with torch.no_grad():
+        dense = tokenpace.remove(features)(img)
+        assert all(torch.equal(a, b) for a, b in zip(tokenpace.apply(features, "idle", keep=1.0)(img), dense))
+        idled = tokenpace.apply(features, "idle", keep=0.7, stage_starts=(0,))(img)
+    assert [t.shape for t in idled] == [t.shape for t in dense] == [(2, 16, 24, 24), (2, 32, 12, 12)]
+    assert not torch.allclose(idled[-1], dense[-1], atol=1e-4)

@@ -73,8 +73,9 @@ FAMILIES = {
     # fused attention on 5-D windows does not export, unpatched too), a global block idling (fused)
     "hiera": (lambda: _explicit_stage_entry(make_hiera(stages=(1, 2), q_pool=1, mask_unit_attn=(True, False))),
               ("idle", {"stage_starts": (0,)})),
-    # a padded windowed block idling, a pooling stage entry (timm's, dense), a global block idling
-    "hieradet": (lambda: make_hieradet(stages=(1, 2), q_pool=1, window_spec=(4, 4), global_att_blocks=(2,)),
+    # at its 224 px: a windowed block idling, a pooling stage entry (timm's, dense), windows of 8 on 28x28 (padded:
+    # padding keys masked) and a global block, idling
+    "hieradet": (lambda: make_hieradet(stages=(1, 3), q_pool=1, window_spec=(4, 8), global_att_blocks=(3,)),
                  ("idle", {"stage_starts": (0,)})),
 }
 

@@ -96,6 +96,13 @@ class HieraParts(BlockParts):
                           proj=linear_macs(attn.proj), mlp=linear_macs(self.block.mlp))
 
 
+def stage_lists(model: nn.Module) -> list[list[nn.Module]]:
+    """The blocks of each stage of a timm Hiera or HieraDet, cut at its ``stage_ends``; the stages a
+    ``prune_intermediate_layers`` emptied (it cuts the blocks, not the stage ends) are left out."""
+    ends, blocks = [-1, *model.stage_ends], list(model.blocks)
+    return [stage for stage in (blocks[a + 1:b + 1] for a, b in zip(ends, ends[1:])) if stage]
+
+
 class TimmHiera(Family):
     name = "timm Hiera"
     layout = GROUPED
@@ -105,8 +112,7 @@ class TimmHiera(Family):
         if len(model.tokens_spatial_shape) != 2:
             raise TypeError(f"this Hiera has a {len(model.tokens_spatial_shape)}-D token grid (video); tokenpace "
                             "supports 2-D image Hiera models (hiera_*)")
-        ends = [-1, *model.stage_ends]
-        super().__init__(model, [list(model.blocks)[a + 1:b + 1] for a, b in zip(ends, ends[1:])])
+        super().__init__(model, stage_lists(model))
         for i, blk in enumerate(self.blocks):
             if type(blk) is not Block or type(blk.attn) is not Attention:
                 raise TypeError(f"block {i} of this Hiera is {type(blk).__name__} with "

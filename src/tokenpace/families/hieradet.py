@@ -26,6 +26,7 @@ from torch import nn
 from ..anatomy import Frame
 from ..core.macs import BlockWork, conv_macs, linear_macs
 from .base import Family, parse_img_size, recorded_input_size
+from .hiera import stage_lists
 from .patch_embed import patch_grid
 from .sam import _SlotBias
 from .swin import SwinAdapter, SwinParts, _ceil_div, _Prep, _Slots
@@ -78,8 +79,7 @@ class HieraDetAdapter(SwinAdapter):
 
     def __init__(self, model: nn.Module) -> None:
         Model, Block, Attention = self.classes()
-        ends = [-1, *model.stage_ends]
-        Family.__init__(self, model, [list(model.blocks)[a + 1:b + 1] for a, b in zip(ends, ends[1:])])
+        Family.__init__(self, model, stage_lists(model))
         for i, blk in enumerate(self.blocks):
             if type(blk) is not Block or type(blk.attn) is not Attention:
                 raise TypeError(f"block {i} of this HieraDet is {type(blk).__name__} with "
@@ -99,7 +99,11 @@ class HieraDetAdapter(SwinAdapter):
     # --- forward -------------------------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
         x = self.model._pos_embed(self.model.patch_embed(x))  # (B, H, W, C) in and out of the blocks
-        return x, Frame(grid=tuple(x.shape[1:3]))
+        grid = tuple(x.shape[1:3])
+        problem = self._pooled_windows_problem(grid)  # timm's block would fail there, or broadcast at batch 1
+        if problem is not None:
+            raise ValueError(f"this HieraDet cannot run a {grid[0]}x{grid[1]} patch grid: {problem}")
+        return x, Frame(grid=grid)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return x  # timm's forward_features ends at the last block's map; the head pools and norms
@@ -149,9 +153,14 @@ class HieraDetAdapter(SwinAdapter):
         if grid[0] % side or grid[1] % side:
             return (f"its patch grid ({grid[0]}x{grid[1]}) must have sides that are multiples of {side}, the window "
                     "position table timm tiles over it")
-        grids = self._stage_grids(size)
-        if min(grids[-1]) < 1:
+        if min(self._stage_grids(size)[-1]) < 1:
             return f"the last stage would have no tokens at {size[0]}x{size[1]}"
+        return self._pooled_windows_problem(grid)
+
+    def _pooled_windows_problem(self, grid: tuple[int, int]) -> str | None:
+        """Why a stage entry cannot pool its padded windows on this patch ``grid``, or None: their pooled windows
+        must tile the pooled map, else timm's block fails (or, at batch 1, broadcasts to several images)."""
+        grids = self._grids_from(grid)
         for s, blocks in enumerate(self.stage_blocks[1:], start=1):
             blk = self.blocks[blocks[0]]
             if blk.q_stride is None or not blk.is_windowed:
@@ -164,8 +173,12 @@ class HieraDetAdapter(SwinAdapter):
         return None
 
     def _stage_grids(self, img_size: int | tuple[int, int] | None) -> list[tuple[int, int]]:
-        """(H, W) of each stage's map: a pooling stage entry halves it, rounding down (MaxPool2d)."""
-        grid, grids = self._patch_grid(img_size), []
+        return self._grids_from(self._patch_grid(img_size))
+
+    def _grids_from(self, grid: tuple[int, int]) -> list[tuple[int, int]]:
+        """(H, W) of each stage's map from the patch ``grid``: a pooling stage entry halves it, rounding down
+        (MaxPool2d)."""
+        grids = []
         for blocks in self.stage_blocks:
             stride = self.blocks[blocks[0]].q_stride
             if stride is not None:
