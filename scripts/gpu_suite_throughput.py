@@ -69,13 +69,17 @@ VIT_B_1024 = BenchModel("vit_base_patch16_224@1024", "vit_base_patch16_224", (("
 # the backbones issue's encoders: no class token and an attention-pool head; RoPE inside attention
 SIGLIP_B = BenchModel("vit_base_patch16_siglip_224", "vit_base_patch16_siglip_224")
 EVA02_S = BenchModel("eva02_small_patch14_224", "eva02_small_patch14_224")
+# SAM 2's image encoder (timm HieraDet) at its own 896 px: a dense-task backbone, windows and pooling stage entries;
+# Idle is the method it runs
+SAM2_T = BenchModel("sam2_hiera_tiny", "sam2_hiera_tiny")
 
 
 def full_plan() -> ThroughputPlan:
-    """29 groups in priority order: the targets' (DeiT-S bf16 at batch 256 and 1, batch 1 replayed from CUDA graphs,
+    """30 groups in priority order: the targets' (DeiT-S bf16 at batch 256 and 1, batch 1 replayed from CUDA graphs,
     then compiled at 256), every eager setting of DeiT-S (batch 64 bf16 also from CUDA graphs) and DeiT-B, SigLIP-B
     (bf16, batch 256 and 1), ViT-B at 1024 px (fewer rounds: up to a second per call) with EVA-02-S (bf16, batch
-    256) before its slowest group, then more compiled (batch 1 in reduce-overhead mode: CUDA graphs)."""
+    256) and SAM 2's Hiera-T (bf16, batch 8 at 896 px, dense and Idle) before its slowest group, then more compiled
+    (batch 1 in reduce-overhead mode: CUDA graphs)."""
     S, B, L = DEIT_S, DEIT_B, VIT_B_1024
     G = BenchGroup
     # at batch 1 (and 64) a GPU waits on the host's launches; a CUDA graph replays a forward's kernels in one host
@@ -89,6 +93,7 @@ def full_plan() -> ThroughputPlan:
     large = [G(L, 1, "bf16", False), G(L, 64, "bf16", False, runs=5, warmup=1),
              G(L, 256, "bf16", False, runs=3, warmup=1), G(L, 1, "none", False, runs=5),
              G(EVA02_S, 256, "bf16", False),  # ~1 s, before the ~25 s fp32 group below
+             G(SAM2_T, 8, "bf16", False, "dense,idle"),  # ~100 GMACs an image: about a second for its calls
              G(L, 64, "none", False, runs=3, warmup=1)]
     # at batch 1 the host's launch cost bounds a forward: its compiled group replays CUDA graphs, as a latency
     # deployment would
@@ -107,8 +112,8 @@ def full_plan() -> ThroughputPlan:
 
 
 def smoke_plan() -> ThroughputPlan:
-    """Tiny ViTs on the CPU: both precisions, a model built at another image size, tiny SigLIP- and EVA-02-shaped
-    encoders, and one compiled group of the targets' methods. That group compiles with aot_eager: dynamo traces
+    """Tiny ViTs on the CPU: both precisions, a model built at another image size, tiny SigLIP-, EVA-02- and SAM 2
+    encoder-shaped models, and one compiled group of the targets' methods. That group compiles with aot_eager: dynamo traces
     every method as the GPU run's inductor does, without the C++ code generation whose cold-cache minutes on two
     busy cores would not fit the smoke's budget (the tests compile with inductor on the CPU themselves)."""
     tiny = BenchModel("deit_tiny@32", "deit_tiny_patch16_224",
@@ -118,9 +123,15 @@ def smoke_plan() -> ThroughputPlan:
     shrink = (("img_size", 32), ("patch_size", 4), ("depth", 4), ("embed_dim", 48), ("num_heads", 3))
     siglip = BenchModel("siglip_tiny@32", SIGLIP_B.timm_name, shrink)
     eva = BenchModel("eva02_tiny@32", EVA02_S.timm_name, shrink)
+    # a tiny SAM 2 encoder at 64 px (its config's input size overridden: the benchmark reads it)
+    sam2 = BenchModel("sam2_tiny@64", SAM2_T.timm_name,
+                      (("embed_dim", 16), ("num_heads", 1), ("stages", (1, 2, 3, 2)), ("window_spec", (4, 2, 4, 2)),
+                       ("global_att_blocks", (4,)), ("global_pos_size", (4, 4)),
+                       ("pretrained_cfg_overlay", {"input_size": (3, 64, 64)})))
     G = BenchGroup
     groups = (G(tiny, 4, "bf16", False, runs=2, warmup=1), G(tiny, 1, "bf16", False, runs=2, warmup=1),
               G(siglip, 4, "bf16", False, runs=2, warmup=1), G(eva, 4, "bf16", False, runs=2, warmup=1),
+              G(sam2, 2, "bf16", False, "dense,idle", runs=2, warmup=1),
               G(tiny, 4, "none", False, runs=2, warmup=1), G(large, 2, "bf16", False, TARGET_METHODS, runs=2, warmup=1),
               G(tiny, 4, "bf16", True, TARGET_METHODS, runs=2, warmup=1, compile_backend="aot_eager"))
     dropped = ((G(large, 4, "none", False).key, "smoke: stands for the dropped 1024 px fp32 group"),)
