@@ -113,9 +113,10 @@ def full_plan() -> ThroughputPlan:
 
 def smoke_plan() -> ThroughputPlan:
     """Tiny ViTs on the CPU: both precisions, a model built at another image size, tiny SigLIP-, EVA-02- and SAM 2
-    encoder-shaped models, and one compiled group of the targets' methods. That group compiles with aot_eager: dynamo traces
-    every method as the GPU run's inductor does, without the C++ code generation whose cold-cache minutes on two
-    busy cores would not fit the smoke's budget (the tests compile with inductor on the CPU themselves)."""
+    encoder-shaped models, and one compiled group of the targets' methods. That group compiles with aot_eager:
+    dynamo traces every method as the GPU run's inductor does, without the C++ code generation whose cold-cache
+    minutes on two busy cores would not fit the smoke's budget (the tests compile with inductor on the CPU
+    themselves)."""
     tiny = BenchModel("deit_tiny@32", "deit_tiny_patch16_224",
                       (("img_size", 32), ("patch_size", 4), ("depth", 4), ("embed_dim", 48)))
     large = BenchModel("deit_tiny@64", "deit_tiny_patch16_224",

@@ -247,6 +247,45 @@ def dense_and_idle_macs(model, img, forward) -> dict:
     return counts
 
 
+# timm's Hiera and HieraDet forward_intermediates calls: stage maps (NCHW, NHWC), stop_early, and coarse=False (maps
+# after blocks), which tokenpace must answer as timm does at keep=1
+HIERA_INTERMEDIATE_CALLS = [dict(), dict(indices=[0, 2], output_fmt="NHWC"),
+                            dict(indices=2, stop_early=True, intermediates_only=True),
+                            dict(coarse=False, indices=[1, 3, 6]), dict(coarse=False, indices=3, stop_early=False)]
+
+
+def assert_keep_one_intermediates_equal(model, img, calls):
+    """Each forward_intermediates call of the unpatched model and of the model under Idle at keep=1 gives the same
+    final tokens and maps, exactly (the model is left patched)."""
+    import tokenpace
+
+    with torch.no_grad():
+        refs = [tokenpace.remove(model).forward_intermediates(img, **call) for call in calls]
+        tokenpace.apply(model, "idle", keep=1.0)
+        for call, ref in zip(calls, refs):
+            ours = model.forward_intermediates(img, **call)
+            if not call.get("intermediates_only"):
+                torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=0)
+                ours, ref = ours[1], ref[1]
+            assert len(ours) == len(ref), call
+            for a, b in zip(ours, ref):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def assert_pruned_features_run_the_method(features, img, blocks: int, shapes: list) -> None:
+    """A features_only model timm pruned to its first stages: the family holds the ``blocks`` left, keep=1 equals
+    the unpatched model, and Idle from block 0 changes the last map without changing the ``shapes``."""
+    import tokenpace
+
+    assert len(tokenpace.get_patch(tokenpace.apply(features, "idle")).adapter.blocks) == blocks
+    with torch.no_grad():
+        dense = tokenpace.remove(features)(img)
+        assert all(torch.equal(a, b) for a, b in zip(tokenpace.apply(features, "idle", keep=1.0)(img), dense))
+        idled = tokenpace.apply(features, "idle", keep=0.7, stage_starts=(0,))(img)
+    assert [tuple(t.shape) for t in idled] == [tuple(t.shape) for t in dense] == shapes
+    assert not torch.allclose(idled[-1], dense[-1], atol=1e-4)
+
+
 def assert_scores_match_per_window(ours, ref, real):
     """Window scores (G, n) that rank like the reference: -inf exactly on the padding (``real`` False), and equal to
     it up to one constant per window on the real slots (the per-group constants scoring leaves out)."""

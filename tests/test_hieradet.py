@@ -10,8 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokenpace
 from tokenpace.families import adapter_for
-from conftest import (assert_scores_match_per_window, dense_and_idle_macs, ref_window_idle_attention,
-                      spread_weights)
+from conftest import (HIERA_INTERMEDIATE_CALLS, assert_keep_one_intermediates_equal,
+                      assert_pruned_features_run_the_method, assert_scores_match_per_window, dense_and_idle_macs,
+                      ref_window_idle_attention, spread_weights)
 
 # (model options, input size). Patch stride 4: at 64 px the stages hold 16x16, 8x8, 4x4 and 2x2 maps; windows of 4,
 # 2, 4 and 2 (timm lags them by one block at the stage entries), block 4 global. At 96 px (24x24, 12x12, 6x6, 3x3)
@@ -196,19 +197,8 @@ def test_sizes_timm_runs_and_no_other():
 
 def test_forward_intermediates_match_timm_and_the_idle_run():
     model, img = make_hieradet("padded"), hieradet_images("padded")
-    calls = [dict(), dict(indices=[0, 2], output_fmt="NHWC"), dict(indices=2, stop_early=True, intermediates_only=True),
-             dict(coarse=False, indices=[1, 3, 6]), dict(coarse=False, indices=3, stop_early=False)]
+    assert_keep_one_intermediates_equal(model, img, HIERA_INTERMEDIATE_CALLS)
     with torch.no_grad():
-        refs = [model.forward_intermediates(img, **call) for call in calls]
-        tokenpace.apply(model, "idle", keep=1.0)
-        for call, ref in zip(calls, refs):
-            ours = model.forward_intermediates(img, **call)
-            ref_maps, our_maps = (ref, ours) if call.get("intermediates_only") else (ref[1], ours[1])
-            if not call.get("intermediates_only"):
-                torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=0)
-            assert len(our_maps) == len(ref_maps)
-            for a, b in zip(our_maps, ref_maps):
-                torch.testing.assert_close(a, b, rtol=0, atol=0)
         tokenpace.apply(model, "idle", keep=0.7, stage_starts=STARTS)
         final, maps = model.forward_intermediates(img)
         assert [m.shape for m in maps] == [(2, 16, 24, 24), (2, 32, 12, 12), (2, 64, 6, 6), (2, 128, 3, 3)]
@@ -278,11 +268,4 @@ def test_a_pruned_features_only_model_runs_the_method():
     torch.manual_seed(0)
     features = timm.create_model("sam2_hiera_tiny", features_only=True, out_indices=(0, 1),
                                  **{k: v for k, v in BASE.items() if k != "num_classes"}).eval()
-    img = hieradet_images("padded")
-    assert len(tokenpace.get_patch(tokenpace.apply(features, "idle")).adapter.blocks) == 3
-    with torch.no_grad():
-        dense = tokenpace.remove(features)(img)
-        assert all(torch.equal(a, b) for a, b in zip(tokenpace.apply(features, "idle", keep=1.0)(img), dense))
-        idled = tokenpace.apply(features, "idle", keep=0.7, stage_starts=(0,))(img)
-    assert [t.shape for t in idled] == [t.shape for t in dense] == [(2, 16, 24, 24), (2, 32, 12, 12)]
-    assert not torch.allclose(idled[-1], dense[-1], atol=1e-4)
+    assert_pruned_features_run_the_method(features, hieradet_images("padded"), 3, [(2, 16, 24, 24), (2, 32, 12, 12)])

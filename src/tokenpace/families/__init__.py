@@ -29,7 +29,8 @@ SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-
              "batches), timm Cait (cait_*), timm Levit (levit_*) and tokenpace's evo_levit_*, "
              "tokenpace's LV-ViT (lvvit_*), "
              "timm SwinTransformer (swin_*), SwinTransformerV2 (swinv2_*), SwinTransformerV2Cr (swinv2_cr_*), "
-             "PyramidVisionTransformerV2 (pvt_v2_*), VisionTransformerSAM (samvit_*), Hiera (hiera_*) and HieraDet (sam2_hiera_*)")
+             "PyramidVisionTransformerV2 (pvt_v2_*), VisionTransformerSAM (samvit_*), Hiera (hiera_*) and "
+             "HieraDet (sam2_hiera_*: SAM 2)")
 
 
 class UnsupportedModel(TypeError):

@@ -103,6 +103,13 @@ def stage_lists(model: nn.Module) -> list[list[nn.Module]]:
     return [stage for stage in (blocks[a + 1:b + 1] for a, b in zip(ends, ends[1:])) if stage]
 
 
+def held_block_list(model: nn.Module) -> list[tuple[dict, str, nn.Module, str]]:
+    """What the family's block list copies from ``model.blocks`` (one list cut into stages), for
+    :func:`anatomy.check_held`: a block put in its place after ``apply`` would not run."""
+    return [(model._modules, "blocks", model.blocks, "the model's module 'blocks'")] + [
+        (model.blocks._modules, str(i), blk, f"block {i} ({type(blk).__name__})") for i, blk in enumerate(model.blocks)]
+
+
 class TimmHiera(Family):
     name = "timm Hiera"
     layout = GROUPED
@@ -118,10 +125,7 @@ class TimmHiera(Family):
                 raise TypeError(f"block {i} of this Hiera is {type(blk).__name__} with "
                                 f"{type(getattr(blk, 'attn', None)).__name__}; tokenpace supports timm's "
                                 f"{Block.__name__} with {Attention.__name__} (hiera_*)")
-        # the block list is read from model.blocks: a block put in its place after apply would not run
-        self._held += [(model._modules, "blocks", model.blocks, "the model's module 'blocks'")] + [
-            (model.blocks._modules, str(i), blk, f"block {i} ({type(blk).__name__})")
-            for i, blk in enumerate(model.blocks)]
+        self._held += held_block_list(model)
         self._rasters: dict = {}  # per (stage, device): each unrolled token's raster position
 
     @classmethod

@@ -16,7 +16,9 @@ its window (padding queries included, as in timm's window), summed over heads; q
 projected. ``"norm"``, ``"random"``: as on Swin.
 
 Sizes: any input whose patch grid has sides that are multiples of the window position table's (8 on the SAM 2
-models: timm tiles it over the grid); windows that do not divide a stage's map are padded, as timm pads them.
+models: timm tiles it over the grid); windows that do not divide a stage's map are padded, as timm pads them. A grid
+where a pooling stage entry's padded windows, once pooled, would not tile the pooled map is refused (timm's block
+fails there, or at batch 1 broadcasts to several images): by ``size_problem``, and by the forward.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from torch import nn
 from ..anatomy import Frame
 from ..core.macs import BlockWork, conv_macs, linear_macs
 from .base import Family, parse_img_size, recorded_input_size
-from .hiera import stage_lists
+from .hiera import held_block_list, stage_lists
 from .patch_embed import patch_grid
 from .sam import _SlotBias
 from .swin import SwinAdapter, SwinParts, _ceil_div, _Prep, _Slots
@@ -85,10 +87,7 @@ class HieraDetAdapter(SwinAdapter):
                 raise TypeError(f"block {i} of this HieraDet is {type(blk).__name__} with "
                                 f"{type(getattr(blk, 'attn', None)).__name__}; tokenpace supports timm's "
                                 f"{Block.__name__} with {Attention.__name__} ({self.variants})")
-        # the block list is read from model.blocks: a block put in its place after apply would not run
-        self._held += [(model._modules, "blocks", model.blocks, "the model's module 'blocks'")] + [
-            (model.blocks._modules, str(i), blk, f"block {i} ({type(blk).__name__})")
-            for i, blk in enumerate(model.blocks)]
+        self._held += held_block_list(model)
         self._layouts = {}
 
     def resamples(self, i: int) -> bool:
