@@ -16,6 +16,7 @@ from conftest import make_vit, spread_weights
 from test_cait import make_cait
 from test_hiera import make_hiera
 from test_hieradet import make_hieradet
+from test_tiny_vit import make_tiny_vit
 from test_sam import make_sam
 from test_swin import make_swin
 
@@ -71,6 +72,9 @@ CASES = {
     # a stage entry pooling padded windows (always dense), a global block, idling
     "hieradet": (lambda: make_hieradet(stages=(1, 2, 2), q_pool=2, window_spec=(4, 8, 4), global_att_blocks=(4,)),
                  "idle", dict(stage_starts=(0,)), 96),
+    # an MBConv block (dense), then windows of 4 on a 10x10 map (padded), LeViT-style biases, the local convolution
+    "tiny_vit": (lambda: make_tiny_vit(depths=(1, 2), embed_dims=(16, 32), num_heads=(1, 2), window_sizes=(4, 4)),
+                 "idle", dict(stage_starts=(1,)), 80),
 }
 
 
@@ -103,7 +107,7 @@ def test_inductor_full_graph(family):
 
 
 @pytest.mark.parametrize("family", ["vit", "vit_no_class_token", "eva_rope_mixed", "evo_levit", "swin", "pvt_v2",
-                                    "sam", "hiera", "hieradet"])
+                                    "sam", "hiera", "hieradet", "tiny_vit"])
 def test_compiled_fresh_patch_does_not_recompile(family):
     """A model compiled straight after ``apply`` (as ``tokenpace bench --compile`` does) compiles once: nothing the
     first forward builds (the block anatomy) may change what the compiled graph's guards check. (Not timm's LeViT:

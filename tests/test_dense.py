@@ -12,6 +12,7 @@ from backbones import make_backbone
 from conftest import CIFAR, make_vit, needs_cifar, spread_weights
 from test_hiera import make_hiera
 from test_hieradet import make_hieradet
+from test_tiny_vit import make_tiny_vit
 from test_sam import make_sam
 from test_swin import make_swin
 
@@ -69,6 +70,7 @@ FAMILIES = {  # name: (build, input size, methods, flat)
     "sam": (lambda: make_sam("padded"), 80, ("idle",), False),
     "hiera": (lambda: make_hiera(img_size=128), 128, ("idle",), False),  # keep**3 keeps 2 of its last 16
     "hieradet": (lambda: make_hieradet(window_spec=(4, 2, 4, 4)), 128, ("idle",), False),  # keep**3: 2 of 16
+    "tiny_vit": (lambda: make_tiny_vit(window_sizes=(4, 4, 4, 4)), 80, ("idle",), False),
 }
 
 
@@ -86,8 +88,9 @@ def _flatten(out):
 
 
 def _option_sets(flat, model):
-    # timm's Hiera and HieraDet norm no map (they assert norm=False)
-    norm = not isinstance(model, (timm.models.hiera.Hiera, timm.models.hieradet_sam2.HieraDet))
+    # timm's Hiera and HieraDet norm no map (they assert norm=False); TinyViT ignores norm (tokenpace refuses it)
+    norm = not isinstance(model, (timm.models.hiera.Hiera, timm.models.hieradet_sam2.HieraDet,
+                                  timm.models.tiny_vit.TinyVit))
     sets = [dict(), dict(indices=2), dict(indices=[0], stop_early=True), dict(intermediates_only=True, norm=norm)]
     if flat:
         sets += [dict(output_fmt="NLC", return_prefix_tokens=True, norm=True), dict(output_dict=True, indices=[1, 3])]
@@ -116,7 +119,8 @@ def test_positional_intermediate_arguments_keep_the_models_own_order(family):
     build, size, methods, _ = FAMILIES[family]
     model, images = build(), _images(size)
     # Hiera: (mask, indices, norm, stop_early)
-    args = {"hiera": (None, [1], False, False), "hieradet": ([1], False, False)}.get(family, ([1], True))
+    args = {"hiera": (None, [1], False, False), "hieradet": ([1], False, False),
+            "tiny_vit": ([1], False, False)}.get(family, ([1], True))
     with torch.no_grad():
         expected = _flatten(tokenpace.remove(model).forward_intermediates(images, *args))
         got = _flatten(tokenpace.apply(model, methods[0], keep=1.0).forward_intermediates(images, *args))
@@ -173,7 +177,9 @@ def test_get_intermediate_layers_and_features_only_models_run_the_method():
                                                  stages=(1, 2, 3, 2))),
                          ("sam2_hiera_tiny", dict(patch_stride=(2, 2), embed_dim=16, num_heads=1, stages=(1, 2, 3, 2),
                                                   window_spec=(4, 2, 4, 2), global_att_blocks=(4,),
-                                                  global_pos_size=(4, 4)))]:
+                                                  global_pos_size=(4, 4))),
+                         ("tiny_vit_5m_224", dict(feature_cls="getter", embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1),
+                                                  num_heads=(1, 1, 1, 1), window_sizes=(4, 4, 4, 4)))]:
         torch.manual_seed(0)
         features = timm.create_model(name, features_only=True, **kwargs).eval()
         with torch.no_grad():
@@ -218,7 +224,7 @@ def _linear_calls(block):
                                            ("levit", "evo"), ("evo_levit", "evo"),
                                            ("swin", "idle"), ("swin_v2", "idle"), ("swin_v2_cr", "idle"),
                                            ("pvt_v2", "idle"), ("sam", "idle"), ("hiera", "idle"),
-                                           ("hieradet", "idle")])
+                                           ("hieradet", "idle"), ("tiny_vit", "idle")])
 def test_gradient_checkpointing_is_honoured_with_equal_gradients(family, method):
     build, size, _, _ = FAMILIES[family]
     plain = build().train()

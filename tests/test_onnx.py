@@ -21,6 +21,7 @@ from conftest import make_vit  # noqa: E402
 from test_cait import make_cait  # noqa: E402
 from test_hiera import make_hiera  # noqa: E402
 from test_hieradet import make_hieradet  # noqa: E402
+from test_tiny_vit import make_tiny_vit  # noqa: E402
 from test_levit import make_levit  # noqa: E402
 from test_lvvit import make_lvvit  # noqa: E402
 from test_pvt_v2 import make_pvt  # noqa: E402
@@ -77,6 +78,9 @@ FAMILIES = {
     # padding keys masked) and a global block, idling
     "hieradet": (lambda: make_hieradet(stages=(1, 3), q_pool=1, window_spec=(4, 8), global_att_blocks=(3,)),
                  ("idle", {"stage_starts": (0,)})),
+    # at its 224 px: an MBConv block (dense), two windowed blocks idling (biases gathered, the local convolution)
+    "tiny_vit": (lambda: make_tiny_vit(depths=(1, 2), embed_dims=(16, 32), num_heads=(1, 2), window_sizes=(4, 4)),
+                 ("idle", {"stage_starts": (1,)})),
 }
 
 

@@ -117,6 +117,16 @@ def qkv_rows(attn: nn.Module, j: int, width: int) -> LinearMap:
     return LinearMap(attn.qkv.weight[rows], bias)
 
 
+def head_interleaved_rows(j: int, num_heads: int, key_dim: int, val_dim: int, device: torch.device) -> torch.Tensor:
+    """Rows of a q/k/v projection laid out per head, q, k and v side by side (LeViT, TinyViT), that hold the queries
+    (j=0), keys (1) or values (2) of every head. Made per call, not kept: a tensor kept from a traced call
+    (torch.export, ONNX) would outlive it."""
+    per_head = 2 * key_dim + val_dim
+    start, stop = (0, key_dim, 2 * key_dim, per_head)[j:j + 2]
+    rows = torch.arange(num_heads * per_head, device=device).view(num_heads, per_head)
+    return rows[:, start:stop].reshape(-1)
+
+
 def _plain_forwards() -> tuple:
     forwards = [nn.Linear.forward]
     try:  # timm's Linear subclass only casts its bias for TorchScript: the same product

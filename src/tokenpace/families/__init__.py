@@ -16,12 +16,13 @@ from .pvt_v2 import PvtV2Adapter
 from .sam import SamAdapter
 from .swin import SwinAdapter, SwinV2Adapter, SwinV2CrAdapter
 from .timm_vit import TimmViT
+from .tiny_vit import TinyVitAdapter
 from .vit_relpos import TimmRelPosViT
 
 FAMILIES: tuple[type[Family], ...] = (TimmViT, TimmEva, TimmBeit, TimmRelPosViT, TimmNaFlexVit, TimmCait,
                                       TimmLevit, EvoLevitFamily, LvVitFamily, SwinAdapter, SwinV2Adapter,
                                       SwinV2CrAdapter, PvtV2Adapter, SamAdapter, TimmHiera,
-                                      HieraDetAdapter)
+                                      HieraDetAdapter, TinyVitAdapter)
 
 SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-norm, SigLIP, AIMv2; class token or "
              "not; tokenpace's evo_deit_*), timm Eva (EVA-02, DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), "
@@ -29,8 +30,8 @@ SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-
              "batches), timm Cait (cait_*), timm Levit (levit_*) and tokenpace's evo_levit_*, "
              "tokenpace's LV-ViT (lvvit_*), "
              "timm SwinTransformer (swin_*), SwinTransformerV2 (swinv2_*), SwinTransformerV2Cr (swinv2_cr_*), "
-             "PyramidVisionTransformerV2 (pvt_v2_*), VisionTransformerSAM (samvit_*), Hiera (hiera_*) and "
-             "HieraDet (sam2_hiera_*: SAM 2)")
+             "PyramidVisionTransformerV2 (pvt_v2_*), VisionTransformerSAM (samvit_*), Hiera (hiera_*), "
+             "HieraDet (sam2_hiera_*: SAM 2) and TinyVit (tiny_vit_*)")
 
 
 class UnsupportedModel(TypeError):

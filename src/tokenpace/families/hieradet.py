@@ -209,6 +209,6 @@ class HieraDetAdapter(SwinAdapter):
                              + queries * linear_macs(attn.proj))
                 + grid_out[0] * grid_out[1] * linear_macs(blk.mlp))
 
-    def position_macs(self, i: int, work: BlockWork, grid: tuple[int, int], dense: bool) -> int:
+    def extra_macs(self, i: int, work: BlockWork, grid: tuple[int, int], dense: bool) -> int:
         return 0  # no position term inside the blocks
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anatomy import BlockParts, Frame, LinearMap, StageEntry
+from ..anatomy import BlockParts, Frame, LinearMap, StageEntry, head_interleaved_rows
 from ..core.attention import attend, probs_scores
 from ..core.feature_maps import to_map, to_tokens
 from ..core.macs import BlockShape, conv_macs, linear_macs, pointwise_conv
@@ -188,16 +188,8 @@ class LevitParts(BlockParts):
 
     def _affine_rows(self, j: int) -> LinearMap:
         affine = inference_map(self.attn.qkv)
-        rows = self._row_index(j, affine.weight.device)
+        rows = head_interleaved_rows(j, self.num_heads, self.key_dim, self.val_dim, affine.weight.device)
         return LinearMap(affine.weight[rows], None if affine.bias is None else affine.bias[rows])
-
-    def _row_index(self, j: int, device: torch.device) -> torch.Tensor:
-        """Rows of the q/k/v projection holding queries (j=0), keys (1) or values (2): per head, q, k, v side by
-        side. Made per call, not kept: a tensor kept from a traced call (torch.export, ONNX) would outlive it."""
-        per_head = 2 * self.key_dim + self.val_dim
-        start, stop = (0, self.key_dim, 2 * self.key_dim, per_head)[j:j + 2]
-        rows = torch.arange(self.num_heads * per_head, device=device).view(self.num_heads, per_head)
-        return rows[:, start:stop].reshape(-1)
 
     def linear_queries(self):
         return self._affine_rows(0)

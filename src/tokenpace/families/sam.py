@@ -257,7 +257,7 @@ class SamAdapter(SwinAdapter):
     def stage_entry_macs(self, s: int, grid: tuple[int, int]) -> int:
         return 0  # one stage, no down-sampling
 
-    def position_macs(self, i: int, work: BlockWork, grid: tuple[int, int], dense: bool) -> int:
+    def extra_macs(self, i: int, work: BlockWork, grid: tuple[int, int], dense: bool) -> int:
         """The decomposed bias as timm computes it when dense (every window query against every key row and column);
         when idling, each selected query against every offset, plus the received score's line sums and their
         products with the tables."""

@@ -419,21 +419,32 @@ class SwinAdapter(Family):
     def run_selected(self, i: int, x: torch.Tensor, prep: _Prep, idx: torch.Tensor, keep_qk: bool = False):
         parts = self.parts(i)
         B, H, W, C = x.shape
-        _, nW, k = idx.shape
+        tokens, rows = self._selected_rows(i, x, prep, idx)
+        y = mlp_half(parts, parts.res_attn(gather_rows(tokens, rows), self._selected_attention(i, prep, idx)))
+        tokens = scatter_rows(tokens, rows, y)
+        return tokens[:, :H * W].reshape(B, H, W, C), None
+
+    def _selected_attention(self, i: int, prep: _Prep, idx: torch.Tensor) -> torch.Tensor:
+        """The attention branch (B, nW*k, C) of the slots idx (B, nW, k), windows as a batch."""
+        B, nW, k = idx.shape
         slots = idx.reshape(B * nW, k)
         keys = None if prep.keys is None else gather_heads(prep.keys, slots)
         queries = None if prep.queries is None else gather_heads(prep.queries, slots)
-        attn_out = attention_branch(parts, gather_tokens(prep.windows, slots), _Slots(prep, idx), keys=keys,
-                                    queries=queries)[0]
-        pos = self.raster_positions(i, prep, idx)  # (B, nW*k): per image, so drop-path stays per image as in timm
+        out = attention_branch(self.parts(i), gather_tokens(prep.windows, slots), _Slots(prep, idx), keys=keys,
+                               queries=queries)[0]
+        return out.reshape(B, nW * k, -1)
+
+    def _selected_rows(self, i: int, x: torch.Tensor, prep: _Prep, idx: torch.Tensor):
+        """The map x (B, H, W, C) as tokens (B, H*W (+1), C) and the rows (B, nW*k) of the slots idx in them, per
+        image, so drop path stays per image as in timm; padding slots point at one extra zero row (dropped by the
+        caller after its scatter)."""
+        B, H, W, C = x.shape
+        pos = self.raster_positions(i, prep, idx)
         tokens = x.reshape(B, H * W, C)
-        if prep.layout.padding is not None:  # padding slots write into one extra row, dropped afterwards
+        if prep.layout.padding is not None:
             tokens = torch.cat([tokens, tokens.new_zeros(B, 1, C)], dim=1)
             pos = torch.where(pos < 0, H * W, pos)
-        rows = flat_rows(pos, tokens.shape[1])
-        y = mlp_half(parts, parts.res_attn(gather_rows(tokens, rows), attn_out.reshape(B, nW * k, C)))
-        tokens = scatter_rows(tokens, rows, y)
-        return tokens[:, :H * W].reshape(B, H, W, C), None
+        return tokens, flat_rows(pos, tokens.shape[1])
 
     def raster_positions(self, i: int, prep: _Prep, idx: torch.Tensor) -> torch.Tensor:
         B, nW, k = idx.shape
@@ -489,7 +500,7 @@ class SwinAdapter(Family):
                 if dense:  # timm's MLP runs on the real tokens only
                     total += H * W * self.parts(i).shape().mlp
                 total += self.block_work_macs(i, BlockWork(n, 0, score=work.score) if dense else work, num_windows)
-                total += self.position_macs(i, work, grids[s], dense)
+                total += self.extra_macs(i, work, grids[s], dense)
         return total
 
     def ends_macs(self, img_size) -> int:
@@ -502,8 +513,10 @@ class SwinAdapter(Family):
         """MACs of stage s's patch merging on its ``grid`` output map: one reduction per output token."""
         return linear_macs(self.stages[s].downsample) * grid[0] * grid[1]
 
-    def position_macs(self, i: int, work: BlockWork, grid: tuple[int, int], dense: bool) -> int:
-        """MACs of block i's position terms in all its windows on a ``grid`` map: the bias table, once a call."""
+    def extra_macs(self, i: int, work: BlockWork, grid: tuple[int, int], dense: bool) -> int:
+        """MACs of block i's work beside its linear layers and attention products, on a ``grid`` map: its position
+        terms in all its windows (here the bias table, made once a call; SAM: its decomposed bias), or a convolution
+        between its halves (TinyViT)."""
         return self.parts(i).table_macs()
 
     def resampling_macs(self, i: int, grid_in: tuple[int, int], grid_out: tuple[int, int]) -> int:
