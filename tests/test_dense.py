@@ -178,8 +178,9 @@ def test_get_intermediate_layers_and_features_only_models_run_the_method():
                          ("sam2_hiera_tiny", dict(patch_stride=(2, 2), embed_dim=16, num_heads=1, stages=(1, 2, 3, 2),
                                                   window_spec=(4, 2, 4, 2), global_att_blocks=(4,),
                                                   global_pos_size=(4, 4))),
-                         ("tiny_vit_5m_224", dict(feature_cls="getter", embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1),
-                                                  num_heads=(1, 1, 1, 1), window_sizes=(4, 4, 4, 4)))]:
+                         ("tiny_vit_5m_224", dict(feature_cls="getter", embed_dims=(16, 32, 32, 64),
+                                                  depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                                                  window_sizes=(4, 4, 4, 4)))]:
         torch.manual_seed(0)
         features = timm.create_model(name, features_only=True, **kwargs).eval()
         with torch.no_grad():

@@ -78,9 +78,10 @@ FAMILIES = {
     # padding keys masked) and a global block, idling
     "hieradet": (lambda: make_hieradet(stages=(1, 3), q_pool=1, window_spec=(4, 8), global_att_blocks=(3,)),
                  ("idle", {"stage_starts": (0,)})),
-    # at its 224 px: an MBConv block (dense), two windowed blocks idling (biases gathered, the local convolution)
+    # at its 224 px: an MBConv block and timm's windowed block (dense, fused attention with its biases), then one
+    # idling (biases gathered, the local convolution)
     "tiny_vit": (lambda: make_tiny_vit(depths=(1, 2), embed_dims=(16, 32), num_heads=(1, 2), window_sizes=(4, 4)),
-                 ("idle", {"stage_starts": (1,)})),
+                 ("idle", {"stage_starts": (2,)})),
 }
 
 

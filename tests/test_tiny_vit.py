@@ -155,7 +155,7 @@ def test_tiny_vit_5m_macs_equal_flop_counter():
 def test_forward_intermediates_match_timm_and_the_idle_run():
     model, img = make_tiny_vit("padded"), tiny_vit_images("padded")
     calls = [dict(), dict(indices=[0, 2]), dict(indices=2, stop_early=True, intermediates_only=True),
-             dict(indices=[0], stop_early=True)]
+             dict(indices=[0], stop_early=True), dict(indices=[1], stop_early=True)]
     with torch.no_grad():
         refs = [model.forward_intermediates(img, **call) for call in calls]
         tokenpace.apply(model, "idle", keep=1.0)

@@ -1,5 +1,6 @@
-"""timm ``TinyVit`` (``tiny_vit_5m/11m/21m_*``; TinyViT-5M is MobileSAM's image encoder): IdleViT on a pyramid
-whose first stage is convolutional and whose later stages attend within square windows.
+"""timm ``TinyVit`` (``tiny_vit_5m/11m/21m_*``; MobileSAM's image encoder is a modified TinyViT-5M, not this
+class): IdleViT on a pyramid whose first stage is convolutional and whose later stages attend within square
+windows.
 
 Layout. The convolutional stage (stem, then MBConv blocks) keeps timm's NCHW map; from stage 1 on, whose patch
 merging (convolutions, on every token) starts each stage, the tokens travel as (B, H, W, C) maps, the layout timm's
@@ -110,10 +111,13 @@ class TinyVitAdapter(SwinAdapter):
         for s, stage in enumerate(stages):
             kind = (ConvLayer, MBConv) if s == 0 else (Stage, Block)
             merge_ok = s == 0 or type(stage.downsample) in (PatchMerging, nn.Identity)
+            found = [type(stage).__name__] + [f"{type(b).__name__} with {type(getattr(b, 'attn', None)).__name__}"
+                                              for b in stage.blocks]
             if type(stage) is not kind[0] or not merge_ok or any(type(b) is not kind[1] for b in stage.blocks) or (
                     s > 0 and any(type(b.attn) is not Attention for b in stage.blocks)):
-                raise TypeError(f"stage {s} of this TinyVit is {type(stage).__name__}; tokenpace supports timm's "
-                                f"ConvLayer of MBConv blocks, then TinyVitStages of TinyVitBlocks ({self.variants})")
+                raise TypeError(f"stage {s} of this TinyVit is {', '.join(found)}; tokenpace supports timm's "
+                                "ConvLayer of MBConv blocks, then TinyVitStages (PatchMerging) of TinyVitBlocks with "
+                                f"their Attention ({self.variants})")
         Family.__init__(self, model, [stage.blocks for stage in stages])
         self._layouts = {}
 
@@ -158,6 +162,11 @@ class TinyVitAdapter(SwinAdapter):
         return (final if stopped and max(taken) == 0 else self.finish(final)), maps
 
     # --- windows -------------------------------------------------------------------------------------------------
+    def group_size(self, i: int, x: torch.Tensor) -> int:
+        if self.resamples(i):  # an MBConv block's NCHW map: one group of every position (it never idles)
+            return x.shape[-2] * x.shape[-1]
+        return super().group_size(i, x)
+
     def window_shift(self, i: int, grid: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
         if self.resamples(i):
             return tuple(grid), (0, 0)
