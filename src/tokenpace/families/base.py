@@ -125,8 +125,9 @@ class Family(ABC):
         return next(s for s, blocks in enumerate(self.stage_blocks) if i in blocks)
 
     def resamples(self, i: int) -> bool:
-        """Block i changes its tokens' count or width (Hiera's stage entries pool and widen them), so no token can
-        pass it unchanged: it runs on every token whatever the method."""
+        """Block i changes its tokens' count or width (Hiera's stage entries pool and widen them) or mixes every
+        position (TinyViT's MBConv blocks), so no token can pass it unchanged: it runs on every token whatever the
+        method."""
         return False
 
     def anatomy(self) -> list[BlockParts]:

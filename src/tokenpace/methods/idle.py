@@ -8,7 +8,8 @@ One policy for every family: selection happens in groups (one per image on seque
 window on Swin and SAM, one per map on PVTv2 and in SAM's global blocks), k of the n tokens of each group, with the
 groups as a batch. Stages follow the global block index (stage_starts (3, 6, 9) at 12 blocks, scaled), so on pyramids
 the ratio compounds across the pyramid's own stages too; down-sampling runs on the full grid, and so does a block
-that re-samples its tokens (``Family.resamples``: the stage entries of Hiera and SAM 2's HieraDet).
+that re-samples or mixes its tokens (``Family.resamples``: the stage entries of Hiera and SAM 2's HieraDet,
+TinyViT's convolution blocks).
 """
 from __future__ import annotations
 
