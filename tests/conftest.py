@@ -229,6 +229,47 @@ def ref_window_idle_attention(logits, v, pad, scores, k):
     return (probs @ v).transpose(1, 2).reshape(*pad.shape, -1), sel
 
 
+def assert_keep_one_and_remove(model, img, **idle_options) -> None:
+    """Idle at keep=1 is the model exactly; Idle with ``idle_options`` (keep 0.7) changes its output; the state_dict
+    keys stay those of the plain model; ``remove`` restores its output and its class."""
+    import tokenpace
+
+    own_class, keys = type(model), list(model.state_dict())
+    with torch.no_grad():
+        ref = model(img)
+        assert torch.equal(tokenpace.apply(model, "idle", keep=1.0)(img), ref)
+        assert not torch.allclose(tokenpace.apply(model, "idle", keep=0.7, **idle_options)(img), ref, atol=1e-3)
+        assert list(model.state_dict()) == keys
+        assert torch.equal(tokenpace.remove(model)(img), ref)
+    assert type(model) is own_class
+
+
+def assert_idle_equals_reference(model, img, reference, **idle_options) -> None:
+    """Idle with ``idle_options`` changes the model's output, and exactly as ``reference()`` computes it."""
+    import tokenpace
+
+    with torch.no_grad():
+        ref = reference()
+        out = tokenpace.apply(model, "idle", **idle_options)(img)
+        dense = tokenpace.remove(model)(img)
+    assert not torch.allclose(out, dense, atol=1e-2)  # idling changed the result ...
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # ... exactly as the reference says
+
+
+def assert_macs_equal_flop_counter(model, img, idle_options: dict | None) -> None:
+    """``tokenpace.macs`` at the image's size equals FlopCounterMode's count (FLOPs / 2) of one forward, for the dense
+    model (``idle_options`` None) or under Idle with them."""
+    import tokenpace
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if idle_options is not None:
+        tokenpace.apply(model, "idle", **idle_options)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(img)
+    assert tokenpace.macs(model, img_size=tuple(img.shape[-2:])) == counter.get_total_flops() // 2
+
+
 def dense_and_idle_macs(model, img, forward) -> dict:
     """MACs (FlopCounterMode's FLOPs / 2) of ``forward(model, img)`` for the dense model, then with Idle at its
     defaults, each asserted equal to ``tokenpace.macs``: {None: dense, "idle": idle}."""

@@ -7,11 +7,11 @@ import pytest
 import timm
 import torch
 from timm.models.hiera import Hiera
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenpace
 from tokenpace.families import adapter_for
-from conftest import (HIERA_INTERMEDIATE_CALLS, assert_keep_one_intermediates_equal,
+from conftest import (HIERA_INTERMEDIATE_CALLS, assert_idle_equals_reference, assert_keep_one_and_remove,
+                      assert_keep_one_intermediates_equal, assert_macs_equal_flop_counter,
                       assert_pruned_features_run_the_method, assert_scores_match_per_window, dense_and_idle_macs,
                       spread_weights)
 
@@ -101,15 +101,7 @@ def ref_idle(model, img, keep, score, starts=STARTS):
 
 @pytest.mark.parametrize("variant", list(HIERAS))
 def test_keep_one_is_the_model_and_remove_restores_it(variant):
-    model, img = make_hiera(variant), hiera_images()
-    keys = list(model.state_dict())
-    with torch.no_grad():
-        ref = model(img)
-        assert torch.equal(tokenpace.apply(model, "idle", keep=1.0)(img), ref)
-        assert not torch.allclose(tokenpace.apply(model, "idle", keep=0.7, stage_starts=STARTS)(img), ref, atol=1e-3)
-        assert list(model.state_dict()) == keys
-        assert torch.equal(tokenpace.remove(model)(img), ref)
-    assert type(model) is Hiera
+    assert_keep_one_and_remove(make_hiera(variant), hiera_images(), stage_starts=STARTS)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -117,12 +109,8 @@ def test_keep_one_is_the_model_and_remove_restores_it(variant):
 @pytest.mark.parametrize("variant", list(HIERAS))
 def test_idle_equals_the_window_reference(variant, score, fused):
     model, img = set_fused(make_hiera(variant), fused), hiera_images()
-    with torch.no_grad():
-        ref = ref_idle(model, img, 0.7, score)
-        out = tokenpace.apply(model, "idle", keep=0.7, score=score, stage_starts=STARTS)(img)
-        dense = tokenpace.remove(model)(img)
-    assert not torch.allclose(out, dense, atol=1e-2)  # idling changed the result ...
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # ... exactly as the reference says
+    assert_idle_equals_reference(model, img, lambda: ref_idle(model, img, 0.7, score), keep=0.7, score=score,
+                                 stage_starts=STARTS)
 
 
 @pytest.mark.parametrize("block", [0, 2, 4, 5, 7])  # windowed in stages 0-1, global from block 4 (1, 3, 6 pool)
@@ -150,13 +138,8 @@ def test_macs_equal_flop_counter_on_the_non_fused_path(variant, options):
         model.reset_classifier(5, global_pool="")
     else:
         model = make_hiera(variant)
-    set_fused(model, False)
-    if options is not None:
-        tokenpace.apply(model, "idle", stage_starts=STARTS, **options)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(hiera_images(batch=1))
-    assert tokenpace.macs(model) == counter.get_total_flops() // 2
+    assert_macs_equal_flop_counter(set_fused(model, False), hiera_images(batch=1),
+                                   None if options is None else dict(stage_starts=STARTS, **options))
 
 
 def test_hiera_tiny_macs_equal_flop_counter():

@@ -6,11 +6,11 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.models.hieradet_sam2 import HieraDet, window_partition, window_unpartition
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenpace
 from tokenpace.families import adapter_for
-from conftest import (HIERA_INTERMEDIATE_CALLS, assert_keep_one_intermediates_equal,
+from conftest import (HIERA_INTERMEDIATE_CALLS, assert_idle_equals_reference, assert_keep_one_and_remove,
+                      assert_keep_one_intermediates_equal, assert_macs_equal_flop_counter,
                       assert_pruned_features_run_the_method, assert_scores_match_per_window, dense_and_idle_macs,
                       ref_window_idle_attention, spread_weights)
 
@@ -112,15 +112,7 @@ def ref_idle(model, img, keep, score, starts=STARTS):
 
 @pytest.mark.parametrize("variant", list(HIERADETS))
 def test_keep_one_is_the_model_and_remove_restores_it(variant):
-    model, img = make_hieradet(variant), hieradet_images(variant)
-    keys = list(model.state_dict())
-    with torch.no_grad():
-        ref = model(img)
-        assert torch.equal(tokenpace.apply(model, "idle", keep=1.0)(img), ref)
-        assert not torch.allclose(tokenpace.apply(model, "idle", keep=0.7, stage_starts=STARTS)(img), ref, atol=1e-3)
-        assert list(model.state_dict()) == keys
-        assert torch.equal(tokenpace.remove(model)(img), ref)
-    assert type(model) is HieraDet
+    assert_keep_one_and_remove(make_hieradet(variant), hieradet_images(variant), stage_starts=STARTS)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -128,12 +120,8 @@ def test_keep_one_is_the_model_and_remove_restores_it(variant):
 @pytest.mark.parametrize("variant", list(HIERADETS))
 def test_idle_equals_the_masked_window_reference(variant, score, fused):
     model, img = set_fused(make_hieradet(variant), fused), hieradet_images(variant)
-    with torch.no_grad():
-        ref = ref_idle(model, img, 0.7, score)
-        out = tokenpace.apply(model, "idle", keep=0.7, score=score, stage_starts=STARTS)(img)
-        dense = tokenpace.remove(model)(img)
-    assert not torch.allclose(out, dense, atol=1e-2)  # idling changed the result ...
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # ... exactly as the reference says
+    assert_idle_equals_reference(model, img, lambda: ref_idle(model, img, 0.7, score), keep=0.7, score=score,
+                                 stage_starts=STARTS)
 
 
 @pytest.mark.parametrize("variant,block", [("plain", 0), ("plain", 2), ("padded", 4), ("padded", 5), ("padded", 7)])
@@ -159,14 +147,9 @@ def test_macs_equal_flop_counter_on_the_non_fused_path(variant, options):
     model = make_hieradet("plain" if variant == "no_pool" else variant)
     if variant == "no_pool":  # the head's norm and classifier on every token
         model.reset_classifier(5, global_pool="")
-    set_fused(model, False)
-    if options is not None:
-        tokenpace.apply(model, "idle", stage_starts=STARTS, **options)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(hieradet_images(variant if variant != "no_pool" else "plain", batch=1))
-    size = HIERADETS.get(variant, HIERADETS["plain"])[1]
-    assert tokenpace.macs(model, img_size=size) == counter.get_total_flops() // 2
+    img = hieradet_images("plain" if variant == "no_pool" else variant, batch=1)
+    assert_macs_equal_flop_counter(set_fused(model, False), img,
+                                   None if options is None else dict(stage_starts=STARTS, **options))
 
 
 def test_sam2_hiera_tiny_macs_equal_flop_counter():

@@ -7,10 +7,10 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.models.tiny_vit import TinyVit
-from torch.utils.flop_counter import FlopCounterMode
 
 import tokenpace
-from conftest import dense_and_idle_macs, ref_window_idle_attention, spread_weights
+from conftest import (assert_idle_equals_reference, assert_keep_one_and_remove, assert_keep_one_intermediates_equal,
+                      assert_macs_equal_flop_counter, dense_and_idle_macs, ref_window_idle_attention, spread_weights)
 
 # (model options, input size). Stem stride 4, then each stage halves: at 64 px stage 0 (MBConv) holds 16x16, then
 # 8x8 (windows of 4), 4x4 (one window of 4) and 2x2 (one of 2); at 80 px 20x20, 10x10, 5x5 and 3x3: every window
@@ -102,15 +102,7 @@ def ref_idle(model, img, keep, score, starts=STARTS):
 
 @pytest.mark.parametrize("variant", list(TINYVITS))
 def test_keep_one_is_the_model_and_remove_restores_it(variant):
-    model, img = make_tiny_vit(variant), tiny_vit_images(variant)
-    keys = list(model.state_dict())
-    with torch.no_grad():
-        ref = model(img)
-        assert torch.equal(tokenpace.apply(model, "idle", keep=1.0)(img), ref)
-        assert not torch.allclose(tokenpace.apply(model, "idle", keep=0.7, stage_starts=STARTS)(img), ref, atol=1e-3)
-        assert list(model.state_dict()) == keys
-        assert torch.equal(tokenpace.remove(model)(img), ref)
-    assert type(model) is TinyVit
+    assert_keep_one_and_remove(make_tiny_vit(variant), tiny_vit_images(variant), stage_starts=STARTS)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -118,12 +110,8 @@ def test_keep_one_is_the_model_and_remove_restores_it(variant):
 @pytest.mark.parametrize("variant", list(TINYVITS))
 def test_idle_equals_the_masked_window_reference(variant, score, fused):
     model, img = set_fused(make_tiny_vit(variant), fused), tiny_vit_images(variant)
-    with torch.no_grad():
-        ref = ref_idle(model, img, 0.7, score)
-        out = tokenpace.apply(model, "idle", keep=0.7, score=score, stage_starts=STARTS)(img)
-        dense = tokenpace.remove(model)(img)
-    assert not torch.allclose(out, dense, atol=1e-2)  # idling changed the result ...
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # ... exactly as the reference says
+    assert_idle_equals_reference(model, img, lambda: ref_idle(model, img, 0.7, score), keep=0.7, score=score,
+                                 stage_starts=STARTS)
 
 
 @pytest.mark.parametrize("variant", [*TINYVITS, "no_pool"])
@@ -132,14 +120,9 @@ def test_macs_equal_flop_counter_on_the_non_fused_path(variant, options):
     model = make_tiny_vit("plain" if variant == "no_pool" else variant)
     if variant == "no_pool":  # the head's norm and classifier on every token
         model.reset_classifier(5, global_pool="")
-    set_fused(model, False)
-    if options is not None:
-        tokenpace.apply(model, "idle", stage_starts=STARTS, **options)
-    size = TINYVITS.get(variant, TINYVITS["plain"])[1]
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(torch.randn(1, 3, size, size))
-    assert tokenpace.macs(model, img_size=size) == counter.get_total_flops() // 2
+    img = tiny_vit_images("plain" if variant == "no_pool" else variant, batch=1)
+    assert_macs_equal_flop_counter(set_fused(model, False), img,
+                                   None if options is None else dict(stage_starts=STARTS, **options))
 
 
 def test_tiny_vit_5m_macs_equal_flop_counter():
@@ -154,19 +137,10 @@ def test_tiny_vit_5m_macs_equal_flop_counter():
 
 def test_forward_intermediates_match_timm_and_the_idle_run():
     model, img = make_tiny_vit("padded"), tiny_vit_images("padded")
-    calls = [dict(), dict(indices=[0, 2]), dict(indices=2, stop_early=True, intermediates_only=True),
-             dict(indices=[0], stop_early=True), dict(indices=[1], stop_early=True)]
+    assert_keep_one_intermediates_equal(model, img, [
+        dict(), dict(indices=[0, 2]), dict(indices=2, stop_early=True, intermediates_only=True),
+        dict(indices=[0], stop_early=True), dict(indices=[1], stop_early=True)])
     with torch.no_grad():
-        refs = [model.forward_intermediates(img, **call) for call in calls]
-        tokenpace.apply(model, "idle", keep=1.0)
-        for call, ref in zip(calls, refs):
-            ours = model.forward_intermediates(img, **call)
-            if not call.get("intermediates_only"):
-                torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=0)
-                ours, ref = ours[1], ref[1]
-            assert len(ours) == len(ref)
-            for a, b in zip(ours, ref):
-                torch.testing.assert_close(a, b, rtol=0, atol=0)
         tokenpace.apply(model, "idle", keep=0.7, stage_starts=STARTS)
         final, maps = model.forward_intermediates(img)
         assert [m.shape for m in maps] == [(2, 16, 20, 20), (2, 32, 10, 10), (2, 32, 5, 5), (2, 64, 3, 3)]
