@@ -103,6 +103,16 @@ def stage_lists(model: nn.Module) -> list[list[nn.Module]]:
     return [stage for stage in (blocks[a + 1:b + 1] for a, b in zip(ends, ends[1:])) if stage]
 
 
+def check_block_classes(blocks: list[nn.Module], Block: type, Attention: type, model_name: str,
+                        variants: str) -> None:
+    """TypeError naming the first block that is not timm's ``Block`` with its ``Attention`` (Hiera, HieraDet)."""
+    for i, blk in enumerate(blocks):
+        if type(blk) is not Block or type(blk.attn) is not Attention:
+            raise TypeError(f"block {i} of this {model_name} is {type(blk).__name__} with "
+                            f"{type(getattr(blk, 'attn', None)).__name__}; tokenpace supports timm's "
+                            f"{Block.__name__} with {Attention.__name__} ({variants})")
+
+
 def held_block_list(model: nn.Module) -> list[tuple[dict, str, nn.Module, str]]:
     """What the family's block list copies from ``model.blocks`` (one list cut into stages), for
     :func:`anatomy.check_held`: a block put in its place after ``apply`` would not run."""
@@ -115,16 +125,12 @@ class TimmHiera(Family):
     layout = GROUPED
 
     def __init__(self, model: nn.Module) -> None:
-        Model, Block, Attention = _timm_classes()
+        _, Block, Attention = _timm_classes()
         if len(model.tokens_spatial_shape) != 2:
             raise TypeError(f"this Hiera has a {len(model.tokens_spatial_shape)}-D token grid (video); tokenpace "
                             "supports 2-D image Hiera models (hiera_*)")
         super().__init__(model, stage_lists(model))
-        for i, blk in enumerate(self.blocks):
-            if type(blk) is not Block or type(blk.attn) is not Attention:
-                raise TypeError(f"block {i} of this Hiera is {type(blk).__name__} with "
-                                f"{type(getattr(blk, 'attn', None)).__name__}; tokenpace supports timm's "
-                                f"{Block.__name__} with {Attention.__name__} (hiera_*)")
+        check_block_classes(self.blocks, Block, Attention, "Hiera", "hiera_*")
         self._held += held_block_list(model)
         self._rasters: dict = {}  # per (stage, device): each unrolled token's raster position
 

@@ -28,10 +28,9 @@ from torch import nn
 from ..anatomy import Frame
 from ..core.macs import BlockWork, conv_macs, linear_macs
 from .base import Family, parse_img_size, recorded_input_size
-from .hiera import held_block_list, stage_lists
+from .hiera import check_block_classes, held_block_list, stage_lists
 from .patch_embed import patch_grid
-from .sam import _SlotBias
-from .swin import SwinAdapter, SwinParts, _ceil_div, _Prep, _Slots
+from .swin import SlotBias, SwinAdapter, SwinParts, _ceil_div, _Prep, _Slots
 
 DEFAULT_IMG_SIZE = 224  # for a model built without a pretrained config (the SAM 2 configs say 896 or 1024)
 
@@ -52,19 +51,14 @@ class HieraDetParts(SwinParts):
     def out(self, o, h):
         return self.attn.proj(o)
 
-    def bias(self, where: _Slots) -> _SlotBias | None:
+    def bias(self, where: _Slots) -> SlotBias | None:
         """Padding keys among the selected slots; None for every slot of a window (scoring ranks padding last and no
         real key has a term) or where no window is padded."""
         padding, sel = where.prep.layout.padding, where.sel
         if padding is None or sel is None:
             return None
         windows = torch.arange(sel.shape[1], device=sel.device).view(1, -1, 1)
-        return _SlotBias(None, None, None, padding[windows, sel].flatten(0, 1))
-
-    def attend(self, q, k, v, bias, row, heads):
-        if isinstance(bias, _SlotBias):
-            bias = bias.logits(q)  # in the queries' dtype, as the attention needs it
-        return super().attend(q, k, v, bias, row, heads)
+        return SlotBias(None, None, None, padding[windows, sel].flatten(0, 1))
 
     def mean_bias(self, where):
         raise NotImplementedError("HieraDet has no class token: there is no token cut loss to need a mean bias")
@@ -80,13 +74,9 @@ class HieraDetAdapter(SwinAdapter):
     variants = "SAM 2's Hiera: sam2_hiera_tiny/small/base_plus/large, hieradet_small"
 
     def __init__(self, model: nn.Module) -> None:
-        Model, Block, Attention = self.classes()
+        _, Block, Attention = self.classes()
         Family.__init__(self, model, stage_lists(model))
-        for i, blk in enumerate(self.blocks):
-            if type(blk) is not Block or type(blk.attn) is not Attention:
-                raise TypeError(f"block {i} of this HieraDet is {type(blk).__name__} with "
-                                f"{type(getattr(blk, 'attn', None)).__name__}; tokenpace supports timm's "
-                                f"{Block.__name__} with {Attention.__name__} ({self.variants})")
+        check_block_classes(self.blocks, Block, Attention, "HieraDet", self.variants)
         self._held += held_block_list(model)
         self._layouts = {}
 

@@ -30,18 +30,16 @@ Not supported: RoPE (``use_rope``: no pretrained model uses it), refused with a 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..anatomy import Frame
-from ..core.decomposed_bias import pair_bias, pair_bias_macs, received_bias, received_bias_macs
+from ..core.decomposed_bias import pair_bias_macs, received_bias, received_bias_macs
 from ..core.macs import BlockWork, conv_macs
 from ..scoring import score_precision
 from .base import Family
-from .swin import PAD_LOGIT, SwinAdapter, SwinParts, _Prep, _Slots
+from .swin import SlotBias, SwinAdapter, SwinParts, _Prep, _Slots
 
 
 def _timm_classes():
@@ -62,32 +60,10 @@ def axis_table(rel_pos: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([pairs[0].flip(0), pairs[1:, 0]])
 
 
-@dataclass(frozen=True)
-class _SlotBias:
-    """The position terms among the selected slots of each window, made once their queries are known: slot rows and
-    columns (G, k) in the window (None without tables), the axis tables (or None: no relative position) and the
-    padding keys (G, k) or None."""
-
-    rows: torch.Tensor | None
-    cols: torch.Tensor | None
-    tables: tuple[torch.Tensor, torch.Tensor] | None
-    pad_keys: torch.Tensor | None
-
-    def logits(self, q: torch.Tensor) -> torch.Tensor:
-        """The additive logits for queries q (G, heads, k, d), broadcastable to (G, heads, k, k)."""
-        bias = None if self.tables is None else pair_bias(q, *self.tables, self.rows, self.cols)
-        if self.pad_keys is None:
-            return bias
-        mask = self.pad_keys[:, None, None, :]
-        if bias is None:
-            return q.new_zeros(mask.shape).masked_fill(mask, PAD_LOGIT)
-        return bias.masked_fill(mask, PAD_LOGIT)
-
-
 class SamParts(SwinParts):
     """timm SAM ``Block`` + ``Attention``: pre-norm, optional query/key norms (``qk_norm``), optional LayerScale; the
     decomposed relative-position bias and padding keys are the position terms, made from the selected slots'
-    queries in :meth:`attend`."""
+    queries in ``SwinParts.attend`` (a ``SlotBias``)."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__(block)
@@ -134,7 +110,7 @@ class SamParts(SwinParts):
             return None
         return axis_table(self.attn.rel_pos_h, window[0]), axis_table(self.attn.rel_pos_w, window[1])
 
-    def bias(self, where: _Slots) -> _SlotBias | None:
+    def bias(self, where: _Slots) -> SlotBias | None:
         prep = where.prep
         layout = prep.layout
         B, nW, n = prep.x.shape[0], layout.num_windows, layout.positions.shape[1]
@@ -148,12 +124,7 @@ class SamParts(SwinParts):
             return None
         ww = layout.window[1]
         slots = sel.flatten(0, 1)
-        return _SlotBias(slots // ww, slots % ww, prep.table, pad_keys)
-
-    def attend(self, q, k, v, bias, row, heads):
-        if isinstance(bias, _SlotBias):
-            bias = bias.logits(q)
-        return super().attend(q, k, v, bias, row, heads)
+        return SlotBias(slots // ww, slots % ww, prep.table, pad_keys)
 
     def mean_bias(self, where):
         raise NotImplementedError("SAM's position bias depends on the query: there is no query-free mean")

@@ -39,6 +39,7 @@ from torch import nn
 
 from ..anatomy import BlockParts, Frame, LinearMap, PostNorm, fused_qkv_bias, qkv_rows
 from ..blockops import attention_branch, mlp_half
+from ..core.decomposed_bias import pair_bias as decomposed_pair_bias
 from ..core.macs import BlockShape, BlockWork, linear_macs
 from ..core.tokens import flat_rows, gather_heads, gather_rows, gather_tokens, scatter_rows
 from ..scoring import bias_row, block_reuses_keys, block_reuses_queries, query_logits, token_norms
@@ -113,6 +114,29 @@ class _Prep:
 
 
 @dataclass(frozen=True)
+class SlotBias:
+    """Additive terms among the selected slots of each window that are made once their queries are known (so that
+    they take the queries' dtype, and SAM's decomposed bias depends on them): slot rows and columns (G, k) in the
+    window and SAM's axis tables (None without relative position), and the padding keys (G, k) or None.
+    :meth:`SwinParts.attend` turns them into logits."""
+
+    rows: torch.Tensor | None
+    cols: torch.Tensor | None
+    tables: tuple[torch.Tensor, torch.Tensor] | None
+    pad_keys: torch.Tensor | None
+
+    def logits(self, q: torch.Tensor) -> torch.Tensor:
+        """The additive logits for queries q (G, heads, k, d), broadcastable to (G, heads, k, k)."""
+        bias = None if self.tables is None else decomposed_pair_bias(q, *self.tables, self.rows, self.cols)
+        if self.pad_keys is None:
+            return bias
+        mask = self.pad_keys[:, None, None, :]
+        if bias is None:
+            return q.new_zeros(mask.shape).masked_fill(mask, PAD_LOGIT)
+        return bias.masked_fill(mask, PAD_LOGIT)
+
+
+@dataclass(frozen=True)
 class _Slots:
     """Where tokens sit in their windows: the slots ``sel`` (B, nW, k) of each window (None: all n slots)."""
 
@@ -134,6 +158,11 @@ class SwinParts(BlockParts):
 
     def dropout(self) -> float:
         return self.attn.attn_drop.p if self.attn.training else 0.0
+
+    def attend(self, q, k, v, bias, row, heads):
+        if isinstance(bias, SlotBias):  # terms made from the queries, in their dtype (SAM, HieraDet)
+            bias = bias.logits(q)
+        return super().attend(q, k, v, bias, row, heads)
 
     def qkv(self, h, where):
         G, k, _ = h.shape
@@ -440,11 +469,17 @@ class SwinAdapter(Family):
         caller after its scatter)."""
         B, H, W, C = x.shape
         pos = self.raster_positions(i, prep, idx)
-        tokens = x.reshape(B, H * W, C)
+        tokens = self._padding_row(x.reshape(B, H * W, C), prep)
         if prep.layout.padding is not None:
-            tokens = torch.cat([tokens, tokens.new_zeros(B, 1, C)], dim=1)
             pos = torch.where(pos < 0, H * W, pos)
         return tokens, flat_rows(pos, tokens.shape[1])
+
+    @staticmethod
+    def _padding_row(tokens: torch.Tensor, prep: _Prep) -> torch.Tensor:
+        """tokens (B, N, C) with one zero row after them where the windows are padded (padding slots' rows)."""
+        if prep.layout.padding is None:
+            return tokens
+        return torch.cat([tokens, tokens.new_zeros(tokens.shape[0], 1, tokens.shape[2])], dim=1)
 
     def raster_positions(self, i: int, prep: _Prep, idx: torch.Tensor) -> torch.Tensor:
         B, nW, k = idx.shape

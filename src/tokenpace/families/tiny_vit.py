@@ -187,9 +187,7 @@ class TinyVitAdapter(SwinAdapter):
         y = parts.res_attn(gather_rows(tokens, rows), self._selected_attention(i, prep, idx))
         x = scatter_rows(tokens, rows, y)[:, :H * W].reshape(B, H, W, C)
         # the local convolution on every token, as timm runs it; then the MLP residual on the selected ones
-        tokens = blk.local_conv(x.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2).contiguous()
-        if prep.layout.padding is not None:
-            tokens = torch.cat([tokens, tokens.new_zeros(B, 1, C)], dim=1)
+        tokens = self._padding_row(blk.local_conv(x.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2).contiguous(), prep)
         tokens = scatter_rows(tokens, rows, mlp_half(parts, gather_rows(tokens, rows)))
         return tokens[:, :H * W].reshape(B, H, W, C), None
 
@@ -203,9 +201,7 @@ class TinyVitAdapter(SwinAdapter):
         return conv_macs(self.model.patch_embed, size)[1]
 
     def size_problem(self, size: tuple[int, int]) -> str | None:
-        if min(self._stage_grids(size)[-1]) < 1:
-            return f"the last stage would have no tokens at {size[0]}x{size[1]}"
-        return None
+        return None  # any size: windows pad, and each padded stride-2 convolution leaves a token at least
 
     def _stage_grids(self, img_size: int | tuple[int, int] | None) -> list[tuple[int, int]]:
         grid, grids = self._patch_grid(img_size), []
