@@ -16,6 +16,7 @@ from conftest import make_vit, spread_weights
 from test_cait import make_cait
 from test_hiera import make_hiera
 from test_hieradet import make_hieradet
+from test_pit import make_pit
 from test_tiny_vit import make_tiny_vit
 from test_sam import make_sam
 from test_swin import make_swin
@@ -79,6 +80,9 @@ CASES = {
     # every attention block idling: no timm attention, whose own bias cache would recompile once (see below)
     "tiny_vit_idling": (lambda: make_tiny_vit(depths=(1, 2), embed_dims=(16, 32), num_heads=(1, 2),
                                               window_sizes=(4, 4)), "idle", dict(stage_starts=(1,)), 80),
+    # a distilled PiT: selections in stage 0 and after each pooling (global attention sub-sampled), representative
+    "pit_evo": (lambda: make_pit("distilled"), "evo", dict(stage_starts=(1,), representative=True), 32),
+    "pit_idle": (lambda: make_pit("distilled"), "idle", dict(stage_starts=(1,)), 32),
 }
 
 
@@ -111,7 +115,7 @@ def test_inductor_full_graph(family):
 
 
 @pytest.mark.parametrize("family", ["vit", "vit_no_class_token", "eva_rope_mixed", "evo_levit", "swin", "pvt_v2",
-                                    "sam", "hiera", "hieradet", "tiny_vit_idling"])
+                                    "sam", "hiera", "hieradet", "tiny_vit_idling", "pit_evo"])
 def test_compiled_fresh_patch_does_not_recompile(family):
     """A model compiled straight after ``apply`` (as ``tokenpace bench --compile`` does) compiles once: nothing the
     first forward builds (the block anatomy) may change what the compiled graph's guards check. (Not timm's LeViT, nor

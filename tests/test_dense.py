@@ -12,6 +12,7 @@ from backbones import make_backbone
 from conftest import CIFAR, make_vit, needs_cifar, spread_weights
 from test_hiera import make_hiera
 from test_hieradet import make_hieradet
+from test_pit import make_pit
 from test_tiny_vit import make_tiny_vit
 from test_sam import make_sam
 from test_swin import make_swin
@@ -71,6 +72,7 @@ FAMILIES = {  # name: (build, input size, methods, flat)
     "hiera": (lambda: make_hiera(img_size=128), 128, ("idle",), False),  # keep**3 keeps 2 of its last 16
     "hieradet": (lambda: make_hieradet(window_spec=(4, 2, 4, 4)), 128, ("idle",), False),  # keep**3: 2 of 16
     "tiny_vit": (lambda: make_tiny_vit(window_sizes=(4, 4, 4, 4)), 80, ("idle",), False),
+    "pit": (lambda: make_pit("distilled"), 32, ("evo", "idle"), False),
 }
 
 
@@ -88,9 +90,10 @@ def _flatten(out):
 
 
 def _option_sets(flat, model):
-    # timm's Hiera and HieraDet norm no map (they assert norm=False); TinyViT ignores norm (tokenpace refuses it)
+    # timm's Hiera and HieraDet norm no map (they assert norm=False); TinyViT and PiT ignore norm (tokenpace refuses
+    # it)
     norm = not isinstance(model, (timm.models.hiera.Hiera, timm.models.hieradet_sam2.HieraDet,
-                                  timm.models.tiny_vit.TinyVit))
+                                  timm.models.tiny_vit.TinyVit, timm.models.pit.PoolingVisionTransformer))
     sets = [dict(), dict(indices=2), dict(indices=[0], stop_early=True), dict(intermediates_only=True, norm=norm)]
     if flat:
         sets += [dict(output_fmt="NLC", return_prefix_tokens=True, norm=True), dict(output_dict=True, indices=[1, 3])]
@@ -120,7 +123,7 @@ def test_positional_intermediate_arguments_keep_the_models_own_order(family):
     model, images = build(), _images(size)
     # Hiera: (mask, indices, norm, stop_early)
     args = {"hiera": (None, [1], False, False), "hieradet": ([1], False, False),
-            "tiny_vit": ([1], False, False)}.get(family, ([1], True))
+            "tiny_vit": ([1], False, False), "pit": ([1], False, False)}.get(family, ([1], True))
     with torch.no_grad():
         expected = _flatten(tokenpace.remove(model).forward_intermediates(images, *args))
         got = _flatten(tokenpace.apply(model, methods[0], keep=1.0).forward_intermediates(images, *args))
@@ -180,7 +183,9 @@ def test_get_intermediate_layers_and_features_only_models_run_the_method():
                                                   global_pos_size=(4, 4))),
                          ("tiny_vit_5m_224", dict(feature_cls="getter", embed_dims=(16, 32, 32, 64),
                                                   depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
-                                                  window_sizes=(4, 4, 4, 4)))]:
+                                                  window_sizes=(4, 4, 4, 4))),
+                         ("pit_ti_224", dict(feature_cls="getter", img_size=32, patch_size=4, stride=2,
+                                             base_dims=(8, 8, 8), depth=(2, 2, 2), heads=(1, 2, 2)))]:
         torch.manual_seed(0)
         features = timm.create_model(name, features_only=True, **kwargs).eval()
         with torch.no_grad():

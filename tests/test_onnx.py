@@ -22,6 +22,7 @@ from test_cait import make_cait  # noqa: E402
 from test_hiera import make_hiera  # noqa: E402
 from test_hieradet import make_hieradet  # noqa: E402
 from test_tiny_vit import make_tiny_vit  # noqa: E402
+from test_pit import make_pit  # noqa: E402
 from test_levit import make_levit  # noqa: E402
 from test_lvvit import make_lvvit  # noqa: E402
 from test_pvt_v2 import make_pvt  # noqa: E402
@@ -82,6 +83,9 @@ FAMILIES = {
     # idling (biases gathered, the local convolution)
     "tiny_vit": (lambda: make_tiny_vit(depths=(1, 2), embed_dims=(16, 32), num_heads=(1, 2), window_sizes=(4, 4)),
                  ("idle", {"stage_starts": (2,)})),
+    # a distilled PiT, one block a stage: Evo selects after the first pooling (its global attention sub-sampled at
+    # the kernels' centres) and again after the second, with the representative token
+    "pit": (lambda: make_pit("distilled", depth=(1, 1, 1)), ("evo", {"stage_starts": (1,), "representative": True})),
 }
 
 

@@ -83,8 +83,8 @@ class Frame:
 @dataclass(frozen=True)
 class StageEntry:
     """How a stage's tokens come from the previous stage's: the input raster positions they are sub-sampled from
-    (LeViT's stride-2 attention down-sampling), and a learned Evo evolution weight (logit) the down-sampling
-    attention carries, if any."""
+    (LeViT's stride-2 attention down-sampling; the centres of PiT's pooling kernels), and a learned Evo evolution
+    weight (logit) the down-sampling attention carries, if any."""
 
     subsample: torch.Tensor
     evolution_logit: torch.Tensor | None = None

@@ -12,6 +12,7 @@ from .hieradet import HieraDetAdapter
 from .levit import EvoLevitFamily, TimmLevit
 from .lvvit import LvVitFamily
 from .naflexvit import TimmNaFlexVit
+from .pit import TimmPit
 from .pvt_v2 import PvtV2Adapter
 from .sam import SamAdapter
 from .swin import SwinAdapter, SwinV2Adapter, SwinV2CrAdapter
@@ -20,14 +21,14 @@ from .tiny_vit import TinyVitAdapter
 from .vit_relpos import TimmRelPosViT
 
 FAMILIES: tuple[type[Family], ...] = (TimmViT, TimmEva, TimmBeit, TimmRelPosViT, TimmNaFlexVit, TimmCait,
-                                      TimmLevit, EvoLevitFamily, LvVitFamily, SwinAdapter, SwinV2Adapter,
+                                      TimmLevit, EvoLevitFamily, LvVitFamily, TimmPit, SwinAdapter, SwinV2Adapter,
                                       SwinV2CrAdapter, PvtV2Adapter, SamAdapter, TimmHiera,
                                       HieraDetAdapter, TinyVitAdapter)
 
 SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-norm, SigLIP, AIMv2; class token or "
              "not; tokenpace's evo_deit_*), timm Eva (EVA-02, DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), "
              "timm VisionTransformerRelPos (vit_relpos_*), timm NaFlexVit (naflexvit_*: SigLIP2 NaFlex, C-RADIO; image "
-             "batches), timm Cait (cait_*), timm Levit (levit_*) and tokenpace's evo_levit_*, "
+             "batches), timm Cait (cait_*), timm Levit (levit_*) and tokenpace's evo_levit_*, timm PiT (pit_*), "
              "tokenpace's LV-ViT (lvvit_*), "
              "timm SwinTransformer (swin_*), SwinTransformerV2 (swinv2_*), SwinTransformerV2Cr (swinv2_cr_*), "
              "PyramidVisionTransformerV2 (pvt_v2_*), VisionTransformerSAM (samvit_*), Hiera (hiera_*), "

@@ -178,7 +178,7 @@ class Family(ABC):
 
     def stage_entry(self, s: int, device: torch.device) -> StageEntry | None:
         """How stage s's tokens come from stage s-1's where a down-sampling keeps a token correspondence (LeViT's
-        stride-2 attention down-sampling), else None."""
+        stride-2 attention down-sampling, PiT's stride-2 pooling), else None."""
         return None
 
     @abstractmethod

@@ -4,9 +4,10 @@ A global class attention g (per image, over patch tokens) is evolved across laye
 the top-K tokens by g (plus prefix tokens) run the full block ("slow"); the placeholders are carried along unchanged
 (official DeiT code) or moved by the residual of one representative token (the paper's fast path).
 
-One policy for every sequence family: flat ViTs (one stage) and LeViT's stages joined by attention down-sampling.
-There every later stage selects again at its first block; at each down-sampling, g is evolved with the scores of
-the full-resolution keys, sub-sampled to the new grid and rescaled to its previous sum (evovit.md §7, steps 1-7).
+One policy for every sequence family: flat ViTs (one stage), LeViT's stages joined by attention down-sampling and
+PiT's joined by pooling. There every later stage selects again at its first block; at each down-sampling, g is
+sub-sampled to the new grid (evolved first with the scores of the full-resolution keys where the down-sampling is an
+attention, LeViT's) and rescaled to its previous sum (evovit.md §7, steps 1-7).
 Tokens are scattered back to raster order after every segment, so down-sampling and the head see the full grid.
 """
 from __future__ import annotations
@@ -173,7 +174,9 @@ class EvoPolicy(Policy):
                 if g is not None:
                     entry = fam.stage_entry(s, x.device)
                     total = g.sum(dim=1, keepdim=True)
-                    g = evolve(g[:, entry.subsample], full[:, entry.subsample], self._alpha(entry.evolution_logit))
+                    g = g[:, entry.subsample]
+                    if full is not None:  # a down-sampling attention (LeViT's) evolves g; a pooling (PiT's) has none
+                        g = evolve(g, full[:, entry.subsample], self._alpha(entry.evolution_logit))
                     g = g * (total / g.sum(dim=1, keepdim=True))
             for lo, hi, pruned, evolve_g in segments:
                 if pruned:
