@@ -210,7 +210,7 @@ def test_published_pit_macs(name, published):
 def test_forward_intermediates_match_timm_and_the_idle_run():
     model, img = make_pit("distilled"), pit_images()
     assert_keep_one_intermediates_equal(model, img, [
-        dict(), dict(indices=[0, 2]), dict(indices=1, stop_early=True), dict(indices=2, stop_early=True),
+        dict(), dict(indices=[0, 2]), dict(indices=[1], stop_early=True), dict(indices=[2], stop_early=True),
         dict(indices=[0], stop_early=True, intermediates_only=True)])
     with torch.no_grad():
         tokenpace.apply(model, "idle", keep=0.7, stage_starts=(1,))
@@ -241,9 +241,11 @@ def test_training_with_the_cut_loss_and_distilled_heads():
     model = tokenpace.apply(make_pit("distilled"), "idle", keep=0.7, stage_starts=(1,)).train()
     model.set_distilled_training(True)
     logits, dist = model(pit_images())
-    loss = logits.sum() + dist.sum() + model_cut_loss(model)
-    loss.backward()
-    assert all(p.grad is not None for name, p in model.named_parameters() if name.startswith("transformers"))
+    cut = model_cut_loss(model)
+    assert cut > 0 and logits.shape == dist.shape == (2, 5)
+    cut.backward()  # the cut loss alone reaches the q/k projections of every idling block (blocks 1-5)
+    blocks = [blk for stage in model.transformers for blk in stage.blocks]
+    assert all(blk.attn.qkv.weight.grad.abs().sum() > 0 for blk in blocks[1:])
 
 
 def test_refusals():
@@ -262,8 +264,15 @@ def test_refusals():
     block = model.transformers[1].blocks[0]
     block.attn = torch.nn.Identity()
     with pytest.raises(TypeError, match="block 0 of PiT stage 1 is Block with Identity; tokenpace supports timm's "
-                                        "ViT Block"):
+                                        "pre-norm Block"):
         tokenpace.apply(tokenpace.remove(model), "idle")
+    for build, message in ((lambda m: setattr(m.transformers[2], "pool", None), "stage 2 of this PiT has no pooling"),
+                           (lambda m: setattr(m.transformers[1], "blocks", torch.nn.Sequential()),
+                            "stage 1 of this PiT has no blocks")):
+        model = make_pit()
+        build(model)
+        with pytest.raises(TypeError, match=message):
+            tokenpace.apply(model, "idle")
 
 
 def test_pruned_features_only_models_run_the_method():

@@ -83,11 +83,14 @@ class Frame:
 @dataclass(frozen=True)
 class StageEntry:
     """How a stage's tokens come from the previous stage's: the input raster positions they are sub-sampled from
-    (LeViT's stride-2 attention down-sampling; the centres of PiT's pooling kernels), and a learned Evo evolution
-    weight (logit) the down-sampling attention carries, if any."""
+    (LeViT's stride-2 attention down-sampling, whose queries sit there; the centres of PiT's pooling kernels, an
+    approximation: each pooled token mixes its kernel's neighbourhood), whether the down-sampling attends (then
+    ``enter_stage`` hands the scores of the full-resolution keys, and Evo evolves its global attention with them),
+    and a learned Evo evolution weight (logit) the down-sampling attention carries, if any."""
 
     subsample: torch.Tensor
     evolution_logit: torch.Tensor | None = None
+    attends: bool = True
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .families import Family, adapter_for
-from .families.base import IntermediateOptions, parse_img_size
+from .families.base import EMBEDDING, IntermediateOptions, parse_img_size
 from .methods import ForwardState, MethodConfig, Policy, make_config, make_policy, methods_for
 from .methods.base import StopForward
 
@@ -82,6 +82,7 @@ class Patch:
         x, state.frame = family.embed(x)
         stopped = False
         try:
+            state.tap(EMBEDDING, lambda: x)  # a feature point before every block (timm's MaxxVit: the stem's map)
             x = self.policy.run(x, state)
         except StopForward as stop:
             x, stopped = stop.tokens, True
@@ -231,14 +232,16 @@ def patched_model(model: nn.Module) -> nn.Module:
     """The model the method patches: the model itself, or the one a feature extractor wraps. timm's
     ``features_only`` models of the flat families and LeViT (``FeatureGetterNet``) call its
     ``forward_intermediates``, so the method runs there. Pyramids' default
-    ``FeatureListNet`` calls the stage modules one by one, around any method: refused (and what
-    :func:`_unwrapped` refuses)."""
+    ``FeatureListNet`` calls the stage modules one by one, around any method, and PiT's ``FeatureHookNet`` reads
+    hooks on stage modules a patched forward never calls: both refused (and what :func:`_unwrapped` refuses)."""
     model = _unwrapped(model)
     kind = type(model).__name__
     if kind in ("FeatureListNet", "FeatureDictNet", "FeatureHookNet"):
-        raise TypeError(f"this features_only model is a timm {kind}, which calls the stage modules one by one and "
-                        "would run dense; build it with timm.create_model(..., features_only=True, "
-                        "feature_cls='getter') so that features come from forward_intermediates")
+        how = ("reads its features from hooks on stage modules that a patched forward does not call" if
+               kind == "FeatureHookNet" else "calls the stage modules one by one and would run dense")
+        raise TypeError(f"this features_only model is a timm {kind}, which {how}; build it with "
+                        "timm.create_model(..., features_only=True, feature_cls='getter') so that features come from "
+                        "forward_intermediates")
     return model
 
 

@@ -15,12 +15,13 @@ from torch import nn
 
 from ..anatomy import BlockParts, Frame, StageEntry, TokenSet, check_held, check_projections
 from ..blockops import run_block
-from ..core.macs import BlockWork, block_macs, dense_work
+from ..core.macs import BlockWork, block_macs, dense_work, linear_macs
 from ..core.tokens import gather_heads, gather_rows, scatter_rows, sequence_rows, with_prefix
 from ..scoring import (QUERIES, bias_row, block_reuses_keys, block_reuses_queries, needs_keys, query_logits,
                        score_macs, token_norms)
 
 SEQUENCE, GROUPED = "sequence", "grouped"
+EMBEDDING = -1  # the feature point at the embedding's output, before every block (timm's MaxxVit: its stem)
 # ranking criteria: the class token's attention, the attention a token receives, its feature norm, random (control)
 SCORES = ("cls", "received", "norm", "random")
 
@@ -197,7 +198,7 @@ class Family(ABC):
     # --- feature maps (forward_intermediates) --------------------------------------------------------------------
     def feature_points(self) -> list[int]:
         """Per feature index of the model's ``forward_intermediates``, the block after which it is taken: the last
-        block of each stage (pyramids index stages)."""
+        block of each stage (pyramids index stages); ``EMBEDDING`` for a map taken before every block."""
         return [blocks.stop - 1 for blocks in self.stage_blocks]
 
     @abstractmethod
@@ -392,3 +393,25 @@ class SequenceFamily(Family):
     @abstractmethod
     def head_macs(self, tokens: int) -> int:
         """MACs of the head on the ``tokens`` tokens (prefix included) that leave the last block."""
+
+
+class StagedSequenceFamily(SequenceFamily):
+    """A sequence family whose stages hold patch grids of their own, joined by a down-sampling on the full grid
+    (LeViT, PiT): grids from ``resolutions``, the model's own blocks, a classifier head (and a distillation head)
+    on the pooled or class token."""
+
+    @abstractmethod
+    def resolutions(self, img_size) -> list[tuple[int, int]]:
+        """(rows, cols) of every stage's patch grid at ``img_size`` (None: the model's own)."""
+
+    def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
+        return self.blocks[i](x)
+
+    def block_grid(self, i: int) -> tuple[int, int]:
+        return self.resolutions(None)[self.stage_of_block(i)]
+
+    def stage_patches(self, img_size) -> list[int]:
+        return [rows * cols for rows, cols in self.resolutions(img_size)]
+
+    def head_macs(self, tokens: int) -> int:
+        return linear_macs(self.model.head) + linear_macs(getattr(self.model, "head_dist", None))

@@ -21,7 +21,7 @@ from ..anatomy import BlockParts, Frame, LinearMap, StageEntry, head_interleaved
 from ..core.attention import attend, probs_scores
 from ..core.feature_maps import to_map, to_tokens
 from ..core.macs import BlockShape, conv_macs, linear_macs, pointwise_conv
-from .base import SequenceFamily, parse_img_size
+from .base import StagedSequenceFamily, parse_img_size
 
 
 def fuse_batchnorm(model: nn.Module) -> nn.Module:
@@ -215,7 +215,7 @@ def _attention_macs(attn: nn.Module, n_q: int, n_k: int) -> int:
     return n_q * n_k * attn.num_heads * (attn.key_dim + attn.val_dim)
 
 
-class _LevitBase(SequenceFamily):
+class _LevitBase(StagedSequenceFamily):
     received_row = "columns"
     conv = False  # timm's NCHW layout (levit_conv_*)
 
@@ -224,9 +224,6 @@ class _LevitBase(SequenceFamily):
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return x
-
-    def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
-        return self.blocks[i](x)
 
     def intermediates(self, maps, final, frame, taken, stopped, options):
         """As timm's LeViT: each stage's patch tokens as an NCHW grid (a class token is left out); the tokens
@@ -243,14 +240,8 @@ class _LevitBase(SequenceFamily):
             final = to_map(final, grids[max(taken) if stopped else -1])
         return maps if options.intermediates_only else (final, maps)
 
-    def block_grid(self, i: int) -> tuple[int, int]:
-        return self.resolutions(None)[self.stage_of_block(i)]
-
     def input_size(self) -> tuple[int, int, int]:
         return (self.model.in_chans, *self._img_size())
-
-    def stage_patches(self, img_size) -> list[int]:
-        return [r * c for r, c in self.resolutions(img_size)]
 
     def stage_entry_macs(self, s: int, img_size) -> int:
         patches = self.stage_patches(img_size)
@@ -259,9 +250,6 @@ class _LevitBase(SequenceFamily):
         return (n_in * linear_macs(attn.kv) + n_out * (linear_macs(attn.q) + linear_macs(attn.proj)
                                                        + linear_macs(ds.mlp))
                 + _attention_macs(attn, n_out, n_in))
-
-    def head_macs(self, tokens: int) -> int:
-        return linear_macs(self.model.head) + linear_macs(getattr(self.model, "head_dist", None))
 
 
 class TimmLevit(_LevitBase):

@@ -15,13 +15,11 @@ from torch import nn
 from ..anatomy import BlockParts, Frame, StageEntry
 from ..core.feature_maps import to_map, to_tokens
 from ..core.macs import conv_macs, linear_macs
-from .base import SequenceFamily, built_for_only, parse_img_size
-from .timm_vit import vit_parts_class
-
-PIT_BLOCKS = "timm's ViT Block (pre-norm, the standard Attention)"
+from .base import StagedSequenceFamily, built_for_only, parse_img_size
+from .timm_vit import VIT_BLOCKS, vit_parts_class
 
 
-class TimmPit(SequenceFamily):
+class TimmPit(StagedSequenceFamily):
     name = "timm PiT"
     blocks_use_positions = False  # the position embedding is added at the stem
 
@@ -33,13 +31,16 @@ class TimmPit(SequenceFamily):
                 raise TypeError(f"stage {s} of this PiT is {type(stage).__name__}; tokenpace supports timm PiT's "
                                 "Transformer stages")
             if s > 0 and type(stage.pool) is not Pooling:
-                raise TypeError(f"stage {s} of this PiT pools with {type(stage.pool).__name__}; tokenpace supports "
-                                "timm PiT's Pooling (a depth-wise convolution and a linear layer on the class tokens)")
+                pooling = "has no pooling" if stage.pool is None else f"pools with {type(stage.pool).__name__}"
+                raise TypeError(f"stage {s} of this PiT {pooling}; tokenpace supports timm PiT's Pooling (a depth-wise "
+                                "convolution and a linear layer on the class tokens) at every stage after the first")
+            if not len(stage.blocks):  # its feature map would be taken after the previous stage, before the pooling
+                raise TypeError(f"stage {s} of this PiT has no blocks; tokenpace needs at least one in every stage")
             for j, blk in enumerate(stage.blocks):
                 if vit_parts_class(blk) is None:
                     raise TypeError(f"block {j} of PiT stage {s} is {type(blk).__name__} with "
-                                    f"{type(getattr(blk, 'attn', None)).__name__}; tokenpace supports {PIT_BLOCKS}")
-        if len(model.transformers) and model.transformers[0].pool is not None:  # timm's stage 0 never pools
+                                    f"{type(getattr(blk, 'attn', None)).__name__}; tokenpace supports {VIT_BLOCKS}")
+        if model.transformers[0].pool is not None:  # timm's stage 0 never pools
             raise TypeError("stage 0 of this PiT pools the stem's grid; tokenpace supports timm PiT's layout, where "
                             "only later stages pool")
         super().__init__(model, [stage.blocks for stage in model.transformers])
@@ -79,7 +80,7 @@ class TimmPit(SequenceFamily):
         grid = tuple(x.shape[-2:])
         cls_tokens = m.cls_token.expand(x.shape[0], -1, -1)
         tokens = torch.cat((cls_tokens, to_tokens(x)), dim=1)
-        return (self._stage(0).norm(tokens) if len(m.transformers) else tokens), Frame(grid=grid)
+        return self._stage(0).norm(tokens), Frame(grid=grid)
 
     def enter_stage(self, s: int, x: torch.Tensor, frame: Frame, row: str | None = None):
         """Stage s's pooling on every token: the depth-wise convolution on the patch grid, the linear layer on the
@@ -93,15 +94,13 @@ class TimmPit(SequenceFamily):
 
     def stage_entry(self, s: int, device: torch.device) -> StageEntry:
         """The raster positions of stage s-1's grid the pooling kernels centre on (stride 2: every other row and
-        column), where Evo's global attention is sub-sampled."""
-        # timm's Pooling: kernel stride + 1, padding stride // 2, so output (r, c) centres on input (r, c) * stride
+        column), where Evo's global attention is sub-sampled; the pooling has no attention to evolve it with."""
+        # timm's Pooling: stride 2, kernel 3, padding 1, so output (r, c) centres on input (2r, 2c)
         stride = self._stage(s).pool.conv.stride
         (_, cols), (out_rows, out_cols) = self.resolutions(None)[s - 1:s + 1]
         rows = torch.arange(out_rows, device=device) * stride[0]
-        return StageEntry((rows[:, None] * cols + torch.arange(out_cols, device=device) * stride[1]).reshape(-1))
-
-    def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
-        return self.blocks[i](x)
+        centres = rows[:, None] * cols + torch.arange(out_cols, device=device) * stride[1]
+        return StageEntry(centres.reshape(-1), attends=False)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """What timm's ``forward_features`` returns: the normed class tokens."""
@@ -130,27 +129,18 @@ class TimmPit(SequenceFamily):
             grids.append(conv_macs(stage.pool.conv, grids[-1])[1])
         return grids
 
+    def _size(self, img_size) -> tuple[int, int]:
+        return tuple(self.input_size()[1:]) if img_size is None else parse_img_size(img_size)
+
     def resolutions(self, img_size) -> list[tuple[int, int]]:
-        size = tuple(self.input_size()[1:]) if img_size is None else parse_img_size(img_size)
-        return self._grids(conv_macs(self.model.patch_embed.conv, size)[1])
+        return self._grids(conv_macs(self.model.patch_embed.conv, self._size(img_size))[1])
 
     def input_size(self) -> tuple[int, int, int]:
         return (self.model.patch_embed.conv.in_channels, *self.model.patch_embed.img_size)
 
-    def block_grid(self, i: int) -> tuple[int, int]:
-        return self.resolutions(None)[self.stage_of_block(i)]
-
-    def stage_patches(self, img_size) -> list[int]:
-        return [rows * cols for rows, cols in self.resolutions(img_size)]
-
     def stem_macs(self, img_size) -> int:
-        size = tuple(self.input_size()[1:]) if img_size is None else parse_img_size(img_size)
-        return conv_macs(self.model.patch_embed.conv, size)[0]
+        return conv_macs(self.model.patch_embed.conv, self._size(img_size))[0]
 
     def stage_entry_macs(self, s: int, img_size) -> int:
         pool = self._stage(s).pool
         return conv_macs(pool.conv, self.resolutions(img_size)[s - 1])[0] + self.num_prefix * linear_macs(pool.fc)
-
-    def head_macs(self, tokens: int) -> int:
-        m = self.model  # on the class tokens only
-        return linear_macs(m.head) + linear_macs(getattr(m, "head_dist", None))

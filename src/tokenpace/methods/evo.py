@@ -175,7 +175,10 @@ class EvoPolicy(Policy):
                     entry = fam.stage_entry(s, x.device)
                     total = g.sum(dim=1, keepdim=True)
                     g = g[:, entry.subsample]
-                    if full is not None:  # a down-sampling attention (LeViT's) evolves g; a pooling (PiT's) has none
+                    if entry.attends:  # a down-sampling attention (LeViT's) evolves g; a pooling (PiT's) has none
+                        if full is None:
+                            raise RuntimeError(f"{fam.name} stage {s} down-samples by attention but handed no "
+                                               "scores of its keys (Family.enter_stage with row set)")
                         g = evolve(g, full[:, entry.subsample], self._alpha(entry.evolution_logit))
                     g = g * (total / g.sum(dim=1, keepdim=True))
             for lo, hi, pruned, evolve_g in segments:
