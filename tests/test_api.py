@@ -230,6 +230,7 @@ def _families():
     from test_cait import make_cait
     from test_hiera import make_hiera
     from test_hieradet import make_hieradet
+    from test_maxvit import make_maxvit
     from test_pit import make_pit
     from test_tiny_vit import make_tiny_vit
     from test_sam import make_sam
@@ -258,6 +259,7 @@ def _families():
         "hieradet": (make_hieradet("layerscale", window_spec=(4, 2, 4, 4)), "idle", 128),  # keep**3: 2 of 16
         "tiny_vit": (make_tiny_vit("padded", window_sizes=(4, 4, 4, 4)), "idle", 80),
         "pit": (make_pit("distilled"), "evo", 32),
+        "maxvit": (make_maxvit("rmlp"), "idle", 64),
     }
 
 
@@ -306,7 +308,7 @@ def test_a_keep_that_keeps_no_token_is_refused():
 
 @pytest.mark.parametrize("family", ["vit", "eva", "beit", "vit_relpos", "naflexvit", "vit_parallel_things", "cait",
                                     "levit", "evo_levit", "swin", "swin_v2", "swin_v2_cr", "pvt_v2", "sam",
-                                    "hiera", "hieradet", "tiny_vit", "pit"])
+                                    "hiera", "hieradet", "tiny_vit", "pit", "maxvit"])
 def test_patched_models_pickle_deepcopy_and_torch_save(family, tmp_path):
     import copy
     import pickle

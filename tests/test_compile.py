@@ -16,6 +16,7 @@ from conftest import make_vit, spread_weights
 from test_cait import make_cait
 from test_hiera import make_hiera
 from test_hieradet import make_hieradet
+from test_maxvit import make_maxvit
 from test_pit import make_pit
 from test_tiny_vit import make_tiny_vit
 from test_sam import make_sam
@@ -83,6 +84,8 @@ CASES = {
     # a distilled PiT: selections in stage 0 and after each pooling (global attention sub-sampled), representative
     "pit_evo": (lambda: make_pit("distilled"), "evo", dict(stage_starts=(1,), representative=True), 32),
     "pit_idle": (lambda: make_pit("distilled"), "idle", dict(stage_starts=(1,)), 32),
+    # one MaxViT block: an MBConv (dense), then window and grid attention idling with the einsum-made bias
+    "maxvit": (lambda: make_maxvit("tf_bias", depths=(1,), embed_dim=(16,)), "idle", dict(stage_starts=(1,)), 64),
 }
 
 
@@ -115,7 +118,7 @@ def test_inductor_full_graph(family):
 
 
 @pytest.mark.parametrize("family", ["vit", "vit_no_class_token", "eva_rope_mixed", "evo_levit", "swin", "pvt_v2",
-                                    "sam", "hiera", "hieradet", "tiny_vit_idling", "pit_evo"])
+                                    "sam", "hiera", "hieradet", "tiny_vit_idling", "pit_evo", "maxvit"])
 def test_compiled_fresh_patch_does_not_recompile(family):
     """A model compiled straight after ``apply`` (as ``tokenpace bench --compile`` does) compiles once: nothing the
     first forward builds (the block anatomy) may change what the compiled graph's guards check. (Not timm's LeViT, nor

@@ -12,6 +12,7 @@ from backbones import make_backbone
 from conftest import CIFAR, make_vit, needs_cifar, spread_weights
 from test_hiera import make_hiera
 from test_hieradet import make_hieradet
+from test_maxvit import make_maxvit
 from test_pit import make_pit
 from test_tiny_vit import make_tiny_vit
 from test_sam import make_sam
@@ -73,6 +74,7 @@ FAMILIES = {  # name: (build, input size, methods, flat)
     "hieradet": (lambda: make_hieradet(window_spec=(4, 2, 4, 4)), 128, ("idle",), False),  # keep**3: 2 of 16
     "tiny_vit": (lambda: make_tiny_vit(window_sizes=(4, 4, 4, 4)), 80, ("idle",), False),
     "pit": (lambda: make_pit("distilled"), 32, ("evo", "idle"), False),
+    "maxvit": (lambda: make_maxvit("tf_bias"), 64, ("idle",), False),  # the stem's map is feature 0
 }
 
 
@@ -185,7 +187,11 @@ def test_get_intermediate_layers_and_features_only_models_run_the_method():
                                                   depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
                                                   window_sizes=(4, 4, 4, 4))),
                          ("pit_ti_224", dict(feature_cls="getter", img_size=32, patch_size=4, stride=2,
-                                             base_dims=(8, 8, 8), depth=(2, 2, 2), heads=(1, 2, 2)))]:
+                                             base_dims=(8, 8, 8), depth=(2, 2, 2), heads=(1, 2, 2))),
+                         ("maxvit_tiny_rw_224", dict(feature_cls="getter", img_size=32, embed_dim=(16, 32),
+                                                     depths=(1, 1), stem_width=(8, 16), transformer_window_size=2,
+                                                     transformer_grid_size=2, transformer_dim_head=8,
+                                                     out_indices=(0, 1, 2)))]:
         torch.manual_seed(0)
         features = timm.create_model(name, features_only=True, **kwargs).eval()
         with torch.no_grad():
@@ -230,7 +236,7 @@ def _linear_calls(block):
                                            ("levit", "evo"), ("evo_levit", "evo"),
                                            ("swin", "idle"), ("swin_v2", "idle"), ("swin_v2_cr", "idle"),
                                            ("pvt_v2", "idle"), ("sam", "idle"), ("hiera", "idle"),
-                                           ("hieradet", "idle"), ("tiny_vit", "idle")])
+                                           ("hieradet", "idle"), ("tiny_vit", "idle"), ("maxvit", "idle")])
 def test_gradient_checkpointing_is_honoured_with_equal_gradients(family, method):
     build, size, _, _ = FAMILIES[family]
     plain = build().train()

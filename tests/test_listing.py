@@ -12,7 +12,8 @@ def test_supported_and_refused_models_with_reasons():
                     + list_support("samvit_base") + list_support("swinv2_cr_small_224") + list_support("siglip_224")
                     + list_support("dinov3") + list_support("cait_xxs24_224") + list_support("hiera_*")
                     + list_support("sam2_hiera_*") + list_support("tiny_vit_*")
-                    + list_support("pit_*"))
+                    + list_support("pit_*") + list_support("maxvit_*") + list_support("maxxvit")
+                    + list_support("coatnet_0_rw_224"))
     assert rows["deit_small_patch16_224.fb_in1k"].accepted() == ["evo", "idle", "evit", "topk"]
     swin = rows["swin_tiny_patch4_window7_224.ms_in1k"]
     assert swin.model_class == "SwinTransformer" and swin.accepted() == ["idle"]
@@ -39,6 +40,10 @@ def test_supported_and_refused_models_with_reasons():
     assert len(pit) == 8 and all(r.model_class == "PoolingVisionTransformer" and r.accepted() == ["evo", "idle"]
                                  for r in pit)
     assert "down-sample a full grid between stages" in pit[0].refusals["evit"]
+    maxvit = [r for name, r in rows.items() if name.startswith(("maxvit_", "maxxvit"))]  # window and grid attention
+    assert len(maxvit) == 36 and all(r.model_class == "MaxxVit" and r.accepted() == ["idle"] for r in maxvit)
+    coatnet = rows["coatnet_0_rw_224.sw_in1k"]  # the same class, other blocks: refused by name
+    assert coatnet.accepted() == [] and "MbConvBlock" in coatnet.refusals["idle"]
     siglip = [r for name, r in rows.items() if name.startswith("vit_base_patch16_siglip_224")]
     dinov3 = [r for name, r in rows.items() if "dinov3" in name]
     assert siglip and dinov3 and all(r.accepted() == ["evo", "idle", "evit", "topk"] for r in siglip + dinov3)

@@ -23,6 +23,7 @@ from test_hiera import make_hiera  # noqa: E402
 from test_hieradet import make_hieradet  # noqa: E402
 from test_tiny_vit import make_tiny_vit  # noqa: E402
 from test_pit import make_pit  # noqa: E402
+from test_maxvit import make_maxvit  # noqa: E402
 from test_levit import make_levit  # noqa: E402
 from test_lvvit import make_lvvit  # noqa: E402
 from test_pvt_v2 import make_pvt  # noqa: E402
@@ -86,6 +87,8 @@ FAMILIES = {
     # a distilled PiT, one block a stage: Evo selects after the first pooling (its global attention sub-sampled at
     # the kernels' centres) and again after the second, with the representative token
     "pit": (lambda: make_pit("distilled", depth=(1, 1, 1)), ("evo", {"stage_starts": (1,), "representative": True})),
+    # one MaxViT block: an MBConv (dense), then window and grid attention idling with RelPosMlp's bias
+    "maxvit": (lambda: make_maxvit("rmlp", depths=(1,), embed_dim=(16,)), ("idle", {"stage_starts": (1,)})),
 }
 
 

@@ -10,6 +10,7 @@ from .eva import TimmEva
 from .hiera import TimmHiera
 from .hieradet import HieraDetAdapter
 from .levit import EvoLevitFamily, TimmLevit
+from .maxvit import MaxVitAdapter
 from .lvvit import LvVitFamily
 from .naflexvit import TimmNaFlexVit
 from .pit import TimmPit
@@ -23,7 +24,7 @@ from .vit_relpos import TimmRelPosViT
 FAMILIES: tuple[type[Family], ...] = (TimmViT, TimmEva, TimmBeit, TimmRelPosViT, TimmNaFlexVit, TimmCait,
                                       TimmLevit, EvoLevitFamily, LvVitFamily, TimmPit, SwinAdapter, SwinV2Adapter,
                                       SwinV2CrAdapter, PvtV2Adapter, SamAdapter, TimmHiera,
-                                      HieraDetAdapter, TinyVitAdapter)
+                                      HieraDetAdapter, TinyVitAdapter, MaxVitAdapter)
 
 SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-norm, SigLIP, AIMv2; class token or "
              "not; tokenpace's evo_deit_*), timm Eva (EVA-02, DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), "
@@ -32,7 +33,7 @@ SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-
              "tokenpace's LV-ViT (lvvit_*), "
              "timm SwinTransformer (swin_*), SwinTransformerV2 (swinv2_*), SwinTransformerV2Cr (swinv2_cr_*), "
              "PyramidVisionTransformerV2 (pvt_v2_*), VisionTransformerSAM (samvit_*), Hiera (hiera_*), "
-             "HieraDet (sam2_hiera_*: SAM 2) and TinyVit (tiny_vit_*)")
+             "HieraDet (sam2_hiera_*: SAM 2), TinyVit (tiny_vit_*) and MaxxVit of MaxViT blocks (maxvit_*)")
 
 
 class UnsupportedModel(TypeError):

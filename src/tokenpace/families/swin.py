@@ -527,7 +527,8 @@ class SwinAdapter(Family):
             total += self.stage_entry_macs(s, grids[s])
             for i in blocks:
                 if self.resamples(i):  # a stage entry that pools or widens its tokens (HieraDet): always dense
-                    total += self.resampling_macs(i, grids[s - 1], grids[s])
+                    grid_in = grids[s] if i > blocks.start else grids[s - 1] if s else self._patch_grid(img_size)
+                    total += self.resampling_macs(i, grid_in, grids[s])
                     continue
                 num_windows, n = self._windows(i, grids[s])
                 work = works[i] if works is not None else BlockWork(n, n)

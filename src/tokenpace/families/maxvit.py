@@ -1,0 +1,295 @@
+"""timm ``MaxxVit`` built of MaxViT blocks (``maxvit_*``, ``maxxvit_*``, ``maxxvitv2_*``): IdleViT on block (window)
+and grid attention.
+
+Layout. Each timm ``MaxxVitBlock`` is three blocks of the family: its convolution block (MBConv, or ConvNeXt's in
+MaxxViT, on the NCHW map; the first of a stage strides), then two ``PartitionAttentionCl`` blocks on the (B, H, W, C) map, one attending within
+square windows of neighbours ("block" partition), one within a sparse grid of tokens spread over the whole map
+("grid" partition: slot (a, b) of group (r, c) is token (a * H / g + r, b * W / g + c)). The tokens travel as
+(B, H, W, C) maps; the convolution blocks run on every token (``resamples``: a convolution mixes every position).
+MaxxViT-V2 has no window attention: a grid block follows each convolution block.
+
+Idling (one selection group per window or grid group). The top k slots of each group attend among themselves, with
+the relative-position bias (``RelPosBias``, ``RelPosBiasTf`` or ``RelPosMlp``, made once per block call over every
+slot pair) gathered at their pairs, then run the MLP; the others pass through unchanged. MaxViT's partitions never
+pad (timm requires every stage map to be a multiple of the window and grid sizes), so every slot is a token.
+
+Scores (no class token). ``"received"`` (default): the mean pre-softmax logit a slot receives from every query of its
+group, bias included, summed over heads; q and k are affine in the normed input, so no key is projected. ``"norm"``,
+``"random"``: as on Swin.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..anatomy import BlockParts, Frame, LinearMap, head_interleaved_rows, qkv_rows
+from ..core.macs import BlockWork, linear_macs
+from .base import EMBEDDING, Family, IntermediateOptions, parse_img_size
+from .swin import SwinAdapter, SwinParts, _Layout, _partition, _Prep
+
+
+def _timm_classes():
+    from timm.models.maxxvit import (AttentionCl, ConvNeXtBlock, MaxxVit, MaxxVitBlock, MaxxVitStage, MbConvBlock,
+                                     PartitionAttentionCl)
+
+    return MaxxVit, MaxxVitStage, MaxxVitBlock, (MbConvBlock, ConvNeXtBlock), PartitionAttentionCl, AttentionCl
+
+
+def _ceil_half(n: int) -> int:
+    return -(-n // 2)
+
+
+def _grid_partition(t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W, D) -> (B * groups, gh * gw, D): timm's grid partition, groups in raster order per image."""
+    B, H, W, D = t.shape
+    gh, gw = grid
+    return t.reshape(B, gh, H // gh, gw, W // gw, D).permute(0, 2, 4, 1, 3, 5).reshape(-1, gh * gw, D)
+
+
+@dataclass(frozen=True)
+class _GridLayout(_Layout):
+    """A grid partition's layout: its groups gather tokens H / gh rows and W / gw columns apart."""
+
+
+def _counted(fn) -> int:
+    """MACs of ``fn()`` as FlopCounterMode counts them (a relative-position bias made by einsum or an MLP)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
+class MaxVitParts(SwinParts):
+    """timm ``PartitionAttentionCl`` + ``AttentionCl``: pre-norm, q/k/v side by side per head (``head_first``, the
+    default) or q, k and v blocks, a relative-position module whose ``get_bias()`` is the (heads, n, n) bias over
+    every slot pair, or none; LayerScale where configured."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__(block)
+        attn = self.attn
+        self.head_first, self.head_dim = attn.head_first, attn.dim_head
+
+    def qkv(self, h, where):
+        if not self.head_first:
+            return super().qkv(h, where)
+        G, n, _ = h.shape
+        return self.attn.qkv(h).view(G, n, self.num_heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=3)
+
+    def _rows(self, j: int) -> LinearMap:
+        if not self.head_first:
+            return qkv_rows(self.attn, j, self.width)
+        qkv = self.attn.qkv
+        rows = head_interleaved_rows(j, self.num_heads, self.head_dim, self.head_dim, qkv.weight.device)
+        return LinearMap(qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows])
+
+    def bias_table(self) -> torch.Tensor | None:
+        rel_pos = self.attn.rel_pos
+        # (1, heads, n, n), or (heads, n, n) from RelPosBiasTf's einsum lookup
+        if rel_pos is None:
+            return None
+        bias = rel_pos.get_bias()
+        return bias[0] if bias.dim() == 4 else bias
+
+    def table_macs(self) -> int:
+        rel_pos = self.attn.rel_pos
+        return 0 if rel_pos is None else _counted(rel_pos.get_bias)
+
+    def pair_bias(self, table: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None):
+        pairs = table.permute(1, 2, 0)  # (n, n, heads)
+        return pairs if rows is None else pairs[rows, cols]
+
+    def bias(self, where):
+        return None if where.prep.table is None else super().bias(where)
+
+
+class ConvBlockParts(BlockParts):
+    """A convolution block: no attention anatomy (it runs on every token, as the model runs it)."""
+
+
+class MaxVitAdapter(SwinAdapter):
+    """timm ``MaxxVit`` whose stages hold ``MaxxVitBlock``s: a convolution block and channels-last partition
+    attention."""
+
+    name = "timm MaxxVit"
+    classes = staticmethod(_timm_classes)
+    parts_class = MaxVitParts
+    variants = ("MaxViT and MaxxViT: maxvit_*, maxxvit_*, maxxvitv2_*; not CoAtNet's stand-alone convolution and "
+                "transformer blocks")
+    stages_attr = "stages"
+
+    def __init__(self, model: nn.Module) -> None:
+        _, Stage, Block, convs, Partition, Attention = self.classes()
+        stages, held = [], []
+        for s, stage in enumerate(model.stages):
+            blocks = list(stage.blocks) if type(stage) is Stage else [stage]
+            for j, blk in enumerate(blocks):
+                parts = [getattr(blk, name, None) for name in ("conv", "attn_block", "attn_grid")]
+                if (type(blk) is not Block or type(parts[0]) not in convs or blk.nchw_attn
+                        or any(p is not None and (type(p) is not Partition or type(p.attn) is not Attention)
+                               for p in parts[1:])):
+                    raise TypeError(f"block {j} of stage {s} of this MaxxVit is {type(blk).__name__}"
+                                    f"{self._describe(blk)}; tokenpace supports timm's MaxxVitBlock of an MbConvBlock or "
+                                    "ConvNeXtBlock and channels-last PartitionAttentionCl with AttentionCl "
+                                    f"({self.variants})")
+            stages.append([m for blk in stage.blocks for m in (blk.conv, blk.attn_block, blk.attn_grid)
+                           if m is not None])
+            held += [(blk._modules, name, getattr(blk, name), f"stage {s} block {j}'s {name}")
+                     for j, blk in enumerate(stage.blocks) for name in ("conv", "attn_block", "attn_grid")
+                     if getattr(blk, name) is not None]
+        Family.__init__(self, model, stages)
+        self._held += held
+        self._layouts = {}
+
+    @staticmethod
+    def _describe(blk: nn.Module) -> str:
+        inner = [f"{name} {type(getattr(blk, name)).__name__}" for name in ("conv", "attn_block", "attn_grid")
+                 if getattr(blk, name, None) is not None]
+        if getattr(blk, "nchw_attn", False):
+            inner.append("NCHW attention")
+        return f" ({', '.join(inner)})" if inner else ""
+
+    def make_parts(self, i: int):
+        blk = self.blocks[i]
+        return ConvBlockParts(blk) if self.resamples(i) else MaxVitParts(blk)
+
+    def resamples(self, i: int) -> bool:
+        """The convolution blocks: a convolution mixes every position (the first of each stage also strides)."""
+        return not hasattr(self.blocks[i], "attn")
+
+    # --- forward -------------------------------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
+        x = self.model.stem(x).permute(0, 2, 3, 1)  # (B, H, W, C), as timm's partition attention takes it
+        return x, Frame(grid=tuple(x.shape[1:3]))
+
+    def enter_stage(self, s: int, x: torch.Tensor, frame: Frame, row: str | None = None):
+        return x, None  # a stage's first MBConv strides
+
+    def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
+        if self.resamples(i):  # the convolution block on the NCHW map, as timm's MaxxVitBlock runs it
+            return self.blocks[i](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.blocks[i](x)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(x.permute(0, 3, 1, 2))
+
+    def feature_points(self) -> list[int]:
+        """timm's MaxxVit counts the stem's output as feature 0, then each stage's."""
+        return [EMBEDDING] + super().feature_points()
+
+    def intermediates(self, maps, final, frame, taken, stopped, options: IntermediateOptions):
+        """As timm's MaxxVit: the stem's and each stage's map as NCHW, the final norm on the last stage's with
+        ``norm``; the final map normed when the run reached the last stage."""
+        options.only_nchw(self.name)
+        last = len(self.stage_blocks)
+        maps = [y.permute(0, 3, 1, 2) for y in maps]
+        maps = [self.model.norm(y) if options.norm and j == last else y for j, y in zip(taken, maps)]
+        if options.intermediates_only:
+            return maps
+        final = final.permute(0, 3, 1, 2)
+        return (final if stopped and max(taken) < last else self.model.norm(final)), maps
+
+    # --- windows and grids ---------------------------------------------------------------------------------------
+    def group_size(self, i: int, x: torch.Tensor) -> int:
+        if self.resamples(i):  # a convolution block: one group of every position (it never idles)
+            return x.shape[1] * x.shape[2]
+        return super().group_size(i, x)
+
+    def window_shift(self, i: int, grid: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+        if self.resamples(i):
+            return tuple(grid), (0, 0)
+        return tuple(self.blocks[i].partition_size), (0, 0)
+
+    def _layout(self, i: int, H: int, W: int, device: torch.device) -> _Layout:
+        window = self.window_shift(i, (H, W))[0]
+        kind = _GridLayout if not self.resamples(i) and not self.blocks[i].partition_block else _Layout
+        key = (H, W, window, kind, device)
+        if key not in self._layouts:
+            pos = torch.arange(H * W, device=device).view(1, H, W, 1)
+            pos = (_grid_partition if kind is _GridLayout else _partition)(pos, window).squeeze(-1)
+            layout = kind(window, (0, 0), (0, 0), pos.shape[0], pos, None)
+            if torch.compiler.is_compiling():  # traced tensors (torch.export, ONNX) must not outlive the trace
+                return layout
+            self._layouts[key] = layout
+        return self._layouts[key]
+
+    def _to_windows(self, t: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        return (_grid_partition if isinstance(layout, _GridLayout) else _partition)(t, layout.window)
+
+    def prepare(self, i: int, x: torch.Tensor, frame: Frame | None = None) -> _Prep:
+        B, H, W, C = x.shape
+        parts, layout = self.parts(i), self._layout(i, H, W, x.device)
+        return _Prep(x=x, windows=self._to_windows(parts.norm1(x), layout), mask=None, layout=layout,
+                     table=parts.bias_table())
+
+    # --- sizes and cost model ------------------------------------------------------------------------------------
+    def input_size(self) -> tuple[int, int, int]:
+        return (self.model.in_chans, *self.model.img_size)
+
+    def _patch_grid(self, img_size: int | tuple[int, int] | None) -> tuple[int, int]:
+        """The stem's map: its first convolution halves the sides (rounding up, as its padding does)."""
+        H, W = self.input_size()[1:] if img_size is None else parse_img_size(img_size)
+        return _ceil_half(H), _ceil_half(W)
+
+    def _stage_grids(self, img_size: int | tuple[int, int] | None) -> list[tuple[int, int]]:
+        grid, grids = self._patch_grid(img_size), []
+        for _ in self.stage_blocks:  # each stage's first MBConv strides by 2
+            grid = (_ceil_half(grid[0]), _ceil_half(grid[1]))
+            grids.append(grid)
+        return grids
+
+    def size_problem(self, size: tuple[int, int]) -> str | None:
+        """timm partitions without padding: every stage's map must be a multiple of its window and grid sizes."""
+        grids = self._stage_grids(size)
+        for s, blocks in enumerate(self.stage_blocks):
+            for i in blocks:
+                if self.resamples(i):
+                    continue
+                window = tuple(self.blocks[i].partition_size)
+                if grids[s][0] % window[0] or grids[s][1] % window[1]:
+                    kind = "window" if self.blocks[i].partition_block else "grid"
+                    return (f"stage {s}'s {grids[s][0]}x{grids[s][1]} map is not a multiple of its {window[0]}x"
+                            f"{window[1]} {kind} (timm partitions without padding; stage maps at this input: "
+                            f"{', '.join(f'{h}x{w}' for h, w in grids)}; model.set_input_size(img_size=N) sets "
+                            "partitions for another size)")
+        return None
+
+    def ends_macs(self, img_size) -> int:
+        """The stem's two convolutions on its map and the head (its linear layers on every token when it has no
+        pool)."""
+        rows, cols = self._patch_grid(img_size)
+        stem = sum(m.weight.numel() for m in self.model.stem.modules() if isinstance(m, nn.Conv2d)) * rows * cols
+        last = self._stage_grids(img_size)[-1]
+        head_tokens = last[0] * last[1] if self.model.head.global_pool.is_identity() else 1
+        return stem + head_tokens * linear_macs(self.model.head)
+
+    def stage_entry_macs(self, s: int, grid: tuple[int, int]) -> int:
+        return 0  # the stride is in the stage's first convolution block, counted as resampling
+
+    def resampling_macs(self, i: int, grid_in: tuple[int, int], grid_out: tuple[int, int]) -> int:
+        """A convolution block (MBConv, ConvNeXt): each convolution's weights and each linear layer's once per
+        output position (a squeeze-excitation's on the pooled 1x1 map), MBConv's expansion on the input map unless
+        the block strides before it."""
+        blk = self.blocks[i]
+        pooled = {id(m) for name in ("se", "se_early") if getattr(blk, name, None) is not None
+                  for m in getattr(blk, name).modules()}
+        expansion = getattr(blk, "conv1_1x1", None)  # MBConv's
+        on_input = expansion is not None and expansion.stride == (1, 1) and isinstance(blk.down, nn.Identity)
+        total = 0
+        for m in blk.modules():
+            if not isinstance(m, (nn.Conv2d, nn.Linear)):
+                continue
+            if id(m) in pooled:
+                positions = 1
+            elif m is expansion and on_input:
+                positions = grid_in[0] * grid_in[1]
+            else:
+                positions = grid_out[0] * grid_out[1]
+            total += m.weight.numel() * positions
+        return total
+
+    def extra_macs(self, i: int, work: BlockWork, grid: tuple[int, int], dense: bool) -> int:
+        return self.parts(i).table_macs()
