@@ -229,6 +229,14 @@ def ref_window_idle_attention(logits, v, pad, scores, k):
     return (probs @ v).transpose(1, 2).reshape(*pad.shape, -1), sel
 
 
+def set_fused(model, fused: bool):
+    """Every attention's ``fused_attn`` flag (timm's; read by tokenpace's attention at each forward)."""
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    return model
+
+
 def assert_keep_one_and_remove(model, img, **idle_options) -> None:
     """Idle at keep=1 is the model exactly; Idle with ``idle_options`` (keep 0.7) changes its output; the state_dict
     keys stay those of the plain model; ``remove`` restores its output and its class."""

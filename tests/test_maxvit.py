@@ -1,6 +1,6 @@
 """MaxVitAdapter: IdleViT on timm's MaxViT and MaxxViT (each block a convolution block, then attention within
-windows and within a sparse grid), against a literal reference: timm's own window and grid partitions, every slot's full logits with the
-relative-position bias, idle keys masked, the MLP on the selected slots."""
+windows and within a sparse grid), against a literal reference: timm's own window and grid partitions, every slot's
+full logits with the relative-position bias, idle keys masked, the MLP on the selected slots."""
 import pytest
 import timm
 import torch
@@ -9,7 +9,7 @@ from timm.models.maxxvit import MaxxVit, grid_partition, grid_reverse, window_pa
 import tokenpace
 from conftest import (assert_idle_equals_reference, assert_keep_one_and_remove, assert_keep_one_intermediates_equal,
                       assert_macs_equal_flop_counter, assert_pruned_features_run_the_method, dense_and_idle_macs,
-                      ref_window_idle_attention, spread_weights)
+                      ref_window_idle_attention, set_fused, spread_weights)
 
 # At 64 px: a stride-2 stem (32x32), then stages of 16x16 and 8x8, windows and grids of 4 (16 slots a group)
 SMALL = dict(img_size=64, embed_dim=(16, 32), depths=(1, 2), stem_width=(8, 16), transformer_window_size=4,
@@ -38,15 +38,9 @@ def make_maxvit(variant: str = "rw_bias", seed: int = 0, **overrides) -> MaxxVit
     return model
 
 
-def maxvit_images(batch: int = 2, size: int = 64) -> torch.Tensor:
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
-
-
-def set_fused(model, fused: bool):
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
-    return model
+def maxvit_images(batch: int = 2, size: int | tuple[int, int] = 64) -> torch.Tensor:
+    H, W = (size, size) if isinstance(size, int) else size
+    return torch.randn(batch, 3, H, W, generator=torch.Generator().manual_seed(1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,16 +108,25 @@ def test_idle_equals_the_masked_partition_reference(variant, score, fused):
                                  stage_starts=STARTS)
 
 
+@pytest.mark.parametrize("variant", ["rw_bias", "tf_bias"])
+def test_idle_on_a_non_square_map_equals_the_reference(variant):
+    """64x96 px: stage maps 16x24 and 8x12, so a grid group's rows and columns lie 4 and 6 apart (and the TF
+    model's partitions are built for its 64 px: the input's other side is any multiple that tiles)."""
+    model, img = make_maxvit(variant), maxvit_images(size=(64, 96))
+    assert_idle_equals_reference(model, img, lambda: ref_idle(model, img, 0.7, "received"), keep=0.7,
+                                 stage_starts=STARTS)
+
+
 def test_grid_groups_gather_tokens_spread_over_the_map():
     """A grid block's group (r, c) holds the tokens (a * H / g + r, b * W / g + c): trace names them."""
     model = tokenpace.apply(make_maxvit(), "idle", keep=0.5, stage_starts=(2,))  # the first grid block idles
     with torch.no_grad(), tokenpace.trace(model) as trace:
-        model(maxvit_images(batch=1))
-    kept = trace.kept[2][0].view(16, 8)  # 16 groups of the 16x16 map, 8 of 16 slots each
-    rows, cols = kept // 16, kept % 16
+        model(maxvit_images(batch=1, size=(64, 96)))  # a 16x24 map: groups of 4x4 slots 4 rows and 6 columns apart
+    kept = trace.kept[2][0].view(24, 8)  # 4x6 groups, 8 of 16 slots each
+    rows, cols = kept // 24, kept % 24
     assert trace.kept[1] is None and trace.kept[0] is None
-    for g in range(16):  # group (r, c) = (g // 4, g % 4): rows r, r + 4, ...; columns c, c + 4, ...
-        assert torch.all(rows[g] % 4 == g // 4) and torch.all(cols[g] % 4 == g % 4)
+    for g in range(24):  # group (r, c) = (g // 6, g % 6): rows r, r + 4, ...; columns c, c + 6, ...
+        assert torch.all(rows[g] % 4 == g // 6) and torch.all(cols[g] % 6 == g % 6)
 
 
 @pytest.mark.parametrize("variant", list(MAXVITS))
@@ -174,6 +177,14 @@ def test_sizes_whose_maps_the_partitions_do_not_tile_are_refused():
         tokenpace.macs(model, img_size=80)
     with pytest.raises(AssertionError, match="must be divisible by window"):  # timm's own forward fails there
         tokenpace.remove(model)(maxvit_images(size=80))
+    # at 62 px the stem's map is 31x31: the strided MBConv rounds it up to 16, its shortcut's pooling down to 15
+    with pytest.raises(ValueError, match="stage 0's first block halves the 31x31 map to 16x16 and its shortcut pools "
+                                         "it to 15x15"):
+        tokenpace.macs(model, img_size=62)
+    with pytest.raises(RuntimeError, match="size of tensor"):  # as timm's own forward fails
+        model(maxvit_images(size=62))
+    tf = make_maxvit("tf_bias")  # 'same' padding: both round up, and timm runs it
+    assert tokenpace.macs(tf, img_size=62) > 0 and tf(maxvit_images(size=62)).shape == (2, 5)
 
 
 def test_refusals():

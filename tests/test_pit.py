@@ -9,7 +9,7 @@ from timm.models.pit import PoolingVisionTransformer
 import tokenpace
 from conftest import (assert_keep_one_and_remove, assert_keep_one_intermediates_equal, assert_macs_equal_flop_counter,
                       assert_pruned_features_run_the_method, dense_and_idle_macs, ref_attention, ref_mlp,
-                      spread_weights)
+                      set_fused, spread_weights)
 
 # stem: patch 4, stride 2 at 32 px -> a 15x15 grid (odd: the pooling pads), then 8x8 and 4x4
 BASE = dict(img_size=32, patch_size=4, stride=2, base_dims=(8, 8, 8), depth=(2, 2, 2), heads=(1, 2, 2),
@@ -25,13 +25,6 @@ def make_pit(variant: str = "plain", seed: int = 0, **overrides) -> PoolingVisio
 
 def pit_images(batch: int = 2, size: int = 32) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
-
-
-def set_fused(model, fused: bool):
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from timm.models.tiny_vit import TinyVit
 
 import tokenpace
 from conftest import (assert_idle_equals_reference, assert_keep_one_and_remove, assert_keep_one_intermediates_equal,
-                      assert_macs_equal_flop_counter, dense_and_idle_macs, ref_window_idle_attention, spread_weights)
+                      assert_macs_equal_flop_counter, dense_and_idle_macs, ref_window_idle_attention, set_fused,
+                      spread_weights)
 
 # (model options, input size). Stem stride 4, then each stage halves: at 64 px stage 0 (MBConv) holds 16x16, then
 # 8x8 (windows of 4), 4x4 (one window of 4) and 2x2 (one of 2); at 80 px 20x20, 10x10, 5x5 and 3x3: every window
@@ -38,13 +39,6 @@ def make_tiny_vit(variant: str = "plain", seed: int = 0, **overrides) -> TinyVit
 def tiny_vit_images(variant: str = "plain", batch: int = 2) -> torch.Tensor:
     size = TINYVITS[variant][1]
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
-
-
-def set_fused(model, fused: bool):
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------

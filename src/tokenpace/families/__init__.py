@@ -10,8 +10,8 @@ from .eva import TimmEva
 from .hiera import TimmHiera
 from .hieradet import HieraDetAdapter
 from .levit import EvoLevitFamily, TimmLevit
-from .maxvit import MaxVitAdapter
 from .lvvit import LvVitFamily
+from .maxvit import MaxVitAdapter
 from .naflexvit import TimmNaFlexVit
 from .pit import TimmPit
 from .pvt_v2 import PvtV2Adapter
@@ -33,7 +33,8 @@ SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-
              "tokenpace's LV-ViT (lvvit_*), "
              "timm SwinTransformer (swin_*), SwinTransformerV2 (swinv2_*), SwinTransformerV2Cr (swinv2_cr_*), "
              "PyramidVisionTransformerV2 (pvt_v2_*), VisionTransformerSAM (samvit_*), Hiera (hiera_*), "
-             "HieraDet (sam2_hiera_*: SAM 2), TinyVit (tiny_vit_*) and MaxxVit of MaxViT blocks (maxvit_*)")
+             "HieraDet (sam2_hiera_*: SAM 2), TinyVit (tiny_vit_*) and MaxxVit of MaxViT blocks (maxvit_*, maxxvit_*, "
+             "maxxvitv2_*)")
 
 
 class UnsupportedModel(TypeError):

@@ -1,10 +1,11 @@
-"""timm ``MaxxVit`` built of MaxViT blocks (``maxvit_*``, ``maxxvit_*``, ``maxxvitv2_*``): IdleViT on block (window)
-and grid attention.
+"""timm ``MaxxVit`` built of MaxViT blocks (``maxvit_*``, ``maxxvit_*``, ``maxxvitv2_*``): IdleViT on block
+(window) and grid attention.
 
 Layout. Each timm ``MaxxVitBlock`` is three blocks of the family: its convolution block (MBConv, or ConvNeXt's in
-MaxxViT, on the NCHW map; the first of a stage strides), then two ``PartitionAttentionCl`` blocks on the (B, H, W, C) map, one attending within
-square windows of neighbours ("block" partition), one within a sparse grid of tokens spread over the whole map
-("grid" partition: slot (a, b) of group (r, c) is token (a * H / g + r, b * W / g + c)). The tokens travel as
+MaxxViT, on the NCHW map; the first of a stage strides), then two ``PartitionAttentionCl`` blocks on the
+(B, H, W, C) map, one attending within square windows of neighbours ("block" partition), one within a sparse grid of
+tokens spread over the whole map ("grid" partition: slot (a, b) of group (r, c) is token
+(a * H / g + r, b * W / g + c)). The tokens travel as
 (B, H, W, C) maps; the convolution blocks run on every token (``resamples``: a convolution mixes every position).
 MaxxViT-V2 has no window attention: a grid block follows each convolution block.
 
@@ -19,15 +20,14 @@ group, bias included, summed over heads; q and k are affine in the normed input,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ..anatomy import BlockParts, Frame, LinearMap, head_interleaved_rows, qkv_rows
-from ..core.macs import BlockWork, linear_macs
+from ..anatomy import Frame, LinearMap, head_interleaved_rows, qkv_rows
+from ..core.macs import linear_macs
 from .base import EMBEDDING, Family, IntermediateOptions, parse_img_size
-from .swin import SwinAdapter, SwinParts, _Layout, _partition, _Prep
+from .swin import PairTable, SwinAdapter, SwinParts, _ceil_div, _Prep
+from .tiny_vit import ConvBlockParts
 
 
 def _timm_classes():
@@ -37,33 +37,26 @@ def _timm_classes():
     return MaxxVit, MaxxVitStage, MaxxVitBlock, (MbConvBlock, ConvNeXtBlock), PartitionAttentionCl, AttentionCl
 
 
-def _ceil_half(n: int) -> int:
-    return -(-n // 2)
+def _out_side(module: nn.Module, side: int, axis: int) -> int:
+    """One side of the map a strided convolution or pooling gives: timm's 'same' variants (``Conv2dSame``,
+    ``AvgPool2dSame``, ``MaxPool2dSame``) pad to ceil(side / stride); the others follow their own padding."""
+    pair = lambda v: v if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    stride, kernel = pair(module.stride)[axis], pair(module.kernel_size)[axis]
+    if type(module).__name__.endswith("Same"):
+        return _ceil_div(side, stride)
+    padding, dilation = pair(module.padding)[axis], pair(getattr(module, "dilation", 1))[axis]
+    span = side + 2 * padding - dilation * (kernel - 1) - 1
+    return (_ceil_div(span, stride) if getattr(module, "ceil_mode", False) else span // stride) + 1
 
 
-def _grid_partition(t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, H, W, D) -> (B * groups, gh * gw, D): timm's grid partition, groups in raster order per image."""
-    B, H, W, D = t.shape
-    gh, gw = grid
-    return t.reshape(B, gh, H // gh, gw, W // gw, D).permute(0, 2, 4, 1, 3, 5).reshape(-1, gh * gw, D)
+def _strided(modules) -> nn.Module | None:
+    """The first convolution or pooling with stride 2 among ``modules`` (in order, their children included)."""
+    return next((m for module in modules for m in module.modules()
+                 if isinstance(m, (nn.Conv2d, nn.AvgPool2d, nn.MaxPool2d))
+                 and 2 in (m.stride if isinstance(m.stride, tuple) else (m.stride,))), None)
 
 
-@dataclass(frozen=True)
-class _GridLayout(_Layout):
-    """A grid partition's layout: its groups gather tokens H / gh rows and W / gw columns apart."""
-
-
-def _counted(fn) -> int:
-    """MACs of ``fn()`` as FlopCounterMode counts them (a relative-position bias made by einsum or an MLP)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        fn()
-    return counter.get_total_flops() // 2
-
-
-class MaxVitParts(SwinParts):
+class MaxVitParts(PairTable, SwinParts):
     """timm ``PartitionAttentionCl`` + ``AttentionCl``: pre-norm, q/k/v side by side per head (``head_first``, the
     default) or q, k and v blocks, a relative-position module whose ``get_bias()`` is the (heads, n, n) bias over
     every slot pair, or none; LayerScale where configured."""
@@ -95,19 +88,22 @@ class MaxVitParts(SwinParts):
         return bias[0] if bias.dim() == 4 else bias
 
     def table_macs(self) -> int:
+        """Making the bias once per block call: RelPosMlp's MLP over its offsets; RelPosBiasTf's two einsums over
+        one-hot lookups (rows, then columns); RelPosBias's table lookup costs none."""
         rel_pos = self.attn.rel_pos
-        return 0 if rel_pos is None else _counted(rel_pos.get_bias)
-
-    def pair_bias(self, table: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None):
-        pairs = table.permute(1, 2, 0)  # (n, n, heads)
-        return pairs if rows is None else pairs[rows, cols]
+        if rel_pos is None:
+            return 0
+        if hasattr(rel_pos, "rel_coords_log"):  # RelPosMlp
+            coords = rel_pos.rel_coords_log
+            return coords.numel() // coords.shape[-1] * linear_macs(rel_pos.mlp)
+        if hasattr(rel_pos, "height_lookup"):  # RelPosBiasTf
+            heads, rows, cols = rel_pos.bias_shape
+            wh, ww = rel_pos.window_size
+            return heads * wh * wh * cols * rows + heads * wh * wh * ww * ww * cols
+        return 0
 
     def bias(self, where):
         return None if where.prep.table is None else super().bias(where)
-
-
-class ConvBlockParts(BlockParts):
-    """A convolution block: no attention anatomy (it runs on every token, as the model runs it)."""
 
 
 class MaxVitAdapter(SwinAdapter):
@@ -118,7 +114,7 @@ class MaxVitAdapter(SwinAdapter):
     classes = staticmethod(_timm_classes)
     parts_class = MaxVitParts
     variants = ("MaxViT and MaxxViT: maxvit_*, maxxvit_*, maxxvitv2_*; not CoAtNet's stand-alone convolution and "
-                "transformer blocks")
+                "transformer blocks, nor the experimental parallel block of maxvit_tiny_pm_256")
     stages_attr = "stages"
 
     def __init__(self, model: nn.Module) -> None:
@@ -132,11 +128,13 @@ class MaxVitAdapter(SwinAdapter):
                         or any(p is not None and (type(p) is not Partition or type(p.attn) is not Attention)
                                for p in parts[1:])):
                     raise TypeError(f"block {j} of stage {s} of this MaxxVit is {type(blk).__name__}"
-                                    f"{self._describe(blk)}; tokenpace supports timm's MaxxVitBlock of an MbConvBlock or "
-                                    "ConvNeXtBlock and channels-last PartitionAttentionCl with AttentionCl "
+                                    f"{self._describe(blk)}; tokenpace supports timm's MaxxVitBlock of an MbConvBlock "
+                                    "or ConvNeXtBlock and channels-last PartitionAttentionCl with AttentionCl "
                                     f"({self.variants})")
             stages.append([m for blk in stage.blocks for m in (blk.conv, blk.attn_block, blk.attn_grid)
                            if m is not None])
+            held += [(stage.blocks._modules, str(j), blk, f"stage {s} block {j} ({type(blk).__name__})")
+                     for j, blk in enumerate(stage.blocks)]
             held += [(blk._modules, name, getattr(blk, name), f"stage {s} block {j}'s {name}")
                      for j, blk in enumerate(stage.blocks) for name in ("conv", "attn_block", "attn_grid")
                      if getattr(blk, name) is not None]
@@ -203,21 +201,8 @@ class MaxVitAdapter(SwinAdapter):
             return tuple(grid), (0, 0)
         return tuple(self.blocks[i].partition_size), (0, 0)
 
-    def _layout(self, i: int, H: int, W: int, device: torch.device) -> _Layout:
-        window = self.window_shift(i, (H, W))[0]
-        kind = _GridLayout if not self.resamples(i) and not self.blocks[i].partition_block else _Layout
-        key = (H, W, window, kind, device)
-        if key not in self._layouts:
-            pos = torch.arange(H * W, device=device).view(1, H, W, 1)
-            pos = (_grid_partition if kind is _GridLayout else _partition)(pos, window).squeeze(-1)
-            layout = kind(window, (0, 0), (0, 0), pos.shape[0], pos, None)
-            if torch.compiler.is_compiling():  # traced tensors (torch.export, ONNX) must not outlive the trace
-                return layout
-            self._layouts[key] = layout
-        return self._layouts[key]
-
-    def _to_windows(self, t: torch.Tensor, layout: _Layout) -> torch.Tensor:
-        return (_grid_partition if isinstance(layout, _GridLayout) else _partition)(t, layout.window)
+    def grid_partitioned(self, i: int) -> bool:
+        return not self.resamples(i) and not self.blocks[i].partition_block
 
     def prepare(self, i: int, x: torch.Tensor, frame: Frame | None = None) -> _Prep:
         B, H, W, C = x.shape
@@ -230,19 +215,37 @@ class MaxVitAdapter(SwinAdapter):
         return (self.model.in_chans, *self.model.img_size)
 
     def _patch_grid(self, img_size: int | tuple[int, int] | None) -> tuple[int, int]:
-        """The stem's map: its first convolution halves the sides (rounding up, as its padding does)."""
+        """The stem's map: its first convolution halves the sides."""
         H, W = self.input_size()[1:] if img_size is None else parse_img_size(img_size)
-        return _ceil_half(H), _ceil_half(W)
+        conv = self.model.stem.conv1
+        return _out_side(conv, H, 0), _out_side(conv, W, 1)
+
+    def _strides(self, img_size) -> list[tuple[tuple[int, int], tuple[int, int] | None]]:
+        """Per stage, the map its first block's main path gives, and the map its shortcut gives (None: no pooling
+        shortcut); the two differ where a side is odd and only one of them rounds up."""
+        grid, out = self._patch_grid(img_size), []
+        for blocks in self.stage_blocks:
+            conv = self.blocks[blocks.start]
+            main = _strided(c for name, c in conv.named_children() if name != "shortcut")
+            short = _strided([conv.shortcut])
+            sides = [tuple(_out_side(m, grid[a], a) for a in (0, 1)) if m is not None else None for m in (main, short)]
+            grid = sides[0] or grid
+            out.append((grid, sides[1]))
+        return out
 
     def _stage_grids(self, img_size: int | tuple[int, int] | None) -> list[tuple[int, int]]:
-        grid, grids = self._patch_grid(img_size), []
-        for _ in self.stage_blocks:  # each stage's first MBConv strides by 2
-            grid = (_ceil_half(grid[0]), _ceil_half(grid[1]))
-            grids.append(grid)
-        return grids
+        return [grid for grid, _ in self._strides(img_size)]
 
     def size_problem(self, size: tuple[int, int]) -> str | None:
-        """timm partitions without padding: every stage's map must be a multiple of its window and grid sizes."""
+        """timm partitions without padding: every stage's map must be a multiple of its window and grid sizes; and
+        a stage's strided block fails where its convolution and its shortcut's pooling round an odd side apart."""
+        stem = self._patch_grid(size)
+        for s, (grid, short) in enumerate(self._strides(size)):
+            if short is not None and short != grid:
+                before = stem if s == 0 else self._stage_grids(size)[s - 1]
+                return (f"stage {s}'s first block halves the {before[0]}x{before[1]} map to {grid[0]}x{grid[1]} and "
+                        f"its shortcut pools it to {short[0]}x{short[1]} (timm's forward fails on odd sides here); "
+                        "choose a size whose maps stay even")
         grids = self._stage_grids(size)
         for s, blocks in enumerate(self.stage_blocks):
             for i in blocks:
@@ -290,6 +293,3 @@ class MaxVitAdapter(SwinAdapter):
                 positions = grid_out[0] * grid_out[1]
             total += m.weight.numel() * positions
         return total
-
-    def extra_macs(self, i: int, work: BlockWork, grid: tuple[int, int], dense: bool) -> int:
-        return self.parts(i).table_macs()

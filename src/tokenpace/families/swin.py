@@ -82,6 +82,14 @@ def _partition(t: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
     return t.reshape(B, H // wh, wh, W // ww, ww, D).transpose(2, 3).reshape(-1, wh * ww, D)
 
 
+def _grid_partition(t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W, D) with H, W multiples of the grid -> (B * groups, gh * gw, D): timm MaxViT's grid partition, where
+    slot (a, b) of group (r, c) is the token (a * H / gh + r, b * W / gw + c); groups in raster order per image."""
+    B, H, W, D = t.shape
+    gh, gw = grid
+    return t.reshape(B, gh, H // gh, gw, W // gw, D).permute(0, 2, 4, 1, 3, 5).reshape(-1, gh * gw, D)
+
+
 def _layer_scale(blk: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     """``blk.<name>(x)`` when the block has a layer scale (timm's Swin v1 blocks have none today), else x."""
     ls = getattr(blk, name, None)
@@ -98,6 +106,11 @@ class _Layout:
     num_windows: int
     positions: torch.Tensor  # (nW, n) raster position in the unshifted map of every window slot; -1 for padding
     padding: torch.Tensor | None  # (nW, n) True on padding slots; None when there is no padding
+    grid: bool = False  # a group gathers tokens spread over the map (MaxViT's grid partition), not a window
+
+    def partition(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, D), shifted and padded -> (B*nW, n, D): this layout's windows or grid groups."""
+        return (_grid_partition if self.grid else _partition)(t, self.window)
 
 
 @dataclass
@@ -282,7 +295,16 @@ class SwinV2Parts(PostNorm, SwinParts):
         return coords.numel() // coords.shape[-1] * linear_macs(self.attn.cpb_mlp)
 
 
-class SwinV2CrParts(SwinV2Parts):
+class PairTable:
+    """Parts whose :meth:`bias_table` is the (heads, n, n) bias over every slot pair itself (made by an MLP or a
+    lookup once per block call), read by :meth:`pair_bias` without an index table."""
+
+    def pair_bias(self, table: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None):
+        pairs = table.permute(1, 2, 0)  # (n, n, heads)
+        return pairs if rows is None else pairs[rows, cols]
+
+
+class SwinV2CrParts(PairTable, SwinV2Parts):
     """timm ``SwinTransformerV2CrBlock`` + ``WindowMultiHeadAttention`` (``swinv2_cr_*``): SwinV2's post-norm
     residuals and cosine attention; the bias is a small MLP over the log-spaced offsets of every slot pair, no sigmoid
     and no index table, so :meth:`bias_table` is the (heads, n, n) bias itself. The block's main-branch norm
@@ -297,10 +319,6 @@ class SwinV2CrParts(SwinV2Parts):
 
     def table_macs(self) -> int:
         return self.attn.relative_coordinates_log.shape[0] * linear_macs(self.attn.meta_mlp)
-
-    def pair_bias(self, table: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None):
-        pairs = table.permute(1, 2, 0)  # (n, n, heads)
-        return pairs if rows is None else pairs[rows, cols]
 
 
 class SwinAdapter(Family):
@@ -374,17 +392,21 @@ class SwinAdapter(Family):
         blk = self.blocks[i]
         return tuple(blk.window_size), tuple(blk.shift_size)
 
+    def grid_partitioned(self, i: int) -> bool:
+        """Block i groups tokens spread over the map (MaxViT's grid attention) instead of windows of neighbours."""
+        return False
+
     def _layout(self, i: int, H: int, W: int, device: torch.device) -> _Layout:
         window, shift = self.window_shift(i, (H, W))
-        key = (H, W, window, shift, device)
+        grid = self.grid_partitioned(i)
+        key = (H, W, window, shift, grid, device)
         if key not in self._layouts:
             pad = ((window[0] - H % window[0]) % window[0], (window[1] - W % window[1]) % window[1])
             pos = torch.arange(H * W, device=device).view(1, H, W, 1)
             pos = torch.roll(pos, shifts=(-shift[0], -shift[1]), dims=(1, 2)) if any(shift) else pos
             pos = F.pad(pos, (0, 0, 0, pad[1], 0, pad[0]), value=-1)
-            pos = _partition(pos, window).squeeze(-1)
-            padding = pos < 0 if any(pad) else None
-            layout = _Layout(window, shift, pad, pos.shape[0], pos, padding)
+            pos = (_grid_partition if grid else _partition)(pos, window).squeeze(-1)
+            layout = _Layout(window, shift, pad, pos.shape[0], pos, pos < 0 if any(pad) else None, grid)
             if torch.compiler.is_compiling():  # traced tensors (torch.export, ONNX) must not outlive the trace
                 return layout
             self._layouts[key] = layout
@@ -395,7 +417,7 @@ class SwinAdapter(Family):
         if any(layout.shift):
             t = torch.roll(t, shifts=(-layout.shift[0], -layout.shift[1]), dims=(1, 2))
         t = F.pad(t, (0, 0, 0, layout.pad[1], 0, layout.pad[0])) if any(layout.pad) else t
-        return _partition(t, layout.window)
+        return layout.partition(t)
 
     # --- selection groups: the attention windows -----------------------------------------------------------------
     def group_size(self, i: int, x: torch.Tensor) -> int:
