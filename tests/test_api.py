@@ -260,6 +260,7 @@ def _families():
         "tiny_vit": (make_tiny_vit("padded", window_sizes=(4, 4, 4, 4)), "idle", 80),
         "pit": (make_pit("distilled"), "evo", 32),
         "maxvit": (make_maxvit("rmlp"), "idle", 64),
+        "coatnet": (make_maxvit("coatnet"), "idle", 64),
     }
 
 
@@ -308,7 +309,8 @@ def test_a_keep_that_keeps_no_token_is_refused():
 
 @pytest.mark.parametrize("family", ["vit", "eva", "beit", "vit_relpos", "naflexvit", "vit_parallel_things", "cait",
                                     "levit", "evo_levit", "swin", "swin_v2", "swin_v2_cr", "pvt_v2", "sam",
-                                    "hiera", "hieradet", "tiny_vit", "pit", "maxvit"])
+                                    "hiera", "hieradet", "tiny_vit", "pit", "maxvit",
+                                    "coatnet"])
 def test_patched_models_pickle_deepcopy_and_torch_save(family, tmp_path):
     import copy
     import pickle

@@ -86,6 +86,8 @@ CASES = {
     "pit_idle": (lambda: make_pit("distilled"), "idle", dict(stage_starts=(1,)), 32),
     # one MaxViT block: an MBConv (dense), then window and grid attention idling with the einsum-made bias
     "maxvit": (lambda: make_maxvit("tf_bias", depths=(1,), embed_dim=(16,)), "idle", dict(stage_starts=(1,)), 64),
+    # CoAtNet: an MBConv stage, a strided transformer block (dense), then two over the whole map idling
+    "coatnet": (lambda: make_maxvit("coatnet_bn", depths=(1, 3)), "idle", dict(stage_starts=(2,)), 64),
 }
 
 

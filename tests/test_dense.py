@@ -75,6 +75,7 @@ FAMILIES = {  # name: (build, input size, methods, flat)
     "tiny_vit": (lambda: make_tiny_vit(window_sizes=(4, 4, 4, 4)), 80, ("idle",), False),
     "pit": (lambda: make_pit("distilled"), 32, ("evo", "idle"), False),
     "maxvit": (lambda: make_maxvit("tf_bias"), 64, ("idle",), False),  # the stem's map is feature 0
+    "coatnet": (lambda: make_maxvit("coatnet_rmlp"), 64, ("idle",), False),  # NCHW attention over the whole map
 }
 
 
@@ -222,10 +223,11 @@ def test_refused_feature_requests_name_what_is_accepted():
 
 
 def _linear_calls(block):
-    """Count the calls of every Linear inside ``block`` (however the block is run: whole or through its parts)."""
+    """Count the calls of every Linear and convolution inside ``block`` (however the block is run: whole or through
+    its parts; CoAtNet's MLP is convolutions)."""
     calls = []
     hooks = [m.register_forward_pre_hook(lambda module, args: calls.append(1))
-             for m in block.modules() if isinstance(m, torch.nn.Linear)]
+             for m in block.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     return calls, hooks
 
 
@@ -236,7 +238,8 @@ def _linear_calls(block):
                                            ("levit", "evo"), ("evo_levit", "evo"),
                                            ("swin", "idle"), ("swin_v2", "idle"), ("swin_v2_cr", "idle"),
                                            ("pvt_v2", "idle"), ("sam", "idle"), ("hiera", "idle"),
-                                           ("hieradet", "idle"), ("tiny_vit", "idle"), ("maxvit", "idle")])
+                                           ("hieradet", "idle"), ("tiny_vit", "idle"), ("maxvit", "idle"),
+                                           ("coatnet", "idle")])
 def test_gradient_checkpointing_is_honoured_with_equal_gradients(family, method):
     build, size, _, _ = FAMILIES[family]
     plain = build().train()

@@ -89,6 +89,9 @@ FAMILIES = {
     "pit": (lambda: make_pit("distilled", depth=(1, 1, 1)), ("evo", {"stage_starts": (1,), "representative": True})),
     # one MaxViT block: an MBConv (dense), then window and grid attention idling with RelPosMlp's bias
     "maxvit": (lambda: make_maxvit("rmlp", depths=(1,), embed_dim=(16,)), ("idle", {"stage_starts": (1,)})),
+    # CoAtNet: an MBConv stage, a strided transformer block (dense), one over the whole map idling (NCHW layers on
+    # the selected tokens' (B, C, k, 1) map)
+    "coatnet": (lambda: make_maxvit("coatnet", depths=(1, 2)), ("idle", {"stage_starts": (2,)})),
 }
 
 

@@ -311,7 +311,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_model_source(sh, overrides="--method, --keep and --mode")
     sh.add_argument("--method", choices=METHOD_NAMES, default=None,
                     help="default: the run's method with --run, else the family's first (evo on ViTs, LeViT and PiT, "
-                         "idle on Swin, PVTv2, SAM, Hiera, SAM 2's HieraDet, TinyViT and MaxViT)")
+                         "idle on Swin, PVTv2, SAM, Hiera, SAM 2's HieraDet, TinyViT, MaxViT and CoAtNet)")
     sh.add_argument("--keep", type=_keep, default=None, metavar="X", help="keep ratio in (0, 1]")
     sh.add_argument("--mode", choices=("stage", "layer"), default=None, help="Evo's selection mode")
     sh.add_argument("--output", default="tokenpace_show", metavar="DIR",

@@ -1,5 +1,5 @@
-"""timm ``MaxxVit`` built of MaxViT blocks (``maxvit_*``, ``maxxvit_*``, ``maxxvitv2_*``): IdleViT on block
-(window) and grid attention.
+"""timm ``MaxxVit``: MaxViT and MaxxViT (``maxvit_*``, ``maxxvit_*``, ``maxxvitv2_*``: IdleViT on block (window) and
+grid attention) and CoAtNet (``coatnet_*``, ``coatnext_*``: IdleViT on attention over the whole map).
 
 Layout. Each timm ``MaxxVitBlock`` is three blocks of the family: its convolution block (MBConv, or ConvNeXt's in
 MaxxViT, on the NCHW map; the first of a stage strides), then two ``PartitionAttentionCl`` blocks on the
@@ -14,6 +14,14 @@ the relative-position bias (``RelPosBias``, ``RelPosBiasTf`` or ``RelPosMlp``, m
 slot pair) gathered at their pairs, then run the MLP; the others pass through unchanged. MaxViT's partitions never
 pad (timm requires every stage map to be a multiple of the window and grid sizes), so every slot is a token.
 
+CoAtNet's stages hold stand-alone blocks instead: convolution blocks (MBConv, ConvNeXt's), which run on every token,
+and ``TransformerBlock2d`` (NCHW: norms over channels, 1x1-convolution projections, a convolutional MLP), whose
+attention spans the whole map with a relative-position bias over every token pair. The first transformer block of
+a stage pools its input and shortcut (stride 2) and runs on every token; the others idle with one selection group,
+the map, their layers run on token sets through the (B, C, n, 1) maps the sets form (``levit.on_token_map``). With
+BatchNorm norms (``coatnet_bn_*``) in training, the MLP's norm normalises over the tokens it runs on, as LeViT's
+blocks do.
+
 Scores (no class token). ``"received"`` (default): the mean pre-softmax logit a slot receives from every query of its
 group, bias included, summed over heads; q and k are affine in the normed input, so no key is projected. ``"norm"``,
 ``"random"``: as on Swin.
@@ -23,18 +31,37 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..anatomy import Frame, LinearMap, head_interleaved_rows, qkv_rows
-from ..core.macs import linear_macs
+import torch.nn.functional as F
+
+from ..anatomy import BlockParts, Frame, LinearMap, head_interleaved_rows
+from ..core.macs import BlockShape, linear_macs
 from .base import EMBEDDING, Family, IntermediateOptions, parse_img_size
+from .levit import on_token_map
 from .swin import PairTable, SwinAdapter, SwinParts, _ceil_div, _Prep
 from .tiny_vit import ConvBlockParts
 
 
 def _timm_classes():
-    from timm.models.maxxvit import (AttentionCl, ConvNeXtBlock, MaxxVit, MaxxVitBlock, MaxxVitStage, MbConvBlock,
-                                     PartitionAttentionCl)
+    from timm.models.maxxvit import (Attention2d, AttentionCl, ConvNeXtBlock, MaxxVit, MaxxVitBlock, MaxxVitStage,
+                                     MbConvBlock, PartitionAttentionCl, TransformerBlock2d)
 
-    return MaxxVit, MaxxVitStage, MaxxVitBlock, (MbConvBlock, ConvNeXtBlock), PartitionAttentionCl, AttentionCl
+    return (MaxxVit, MaxxVitStage, MaxxVitBlock, (MbConvBlock, ConvNeXtBlock), PartitionAttentionCl, AttentionCl,
+            TransformerBlock2d, Attention2d)
+
+
+def _table_macs(rel_pos: nn.Module | None) -> int:
+    """Making a relative-position bias once per block call: RelPosMlp's MLP over its offsets; RelPosBiasTf's two
+    einsums over one-hot lookups (rows, then columns); RelPosBias's table lookup costs none."""
+    if rel_pos is None:
+        return 0
+    if hasattr(rel_pos, "rel_coords_log"):  # RelPosMlp
+        coords = rel_pos.rel_coords_log
+        return coords.numel() // coords.shape[-1] * linear_macs(rel_pos.mlp)
+    if hasattr(rel_pos, "height_lookup"):  # RelPosBiasTf
+        heads, rows, cols = rel_pos.bias_shape
+        wh, ww = rel_pos.window_size
+        return heads * wh * wh * cols * rows + heads * wh * wh * ww * ww * cols
+    return 0
 
 
 def _out_side(module: nn.Module, side: int, axis: int) -> int:
@@ -66,18 +93,24 @@ class MaxVitParts(PairTable, SwinParts):
         attn = self.attn
         self.head_first, self.head_dim = attn.head_first, attn.dim_head
 
+    def _projected(self, h: torch.Tensor) -> torch.Tensor:
+        return self.attn.qkv(h)
+
     def qkv(self, h, where):
-        if not self.head_first:
-            return super().qkv(h, where)
         G, n, _ = h.shape
-        return self.attn.qkv(h).view(G, n, self.num_heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=3)
+        t = self._projected(h)
+        if self.head_first:
+            return t.view(G, n, self.num_heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=3)
+        return t.reshape(G, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
 
     def _rows(self, j: int) -> LinearMap:
-        if not self.head_first:
-            return qkv_rows(self.attn, j, self.width)
         qkv = self.attn.qkv
-        rows = head_interleaved_rows(j, self.num_heads, self.head_dim, self.head_dim, qkv.weight.device)
-        return LinearMap(qkv.weight[rows], None if qkv.bias is None else qkv.bias[rows])
+        weight = qkv.weight.flatten(1)  # a Linear's, or a 1x1 convolution's (CoAtNet)
+        if self.head_first:
+            rows = head_interleaved_rows(j, self.num_heads, self.head_dim, self.head_dim, weight.device)
+        else:
+            rows = slice(j * self.width, (j + 1) * self.width)
+        return LinearMap(weight[rows], None if qkv.bias is None else qkv.bias[rows])
 
     def bias_table(self) -> torch.Tensor | None:
         rel_pos = self.attn.rel_pos
@@ -88,22 +121,56 @@ class MaxVitParts(PairTable, SwinParts):
         return bias[0] if bias.dim() == 4 else bias
 
     def table_macs(self) -> int:
-        """Making the bias once per block call: RelPosMlp's MLP over its offsets; RelPosBiasTf's two einsums over
-        one-hot lookups (rows, then columns); RelPosBias's table lookup costs none."""
-        rel_pos = self.attn.rel_pos
-        if rel_pos is None:
-            return 0
-        if hasattr(rel_pos, "rel_coords_log"):  # RelPosMlp
-            coords = rel_pos.rel_coords_log
-            return coords.numel() // coords.shape[-1] * linear_macs(rel_pos.mlp)
-        if hasattr(rel_pos, "height_lookup"):  # RelPosBiasTf
-            heads, rows, cols = rel_pos.bias_shape
-            wh, ww = rel_pos.window_size
-            return heads * wh * wh * cols * rows + heads * wh * wh * ww * ww * cols
-        return 0
+        return _table_macs(self.attn.rel_pos)
 
     def bias(self, where):
         return None if where.prep.table is None else super().bias(where)
+
+
+class CoatParts(MaxVitParts):
+    """timm ``TransformerBlock2d`` + ``Attention2d`` (CoAtNet, NCHW) without its stride: norms over channels
+    (LayerNorm2d or BatchNorm2d), q/k/v and output projections as 1x1 convolutions, a convolutional MLP and
+    LayerScale2d; every layer runs on a token set as on the (B, C, n, 1) map it forms."""
+
+    def __init__(self, block: nn.Module) -> None:
+        BlockParts.__init__(self, block)
+        attn = self.attn = self.hold(block, "attn")
+        self.require_plain_linear(attn, "qkv", f"attn.qkv of a {type(block).__name__}")
+        self.num_heads, self.scale, self.head_first, self.head_dim = (attn.num_heads, attn.scale, attn.head_first,
+                                                                       attn.dim_head)
+        self.width = attn.qkv.out_channels // 3
+
+    @staticmethod
+    def _on_tokens(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """An NCHW module on tokens (B, n, C) or a (B, H, W, C) map, as on the NCHW map they form."""
+        return on_token_map(module, x.reshape(x.shape[0], -1, x.shape[-1])).reshape(x.shape[:-1] + (-1,))
+
+    def norm1(self, x):
+        return self._on_tokens(self.block.norm1, x)
+
+    def norm2(self, x):
+        return self._on_tokens(self.block.norm2, x)
+
+    def _projected(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.attn.qkv.weight.flatten(1), self.attn.qkv.bias)
+
+    def out(self, o, h):
+        proj = self.attn.proj
+        return self.attn.proj_drop(F.linear(o, proj.weight.flatten(1), proj.bias))
+
+    def mlp(self, h, where=None):
+        return self._on_tokens(self.block.mlp, h)
+
+    def res_attn(self, x, y):
+        return x + self.block.drop_path1(self._on_tokens(self.block.ls1, y))
+
+    def res_mlp(self, x, y):
+        return x + self.block.drop_path2(self._on_tokens(self.block.ls2, y))
+
+    def shape(self) -> BlockShape:
+        attn = self.attn
+        return BlockShape(dim=attn.qkv.in_channels, qk_dim=self.width, v_dim=self.width, qkv=linear_macs(attn.qkv),
+                          proj=linear_macs(attn.proj), mlp=linear_macs(self.block.mlp))
 
 
 class MaxVitAdapter(SwinAdapter):
@@ -113,31 +180,35 @@ class MaxVitAdapter(SwinAdapter):
     name = "timm MaxxVit"
     classes = staticmethod(_timm_classes)
     parts_class = MaxVitParts
-    variants = ("MaxViT and MaxxViT: maxvit_*, maxxvit_*, maxxvitv2_*; not CoAtNet's stand-alone convolution and "
-                "transformer blocks, nor the experimental parallel block of maxvit_tiny_pm_256")
+    variants = ("MaxViT, MaxxViT and CoAtNet: maxvit_*, maxxvit_*, maxxvitv2_*, coatnet_*, coatnext_*; not the "
+                "experimental parallel block of maxvit_tiny_pm_256")
     stages_attr = "stages"
 
     def __init__(self, model: nn.Module) -> None:
-        _, Stage, Block, convs, Partition, Attention = self.classes()
+        _, Stage, Block, convs, Partition, Attention, Transformer, Attention2d = self.classes()
         stages, held = [], []
         for s, stage in enumerate(model.stages):
             blocks = list(stage.blocks) if type(stage) is Stage else [stage]
+            family_blocks = []
             for j, blk in enumerate(blocks):
+                if type(blk) in convs or (type(blk) is Transformer and type(blk.attn) is Attention2d):
+                    family_blocks.append(blk)  # CoAtNet's stand-alone blocks
+                    held.append((stage.blocks._modules, str(j), blk, f"stage {s} block {j} ({type(blk).__name__})"))
+                    continue
                 parts = [getattr(blk, name, None) for name in ("conv", "attn_block", "attn_grid")]
                 if (type(blk) is not Block or type(parts[0]) not in convs or blk.nchw_attn
                         or any(p is not None and (type(p) is not Partition or type(p.attn) is not Attention)
                                for p in parts[1:])):
                     raise TypeError(f"block {j} of stage {s} of this MaxxVit is {type(blk).__name__}"
                                     f"{self._describe(blk)}; tokenpace supports timm's MaxxVitBlock of an MbConvBlock "
-                                    "or ConvNeXtBlock and channels-last PartitionAttentionCl with AttentionCl "
+                                    "or ConvNeXtBlock and channels-last PartitionAttentionCl with AttentionCl, and "
+                                    "CoAtNet's MbConvBlock, ConvNeXtBlock and TransformerBlock2d with Attention2d "
                                     f"({self.variants})")
-            stages.append([m for blk in stage.blocks for m in (blk.conv, blk.attn_block, blk.attn_grid)
-                           if m is not None])
-            held += [(stage.blocks._modules, str(j), blk, f"stage {s} block {j} ({type(blk).__name__})")
-                     for j, blk in enumerate(stage.blocks)]
-            held += [(blk._modules, name, getattr(blk, name), f"stage {s} block {j}'s {name}")
-                     for j, blk in enumerate(stage.blocks) for name in ("conv", "attn_block", "attn_grid")
-                     if getattr(blk, name) is not None]
+                family_blocks += [p for p in parts if p is not None]
+                held.append((stage.blocks._modules, str(j), blk, f"stage {s} block {j} ({type(blk).__name__})"))
+                held += [(blk._modules, name, p, f"stage {s} block {j}'s {name}")
+                         for name, p in zip(("conv", "attn_block", "attn_grid"), parts) if p is not None]
+            stages.append(family_blocks)
         Family.__init__(self, model, stages)
         self._held += held
         self._layouts = {}
@@ -152,11 +223,19 @@ class MaxVitAdapter(SwinAdapter):
 
     def make_parts(self, i: int):
         blk = self.blocks[i]
-        return ConvBlockParts(blk) if self.resamples(i) else MaxVitParts(blk)
+        if self.resamples(i):
+            return ConvBlockParts(blk)
+        return MaxVitParts(blk) if self._partitioned(i) else CoatParts(blk)
 
     def resamples(self, i: int) -> bool:
-        """The convolution blocks: a convolution mixes every position (the first of each stage also strides)."""
-        return not hasattr(self.blocks[i], "attn")
+        """The convolution blocks (a convolution mixes every position; the first of each stage also strides) and
+        CoAtNet's strided transformer blocks (they pool their input and shortcut)."""
+        blk = self.blocks[i]
+        return not hasattr(blk, "attn") or not isinstance(getattr(blk, "shortcut", nn.Identity()), nn.Identity)
+
+    def _partitioned(self, i: int) -> bool:
+        """Block i attends within windows or grid groups on the (B, H, W, C) map (MaxViT), not over the NCHW map."""
+        return hasattr(self.blocks[i], "partition_block")
 
     # --- forward -------------------------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
@@ -167,9 +246,9 @@ class MaxVitAdapter(SwinAdapter):
         return x, None  # a stage's first MBConv strides
 
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
-        if self.resamples(i):  # the convolution block on the NCHW map, as timm's MaxxVitBlock runs it
-            return self.blocks[i](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.blocks[i](x)
+        if self._partitioned(i):
+            return self.blocks[i](x)
+        return self.blocks[i](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # an NCHW block, as timm runs it
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.norm(x.permute(0, 3, 1, 2))
@@ -191,18 +270,14 @@ class MaxVitAdapter(SwinAdapter):
         return (final if stopped and max(taken) < last else self.model.norm(final)), maps
 
     # --- windows and grids ---------------------------------------------------------------------------------------
-    def group_size(self, i: int, x: torch.Tensor) -> int:
-        if self.resamples(i):  # a convolution block: one group of every position (it never idles)
-            return x.shape[1] * x.shape[2]
-        return super().group_size(i, x)
-
     def window_shift(self, i: int, grid: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-        if self.resamples(i):
-            return tuple(grid), (0, 0)
-        return tuple(self.blocks[i].partition_size), (0, 0)
+        """MaxViT's window or grid size; the whole map elsewhere (CoAtNet's attention, a convolution block)."""
+        if self._partitioned(i):
+            return tuple(self.blocks[i].partition_size), (0, 0)
+        return tuple(grid), (0, 0)
 
     def grid_partitioned(self, i: int) -> bool:
-        return not self.resamples(i) and not self.blocks[i].partition_block
+        return self._partitioned(i) and not self.blocks[i].partition_block
 
     def prepare(self, i: int, x: torch.Tensor, frame: Frame | None = None) -> _Prep:
         B, H, W, C = x.shape
@@ -247,17 +322,24 @@ class MaxVitAdapter(SwinAdapter):
                         f"its shortcut pools it to {short[0]}x{short[1]} (timm's forward fails on odd sides here); "
                         "choose a size whose maps stay even")
         grids = self._stage_grids(size)
+        maps = ", ".join(f"{h}x{w}" for h, w in grids)
         for s, blocks in enumerate(self.stage_blocks):
+            (H, W) = grids[s]
             for i in blocks:
-                if self.resamples(i):
-                    continue
-                window = tuple(self.blocks[i].partition_size)
-                if grids[s][0] % window[0] or grids[s][1] % window[1]:
-                    kind = "window" if self.blocks[i].partition_block else "grid"
-                    return (f"stage {s}'s {grids[s][0]}x{grids[s][1]} map is not a multiple of its {window[0]}x"
-                            f"{window[1]} {kind} (timm partitions without padding; stage maps at this input: "
-                            f"{', '.join(f'{h}x{w}' for h, w in grids)}; model.set_input_size(img_size=N) sets "
-                            "partitions for another size)")
+                blk = self.blocks[i]
+                if self._partitioned(i):
+                    window = tuple(blk.partition_size)
+                    if H % window[0] or W % window[1]:
+                        kind = "window" if blk.partition_block else "grid"
+                        return (f"stage {s}'s {H}x{W} map is not a multiple of its {window[0]}x{window[1]} {kind} "
+                                f"(timm partitions without padding; stage maps at this input: {maps}; "
+                                "model.set_input_size(img_size=N) sets partitions for another size)")
+                elif getattr(getattr(blk, "attn", None), "rel_pos", None) is not None:
+                    table = tuple(blk.attn.rel_pos.window_size)
+                    if table != (H, W):
+                        return (f"stage {s}'s {H}x{W} map is not the {table[0]}x{table[1]} map its relative-position "
+                                f"bias is built for (attention over the whole map; stage maps at this input: {maps}; "
+                                "build the model with img_size=N for another size)")
         return None
 
     def ends_macs(self, img_size) -> int:
@@ -273,17 +355,23 @@ class MaxVitAdapter(SwinAdapter):
         return 0  # the stride is in the stage's first convolution block, counted as resampling
 
     def resampling_macs(self, i: int, grid_in: tuple[int, int], grid_out: tuple[int, int]) -> int:
-        """A convolution block (MBConv, ConvNeXt): each convolution's weights and each linear layer's once per
-        output position (a squeeze-excitation's on the pooled 1x1 map), MBConv's expansion on the input map unless
-        the block strides before it."""
+        """A convolution block (MBConv, ConvNeXt) or CoAtNet's strided transformer block: each convolution's weights
+        and each linear layer's once per output position (a squeeze-excitation's on the pooled 1x1 map), MBConv's
+        expansion on the input map unless the block strides before it; the transformer block's attention over the
+        pooled map and its bias."""
         blk = self.blocks[i]
         pooled = {id(m) for name in ("se", "se_early") if getattr(blk, name, None) is not None
                   for m in getattr(blk, name).modules()}
         expansion = getattr(blk, "conv1_1x1", None)  # MBConv's
         on_input = expansion is not None and expansion.stride == (1, 1) and isinstance(blk.down, nn.Identity)
+        attn = getattr(blk, "attn", None)
+        table = set() if attn is None or attn.rel_pos is None else {id(m) for m in attn.rel_pos.modules()}
         total = 0
+        if attn is not None:
+            n = grid_out[0] * grid_out[1]
+            total += 2 * n * n * (attn.qkv.out_channels // 3) + _table_macs(attn.rel_pos)
         for m in blk.modules():
-            if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            if not isinstance(m, (nn.Conv2d, nn.Linear)) or id(m) in table:
                 continue
             if id(m) in pooled:
                 positions = 1
