@@ -120,7 +120,8 @@ def test_inductor_full_graph(family):
 
 
 @pytest.mark.parametrize("family", ["vit", "vit_no_class_token", "eva_rope_mixed", "evo_levit", "swin", "pvt_v2",
-                                    "sam", "hiera", "hieradet", "tiny_vit_idling", "pit_evo", "maxvit"])
+                                    "sam", "hiera", "hieradet", "tiny_vit_idling", "pit_evo", "maxvit",
+                                    "coatnet"])
 def test_compiled_fresh_patch_does_not_recompile(family):
     """A model compiled straight after ``apply`` (as ``tokenpace bench --compile`` does) compiles once: nothing the
     first forward builds (the block anatomy) may change what the compiled graph's guards check. (Not timm's LeViT, nor

@@ -25,7 +25,8 @@ MAXVITS = {  # name: (timm model, options): the three relative-position modules 
     "maxxvit": ("maxxvit_rmlp_nano_rw_256", dict()),  # ConvNeXt convolution blocks (7x7 depth-wise, conv MLP)
     "maxxvit_v2": ("maxxvitv2_nano_rw_256", dict()),  # ConvNeXt convolutions, grid attention only
     # CoAtNet: an MBConv stage, then transformer blocks over the whole 8x8 map (the first strided: dense)
-    "coatnet": ("coatnet_0_rw_224", dict(block_type=("C", "T"), depths=(1, 5))),  # LayerNorm2d, RelPosBias
+    "coatnet": ("coatnet_0_rw_224", dict(block_type=("C", "T"), depths=(1, 5),  # LayerNorm2d, RelPosBias,
+                                         transformer_init_values=0.5)),  # LayerScale2d
     "coatnet_bn": ("coatnet_bn_0_rw_224", dict(block_type=("C", "T"), depths=(1, 5))),  # BatchNorm2d norms
     "coatnet_rmlp": ("coatnet_rmlp_nano_rw_224", dict(block_type=("C", "T"), depths=(1, 5))),  # RelPosMlp
 }
@@ -86,11 +87,8 @@ def ref_idle_coat(blk, x, k, score):
     attn = blk.attn
     B, C, H, W = x.shape
     n, d = H * W, attn.dim_head
-    qkv = attn.qkv(blk.norm1(x))
-    if attn.head_first:
-        q, key, v = qkv.view(B, attn.num_heads, 3 * d, n).chunk(3, dim=2)  # (B, heads, d, n)
-    else:
-        q, key, v = qkv.reshape(B, 3, attn.num_heads, d, n).unbind(1)
+    assert attn.head_first  # timm's TransformerBlock2d never builds another layout
+    q, key, v = attn.qkv(blk.norm1(x)).view(B, attn.num_heads, 3 * d, n).chunk(3, dim=2)  # (B, heads, d, n)
     logits = (q * attn.scale).transpose(-2, -1) @ key
     if attn.rel_pos is not None:
         logits = logits + attn.rel_pos.get_bias()
@@ -145,11 +143,13 @@ def test_idle_equals_the_masked_partition_reference(variant, score, fused):
                                  stage_starts=STARTS)
 
 
-@pytest.mark.parametrize("variant", ["rw_bias", "tf_bias"])
+@pytest.mark.parametrize("variant", ["rw_bias", "tf_bias", "coatnet"])
 def test_idle_on_a_non_square_map_equals_the_reference(variant):
-    """64x96 px: stage maps 16x24 and 8x12, so a grid group's rows and columns lie 4 and 6 apart (and the TF
-    model's partitions are built for its 64 px: the input's other side is any multiple that tiles)."""
-    model, img = make_maxvit(variant), maxvit_images(size=(64, 96))
+    """64x96 px: stage maps 16x24 and 8x12, so a grid group's rows and columns lie 4 and 6 apart (MaxViT's partitions
+    are built for 64 px: the input's other side is any multiple that tiles); CoAtNet built for 64x96 (its bias
+    covers the 8x12 map)."""
+    build = dict(img_size=(64, 96)) if variant == "coatnet" else {}
+    model, img = make_maxvit(variant, **build), maxvit_images(size=(64, 96))
     assert_idle_equals_reference(model, img, lambda: ref_idle(model, img, 0.7, "received"), keep=0.7,
                                  stage_starts=STARTS)
 
@@ -224,6 +224,27 @@ def test_sizes_whose_maps_the_partitions_do_not_tile_are_refused():
         model(maxvit_images(size=62))
     tf = make_maxvit("tf_bias")  # 'same' padding: both round up, and timm runs it
     assert tokenpace.macs(tf, img_size=62) > 0 and tf(maxvit_images(size=62)).shape == (2, 5)
+
+
+def test_coatnet_sizes_its_bias_does_not_cover_are_refused():
+    model = tokenpace.apply(make_maxvit("coatnet"), "idle", stage_starts=STARTS)  # built for 64 px: an 8x8 map
+    with pytest.raises(ValueError, match=r"cannot run 96x96 inputs: stage 1's 12x12 map is not the 8x8 map its "
+                                         "relative-position bias is built for"):
+        tokenpace.macs(model, img_size=96)
+    family = tokenpace.get_patch(model).adapter
+    with pytest.raises(ValueError, match=r"block 2 attends over 12x12 tokens, and its relative-position bias is built "
+                                         "for 64"):  # timm's strided block fails first in a forward; this guards
+        family.prepare(2, torch.zeros(1, 12, 12, 32))  # a gather that would not fail
+
+
+def test_coatnet_with_batchnorm_trains_and_updates_its_statistics():
+    """In training the MLP's BatchNorm normalises over the tokens it runs on (the selected ones)."""
+    model = tokenpace.apply(make_maxvit("coatnet_bn"), "idle", stage_starts=STARTS).train()
+    norm = model.stages[1].blocks[2].norm2
+    before = norm.running_mean.clone()
+    model(maxvit_images()).logsumexp(-1).mean().backward()
+    assert not torch.equal(norm.running_mean, before)
+    assert model.stages[1].blocks[2].attn.qkv.weight.grad.abs().sum() > 0
 
 
 def test_refusals():

@@ -33,8 +33,8 @@ SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-
              "tokenpace's LV-ViT (lvvit_*), "
              "timm SwinTransformer (swin_*), SwinTransformerV2 (swinv2_*), SwinTransformerV2Cr (swinv2_cr_*), "
              "PyramidVisionTransformerV2 (pvt_v2_*), VisionTransformerSAM (samvit_*), Hiera (hiera_*), "
-             "HieraDet (sam2_hiera_*: SAM 2), TinyVit (tiny_vit_*) and MaxxVit of MaxViT blocks (maxvit_*, maxxvit_*, "
-             "maxxvitv2_*)")
+             "HieraDet (sam2_hiera_*: SAM 2), TinyVit (tiny_vit_*) and MaxxVit (maxvit_*, maxxvit_*, maxxvitv2_*, "
+             "coatnet_*, coatnext_*)")
 
 
 class UnsupportedModel(TypeError):

@@ -29,11 +29,10 @@ group, bias included, summed over heads; q and k are affine in the normed input,
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-import torch.nn.functional as F
-
-from ..anatomy import BlockParts, Frame, LinearMap, head_interleaved_rows
+from ..anatomy import Frame, LinearMap, head_interleaved_rows
 from ..core.macs import BlockShape, linear_macs
 from .base import EMBEDDING, Family, IntermediateOptions, parse_img_size
 from .levit import on_token_map
@@ -47,6 +46,9 @@ def _timm_classes():
 
     return (MaxxVit, MaxxVitStage, MaxxVitBlock, (MbConvBlock, ConvNeXtBlock), PartitionAttentionCl, AttentionCl,
             TransformerBlock2d, Attention2d)
+
+
+MAXVIT_PARTS = ("conv", "attn_block", "attn_grid")  # a MaxxVitBlock's three blocks of the family, in order
 
 
 def _table_macs(rel_pos: nn.Module | None) -> int:
@@ -73,6 +75,7 @@ def _out_side(module: nn.Module, side: int, axis: int) -> int:
         return _ceil_div(side, stride)
     padding, dilation = pair(module.padding)[axis], pair(getattr(module, "dilation", 1))[axis]
     span = side + 2 * padding - dilation * (kernel - 1) - 1
+    # ceil_mode without PyTorch's correction for a last window starting in the padding: no timm block here sets it
     return (_ceil_div(span, stride) if getattr(module, "ceil_mode", False) else span // stride) + 1
 
 
@@ -114,10 +117,9 @@ class MaxVitParts(PairTable, SwinParts):
 
     def bias_table(self) -> torch.Tensor | None:
         rel_pos = self.attn.rel_pos
-        # (1, heads, n, n), or (heads, n, n) from RelPosBiasTf's einsum lookup
         if rel_pos is None:
             return None
-        bias = rel_pos.get_bias()
+        bias = rel_pos.get_bias()  # (1, heads, n, n), or (heads, n, n) from RelPosBiasTf's einsum lookup
         return bias[0] if bias.dim() == 4 else bias
 
     def table_macs(self) -> int:
@@ -129,16 +131,12 @@ class MaxVitParts(PairTable, SwinParts):
 
 class CoatParts(MaxVitParts):
     """timm ``TransformerBlock2d`` + ``Attention2d`` (CoAtNet, NCHW) without its stride: norms over channels
-    (LayerNorm2d or BatchNorm2d), q/k/v and output projections as 1x1 convolutions, a convolutional MLP and
-    LayerScale2d; every layer runs on a token set as on the (B, C, n, 1) map it forms."""
+    (LayerNorm2d or BatchNorm2d), a convolutional MLP and LayerScale2d, run on a token set as on the (B, C, n, 1) map
+    it forms; the q/k/v and output projections (1x1 convolutions) as linear maps of their weights."""
 
     def __init__(self, block: nn.Module) -> None:
-        BlockParts.__init__(self, block)
-        attn = self.attn = self.hold(block, "attn")
-        self.require_plain_linear(attn, "qkv", f"attn.qkv of a {type(block).__name__}")
-        self.num_heads, self.scale, self.head_first, self.head_dim = (attn.num_heads, attn.scale, attn.head_first,
-                                                                       attn.dim_head)
-        self.width = attn.qkv.out_channels // 3
+        super().__init__(block)
+        self.require_plain_linear(self.attn, "proj", f"attn.proj of a {type(block).__name__}")  # read as weights
 
     @staticmethod
     def _on_tokens(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -188,14 +186,16 @@ class MaxVitAdapter(SwinAdapter):
         _, Stage, Block, convs, Partition, Attention, Transformer, Attention2d = self.classes()
         stages, held = [], []
         for s, stage in enumerate(model.stages):
-            blocks = list(stage.blocks) if type(stage) is Stage else [stage]
+            if type(stage) is not Stage:
+                raise TypeError(f"stage {s} of this MaxxVit is {type(stage).__name__}; tokenpace supports timm's "
+                                f"MaxxVitStage ({self.variants})")
             family_blocks = []
-            for j, blk in enumerate(blocks):
+            for j, blk in enumerate(stage.blocks):
+                held.append((stage.blocks._modules, str(j), blk, f"stage {s} block {j} ({type(blk).__name__})"))
                 if type(blk) in convs or (type(blk) is Transformer and type(blk.attn) is Attention2d):
                     family_blocks.append(blk)  # CoAtNet's stand-alone blocks
-                    held.append((stage.blocks._modules, str(j), blk, f"stage {s} block {j} ({type(blk).__name__})"))
                     continue
-                parts = [getattr(blk, name, None) for name in ("conv", "attn_block", "attn_grid")]
+                parts = [getattr(blk, name, None) for name in MAXVIT_PARTS]
                 if (type(blk) is not Block or type(parts[0]) not in convs or blk.nchw_attn
                         or any(p is not None and (type(p) is not Partition or type(p.attn) is not Attention)
                                for p in parts[1:])):
@@ -205,9 +205,8 @@ class MaxVitAdapter(SwinAdapter):
                                     "CoAtNet's MbConvBlock, ConvNeXtBlock and TransformerBlock2d with Attention2d "
                                     f"({self.variants})")
                 family_blocks += [p for p in parts if p is not None]
-                held.append((stage.blocks._modules, str(j), blk, f"stage {s} block {j} ({type(blk).__name__})"))
                 held += [(blk._modules, name, p, f"stage {s} block {j}'s {name}")
-                         for name, p in zip(("conv", "attn_block", "attn_grid"), parts) if p is not None]
+                         for name, p in zip(MAXVIT_PARTS, parts) if p is not None]
             stages.append(family_blocks)
         Family.__init__(self, model, stages)
         self._held += held
@@ -215,7 +214,7 @@ class MaxVitAdapter(SwinAdapter):
 
     @staticmethod
     def _describe(blk: nn.Module) -> str:
-        inner = [f"{name} {type(getattr(blk, name)).__name__}" for name in ("conv", "attn_block", "attn_grid")
+        inner = [f"{name} {type(getattr(blk, name)).__name__}" for name in MAXVIT_PARTS
                  if getattr(blk, name, None) is not None]
         if getattr(blk, "nchw_attn", False):
             inner.append("NCHW attention")
@@ -282,8 +281,13 @@ class MaxVitAdapter(SwinAdapter):
     def prepare(self, i: int, x: torch.Tensor, frame: Frame | None = None) -> _Prep:
         B, H, W, C = x.shape
         parts, layout = self.parts(i), self._layout(i, H, W, x.device)
-        return _Prep(x=x, windows=self._to_windows(parts.norm1(x), layout), mask=None, layout=layout,
-                     table=parts.bias_table())
+        table = parts.bias_table()
+        slots = layout.window[0] * layout.window[1]
+        if table is not None and table.shape[-1] != slots:  # timm's block fails there; gathering would not
+            raise ValueError(f"block {i} attends over {layout.window[0]}x{layout.window[1]} tokens, and its "
+                             f"relative-position bias is built for {table.shape[-1]}: build the model for this input "
+                             "size (img_size=N, or model.set_input_size(img_size=N))")
+        return _Prep(x=x, windows=self._to_windows(parts.norm1(x), layout), mask=None, layout=layout, table=table)
 
     # --- sizes and cost model ------------------------------------------------------------------------------------
     def input_size(self) -> tuple[int, int, int]:
@@ -321,7 +325,7 @@ class MaxVitAdapter(SwinAdapter):
                 return (f"stage {s}'s first block halves the {before[0]}x{before[1]} map to {grid[0]}x{grid[1]} and "
                         f"its shortcut pools it to {short[0]}x{short[1]} (timm's forward fails on odd sides here); "
                         "choose a size whose maps stay even")
-        grids = self._stage_grids(size)
+        grids = [grid for grid, _ in self._strides(size)]
         maps = ", ".join(f"{h}x{w}" for h, w in grids)
         for s, blocks in enumerate(self.stage_blocks):
             (H, W) = grids[s]
@@ -339,7 +343,7 @@ class MaxVitAdapter(SwinAdapter):
                     if table != (H, W):
                         return (f"stage {s}'s {H}x{W} map is not the {table[0]}x{table[1]} map its relative-position "
                                 f"bias is built for (attention over the whole map; stage maps at this input: {maps}; "
-                                "build the model with img_size=N for another size)")
+                                "build the model with img_size=N, or call model.set_input_size(img_size=N))")
         return None
 
     def ends_macs(self, img_size) -> int:

@@ -167,7 +167,8 @@ class SwinParts(BlockParts):
         self.num_heads = attn.num_heads
         self.scale = getattr(attn, "scale", 1.0)  # SwinV2 has none: its logit scale multiplies the queries
         self.require_plain_linear(attn, "qkv", f"attn.qkv of a {type(block).__name__}")
-        self.width = attn.qkv.out_features // 3
+        qkv = attn.qkv  # a Linear, or a 1x1 convolution (CoAtNet's NCHW attention)
+        self.width = (qkv.out_features if isinstance(qkv, nn.Linear) else qkv.out_channels) // 3
 
     def dropout(self) -> float:
         return self.attn.attn_drop.p if self.attn.training else 0.0
