@@ -229,6 +229,34 @@ def ref_window_idle_attention(logits, v, pad, scores, k):
     return (probs @ v).transpose(1, 2).reshape(*pad.shape, -1), sel
 
 
+def spread_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """BatchNorm2d running statistics with some spread (spread_weights leaves them at 0 / 1), seeded."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
+                m.running_var.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+def assert_published_macs(model, img, published: float, tolerance: float, idle_ratio: tuple[float, float]) -> None:
+    """The dense model's MACs (FlopCounterMode's, equal to ``tokenpace.macs``) within ``tolerance`` of a published
+    count, and Idle's at its defaults a fraction within ``idle_ratio`` of them."""
+    counts = dense_and_idle_macs(model, img, lambda m, x: m(x))
+    assert abs(counts[None] - published) / published < tolerance
+    assert idle_ratio[0] < counts["idle"] / counts[None] < idle_ratio[1]
+
+
+def assert_bf16_autocast_close(model, img) -> None:
+    """The (patched) model under CPU bf16 autocast gives bf16 logits within 0.1 of its float32 ones."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(img)
+    with torch.no_grad():
+        full = model(img)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), full, atol=0.1, rtol=0.1)
+
+
 def set_fused(model, fused: bool):
     """Every attention's ``fused_attn`` flag (timm's; read by tokenpace's attention at each forward)."""
     for m in model.modules():

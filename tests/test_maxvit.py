@@ -9,9 +9,10 @@ from timm.models.maxxvit import (MaxxVit, MaxxVitBlock, TransformerBlock2d, grid
                                  window_partition, window_reverse)
 
 import tokenpace
-from conftest import (assert_idle_equals_reference, assert_keep_one_and_remove, assert_keep_one_intermediates_equal,
-                      assert_macs_equal_flop_counter, assert_pruned_features_run_the_method, dense_and_idle_macs,
-                      ref_window_idle_attention, set_fused, spread_weights)
+from conftest import (assert_bf16_autocast_close, assert_idle_equals_reference, assert_keep_one_and_remove,
+                      assert_keep_one_intermediates_equal, assert_macs_equal_flop_counter, assert_published_macs,
+                      assert_pruned_features_run_the_method, ref_window_idle_attention, set_fused, spread_batchnorm,
+                      spread_weights)
 
 # At 64 px: a stride-2 stem (32x32), then stages of 16x16 and 8x8, windows and grids of 4 (16 slots a group)
 SMALL = dict(img_size=64, embed_dim=(16, 32), depths=(1, 2), stem_width=(8, 16), transformer_window_size=4,
@@ -37,12 +38,7 @@ def make_maxvit(variant: str = "rw_bias", seed: int = 0, **overrides) -> MaxxVit
     name, options = MAXVITS[variant]
     torch.manual_seed(seed)
     model = spread_weights(timm.create_model(name, **{**SMALL, **options, **overrides}), seed).eval()
-    with torch.no_grad():  # spread_weights leaves BatchNorm statistics at 0 / 1: give them some spread too
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
-                m.running_var.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(seed))
-    return model
+    return spread_batchnorm(model, seed)
 
 
 def maxvit_images(batch: int = 2, size: int | tuple[int, int] = 64) -> torch.Tensor:
@@ -182,9 +178,7 @@ def test_published_maxvit_macs(name, published):
         model = set_fused(timm.create_model(name), False)
         size = model.pretrained_cfg["input_size"][-1]
         img = torch.empty(1, 3, size, size)
-    counts = dense_and_idle_macs(model, img, lambda m, x: m(x))
-    assert abs(counts[None] - published) / published < 0.02
-    assert 0.65 < counts["idle"] / counts[None] < 0.85
+    assert_published_macs(model, img, published, 0.02, (0.65, 0.85))
 
 
 def test_forward_intermediates_match_timm_and_the_idle_run():
@@ -277,13 +271,7 @@ def test_pruned_features_only_models_run_the_method():
 
 def test_bf16_autocast_and_training_run():
     model, img = make_maxvit("rmlp"), maxvit_images()
-    tokenpace.apply(model, "idle", stage_starts=STARTS)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(img)
-    with torch.no_grad():
-        full = model(img)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), full, atol=0.1, rtol=0.1)
+    assert_bf16_autocast_close(tokenpace.apply(model, "idle", stage_starts=STARTS), img)
     model.train()
     model(img).sum().backward()
     assert all(p.grad is not None for name, p in model.named_parameters() if "attn_grid.attn.qkv" in name)

@@ -7,9 +7,9 @@ import torch
 from timm.models.pit import PoolingVisionTransformer
 
 import tokenpace
-from conftest import (assert_keep_one_and_remove, assert_keep_one_intermediates_equal, assert_macs_equal_flop_counter,
-                      assert_pruned_features_run_the_method, dense_and_idle_macs, ref_attention, ref_mlp,
-                      set_fused, spread_weights)
+from conftest import (assert_bf16_autocast_close, assert_keep_one_and_remove, assert_keep_one_intermediates_equal,
+                      assert_macs_equal_flop_counter, assert_published_macs, assert_pruned_features_run_the_method,
+                      ref_attention, ref_mlp, set_fused, spread_weights)
 
 # stem: patch 4, stride 2 at 32 px -> a 15x15 grid (odd: the pooling pads), then 8x8 and 4x4
 BASE = dict(img_size=32, patch_size=4, stride=2, base_dims=(8, 8, 8), depth=(2, 2, 2), heads=(1, 2, 2),
@@ -195,9 +195,7 @@ def test_published_pit_macs(name, published):
     with torch.device("meta"):
         model = set_fused(timm.create_model(name), False).requires_grad_(False)
         img = torch.empty(1, 3, 224, 224)
-    counts = dense_and_idle_macs(model, img, lambda m, x: m(x))
-    assert abs(counts[None] - published) / published < 0.04
-    assert 0.6 < counts["idle"] / counts[None] < 0.8
+    assert_published_macs(model, img, published, 0.04, (0.6, 0.8))
 
 
 def test_forward_intermediates_match_timm_and_the_idle_run():
@@ -278,10 +276,4 @@ def test_pruned_features_only_models_run_the_method():
 def test_bf16_autocast_runs_both_methods():
     model, img = make_pit(), pit_images()
     for method in ("evo", "idle"):
-        tokenpace.apply(model, method)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(img)
-        with torch.no_grad():
-            full = model(img)
-        assert out.dtype == torch.bfloat16
-        torch.testing.assert_close(out.float(), full, atol=0.1, rtol=0.1)
+        assert_bf16_autocast_close(tokenpace.apply(model, method), img)

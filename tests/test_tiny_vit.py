@@ -11,7 +11,7 @@ from timm.models.tiny_vit import TinyVit
 import tokenpace
 from conftest import (assert_idle_equals_reference, assert_keep_one_and_remove, assert_keep_one_intermediates_equal,
                       assert_macs_equal_flop_counter, dense_and_idle_macs, ref_window_idle_attention, set_fused,
-                      spread_weights)
+                      spread_batchnorm, spread_weights)
 
 # (model options, input size). Stem stride 4, then each stage halves: at 64 px stage 0 (MBConv) holds 16x16, then
 # 8x8 (windows of 4), 4x4 (one window of 4) and 2x2 (one of 2); at 80 px 20x20, 10x10, 5x5 and 3x3: every window
@@ -28,12 +28,7 @@ STARTS = (1, 3, 5)
 def make_tiny_vit(variant: str = "plain", seed: int = 0, **overrides) -> TinyVit:
     torch.manual_seed(seed)
     model = spread_weights(TinyVit(**{**BASE, **TINYVITS[variant][0], **overrides}), seed).eval()
-    with torch.no_grad():  # spread_weights leaves BatchNorm statistics at 0 / 1: give them some spread too
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
-                m.running_var.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(seed))
-    return model
+    return spread_batchnorm(model, seed)
 
 
 def tiny_vit_images(variant: str = "plain", batch: int = 2) -> torch.Tensor:
