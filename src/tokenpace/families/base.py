@@ -280,6 +280,17 @@ def built_for_only(own: tuple[int, int], resize_hint: str = "img_size=N") -> str
     return f"it is built for {own[0]}x{own[1]} inputs only (build it with {resize_hint} for another size)"
 
 
+def check_block_classes(blocks: list[nn.Module], Block: type, Attention: type, model_name: str,
+                        variants: str) -> None:
+    """TypeError naming the first block that is not timm's ``Block`` with its ``Attention`` (SAM's ViT, Hiera,
+    HieraDet)."""
+    for i, blk in enumerate(blocks):
+        if type(blk) is not Block or type(blk.attn) is not Attention:
+            raise TypeError(f"block {i} of this {model_name} is {type(blk).__name__} with "
+                            f"{type(getattr(blk, 'attn', None)).__name__}; tokenpace supports timm's "
+                            f"{Block.__name__} with {Attention.__name__} ({variants})")
+
+
 def recorded_input_size(model: nn.Module) -> tuple[int, int] | None:
     """(H, W) of the input size in the model's pretrained config (timm's, or the size ``tokenpace.models.create_model``
     recorded there for a model that keeps none of its own), or None."""

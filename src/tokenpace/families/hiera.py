@@ -39,7 +39,7 @@ from ..blockops import attention_branch, mlp_half
 from ..core.macs import BlockShape, BlockWork, conv_macs, dense_work, linear_macs
 from ..core.tokens import flat_rows, gather_rows, scatter_rows
 from ..scoring import query_logits, token_norms
-from .base import GROUPED, Family, GroupCount
+from .base import GROUPED, Family, GroupCount, check_block_classes
 
 
 def _timm_classes():
@@ -101,16 +101,6 @@ def stage_lists(model: nn.Module) -> list[list[nn.Module]]:
     ``prune_intermediate_layers`` emptied (it cuts the blocks, not the stage ends) are left out."""
     ends, blocks = [-1, *model.stage_ends], list(model.blocks)
     return [stage for stage in (blocks[a + 1:b + 1] for a, b in zip(ends, ends[1:])) if stage]
-
-
-def check_block_classes(blocks: list[nn.Module], Block: type, Attention: type, model_name: str,
-                        variants: str) -> None:
-    """TypeError naming the first block that is not timm's ``Block`` with its ``Attention`` (Hiera, HieraDet)."""
-    for i, blk in enumerate(blocks):
-        if type(blk) is not Block or type(blk.attn) is not Attention:
-            raise TypeError(f"block {i} of this {model_name} is {type(blk).__name__} with "
-                            f"{type(getattr(blk, 'attn', None)).__name__}; tokenpace supports timm's "
-                            f"{Block.__name__} with {Attention.__name__} ({variants})")
 
 
 def held_block_list(model: nn.Module) -> list[tuple[dict, str, nn.Module, str]]:

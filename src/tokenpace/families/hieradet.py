@@ -27,8 +27,8 @@ from torch import nn
 
 from ..anatomy import Frame
 from ..core.macs import BlockWork, conv_macs, linear_macs
-from .base import Family, parse_img_size, recorded_input_size
-from .hiera import check_block_classes, held_block_list, stage_lists
+from .base import Family, check_block_classes, parse_img_size, recorded_input_size
+from .hiera import held_block_list, stage_lists
 from .patch_embed import patch_grid
 from .swin import SlotBias, SwinAdapter, SwinParts, _ceil_div, _Prep, _Slots
 

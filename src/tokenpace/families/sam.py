@@ -38,7 +38,7 @@ from ..anatomy import Frame
 from ..core.decomposed_bias import pair_bias_macs, received_bias, received_bias_macs
 from ..core.macs import BlockWork, conv_macs
 from ..scoring import score_precision
-from .base import Family
+from .base import Family, check_block_classes
 from .swin import SlotBias, SwinAdapter, SwinParts, _Prep, _Slots
 
 
@@ -142,11 +142,7 @@ class SamAdapter(SwinAdapter):
     def __init__(self, model: nn.Module) -> None:
         Model, Block, Attention = self.classes()
         Family.__init__(self, model, [model.blocks])
-        for i, blk in enumerate(self.blocks):
-            if type(blk) is not Block or type(blk.attn) is not Attention:
-                raise TypeError(f"block {i} of this {Model.__name__} is {type(blk).__name__} with "
-                                f"{type(getattr(blk, 'attn', None)).__name__}; tokenpace supports timm's SAM "
-                                f"{Block.__name__} with its {Attention.__name__} ({self.variants})")
+        check_block_classes(self.blocks, Block, Attention, Model.__name__, self.variants)
         self._layouts = {}
 
     # --- forward -------------------------------------------------------------------------------------------------
