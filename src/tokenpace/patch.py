@@ -63,7 +63,7 @@ class Patch:
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         family, state = self.adapter, self._state()
         x, state.frame = family.embed(x)
-        x = family.finish(self.policy.run(x, state))
+        x = family.finish(self.policy.run(x, state), state.frame)
         self._done(state)
         return x
 

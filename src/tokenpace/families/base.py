@@ -89,6 +89,7 @@ class Family(ABC):
     keys_per_token: bool = True  # each token has its own key (not PVTv2's spatially reduced keys)
     blocks_use_positions: bool = True  # blocks have position terms (RoPE, biases): subsets run through the anatomy
     fixed_length_head: bool = False  # the head needs every token (e.g. an attention pool with position embeddings)
+    fixed_length_why: str = "head pools with a position for every token"  # why, in a refusal: "this <name>'s ..."
 
     def __init__(self, model: nn.Module, stages: Iterable[Iterable[nn.Module]]) -> None:
         self.model = model
@@ -183,8 +184,9 @@ class Family(ABC):
         return None
 
     @abstractmethod
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        """The last block's tokens -> what the model's ``forward_features`` returns."""
+    def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
+        """The last block's tokens -> what the model's ``forward_features`` returns (``frame``: this forward's grid,
+        for a model whose features are a map)."""
 
     @abstractmethod
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:

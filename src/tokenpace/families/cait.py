@@ -126,7 +126,7 @@ class TimmCait(PatchSequenceFamily):
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.blocks[i](x)
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         """The class-attention blocks (the class token reads the tokens left), then the final norm, as timm."""
         m = self.model
         return m.norm(x if m.blocks_token_only is None else m.forward_cls(x))
@@ -136,7 +136,7 @@ class TimmCait(PatchSequenceFamily):
         :meth:`finish`."""
         maps = vit_intermediates(maps, final, self.model.norm, 0, frame.grid,
                                  **{**asdict(options), "intermediates_only": True})
-        return maps if options.intermediates_only else (self.finish(final), maps)
+        return maps if options.intermediates_only else (self.finish(final, frame), maps)
 
     def size_problem(self, size: tuple[int, int]) -> str | None:
         return Family.size_problem(self, size)  # a fixed position embedding: the size it is built for only

@@ -152,7 +152,7 @@ class TimmHiera(Family):
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.blocks[i](x)
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return x  # timm's forward_features ends at the last block; the head pools and norms
 
     def intermediates(self, maps, final, frame, taken, stopped, options):

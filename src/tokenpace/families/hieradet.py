@@ -94,7 +94,7 @@ class HieraDetAdapter(SwinAdapter):
             raise ValueError(f"this HieraDet cannot run a {grid[0]}x{grid[1]} patch grid: {problem}")
         return x, Frame(grid=grid)
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return x  # timm's forward_features ends at the last block's map; the head pools and norms
 
     def enter_stage(self, s: int, x: torch.Tensor, frame: Frame, row: str | None = None):

@@ -222,7 +222,7 @@ class _LevitBase(StagedSequenceFamily):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model, self._stage_block_lists(model))
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return x
 
     def intermediates(self, maps, final, frame, taken, stopped, options):
@@ -296,7 +296,7 @@ class TimmLevit(_LevitBase):
             return to_tokens(self.blocks[i](to_map(x, self.blocks[i].attn.resolution)))
         return self.blocks[i](x)
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return to_map(x, self._final_grid) if self.conv else x  # the NCHW head pools the map
 
     def _downsample_parts(self, s: int):

@@ -249,7 +249,7 @@ class MaxVitAdapter(SwinAdapter):
             return self.blocks[i](x)
         return self.blocks[i](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # an NCHW block, as timm runs it
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.model.norm(x.permute(0, 3, 1, 2))
 
     def feature_points(self) -> list[int]:

@@ -102,7 +102,7 @@ class TimmPit(StagedSequenceFamily):
         centres = rows[:, None] * cols + torch.arange(out_cols, device=device) * stride[1]
         return StageEntry(centres.reshape(-1), attends=False)
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         """What timm's ``forward_features`` returns: the normed class tokens."""
         return self.model.norm(x[:, :self.num_prefix])
 
@@ -119,7 +119,7 @@ class TimmPit(StagedSequenceFamily):
         if options.intermediates_only:
             return maps
         ended_last = not stopped or max(taken) == len(self.stage_blocks) - 1
-        return (self.finish(final) if ended_last else final[:, :p]), maps
+        return (self.finish(final, frame) if ended_last else final[:, :p]), maps
 
     # --- sizes and cost ------------------------------------------------------------------------------------------
     def _grids(self, grid: tuple[int, int]) -> list[tuple[int, int]]:

@@ -162,7 +162,7 @@ class PvtV2Adapter(Family):
         x = self.model.patch_embed(x)  # (B, H, W, C) in and out of the blocks
         return x, Frame(grid=tuple(x.shape[1:3]))
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self._stage_map(len(self.model.stages) - 1, x)
 
     def enter_stage(self, s: int, x: torch.Tensor, frame: Frame, row: str | None = None):
@@ -187,7 +187,7 @@ class PvtV2Adapter(Family):
         maps = [self._stage_map(j, y) for j, y in zip(taken, maps)]
         if options.intermediates_only:
             return maps
-        return (self._stage_map(max(taken), final) if stopped else self.finish(final)), maps
+        return (self._stage_map(max(taken), final) if stopped else self.finish(final, frame)), maps
 
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         B, H, W, C = x.shape

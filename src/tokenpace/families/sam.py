@@ -156,7 +156,7 @@ class SamAdapter(SwinAdapter):
         x = m.norm_pre(m.patch_drop(m.pos_drop(x)))
         return x, Frame(grid=tuple(x.shape[1:3]))
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.model.neck(x.permute(0, 3, 1, 2))
 
     def enter_stage(self, s: int, x: torch.Tensor, frame: Frame, row: str | None = None):
@@ -175,7 +175,7 @@ class SamAdapter(SwinAdapter):
         maps = [y.permute(0, 3, 1, 2) for y in maps]
         if options.norm:
             maps = [self.model.neck(y) for y in maps]
-        return maps if options.intermediates_only else (self.finish(final), maps)
+        return maps if options.intermediates_only else (self.finish(final, frame), maps)
 
     # --- windows: square windows, or the whole map in a global block ----------------------------------------------
     def window_shift(self, i: int, grid: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -361,7 +361,7 @@ class SwinAdapter(Family):
         x = self.model.patch_embed(x)  # (B, H, W, C) in and out of the blocks, as timm runs them
         return x, Frame(grid=tuple(x.shape[1:3]))
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.model.norm(x)
 
     @property
@@ -605,14 +605,14 @@ class SwinV2CrAdapter(SwinV2Adapter):
         x = self.model.patch_embed(x).permute(0, 2, 3, 1)
         return x, Frame(grid=tuple(x.shape[1:3]))
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return x.permute(0, 3, 1, 2)  # NCHW, as timm's forward_features gives it to the head
 
     def intermediates(self, maps, final, frame, taken, stopped, options):
         """As timm's SwinV2Cr: each stage's map as NCHW (its ``norm`` argument changes nothing there)."""
         options.only_nchw(self.name)
         maps = [y.permute(0, 3, 1, 2) for y in maps]
-        return maps if options.intermediates_only else (self.finish(final), maps)
+        return maps if options.intermediates_only else (self.finish(final, frame), maps)
 
     def run_selected(self, i: int, x: torch.Tensor, prep: _Prep, idx: torch.Tensor, keep_qk: bool = False):
         x, qk = super().run_selected(i, x, prep, idx, keep_qk)

@@ -182,7 +182,7 @@ class PatchSequenceFamily(SequenceFamily):
     def has_class_token(self) -> bool:
         return self.model.cls_token is not None
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.model.norm(x)
 
     def feature_points(self) -> list[int]:

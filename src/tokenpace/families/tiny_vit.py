@@ -143,7 +143,7 @@ class TinyVitAdapter(SwinAdapter):
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.blocks[i](x)  # MBConv on NCHW, TinyVitBlock on (B, H, W, C)
 
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return x.permute(0, 3, 1, 2) if len(self.stage_blocks) > 1 else x  # NCHW, as timm's stages give it
 
     @property
@@ -159,7 +159,7 @@ class TinyVitAdapter(SwinAdapter):
         maps = [y if j == 0 else y.permute(0, 3, 1, 2) for j, y in zip(taken, maps)]
         if options.intermediates_only:
             return maps
-        return (final if stopped and max(taken) == 0 else self.finish(final)), maps
+        return (final if stopped and max(taken) == 0 else self.finish(final, frame)), maps
 
     # --- windows -------------------------------------------------------------------------------------------------
     def group_size(self, i: int, x: torch.Tensor) -> int:

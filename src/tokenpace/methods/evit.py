@@ -68,7 +68,7 @@ def token_dropping_refusal(config: MethodConfig, family: Family) -> str | None:
     if len(family.stage_blocks) > 1:
         return f"it drops tokens for good, and {family.name} models down-sample a full grid between stages"
     if family.fixed_length_head:
-        return f"it drops tokens for good, and this {family.name}'s head pools with a position for every token"
+        return f"it drops tokens for good, and this {family.name}'s {family.fixed_length_why}"
     return None
 
 
