@@ -13,6 +13,7 @@ from conftest import CIFAR, make_vit, needs_cifar, spread_weights
 from test_hiera import make_hiera
 from test_hieradet import make_hieradet
 from test_maxvit import make_maxvit
+from test_vlm_vit import make_tower
 from test_pit import make_pit
 from test_tiny_vit import make_tiny_vit
 from test_sam import make_sam
@@ -76,6 +77,8 @@ FAMILIES = {  # name: (build, input size, methods, flat)
     "pit": (lambda: make_pit("distilled"), 32, ("evo", "idle"), False),
     "maxvit": (lambda: make_maxvit("tf_bias"), 64, ("idle",), False),  # the stem's map is feature 0
     "coatnet": (lambda: make_maxvit("coatnet_rmlp"), 64, ("idle",), False),  # NCHW attention over the whole map
+    "qwen3_vit": (lambda: make_tower("qwen_cls_merge"), 32, ("evo", "idle"), False),  # features: the merger's
+    "deepseek_vit": (lambda: make_tower("deepseek_enc_map"), 32, ("evo", "idle"), False),  # features: the NHWC map
 }
 
 
@@ -96,7 +99,8 @@ def _option_sets(flat, model):
     # timm's Hiera and HieraDet norm no map (they assert norm=False); TinyViT and PiT ignore norm (tokenpace refuses
     # it)
     norm = not isinstance(model, (timm.models.hiera.Hiera, timm.models.hieradet_sam2.HieraDet,
-                                  timm.models.tiny_vit.TinyVit, timm.models.pit.PoolingVisionTransformer))
+                                  timm.models.tiny_vit.TinyVit, timm.models.pit.PoolingVisionTransformer,
+                                  timm.models.qwen3_vit.Qwen3VitClassifier))
     sets = [dict(), dict(indices=2), dict(indices=[0], stop_early=True), dict(intermediates_only=True, norm=norm)]
     if flat:
         sets += [dict(output_fmt="NLC", return_prefix_tokens=True, norm=True), dict(output_dict=True, indices=[1, 3])]
@@ -239,7 +243,7 @@ def _linear_calls(block):
                                            ("swin", "idle"), ("swin_v2", "idle"), ("swin_v2_cr", "idle"),
                                            ("pvt_v2", "idle"), ("sam", "idle"), ("hiera", "idle"),
                                            ("hieradet", "idle"), ("tiny_vit", "idle"), ("maxvit", "idle"),
-                                           ("coatnet", "idle")])
+                                           ("coatnet", "idle"), ("qwen3_vit", "evo"), ("deepseek_vit", "idle")])
 def test_gradient_checkpointing_is_honoured_with_equal_gradients(family, method):
     build, size, _, _ = FAMILIES[family]
     plain = build().train()

@@ -8,7 +8,7 @@ import torch
 
 import tokenpace
 from tokenpace.cli import main
-from conftest import make_vit
+from conftest import CIFAR, make_vit
 
 
 @pytest.mark.parametrize("method", ["evo", "idle", "evit", "topk"])
@@ -110,6 +110,9 @@ def test_attention_masks_are_refused_on_a_patched_model():
         model(torch.randn(1, 3, 32, 32), attn_mask=torch.zeros(65, 65))
 
 
+TINY_TOWER = "img_size=32,patch_size=4,embed_dim=32,depth=2,num_heads=2"  # a VLM tower's encoder
+
+
 @pytest.mark.parametrize("argv,message", [
     (["bench", "--methods", "evo@1.5"], "Evo keep must be a number in (0, 1]"),
     (["bench", "--methods", "dense,fast"], "unknown method 'fast' in --methods; accepted: dense, evit, evo, idle, topk"),
@@ -156,6 +159,11 @@ def test_attention_masks_are_refused_on_a_patched_model():
      "--plot 'noext' has no file type suffix; accepted: "),
     (["eval", "--data", "x.npz", "--keep-sweep", "0.5:0.7:0.1", "--plot", "p.xyz"],
      "--plot 'p.xyz' has a file type matplotlib cannot write (.xyz); accepted: "),
+    (["eval", "--data", "x.npz", "--model", "qwen3_vit_88m_enc", "--model-args", TINY_TOWER],
+     "model qwen3_vit_88m_enc has no classifier (num_classes=0): it returns features, not class logits"),
+    (["train", "--recipe", "dense", "--data", CIFAR, "--limit", "16", "--output", "/tmp/tokenpace_encoder_run",
+      "--overwrite", "--model", "deepseek_vit_412m_enc", "--model-args", TINY_TOWER + ",out_features=8"],
+     "model deepseek_vit_412m_enc has no classifier (num_classes=0): it returns features, not class logits"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2

@@ -13,7 +13,8 @@ def test_supported_and_refused_models_with_reasons():
                     + list_support("dinov3") + list_support("cait_xxs24_224") + list_support("hiera_*")
                     + list_support("sam2_hiera_*") + list_support("tiny_vit_*")
                     + list_support("pit_*") + list_support("maxvit_*") + list_support("maxxvit")
-                    + list_support("coatnet_0_rw_224"))
+                    + list_support("coatnet_0_rw_224") + list_support("qwen3_vit_*")
+                    + list_support("deepseek_vit_*"))
     assert rows["deit_small_patch16_224.fb_in1k"].accepted() == ["evo", "idle", "evit", "topk"]
     swin = rows["swin_tiny_patch4_window7_224.ms_in1k"]
     assert swin.model_class == "SwinTransformer" and swin.accepted() == ["idle"]
@@ -44,6 +45,11 @@ def test_supported_and_refused_models_with_reasons():
     assert len(maxvit) == 36 and all(r.model_class == "MaxxVit" and r.accepted() == ["idle"] for r in maxvit)
     coatnet = rows["coatnet_0_rw_224.sw_in1k"]  # the same class: stand-alone convolution and transformer blocks
     assert coatnet.model_class == "MaxxVit" and coatnet.accepted() == ["idle"]
+    towers = [r for name, r in rows.items() if name.startswith(("qwen3_vit_", "deepseek_vit_"))]  # VLM encoders
+    assert len(towers) == 45 and all(r.accepted() == ["evo", "idle"] for r in towers)
+    assert {r.model_class for r in towers} == {"Qwen3VitClassifier", "Qwen3VitEncoder", "DeepseekVitClassifier",
+                                               "DeepseekVitEncoder"}
+    assert "features are the whole patch map" in towers[0].refusals["topk"]
     siglip = [r for name, r in rows.items() if name.startswith("vit_base_patch16_siglip_224")]
     dinov3 = [r for name, r in rows.items() if "dinov3" in name]
     assert siglip and dinov3 and all(r.accepted() == ["evo", "idle", "evit", "topk"] for r in siglip + dinov3)

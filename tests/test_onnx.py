@@ -24,6 +24,7 @@ from test_hieradet import make_hieradet  # noqa: E402
 from test_tiny_vit import make_tiny_vit  # noqa: E402
 from test_pit import make_pit  # noqa: E402
 from test_maxvit import make_maxvit  # noqa: E402
+from test_vlm_vit import make_tower  # noqa: E402
 from test_levit import make_levit  # noqa: E402
 from test_lvvit import make_lvvit  # noqa: E402
 from test_pvt_v2 import make_pvt  # noqa: E402
@@ -92,6 +93,9 @@ FAMILIES = {
     # CoAtNet: an MBConv stage, a strided transformer block (dense), one over the whole map idling (NCHW layers on
     # the selected tokens' (B, C, k, 1) map)
     "coatnet": (lambda: make_maxvit("coatnet", depths=(1, 2)), ("idle", {"stage_starts": (2,)})),
+    # the VLM towers with their projectors: Qwen's merger after Evo, DeepSeek's padded aligner after Idle
+    "qwen3_vit": (lambda: make_tower("qwen_enc", depth=2), ("evo", {"stage_starts": (1,)})),
+    "deepseek_vit": (lambda: make_tower("deepseek_cls_align", depth=2), ("idle", {"stage_starts": (1,)})),
 }
 
 

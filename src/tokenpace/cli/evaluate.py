@@ -14,7 +14,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench import device_name, stderr_progress, versions
-    from ..data import DataSpec, build_dataset, check_labels, eval_transform, num_classes_of
+    from ..data import DataSpec, build_dataset, check_classifier, check_labels, eval_transform, num_classes_of
     from ..evaluate import evaluate, format_rows, plot_format_problem, plot_sweep
 
     sweep = args.keep_sweep is not None
@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     device = source.device(args.device)
     model, record = source.build(args)
     specs = source.specs(args, model, record)
+    check_classifier(model, f"model {source.model_name(args, record)}")
     ds = build_dataset(DataSpec(args.data, canvas=args.canvas, limit=args.limit), "val", eval_transform(model))
     check_labels(ds, model.num_classes, f"{args.data}")
     source.note_random_weights(args)

@@ -20,14 +20,17 @@ from .swin import SwinAdapter, SwinV2Adapter, SwinV2CrAdapter
 from .timm_vit import TimmViT
 from .tiny_vit import TinyVitAdapter
 from .vit_relpos import TimmRelPosViT
+from .vlm_vit import DeepseekVitFamily, Qwen3VitFamily
 
 FAMILIES: tuple[type[Family], ...] = (TimmViT, TimmEva, TimmBeit, TimmRelPosViT, TimmNaFlexVit, TimmCait,
                                       TimmLevit, EvoLevitFamily, LvVitFamily, TimmPit, SwinAdapter, SwinV2Adapter,
                                       SwinV2CrAdapter, PvtV2Adapter, SamAdapter, TimmHiera,
-                                      HieraDetAdapter, TinyVitAdapter, MaxVitAdapter)
+                                      HieraDetAdapter, TinyVitAdapter, MaxVitAdapter, Qwen3VitFamily,
+                                      DeepseekVitFamily)
 
 SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-norm, SigLIP, AIMv2; class token or "
              "not; tokenpace's evo_deit_*), timm Eva (EVA-02, DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), "
+             "the VLM vision towers Qwen3ViT (qwen3_vit_*: Qwen3-VL, Qwen3.5) and DeepSeekViT (deepseek_vit_*), "
              "timm VisionTransformerRelPos (vit_relpos_*), timm NaFlexVit (naflexvit_*: SigLIP2 NaFlex, C-RADIO; image "
              "batches), timm Cait (cait_*), timm Levit (levit_*) and tokenpace's evo_levit_*, timm PiT (pit_*), "
              "tokenpace's LV-ViT (lvvit_*), "

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..data import DataSpec, build_dataset, check_labels, data_config, eval_transform, num_classes_of
+from ..data import DataSpec, build_dataset, check_classifier, check_labels, data_config, eval_transform, num_classes_of
 from ..errors import TokenpaceError, memory_guard, note, user_input
 from ..families import adapter_for
 from ..methods import Evo, MethodConfig
@@ -271,6 +271,7 @@ def train(cfg: TrainConfig) -> list[dict]:
             note(line)
     with user_input():
         adapter_for(model)  # unsupported models fail here, with the supported families named
+    check_classifier(model, f"model {cfg.model}")
     _check_teacher_head(cfg, model, num_classes)
     train_tf, val_tf = build_transforms(cfg, model)
     train_ds = build_dataset(cfg.data, "train", train_tf)

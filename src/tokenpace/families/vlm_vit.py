@@ -1,0 +1,219 @@
+"""The vision towers of today's vision-language models in timm: Qwen3-VL / Qwen3.5 / Qwen3.8 / Qwen-Drive
+(``qwen3_vit_*``) and DeepSeek-V4 (``deepseek_vit_*``), each as a bare encoder (``*_enc``: it returns the VLM
+projector's tokens) or wrapped as a classifier (mean pool, norm, linear head; ``*_merge`` / ``*_align`` keep the
+projector in front of it).
+
+The blocks are pre-norm with axial 2D RoPE inside attention and no prefix token: Qwen's are timm's ``EvaBlock``
+(read by the Eva family's parts), DeepSeek's its own block around timm's ``AttentionRope`` and a SwiGLU MLP. What
+is theirs is around the blocks: the features are the whole patch map (B, H, W, C), which the VLM projector (Qwen's
+``merger``, DeepSeek's ``aligner``) pixel-unshuffles in k x k blocks. Methods that keep every token (Idle, Evo) run;
+methods that drop tokens for good are refused, as the map needs every token.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..anatomy import BlockParts, Frame
+from ..core.feature_maps import vit_intermediates
+from ..core.macs import linear_macs
+from .base import IntermediateOptions, SequenceFamily, parse_img_size
+from .eva import EvaParts, eva_parts_class
+from .patch_embed import patch_grid, patch_multiple_problem
+from .timm_vit import check_blocks
+
+
+class PlainResidualEvaParts(EvaParts):
+    """A pre-norm RoPE block with timm's ``AttentionRope`` and plain residuals (no LayerScale): DeepSeek's."""
+
+    def res_attn(self, x, y):
+        return x + self.block.drop_path1(y)
+
+    def res_mlp(self, x, y):
+        return x + self.block.drop_path2(y)
+
+
+class VlmTowerFamily(SequenceFamily):
+    """A VLM vision tower: its encoder (``patch_embed`` to an NHWC grid, ``_pos_embed`` giving tokens and the RoPE
+    table, ``blocks``), an optional projector over the final map, and, for a classifier, a pooled linear head.
+    Subclasses name the classes, the projector attribute and the encoder's final norm."""
+
+    encoder_class_name: str
+    classifier_class_name: str
+    module: str  # timm's module of both classes
+    projector_name: str  # the encoder's attribute holding the VLM projector (None where the model has none)
+    block_description: str  # what the blocks must be, in a refusal
+    fixed_length_head = True  # the features are the whole patch map
+    fixed_length_why = "features are the whole patch map (B, H, W, C), as the VLM projector needs it"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.classifier = self._is_classifier(model)  # read once: the forward must not import (torch.compile)
+        self.encoder = model.encoder if self.classifier else model
+        check_blocks(self.encoder, self.name, self.readable, self.block_description)
+        super().__init__(model, [self.encoder.blocks])
+
+    @classmethod
+    def _classes(cls) -> tuple[type, type]:
+        import importlib
+
+        module = importlib.import_module(f"timm.models.{cls.module}")
+        return getattr(module, cls.encoder_class_name), getattr(module, cls.classifier_class_name)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        try:
+            classes = cls._classes()
+        except (ImportError, AttributeError):  # an older timm: nothing of this family can exist
+            return False
+        return isinstance(model, classes)
+
+    @classmethod
+    def _is_classifier(cls, model: nn.Module) -> bool:
+        return isinstance(model, cls._classes()[1])
+
+    def readable(self, block: nn.Module) -> bool:
+        """Whether the family's parts read ``block``."""
+        return self.parts_class(block) is not None
+
+    def parts_class(self, block: nn.Module) -> type[EvaParts] | None:
+        raise NotImplementedError
+
+    def make_parts(self, i: int) -> BlockParts:
+        block = self.blocks[i]
+        return self.parts_class(block)(block, i, True, False)
+
+    @property
+    def projector(self) -> nn.Module | None:
+        return getattr(self.encoder, self.projector_name, None)
+
+    @property
+    def checkpointing(self) -> bool:
+        return bool(self.encoder.grad_checkpointing)
+
+    def final_norm(self) -> nn.Module | None:
+        """The encoder's norm over its final patch tokens, or None where it has none."""
+        return None
+
+    # --- the forward around the blocks ---------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
+        enc = self.encoder
+        x = enc.patch_embed(x)
+        grid = (x.shape[1], x.shape[2])
+        x, rope = enc._pos_embed(x)
+        return x, Frame(grid=grid, rope=rope)
+
+    def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
+        return self.blocks[i](x, rope=frame.rope)
+
+    def patch_map(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
+        """The final tokens as the encoder's ``forward_features`` returns them: normed (where it has a final norm),
+        as a (B, H, W, C) map."""
+        norm = self.final_norm()
+        x = x if norm is None else norm(x)
+        return x.reshape(x.shape[0], *frame.grid, x.shape[-1])
+
+    def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
+        """The encoder's map; a classifier's features are its encoder's output: the projector's tokens where it
+        keeps the projector."""
+        x = self.patch_map(x, frame)
+        projector = self.projector
+        return projector(x) if projector is not None and self.classifier else x
+
+    def feature_points(self) -> list[int]:
+        return list(range(self.depth))
+
+    def intermediates(self, maps, final, frame, taken, stopped, options: IntermediateOptions):
+        """As timm's towers: every block's map (NCHW or NLC; the final norm on request where the encoder has one),
+        and the features where the run ended (a classifier's through its projector)."""
+        norm = self.final_norm()
+        if options.norm and norm is None:
+            raise ValueError(f"{self.name} has no final norm over its patch tokens: accepted norm=False (timm "
+                             "ignores norm=True here)")
+        maps = vit_intermediates(maps, final, norm or nn.Identity(), 0, frame.grid, norm=options.norm,
+                                 output_fmt=options.output_fmt, intermediates_only=True)
+        if options.intermediates_only:
+            return {"image_intermediates": maps} if options.output_dict else maps
+        features = self.finish(final, frame)
+        return {"image_features": features, "image_intermediates": maps} if options.output_dict else (features, maps)
+
+    # --- sizes and cost ------------------------------------------------------------------------------------------
+    def input_size(self) -> tuple[int, int, int]:
+        pe = self.encoder.patch_embed
+        return (self.encoder.in_chans, *pe.img_size)
+
+    def size_problem(self, size: tuple[int, int]) -> str | None:
+        """Any size whose sides are multiples of the patch (any size with ``dynamic_img_pad``): RoPE and Qwen's
+        position grid follow the input; the projector's own condition on the grid on top."""
+        return patch_multiple_problem(self.encoder.patch_embed, size) or self.projector_problem(self._grid(size))
+
+    def projector_problem(self, grid: tuple[int, int]) -> str | None:
+        """Why the projector refuses a patch grid, or None."""
+        return None
+
+    def _grid(self, img_size) -> tuple[int, int]:
+        return patch_grid(self.encoder.patch_embed, None if img_size is None else parse_img_size(img_size))
+
+    def block_grid(self, i: int) -> tuple[int, int]:
+        return self._grid(None)
+
+    def stage_patches(self, img_size) -> list[int]:
+        rows, cols = self._grid(img_size)
+        return [rows * cols]
+
+    def stem_macs(self, img_size) -> int:
+        return self.encoder.patch_embed.proj.weight.numel() * self.stage_patches(img_size)[0]
+
+    def projector_macs(self, grid: tuple[int, int]) -> int:
+        """MACs of the projector over a (rows, cols) patch map."""
+        raise NotImplementedError
+
+    def head_macs(self, tokens: int) -> int:
+        return linear_macs(self.model.head) if self.classifier else 0
+
+    def count_macs(self, works, img_size) -> int:
+        """The blocks, stem and head as every sequence family's; the projector by its own token count (k x k blocks
+        of the map), when the model's forward runs it (an encoder's ``forward`` and a classifier's features)."""
+        projector = 0 if self.projector is None else self.projector_macs(self._grid(img_size))
+        return super().count_macs(works, img_size) + projector
+
+
+class Qwen3VitFamily(VlmTowerFamily):
+    name = "timm Qwen3 ViT"
+    module, encoder_class_name, classifier_class_name = "qwen3_vit", "Qwen3VitEncoder", "Qwen3VitClassifier"
+    projector_name = "merger"
+    block_description = "timm's EvaBlock with AttentionRope (Qwen3-VL's)"
+
+    def parts_class(self, block):
+        return eva_parts_class(block)
+
+    def projector_problem(self, grid):
+        k = self.encoder.merge_size
+        if self.projector is not None and (grid[0] % k or grid[1] % k):
+            return (f"its projector merges {k}x{k} patches: the patch grid's sides must be multiples of {k} (got "
+                    f"{grid[0]}x{grid[1]} patches)")
+        return None
+
+    def projector_macs(self, grid):
+        merger, k = self.projector, self.encoder.merge_size
+        return (grid[0] // k) * (grid[1] // k) * (linear_macs(merger.fc1) + linear_macs(merger.fc2))
+
+
+class DeepseekVitFamily(VlmTowerFamily):
+    name = "timm DeepSeek ViT"
+    module, encoder_class_name, classifier_class_name = "deepseek_vit", "DeepseekVitEncoder", "DeepseekVitClassifier"
+    projector_name = "aligner"
+    block_description = "timm's DeepseekVitBlock with AttentionRope"
+
+    def parts_class(self, block):
+        from timm.layers import AttentionRope
+        from timm.models.deepseek_vit import DeepseekVitBlock
+
+        plain = type(block) is DeepseekVitBlock and type(getattr(block, "attn", None)) is AttentionRope
+        return PlainResidualEvaParts if plain else None
+
+    def final_norm(self):
+        return self.encoder.norm
+
+    def projector_macs(self, grid):
+        aligner, r = self.projector, self.encoder.downsample_ratio
+        return -(-grid[0] // r) * -(-grid[1] // r) * (linear_macs(aligner.fc1) + linear_macs(aligner.fc2))

@@ -1,0 +1,254 @@
+"""The VLM vision towers: timm's Qwen3 ViT (Qwen3-VL, Qwen3.5: EvaBlock with RoPE, a learned position grid resampled
+to the input, the 2x2 merger) and DeepSeek ViT (its own block: RmsNorm, AttentionRope, SwiGLU; a final norm, the
+3x3 aligner), as encoders and as classifiers. keep=1 is the unpatched model; Idle and Evo equal the literal masked
+references of backbones.py run through timm's own blocks, position tables and projectors; MACs equal
+FlopCounterMode / 2; methods that drop tokens are refused."""
+import pytest
+import timm
+import torch
+from timm.models.deepseek_vit import DeepseekVitClassifier, DeepseekVitEncoder
+from timm.models.eva import EvaBlock
+from timm.models.qwen3_vit import Qwen3VitClassifier, Qwen3VitEncoder
+
+import tokenpace
+from backbones import assert_keep_one_equals_unpatched, assert_macs_equal_flop_counter, ref_evo, ref_idle
+from conftest import spread_weights
+
+SMALL = dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3)
+TOWERS = {  # (class, options): each tower bare and as a classifier, with and without its projector
+    "qwen_cls": (Qwen3VitClassifier, dict(num_classes=10, pos_embed_grid_size=6)),  # 6x6 grid resampled to 8x8
+    "qwen_cls_merge": (Qwen3VitClassifier, dict(num_classes=10, encoder_pool="merge", out_features=40,
+                                                pos_embed_grid_size=8)),
+    "qwen_enc": (Qwen3VitEncoder, dict(out_features=40, pos_embed_grid_size=6)),  # the 2x2 merger's tokens
+    "qwen_enc_avg": (Qwen3VitEncoder, dict(global_pool="avg", pos_embed_grid_size=6)),
+    "deepseek_cls": (DeepseekVitClassifier, dict(num_classes=10)),
+    "deepseek_cls_align": (DeepseekVitClassifier, dict(num_classes=10, encoder_pool="align", out_features=40)),
+    "deepseek_enc": (DeepseekVitEncoder, dict(out_features=40)),  # 3x3 aligner on 8x8: the grid is padded
+    "deepseek_enc_map": (DeepseekVitEncoder, dict(global_pool="")),  # the raw (B, H, W, C) map
+}
+
+
+def make_tower(variant: str, seed: int = 0, **overrides):
+    model_class, options = TOWERS[variant]
+    torch.manual_seed(seed)
+    return spread_weights(model_class(**{**SMALL, **options, **overrides}), seed).eval()
+
+
+@pytest.fixture
+def images():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tower as backbones.py's literal references read a flat model
+# ----------------------------------------------------------------------------------------------------------------
+
+class LiteralBlock:
+    """A tower block that takes an attention mask: timm's EvaBlock does; DeepSeek's block, written out."""
+
+    def __init__(self, block):
+        self.block, self.attn, self.norm1 = block, block.attn, block.norm1
+
+    def __call__(self, x, rope=None, attn_mask=None):
+        blk = self.block
+        if isinstance(blk, EvaBlock):
+            return blk(x, rope=rope, attn_mask=attn_mask)
+        x = x + blk.attn(blk.norm1(x), rope=rope, attn_mask=attn_mask)
+        return x + blk.mlp(blk.norm2(x))
+
+
+class TowerView:
+    """Blocks, no prefix token, the encoder's RoPE table from its ``_pos_embed``; ``forward_head`` is everything
+    after the last block, as timm writes it: the final norm (DeepSeek), the (B, H, W, C) map, then the encoder's
+    projector or pool, or the classifier's features and head."""
+
+    num_prefix_tokens = 0
+
+    def __init__(self, model):
+        self.model = model
+        self.classifier = hasattr(model, "encoder")
+        self.encoder = enc = model.encoder if self.classifier else model
+        self.blocks = [LiteralBlock(b) for b in enc.blocks]
+        self.rope, self.norm_pre, self.norm = enc.rope, torch.nn.Identity(), torch.nn.Identity()
+        self.grid = None
+
+    def patch_embed(self, img):
+        x = self.encoder.patch_embed(img)
+        self.grid = x.shape[1:3]
+        return x
+
+    def _pos_embed(self, x):
+        return self.encoder._pos_embed(x)
+
+    def forward_head(self, x):
+        enc = self.encoder
+        if isinstance(enc, DeepseekVitEncoder):
+            x = enc.norm(x)
+        x = x.reshape(x.shape[0], *self.grid, x.shape[-1])
+        projector = getattr(enc, "merger", None) or getattr(enc, "aligner", None)
+        if self.classifier:
+            return self.model.forward_head(x if projector is None else projector(x))
+        if projector is not None:
+            return projector(x)
+        return x.mean(dim=(1, 2)) if enc.global_pool == "avg" else x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Equivalence
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(TOWERS))
+@pytest.mark.parametrize("method,options", [("evo", {}), ("evo", {"mode": "layer"}), ("idle", {})], ids=str)
+def test_keep_one_equals_the_unpatched_model(variant, method, options, images):
+    assert_keep_one_equals_unpatched(make_tower(variant), method, options, images)
+
+
+@pytest.mark.parametrize("variant", list(TOWERS))
+@pytest.mark.parametrize("keep", [0.7, 0.4])
+def test_idle_equals_the_masked_reference(variant, keep, images):
+    model = make_tower(variant)
+    with torch.no_grad():
+        expected = ref_idle(TowerView(model), images, keep, (2, 3, 5), "received")  # depth 6: the scaled (3, 6, 9)
+        dense = model(images)
+        got = tokenpace.apply(model, "idle", keep=keep)(images)
+    assert got.shape == dense.shape and not torch.allclose(got, dense, atol=1e-3)  # it did idle something
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("variant", list(TOWERS))
+@pytest.mark.parametrize("mode", ["stage", "layer"])
+def test_evo_equals_the_masked_reference(variant, mode, images):
+    model = make_tower(variant)
+    with torch.no_grad():
+        expected = ref_evo(TowerView(model), images, 0.5, (2, 4), mode, "mean")  # depth 6: the scaled (4, 8)
+        got = tokenpace.apply(model, "evo", keep=0.5, mode=mode)(images)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("variant", ["qwen_cls_merge", "deepseek_enc"])
+def test_other_input_sizes_follow_the_grid(variant):
+    """48 px: a 12x12 grid (Qwen's 8x8 or 6x6 position grid resampled, RoPE for 12x12, DeepSeek's aligner on 4x4
+    blocks), the method's reference there too."""
+    model = make_tower(variant)
+    images = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_keep_one_equals_unpatched(model, "idle", {}, images)
+        expected = ref_idle(TowerView(model), images, 0.5, (2, 3, 5), "received")
+        got = tokenpace.apply(model, "idle", keep=0.5)(images)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    assert tokenpace.macs(model, img_size=48) > tokenpace.macs(model)
+
+
+def test_evo_representative_token_runs_without_a_position(images):
+    """Evo's representative token has no patch position: it is not rotated (as on Eva without a class token)."""
+    model = make_tower("qwen_cls")
+    with torch.no_grad():
+        plain = tokenpace.apply(model, "evo", keep=0.5)(images)
+        rep = tokenpace.apply(model, "evo", keep=0.5, representative=True)(images)
+    assert torch.isfinite(rep).all() and not torch.allclose(rep, plain, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cost, refusals, feature maps
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(TOWERS))
+@pytest.mark.parametrize("method,options", [(None, {}), ("evo", {}), ("evo", {"representative": True}),
+                                            ("idle", {}), ("idle", {"project_keys": True})], ids=str)
+def test_macs_equal_flop_counter_on_the_non_fused_path(variant, method, options):
+    assert_macs_equal_flop_counter(make_tower(variant), method, options, torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("variant", ["qwen_cls", "deepseek_enc"])
+def test_methods_that_drop_tokens_are_refused_naming_the_map(variant):
+    model = make_tower(variant)
+    assert tokenpace.supported_methods(model) == ["evo", "idle"]
+    for method in ("evit", "topk"):
+        with pytest.raises(ValueError, match=f"method '{method}' is not available.*drops tokens for good.*features "
+                                             r"are the whole patch map \(B, H, W, C\)"):
+            tokenpace.apply(model, method)
+
+
+def test_sizes_the_tower_or_its_projector_cannot_take_are_refused():
+    qwen = tokenpace.apply(make_tower("qwen_enc"), "idle")
+    with pytest.raises(ValueError, match="projector merges 2x2 patches: the patch grid's sides must be multiples of 2 "
+                                         r"\(got 9x9 patches\)"):
+        tokenpace.macs(qwen, img_size=36)
+    with pytest.raises(ValueError, match="multiples of the patch size 4x4"):
+        tokenpace.macs(qwen, img_size=34)
+    tokenpace.macs(make_tower("qwen_cls"), img_size=36)  # no merger: any multiple of the patch
+    deepseek = tokenpace.apply(make_tower("deepseek_enc"), "idle")
+    assert tokenpace.macs(deepseek, img_size=36) > 0  # the aligner pads 9x9 to 3x3 blocks
+
+
+INTERMEDIATE_CALLS = [dict(), dict(indices=2), dict(indices=[0], stop_early=True),
+                      dict(output_fmt="NLC", intermediates_only=True), dict(output_dict=True, indices=[1, 3]),
+                      dict(return_prefix_tokens=True, indices=1)]
+
+
+def _flatten(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for key in sorted(out) for t in _flatten(out[key])]
+    return [t for item in out for t in _flatten(item)]
+
+
+@pytest.mark.parametrize("variant", ["qwen_cls_merge", "qwen_enc", "deepseek_cls", "deepseek_enc"])
+def test_keep_one_intermediates_equal_the_unpatched_model(variant, images):
+    model = make_tower(variant)
+    calls = INTERMEDIATE_CALLS + ([dict(norm=True, indices=[2, 5])] if "deepseek" in variant else [])
+    for options in calls:
+        with torch.no_grad():
+            expected = _flatten(tokenpace.remove(model).forward_intermediates(images, **options))
+            for method in ("evo", "idle"):
+                got = _flatten(tokenpace.apply(model, method, keep=1.0).forward_intermediates(images, **options))
+                assert len(got) == len(expected) and all(a.shape == b.shape and torch.equal(a, b)
+                                                         for a, b in zip(got, expected)), (method, options)
+
+
+def test_qwen_norm_for_intermediates_is_refused_as_it_has_no_final_norm(images):
+    model = tokenpace.apply(make_tower("qwen_cls"), "idle")
+    with pytest.raises(ValueError, match="timm Qwen3 ViT has no final norm over its patch tokens: accepted "
+                                         r"norm=False \(timm ignores norm=True here\)"):
+        model.forward_intermediates(images, norm=True)
+
+
+@pytest.mark.parametrize("variant", ["qwen_cls_merge", "deepseek_enc"])
+def test_reduced_intermediates_are_full_maps_and_end_at_the_features(variant, images):
+    model = make_tower(variant)
+    with torch.no_grad():
+        dense_final, dense_maps = model.forward_intermediates(images)
+        for method in ("evo", "idle"):
+            tokenpace.apply(model, method, keep=0.5)
+            final, maps = model.forward_intermediates(images)
+            assert [m.shape for m in maps] == [m.shape for m in dense_maps] == [(3, 48, 8, 8)] * 6
+            assert final.shape == dense_final.shape
+            assert torch.allclose(final, model.forward_features(images), atol=1e-5), method
+            assert not torch.allclose(maps[-1], dense_maps[-1], atol=1e-3), method
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("qwen3_vit_88m", dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, pos_embed_grid_size=8)),
+    ("deepseek_vit_412m", dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3))])
+def test_features_only_models_run_the_method(name, kwargs, images):
+    torch.manual_seed(0)
+    features = timm.create_model(name, features_only=True, out_indices=(1, 3), **kwargs).eval()
+    with torch.no_grad():
+        dense = features(images)
+        idled = tokenpace.apply(features, "idle", keep=0.5)(images)
+    assert [t.shape for t in idled] == [t.shape for t in dense] == [(3, 48, 8, 8)] * 2
+    assert not torch.allclose(idled[-1], dense[-1], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["qwen3_vit_88m_enc", "deepseek_vit_412m_align"])
+def test_released_configurations_count_as_flop_counter_on_the_meta_device(name):
+    """The released towers as timm builds them (Qwen3.5's at 768 px with its 2x2 merger, DeepSeek-V4's at 546 px
+    with its 3x3 aligner on a 39x39 grid, padded), counted on the meta device: dense and idling."""
+    model = timm.create_model(name, device="meta").eval()
+    images = torch.zeros(1, *model.pretrained_cfg["input_size"], device="meta")
+    counts = []
+    for method in (None, "idle"):
+        assert_macs_equal_flop_counter(model, method, {}, images)
+        counts.append(tokenpace.macs(model))
+    assert 1.4 < counts[0] / counts[1] < 1.7  # the default Idle(0.7)
