@@ -354,9 +354,9 @@ def assert_keep_one_equals_unpatched(model, method, options, images):
         assert torch.equal(tokenpace.remove(model)(images), expected)
 
 
-def assert_macs_equal_flop_counter(model, method, options, image):
+def assert_macs_equal_flop_counter(model, method, options, image, img_size=None):
     """tokenpace.macs equals FlopCounterMode / 2 on the non-fused attention path (CPU SDPA has no FLOP formula in
-    some torch versions); ``method`` None: the dense model."""
+    some torch versions); ``method`` None: the dense model; ``img_size``: the image's, when not the model's own."""
     model.requires_grad_(False)  # FlopCounterMode's module hooks trip on leaf inputs
     for m in model.modules():
         if hasattr(m, "fused_attn"):
@@ -366,4 +366,4 @@ def assert_macs_equal_flop_counter(model, method, options, image):
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(image)
-    assert tokenpace.macs(model) == counter.get_total_flops() // 2
+    assert tokenpace.macs(model, img_size=img_size) == counter.get_total_flops() // 2

@@ -8,7 +8,7 @@ import torch
 
 import tokenpace
 from tokenpace.cli import main
-from conftest import CIFAR, make_vit
+from conftest import CIFAR, make_vit, needs_cifar
 
 
 @pytest.mark.parametrize("method", ["evo", "idle", "evit", "topk"])
@@ -161,9 +161,13 @@ TINY_TOWER = "img_size=32,patch_size=4,embed_dim=32,depth=2,num_heads=2"  # a VL
      "--plot 'p.xyz' has a file type matplotlib cannot write (.xyz); accepted: "),
     (["eval", "--data", "x.npz", "--model", "qwen3_vit_88m_enc", "--model-args", TINY_TOWER],
      "model qwen3_vit_88m_enc has no classifier (num_classes=0): it returns features, not class logits"),
-    (["train", "--recipe", "dense", "--data", CIFAR, "--limit", "16", "--output", "/tmp/tokenpace_encoder_run",
-      "--overwrite", "--model", "deepseek_vit_412m_enc", "--model-args", TINY_TOWER + ",out_features=8"],
-     "model deepseek_vit_412m_enc has no classifier (num_classes=0): it returns features, not class logits"),
+    pytest.param(["train", "--recipe", "dense", "--data", CIFAR, "--limit", "16", "--output",
+                  "/tmp/tokenpace_encoder_run", "--overwrite", "--model", "deepseek_vit_412m_enc", "--model-args",
+                  TINY_TOWER + ",out_features=8"],
+                 "model deepseek_vit_412m_enc has no classifier (num_classes=0): it returns features, not class "
+                 "logits", marks=needs_cifar),
+    (["tune", "--data", "x.npz", "--output", "/tmp/tokenpace_encoder_tune", "--model", "qwen3_vit_88m", "--model-args",
+      TINY_TOWER], "model qwen3_vit_88m has no classifier (num_classes=0)"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2

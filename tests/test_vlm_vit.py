@@ -25,6 +25,10 @@ TOWERS = {  # (class, options): each tower bare and as a classifier, with and wi
     "deepseek_cls_align": (DeepseekVitClassifier, dict(num_classes=10, encoder_pool="align", out_features=40)),
     "deepseek_enc": (DeepseekVitEncoder, dict(out_features=40)),  # 3x3 aligner on 8x8: the grid is padded
     "deepseek_enc_map": (DeepseekVitEncoder, dict(global_pool="")),  # the raw (B, H, W, C) map
+    # classifiers without a pool: the head runs on every feature token (the merger's, or the map's)
+    "qwen_cls_tokens": (Qwen3VitClassifier, dict(num_classes=10, global_pool="", encoder_pool="merge",
+                                                 out_features=40, pos_embed_grid_size=8)),
+    "deepseek_cls_tokens": (DeepseekVitClassifier, dict(num_classes=10, global_pool="")),
 }
 
 
@@ -174,11 +178,31 @@ def test_sizes_the_tower_or_its_projector_cannot_take_are_refused():
     with pytest.raises(ValueError, match="projector merges 2x2 patches: the patch grid's sides must be multiples of 2 "
                                          r"\(got 9x9 patches\)"):
         tokenpace.macs(qwen, img_size=36)
-    with pytest.raises(ValueError, match="multiples of the patch size 4x4"):
+    with pytest.raises(ValueError, match=r"multiples of the patch size 4x4$"):  # Qwen's towers cannot pad
         tokenpace.macs(qwen, img_size=34)
     tokenpace.macs(make_tower("qwen_cls"), img_size=36)  # no merger: any multiple of the patch
     deepseek = tokenpace.apply(make_tower("deepseek_enc"), "idle")
     assert tokenpace.macs(deepseek, img_size=36) > 0  # the aligner pads 9x9 to 3x3 blocks
+    with pytest.raises(ValueError, match=r"multiples of the patch size 4x4 \(or build it with dynamic_img_pad=True\)"):
+        tokenpace.macs(deepseek, img_size=34)
+
+
+@pytest.mark.parametrize("variant,size,overrides", [("qwen_cls_merge", 48, {}), ("qwen_cls_tokens", 40, {}),
+                                                    ("deepseek_enc", 40, {}), ("deepseek_cls_tokens", 40, {}),
+                                                    ("deepseek_enc", 30, {"dynamic_img_pad": True})], ids=str)
+def test_macs_at_other_sizes_equal_flop_counter(variant, size, overrides):
+    """Qwen's grid and merger at 48 and 40 px; DeepSeek's aligner padding a 10x10 grid, and its patch embedding
+    padding 30 px images to 32 (``dynamic_img_pad``): dense and idling, as the model runs at that size."""
+    model = make_tower(variant, **overrides)
+    images = torch.randn(1, 3, size, size)
+    for method in (None, "idle"):
+        assert_macs_equal_flop_counter(model, method, {}, images, img_size=size)
+    if overrides:  # the padded input runs the method's reference too
+        images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            expected = ref_idle(TowerView(model), images, 0.5, (2, 3, 5), "received")
+            got = tokenpace.apply(model, "idle", keep=0.5)(images)
+        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
 
 
 INTERMEDIATE_CALLS = [dict(), dict(indices=2), dict(indices=[0], stop_early=True),
@@ -194,7 +218,8 @@ def _flatten(out):
     return [t for item in out for t in _flatten(item)]
 
 
-@pytest.mark.parametrize("variant", ["qwen_cls_merge", "qwen_enc", "deepseek_cls", "deepseek_enc"])
+@pytest.mark.parametrize("variant", ["qwen_cls", "qwen_cls_merge", "qwen_enc", "deepseek_cls", "deepseek_cls_align",
+                                     "deepseek_enc"])
 def test_keep_one_intermediates_equal_the_unpatched_model(variant, images):
     model = make_tower(variant)
     calls = INTERMEDIATE_CALLS + ([dict(norm=True, indices=[2, 5])] if "deepseek" in variant else [])
@@ -241,10 +266,12 @@ def test_features_only_models_run_the_method(name, kwargs, images):
     assert not torch.allclose(idled[-1], dense[-1], atol=1e-3)
 
 
-@pytest.mark.parametrize("name", ["qwen3_vit_88m_enc", "deepseek_vit_412m_align"])
+@pytest.mark.parametrize("name", ["qwen3_vit_88m_enc", "qwen3_vit_306m_enc", "deepseek_vit_412m_enc",
+                                  "deepseek_vit_412m_align"])
 def test_released_configurations_count_as_flop_counter_on_the_meta_device(name):
-    """The released towers as timm builds them (Qwen3.5's at 768 px with its 2x2 merger, DeepSeek-V4's at 546 px
-    with its 3x3 aligner on a 39x39 grid, padded), counted on the meta device: dense and idling."""
+    """The released towers as timm builds them (Qwen's at 768 px with the 2x2 merger, DeepSeek-V4's at 546 px with
+    its 3x3 aligner on a 39x39 grid; the classifier's head on the pooled token), counted on the meta device: dense
+    and idling (the README's speed rows)."""
     model = timm.create_model(name, device="meta").eval()
     images = torch.zeros(1, *model.pretrained_cfg["input_size"], device="meta")
     counts = []

@@ -191,6 +191,19 @@ class PostNorm:
         return x + self.block.drop_path2(self.block.norm2(y))
 
 
+class PlainResidual:
+    """Mix in before a family's parts for blocks without LayerScale, ``x + drop_path(branch(x))`` (LeViT's, PVTv2's,
+    DeepSeek's tower)."""
+
+    block: nn.Module
+
+    def res_attn(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + self.block.drop_path1(y)
+
+    def res_mlp(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + self.block.drop_path2(y)
+
+
 class BlockParts:
     """The anatomy of one block; families subclass it. Defaults fit timm's pre-norm ``Block``."""
 

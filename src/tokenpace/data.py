@@ -231,10 +231,10 @@ def check_classifier(model, what: str) -> None:
     """TokenpaceError when ``model`` has no classifier (``num_classes`` 0: it returns features, as timm's encoders
     do, which also drop a ``num_classes`` argument), for a command that needs logits."""
     if getattr(model, "num_classes", None) == 0:
-        raise TokenpaceError(f"{what} has no classifier (num_classes=0): it returns features, not class logits, as "
-                             "timm's encoders do (e.g. the *_enc VLM towers, which ignore num_classes); this command "
-                             "needs a classifier: choose a classifier model (qwen3_vit_88m for qwen3_vit_88m_enc), "
-                             "or build it with --model-args num_classes=N where it takes one")
+        raise TokenpaceError(f"{what} has no classifier (num_classes=0): it returns features, not class logits; this "
+                             "command needs a classifier: build one with --model-args num_classes=N (its head then "
+                             "starts untrained). timm's encoders ignore num_classes (e.g. the VLM towers' *_enc "
+                             "models: choose the name without _enc)")
 
 
 def check_labels(ds: Dataset, num_classes: int, what: str) -> None:

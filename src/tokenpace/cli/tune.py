@@ -11,7 +11,7 @@ from . import source
 
 def run(args: argparse.Namespace) -> int:
     from ..config_io import model_record
-    from ..data import DataSpec, build_dataset, check_labels, eval_transform
+    from ..data import DataSpec, build_dataset, check_classifier, check_labels, eval_transform
     from ..evaluate import parse_sweep
     from ..tune import TuneSettings, tune
     from ..tune.report import earlier_outputs, summary, write_outputs
@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
                              "another folder")
     device = source.device(args.device)
     model, record = source.build(args)
+    check_classifier(model, f"model {source.model_name(args, record)}")  # its scores compare class predictions
     specs = _methods(args, model, record)
     keeps = tuple(parse_sweep(args.keep_sweep)) if args.keep_sweep is not None else None
     with user_input():

@@ -30,14 +30,14 @@ FAMILIES: tuple[type[Family], ...] = (TimmViT, TimmEva, TimmBeit, TimmRelPosViT,
 
 SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-norm, SigLIP, AIMv2; class token or "
              "not; tokenpace's evo_deit_*), timm Eva (EVA-02, DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), "
-             "the VLM vision towers Qwen3ViT (qwen3_vit_*: Qwen3-VL, Qwen3.5) and DeepSeekViT (deepseek_vit_*), "
              "timm VisionTransformerRelPos (vit_relpos_*), timm NaFlexVit (naflexvit_*: SigLIP2 NaFlex, C-RADIO; image "
              "batches), timm Cait (cait_*), timm Levit (levit_*) and tokenpace's evo_levit_*, timm PiT (pit_*), "
              "tokenpace's LV-ViT (lvvit_*), "
              "timm SwinTransformer (swin_*), SwinTransformerV2 (swinv2_*), SwinTransformerV2Cr (swinv2_cr_*), "
              "PyramidVisionTransformerV2 (pvt_v2_*), VisionTransformerSAM (samvit_*), Hiera (hiera_*), "
-             "HieraDet (sam2_hiera_*: SAM 2), TinyVit (tiny_vit_*) and MaxxVit (maxvit_*, maxxvit_*, maxxvitv2_*, "
-             "coatnet_*, coatnext_*)")
+             "HieraDet (sam2_hiera_*: SAM 2), TinyVit (tiny_vit_*), MaxxVit (maxvit_*, maxxvit_*, maxxvitv2_*, "
+             "coatnet_*, coatnext_*), and the VLM vision towers Qwen3VitEncoder / Qwen3VitClassifier (qwen3_vit_*: "
+             "Qwen3-VL, Qwen3.5) and DeepseekVitEncoder / DeepseekVitClassifier (deepseek_vit_*)")
 
 
 class UnsupportedModel(TypeError):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anatomy import BlockParts, Frame, LinearMap, StageEntry, head_interleaved_rows
+from ..anatomy import BlockParts, Frame, LinearMap, PlainResidual, StageEntry, head_interleaved_rows
 from ..core.attention import attend, probs_scores
 from ..core.feature_maps import to_map, to_tokens
 from ..core.macs import BlockShape, conv_macs, linear_macs, pointwise_conv
@@ -116,7 +116,7 @@ def call_tokenwise(module: nn.Module, x: torch.Tensor, conv: bool) -> torch.Tens
     return tokenwise(module, x) if conv else module(x)
 
 
-class LevitParts(BlockParts):
+class LevitParts(PlainResidual, BlockParts):
     """LeViT's block: no norms, q/k/v per head side by side in one projection, an activation before the output
     projection, relative-position biases (timm) or none (Evo-LeViT)."""
 
@@ -179,12 +179,6 @@ class LevitParts(BlockParts):
 
     def mlp(self, h, where=None):
         return call_tokenwise(self.block.mlp, h, self.conv)
-
-    def res_attn(self, x, y):
-        return x + self.block.drop_path1(y)
-
-    def res_mlp(self, x, y):
-        return x + self.block.drop_path2(y)
 
     def _affine_rows(self, j: int) -> LinearMap:
         affine = inference_map(self.attn.qkv)

@@ -37,11 +37,11 @@ def patch_embed_size_problem(patch_embed: nn.Module, size: tuple[int, int], resi
     return patch_multiple_problem(patch_embed, size)
 
 
-def patch_multiple_problem(patch_embed: nn.Module, size: tuple[int, int]) -> str | None:
+def patch_multiple_problem(patch_embed: nn.Module, size: tuple[int, int], can_pad: bool = True) -> str | None:
     """Why an embedding that patchifies any size refuses (H, W): sides not multiples of its patch, unless it pads
-    them (``dynamic_img_pad``); None when it takes them."""
+    them (``dynamic_img_pad``; ``can_pad``: the model's constructor offers that option); None when it takes them."""
     patch = tuple(patch_embed.patch_size)
     if not getattr(patch_embed, "dynamic_img_pad", False) and (size[0] % patch[0] or size[1] % patch[1]):
-        return (f"its sides must be multiples of the patch size {patch[0]}x{patch[1]} (or build it with "
-                "dynamic_img_pad=True)")
+        hint = " (or build it with dynamic_img_pad=True)" if can_pad else ""
+        return f"its sides must be multiples of the patch size {patch[0]}x{patch[1]}{hint}"
     return None

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..anatomy import BlockParts, Frame, LinearMap
+from ..anatomy import BlockParts, Frame, LinearMap, PlainResidual
 from ..blockops import attention_branch
 from ..core.feature_maps import to_map, to_tokens
 from ..core.macs import BlockShape, BlockWork, conv_macs, linear_macs
@@ -74,7 +74,7 @@ class _Selected:
     rows: torch.Tensor
 
 
-class PvtParts(BlockParts):
+class PvtParts(PlainResidual, BlockParts):
     """timm pvt_v2 ``Block``: queries of the tokens present, keys and values of the whole (spatially reduced) map,
     and an MLP whose depth-wise conv runs on the full grid."""
 
@@ -112,12 +112,6 @@ class PvtParts(BlockParts):
         full = scatter_rows(h.new_zeros(B, grid[0] * grid[1], hidden), where.rows, h)
         full = to_tokens(mlp.dwconv(to_map(full, grid)))
         return mlp.drop(mlp.fc2(mlp.drop(mlp.act(gather_rows(full, where.rows)))))
-
-    def res_attn(self, x, y):
-        return x + self.block.drop_path1(y)
-
-    def res_mlp(self, x, y):
-        return x + self.block.drop_path2(y)
 
     def linear_queries(self):
         return LinearMap(self.attn.q.weight, self.attn.q.bias)

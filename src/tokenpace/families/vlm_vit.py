@@ -11,10 +11,12 @@ methods that drop tokens for good are refused, as the map needs every token.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from ..anatomy import BlockParts, Frame
+from ..anatomy import BlockParts, Frame, PlainResidual
 from ..core.feature_maps import vit_intermediates
 from ..core.macs import linear_macs
 from .base import IntermediateOptions, SequenceFamily, parse_img_size
@@ -23,14 +25,8 @@ from .patch_embed import patch_grid, patch_multiple_problem
 from .timm_vit import check_blocks
 
 
-class PlainResidualEvaParts(EvaParts):
+class PlainResidualEvaParts(PlainResidual, EvaParts):
     """A pre-norm RoPE block with timm's ``AttentionRope`` and plain residuals (no LayerScale): DeepSeek's."""
-
-    def res_attn(self, x, y):
-        return x + self.block.drop_path1(y)
-
-    def res_mlp(self, x, y):
-        return x + self.block.drop_path2(y)
 
 
 class VlmTowerFamily(SequenceFamily):
@@ -38,10 +34,8 @@ class VlmTowerFamily(SequenceFamily):
     table, ``blocks``), an optional projector over the final map, and, for a classifier, a pooled linear head.
     Subclasses name the classes, the projector attribute and the encoder's final norm."""
 
-    encoder_class_name: str
-    classifier_class_name: str
-    module: str  # timm's module of both classes
     projector_name: str  # the encoder's attribute holding the VLM projector (None where the model has none)
+    can_pad: bool = False  # the patch embedding can pad an input to the patch (``dynamic_img_pad``)
     block_description: str  # what the blocks must be, in a refusal
     fixed_length_head = True  # the features are the whole patch map
     fixed_length_why = "features are the whole patch map (B, H, W, C), as the VLM projector needs it"
@@ -52,24 +46,22 @@ class VlmTowerFamily(SequenceFamily):
         check_blocks(self.encoder, self.name, self.readable, self.block_description)
         super().__init__(model, [self.encoder.blocks])
 
-    @classmethod
-    def _classes(cls) -> tuple[type, type]:
-        import importlib
-
-        module = importlib.import_module(f"timm.models.{cls.module}")
-        return getattr(module, cls.encoder_class_name), getattr(module, cls.classifier_class_name)
+    @staticmethod
+    def timm_classes() -> tuple[type, type]:
+        """timm's (encoder, classifier) classes of the tower."""
+        raise NotImplementedError
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         try:
-            classes = cls._classes()
-        except (ImportError, AttributeError):  # an older timm: nothing of this family can exist
+            classes = cls.timm_classes()
+        except ImportError:  # an older timm: nothing of this family can exist
             return False
         return isinstance(model, classes)
 
     @classmethod
     def _is_classifier(cls, model: nn.Module) -> bool:
-        return isinstance(model, cls._classes()[1])
+        return isinstance(model, cls.timm_classes()[1])
 
     def readable(self, block: nn.Module) -> bool:
         """Whether the family's parts read ``block``."""
@@ -80,7 +72,7 @@ class VlmTowerFamily(SequenceFamily):
 
     def make_parts(self, i: int) -> BlockParts:
         block = self.blocks[i]
-        return self.parts_class(block)(block, i, True, False)
+        return self.parts_class(block)(block, i, has_rope=True, mixed=False)
 
     @property
     def projector(self) -> nn.Module | None:
@@ -129,8 +121,8 @@ class VlmTowerFamily(SequenceFamily):
         if options.norm and norm is None:
             raise ValueError(f"{self.name} has no final norm over its patch tokens: accepted norm=False (timm "
                              "ignores norm=True here)")
-        maps = vit_intermediates(maps, final, norm or nn.Identity(), 0, frame.grid, norm=options.norm,
-                                 output_fmt=options.output_fmt, intermediates_only=True)
+        maps = vit_intermediates(maps, final, norm, 0, frame.grid, norm=options.norm, output_fmt=options.output_fmt,
+                                 intermediates_only=True)
         if options.intermediates_only:
             return {"image_intermediates": maps} if options.output_dict else maps
         features = self.finish(final, frame)
@@ -144,7 +136,8 @@ class VlmTowerFamily(SequenceFamily):
     def size_problem(self, size: tuple[int, int]) -> str | None:
         """Any size whose sides are multiples of the patch (any size with ``dynamic_img_pad``): RoPE and Qwen's
         position grid follow the input; the projector's own condition on the grid on top."""
-        return patch_multiple_problem(self.encoder.patch_embed, size) or self.projector_problem(self._grid(size))
+        return (patch_multiple_problem(self.encoder.patch_embed, size, self.can_pad)
+                or self.projector_problem(self._grid(size)))
 
     def projector_problem(self, grid: tuple[int, int]) -> str | None:
         """Why the projector refuses a patch grid, or None."""
@@ -163,46 +156,65 @@ class VlmTowerFamily(SequenceFamily):
     def stem_macs(self, img_size) -> int:
         return self.encoder.patch_embed.proj.weight.numel() * self.stage_patches(img_size)[0]
 
-    def projector_macs(self, grid: tuple[int, int]) -> int:
-        """MACs of the projector over a (rows, cols) patch map."""
+    def merge_factor(self) -> int:
+        """k: the projector joins k x k patches into one token."""
         raise NotImplementedError
 
     def head_macs(self, tokens: int) -> int:
-        return linear_macs(self.model.head) if self.classifier else 0
+        return 0  # counted by ``count_macs``, which knows the grid
 
     def count_macs(self, works, img_size) -> int:
-        """The blocks, stem and head as every sequence family's; the projector by its own token count (k x k blocks
-        of the map), when the model's forward runs it (an encoder's ``forward`` and a classifier's features)."""
-        projector = 0 if self.projector is None else self.projector_macs(self._grid(img_size))
-        return super().count_macs(works, img_size) + projector
+        """The blocks and stem as every sequence family's; then the projector over its tokens (k x k blocks of the
+        map; the map padded to them), and a classifier's head over one pooled token, or over every feature token
+        without a pool (timm's ``global_pool=''``)."""
+        rows, cols = self._grid(img_size)
+        features = rows * cols
+        ends = 0
+        if self.projector is not None:
+            k = self.merge_factor()
+            features = math.ceil(rows / k) * math.ceil(cols / k)
+            ends += features * linear_macs(self.projector)
+        if self.classifier:
+            ends += (1 if self.model.global_pool else features) * linear_macs(self.model.head)
+        return super().count_macs(works, img_size) + ends
 
 
 class Qwen3VitFamily(VlmTowerFamily):
     name = "timm Qwen3 ViT"
-    module, encoder_class_name, classifier_class_name = "qwen3_vit", "Qwen3VitEncoder", "Qwen3VitClassifier"
     projector_name = "merger"
-    block_description = "timm's EvaBlock with AttentionRope (Qwen3-VL's)"
+    block_description = "timm's EvaBlock or EvaBlockPostNorm with AttentionRope or EvaAttention (Qwen3-VL's)"
+
+    @staticmethod
+    def timm_classes():
+        from timm.models.qwen3_vit import Qwen3VitClassifier, Qwen3VitEncoder
+
+        return Qwen3VitEncoder, Qwen3VitClassifier
 
     def parts_class(self, block):
         return eva_parts_class(block)
 
     def projector_problem(self, grid):
-        k = self.encoder.merge_size
-        if self.projector is not None and (grid[0] % k or grid[1] % k):
+        k = None if self.projector is None else self.merge_factor()
+        if k is not None and (grid[0] % k or grid[1] % k):
             return (f"its projector merges {k}x{k} patches: the patch grid's sides must be multiples of {k} (got "
                     f"{grid[0]}x{grid[1]} patches)")
         return None
 
-    def projector_macs(self, grid):
-        merger, k = self.projector, self.encoder.merge_size
-        return (grid[0] // k) * (grid[1] // k) * (linear_macs(merger.fc1) + linear_macs(merger.fc2))
+    def merge_factor(self):
+        return self.projector.merge_size
 
 
 class DeepseekVitFamily(VlmTowerFamily):
     name = "timm DeepSeek ViT"
-    module, encoder_class_name, classifier_class_name = "deepseek_vit", "DeepseekVitEncoder", "DeepseekVitClassifier"
     projector_name = "aligner"
     block_description = "timm's DeepseekVitBlock with AttentionRope"
+    can_pad = True
+
+    @staticmethod
+    def timm_classes():
+        from timm.models.deepseek_vit import DeepseekVitClassifier, DeepseekVitEncoder
+
+        return DeepseekVitEncoder, DeepseekVitClassifier
 
     def parts_class(self, block):
         from timm.layers import AttentionRope
@@ -214,6 +226,5 @@ class DeepseekVitFamily(VlmTowerFamily):
     def final_norm(self):
         return self.encoder.norm
 
-    def projector_macs(self, grid):
-        aligner, r = self.projector, self.encoder.downsample_ratio
-        return -(-grid[0] // r) * -(-grid[1] // r) * (linear_macs(aligner.fc1) + linear_macs(aligner.fc2))
+    def merge_factor(self):
+        return self.projector.downsample_ratio
