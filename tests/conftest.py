@@ -331,6 +331,15 @@ HIERA_INTERMEDIATE_CALLS = [dict(), dict(indices=[0, 2], output_fmt="NHWC"),
                             dict(coarse=False, indices=[1, 3, 6]), dict(coarse=False, indices=3, stop_early=False)]
 
 
+def flatten_outputs(out) -> list[torch.Tensor]:
+    """Every tensor of a forward_intermediates result (tensors, lists, tuples, dicts by key), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for key in sorted(out) for t in flatten_outputs(out[key])]
+    return [t for item in out for t in flatten_outputs(item)]
+
+
 def assert_keep_one_intermediates_equal(model, img, calls):
     """Each forward_intermediates call of the unpatched model and of the model under Idle at keep=1 gives the same
     final tokens and maps, exactly (the model is left patched)."""

@@ -9,7 +9,7 @@ import torch
 
 import tokenpace
 from backbones import make_backbone
-from conftest import CIFAR, make_vit, needs_cifar, spread_weights
+from conftest import CIFAR, flatten_outputs, make_vit, needs_cifar, spread_weights
 from test_hiera import make_hiera
 from test_hieradet import make_hieradet
 from test_maxvit import make_maxvit
@@ -86,15 +86,6 @@ def _images(size, batch=2):
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
-def _flatten(out):
-    """Every tensor of a forward_intermediates result, in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for key in sorted(out) for t in _flatten(out[key])]
-    return [t for item in out for t in _flatten(item)]
-
-
 def _option_sets(flat, model):
     # timm's Hiera and HieraDet norm no map (they assert norm=False); TinyViT and PiT ignore norm (tokenpace refuses
     # it)
@@ -115,9 +106,9 @@ def test_keep_one_intermediates_equal_the_unpatched_model(family):
         if options.get("output_dict") and not hasattr(model, "pool_include_prefix"):
             continue  # output_dict is timm VisionTransformer's alone
         with torch.no_grad():
-            expected = _flatten(tokenpace.remove(model).forward_intermediates(images, **options))
+            expected = flatten_outputs(tokenpace.remove(model).forward_intermediates(images, **options))
             for method in methods:
-                got = _flatten(tokenpace.apply(model, method, keep=1.0).forward_intermediates(images, **options))
+                got = flatten_outputs(tokenpace.apply(model, method, keep=1.0).forward_intermediates(images, **options))
                 assert len(got) == len(expected), (method, options)
                 for a, b in zip(got, expected):
                     assert a.shape == b.shape and torch.equal(a, b), (method, options)
@@ -132,8 +123,8 @@ def test_positional_intermediate_arguments_keep_the_models_own_order(family):
     args = {"hiera": (None, [1], False, False), "hieradet": ([1], False, False),
             "tiny_vit": ([1], False, False), "pit": ([1], False, False)}.get(family, ([1], True))
     with torch.no_grad():
-        expected = _flatten(tokenpace.remove(model).forward_intermediates(images, *args))
-        got = _flatten(tokenpace.apply(model, methods[0], keep=1.0).forward_intermediates(images, *args))
+        expected = flatten_outputs(tokenpace.remove(model).forward_intermediates(images, *args))
+        got = flatten_outputs(tokenpace.apply(model, methods[0], keep=1.0).forward_intermediates(images, *args))
     assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
@@ -325,7 +316,7 @@ def test_pruning_a_patched_model_is_refused_and_pruning_first_works():
         expected = model.forward_intermediates(images, [2])
         got = tokenpace.apply(model, "idle", keep=1.0).forward_intermediates(images, [2])
     assert len(model.blocks) == 3
-    assert all(torch.equal(a, b) for a, b in zip(_flatten(got), _flatten(expected)))
+    assert all(torch.equal(a, b) for a, b in zip(flatten_outputs(got), flatten_outputs(expected)))
 
 
 def test_a_trace_of_a_forward_stopped_early_lists_the_blocks_that_ran():

@@ -12,7 +12,7 @@ from timm.models.qwen3_vit import Qwen3VitClassifier, Qwen3VitEncoder
 
 import tokenpace
 from backbones import assert_keep_one_equals_unpatched, assert_macs_equal_flop_counter, ref_evo, ref_idle
-from conftest import spread_weights
+from conftest import flatten_outputs, spread_weights
 
 SMALL = dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3)
 TOWERS = {  # (class, options): each tower bare and as a classifier, with and without its projector
@@ -210,14 +210,6 @@ INTERMEDIATE_CALLS = [dict(), dict(indices=2), dict(indices=[0], stop_early=True
                       dict(return_prefix_tokens=True, indices=1)]
 
 
-def _flatten(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for key in sorted(out) for t in _flatten(out[key])]
-    return [t for item in out for t in _flatten(item)]
-
-
 @pytest.mark.parametrize("variant", ["qwen_cls", "qwen_cls_merge", "qwen_enc", "deepseek_cls", "deepseek_cls_align",
                                      "deepseek_enc"])
 def test_keep_one_intermediates_equal_the_unpatched_model(variant, images):
@@ -225,9 +217,9 @@ def test_keep_one_intermediates_equal_the_unpatched_model(variant, images):
     calls = INTERMEDIATE_CALLS + ([dict(norm=True, indices=[2, 5])] if "deepseek" in variant else [])
     for options in calls:
         with torch.no_grad():
-            expected = _flatten(tokenpace.remove(model).forward_intermediates(images, **options))
+            expected = flatten_outputs(tokenpace.remove(model).forward_intermediates(images, **options))
             for method in ("evo", "idle"):
-                got = _flatten(tokenpace.apply(model, method, keep=1.0).forward_intermediates(images, **options))
+                got = flatten_outputs(tokenpace.apply(model, method, keep=1.0).forward_intermediates(images, **options))
                 assert len(got) == len(expected) and all(a.shape == b.shape and torch.equal(a, b)
                                                          for a, b in zip(got, expected)), (method, options)
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from ..anatomy import BlockParts, Frame
-from .base import parse_img_size, recorded_input_size
+from .base import recorded_input_size
 from .eva import EvaParts, block_rope, eva_parts_class
-from .patch_embed import patch_grid, patch_multiple_problem
+from .patch_embed import OneGridSizes, patch_multiple_problem
 from .timm_vit import VIT_BLOCKS, PatchSequenceFamily, check_blocks, vit_parts_class
 
 
@@ -28,7 +28,7 @@ def _parts_class(block: nn.Module) -> type[BlockParts] | None:
     return vit_parts_class(block) or eva_parts_class(block)
 
 
-class TimmNaFlexVit(PatchSequenceFamily):
+class TimmNaFlexVit(OneGridSizes, PatchSequenceFamily):
     name = "timm NaFlexVit"
 
     def __init__(self, model: nn.Module) -> None:
@@ -74,7 +74,11 @@ class TimmNaFlexVit(PatchSequenceFamily):
         return self.blocks[i](x, rope=block_rope(frame.rope, i, self.model.rope_is_mixed))
 
     # --- sizes and cost ------------------------------------------------------------------------------------------
-    def _own_size(self) -> tuple[int, int]:
+    @property
+    def patch_embedding(self) -> nn.Module:
+        return self.model.embeds
+
+    def own_size(self) -> tuple[int, int]:
         """The size the model is used at (it runs others too): its ``img_size`` where timm kept it, else its
         pretrained config's (where ``tokenpace.models.create_model`` records an ``img_size`` timm dropped), else
         its position embedding's grid in pixels."""
@@ -89,24 +93,10 @@ class TimmNaFlexVit(PatchSequenceFamily):
                             "build it with img_size=N, or with tokenpace.models.create_model(name, img_size=N)")
         return tuple(int(g * p) for g, p in zip(embeds.pos_embed_grid_size, embeds.patch_size))
 
-    def _grid(self, img_size) -> tuple[int, int]:
-        return patch_grid(self.model.embeds, self._own_size() if img_size is None else parse_img_size(img_size))
-
     def input_size(self) -> tuple[int, int, int]:
-        return (self.model.in_chans, *self._own_size())
+        return (self.model.in_chans, *self.own_size())
 
     def size_problem(self, size: tuple[int, int]) -> str | None:
         """Any size whose sides are multiples of the patch (or any size with ``dynamic_img_pad``): the position
         embeddings are resized to the grid."""
         return patch_multiple_problem(self.model.embeds, size)
-
-    def block_grid(self, i: int) -> tuple[int, int]:
-        return self._grid(None)
-
-    def stage_patches(self, img_size) -> list[int]:
-        rows, cols = self._grid(img_size)
-        return [rows * cols]
-
-    def stem_macs(self, img_size) -> int:
-        # a linear over each flattened patch or a conv with the patch as stride: one weight use per patch
-        return self.model.embeds.proj.weight.numel() * self.stage_patches(img_size)[0]

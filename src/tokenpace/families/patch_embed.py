@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import built_for_only
+from .base import built_for_only, parse_img_size
 
 
 def patch_grid(patch_embed: nn.Module, img_size: tuple[int, int] | None) -> tuple[int, int]:
@@ -45,3 +45,27 @@ def patch_multiple_problem(patch_embed: nn.Module, size: tuple[int, int], can_pa
         hint = " (or build it with dynamic_img_pad=True)" if can_pad else ""
         return f"its sides must be multiples of the patch size {patch[0]}x{patch[1]}{hint}"
     return None
+
+
+class OneGridSizes:
+    """Sizes and stem cost of a one-stage family whose patch grid follows the input: ``patch_embedding`` makes it,
+    ``own_size()`` is the size the model is used at (None: the embedding's own). Mixed in before the family."""
+
+    patch_embedding: nn.Module
+
+    def own_size(self) -> tuple[int, int] | None:
+        return None
+
+    def _grid(self, img_size) -> tuple[int, int]:
+        return patch_grid(self.patch_embedding, self.own_size() if img_size is None else parse_img_size(img_size))
+
+    def block_grid(self, i: int) -> tuple[int, int]:
+        return self._grid(None)
+
+    def stage_patches(self, img_size) -> list[int]:
+        rows, cols = self._grid(img_size)
+        return [rows * cols]
+
+    def stem_macs(self, img_size) -> int:
+        # a linear over each flattened patch or a conv with the patch as stride: one weight use per patch
+        return self.patch_embedding.proj.weight.numel() * self.stage_patches(img_size)[0]

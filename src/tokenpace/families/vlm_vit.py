@@ -19,9 +19,9 @@ from torch import nn
 from ..anatomy import BlockParts, Frame, PlainResidual
 from ..core.feature_maps import vit_intermediates
 from ..core.macs import linear_macs
-from .base import IntermediateOptions, SequenceFamily, parse_img_size
+from .base import IntermediateOptions, SequenceFamily
 from .eva import EvaParts, eva_parts_class
-from .patch_embed import patch_grid, patch_multiple_problem
+from .patch_embed import OneGridSizes, patch_multiple_problem
 from .timm_vit import check_blocks
 
 
@@ -29,7 +29,7 @@ class PlainResidualEvaParts(PlainResidual, EvaParts):
     """A pre-norm RoPE block with timm's ``AttentionRope`` and plain residuals (no LayerScale): DeepSeek's."""
 
 
-class VlmTowerFamily(SequenceFamily):
+class VlmTowerFamily(OneGridSizes, SequenceFamily):
     """A VLM vision tower: its encoder (``patch_embed`` to an NHWC grid, ``_pos_embed`` giving tokens and the RoPE
     table, ``blocks``), an optional projector over the final map, and, for a classifier, a pooled linear head.
     Subclasses name the classes, the projector attribute and the encoder's final norm."""
@@ -77,6 +77,10 @@ class VlmTowerFamily(SequenceFamily):
     @property
     def projector(self) -> nn.Module | None:
         return getattr(self.encoder, self.projector_name, None)
+
+    @property
+    def patch_embedding(self) -> nn.Module:
+        return self.encoder.patch_embed
 
     @property
     def checkpointing(self) -> bool:
@@ -142,19 +146,6 @@ class VlmTowerFamily(SequenceFamily):
     def projector_problem(self, grid: tuple[int, int]) -> str | None:
         """Why the projector refuses a patch grid, or None."""
         return None
-
-    def _grid(self, img_size) -> tuple[int, int]:
-        return patch_grid(self.encoder.patch_embed, None if img_size is None else parse_img_size(img_size))
-
-    def block_grid(self, i: int) -> tuple[int, int]:
-        return self._grid(None)
-
-    def stage_patches(self, img_size) -> list[int]:
-        rows, cols = self._grid(img_size)
-        return [rows * cols]
-
-    def stem_macs(self, img_size) -> int:
-        return self.encoder.patch_embed.proj.weight.numel() * self.stage_patches(img_size)[0]
 
     def merge_factor(self) -> int:
         """k: the projector joins k x k patches into one token."""
