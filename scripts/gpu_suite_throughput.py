@@ -72,13 +72,16 @@ EVA02_S = BenchModel("eva02_small_patch14_224", "eva02_small_patch14_224")
 # SAM 2's image encoder (timm HieraDet) at its own 896 px: a dense-task backbone, windows and pooling stage entries;
 # Idle is the method it runs
 SAM2_T = BenchModel("sam2_hiera_tiny", "sam2_hiera_tiny")
+# a VLM's vision tower at its own 768 px (48x48 patches, RoPE, the 2x2 merger's tokens out): Qwen3.5's encoder
+QWEN3_T = BenchModel("qwen3_vit_88m_enc", "qwen3_vit_88m_enc")
 
 
 def full_plan() -> ThroughputPlan:
-    """30 groups in priority order: the targets' (DeiT-S bf16 at batch 256 and 1, batch 1 replayed from CUDA graphs,
+    """31 groups in priority order: the targets' (DeiT-S bf16 at batch 256 and 1, batch 1 replayed from CUDA graphs,
     then compiled at 256), every eager setting of DeiT-S (batch 64 bf16 also from CUDA graphs) and DeiT-B, SigLIP-B
     (bf16, batch 256 and 1), ViT-B at 1024 px (fewer rounds: up to a second per call) with EVA-02-S (bf16, batch
-    256) and SAM 2's Hiera-T (bf16, batch 8 at 896 px, dense and Idle) before its slowest group, then more compiled
+    256), SAM 2's Hiera-T (bf16, batch 8 at 896 px, dense and Idle) and Qwen3.5's vision tower (bf16, batch 8 at
+    768 px, dense, Evo and Idle) before its slowest group, then more compiled
     (batch 1 in reduce-overhead mode: CUDA graphs)."""
     S, B, L = DEIT_S, DEIT_B, VIT_B_1024
     G = BenchGroup
@@ -94,6 +97,7 @@ def full_plan() -> ThroughputPlan:
              G(L, 256, "bf16", False, runs=3, warmup=1), G(L, 1, "none", False, runs=5),
              G(EVA02_S, 256, "bf16", False),  # ~1 s, before the ~25 s fp32 group below
              G(SAM2_T, 8, "bf16", False, "dense,idle"),  # ~100 GMACs an image: about a second for its calls
+             G(QWEN3_T, 8, "bf16", False, "dense,evo,idle"),  # ~300 GMACs an image: a few seconds for its calls
              G(L, 64, "none", False, runs=3, warmup=1)]
     # at batch 1 the host's launch cost bounds a forward: its compiled group replays CUDA graphs, as a latency
     # deployment would
@@ -112,8 +116,8 @@ def full_plan() -> ThroughputPlan:
 
 
 def smoke_plan() -> ThroughputPlan:
-    """Tiny ViTs on the CPU: both precisions, a model built at another image size, tiny SigLIP-, EVA-02- and SAM 2
-    encoder-shaped models, and one compiled group of the targets' methods. That group compiles with aot_eager:
+    """Tiny ViTs on the CPU: both precisions, a model built at another image size, tiny SigLIP-, EVA-02-, SAM 2- and
+    Qwen3-tower-shaped models, and one compiled group of the targets' methods. That group compiles with aot_eager:
     dynamo traces every method as the GPU run's inductor does, without the C++ code generation whose cold-cache
     minutes on two busy cores would not fit the smoke's budget (the tests compile with inductor on the CPU
     themselves)."""
@@ -125,6 +129,7 @@ def smoke_plan() -> ThroughputPlan:
     siglip = BenchModel("siglip_tiny@32", SIGLIP_B.timm_name, shrink)
     eva = BenchModel("eva02_tiny@32", EVA02_S.timm_name, shrink)
     # a tiny SAM 2 encoder at 64 px (its config's input size overridden: the benchmark reads it)
+    qwen3 = BenchModel("qwen3_tower_tiny@32", QWEN3_T.timm_name, shrink + (("pos_embed_grid_size", 8),))
     sam2 = BenchModel("sam2_tiny@64", SAM2_T.timm_name,
                       (("embed_dim", 16), ("num_heads", 1), ("stages", (1, 2, 3, 2)), ("window_spec", (4, 2, 4, 2)),
                        ("global_att_blocks", (4,)), ("global_pos_size", (4, 4)),
@@ -133,6 +138,7 @@ def smoke_plan() -> ThroughputPlan:
     groups = (G(tiny, 4, "bf16", False, runs=2, warmup=1), G(tiny, 1, "bf16", False, runs=2, warmup=1),
               G(siglip, 4, "bf16", False, runs=2, warmup=1), G(eva, 4, "bf16", False, runs=2, warmup=1),
               G(sam2, 2, "bf16", False, "dense,idle", runs=2, warmup=1),
+              G(qwen3, 2, "bf16", False, "dense,evo,idle", runs=2, warmup=1),
               G(tiny, 4, "none", False, runs=2, warmup=1), G(large, 2, "bf16", False, TARGET_METHODS, runs=2, warmup=1),
               G(tiny, 4, "bf16", True, TARGET_METHODS, runs=2, warmup=1, compile_backend="aot_eager"))
     dropped = ((G(large, 4, "none", False).key, "smoke: stands for the dropped 1024 px fp32 group"),)
