@@ -271,3 +271,53 @@ def test_released_configurations_count_as_flop_counter_on_the_meta_device(name):
         assert_macs_equal_flop_counter(model, method, {}, images)
         counts.append(tokenpace.macs(model))
     assert 1.4 < counts[0] / counts[1] < 1.7  # the default Idle(0.7)
+
+
+@pytest.mark.parametrize("variant", ["qwen_cls", "deepseek_cls_align"])
+@pytest.mark.parametrize("method", ["evo", "idle"])
+def test_bf16_autocast_is_as_close_as_the_dense_models(variant, method, images):
+    """Under CPU bf16 autocast with the same selection (seeded random scores: bf16 rounding flips near-tied ranks,
+    which moves the output by more than rounding) the reduced tower is as close to float32 as the dense one (0.02-0.04
+    here)."""
+    model = make_tower(variant)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dense_bf16 = model(images)
+    with torch.no_grad():
+        dense_error = (dense_bf16.float() - model(images)).abs().max()
+    tokenpace.apply(model, method, score="random")
+    runs = []
+    for autocast in (True, False):
+        torch.manual_seed(0)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                tokenpace.trace(model) as trace:
+            runs.append((model(images), trace.kept))
+    (low, low_kept), (full, full_kept) = runs
+    assert low.dtype == torch.bfloat16
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(low_kept, full_kept))
+    assert (low.float() - full).abs().max() <= 2 * dense_error + 1e-3
+
+
+@pytest.mark.parametrize("variant,method", [("qwen_cls_merge", "evo"), ("deepseek_cls", "idle")])
+def test_training_step_reaches_every_block(variant, method, images):
+    """A training forward (Evo in layer mode, as its recipe starts; Idle as fine-tuned) and a backward: gradients
+    reach the attention and MLP of every block, the projector and the head."""
+    options = {"mode": "layer"} if method == "evo" else {}
+    model = tokenpace.apply(make_tower(variant), method, keep=0.5, **options).train()
+    model(images).logsumexp(-1).mean().backward()
+    for i, blk in enumerate(model.encoder.blocks):
+        assert blk.attn.qkv.weight.grad.abs().sum() > 0 and blk.mlp.fc1.weight.grad.abs().sum() > 0, i
+    assert model.head.weight.grad.abs().sum() > 0
+    if variant == "qwen_cls_merge":
+        assert model.encoder.merger.fc1.weight.grad.abs().sum() > 0
+
+
+def test_blocks_the_family_cannot_read_are_refused_by_name():
+    qwen, deepseek = make_tower("qwen_cls"), make_tower("deepseek_enc")
+    qwen.encoder.blocks[2].attn = torch.nn.Identity()
+    with pytest.raises(TypeError, match="block 2 of this timm Qwen3 ViT is EvaBlock with Identity; tokenpace supports "
+                                        "timm's EvaBlock or EvaBlockPostNorm with AttentionRope or EvaAttention"):
+        tokenpace.apply(qwen, "idle")
+    deepseek.blocks[0] = EvaBlock(48, 3)
+    with pytest.raises(TypeError, match="block 0 of this timm DeepSeek ViT is EvaBlock with EvaAttention; tokenpace "
+                                        "supports timm's DeepseekVitBlock with AttentionRope"):
+        tokenpace.apply(deepseek, "evo")
