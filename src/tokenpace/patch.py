@@ -21,7 +21,7 @@ from .methods.base import StopForward
 
 _ATTR = "_tokenpace"
 _CONFIG_KEY = "_tokenpace_config"  # the method config in a patched model's pickled state
-_PATCHED_CLASSES: dict[type, type] = {}
+_PATCHED_CLASSES: dict[tuple[type, bool], type] = {}
 
 
 @dataclass
@@ -61,9 +61,17 @@ class Patch:
             self.tracer.kept = ran
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, self.adapter.finish)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's forward where it does not go through ``forward_features`` (``Family.owns_forward``)."""
+        return self._run(x, self.adapter.model_output)
+
+    def _run(self, x: torch.Tensor, ending) -> torch.Tensor:
+        """Images -> the blocks under the method -> ``ending(tokens, frame)``."""
         family, state = self.adapter, self._state()
         x, state.frame = family.embed(x)
-        x = family.finish(self.policy.run(x, state), state.frame)
+        x = ending(self.policy.run(x, state), state.frame)
         self._done(state)
         return x
 
@@ -129,15 +137,29 @@ def _own_patch(model: nn.Module) -> Patch:
     return patch
 
 
-def _forward_features(self, *args, **kwargs) -> torch.Tensor:
-    patch = _own_patch(self)
+def _images(model: nn.Module, method: str, args: tuple, kwargs: dict) -> tuple[Patch, torch.Tensor]:
+    """The patch and the images of a call of the class's ``method`` (``forward_features``, or ``forward`` where the
+    family owns it); ValueError for an argument asking for another input or output."""
+    patch = _own_patch(model)
     if len(args) == 1 and all(name in patch.feature_masks and (value is None or value is False)
                               for name, value in kwargs.items()):
         # the call timm's forward makes: the images, and at most masks that ask for nothing (attn_mask=None)
-        return patch.forward_features(args[0])
-    x, given = _bound_arguments(patch.original_class.forward_features, self, args, kwargs)
+        return patch, args[0]
+    x, given = _bound_arguments(getattr(patch.original_class, method), model, args, kwargs)
     _refuse_masks(given)
+    return patch, x
+
+
+def _forward_features(self, *args, **kwargs) -> torch.Tensor:
+    patch, x = _images(self, "forward_features", args, kwargs)
     return patch.forward_features(x)
+
+
+def _forward(self, x, *args, **kwargs) -> torch.Tensor:
+    """The forward of a model whose own forward does not call ``forward_features`` (``Family.owns_forward``). The
+    input is named, as in timm's forwards: torch.export matches per-input dynamic shapes to the signature."""
+    patch, x = _images(self, "forward", (x, *args), kwargs)
+    return patch.forward(x)
 
 
 def _forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
@@ -195,7 +217,7 @@ def _setstate(self, state):
 
 
 def _new_patched(original_class: type) -> nn.Module:
-    cls = _patched_class(original_class)
+    cls = _patched_class(original_class)  # its __setstate__ re-applies the method, which picks the class
     return cls.__new__(cls)
 
 
@@ -205,14 +227,19 @@ def _refuse_pruning(self, *args, **kwargs):
                        "apply (tokenpace.remove(model), model.prune_intermediate_layers(...), tokenpace.apply(...))")
 
 
-def _patched_class(cls: type) -> type:
-    if cls not in _PATCHED_CLASSES:
+def _patched_class(cls: type, owns_forward: bool = False) -> type:
+    """The run-time subclass of ``cls`` whose forwards go through the patch (``forward`` too where the family owns
+    it: the model's own forward does not call ``forward_features``)."""
+    key = (cls, owns_forward)
+    if key not in _PATCHED_CLASSES:
         members = {"forward_features": _forward_features, "forward_intermediates": _forward_intermediates,
                    "__reduce_ex__": _reduce_ex, "__setstate__": _setstate}
+        if owns_forward:
+            members["forward"] = _forward
         if hasattr(cls, "prune_intermediate_layers"):
             members["prune_intermediate_layers"] = _refuse_pruning
-        _PATCHED_CLASSES[cls] = type(f"TokenPace{cls.__name__}", (cls,), members)
-    return _PATCHED_CLASSES[cls]
+        _PATCHED_CLASSES[key] = type(f"TokenPace{cls.__name__}", (cls,), members)
+    return _PATCHED_CLASSES[key]
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -272,7 +299,7 @@ def apply(model: nn.Module, method: str | MethodConfig, **options) -> nn.Module:
     masks = frozenset(p.name for p in _signature(original.forward_features)[1]).intersection(_MASKS + _NAFLEX_INPUT)
     target.__dict__[_ATTR] = Patch(config=policy.config, policy=policy, adapter=family, original_class=original,
                                    feature_masks=masks)
-    target.__class__ = _patched_class(original)
+    target.__class__ = _patched_class(original, family.owns_forward)
     return model
 
 

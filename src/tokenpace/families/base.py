@@ -90,6 +90,7 @@ class Family(ABC):
     blocks_use_positions: bool = True  # blocks have position terms (RoPE, biases): subsets run through the anatomy
     fixed_length_head: bool = False  # the head needs every token (e.g. an attention pool with position embeddings)
     fixed_length_why: str = "head pools with a position for every token"  # why, in a refusal: "this <name>'s ..."
+    owns_forward: bool = False  # the model's forward does not call forward_features: the patch runs it too
 
     def __init__(self, model: nn.Module, stages: Iterable[Iterable[nn.Module]]) -> None:
         self.model = model
@@ -187,6 +188,11 @@ class Family(ABC):
     def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         """The last block's tokens -> what the model's ``forward_features`` returns (``frame``: this forward's grid,
         for a model whose features are a map)."""
+
+    def model_output(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
+        """The last block's tokens -> what the model's ``forward`` returns, where it does not go through
+        ``forward_features`` (``owns_forward``: Gemma 4's encoder pools its tokens after the blocks)."""
+        raise NotImplementedError(f"{self.name} models' forward goes through forward_features")
 
     @abstractmethod
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
