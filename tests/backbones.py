@@ -231,6 +231,8 @@ def _standard_qk(attn, h):
 def literal_qk(model, i, x, context):
     """q, k (B, H, N, d) of block i on the full sequence, position terms at every token's own position."""
     blk, P = model.blocks[i], model.num_prefix_tokens
+    if hasattr(blk, "literal_qk"):  # a test's own view of a block (Gemma 4's: its own norms and 2D RoPE)
+        return blk.literal_qk(x, context)
     if type(getattr(blk, "attn", None)).__name__ == "DiffAttention" or not hasattr(blk, "attn"):
         return other_block_qk(blk, x)
     attn, h = blk.attn, (x if is_post_norm(blk) else blk.norm1(x))

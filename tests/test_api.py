@@ -233,6 +233,7 @@ def _families():
     from test_maxvit import make_maxvit
     from test_pit import make_pit
     from test_tiny_vit import make_tiny_vit
+    from test_gemma4_vit import make_tower as make_gemma
     from test_vlm_vit import make_tower
     from test_sam import make_sam
     from test_swin import make_swin
@@ -264,6 +265,7 @@ def _families():
         "coatnet": (make_maxvit("coatnet"), "idle", 64),
         "qwen3_vit": (make_tower("qwen_cls_merge"), "evo", 32),
         "deepseek_vit": (make_tower("deepseek_enc"), "idle", 32),
+        "gemma4_vit": (make_gemma("enc_soft"), "idle", 32),  # the encoder's own forward patched too
     }
 
 
@@ -313,7 +315,7 @@ def test_a_keep_that_keeps_no_token_is_refused():
 @pytest.mark.parametrize("family", ["vit", "eva", "beit", "vit_relpos", "naflexvit", "vit_parallel_things", "cait",
                                     "levit", "evo_levit", "swin", "swin_v2", "swin_v2_cr", "pvt_v2", "sam",
                                     "hiera", "hieradet", "tiny_vit", "pit", "maxvit",
-                                    "coatnet", "qwen3_vit", "deepseek_vit"])
+                                    "coatnet", "qwen3_vit", "deepseek_vit", "gemma4_vit"])
 def test_patched_models_pickle_deepcopy_and_torch_save(family, tmp_path):
     import copy
     import pickle

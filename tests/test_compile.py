@@ -17,6 +17,7 @@ from test_cait import make_cait
 from test_hiera import make_hiera
 from test_hieradet import make_hieradet
 from test_maxvit import make_maxvit
+from test_gemma4_vit import make_tower as make_gemma
 from test_vlm_vit import make_tower
 from test_pit import make_pit
 from test_tiny_vit import make_tiny_vit
@@ -92,6 +93,8 @@ CASES = {
     # the VLM towers: Qwen's resampled position grid and 2x2 merger under Evo, DeepSeek's padded 3x3 aligner
     "qwen3_vit": (lambda: make_tower("qwen_cls_merge"), "evo", dict(), 32),
     "deepseek_vit": (lambda: make_tower("deepseek_enc"), "idle", dict(), 32),
+    # Gemma 4's encoder: its own forward patched, clamped projections, the soft pooler after Idle
+    "gemma4_vit": (lambda: make_gemma("enc_soft"), "idle", dict(), 32),
 }
 
 
@@ -125,7 +128,7 @@ def test_inductor_full_graph(family):
 
 @pytest.mark.parametrize("family", ["vit", "vit_no_class_token", "eva_rope_mixed", "evo_levit", "swin", "pvt_v2",
                                     "sam", "hiera", "hieradet", "tiny_vit_idling", "pit_evo", "maxvit",
-                                    "coatnet", "qwen3_vit", "deepseek_vit"])
+                                    "coatnet", "qwen3_vit", "deepseek_vit", "gemma4_vit"])
 def test_compiled_fresh_patch_does_not_recompile(family):
     """A model compiled straight after ``apply`` (as ``tokenpace bench --compile`` does) compiles once: nothing the
     first forward builds (the block anatomy) may change what the compiled graph's guards check. (Not timm's LeViT, nor
@@ -155,11 +158,11 @@ def test_full_graph_under_autocast(method):
     assert torch.equal(got, expected)
 
 
-# not DeepSeek's tower: timm's own model exported under autocast does not run without it ("Tensor dtype mismatch!
-# Expected: BFloat16, Got: float"), unpatched as patched
+# not DeepSeek's or Gemma 4's tower: timm's own model exported under autocast does not run without it ("Tensor
+# dtype mismatch! Expected: BFloat16, Got: float"), unpatched as patched
 EXPORT_CASES = [("vit", m, {}) for m in ("evo", "idle", "evit", "topk")] + [
     (family, method, options) for family, (_, method, options, _) in CASES.items()
-    if family not in ("vit", "deepseek_vit")]
+    if family not in ("vit", "deepseek_vit", "gemma4_vit")]
 
 
 @pytest.mark.parametrize("family,method,options", EXPORT_CASES, ids=[f"{f}-{m}" for f, m, _ in EXPORT_CASES])

@@ -13,6 +13,7 @@ from conftest import CIFAR, flatten_outputs, make_vit, needs_cifar, spread_weigh
 from test_hiera import make_hiera
 from test_hieradet import make_hieradet
 from test_maxvit import make_maxvit
+from test_gemma4_vit import make_tower as make_gemma
 from test_vlm_vit import make_tower
 from test_pit import make_pit
 from test_tiny_vit import make_tiny_vit
@@ -79,6 +80,7 @@ FAMILIES = {  # name: (build, input size, methods, flat)
     "coatnet": (lambda: make_maxvit("coatnet_rmlp"), 64, ("idle",), False),  # NCHW attention over the whole map
     "qwen3_vit": (lambda: make_tower("qwen_cls_merge"), 32, ("evo", "idle"), False),  # features: the merger's
     "deepseek_vit": (lambda: make_tower("deepseek_enc_map"), 32, ("evo", "idle"), False),  # features: the NHWC map
+    "gemma4_vit": (lambda: make_gemma("cls"), 32, ("evo", "idle"), False),  # features: every raw token
 }
 
 
@@ -91,7 +93,8 @@ def _option_sets(flat, model):
     # it)
     norm = not isinstance(model, (timm.models.hiera.Hiera, timm.models.hieradet_sam2.HieraDet,
                                   timm.models.tiny_vit.TinyVit, timm.models.pit.PoolingVisionTransformer,
-                                  timm.models.qwen3_vit.Qwen3VitClassifier))
+                                  timm.models.qwen3_vit.Qwen3VitClassifier,
+                                  timm.models.gemma4_vit.Gemma4VitClassifier))
     sets = [dict(), dict(indices=2), dict(indices=[0], stop_early=True), dict(intermediates_only=True, norm=norm)]
     if flat:
         sets += [dict(output_fmt="NLC", return_prefix_tokens=True, norm=True), dict(output_dict=True, indices=[1, 3])]
@@ -121,7 +124,8 @@ def test_positional_intermediate_arguments_keep_the_models_own_order(family):
     model, images = build(), _images(size)
     # Hiera: (mask, indices, norm, stop_early)
     args = {"hiera": (None, [1], False, False), "hieradet": ([1], False, False),
-            "tiny_vit": ([1], False, False), "pit": ([1], False, False)}.get(family, ([1], True))
+            "tiny_vit": ([1], False, False), "pit": ([1], False, False),
+            "gemma4_vit": (None, None, [1], False)}.get(family, ([1], True))  # Gemma: (patch_coord, patch_valid, ...)
     with torch.no_grad():
         expected = flatten_outputs(tokenpace.remove(model).forward_intermediates(images, *args))
         got = flatten_outputs(tokenpace.apply(model, methods[0], keep=1.0).forward_intermediates(images, *args))
@@ -234,7 +238,8 @@ def _linear_calls(block):
                                            ("swin", "idle"), ("swin_v2", "idle"), ("swin_v2_cr", "idle"),
                                            ("pvt_v2", "idle"), ("sam", "idle"), ("hiera", "idle"),
                                            ("hieradet", "idle"), ("tiny_vit", "idle"), ("maxvit", "idle"),
-                                           ("coatnet", "idle"), ("qwen3_vit", "evo"), ("deepseek_vit", "idle")])
+                                           ("coatnet", "idle"), ("qwen3_vit", "evo"), ("deepseek_vit", "idle"),
+                                           ("gemma4_vit", "evo")])
 def test_gradient_checkpointing_is_honoured_with_equal_gradients(family, method):
     build, size, _, _ = FAMILIES[family]
     plain = build().train()

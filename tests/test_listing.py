@@ -14,7 +14,7 @@ def test_supported_and_refused_models_with_reasons():
                     + list_support("sam2_hiera_*") + list_support("tiny_vit_*")
                     + list_support("pit_*") + list_support("maxvit_*") + list_support("maxxvit")
                     + list_support("coatnet_0_rw_224") + list_support("qwen3_vit_*")
-                    + list_support("deepseek_vit_*"))
+                    + list_support("deepseek_vit_*") + list_support("gemma4_vit_*"))
     assert rows["deit_small_patch16_224.fb_in1k"].accepted() == ["evo", "idle", "evit", "topk"]
     swin = rows["swin_tiny_patch4_window7_224.ms_in1k"]
     assert swin.model_class == "SwinTransformer" and swin.accepted() == ["idle"]
@@ -50,6 +50,11 @@ def test_supported_and_refused_models_with_reasons():
     assert {r.model_class for r in towers} == {"Qwen3VitClassifier", "Qwen3VitEncoder", "DeepseekVitClassifier",
                                                "DeepseekVitEncoder"}
     assert "features are the whole patch map" in towers[0].refusals["topk"]
+    gemma = {name.split(".")[0]: r for name, r in rows.items() if name.startswith("gemma4_vit_")}  # Gemma 4's tower
+    assert sorted(gemma) == ["gemma4_vit_167m", "gemma4_vit_167m_enc", "gemma4_vit_570m", "gemma4_vit_570m_enc"]
+    for name, r in gemma.items():  # the classifier's head averages what is left; the encoder's pooler needs it all
+        assert r.accepted() == (["evo", "idle"] if name.endswith("_enc") else ["evo", "idle", "evit", "topk"]), name
+    assert "pools the patch tokens by their positions into soft tokens" in gemma["gemma4_vit_167m_enc"].refusals["evit"]
     siglip = [r for name, r in rows.items() if name.startswith("vit_base_patch16_siglip_224")]
     dinov3 = [r for name, r in rows.items() if "dinov3" in name]
     assert siglip and dinov3 and all(r.accepted() == ["evo", "idle", "evit", "topk"] for r in siglip + dinov3)

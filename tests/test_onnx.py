@@ -24,6 +24,7 @@ from test_hieradet import make_hieradet  # noqa: E402
 from test_tiny_vit import make_tiny_vit  # noqa: E402
 from test_pit import make_pit  # noqa: E402
 from test_maxvit import make_maxvit  # noqa: E402
+from test_gemma4_vit import make_tower as make_gemma  # noqa: E402
 from test_vlm_vit import make_tower  # noqa: E402
 from test_levit import make_levit  # noqa: E402
 from test_lvvit import make_lvvit  # noqa: E402
@@ -96,6 +97,9 @@ FAMILIES = {
     # the VLM towers with their projectors: Qwen's merger after Evo, DeepSeek's padded aligner after Idle
     "qwen3_vit": (lambda: make_tower("qwen_enc", depth=2), ("evo", {"stage_starts": (1,)})),
     "deepseek_vit": (lambda: make_tower("deepseek_cls_align", depth=2), ("idle", {"stage_starts": (1,)})),
+    # Gemma 4's encoder (its own forward patched): one-hot position rows, 2D RoPE, grouped keys, the soft pooler
+    # after Idle (not the clamped projections: timm's own clamped tower exports an unsorted graph, unpatched too)
+    "gemma4_vit": (lambda: make_gemma("enc_soft_gqa", depth=2), ("idle", {"stage_starts": (1,)})),
 }
 
 
