@@ -345,6 +345,22 @@ def ref_topk(model, img, keep, layer, row):
     return finish(model, x)
 
 
+def assert_position_less_tokens_run(model, images):
+    """EViT's fused token and Evo's representative token have no position (not rotated, or their bias entries are
+    the class token's): both runs are finite and move the output, a fused token is still there at the end, and the
+    representative token changes Evo's result."""
+    with torch.no_grad():
+        dense = model(images)
+        with tokenpace.trace(tokenpace.apply(model, "evit", keep=0.5)) as tr:
+            fused = model(images)
+        rep = tokenpace.apply(model, "evo", keep=0.5, representative=True)(images)
+        plain = tokenpace.apply(model, "evo", keep=0.5)(images)
+    assert (tr.kept[-1] == -1).any(1).all()
+    for out in (fused, rep):
+        assert torch.isfinite(out).all() and not torch.allclose(out, dense, atol=1e-3)
+    assert not torch.allclose(rep, plain, atol=1e-4)
+
+
 def assert_keep_one_equals_unpatched(model, method, options, images):
     """keep=1 gives the unpatched model's logits, adds no state-dict key, and remove() restores it exactly."""
     keys = list(model.state_dict())

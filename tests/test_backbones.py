@@ -9,8 +9,8 @@ import torch
 
 import tokenpace
 from backbones import (BEITS, CLASS_FREE, EVAS, NAFLEX, POST_NORM, RELPOS, VIT_BLOCKS,
-                       assert_keep_one_equals_unpatched, assert_macs_equal_flop_counter, has_class_token,
-                       make_backbone, ref_evo, ref_idle, ref_topk)
+                       assert_keep_one_equals_unpatched, assert_macs_equal_flop_counter,
+                       assert_position_less_tokens_run, has_class_token, make_backbone, ref_evo, ref_idle, ref_topk)
 
 VARIANTS = (sorted(CLASS_FREE) + sorted(EVAS) + sorted(BEITS) + sorted(RELPOS) + sorted(NAFLEX) + sorted(POST_NORM)
             + sorted(VIT_BLOCKS))
@@ -69,17 +69,7 @@ def test_topk_equals_the_masked_reference(variant, images):
 def test_position_less_tokens_run_on_position_models(variant, images):
     """EViT's fused token and Evo's representative token have no position: not rotated, like prefix tokens (Eva);
     the class token's bias entries (Beit)."""
-    model = make_backbone(variant)
-    with torch.no_grad():
-        dense = model(images)
-        with tokenpace.trace(tokenpace.apply(model, "evit", keep=0.5)) as tr:
-            fused = model(images)
-        rep = tokenpace.apply(model, "evo", keep=0.5, representative=True)(images)
-        plain = tokenpace.apply(model, "evo", keep=0.5)(images)
-    assert (tr.kept[-1] == -1).any(1).all()  # a fused token is still there at the end
-    for out in (fused, rep):
-        assert torch.isfinite(out).all() and not torch.allclose(out, dense, atol=1e-3)
-    assert not torch.allclose(rep, plain, atol=1e-4)
+    assert_position_less_tokens_run(make_backbone(variant), images)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -14,8 +14,10 @@ from timm.models.gemma4_vit import (Gemma4ClippableLinear, Gemma4VitClassifier, 
                                     apply_multidimensional_rope)
 
 import tokenpace
-from backbones import (assert_keep_one_equals_unpatched, assert_macs_equal_flop_counter, ref_evo, ref_idle,
-                       ref_topk)
+from backbones import (assert_keep_one_equals_unpatched, assert_macs_equal_flop_counter,
+                       assert_position_less_tokens_run, ref_evo, ref_idle, ref_topk)
+from tokenpace.anatomy import TokenSet
+from tokenpace.families.gemma4_vit import rope_rows
 from conftest import flatten_outputs, spread_weights
 
 SMALL = dict(patch_size=4, embed_dim=48, depth=6, num_heads=3, head_dim=16, intermediate_size=96,
@@ -175,18 +177,14 @@ def test_topk_equals_the_masked_reference(variant, images):
 
 
 def test_position_less_tokens_are_not_rotated(images):
-    """EViT's fused token and Evo's representative token have no patch coordinate: the identity rotation."""
-    model = make_tower("cls")
-    with torch.no_grad():
-        dense = model(images)
-        with tokenpace.trace(tokenpace.apply(model, "evit", keep=0.5)) as tr:
-            fused = model(images)
-        rep = tokenpace.apply(model, "evo", keep=0.5, representative=True)(images)
-        plain = tokenpace.apply(model, "evo", keep=0.5)(images)
-    assert (tr.kept[-1] == -1).any(1).all()  # a fused token is still there at the end
-    for out in (fused, rep):
-        assert torch.isfinite(out).all() and not torch.allclose(out, dense, atol=1e-3)
-    assert not torch.allclose(rep, plain, atol=1e-4)
+    """EViT's fused token and Evo's representative token have no patch coordinate: the identity rotation (cos 1,
+    sin 0) where a kept fused token sits among the patches as a hole, the patches' own rows elsewhere."""
+    assert_position_less_tokens_run(make_tower("cls"), images)
+    table = torch.randn(2, 2, 5, 4)  # (cos, sin) x batch x patches x channels
+    where = TokenSet(prefix=0, pos=torch.tensor([[3, -1, 0], [-1, 4, 2]]), holes=True)
+    cos, sin = rope_rows(table, where)
+    assert torch.equal(cos[0, 0], table[0, 0, 3]) and torch.equal(sin[1, 2], table[1, 1, 2])
+    assert torch.equal(cos[0, 1], torch.ones(4)) and torch.equal(sin[1, 0], torch.zeros(4))
 
 
 @pytest.mark.parametrize("variant,overrides", [("enc_soft", {}), ("cls", {}), ("enc_soft", {"pooling_kernel_size": 3})],
@@ -249,6 +247,8 @@ def test_methods_that_drop_tokens_are_refused_where_every_patch_is_needed(varian
 
 
 def test_sizes_the_tower_or_its_pooler_cannot_take_are_refused():
+    """Sides not multiples of the patch (of k patches with the soft pooler), and more patches a side than the position
+    table has rows (timm's one-hot lookup fails there): refused, before any cost is counted."""
     soft = tokenpace.apply(make_tower("enc_soft"), "idle")
     with pytest.raises(ValueError, match=r"soft-token pooler averages 2x2 patches: the sides must be multiples of "
                                          r"8x8 \(2 patches of 4x4\)"):
@@ -259,13 +259,20 @@ def test_sizes_the_tower_or_its_pooler_cannot_take_are_refused():
     assert tokenpace.macs(plain, img_size=36) > tokenpace.macs(plain)  # no pooler: any multiple of the patch
     with pytest.raises(ValueError, match=r"multiples of the patch size 4x4$"):
         tokenpace.macs(plain, img_size=34)
+    assert tokenpace.macs(plain, img_size=(256, 32)) > 0  # 64 patches a side: the table's 64 rows
+    with pytest.raises(ValueError, match=r"position table has 64 rows per axis: at most 64 patches a side \(at most "
+                                         r"256x256 px\)"):
+        tokenpace.macs(plain, img_size=(260, 32))
+    with pytest.raises(RuntimeError, match="Class values must be smaller than num_classes"):
+        tokenpace.remove(plain)(torch.rand(1, 3, 260, 32))  # what timm's own forward does there
 
 
 def test_input_other_than_image_batches_is_refused(images):
     model = tokenpace.apply(make_tower("enc_avg"), "idle")
     coords = torch.zeros(3, 64, 2, dtype=torch.long)
-    with pytest.raises(ValueError, match="packed NaFlex input .* is not supported on a tokenpace-patched model"):
-        model(images, patch_coord=coords)
+    for call in (model, tokenpace.apply(make_tower("cls"), "idle")):  # the encoder's forward; the classifier's
+        with pytest.raises(ValueError, match="packed NaFlex input .* is not supported on a tokenpace-patched model"):
+            call(images, patch_coord=coords)
     with pytest.raises(ValueError, match=r"runs image batches \(B, C, H, W\); got dict"):
         model({"patches": torch.rand(3, 64, 48), "patch_coord": coords})
     with pytest.raises(ValueError, match=r"runs image batches \(B, C, H, W\); got a 3-d tensor"):
@@ -363,9 +370,27 @@ def test_bf16_autocast_is_as_close_as_the_dense_models(variant, method, images):
                 tokenpace.trace(model) as trace:
             runs.append((model(images), trace.kept))
     (low, low_kept), (full, full_kept) = runs
-    assert low.dtype == dense_bf16.dtype  # the soft pooler and the float32 standardisation give float32 here
+    assert low.dtype == dense_bf16.dtype  # the soft tokens are float32 (the pooler's and the standardisation's)
     assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(low_kept, full_kept))
     assert (low.float() - full).abs().max() <= 2 * dense_error + 1e-3
+
+
+def test_drop_path_in_training_equals_the_reference(images):
+    """Stochastic depth in a training forward: each residual branch drops as in timm's block (one draw per branch,
+    the same stream), so Idle equals the masked reference run in training mode from the same seed."""
+    model = make_tower("cls", drop_path_rate=0.5).train()
+    outputs = []
+    for run in (lambda: ref_idle(TowerView(model), images, 0.5, (2, 3, 5), "received"),
+                lambda: tokenpace.apply(model, "idle", keep=0.5)(images)):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            outputs.append(run())
+    expected, got = outputs
+    with torch.no_grad():
+        torch.manual_seed(4)
+        other = model(images)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    assert not torch.allclose(got, other, atol=1e-3)  # the draws matter
 
 
 @pytest.mark.parametrize("variant,method", [("cls_soft", "evo"), ("cls", "idle")])

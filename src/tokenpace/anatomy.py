@@ -77,7 +77,7 @@ class Frame:
     grid: tuple[int, int]
     rope: torch.Tensor | None = None
     shared_bias: torch.Tensor | None = None
-    positions: torch.Tensor | None = None  # each patch's coordinates (B, N, 2), where a pool bins by them (Gemma 4)
+    patch_coords: torch.Tensor | None = None  # each patch's (x, y) (B, N, 2), where a pool bins by them (Gemma 4)
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
 

@@ -42,9 +42,10 @@ class Patch:
     adapter: Family
     original_class: type
     tracer: Trace | None = None
-    # the masks the class's forward_features takes by name: a call naming only those, set to None or False, is
-    # the images alone (read once: the common call then binds no signature, also under torch.compile)
-    feature_masks: frozenset = frozenset()
+    # per patched method (forward_features; forward where the family owns it), the masks the class's method takes
+    # by name: a call naming only those, set to None or False, is the images alone (read once: the common call then
+    # binds no signature, also under torch.compile)
+    call_masks: dict = field(default_factory=dict)
     last_state: ForwardState | None = None  # the latest forward's state (what training losses read)
 
     def _state(self, **taps) -> ForwardState:
@@ -141,7 +142,8 @@ def _images(model: nn.Module, method: str, args: tuple, kwargs: dict) -> tuple[P
     """The patch and the images of a call of the class's ``method`` (``forward_features``, or ``forward`` where the
     family owns it); ValueError for an argument asking for another input or output."""
     patch = _own_patch(model)
-    if len(args) == 1 and all(name in patch.feature_masks and (value is None or value is False)
+    masks = patch.call_masks[method]
+    if len(args) == 1 and all(name in masks and (value is None or value is False)
                               for name, value in kwargs.items()):
         # the call timm's forward makes: the images, and at most masks that ask for nothing (attn_mask=None)
         return patch, args[0]
@@ -296,9 +298,11 @@ def apply(model: nn.Module, method: str | MethodConfig, **options) -> nn.Module:
     family.anatomy()  # now, not in the first forward (a compiled model would compile twice)
     remove(target)
     original = type(target)
-    masks = frozenset(p.name for p in _signature(original.forward_features)[1]).intersection(_MASKS + _NAFLEX_INPUT)
+    patched = ("forward_features", "forward") if family.owns_forward else ("forward_features",)
+    masks = {name: frozenset(p.name for p in _signature(getattr(original, name))[1]).intersection(
+        _MASKS + _NAFLEX_INPUT) for name in patched}
     target.__dict__[_ATTR] = Patch(config=policy.config, policy=policy, adapter=family, original_class=original,
-                                   feature_masks=masks)
+                                   call_masks=masks)
     target.__class__ = _patched_class(original, family.owns_forward)
     return model
 

@@ -299,6 +299,12 @@ def check_block_classes(blocks: list[nn.Module], Block: type, Attention: type, m
                             f"{Block.__name__} with {Attention.__name__} ({variants})")
 
 
+def no_final_norm_problem(family: str) -> str:
+    """The refusal of ``forward_intermediates(norm=True)`` on a model whose timm method ignores ``norm``: it has no
+    final norm over its patch tokens (the VLM towers)."""
+    return f"{family} has no final norm over its patch tokens: accepted norm=False (timm ignores norm=True here)"
+
+
 def recorded_input_size(model: nn.Module) -> tuple[int, int] | None:
     """(H, W) of the input size in the model's pretrained config (timm's, or the size ``tokenpace.models.create_model``
     recorded there for a model that keeps none of its own), or None."""

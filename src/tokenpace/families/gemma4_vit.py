@@ -8,8 +8,10 @@ patch's (x, y) coordinate, grouped keys and logit scale 1. Position embeddings c
 one-hot matmul, and the soft-token pooler averages k x k patches by their coordinates (a matmul as well); both are
 counted as the model runs them.
 
-Methods that keep every token (Idle, Evo) run everywhere; methods that drop tokens run on a classifier whose encoder
-does not pool (its head averages whatever tokens are left) and are refused where the pooler needs every patch.
+Methods that keep every token (Idle, Evo) run everywhere. Methods that drop tokens for good run where the output is
+made from whatever tokens are left: a classifier whose encoder does not pool (its head averages them, or runs on each)
+and an encoder with ``global_pool='avg'``; they are refused where the soft pooler bins every patch by its position,
+and on the bare encoder's raw tokens, which a VLM (or a dense head) reads as the whole patch map.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from torch import nn
 from ..anatomy import BlockParts, Frame, TokenSet
 from ..core.feature_maps import vit_intermediates
 from ..core.macs import BlockShape, linear_macs
-from .base import IntermediateOptions, SequenceFamily, recorded_input_size
-from .patch_embed import OneGridSizes
+from .base import IntermediateOptions, SequenceFamily, no_final_norm_problem, recorded_input_size
+from .patch_embed import OneGridSizes, patch_multiple_problem
 from .timm_vit import check_blocks
 
 
@@ -48,13 +50,17 @@ class Gemma4Parts(BlockParts):
     gated MLP and norm4 after it; one drop path for both residuals."""
 
     def __init__(self, block: nn.Module) -> None:
+        from timm.models.gemma4_vit import apply_multidimensional_rope
+
         super().__init__(block)
         attn = self.attn = self.hold(block, "attn")
         self.num_heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.scale = 1.0  # q and k are RmsNormed: the logits are not scaled
         self.width = self.num_heads * self.head_dim
-        self.q_norm, self.k_norm, self.v_norm = (self.hold(attn, n, f"attn.{n}") for n in ("q_norm", "k_norm",
-                                                                                             "v_norm"))
+        self.q_norm = self.hold(attn, "q_norm", "attn.q_norm")
+        self.k_norm = self.hold(attn, "k_norm", "attn.k_norm")
+        self.v_norm = self.hold(attn, "v_norm", "attn.v_norm")
+        self.apply_rope = apply_multidimensional_rope  # timm's, bound here: the forward imports nothing
 
     def dropout(self) -> float:
         return self.attn.attn_drop.p if self.attn.training else 0.0
@@ -67,16 +73,15 @@ class Gemma4Parts(BlockParts):
         B, n, _ = h.shape
         return proj(h).view(B, n, heads, self.head_dim)
 
-    def _rotate(self, t: torch.Tensor, where: TokenSet | None) -> torch.Tensor:
-        """RoPE on the patch tokens of t (B, n, heads, d) at their positions; prefix and extra tokens (Evo's
-        representative token, EViT's fused token) have none and are not rotated."""
+    def _rotate(self, t: torch.Tensor, where: TokenSet | None, rows=None) -> torch.Tensor:
+        """RoPE on the patch tokens of t (B, n, heads, d) at their positions (``rows``: their cos, sin where already
+        gathered). Prefix and extra tokens (Evo's representative token) have no position and are not rotated, nor
+        is a hole among the patches (EViT's fused token once kept: :func:`rope_rows`' identity rows)."""
         if where is None:
             return t
-        from timm.models.gemma4_vit import apply_multidimensional_rope
-
-        cos, sin = rope_rows(where.frame.rope, where)
+        cos, sin = rope_rows(where.frame.rope, where) if rows is None else rows
         p, m = where.prefix, cos.shape[1]
-        rotated = apply_multidimensional_rope(t[:, p:p + m], cos, sin, ndim=2, unsqueeze_dim=2)
+        rotated = self.apply_rope(t[:, p:p + m], cos, sin, ndim=2, unsqueeze_dim=2)
         return rotated if p == 0 and m == t.shape[1] else torch.cat([t[:, :p], rotated, t[:, p + m:]], dim=1)
 
     def _expand(self, t: torch.Tensor) -> torch.Tensor:
@@ -85,17 +90,19 @@ class Gemma4Parts(BlockParts):
         groups = self.num_heads // self.kv_heads
         return t.repeat_interleave(groups, dim=1) if groups > 1 else t
 
-    def queries(self, h, where):
-        return self._rotate(self.q_norm(self._project(self.attn.q_proj, h, self.num_heads)), where).transpose(1, 2)
+    def queries(self, h, where, rows=None):
+        q = self.q_norm(self._project(self.attn.q_proj, h, self.num_heads))
+        return self._rotate(q, where, rows).transpose(1, 2)
 
-    def keys(self, h, where):
-        return self._expand(self._rotate(self.k_norm(self._project(self.attn.k_proj, h, self.kv_heads)), where))
+    def keys(self, h, where, rows=None):
+        return self._expand(self._rotate(self.k_norm(self._project(self.attn.k_proj, h, self.kv_heads)), where, rows))
 
     def values(self, h, where):
         return self._expand(self.v_norm(self._project(self.attn.v_proj, h, self.kv_heads)))
 
     def qkv(self, h, where):
-        return self.queries(h, where), self.keys(h, where), self.values(h, where)
+        rows = None if where is None else rope_rows(where.frame.rope, where)  # gathered once for q and k
+        return self.queries(h, where, rows), self.keys(h, where, rows), self.values(h, where)
 
     def out(self, o, h):
         return self.attn.proj_drop(self.attn.o_proj(o))
@@ -130,10 +137,10 @@ class Gemma4VitFamily(OneGridSizes, SequenceFamily):
                      "timm's Gemma4Block with Gemma4Attention")
         super().__init__(model, [enc.blocks])
         self.owns_forward = not self.classifier
-        # what the encoder's own forward returns: the soft tokens (the pooler bins every patch by its position),
-        # a mean, or the raw tokens; a classifier's features are that output
-        self.encoder_pool = enc.global_pool
-        soft, raw = self.encoder_pool == "soft", self.encoder_pool in ("", "none")
+        # what the encoder's forward returns (a classifier's features): the soft tokens, for which the pooler bins
+        # every patch by its position; the bare encoder's raw tokens, which a VLM or a dense head reads as the patch
+        # map; or an output made of whatever tokens are left (a mean, a classifier's head), where dropping may run
+        soft, raw = enc.global_pool == "soft", enc.global_pool in ("", "none")
         self.fixed_length_head = soft or (raw and not self.classifier)
         self.fixed_length_why = ("encoder pools the patch tokens by their positions into soft tokens" if soft else
                                  "features are every patch token in place")
@@ -157,6 +164,11 @@ class Gemma4VitFamily(OneGridSizes, SequenceFamily):
     def checkpointing(self) -> bool:
         return bool(self.encoder.grad_checkpointing)
 
+    @property
+    def encoder_pool(self) -> str:
+        """The encoder's ``global_pool``, read at each forward as timm reads it."""
+        return self.encoder.global_pool
+
     # --- the forward around the blocks ---------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
@@ -169,7 +181,7 @@ class Gemma4VitFamily(OneGridSizes, SequenceFamily):
         grid = (x.shape[-2] // enc.patch_size[0], x.shape[-1] // enc.patch_size[1])
         x, positions, _ = enc.patch_embed(x)  # no padding tokens in an image batch
         cos, sin = enc.rotary_emb(x, positions)
-        return x, Frame(grid=grid, rope=torch.stack((cos, sin)), positions=positions)
+        return x, Frame(grid=grid, rope=torch.stack((cos, sin)), patch_coords=positions)
 
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.blocks[i](x, frame.rope[0], frame.rope[1])
@@ -179,7 +191,7 @@ class Gemma4VitFamily(OneGridSizes, SequenceFamily):
         standardisation where the model has one), the mean token, or the tokens as they are."""
         enc = self.encoder
         if self.encoder_pool == "soft":
-            x, _ = enc.pooler(x, frame.positions, None)
+            x, _ = enc.pooler(x, frame.patch_coords, None)
             return x if enc.std_bias is None else (x - enc.std_bias) * enc.std_scale
         return x.mean(dim=1) if self.encoder_pool == "avg" else x
 
@@ -197,9 +209,8 @@ class Gemma4VitFamily(OneGridSizes, SequenceFamily):
         """As timm's: every block's tokens (NCHW or NLC) and the last block's raw tokens; a dict adds every patch's
         validity (all valid in an image batch)."""
         if options.norm:
-            raise ValueError(f"{self.name} has no final norm over its patch tokens: accepted norm=False (timm "
-                             "ignores norm=True here)")
-        out = vit_intermediates(maps, final, _unchanged, 0, frame.grid, output_fmt=options.output_fmt,
+            raise ValueError(no_final_norm_problem(self.name))
+        out = vit_intermediates(maps, final, nn.Identity(), 0, frame.grid, output_fmt=options.output_fmt,
                                 intermediates_only=options.intermediates_only, output_dict=options.output_dict)
         if options.output_dict:
             out["patch_valid"] = torch.ones(final.shape[:2], dtype=torch.bool, device=final.device)
@@ -222,15 +233,19 @@ class Gemma4VitFamily(OneGridSizes, SequenceFamily):
 
     def size_problem(self, size: tuple[int, int]) -> str | None:
         """Any size whose sides are multiples of the patch, and of k patches where the soft pooler averages k x k
-        cells: position embeddings, RoPE and the pooler follow each patch's coordinates."""
-        ph, pw = self.encoder.patch_size
-        k = self.encoder.pooling_kernel_size
+        cells, with no more patches a side than the position table has rows: position embeddings, RoPE and the
+        pooler follow each patch's coordinates."""
+        enc = self.encoder
+        (ph, pw), k = enc.patch_size, enc.pooling_kernel_size
         if self.encoder_pool == "soft" and (size[0] % (ph * k) or size[1] % (pw * k)):
             return (f"its soft-token pooler averages {k}x{k} patches: the sides must be multiples of {ph * k}x{pw * k}"
                     f" ({k} patches of {ph}x{pw})")
-        if size[0] % ph or size[1] % pw:
-            return f"its sides must be multiples of the patch size {ph}x{pw}"
-        return None
+        problem = patch_multiple_problem(enc.patch_embed, size, can_pad=False)
+        rows = enc.patch_embed.position_embedding_size
+        if problem is None and max(size[0] // ph, size[1] // pw) > rows:
+            problem = (f"its position table has {rows} rows per axis: at most {rows} patches a side (at most "
+                       f"{rows * ph}x{rows * pw} px)")
+        return problem
 
     def stem_macs(self, img_size) -> int:
         """Per patch: the linear patch projection, the one-hot rows times the (2, P, C) position table (a matmul as
@@ -258,7 +273,3 @@ class Gemma4VitFamily(OneGridSizes, SequenceFamily):
         if self.classifier:
             ends += (1 if self.model.global_pool == "avg" else tokens) * linear_macs(self.model.head)
         return super().count_macs(works, img_size) + ends
-
-
-def _unchanged(x: torch.Tensor) -> torch.Tensor:
-    return x

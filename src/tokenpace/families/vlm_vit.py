@@ -19,7 +19,7 @@ from torch import nn
 from ..anatomy import BlockParts, Frame, PlainResidual
 from ..core.feature_maps import vit_intermediates
 from ..core.macs import linear_macs
-from .base import IntermediateOptions, SequenceFamily
+from .base import IntermediateOptions, SequenceFamily, no_final_norm_problem
 from .eva import EvaParts, eva_parts_class
 from .patch_embed import OneGridSizes, patch_multiple_problem
 from .timm_vit import check_blocks
@@ -123,8 +123,7 @@ class VlmTowerFamily(OneGridSizes, SequenceFamily):
         and the features where the run ended (a classifier's through its projector)."""
         norm = self.final_norm()
         if options.norm and norm is None:
-            raise ValueError(f"{self.name} has no final norm over its patch tokens: accepted norm=False (timm "
-                             "ignores norm=True here)")
+            raise ValueError(no_final_norm_problem(self.name))
         maps = vit_intermediates(maps, final, norm, 0, frame.grid, norm=options.norm, output_fmt=options.output_fmt,
                                  intermediates_only=True)
         if options.intermediates_only:
