@@ -18,7 +18,7 @@ from timm.models.vision_transformer import (DiffParallelScalingBlock, ParallelSc
                                             ResPostBlock, VisionTransformer)
 from timm.models.vision_transformer_relpos import ResPostRelPosBlock, VisionTransformerRelPos
 
-from conftest import spread_weights
+from conftest import flatten_outputs, spread_weights
 
 SMALL = dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10)
 
@@ -359,6 +359,67 @@ def assert_position_less_tokens_run(model, images):
     for out in (fused, rep):
         assert torch.isfinite(out).all() and not torch.allclose(out, dense, atol=1e-3)
     assert not torch.allclose(rep, plain, atol=1e-4)
+
+
+def assert_keep_one_intermediates_equal_unpatched(model, images, calls):
+    """Each ``forward_intermediates`` call (its keyword options) gives the unpatched model's outputs under Evo and
+    Idle at keep=1, bit for bit."""
+    for options in calls:
+        with torch.no_grad():
+            expected = flatten_outputs(tokenpace.remove(model).forward_intermediates(images, **options))
+            for method in ("evo", "idle"):
+                got = flatten_outputs(tokenpace.apply(model, method, keep=1.0).forward_intermediates(images, **options))
+                assert len(got) == len(expected) and all(a.shape == b.shape and torch.equal(a, b)
+                                                         for a, b in zip(got, expected)), (method, options)
+
+
+def assert_reduced_intermediates_are_full_maps(model, images, maps_shape):
+    """Under Evo and Idle at keep 0.5 the maps are full (every block's, ``maps_shape`` each), the last one moved by
+    the method, and the final tokens are the patched ``forward_features``' (their shape the unpatched model's)."""
+    with torch.no_grad():
+        dense_final, dense_maps = model.forward_intermediates(images)
+        for method in ("evo", "idle"):
+            tokenpace.apply(model, method, keep=0.5)
+            final, maps = model.forward_intermediates(images)
+            assert [m.shape for m in maps] == [m.shape for m in dense_maps] == [maps_shape] * len(dense_maps)
+            assert final.shape == dense_final.shape
+            assert torch.allclose(final, model.forward_features(images), atol=1e-5), method
+            assert not torch.allclose(maps[-1], dense_maps[-1], atol=1e-3), method
+
+
+def assert_bf16_autocast_as_close_as_dense(model, method, images, dtype=torch.bfloat16):
+    """Under CPU bf16 autocast with the same selection (seeded random scores: bf16 rounding flips near-tied ranks,
+    which moves the output by more than rounding) the reduced model is as close to float32 as the dense one; its
+    output has the dense model's dtype under autocast (``dtype``)."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dense_bf16 = model(images)
+    with torch.no_grad():
+        dense_error = (dense_bf16.float() - model(images)).abs().max()
+    tokenpace.apply(model, method, score="random")
+    runs = []
+    for autocast in (True, False):
+        torch.manual_seed(0)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                tokenpace.trace(model) as trace:
+            runs.append((model(images), trace.kept))
+    (low, low_kept), (full, full_kept) = runs
+    assert low.dtype == dense_bf16.dtype == dtype
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(low_kept, full_kept))
+    assert (low.float() - full).abs().max() <= 2 * dense_error + 1e-3
+
+
+def assert_released_model_counts_as_flop_counter(name, ratio):
+    """timm's released ``name`` at its pretrained input size, built on the meta device: MACs equal FlopCounterMode
+    dense and under the default Idle, whose MACs ratio lies in ``ratio`` (low, high)."""
+    import timm
+
+    model = timm.create_model(name, device="meta").eval()
+    images = torch.zeros(1, *model.pretrained_cfg["input_size"], device="meta")
+    counts = []
+    for method in (None, "idle"):
+        assert_macs_equal_flop_counter(model, method, {}, images)
+        counts.append(tokenpace.macs(model))
+    assert ratio[0] < counts[0] / counts[1] < ratio[1]
 
 
 def assert_keep_one_equals_unpatched(model, method, options, images):

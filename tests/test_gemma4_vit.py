@@ -14,11 +14,13 @@ from timm.models.gemma4_vit import (Gemma4ClippableLinear, Gemma4VitClassifier, 
                                     apply_multidimensional_rope)
 
 import tokenpace
-from backbones import (assert_keep_one_equals_unpatched, assert_macs_equal_flop_counter,
-                       assert_position_less_tokens_run, ref_evo, ref_idle, ref_topk)
+from backbones import (assert_bf16_autocast_as_close_as_dense, assert_keep_one_equals_unpatched,
+                       assert_keep_one_intermediates_equal_unpatched, assert_macs_equal_flop_counter,
+                       assert_position_less_tokens_run, assert_reduced_intermediates_are_full_maps,
+                       assert_released_model_counts_as_flop_counter, ref_evo, ref_idle, ref_topk)
 from tokenpace.anatomy import TokenSet
 from tokenpace.families.gemma4_vit import rope_rows
-from conftest import flatten_outputs, spread_weights
+from conftest import spread_weights
 
 SMALL = dict(patch_size=4, embed_dim=48, depth=6, num_heads=3, head_dim=16, intermediate_size=96,
              position_embedding_size=64, pooling_kernel_size=2)
@@ -297,15 +299,8 @@ INTERMEDIATE_CALLS = [dict(), dict(indices=2), dict(indices=[0], stop_early=True
 
 @pytest.mark.parametrize("variant", ["enc_soft", "enc_soft_gqa", "cls", "cls_soft"])
 def test_keep_one_intermediates_equal_the_unpatched_model(variant, images):
-    model = make_tower(variant)
     calls = INTERMEDIATE_CALLS + ([dict(output_dict=True, indices=[1, 3])] if variant.startswith("enc") else [])
-    for options in calls:
-        with torch.no_grad():
-            expected = flatten_outputs(tokenpace.remove(model).forward_intermediates(images, **options))
-            for method in ("evo", "idle"):
-                got = flatten_outputs(tokenpace.apply(model, method, keep=1.0).forward_intermediates(images, **options))
-                assert len(got) == len(expected) and all(a.shape == b.shape and torch.equal(a, b)
-                                                         for a, b in zip(got, expected)), (method, options)
+    assert_keep_one_intermediates_equal_unpatched(make_tower(variant), images, calls)
 
 
 def test_norm_for_intermediates_is_refused_as_there_is_no_final_norm(images):
@@ -318,15 +313,9 @@ def test_norm_for_intermediates_is_refused_as_there_is_no_final_norm(images):
 @pytest.mark.parametrize("variant", ["enc_soft", "cls"])
 def test_reduced_intermediates_are_full_maps_and_end_at_the_raw_tokens(variant, images):
     model = make_tower(variant)
+    assert_reduced_intermediates_are_full_maps(model, images, (3, 48, 8, 8))
     with torch.no_grad():
-        dense_final, dense_maps = model.forward_intermediates(images)
-        for method in ("evo", "idle"):
-            tokenpace.apply(model, method, keep=0.5)
-            final, maps = model.forward_intermediates(images)
-            assert [m.shape for m in maps] == [m.shape for m in dense_maps] == [(3, 48, 8, 8)] * 6
-            assert final.shape == dense_final.shape == (3, 64, 48)
-            assert torch.allclose(final, model.forward_features(images), atol=1e-5), method  # the raw tokens
-            assert not torch.allclose(maps[-1], dense_maps[-1], atol=1e-3), method
+        assert model.forward_intermediates(images)[0].shape == (3, 64, 48)  # the raw tokens, as timm's
 
 
 def test_features_only_models_run_the_method(images):
@@ -343,36 +332,16 @@ def test_features_only_models_run_the_method(images):
 def test_released_configurations_count_as_flop_counter_on_the_meta_device(name):
     """The released towers as timm builds them at 768 px (a 48x48 grid, 3x3 pooler cells; the position table of 10240
     rows per axis), counted on the meta device: dense and idling (the README's speed rows)."""
-    model = timm.create_model(name, device="meta").eval()
-    images = torch.zeros(1, *model.pretrained_cfg["input_size"], device="meta")
-    counts = []
-    for method in (None, "idle"):
-        assert_macs_equal_flop_counter(model, method, {}, images)
-        counts.append(tokenpace.macs(model))
-    assert 1.3 < counts[0] / counts[1] < 1.7  # the default Idle(0.7)
+    assert_released_model_counts_as_flop_counter(name, (1.4, 1.7))  # the default Idle(0.7): 1.53-1.54x
 
 
 @pytest.mark.parametrize("variant", ["enc_soft", "cls"])
 @pytest.mark.parametrize("method", ["evo", "idle"])
 def test_bf16_autocast_is_as_close_as_the_dense_models(variant, method, images):
     """Under CPU bf16 autocast with the same selection (seeded random scores) the reduced tower is as close to
-    float32 as the dense one."""
-    model = make_tower(variant)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        dense_bf16 = model(images)
-    with torch.no_grad():
-        dense_error = (dense_bf16.float() - model(images)).abs().max()
-    tokenpace.apply(model, method, score="random")
-    runs = []
-    for autocast in (True, False):
-        torch.manual_seed(0)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
-                tokenpace.trace(model) as trace:
-            runs.append((model(images), trace.kept))
-    (low, low_kept), (full, full_kept) = runs
-    assert low.dtype == dense_bf16.dtype  # the soft tokens are float32 (the pooler's and the standardisation's)
-    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(low_kept, full_kept))
-    assert (low.float() - full).abs().max() <= 2 * dense_error + 1e-3
+    float32 as the dense one; the soft tokens are float32, as timm's pooler and standardisation make them."""
+    dtype = torch.float32 if variant == "enc_soft" else torch.bfloat16
+    assert_bf16_autocast_as_close_as_dense(make_tower(variant), method, images, dtype)
 
 
 def test_drop_path_in_training_equals_the_reference(images):

@@ -11,8 +11,11 @@ from timm.models.eva import EvaBlock
 from timm.models.qwen3_vit import Qwen3VitClassifier, Qwen3VitEncoder
 
 import tokenpace
-from backbones import assert_keep_one_equals_unpatched, assert_macs_equal_flop_counter, ref_evo, ref_idle
-from conftest import flatten_outputs, spread_weights
+from backbones import (assert_bf16_autocast_as_close_as_dense, assert_keep_one_equals_unpatched,
+                       assert_keep_one_intermediates_equal_unpatched, assert_macs_equal_flop_counter,
+                       assert_reduced_intermediates_are_full_maps, assert_released_model_counts_as_flop_counter,
+                       ref_evo, ref_idle)
+from conftest import spread_weights
 
 SMALL = dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3)
 TOWERS = {  # (class, options): each tower bare and as a classifier, with and without its projector
@@ -213,15 +216,8 @@ INTERMEDIATE_CALLS = [dict(), dict(indices=2), dict(indices=[0], stop_early=True
 @pytest.mark.parametrize("variant", ["qwen_cls", "qwen_cls_merge", "qwen_enc", "deepseek_cls", "deepseek_cls_align",
                                      "deepseek_enc"])
 def test_keep_one_intermediates_equal_the_unpatched_model(variant, images):
-    model = make_tower(variant)
     calls = INTERMEDIATE_CALLS + ([dict(norm=True, indices=[2, 5])] if "deepseek" in variant else [])
-    for options in calls:
-        with torch.no_grad():
-            expected = flatten_outputs(tokenpace.remove(model).forward_intermediates(images, **options))
-            for method in ("evo", "idle"):
-                got = flatten_outputs(tokenpace.apply(model, method, keep=1.0).forward_intermediates(images, **options))
-                assert len(got) == len(expected) and all(a.shape == b.shape and torch.equal(a, b)
-                                                         for a, b in zip(got, expected)), (method, options)
+    assert_keep_one_intermediates_equal_unpatched(make_tower(variant), images, calls)
 
 
 def test_qwen_norm_for_intermediates_is_refused_as_it_has_no_final_norm(images):
@@ -233,16 +229,7 @@ def test_qwen_norm_for_intermediates_is_refused_as_it_has_no_final_norm(images):
 
 @pytest.mark.parametrize("variant", ["qwen_cls_merge", "deepseek_enc"])
 def test_reduced_intermediates_are_full_maps_and_end_at_the_features(variant, images):
-    model = make_tower(variant)
-    with torch.no_grad():
-        dense_final, dense_maps = model.forward_intermediates(images)
-        for method in ("evo", "idle"):
-            tokenpace.apply(model, method, keep=0.5)
-            final, maps = model.forward_intermediates(images)
-            assert [m.shape for m in maps] == [m.shape for m in dense_maps] == [(3, 48, 8, 8)] * 6
-            assert final.shape == dense_final.shape
-            assert torch.allclose(final, model.forward_features(images), atol=1e-5), method
-            assert not torch.allclose(maps[-1], dense_maps[-1], atol=1e-3), method
+    assert_reduced_intermediates_are_full_maps(make_tower(variant), images, (3, 48, 8, 8))
 
 
 @pytest.mark.parametrize("name,kwargs", [
@@ -264,13 +251,7 @@ def test_released_configurations_count_as_flop_counter_on_the_meta_device(name):
     """The released towers as timm builds them (Qwen's at 768 px with the 2x2 merger, DeepSeek-V4's at 546 px with
     its 3x3 aligner on a 39x39 grid; the classifier's head on the pooled token), counted on the meta device: dense
     and idling (the README's speed rows)."""
-    model = timm.create_model(name, device="meta").eval()
-    images = torch.zeros(1, *model.pretrained_cfg["input_size"], device="meta")
-    counts = []
-    for method in (None, "idle"):
-        assert_macs_equal_flop_counter(model, method, {}, images)
-        counts.append(tokenpace.macs(model))
-    assert 1.4 < counts[0] / counts[1] < 1.7  # the default Idle(0.7)
+    assert_released_model_counts_as_flop_counter(name, (1.4, 1.7))  # the default Idle(0.7)
 
 
 @pytest.mark.parametrize("variant", ["qwen_cls", "deepseek_cls_align"])
@@ -279,22 +260,7 @@ def test_bf16_autocast_is_as_close_as_the_dense_models(variant, method, images):
     """Under CPU bf16 autocast with the same selection (seeded random scores: bf16 rounding flips near-tied ranks,
     which moves the output by more than rounding) the reduced tower is as close to float32 as the dense one (0.02-0.04
     here)."""
-    model = make_tower(variant)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        dense_bf16 = model(images)
-    with torch.no_grad():
-        dense_error = (dense_bf16.float() - model(images)).abs().max()
-    tokenpace.apply(model, method, score="random")
-    runs = []
-    for autocast in (True, False):
-        torch.manual_seed(0)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
-                tokenpace.trace(model) as trace:
-            runs.append((model(images), trace.kept))
-    (low, low_kept), (full, full_kept) = runs
-    assert low.dtype == torch.bfloat16
-    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(low_kept, full_kept))
-    assert (low.float() - full).abs().max() <= 2 * dense_error + 1e-3
+    assert_bf16_autocast_as_close_as_dense(make_tower(variant), method, images)
 
 
 @pytest.mark.parametrize("variant,method", [("qwen_cls_merge", "evo"), ("deepseek_cls", "idle")])

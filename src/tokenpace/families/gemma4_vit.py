@@ -21,15 +21,9 @@ from torch import nn
 from ..anatomy import BlockParts, Frame, TokenSet
 from ..core.feature_maps import vit_intermediates
 from ..core.macs import BlockShape, linear_macs
-from .base import IntermediateOptions, SequenceFamily, no_final_norm_problem, recorded_input_size
-from .patch_embed import OneGridSizes, patch_multiple_problem
-from .timm_vit import check_blocks
-
-
-def _timm_classes():
-    from timm.models.gemma4_vit import Gemma4Attention, Gemma4Block, Gemma4VitClassifier, Gemma4VitEncoder
-
-    return Gemma4VitEncoder, Gemma4VitClassifier, Gemma4Block, Gemma4Attention
+from .base import IntermediateOptions, no_final_norm_problem, recorded_input_size
+from .patch_embed import patch_multiple_problem
+from .vlm_vit import EncoderTower
 
 
 def rope_rows(table: torch.Tensor, where: TokenSet) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,20 +116,17 @@ class Gemma4Parts(BlockParts):
                           k_proj=dim * self.head_dim * self.kv_heads)
 
 
-class Gemma4VitFamily(OneGridSizes, SequenceFamily):
+class Gemma4VitFamily(EncoderTower):
     """The encoder (``patch_embed``: patches to tokens with their position embeddings and (x, y) coordinates,
     ``rotary_emb``, ``blocks``, ``pooler``) bare or in the classifier. The bare encoder's forward pools after the
     blocks without calling ``forward_features``, so the patch runs that forward too (``owns_forward``)."""
 
     name = "timm Gemma 4 ViT"
+    block_description = "timm's Gemma4Block with Gemma4Attention"
 
     def __init__(self, model: nn.Module) -> None:
-        encoder_class, classifier_class, block_class, attention_class = _timm_classes()
-        self.classifier = isinstance(model, classifier_class)
-        self.encoder = enc = model.encoder if self.classifier else model
-        check_blocks(enc, self.name, lambda b: type(b) is block_class and type(b.attn) is attention_class,
-                     "timm's Gemma4Block with Gemma4Attention")
-        super().__init__(model, [enc.blocks])
+        super().__init__(model)
+        enc = self.encoder
         self.owns_forward = not self.classifier
         # what the encoder's forward returns (a classifier's features): the soft tokens, for which the pooler bins
         # every patch by its position; the bare encoder's raw tokens, which a VLM or a dense head reads as the patch
@@ -145,24 +136,19 @@ class Gemma4VitFamily(OneGridSizes, SequenceFamily):
         self.fixed_length_why = ("encoder pools the patch tokens by their positions into soft tokens" if soft else
                                  "features are every patch token in place")
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        try:
-            encoder_class, classifier_class, _, _ = _timm_classes()
-        except ImportError:  # an older timm: no Gemma 4 tower can exist
-            return False
-        return isinstance(model, (encoder_class, classifier_class))
+    @staticmethod
+    def timm_classes():
+        from timm.models.gemma4_vit import Gemma4VitClassifier, Gemma4VitEncoder
+
+        return Gemma4VitEncoder, Gemma4VitClassifier
+
+    def readable(self, block: nn.Module) -> bool:
+        from timm.models.gemma4_vit import Gemma4Attention, Gemma4Block
+
+        return type(block) is Gemma4Block and type(getattr(block, "attn", None)) is Gemma4Attention
 
     def make_parts(self, i: int) -> BlockParts:
         return Gemma4Parts(self.blocks[i])
-
-    @property
-    def patch_embedding(self) -> nn.Module:
-        return self.encoder.patch_embed
-
-    @property
-    def checkpointing(self) -> bool:
-        return bool(self.encoder.grad_checkpointing)
 
     @property
     def encoder_pool(self) -> str:
@@ -201,9 +187,6 @@ class Gemma4VitFamily(OneGridSizes, SequenceFamily):
 
     def model_output(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.encoder_output(x, frame)
-
-    def feature_points(self) -> list[int]:
-        return list(range(self.depth))
 
     def intermediates(self, maps, final, frame, taken, stopped, options: IntermediateOptions):
         """As timm's: every block's tokens (NCHW or NLC) and the last block's raw tokens; a dict adds every patch's
@@ -254,9 +237,6 @@ class Gemma4VitFamily(OneGridSizes, SequenceFamily):
         table = enc.patch_embed.position_embedding_table
         angles = 2 * enc.rotary_emb.inv_freq.numel()
         return patches * (linear_macs(enc.patch_embed.input_proj) + table.shape[0] * table[0].numel() + angles)
-
-    def head_macs(self, tokens: int) -> int:
-        return 0  # counted by ``count_macs``, which knows the grid
 
     def count_macs(self, works, img_size) -> int:
         """The blocks and stem as every sequence family's; then the soft pooler (each soft token a weighted sum over

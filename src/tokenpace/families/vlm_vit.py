@@ -29,16 +29,12 @@ class PlainResidualEvaParts(PlainResidual, EvaParts):
     """A pre-norm RoPE block with timm's ``AttentionRope`` and plain residuals (no LayerScale): DeepSeek's."""
 
 
-class VlmTowerFamily(OneGridSizes, SequenceFamily):
-    """A VLM vision tower: its encoder (``patch_embed`` to an NHWC grid, ``_pos_embed`` giving tokens and the RoPE
-    table, ``blocks``), an optional projector over the final map, and, for a classifier, a pooled linear head.
-    Subclasses name the classes, the projector attribute and the encoder's final norm."""
+class EncoderTower(OneGridSizes, SequenceFamily):
+    """A vision tower: an encoder, bare or wrapped by a classifier (its ``encoder``), with one stage of ``blocks``
+    over a patch grid (``patch_embed``) that follows the input; every block is a feature point. Subclasses name
+    timm's classes and what the blocks must be."""
 
-    projector_name: str  # the encoder's attribute holding the VLM projector (None where the model has none)
-    can_pad: bool = False  # the patch embedding can pad an input to the patch (``dynamic_img_pad``)
     block_description: str  # what the blocks must be, in a refusal
-    fixed_length_head = True  # the features are the whole patch map
-    fixed_length_why = "features are the whole patch map (B, H, W, C), as the VLM projector needs it"
 
     def __init__(self, model: nn.Module) -> None:
         self.classifier = self._is_classifier(model)  # read once: the forward must not import (torch.compile)
@@ -65,6 +61,34 @@ class VlmTowerFamily(OneGridSizes, SequenceFamily):
 
     def readable(self, block: nn.Module) -> bool:
         """Whether the family's parts read ``block``."""
+        raise NotImplementedError
+
+    @property
+    def patch_embedding(self) -> nn.Module:
+        return self.encoder.patch_embed
+
+    @property
+    def checkpointing(self) -> bool:
+        return bool(self.encoder.grad_checkpointing)
+
+    def feature_points(self) -> list[int]:
+        return list(range(self.depth))
+
+    def head_macs(self, tokens: int) -> int:
+        return 0  # counted by ``count_macs``, which knows the grid
+
+
+class VlmTowerFamily(EncoderTower):
+    """A VLM vision tower read by the Eva parts: its encoder (``patch_embed`` to an NHWC grid, ``_pos_embed`` giving
+    tokens and the RoPE table, ``blocks``), an optional projector over the final map, and, for a classifier, a pooled
+    linear head. Subclasses name the classes, the projector attribute and the encoder's final norm."""
+
+    projector_name: str  # the encoder's attribute holding the VLM projector (None where the model has none)
+    can_pad: bool = False  # the patch embedding can pad an input to the patch (``dynamic_img_pad``)
+    fixed_length_head = True  # the features are the whole patch map
+    fixed_length_why = "features are the whole patch map (B, H, W, C), as the VLM projector needs it"
+
+    def readable(self, block: nn.Module) -> bool:
         return self.parts_class(block) is not None
 
     def parts_class(self, block: nn.Module) -> type[EvaParts] | None:
@@ -77,14 +101,6 @@ class VlmTowerFamily(OneGridSizes, SequenceFamily):
     @property
     def projector(self) -> nn.Module | None:
         return getattr(self.encoder, self.projector_name, None)
-
-    @property
-    def patch_embedding(self) -> nn.Module:
-        return self.encoder.patch_embed
-
-    @property
-    def checkpointing(self) -> bool:
-        return bool(self.encoder.grad_checkpointing)
 
     def final_norm(self) -> nn.Module | None:
         """The encoder's norm over its final patch tokens, or None where it has none."""
@@ -114,9 +130,6 @@ class VlmTowerFamily(OneGridSizes, SequenceFamily):
         x = self.patch_map(x, frame)
         projector = self.projector
         return projector(x) if projector is not None and self.classifier else x
-
-    def feature_points(self) -> list[int]:
-        return list(range(self.depth))
 
     def intermediates(self, maps, final, frame, taken, stopped, options: IntermediateOptions):
         """As timm's towers: every block's map (NCHW or NLC; the final norm on request where the encoder has one),
@@ -149,9 +162,6 @@ class VlmTowerFamily(OneGridSizes, SequenceFamily):
     def merge_factor(self) -> int:
         """k: the projector joins k x k patches into one token."""
         raise NotImplementedError
-
-    def head_macs(self, tokens: int) -> int:
-        return 0  # counted by ``count_macs``, which knows the grid
 
     def count_macs(self, works, img_size) -> int:
         """The blocks and stem as every sequence family's; then the projector over its tokens (k x k blocks of the
