@@ -373,15 +373,15 @@ def assert_keep_one_intermediates_equal_unpatched(model, images, calls):
                                                          for a, b in zip(got, expected)), (method, options)
 
 
-def assert_reduced_intermediates_are_full_maps(model, images, maps_shape):
-    """Under Evo and Idle at keep 0.5 the maps are full (every block's, ``maps_shape`` each), the last one moved by
-    the method, and the final tokens are the patched ``forward_features``' (their shape the unpatched model's)."""
+def assert_reduced_intermediates_are_full_maps(model, images, maps_shape, count):
+    """Under Evo and Idle at keep 0.5 the maps are full (``count`` of them, ``maps_shape`` each), the last one moved
+    by the method, and the final tokens are the patched ``forward_features``' (their shape the unpatched model's)."""
     with torch.no_grad():
         dense_final, dense_maps = model.forward_intermediates(images)
         for method in ("evo", "idle"):
             tokenpace.apply(model, method, keep=0.5)
             final, maps = model.forward_intermediates(images)
-            assert [m.shape for m in maps] == [m.shape for m in dense_maps] == [maps_shape] * len(dense_maps)
+            assert [m.shape for m in maps] == [m.shape for m in dense_maps] == [maps_shape] * count
             assert final.shape == dense_final.shape
             assert torch.allclose(final, model.forward_features(images), atol=1e-5), method
             assert not torch.allclose(maps[-1], dense_maps[-1], atol=1e-3), method

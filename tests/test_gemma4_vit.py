@@ -269,6 +269,17 @@ def test_sizes_the_tower_or_its_pooler_cannot_take_are_refused():
         tokenpace.remove(plain)(torch.rand(1, 3, 260, 32))  # what timm's own forward does there
 
 
+def test_a_pool_changed_after_apply_is_refused(images):
+    """The refusals were decided for the pool the encoder had: top-k on an averaging encoder would hand back the
+    kept tokens alone once the pool is switched off."""
+    model = tokenpace.apply(make_tower("enc_avg"), "topk", keep=0.5)
+    model.global_pool = ""
+    with pytest.raises(ValueError, match="global_pool changed from 'avg' to '' after tokenpace.apply"):
+        model(images)
+    model.global_pool = "avg"
+    assert model(images).shape == (3, 48)
+
+
 def test_input_other_than_image_batches_is_refused(images):
     model = tokenpace.apply(make_tower("enc_avg"), "idle")
     coords = torch.zeros(3, 64, 2, dtype=torch.long)
@@ -313,7 +324,7 @@ def test_norm_for_intermediates_is_refused_as_there_is_no_final_norm(images):
 @pytest.mark.parametrize("variant", ["enc_soft", "cls"])
 def test_reduced_intermediates_are_full_maps_and_end_at_the_raw_tokens(variant, images):
     model = make_tower(variant)
-    assert_reduced_intermediates_are_full_maps(model, images, (3, 48, 8, 8))
+    assert_reduced_intermediates_are_full_maps(model, images, (3, 48, 8, 8), 6)
     with torch.no_grad():
         assert model.forward_intermediates(images)[0].shape == (3, 64, 48)  # the raw tokens, as timm's
 

@@ -229,7 +229,7 @@ def test_qwen_norm_for_intermediates_is_refused_as_it_has_no_final_norm(images):
 
 @pytest.mark.parametrize("variant", ["qwen_cls_merge", "deepseek_enc"])
 def test_reduced_intermediates_are_full_maps_and_end_at_the_features(variant, images):
-    assert_reduced_intermediates_are_full_maps(make_tower(variant), images, (3, 48, 8, 8))
+    assert_reduced_intermediates_are_full_maps(make_tower(variant), images, (3, 48, 8, 8), 6)
 
 
 @pytest.mark.parametrize("name,kwargs", [

@@ -130,7 +130,9 @@ class Gemma4VitFamily(EncoderTower):
         self.owns_forward = not self.classifier
         # what the encoder's forward returns (a classifier's features): the soft tokens, for which the pooler bins
         # every patch by its position; the bare encoder's raw tokens, which a VLM or a dense head reads as the patch
-        # map; or an output made of whatever tokens are left (a mean, a classifier's head), where dropping may run
+        # map; or an output made of whatever tokens are left (a mean, a classifier's head), where dropping may run.
+        # Read once: the refusals above hold for this pool, so a forward after it changed is refused (``embed``)
+        self.encoder_pool = enc.global_pool
         soft, raw = enc.global_pool == "soft", enc.global_pool in ("", "none")
         self.fixed_length_head = soft or (raw and not self.classifier)
         self.fixed_length_why = ("encoder pools the patch tokens by their positions into soft tokens" if soft else
@@ -150,11 +152,6 @@ class Gemma4VitFamily(EncoderTower):
     def make_parts(self, i: int) -> BlockParts:
         return Gemma4Parts(self.blocks[i])
 
-    @property
-    def encoder_pool(self) -> str:
-        """The encoder's ``global_pool``, read at each forward as timm reads it."""
-        return self.encoder.global_pool
-
     # --- the forward around the blocks ---------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
@@ -163,6 +160,10 @@ class Gemma4VitFamily(EncoderTower):
                              "NaFlex patches have grids of their own and padding tokens: call tokenpace.remove(model) "
                              "first)")
         enc = self.encoder
+        if enc.global_pool != self.encoder_pool:
+            raise ValueError(f"the encoder's global_pool changed from {self.encoder_pool!r} to {enc.global_pool!r} "
+                             "after tokenpace.apply, which chose the method for the pool it had; call "
+                             "tokenpace.apply(model, ...) again")
         enc._assert_raw_img_conformant(x)  # the soft pooler's cells must tile the grid, as the model checks
         grid = (x.shape[-2] // enc.patch_size[0], x.shape[-1] // enc.patch_size[1])
         x, positions, _ = enc.patch_embed(x)  # no padding tokens in an image batch
