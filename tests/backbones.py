@@ -345,6 +345,25 @@ def ref_topk(model, img, keep, layer, row):
     return finish(model, x)
 
 
+def assert_idle_equals_reference(model, view, images, keep=0.5, score="received"):
+    """Idle at ``keep`` (depth 6: stages (2, 3, 5), the scaled (3, 6, 9)) equals :func:`ref_idle` run on ``view``
+    (the model itself, or a test's view of it), and it idled something: the output keeps the dense shape and moves."""
+    with torch.no_grad():
+        expected = ref_idle(view, images, keep, (2, 3, 5), score)
+        dense = tokenpace.remove(model)(images)
+        got = tokenpace.apply(model, "idle", keep=keep)(images)
+    assert got.shape == dense.shape and not torch.allclose(got, dense, atol=1e-3)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+
+
+def assert_evo_equals_reference(model, view, images, mode, row="mean"):
+    """Evo(0.5) in ``mode`` (depth 6: stages (2, 4), the scaled (4, 8)) equals :func:`ref_evo` run on ``view``."""
+    with torch.no_grad():
+        expected = ref_evo(view, images, 0.5, (2, 4), mode, row)
+        got = tokenpace.apply(model, "evo", keep=0.5, mode=mode)(images)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+
+
 def assert_position_less_tokens_run(model, images):
     """EViT's fused token and Evo's representative token have no position (not rotated, or their bias entries are
     the class token's): both runs are finite and move the output, a fused token is still there at the end, and the

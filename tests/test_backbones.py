@@ -9,8 +9,9 @@ import torch
 
 import tokenpace
 from backbones import (BEITS, CLASS_FREE, EVAS, NAFLEX, POST_NORM, RELPOS, VIT_BLOCKS,
-                       assert_keep_one_equals_unpatched, assert_macs_equal_flop_counter,
-                       assert_position_less_tokens_run, has_class_token, make_backbone, ref_evo, ref_idle, ref_topk)
+                       assert_evo_equals_reference, assert_idle_equals_reference, assert_keep_one_equals_unpatched,
+                       assert_macs_equal_flop_counter, assert_position_less_tokens_run, has_class_token,
+                       make_backbone, ref_topk)
 
 VARIANTS = (sorted(CLASS_FREE) + sorted(EVAS) + sorted(BEITS) + sorted(RELPOS) + sorted(NAFLEX) + sorted(POST_NORM)
             + sorted(VIT_BLOCKS))
@@ -37,22 +38,14 @@ def test_keep_one_equals_the_unpatched_model(variant, method, options, images):
 @pytest.mark.parametrize("keep", [0.7, 0.4])
 def test_idle_equals_the_masked_reference(variant, keep, images):
     model = make_backbone(variant)
-    score = "cls" if has_class_token(model) else "received"
-    with torch.no_grad():
-        expected = ref_idle(model, images, keep, (2, 3, 5), score)  # depth 6: the scaled (3, 6, 9)
-        got = tokenpace.apply(model, "idle", keep=keep)(images)
-        assert not torch.allclose(got, tokenpace.remove(model)(images), atol=1e-3)  # it did idle something
-    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    assert_idle_equals_reference(model, model, images, keep, "cls" if has_class_token(model) else "received")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode", ["stage", "layer"])
 def test_evo_equals_the_masked_reference(variant, mode, images):
     model = make_backbone(variant)
-    with torch.no_grad():
-        expected = ref_evo(model, images, 0.5, (2, 4), mode, default_row(model))  # depth 6: the scaled (4, 8)
-        got = tokenpace.apply(model, "evo", keep=0.5, mode=mode)(images)
-    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    assert_evo_equals_reference(model, model, images, mode, default_row(model))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

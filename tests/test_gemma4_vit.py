@@ -14,10 +14,11 @@ from timm.models.gemma4_vit import (Gemma4ClippableLinear, Gemma4VitClassifier, 
                                     apply_multidimensional_rope)
 
 import tokenpace
-from backbones import (assert_bf16_autocast_as_close_as_dense, assert_keep_one_equals_unpatched,
+from backbones import (assert_bf16_autocast_as_close_as_dense, assert_evo_equals_reference,
+                       assert_idle_equals_reference, assert_keep_one_equals_unpatched,
                        assert_keep_one_intermediates_equal_unpatched, assert_macs_equal_flop_counter,
                        assert_position_less_tokens_run, assert_reduced_intermediates_are_full_maps,
-                       assert_released_model_counts_as_flop_counter, ref_evo, ref_idle, ref_topk)
+                       assert_released_model_counts_as_flop_counter, ref_idle, ref_topk)
 from tokenpace.anatomy import TokenSet
 from tokenpace.families.gemma4_vit import rope_rows
 from conftest import spread_weights
@@ -150,22 +151,14 @@ def test_the_clamps_and_the_standardisation_bite(images):
 @pytest.mark.parametrize("keep", [0.7, 0.4])
 def test_idle_equals_the_masked_reference(variant, keep, images):
     model = make_tower(variant)
-    with torch.no_grad():
-        expected = ref_idle(TowerView(model), images, keep, (2, 3, 5), "received")  # depth 6: the scaled (3, 6, 9)
-        dense = model(images)
-        got = tokenpace.apply(model, "idle", keep=keep)(images)
-    assert got.shape == dense.shape and not torch.allclose(got, dense, atol=1e-3)  # it did idle something
-    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    assert_idle_equals_reference(model, TowerView(model), images, keep)
 
 
 @pytest.mark.parametrize("variant", list(TOWERS))
 @pytest.mark.parametrize("mode", ["stage", "layer"])
 def test_evo_equals_the_masked_reference(variant, mode, images):
     model = make_tower(variant)
-    with torch.no_grad():
-        expected = ref_evo(TowerView(model), images, 0.5, (2, 4), mode, "mean")  # depth 6: the scaled (4, 8)
-        got = tokenpace.apply(model, "evo", keep=0.5, mode=mode)(images)
-    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    assert_evo_equals_reference(model, TowerView(model), images, mode)
 
 
 @pytest.mark.parametrize("variant", DROPPING)
@@ -196,11 +189,8 @@ def test_other_input_sizes_follow_the_grid(variant, overrides):
     method's reference and the FLOP count there too."""
     model = make_tower(variant, **overrides)
     images = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert_keep_one_equals_unpatched(model, "idle", {}, images)
-        expected = ref_idle(TowerView(model), images, 0.5, (2, 3, 5), "received")
-        got = tokenpace.apply(model, "idle", keep=0.5)(images)
-    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    assert_keep_one_equals_unpatched(model, "idle", {}, images)
+    assert_idle_equals_reference(model, TowerView(model), images)
     for method in (None, "idle"):
         assert_macs_equal_flop_counter(tokenpace.remove(model), method, {}, images[:1], img_size=48)
 

@@ -11,10 +11,10 @@ from timm.models.eva import EvaBlock
 from timm.models.qwen3_vit import Qwen3VitClassifier, Qwen3VitEncoder
 
 import tokenpace
-from backbones import (assert_bf16_autocast_as_close_as_dense, assert_keep_one_equals_unpatched,
+from backbones import (assert_bf16_autocast_as_close_as_dense, assert_evo_equals_reference,
+                       assert_idle_equals_reference, assert_keep_one_equals_unpatched,
                        assert_keep_one_intermediates_equal_unpatched, assert_macs_equal_flop_counter,
-                       assert_reduced_intermediates_are_full_maps, assert_released_model_counts_as_flop_counter,
-                       ref_evo, ref_idle)
+                       assert_reduced_intermediates_are_full_maps, assert_released_model_counts_as_flop_counter)
 from conftest import spread_weights
 
 SMALL = dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3)
@@ -114,22 +114,14 @@ def test_keep_one_equals_the_unpatched_model(variant, method, options, images):
 @pytest.mark.parametrize("keep", [0.7, 0.4])
 def test_idle_equals_the_masked_reference(variant, keep, images):
     model = make_tower(variant)
-    with torch.no_grad():
-        expected = ref_idle(TowerView(model), images, keep, (2, 3, 5), "received")  # depth 6: the scaled (3, 6, 9)
-        dense = model(images)
-        got = tokenpace.apply(model, "idle", keep=keep)(images)
-    assert got.shape == dense.shape and not torch.allclose(got, dense, atol=1e-3)  # it did idle something
-    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    assert_idle_equals_reference(model, TowerView(model), images, keep)
 
 
 @pytest.mark.parametrize("variant", list(TOWERS))
 @pytest.mark.parametrize("mode", ["stage", "layer"])
 def test_evo_equals_the_masked_reference(variant, mode, images):
     model = make_tower(variant)
-    with torch.no_grad():
-        expected = ref_evo(TowerView(model), images, 0.5, (2, 4), mode, "mean")  # depth 6: the scaled (4, 8)
-        got = tokenpace.apply(model, "evo", keep=0.5, mode=mode)(images)
-    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    assert_evo_equals_reference(model, TowerView(model), images, mode)
 
 
 @pytest.mark.parametrize("variant", ["qwen_cls_merge", "deepseek_enc"])
@@ -138,11 +130,8 @@ def test_other_input_sizes_follow_the_grid(variant):
     blocks), the method's reference there too."""
     model = make_tower(variant)
     images = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert_keep_one_equals_unpatched(model, "idle", {}, images)
-        expected = ref_idle(TowerView(model), images, 0.5, (2, 3, 5), "received")
-        got = tokenpace.apply(model, "idle", keep=0.5)(images)
-    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+    assert_keep_one_equals_unpatched(model, "idle", {}, images)
+    assert_idle_equals_reference(model, TowerView(model), images)
     assert tokenpace.macs(model, img_size=48) > tokenpace.macs(model)
 
 
@@ -202,10 +191,7 @@ def test_macs_at_other_sizes_equal_flop_counter(variant, size, overrides):
         assert_macs_equal_flop_counter(model, method, {}, images, img_size=size)
     if overrides:  # the padded input runs the method's reference too
         images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
-        with torch.no_grad():
-            expected = ref_idle(TowerView(model), images, 0.5, (2, 3, 5), "received")
-            got = tokenpace.apply(model, "idle", keep=0.5)(images)
-        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
+        assert_idle_equals_reference(model, TowerView(model), images)
 
 
 INTERMEDIATE_CALLS = [dict(), dict(indices=2), dict(indices=[0], stop_early=True),

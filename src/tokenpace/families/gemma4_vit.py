@@ -133,7 +133,7 @@ class Gemma4VitFamily(EncoderTower):
         # map; or an output made of whatever tokens are left (a mean, a classifier's head), where dropping may run.
         # Read once: the refusals above hold for this pool, so a forward after it changed is refused (``embed``)
         self.encoder_pool = enc.global_pool
-        soft, raw = enc.global_pool == "soft", enc.global_pool in ("", "none")
+        soft, raw = self.encoder_pool == "soft", self.encoder_pool in ("", "none")
         self.fixed_length_head = soft or (raw and not self.classifier)
         self.fixed_length_why = ("encoder pools the patch tokens by their positions into soft tokens" if soft else
                                  "features are every patch token in place")
@@ -251,6 +251,4 @@ class Gemma4VitFamily(EncoderTower):
             soft = (rows // k) * (cols // k)
             ends += soft * tokens * self.encoder.embed_dim
             tokens = soft
-        if self.classifier:
-            ends += (1 if self.model.global_pool == "avg" else tokens) * linear_macs(self.model.head)
-        return super().count_macs(works, img_size) + ends
+        return super().count_macs(works, img_size) + ends + self.classifier_head_macs(tokens)

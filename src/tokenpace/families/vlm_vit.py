@@ -77,6 +77,13 @@ class EncoderTower(OneGridSizes, SequenceFamily):
     def head_macs(self, tokens: int) -> int:
         return 0  # counted by ``count_macs``, which knows the grid
 
+    def classifier_head_macs(self, features: int) -> int:
+        """A classifier's linear head over its pooled token (``global_pool='avg'``), or over each of its ``features``
+        tokens without a pool (``''``, Gemma's ``'none'``); 0 on a bare encoder."""
+        if not self.classifier:
+            return 0
+        return (1 if self.model.global_pool == "avg" else features) * linear_macs(self.model.head)
+
 
 class VlmTowerFamily(EncoderTower):
     """A VLM vision tower read by the Eva parts: its encoder (``patch_embed`` to an NHWC grid, ``_pos_embed`` giving
@@ -174,9 +181,7 @@ class VlmTowerFamily(EncoderTower):
             k = self.merge_factor()
             features = math.ceil(rows / k) * math.ceil(cols / k)
             ends += features * linear_macs(self.projector)
-        if self.classifier:
-            ends += (1 if self.model.global_pool else features) * linear_macs(self.model.head)
-        return super().count_macs(works, img_size) + ends
+        return super().count_macs(works, img_size) + ends + self.classifier_head_macs(features)
 
 
 class Qwen3VitFamily(VlmTowerFamily):
