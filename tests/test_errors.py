@@ -98,10 +98,10 @@ def test_unsupported_blocks_pools_and_classes_name_what_is_accepted():
     pooled.global_pool = "gem"
     with pytest.raises(TypeError, match="global_pool='gem'.*accepted: 'token', 'avg', 'avgmax', 'max', 'map', ''"):
         tokenpace.apply(pooled, "idle")
-    with torch.device("meta"):  # XCiT (attention across channels): another class
-        xcit = timm.create_model("xcit_nano_12_p16_224")
+    with torch.device("meta"):  # ConViT (gated positional self-attention): another class
+        convit = timm.create_model("convit_tiny")
     with pytest.raises(TypeError, match="is not a supported model; tokenpace supports: timm VisionTransformer"):
-        tokenpace.apply(xcit, "idle")
+        tokenpace.apply(convit, "idle")
 
 
 def test_attention_masks_are_refused_on_a_patched_model():

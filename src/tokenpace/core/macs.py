@@ -49,6 +49,7 @@ class BlockShape:
     q_proj: int = 0  # per-token MACs of the query projection alone (scores; 0: dim * qk_dim)
     k_proj: int = 0  # per-token MACs of the key projection alone (scores; 0: dim * qk_dim; less with grouped keys)
     head_mix: int = 0  # per query-key pair, MACs of one mix of the heads (CaiT: logits, then probabilities)
+    linear_attention: int = 0  # per-token MACs of an attention linear in the token count (XCiT's covariance: 2 C d)
 
     def query_macs(self) -> int:
         return self.q_proj or self.dim * self.qk_dim
@@ -86,7 +87,7 @@ def block_macs(shape: BlockShape, work: BlockWork) -> int:
     (they depend on its projections)."""
     n = work.attn_tokens
     pair = shape.qk_dim + shape.v_dim + 2 * shape.head_mix
-    total = n * (shape.qkv + shape.proj) + n * n * pair + work.mlp_tokens * shape.mlp
+    total = n * (shape.qkv + shape.proj + shape.linear_attention) + n * n * pair + work.mlp_tokens * shape.mlp
     return total + work.row_keys * (shape.qk_dim + shape.head_mix) + work.merged_tokens * shape.dim
 
 

@@ -81,8 +81,45 @@ class CaitParts(VitParts):
         return replace(super().shape(), head_mix=linear_macs(self.attn.proj_l))
 
 
-class TimmCait(PatchSequenceFamily):
+class ClassAttentionTail(PatchSequenceFamily):
+    """A flat model whose class token joins after the patch blocks (CaiT, XCiT): the patch blocks see no prefix
+    token, and the class-attention blocks (``class_blocks``; None after timm's ``prune_intermediate_layers``), the
+    final norm and the head run as the model runs them, on the tokens the patch blocks leave."""
+
+    class_blocks: str  # the model's attribute holding its class-attention blocks
+
+    @property
+    def num_prefix(self) -> int:
+        return 0  # the class token joins after the patch blocks
+
+    @property
+    def has_class_token(self) -> bool:
+        return False
+
+    def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
+        """The class-attention blocks (the class token reads the tokens left), then the final norm, as timm."""
+        m = self.model
+        return m.norm(x if getattr(m, self.class_blocks) is None else m.forward_cls(x))
+
+    def intermediates(self, maps, final, frame, taken, stopped, options):
+        """As timm's: patch-token maps (the final norm on request), and the final tokens through :meth:`finish`."""
+        maps = vit_intermediates(maps, final, self.model.norm, 0, frame.grid,
+                                 **{**asdict(options), "intermediates_only": True})
+        return maps if options.intermediates_only else (self.finish(final, frame), maps)
+
+    def head_macs(self, tokens: int) -> int:
+        """The class-attention blocks over the class token and ``tokens`` patch tokens, then the head."""
+        total = linear_macs(self.model.head)
+        for blk in getattr(self.model, self.class_blocks) or ():
+            attn, n = blk.attn, tokens + 1
+            total += (linear_macs(attn.q) + n * (linear_macs(attn.k) + linear_macs(attn.v))
+                      + 2 * n * attn.q.out_features + linear_macs(attn.proj) + linear_macs(blk.mlp))
+        return total
+
+
+class TimmCait(ClassAttentionTail):
     name = "timm Cait"
+    class_blocks = "blocks_token_only"
     blocks_use_positions = False  # absolute position embeddings are added at the embedding
     resize_hint = "img_size=N: its position embedding is built for one grid"
 
@@ -107,14 +144,6 @@ class TimmCait(PatchSequenceFamily):
             return False
         return isinstance(model, Cait)
 
-    @property
-    def num_prefix(self) -> int:
-        return 0  # the class token joins after the patch blocks
-
-    @property
-    def has_class_token(self) -> bool:
-        return False
-
     def make_parts(self, i: int) -> CaitParts:
         return CaitParts(self.blocks[i])
 
@@ -126,26 +155,5 @@ class TimmCait(PatchSequenceFamily):
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.blocks[i](x)
 
-    def finish(self, x: torch.Tensor, frame: Frame) -> torch.Tensor:
-        """The class-attention blocks (the class token reads the tokens left), then the final norm, as timm."""
-        m = self.model
-        return m.norm(x if m.blocks_token_only is None else m.forward_cls(x))
-
-    def intermediates(self, maps, final, frame, taken, stopped, options):
-        """As timm's CaiT: patch-token maps (the final norm on request), and the final tokens through
-        :meth:`finish`."""
-        maps = vit_intermediates(maps, final, self.model.norm, 0, frame.grid,
-                                 **{**asdict(options), "intermediates_only": True})
-        return maps if options.intermediates_only else (self.finish(final, frame), maps)
-
     def size_problem(self, size: tuple[int, int]) -> str | None:
         return Family.size_problem(self, size)  # a fixed position embedding: the size it is built for only
-
-    def head_macs(self, tokens: int) -> int:
-        """The class-attention blocks over the class token and ``tokens`` patch tokens, then the head."""
-        total = linear_macs(self.model.head)
-        for blk in self.model.blocks_token_only or ():
-            attn, n = blk.attn, tokens + 1
-            total += (linear_macs(attn.q) + n * (linear_macs(attn.k) + linear_macs(attn.v))
-                      + 2 * n * attn.q.out_features + linear_macs(attn.proj) + linear_macs(blk.mlp))
-        return total

@@ -110,6 +110,10 @@ class MethodConfig:
         """Why this method cannot run on ``family`` (None: it can)."""
         if family.layout not in self.layouts:
             return f"it needs a {' or '.join(self.layouts)} layout and {family.name} models are {family.layout}"
+        if all(s == "random" for s in available_scores(self, family)):  # a control needs a criterion to control
+            ranked = " or ".join(repr(s) for s in self.scores if s != "random")
+            return (f"it ranks tokens by {ranked}, and {family.name} models offer "
+                    f"{', '.join(map(repr, family.scores()))}")
         return None
 
     def policy(self, family: Family) -> "Policy":
