@@ -380,24 +380,25 @@ def assert_position_less_tokens_run(model, images):
     assert not torch.allclose(rep, plain, atol=1e-4)
 
 
-def assert_keep_one_intermediates_equal_unpatched(model, images, calls):
-    """Each ``forward_intermediates`` call (its keyword options) gives the unpatched model's outputs under Evo and
-    Idle at keep=1, bit for bit."""
+def assert_keep_one_intermediates_equal_unpatched(model, images, calls, methods=("evo", "idle")):
+    """Each ``forward_intermediates`` call (its keyword options) gives the unpatched model's outputs under each of
+    ``methods`` at keep=1, bit for bit."""
     for options in calls:
         with torch.no_grad():
             expected = flatten_outputs(tokenpace.remove(model).forward_intermediates(images, **options))
-            for method in ("evo", "idle"):
+            for method in methods:
                 got = flatten_outputs(tokenpace.apply(model, method, keep=1.0).forward_intermediates(images, **options))
                 assert len(got) == len(expected) and all(a.shape == b.shape and torch.equal(a, b)
                                                          for a, b in zip(got, expected)), (method, options)
 
 
-def assert_reduced_intermediates_are_full_maps(model, images, maps_shape, count):
-    """Under Evo and Idle at keep 0.5 the maps are full (``count`` of them, ``maps_shape`` each), the last one moved
-    by the method, and the final tokens are the patched ``forward_features``' (their shape the unpatched model's)."""
+def assert_reduced_intermediates_are_full_maps(model, images, maps_shape, count, methods=("evo", "idle")):
+    """Under each of ``methods`` at keep 0.5 the maps are full (``count`` of them, ``maps_shape`` each), the last one
+    moved by the method, and the final tokens are the patched ``forward_features``' (their shape the unpatched
+    model's)."""
     with torch.no_grad():
         dense_final, dense_maps = model.forward_intermediates(images)
-        for method in ("evo", "idle"):
+        for method in methods:
             tokenpace.apply(model, method, keep=0.5)
             final, maps = model.forward_intermediates(images)
             assert [m.shape for m in maps] == [m.shape for m in dense_maps] == [maps_shape] * count

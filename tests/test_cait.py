@@ -2,6 +2,9 @@
 tokens left. keep=1 is the unpatched model; Idle, Evo and top-k equal literal references that call timm's own blocks
 on the tokens present (talking heads' ``proj_w`` bias weighs every key present, so masking keys in a full sequence
 would not be the same computation); scores are the logits after ``proj_l``'s mix; MACs equal FlopCounterMode / 2."""
+from dataclasses import dataclass
+from typing import Callable
+
 import pytest
 import torch
 from timm.models.cait import Cait
@@ -47,60 +50,79 @@ def rows_of(x, idx):
     return idx[..., None].expand(-1, -1, x.shape[-1])
 
 
-def on_tokens(blk, x, idx):
-    """timm's block on the tokens idx (B, K) as a sequence of their own; every other token unchanged."""
-    return x.scatter(1, rows_of(x, idx), blk(torch.gather(x, 1, rows_of(x, idx))))
+@dataclass(frozen=True)
+class LateClassOps:
+    """How the references below run a model whose class token joins after the patch blocks (CaiT, VOLO): the
+    tokens before the first block, a block's head logits (B, H, N, N) as its scores read them, a block called on a
+    sequence of its own, and the class-attention blocks, norm and head."""
+
+    embed: Callable
+    logits: Callable
+    call: Callable
+    finish: Callable
 
 
-def mean_row(blk, x):
-    """The softmax of the mean query's mixed logits over the keys, head mean (B, N)."""
-    return mixed_logits(blk, x).mean(2).softmax(-1).mean(1)
+CAIT = LateClassOps(embed, mixed_logits, lambda blk, x: blk(x), finish)
 
 
-def ref_idle(model, img, keep, starts):
-    x = embed(model, img)
+def on_tokens(blk, x, idx, ops=CAIT):
+    """The block on the tokens idx (B, K) as a sequence of their own; every other token unchanged."""
+    return x.scatter(1, rows_of(x, idx), ops.call(blk, torch.gather(x, 1, rows_of(x, idx))))
+
+
+def mean_row(blk, x, ops=CAIT):
+    """The softmax of the mean query's logits over the keys, head mean (B, N)."""
+    return ops.logits(blk, x).mean(2).softmax(-1).mean(1)
+
+
+def blocks_of(model):
+    return model.blocks if hasattr(model, "blocks") else [b for stage in model.network[2:] for b in stage]
+
+
+def ref_idle(model, img, keep, starts, ops=CAIT):
+    x = ops.embed(model, img)
     N = x.shape[1]
-    for i, blk in enumerate(model.blocks):
+    for i, blk in enumerate(blocks_of(model)):
         stage = sum(1 for s in starts if i >= s)
         if stage == 0:
-            x = blk(x)
+            x = ops.call(blk, x)
             continue
-        received = mixed_logits(blk, x).mean(2).sum(1)  # head-summed mean logit every token receives
-        x = on_tokens(blk, x, received.topk(int(N * keep ** stage), dim=1).indices)
-    return finish(model, x)
+        received = ops.logits(blk, x).mean(2).sum(1)  # head-summed mean logit every token receives
+        x = on_tokens(blk, x, received.topk(int(N * keep ** stage), dim=1).indices, ops)
+    return ops.finish(model, x)
 
 
-def ref_evo(model, img, keep, starts, mode, alpha=0.5):
+def ref_evo(model, img, keep, starts, mode, alpha=0.5, ops=CAIT):
     """Placeholders carried: g from block first-1's row over every token; each selection's top K by g run the block
     among themselves, and g evolves for them with their own row."""
-    x = embed(model, img)
+    x = ops.embed(model, img)
     K, first = int(x.shape[1] * keep), starts[0]
     g = sel = None
-    for i, blk in enumerate(model.blocks):
+    for i, blk in enumerate(blocks_of(model)):
         if i < first:
             if i == first - 1:
-                g = mean_row(blk, x)
-            x = blk(x)
+                g = mean_row(blk, x, ops)
+            x = ops.call(blk, x)
             continue
         if mode == "layer" or i in starts:
             sel = g.topk(K, dim=1).indices
-        a = mean_row(blk, torch.gather(x, 1, rows_of(x, sel)))
+        a = mean_row(blk, torch.gather(x, 1, rows_of(x, sel)), ops)
         g = g.scatter(1, sel, (1 - alpha) * torch.gather(g, 1, sel) + alpha * a)
-        x = on_tokens(blk, x, sel)
-    return finish(model, x)
+        x = on_tokens(blk, x, sel, ops)
+    return ops.finish(model, x)
 
 
-def ref_topk(model, img, keep, layer):
+def ref_topk(model, img, keep, layer, ops=CAIT):
     """Top-k dropping: from block ``layer`` on only the top K by block layer-1's row remain, in raster order; the
     class-attention blocks read those."""
-    x = embed(model, img)
-    for i, blk in enumerate(model.blocks):
+    x = ops.embed(model, img)
+    for i, blk in enumerate(blocks_of(model)):
         if i == layer - 1:
-            g = mean_row(blk, x)
+            g = mean_row(blk, x, ops)
         if i == layer:
             x = torch.gather(x, 1, rows_of(x, g.topk(int(x.shape[1] * keep), dim=1).indices.sort(1).values))
-        x = blk(x)
-    return finish(model, x)
+        x = ops.call(blk, x)
+    return ops.finish(model, x)
 
 
 @pytest.mark.parametrize("method,options", ALL_TOKENS, ids=str)

@@ -14,6 +14,7 @@ import tokenpace
 from backbones import make_backbone
 from conftest import make_vit, spread_weights
 from test_cait import make_cait
+from test_volo import make_volo
 from test_xcit import make_xcit
 from test_hiera import make_hiera
 from test_hieradet import make_hieradet
@@ -62,6 +63,8 @@ CASES = {
     "cait": (lambda: make_cait(depth=2, depth_token_only=1), "evo", dict(stage_starts=(1,)), 32),
     # XCiT: cross-covariance attention on the selected tokens, the LPI convolutions on the whole map
     "xcit": (lambda: make_xcit(depth=2), "idle", dict(stage_starts=(1,)), 64),
+    # VOLO: the stem and outlookers in the embedding, Evo on the transformer blocks, the token-labeling head
+    "volo": (lambda: make_volo(layers=(1, 1, 1, 1)), "evo", dict(stage_starts=(1,)), 96),
     "levit": (lambda: _levit("levit_cifar"), "evo", dict(stage_starts=(1,)), 32),
     "evo_levit": (lambda: _levit("evo_levit_cifar"), "evo", dict(stage_starts=(1,)), 32),
     "levit_conv": (lambda: _levit("levit_cifar", use_conv=True), "evo", dict(stage_starts=(1,)), 32),
@@ -130,7 +133,7 @@ def test_inductor_full_graph(family):
 
 
 @pytest.mark.parametrize("family", ["vit", "vit_no_class_token", "eva_rope_mixed", "evo_levit", "swin", "pvt_v2",
-                                    "sam", "hiera", "hieradet", "tiny_vit_idling", "pit_evo", "maxvit", "xcit",
+                                    "sam", "hiera", "hieradet", "tiny_vit_idling", "pit_evo", "maxvit", "xcit", "volo",
                                     "coatnet", "qwen3_vit", "deepseek_vit", "gemma4_vit"])
 def test_compiled_fresh_patch_does_not_recompile(family):
     """A model compiled straight after ``apply`` (as ``tokenpace bench --compile`` does) compiles once: nothing the

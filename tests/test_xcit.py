@@ -8,8 +8,9 @@ from timm.models.xcit import Xcit
 
 import tokenpace
 from backbones import (assert_bf16_autocast_as_close_as_dense, assert_keep_one_equals_unpatched,
-                       assert_macs_equal_flop_counter, assert_released_model_counts_as_flop_counter)
-from conftest import spread_weights
+                       assert_keep_one_intermediates_equal_unpatched, assert_macs_equal_flop_counter,
+                       assert_reduced_intermediates_are_full_maps, assert_released_model_counts_as_flop_counter)
+from conftest import spread_batchnorm, spread_weights
 
 VARIANTS = {  # patch 16 and 8 stems, the class-attention blocks' norm on every token, no position features
     "p16": dict(patch_size=16, img_size=64),
@@ -21,12 +22,7 @@ VARIANTS = {  # patch 16 and 8 stems, the class-attention blocks' norm on every 
 def make_xcit(variant: str = "p16", seed: int = 0, **overrides) -> Xcit:
     torch.manual_seed(seed)
     options = {**dict(embed_dim=48, depth=6, num_heads=3, num_classes=10, eta=1.0), **VARIANTS[variant]}
-    model = spread_weights(Xcit(**{**options, **overrides}), seed).eval()
-    for m in model.modules():  # BatchNorm statistics away from the identity, as in trained weights
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
-            m.running_var.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(seed + 1))
-    return model
+    return spread_batchnorm(spread_weights(Xcit(**{**options, **overrides}), seed), seed).eval()
 
 
 def images_for(model, batch=3, seed=1):
@@ -169,19 +165,10 @@ def test_intermediates_and_feature_maps():
 
     model = make_xcit()
     images = images_for(model)
-    with torch.no_grad():
-        final, maps = model.forward_intermediates(images, indices=[1, 4], norm=True)
-        tokenpace.apply(model, "idle", keep=1.0)
-        got_final, got_maps = model.forward_intermediates(images, indices=[1, 4], norm=True)
-        only = model.forward_intermediates(images, indices=2, output_fmt="NLC", intermediates_only=True)
-        tokenpace.apply(model, "idle", keep=0.5)
-        idle_final, idle_maps = model.forward_intermediates(images, indices=[1, 4])
-        features = model.forward_features(images)
-    assert torch.equal(got_final, final) and all(torch.equal(a, b) for a, b in zip(got_maps, maps))
-    assert maps[0].shape == (3, 48, 4, 4) and final.shape == (3, 17, 48)
-    assert [t.shape for t in only] == [(3, 16, 48)] * 2
-    assert torch.equal(idle_final, features) and idle_maps[1].shape == (3, 48, 4, 4)
-    assert not torch.allclose(idle_maps[1], maps[1], atol=1e-3)
+    calls = [dict(indices=[1, 4], norm=True), dict(indices=2, output_fmt="NLC", intermediates_only=True),
+             dict(indices=[2], stop_early=True)]
+    assert_keep_one_intermediates_equal_unpatched(model, images, calls, methods=("idle",))
+    assert_reduced_intermediates_are_full_maps(tokenpace.remove(model), images, (3, 48, 4, 4), 6, methods=("idle",))
 
     torch.manual_seed(0)
     extractor = timm.create_model("xcit_nano_12_p16_224", features_only=True, out_indices=(0, 3), img_size=64,

@@ -88,7 +88,7 @@ class Patch:
         points = family.feature_points() if coarse else list(range(family.depth))
         taken, last = feature_take_indices(len(points), indices)
         state = self._state(taps=frozenset(points[j] for j in taken), stop_after=points[last] if stop_early else None)
-        x, state.frame = family.embed(x)
+        x, state.frame = family.feature_embed(x)
         stopped = False
         try:
             state.tap(EMBEDDING, lambda: x)  # a feature point before every block (timm's MaxxVit: the stem's map)

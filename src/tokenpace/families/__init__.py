@@ -22,19 +22,20 @@ from .timm_vit import TimmViT
 from .tiny_vit import TinyVitAdapter
 from .vit_relpos import TimmRelPosViT
 from .vlm_vit import DeepseekVitFamily, Qwen3VitFamily
+from .volo import TimmVolo
 from .xcit import TimmXcit
 
 FAMILIES: tuple[type[Family], ...] = (TimmViT, TimmEva, TimmBeit, TimmRelPosViT, TimmNaFlexVit, TimmCait,
                                       TimmXcit, TimmLevit, EvoLevitFamily, LvVitFamily, TimmPit, SwinAdapter,
                                       SwinV2Adapter, SwinV2CrAdapter, PvtV2Adapter, SamAdapter, TimmHiera,
                                       HieraDetAdapter, TinyVitAdapter, MaxVitAdapter, Qwen3VitFamily,
-                                      DeepseekVitFamily, Gemma4VitFamily)
+                                      DeepseekVitFamily, Gemma4VitFamily, TimmVolo)
 
 SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-norm, SigLIP, AIMv2; class token or "
              "not; tokenpace's evo_deit_*), timm Eva (EVA-02, DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), "
              "timm VisionTransformerRelPos (vit_relpos_*), timm NaFlexVit (naflexvit_*: SigLIP2 NaFlex, C-RADIO; image "
-             "batches), timm Cait (cait_*), timm Xcit (xcit_*), timm Levit (levit_*) and tokenpace's evo_levit_*, "
-             "timm PiT (pit_*), tokenpace's LV-ViT (lvvit_*), "
+             "batches), timm Cait (cait_*), timm Xcit (xcit_*), timm VOLO (volo_*), timm Levit (levit_*) and "
+             "tokenpace's evo_levit_*, timm PiT (pit_*), tokenpace's LV-ViT (lvvit_*), "
              "timm SwinTransformer (swin_*), SwinTransformerV2 (swinv2_*), SwinTransformerV2Cr (swinv2_cr_*), "
              "PyramidVisionTransformerV2 (pvt_v2_*), VisionTransformerSAM (samvit_*), Hiera (hiera_*), "
              "HieraDet (sam2_hiera_*: SAM 2), TinyVit (tiny_vit_*), MaxxVit (maxvit_*, maxxvit_*, maxxvitv2_*, "

@@ -56,20 +56,32 @@ class GroupCount:
 
 def _held_blocks(model: nn.Module, stages) -> list[tuple[dict, str, nn.Module, str]]:
     """What a family's block list copies from the model, for :func:`anatomy.check_held`: each stage's block
-    container where the model holds it, and each block in it."""
+    container where the model holds it, and each block in it (in its own parent where a stage is a list gathered from
+    several containers, as VOLO's)."""
     names = {id(m): name for name, m in model.named_modules()}
+
+    def owner(module: nn.Module) -> tuple[dict, str, str] | None:
+        name = names.get(id(module))
+        if not name:
+            return None
+        parent, _, attribute = name.rpartition(".")
+        return model.get_submodule(parent)._modules, attribute, name
+
     held, index = [], 0
     for blocks in stages:
         if isinstance(blocks, nn.Module):
-            name = names.get(id(blocks))
-            if name:
-                parent, _, attribute = name.rpartition(".")
-                held.append((model.get_submodule(parent)._modules, attribute, blocks, f"the model's module {name!r}"))
+            found = owner(blocks)
+            if found:
+                held.append((found[0], found[1], blocks, f"the model's module {found[2]!r}"))
             for key, blk in blocks._modules.items():
                 held.append((blocks._modules, key, blk, f"block {index} ({type(blk).__name__})"))
                 index += 1
-        else:
-            index += len(list(blocks))
+            continue
+        for blk in blocks:
+            found = owner(blk)
+            if found:
+                held.append((found[0], found[1], blk, f"block {index} ({type(blk).__name__})"))
+            index += 1
     return held
 
 
@@ -173,6 +185,11 @@ class Family(ABC):
     @abstractmethod
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
         """Images -> the first block's tokens, and what this forward's position terms need."""
+
+    def feature_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
+        """:meth:`embed` where feature maps are asked for (``forward_intermediates``): a family whose first feature
+        map lies inside its embedding keeps it in the frame here, and only here (VOLO's outlooker stage)."""
+        return self.embed(x)
 
     def enter_stage(self, s: int, x: torch.Tensor, frame: Frame, row: str | None = None):
         """Stage s's down-sampling on every token -> (tokens, the scores ``row`` of the full-resolution patch

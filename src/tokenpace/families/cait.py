@@ -108,12 +108,17 @@ class ClassAttentionTail(PatchSequenceFamily):
         return maps if options.intermediates_only else (self.finish(final, frame), maps)
 
     def head_macs(self, tokens: int) -> int:
-        """The class-attention blocks over the class token and ``tokens`` patch tokens, then the head."""
-        total = linear_macs(self.model.head)
-        for blk in getattr(self.model, self.class_blocks) or ():
-            attn, n = blk.attn, tokens + 1
-            total += (linear_macs(attn.q) + n * (linear_macs(attn.k) + linear_macs(attn.v))
-                      + 2 * n * attn.q.out_features + linear_macs(attn.proj) + linear_macs(blk.mlp))
+        """The class-attention blocks over the class token and ``tokens`` patch tokens (keys and values projected
+        apart, CaiT's and XCiT's, or fused, VOLO's), then the head: on the pooled token, or on every token without a
+        pool."""
+        blocks = getattr(self.model, self.class_blocks)
+        n = tokens + 1 if blocks is not None else tokens  # the class token joins (finish), even with no block
+        total = linear_macs(self.model.head) * (1 if self.model.global_pool else n)
+        for blk in blocks or ():
+            attn = blk.attn
+            keys_values = sum(linear_macs(getattr(attn, name, None)) for name in ("k", "v", "kv"))
+            total += (linear_macs(attn.q) + n * keys_values + 2 * n * attn.q.out_features + linear_macs(attn.proj)
+                      + linear_macs(blk.mlp))
         return total
 
 

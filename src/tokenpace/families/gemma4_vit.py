@@ -243,7 +243,7 @@ class Gemma4VitFamily(EncoderTower):
         """The blocks and stem as every sequence family's; then the soft pooler (each soft token a weighted sum over
         every patch, a matmul) where the forward pools, and a classifier's head over its pooled token, or over each
         feature token without a pool (``global_pool=''``)."""
-        rows, cols = self._grid(img_size)
+        rows, cols = self.patch_grid_at(img_size)
         tokens = rows * cols if works is None or works[-1].out_tokens is None else works[-1].out_tokens
         ends = 0
         if self.encoder_pool == "soft":

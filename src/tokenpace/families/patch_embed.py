@@ -56,14 +56,14 @@ class OneGridSizes:
     def own_size(self) -> tuple[int, int] | None:
         return None
 
-    def _grid(self, img_size) -> tuple[int, int]:
+    def patch_grid_at(self, img_size) -> tuple[int, int]:
         return patch_grid(self.patch_embedding, self.own_size() if img_size is None else parse_img_size(img_size))
 
     def block_grid(self, i: int) -> tuple[int, int]:
-        return self._grid(None)
+        return self.patch_grid_at(None)
 
     def stage_patches(self, img_size) -> list[int]:
-        rows, cols = self._grid(img_size)
+        rows, cols = self.patch_grid_at(img_size)
         return [rows * cols]
 
     def stem_macs(self, img_size) -> int:

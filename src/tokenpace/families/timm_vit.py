@@ -163,15 +163,16 @@ def check_blocks(model: nn.Module, kind: str, readable, supported: str) -> None:
 
 class PatchSequenceFamily(SequenceFamily):
     """A flat timm model: one patch embedding (``patch_embed``), ``num_prefix_tokens`` prefix tokens, one stage of
-    ``blocks``, a final ``norm``; the family checks its blocks and pooling before building."""
+    ``blocks`` (or the ``blocks`` given: VOLO's, gathered from its stages), a final ``norm``; the family checks its
+    blocks and pooling before building."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, blocks: list[nn.Module] | None = None) -> None:
         check_pool(model)
         patch_drop = getattr(model, "patch_drop", None)  # None or an Identity when off, as timm's classes keep it
         if patch_drop is not None and not isinstance(patch_drop, nn.Identity):
             raise TypeError("patch dropout (patch_drop_rate > 0) changes the token count before the blocks; "
                             "build the model with patch_drop_rate=0 to use tokenpace")
-        super().__init__(model, [model.blocks])
+        super().__init__(model, [model.blocks if blocks is None else blocks])
         self.fixed_length_head = has_fixed_length_pool(model)
 
     @property
@@ -192,11 +193,15 @@ class PatchSequenceFamily(SequenceFamily):
         """As timm's ViT/Eva ``forward_intermediates`` (core.feature_maps)."""
         return vit_intermediates(maps, final, self.model.norm, self.num_prefix, frame.grid, **asdict(options))
 
+    def patch_grid_at(self, img_size) -> tuple[int, int]:
+        """(rows, cols) of the patch tokens at ``img_size`` (None: the model's own)."""
+        return patch_grid(self.model.patch_embed, None if img_size is None else parse_img_size(img_size))
+
     def block_grid(self, i: int) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.grid_size)
+        return self.patch_grid_at(None)
 
     def stage_patches(self, img_size) -> list[int]:
-        rows, cols = patch_grid(self.model.patch_embed, None if img_size is None else parse_img_size(img_size))
+        rows, cols = self.patch_grid_at(img_size)
         return [rows * cols]
 
     def stem_macs(self, img_size) -> int:

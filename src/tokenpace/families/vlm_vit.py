@@ -160,7 +160,7 @@ class VlmTowerFamily(EncoderTower):
         """Any size whose sides are multiples of the patch (any size with ``dynamic_img_pad``): RoPE and Qwen's
         position grid follow the input; the projector's own condition on the grid on top."""
         return (patch_multiple_problem(self.encoder.patch_embed, size, self.can_pad)
-                or self.projector_problem(self._grid(size)))
+                or self.projector_problem(self.patch_grid_at(size)))
 
     def projector_problem(self, grid: tuple[int, int]) -> str | None:
         """Why the projector refuses a patch grid, or None."""
@@ -174,7 +174,7 @@ class VlmTowerFamily(EncoderTower):
         """The blocks and stem as every sequence family's; then the projector over its tokens (k x k blocks of the
         map; the map padded to them), and a classifier's head over one pooled token, or over every feature token
         without a pool (timm's ``global_pool=''``)."""
-        rows, cols = self._grid(img_size)
+        rows, cols = self.patch_grid_at(img_size)
         features = rows * cols
         ends = 0
         if self.projector is not None:

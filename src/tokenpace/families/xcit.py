@@ -153,22 +153,15 @@ class TimmXcit(ClassAttentionTail):
         return scatter_rows(x, rows, mlp_half(parts, parts.res_local(y, gather_rows(local, rows)))), None
 
     # --- sizes and cost ------------------------------------------------------------------------------------------
-    def _grid(self, img_size) -> tuple[int, int]:
+    def patch_grid_at(self, img_size) -> tuple[int, int]:
         size = self.input_size()[1:] if img_size is None else parse_img_size(img_size)
-        return conv_macs(self.model.patch_embed, size)[1]
+        return conv_macs(self.model.patch_embed, size)[1]  # the stem's convolutions make the grid
 
     def input_size(self) -> tuple[int, int, int]:
         return (self.model.in_chans, *self.model.patch_embed.img_size)
 
     def size_problem(self, size: tuple[int, int]) -> str | None:
         return None  # any size: the stem's padded stride-2 convolutions leave a token at least
-
-    def block_grid(self, i: int) -> tuple[int, int]:
-        return self._grid(None)
-
-    def stage_patches(self, img_size) -> list[int]:
-        rows, cols = self._grid(img_size)
-        return [rows * cols]
 
     def stem_macs(self, img_size) -> int:
         """The convolutional stem and the Fourier features' 1x1 convolution (made once per forward)."""
@@ -178,5 +171,5 @@ class TimmXcit(ClassAttentionTail):
 
     def count_macs(self, works: list[BlockWork] | None, img_size) -> int:
         """The sequence count, plus every block's LPI convolutions on the whole map."""
-        grid = self._grid(img_size)
+        grid = self.patch_grid_at(img_size)
         return super().count_macs(works, img_size) + sum(conv_macs(blk.local_mp, grid)[0] for blk in self.blocks)
