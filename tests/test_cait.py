@@ -52,17 +52,18 @@ def rows_of(x, idx):
 
 @dataclass(frozen=True)
 class LateClassOps:
-    """How the references below run a model whose class token joins after the patch blocks (CaiT, VOLO): the
-    tokens before the first block, a block's head logits (B, H, N, N) as its scores read them, a block called on a
-    sequence of its own, and the class-attention blocks, norm and head."""
+    """How the references below run a model whose class token joins after the patch blocks (CaiT, VOLO): its patch
+    blocks, the tokens before the first, a block's head logits (B, H, N, N) as its scores read them, a block called
+    on a sequence of its own, and the class-attention blocks, norm and head."""
 
+    blocks: Callable
     embed: Callable
     logits: Callable
     call: Callable
     finish: Callable
 
 
-CAIT = LateClassOps(embed, mixed_logits, lambda blk, x: blk(x), finish)
+CAIT = LateClassOps(lambda model: model.blocks, embed, mixed_logits, lambda blk, x: blk(x), finish)
 
 
 def on_tokens(blk, x, idx, ops=CAIT):
@@ -75,14 +76,10 @@ def mean_row(blk, x, ops=CAIT):
     return ops.logits(blk, x).mean(2).softmax(-1).mean(1)
 
 
-def blocks_of(model):
-    return model.blocks if hasattr(model, "blocks") else [b for stage in model.network[2:] for b in stage]
-
-
 def ref_idle(model, img, keep, starts, ops=CAIT):
     x = ops.embed(model, img)
     N = x.shape[1]
-    for i, blk in enumerate(blocks_of(model)):
+    for i, blk in enumerate(ops.blocks(model)):
         stage = sum(1 for s in starts if i >= s)
         if stage == 0:
             x = ops.call(blk, x)
@@ -98,7 +95,7 @@ def ref_evo(model, img, keep, starts, mode, alpha=0.5, ops=CAIT):
     x = ops.embed(model, img)
     K, first = int(x.shape[1] * keep), starts[0]
     g = sel = None
-    for i, blk in enumerate(blocks_of(model)):
+    for i, blk in enumerate(ops.blocks(model)):
         if i < first:
             if i == first - 1:
                 g = mean_row(blk, x, ops)
@@ -116,7 +113,7 @@ def ref_topk(model, img, keep, layer, ops=CAIT):
     """Top-k dropping: from block ``layer`` on only the top K by block layer-1's row remain, in raster order; the
     class-attention blocks read those."""
     x = ops.embed(model, img)
-    for i, blk in enumerate(blocks_of(model)):
+    for i, blk in enumerate(ops.blocks(model)):
         if i == layer - 1:
             g = mean_row(blk, x, ops)
         if i == layer:

@@ -47,8 +47,12 @@ def logits(blk, x):
     return (q * attn.scale) @ k.transpose(-2, -1)
 
 
+def transformer_blocks(model):
+    return [blk for stage in model.network[2:] for blk in stage]
+
+
 # timm's block takes a (B, H, W, C) map and attends over its H * W tokens: a sequence is a map of one row
-VOLO_OPS = LateClassOps(embed, logits, lambda blk, x: blk(x.unsqueeze(1)).squeeze(1),
+VOLO_OPS = LateClassOps(transformer_blocks, embed, logits, lambda blk, x: blk(x.unsqueeze(1)).squeeze(1),
                         lambda model, x: model.forward_head(model.norm(model.forward_cls(x))))
 
 
@@ -92,11 +96,14 @@ def test_position_less_tokens_run(images):
 @pytest.mark.parametrize("pool,method,options", [("token", None, {}), ("token", "evo", {"representative": True}),
                                                  ("token", "idle", {}), ("token", "idle", {"project_keys": True}),
                                                  ("token", "evit", {}), ("avg", "topk", {}), ("", "idle", {}),
-                                                 ("", "evit", {})], ids=str)
+                                                 ("", "evit", {}), ("avg-no-class-blocks", "idle", {})], ids=str)
 def test_macs_equal_flop_counter(pool, method, options):
     """The stem, outlookers and down-sampling on every token; the class-attention blocks, the head (on every token
-    without a pool) and the token-labeling head (with one) on the tokens left."""
-    assert_macs_equal_flop_counter(make_volo(global_pool=pool), method, options, torch.randn(1, 3, 96, 96))
+    without a pool) and the token-labeling head (with one; without class-attention blocks timm's reads all tokens but
+    the first) on the tokens left."""
+    pool, _, bare = pool.partition("-")
+    model = make_volo(global_pool=pool, **({"post_layers": None} if bare else {}))
+    assert_macs_equal_flop_counter(model, method, options, torch.randn(1, 3, 96, 96))
 
 
 def test_macs_of_a_released_model():
@@ -127,6 +134,12 @@ def test_intermediates_as_timm(images):
     assert not torch.allclose(idle_maps[-1], maps[-1], atol=1e-3) and torch.equal(idle_final, features)
     with pytest.raises(ValueError, match="NCHW grids"):
         model.forward_intermediates(images, output_fmt="NLC")
+    tokenpace.apply(model, "topk", keep=0.5)  # stopping after the last block is the whole run, dropped tokens out
+    with torch.no_grad():
+        whole = model.forward_intermediates(images, indices=[3])
+        stopped = model.forward_intermediates(images, indices=[3], stop_early=True)
+    assert torch.equal(whole[0], stopped[0]) and torch.equal(whole[1][0], stopped[1][0])
+    assert whole[0].shape == (3, 1 + 18, 48)  # the class token and the 18 of 36 tokens top-k kept
 
 
 def test_features_only_runs_the_method(images):
@@ -163,23 +176,40 @@ def test_what_volo_refuses(images):
     replaced.network[2][0] = make_volo(seed=1).network[2][0]  # a block put in after apply is refused, not skipped
     with pytest.raises(TypeError, match="block 0 .* was replaced after tokenpace.apply"):
         replaced(images)
+    cut = tokenpace.apply(make_volo(), "idle")
+    with pytest.raises(RuntimeError, match="prune_intermediate_layers changes the blocks of a patched model"):
+        cut.prune_intermediate_layers([1])
+    cut.network = cut.network[:3]  # sliced by hand: the blocks it cut must not run on
+    with pytest.raises(TypeError, match="the model's module 'network' was replaced after tokenpace.apply"):
+        cut(images)
 
 
-def test_training_with_drop_path_and_checkpointing(images):
-    """A training step with drop path reaches the outlookers, the transformer blocks and both heads; with gradient
-    checkpointing the step gives the same output and gradients."""
-    grads = []
+def test_training_with_drop_path_and_checkpointing(images, monkeypatch):
+    """A training step with drop path (timm gives it to the transformer blocks only) reaches the outlookers, the
+    transformer blocks and both heads; with gradient checkpointing every outlooker and block is checkpointed, and
+    the step gives the same output and gradients."""
+    import tokenpace.families.volo as volo
+    import tokenpace.methods.base as methods
+
+    calls = []
+    for module in (volo, methods):
+        real = module.checkpoint
+        monkeypatch.setattr(module, "checkpoint", lambda fn, *a, _real=real, **k: calls.append(fn) or _real(fn, *a, **k))
+    runs = []
     for checkpointing in (False, True):
         model = tokenpace.apply(make_volo(drop_path_rate=0.1), "evo", keep=0.5).train()
         model.set_grad_checkpointing(checkpointing)
         torch.manual_seed(3)
         out = model(images)
         out.logsumexp(-1).mean().backward()
-        grads.append((out, [p.grad for p in (model.network[0][0].attn.attn.weight, model.network[4][1].mlp.fc1.weight,
-                                             model.aux_head.weight, model.head.weight)]))
-    (out, first), (again, second) = grads
+        runs.append((out, [p.grad for p in (model.network[0][0].attn.attn.weight, model.network[4][1].mlp.fc1.weight,
+                                            model.aux_head.weight, model.head.weight)], len(calls)))
+    (out, first, before), (again, second, after) = runs
+    assert before == 0 and after == 1 + 6  # the outlooker, then the six transformer blocks (segments run per block)
     assert torch.allclose(out, again, atol=1e-6)
     assert all(a is not None and a.abs().sum() > 0 and torch.allclose(a, b, atol=1e-6) for a, b in zip(first, second))
+    torch.manual_seed(4)
+    assert not torch.allclose(model(images), again, atol=1e-4)  # another seed drops other paths
 
 
 def test_bf16_autocast_is_as_close_as_dense(images):

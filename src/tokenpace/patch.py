@@ -87,7 +87,9 @@ class Patch:
         family, options = self.adapter, IntermediateOptions(**options)
         points = family.feature_points() if coarse else list(range(family.depth))
         taken, last = feature_take_indices(len(points), indices)
-        state = self._state(taps=frozenset(points[j] for j in taken), stop_after=points[last] if stop_early else None)
+        # stopping after the last block is the whole run: the method's own ending (tokens a method dropped stay out)
+        stop_after = points[last] if stop_early and points[last] != family.depth - 1 else None
+        state = self._state(taps=frozenset(points[j] for j in taken), stop_after=stop_after)
         x, state.frame = family.feature_embed(x)
         stopped = False
         try:

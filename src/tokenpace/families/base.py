@@ -56,31 +56,32 @@ class GroupCount:
 
 def _held_blocks(model: nn.Module, stages) -> list[tuple[dict, str, nn.Module, str]]:
     """What a family's block list copies from the model, for :func:`anatomy.check_held`: each stage's block
-    container where the model holds it, and each block in it (in its own parent where a stage is a list gathered from
-    several containers, as VOLO's)."""
+    container where the model holds it, and each block in it. Where a stage is a list (cut from one container, as
+    Hiera's, or gathered from several, as VOLO's), each block in its own parent and every container above it up to
+    the model, once: a container sliced or replaced after ``apply`` (timm's ``prune_intermediate_layers``) is
+    caught too."""
     names = {id(m): name for name, m in model.named_modules()}
+    held, index, seen = [], 0, set()
 
-    def owner(module: nn.Module) -> tuple[dict, str, str] | None:
-        name = names.get(id(module))
-        if not name:
-            return None
-        parent, _, attribute = name.rpartition(".")
-        return model.get_submodule(parent)._modules, attribute, name
+    def hold(path: str, module: nn.Module, label: str) -> None:
+        parent, _, attribute = path.rpartition(".")
+        held.append((model.get_submodule(parent)._modules, attribute, module, label))
 
-    held, index = [], 0
     for blocks in stages:
         if isinstance(blocks, nn.Module):
-            found = owner(blocks)
-            if found:
-                held.append((found[0], found[1], blocks, f"the model's module {found[2]!r}"))
+            if names.get(id(blocks)):
+                hold(names[id(blocks)], blocks, f"the model's module {names[id(blocks)]!r}")
             for key, blk in blocks._modules.items():
                 held.append((blocks._modules, key, blk, f"block {index} ({type(blk).__name__})"))
                 index += 1
             continue
         for blk in blocks:
-            found = owner(blk)
-            if found:
-                held.append((found[0], found[1], blk, f"block {index} ({type(blk).__name__})"))
+            path = names.get(id(blk), "")
+            if path:
+                hold(path, blk, f"block {index} ({type(blk).__name__})")
+                while "." in path and (path := path.rpartition(".")[0]) not in seen:
+                    seen.add(path)
+                    hold(path, model.get_submodule(path), f"the model's module {path!r}")
             index += 1
     return held
 
@@ -264,6 +265,10 @@ class Family(ABC):
         """(channels, height, width) of the images the model is built for."""
 
     resize_hint = "img_size=N"  # how a fixed-size model of the family is built for another size
+
+    def image_size(self, img_size: int | tuple[int, int] | None) -> tuple[int, int]:
+        """(H, W) of ``img_size``, or of the images the model is built for where None."""
+        return tuple(self.input_size()[1:]) if img_size is None else parse_img_size(img_size)
 
     def size_problem(self, size: tuple[int, int]) -> str | None:
         """Why the model cannot run (H, W) inputs, or None when it can. By default a model runs the size it is

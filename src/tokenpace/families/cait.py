@@ -82,11 +82,13 @@ class CaitParts(VitParts):
 
 
 class ClassAttentionTail(PatchSequenceFamily):
-    """A flat model whose class token joins after the patch blocks (CaiT, XCiT): the patch blocks see no prefix
+    """A flat model whose class token joins after the patch blocks (CaiT, XCiT, VOLO): the patch blocks see no prefix
     token, and the class-attention blocks (``class_blocks``; None after timm's ``prune_intermediate_layers``), the
-    final norm and the head run as the model runs them, on the tokens the patch blocks leave."""
+    final norm and the head run as the model runs them, on the tokens the patch blocks leave. Built for one size
+    (a position embedding) unless the family says otherwise."""
 
     class_blocks: str  # the model's attribute holding its class-attention blocks
+    resize_hint = "img_size=N: its position embedding is built for one grid"
 
     @property
     def num_prefix(self) -> int:
@@ -107,6 +109,9 @@ class ClassAttentionTail(PatchSequenceFamily):
                                  **{**asdict(options), "intermediates_only": True})
         return maps if options.intermediates_only else (self.finish(final, frame), maps)
 
+    def size_problem(self, size: tuple[int, int]) -> str | None:
+        return Family.size_problem(self, size)  # the size it is built for only
+
     def head_macs(self, tokens: int) -> int:
         """The class-attention blocks over the class token and ``tokens`` patch tokens (keys and values projected
         apart, CaiT's and XCiT's, or fused, VOLO's), then the head: on the pooled token, or on every token without a
@@ -126,7 +131,6 @@ class TimmCait(ClassAttentionTail):
     name = "timm Cait"
     class_blocks = "blocks_token_only"
     blocks_use_positions = False  # absolute position embeddings are added at the embedding
-    resize_hint = "img_size=N: its position embedding is built for one grid"
 
     def __init__(self, model: nn.Module) -> None:
         _, patch_block, class_block = _timm_classes()
@@ -159,6 +163,3 @@ class TimmCait(ClassAttentionTail):
 
     def block(self, i: int, x: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.blocks[i](x)
-
-    def size_problem(self, size: tuple[int, int]) -> str | None:
-        return Family.size_problem(self, size)  # a fixed position embedding: the size it is built for only

@@ -103,13 +103,6 @@ def stage_lists(model: nn.Module) -> list[list[nn.Module]]:
     return [stage for stage in (blocks[a + 1:b + 1] for a, b in zip(ends, ends[1:])) if stage]
 
 
-def held_block_list(model: nn.Module) -> list[tuple[dict, str, nn.Module, str]]:
-    """What the family's block list copies from ``model.blocks`` (one list cut into stages), for
-    :func:`anatomy.check_held`: a block put in its place after ``apply`` would not run."""
-    return [(model._modules, "blocks", model.blocks, "the model's module 'blocks'")] + [
-        (model.blocks._modules, str(i), blk, f"block {i} ({type(blk).__name__})") for i, blk in enumerate(model.blocks)]
-
-
 class TimmHiera(Family):
     name = "timm Hiera"
     layout = GROUPED
@@ -121,7 +114,6 @@ class TimmHiera(Family):
                             "supports 2-D image Hiera models (hiera_*)")
         super().__init__(model, stage_lists(model))
         check_block_classes(self.blocks, Block, Attention, "Hiera", "hiera_*")
-        self._held += held_block_list(model)
         self._rasters: dict = {}  # per (stage, device): each unrolled token's raster position
 
     @classmethod

@@ -28,7 +28,7 @@ from torch import nn
 from ..anatomy import Frame
 from ..core.macs import BlockWork, conv_macs, linear_macs
 from .base import Family, check_block_classes, parse_img_size, recorded_input_size
-from .hiera import held_block_list, stage_lists
+from .hiera import stage_lists
 from .patch_embed import patch_grid
 from .swin import SlotBias, SwinAdapter, SwinParts, _ceil_div, _Prep, _Slots
 
@@ -77,7 +77,6 @@ class HieraDetAdapter(SwinAdapter):
         _, Block, Attention = self.classes()
         Family.__init__(self, model, stage_lists(model))
         check_block_classes(self.blocks, Block, Attention, "HieraDet", self.variants)
-        self._held += held_block_list(model)
         self._layouts = {}
 
     def resamples(self, i: int) -> bool:

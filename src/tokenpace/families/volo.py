@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..anatomy import Frame, PlainResidual
 from ..core.macs import conv_macs, linear_macs
-from .base import EMBEDDING, Family, parse_img_size
+from .base import EMBEDDING
 from .cait import ClassAttentionTail
 from .timm_vit import VitParts
 
@@ -72,16 +72,17 @@ class TimmVolo(ClassAttentionTail):
     name = "timm VOLO"
     class_blocks = "post_network"
     blocks_use_positions = False  # the position embedding is added before the transformer blocks
-    resize_hint = "img_size=N: its position embedding is built for one grid"
 
     def __init__(self, model: nn.Module) -> None:
         _, (Outlooker, Downsample), (Block, Attention), (ClassBlock, ClassAttention) = _timm_classes()
         network = list(model.network)
         stages = network[2:]
-        found = ", ".join(type(m).__name__ for m in network)
-        if (not network or not all(type(b) is Outlooker for b in network[0])
-                or (len(network) > 1 and type(network[1]) is not Downsample)):
-            raise TypeError(f"this VOLO's network is {found}; tokenpace supports {LAYOUT}")
+        for s, part in enumerate(network):
+            expected = Downsample if s == 1 else nn.Sequential
+            if type(part) is not expected or (s == 0 and not all(type(b) is Outlooker for b in part)):
+                inside = f" of {', '.join(sorted({type(b).__name__ for b in part}))}" if s != 1 else ""
+                raise TypeError(f"network.{s} of this VOLO is {type(part).__name__}{inside}; tokenpace supports "
+                                f"{LAYOUT}")
         for s, stage in enumerate(stages, start=2):
             for blk in stage:
                 if type(blk) is not Block or type(getattr(blk, "attn", None)) is not Attention:
@@ -172,13 +173,9 @@ class TimmVolo(ClassAttentionTail):
         rows, cols = self.model.pos_embed.shape[1:3]
         return (self.model.in_chans, rows * self._stride(), cols * self._stride())
 
-    def size_problem(self, size: tuple[int, int]) -> str | None:
-        return Family.size_problem(self, size)  # a fixed position embedding: the size it is built for only
-
     def _grids(self, img_size) -> tuple[tuple[int, int], tuple[int, int]]:
         """The outlooker stage's map and the transformer blocks' grid at ``img_size``."""
-        size = self.input_size()[1:] if img_size is None else parse_img_size(img_size)
-        fine = conv_macs(self.model.patch_embed, size)[1]
+        fine = conv_macs(self.model.patch_embed, self.image_size(img_size))[1]
         return fine, conv_macs(self.model.network[1], fine)[1]
 
     def patch_grid_at(self, img_size) -> tuple[int, int]:
@@ -186,14 +183,15 @@ class TimmVolo(ClassAttentionTail):
 
     def stem_macs(self, img_size) -> int:
         """The convolutional stem, the outlooker blocks and the down-sampling, all on every token."""
-        m, size = self.model, self.input_size()[1:] if img_size is None else parse_img_size(img_size)
-        fine, _ = self._grids(img_size)
-        return (conv_macs(m.patch_embed, size)[0] + sum(outlooker_macs(blk, fine) for blk in m.network[0])
+        m, fine = self.model, self._grids(img_size)[0]
+        return (conv_macs(m.patch_embed, self.image_size(img_size))[0]
+                + sum(outlooker_macs(blk, fine) for blk in m.network[0])
                 + conv_macs(m.network[1], fine)[0])
 
     def head_macs(self, tokens: int) -> int:
         """The class-attention blocks and the head, and the auxiliary head on every patch token left (with a
         pool, as timm runs it)."""
         m = self.model
-        aux = tokens * linear_macs(m.aux_head) if m.aux_head is not None and m.global_pool else 0
+        read = tokens if m.post_network is not None else tokens - 1  # timm's aux head skips the first token
+        aux = read * linear_macs(m.aux_head) if m.aux_head is not None and m.global_pool else 0
         return super().head_macs(tokens) + aux

@@ -36,7 +36,7 @@ from ..anatomy import BlockParts, Frame
 from ..blockops import attention_half, mlp_half
 from ..core.macs import BlockShape, BlockWork, conv_macs, linear_macs
 from ..core.tokens import gather_rows, scatter_rows, sequence_rows
-from .base import SequencePrep, parse_img_size
+from .base import SequencePrep
 from .cait import ClassAttentionTail
 from .timm_vit import check_blocks
 
@@ -55,7 +55,6 @@ class XcitParts(BlockParts):
     def __init__(self, block: nn.Module) -> None:
         super().__init__(block)
         attn = self.attn = self.hold(block, "attn")
-        self.local = self.hold(block, "local_mp")
         self.num_heads, self.scale = attn.num_heads, 1.0  # the temperature is XCA's scale
 
     def dropout(self) -> float:
@@ -109,8 +108,12 @@ class TimmXcit(ClassAttentionTail):
 
     def __init__(self, model: nn.Module) -> None:
         _, (Block, Attention, Local), (ClassBlock, ClassAttn) = _timm_classes()
-        check_blocks(model, "Xcit", lambda blk: type(blk) is Block and type(getattr(blk, "attn", None)) is Attention
-                     and type(getattr(blk, "local_mp", None)) is Local, "timm's XCABlock with XCA and LPI (xcit_*)")
+        check_blocks(model, "Xcit", lambda blk: type(blk) is Block and type(getattr(blk, "attn", None)) is Attention,
+                     "timm's XCABlock with XCA and LPI (xcit_*)")
+        for i, blk in enumerate(model.blocks):
+            if type(blk.local_mp) is not Local:
+                raise TypeError(f"block {i} of this Xcit has a {type(blk.local_mp).__name__} as its local patch "
+                                "interaction (local_mp); tokenpace supports timm's XCABlock with XCA and LPI (xcit_*)")
         for i, blk in enumerate(model.cls_attn_blocks or ()):  # run as timm runs them; counted by head_macs
             if type(blk) is not ClassBlock or type(getattr(blk, "attn", None)) is not ClassAttn:
                 raise TypeError(f"class-attention block {i} of this Xcit is {type(blk).__name__}; tokenpace supports "
@@ -154,8 +157,7 @@ class TimmXcit(ClassAttentionTail):
 
     # --- sizes and cost ------------------------------------------------------------------------------------------
     def patch_grid_at(self, img_size) -> tuple[int, int]:
-        size = self.input_size()[1:] if img_size is None else parse_img_size(img_size)
-        return conv_macs(self.model.patch_embed, size)[1]  # the stem's convolutions make the grid
+        return conv_macs(self.model.patch_embed, self.image_size(img_size))[1]  # the stem's convolutions make it
 
     def input_size(self) -> tuple[int, int, int]:
         return (self.model.in_chans, *self.model.patch_embed.img_size)
@@ -165,8 +167,8 @@ class TimmXcit(ClassAttentionTail):
 
     def stem_macs(self, img_size) -> int:
         """The convolutional stem and the Fourier features' 1x1 convolution (made once per forward)."""
-        m, size = self.model, self.input_size()[1:] if img_size is None else parse_img_size(img_size)
-        stem, grid = conv_macs(m.patch_embed, size)
+        m = self.model
+        stem, grid = conv_macs(m.patch_embed, self.image_size(img_size))
         return stem + (conv_macs(m.pos_embed, grid)[0] if m.pos_embed is not None else 0)
 
     def count_macs(self, works: list[BlockWork] | None, img_size) -> int:
