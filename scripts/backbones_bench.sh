@@ -12,6 +12,6 @@ for model in deit_small_patch16_224 eva02_small_patch14_224 vit_base_patch16_sig
              naflexvit_base_patch16_siglip vit_dwee_patch16_reg1_gap_256 vit_pwee_patch16_reg1_gap_256 \
              vit_dpwee_patch16_reg1_gap_256 cait_xxs24_224 levit_conv_256 \
              levit_256 pit_s_224 swin_tiny_patch4_window7_224 pvt_v2_b2 hiera_tiny_224 tiny_vit_21m_224 \
-             maxvit_tiny_tf_224 coatnet_0_rw_224 xcit_small_12_p16_224 volo_d1_224; do
+             maxvit_tiny_tf_224 coatnet_0_rw_224 xcit_small_12_p16_224 volo_d1_224 davit_tiny; do
     tokenpace bench --model "$model" --batch-size 32 --runs "$RUNS" --warmup 1 --json "$OUT/$model.json" --quiet "$@"
 done

@@ -228,6 +228,7 @@ def _families():
     from backbones import make_backbone
     from conftest import spread_weights
     from test_cait import make_cait
+    from test_davit import make_davit
     from test_volo import make_volo
     from test_xcit import make_xcit
     from test_hiera import make_hiera
@@ -251,6 +252,7 @@ def _families():
         "cait": (make_cait(), "evit", 32),
         "xcit": (make_xcit(), "idle", 64),
         "volo": (make_volo(), "evo", 96),
+        "davit": (make_davit("v2_florence"), "idle", 72),
         "levit": (spread_weights(timm.create_model("levit_cifar", **small_levit)).eval(), "evo", 32),
         "evo_levit": (spread_weights(timm.create_model("evo_levit_cifar", **small_levit)).eval(), "evo", 32),
         "swin": (spread_weights(SwinTransformer(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2),
@@ -319,7 +321,8 @@ def test_a_keep_that_keeps_no_token_is_refused():
 @pytest.mark.parametrize("family", ["vit", "eva", "beit", "vit_relpos", "naflexvit", "vit_parallel_things", "cait",
                                     "xcit", "levit", "evo_levit", "swin", "swin_v2", "swin_v2_cr", "pvt_v2", "sam",
                                     "hiera", "hieradet", "tiny_vit", "pit", "maxvit",
-                                    "coatnet", "qwen3_vit", "deepseek_vit", "gemma4_vit", "volo"])
+                                    "coatnet", "qwen3_vit", "deepseek_vit", "gemma4_vit", "volo",
+                                    "davit"])
 def test_patched_models_pickle_deepcopy_and_torch_save(family, tmp_path):
     import copy
     import pickle

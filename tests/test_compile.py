@@ -14,6 +14,7 @@ import tokenpace
 from backbones import make_backbone
 from conftest import make_vit, spread_weights
 from test_cait import make_cait
+from test_davit import make_davit
 from test_volo import make_volo
 from test_xcit import make_xcit
 from test_hiera import make_hiera
@@ -65,6 +66,8 @@ CASES = {
     "xcit": (lambda: make_xcit(depth=2), "idle", dict(stage_starts=(1,)), 64),
     # VOLO: the stem and outlookers in the embedding, Evo on the transformer blocks, the token-labeling head
     "volo": (lambda: make_volo(layers=(1, 1, 1, 1)), "evo", dict(stage_starts=(1,)), 96),
+    # DaViT: padded windows and the whole map (channel attention), position encodings on every token
+    "davit": (lambda: make_davit("v2_florence", depths=(1, 1)), "idle", dict(stage_starts=(1,)), 72),
     "levit": (lambda: _levit("levit_cifar"), "evo", dict(stage_starts=(1,)), 32),
     "evo_levit": (lambda: _levit("evo_levit_cifar"), "evo", dict(stage_starts=(1,)), 32),
     "levit_conv": (lambda: _levit("levit_cifar", use_conv=True), "evo", dict(stage_starts=(1,)), 32),
@@ -134,7 +137,7 @@ def test_inductor_full_graph(family):
 
 @pytest.mark.parametrize("family", ["vit", "vit_no_class_token", "eva_rope_mixed", "evo_levit", "swin", "pvt_v2",
                                     "sam", "hiera", "hieradet", "tiny_vit_idling", "pit_evo", "maxvit", "xcit", "volo",
-                                    "coatnet", "qwen3_vit", "deepseek_vit", "gemma4_vit"])
+                                    "davit", "coatnet", "qwen3_vit", "deepseek_vit", "gemma4_vit"])
 def test_compiled_fresh_patch_does_not_recompile(family):
     """A model compiled straight after ``apply`` (as ``tokenpace bench --compile`` does) compiles once: nothing the
     first forward builds (the block anatomy) may change what the compiled graph's guards check. (Not timm's LeViT, nor

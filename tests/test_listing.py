@@ -15,7 +15,7 @@ def test_supported_and_refused_models_with_reasons():
                     + list_support("pit_*") + list_support("maxvit_*") + list_support("maxxvit")
                     + list_support("coatnet_0_rw_224") + list_support("qwen3_vit_*")
                     + list_support("deepseek_vit_*") + list_support("gemma4_vit_*") + list_support("xcit_nano_*")
-                    + list_support("volo_*"))
+                    + list_support("volo_*") + list_support("davit_*"))
     assert rows["deit_small_patch16_224.fb_in1k"].accepted() == ["evo", "idle", "evit", "topk"]
     swin = rows["swin_tiny_patch4_window7_224.ms_in1k"]
     assert swin.model_class == "SwinTransformer" and swin.accepted() == ["idle"]
@@ -32,6 +32,8 @@ def test_supported_and_refused_models_with_reasons():
     xcit = [r for name, r in rows.items() if name.startswith("xcit_")]  # no token-to-token attention: Idle by norm
     assert len(xcit) == 6 and all(r.model_class == "Xcit" and r.accepted() == ["idle"] for r in xcit)
     assert "ranks tokens by 'cls' or 'received', and timm Xcit models offer 'norm', 'random'" in xcit[0].refusals["evo"]
+    davit = [r for name, r in rows.items() if name.startswith("davit_")]  # windows, then channel attention
+    assert len(davit) == 5 and all(r.model_class == "DaVit" and r.accepted() == ["idle"] for r in davit)
     volo = [r for name, r in rows.items() if name.startswith("volo_")]  # outlookers, then transformer blocks
     assert len(volo) == 11 and all(r.model_class == "VOLO" and r.accepted() == ["evo", "idle", "evit", "topk"]
                                    for r in volo)

@@ -19,6 +19,7 @@ from tokenpace.onnx_export import _verify, run_onnx  # noqa: E402
 from backbones import make_backbone  # noqa: E402
 from conftest import make_vit  # noqa: E402
 from test_cait import make_cait  # noqa: E402
+from test_davit import make_davit  # noqa: E402
 from test_volo import make_volo  # noqa: E402
 from test_xcit import make_xcit  # noqa: E402
 from test_hiera import make_hiera  # noqa: E402
@@ -67,6 +68,7 @@ FAMILIES = {
     "cait": (lambda: make_cait(depth=2, depth_token_only=1), ("idle", {"stage_starts": (1,), "keep": 0.5})),
     "xcit": (lambda: make_xcit(depth=2), ("idle", {"stage_starts": (1,), "keep": 0.5})),
     "volo": (lambda: make_volo(layers=(1, 1, 1, 1)), ("idle", {"stage_starts": (1,), "keep": 0.5})),
+    "davit": (lambda: make_davit(depths=(1, 1)), ("idle", {"stage_starts": (1,), "keep": 0.5})),
     "levit": (lambda: make_levit("levit_cifar", depth=(1, 1, 1)), ("evo", {})),
     "evo_levit": (lambda: make_levit("evo_levit_cifar", depth=(1, 1, 1)), ("evo", {})),
     "levit_conv": (lambda: make_levit("levit_cifar", depth=(1, 1, 1), use_conv=True), ("idle", {})),

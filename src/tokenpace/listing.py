@@ -17,7 +17,8 @@ from .patch import apply, remove
 SUPPORTED_MODULES = ("vision_transformer", "vision_transformer_hybrid", "vision_transformer_relpos", "vitamin", "deit",
                      "eva", "beit", "naflexvit", "cait", "levit", "swin_transformer", "swin_transformer_v2",
                      "swin_transformer_v2_cr", "pvt_v2", "vision_transformer_sam", "hiera", "hieradet_sam2",
-                     "tiny_vit", "pit", "maxxvit", "qwen3_vit", "deepseek_vit", "gemma4_vit", "xcit", "volo", "archs")
+                     "tiny_vit", "pit", "maxxvit", "qwen3_vit", "deepseek_vit", "gemma4_vit", "xcit", "volo", "davit",
+                     "archs")
 
 
 @dataclass

@@ -6,6 +6,7 @@ from torch import nn
 from .base import GROUPED, SEQUENCE, Family, GroupCount, SequenceFamily
 from .beit import TimmBeit
 from .cait import TimmCait
+from .davit import DaVitAdapter
 from .eva import TimmEva
 from .gemma4_vit import Gemma4VitFamily
 from .hiera import TimmHiera
@@ -29,7 +30,7 @@ FAMILIES: tuple[type[Family], ...] = (TimmViT, TimmEva, TimmBeit, TimmRelPosViT,
                                       TimmXcit, TimmLevit, EvoLevitFamily, LvVitFamily, TimmPit, SwinAdapter,
                                       SwinV2Adapter, SwinV2CrAdapter, PvtV2Adapter, SamAdapter, TimmHiera,
                                       HieraDetAdapter, TinyVitAdapter, MaxVitAdapter, Qwen3VitFamily,
-                                      DeepseekVitFamily, Gemma4VitFamily, TimmVolo)
+                                      DeepseekVitFamily, Gemma4VitFamily, TimmVolo, DaVitAdapter)
 
 SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-norm, SigLIP, AIMv2; class token or "
              "not; tokenpace's evo_deit_*), timm Eva (EVA-02, DINOv3, PE core, RoPE ViTs), timm Beit (BEiT, BEiT v2), "
@@ -39,9 +40,10 @@ SUPPORTED = ("timm VisionTransformer (DeiT, ViT/AugReg, DeiT-III, registers, qk-
              "timm SwinTransformer (swin_*), SwinTransformerV2 (swinv2_*), SwinTransformerV2Cr (swinv2_cr_*), "
              "PyramidVisionTransformerV2 (pvt_v2_*), VisionTransformerSAM (samvit_*), Hiera (hiera_*), "
              "HieraDet (sam2_hiera_*: SAM 2), TinyVit (tiny_vit_*), MaxxVit (maxvit_*, maxxvit_*, maxxvitv2_*, "
-             "coatnet_*, coatnext_*), and the VLM vision towers Qwen3VitEncoder / Qwen3VitClassifier (qwen3_vit_*: "
-             "Qwen3-VL, Qwen3.5), DeepseekVitEncoder / DeepseekVitClassifier (deepseek_vit_*) and Gemma4VitEncoder / "
-             "Gemma4VitClassifier (gemma4_vit_*: Gemma 4)")
+             "coatnet_*, coatnext_*), DaVit (davit_*: DaViT, Florence-2's), and the VLM vision towers "
+             "Qwen3VitEncoder / Qwen3VitClassifier (qwen3_vit_*: Qwen3-VL, Qwen3.5), DeepseekVitEncoder / "
+             "DeepseekVitClassifier (deepseek_vit_*) and Gemma4VitEncoder / Gemma4VitClassifier (gemma4_vit_*: "
+             "Gemma 4)")
 
 
 class UnsupportedModel(TypeError):

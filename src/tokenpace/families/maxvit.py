@@ -36,7 +36,7 @@ from ..anatomy import Frame, LinearMap, head_interleaved_rows
 from ..core.macs import BlockShape, linear_macs
 from .base import EMBEDDING, Family, IntermediateOptions, parse_img_size
 from .levit import on_token_map
-from .swin import PairTable, SwinAdapter, SwinParts, _ceil_div, _Prep
+from .swin import PairTable, SwinAdapter, SwinParts, _ceil_div, _Prep, nchw_stage_outputs
 from .tiny_vit import ConvBlockParts
 
 
@@ -259,14 +259,8 @@ class MaxVitAdapter(SwinAdapter):
     def intermediates(self, maps, final, frame, taken, stopped, options: IntermediateOptions):
         """As timm's MaxxVit: the stem's and each stage's map as NCHW, the final norm on the last stage's with
         ``norm``; the final map normed when the run reached the last stage."""
-        options.only_nchw(self.name)
-        last = len(self.stage_blocks)
-        maps = [y.permute(0, 3, 1, 2) for y in maps]
-        maps = [self.model.norm(y) if options.norm and j == last else y for j, y in zip(taken, maps)]
-        if options.intermediates_only:
-            return maps
-        final = final.permute(0, 3, 1, 2)
-        return (final if stopped and max(taken) < last else self.model.norm(final)), maps
+        return nchw_stage_outputs(self.name, self.model.norm, len(self.stage_blocks), maps, final, taken, stopped,
+                                  options)
 
     # --- windows and grids ---------------------------------------------------------------------------------------
     def window_shift(self, i: int, grid: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:

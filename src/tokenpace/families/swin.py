@@ -322,6 +322,19 @@ class SwinV2CrParts(PairTable, SwinV2Parts):
         return self.attn.relative_coordinates_log.shape[0] * linear_macs(self.attn.meta_mlp)
 
 
+def nchw_stage_outputs(name: str, norm: nn.Module, last: int, maps, final, taken, stopped, options):
+    """``forward_intermediates``' outputs from (B, H, W, C) maps where timm's stages give NCHW maps and its final
+    norm works on them (MaxViT's, DaViT's): ``norm`` on the last feature's map (index ``last``) with
+    ``options.norm``; the final map normed where the run reached it."""
+    options.only_nchw(name)
+    maps = [y.permute(0, 3, 1, 2) for y in maps]
+    maps = [norm(y) if options.norm and j == last else y for j, y in zip(taken, maps)]
+    if options.intermediates_only:
+        return maps
+    final = final.permute(0, 3, 1, 2)
+    return (final if stopped and max(taken) < last else norm(final)), maps
+
+
 class SwinAdapter(Family):
     name = "timm SwinTransformer"
     layout = GROUPED
