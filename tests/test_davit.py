@@ -123,13 +123,16 @@ def test_only_idle_runs_and_only_by_norm():
     assert tokenpace.get_patch(tokenpace.apply(model, "idle")).policy.score == "norm"
 
 
-@pytest.mark.parametrize("variant,size", [("v1", 64), ("v1", 72), ("v2_florence", 72)])
+@pytest.mark.parametrize("variant,size,options", [("v1", 64, {}), ("v1", 72, {}), ("v2_florence", 72, {}),
+                                                  ("v1", 66, dict(depths=(1, 1, 1), embed_dims=(16, 32, 32),
+                                                                  num_heads=(2, 4, 4)))], ids=str)
 @pytest.mark.parametrize("method", [None, "idle"])
-def test_macs_equal_flop_counter(variant, size, method):
-    """The stem, the down-sampling, both position encodings on every token, padded windows as timm computes them
+def test_macs_equal_flop_counter(variant, size, options, method):
+    """The stem (its input padded to a multiple of 4), the down-sampling (66 px: odd maps, 17 -> 9 -> 5, padded for
+    the 2x2 kernel or by the 3x3 one), both position encodings on every token, padded windows as timm computes them
     dense, channel attention linear in the tokens."""
-    assert_macs_equal_flop_counter(make_davit(variant), method, {}, davit_images(size, batch=1),
-                                   img_size=None if size == 224 else size)
+    assert_macs_equal_flop_counter(make_davit(variant, **options), method, {}, davit_images(size, batch=1),
+                                   img_size=size)
 
 
 @pytest.mark.parametrize("name", ["davit_tiny", "davit_base_fl"])
@@ -139,10 +142,12 @@ def test_macs_of_released_models(name):
 
 
 def test_intermediates_and_features_only():
-    model = make_davit()
+    """As timm's at keep=1, with the final norm before the head (head_norm_first: timm's norm_pre, applied to the
+    last stage's map with norm=True and to a run that reaches it); full maps under Idle; timm's feature getter."""
+    model = make_davit(head_norm_first=True)
     images = davit_images(72)
-    calls = [dict(), dict(indices=[0, 1], norm=True), dict(indices=[0], stop_early=True),
-             dict(indices=1, intermediates_only=True)]
+    calls = [dict(), dict(indices=[0, 1], norm=True), dict(indices=[0], stop_early=True, norm=True),
+             dict(indices=1, intermediates_only=True, norm=True)]
     assert_keep_one_intermediates_equal(model, images, calls)
     with torch.no_grad():
         dense_final, dense_maps = tokenpace.remove(model).forward_intermediates(images)
@@ -161,23 +166,37 @@ def test_intermediates_and_features_only():
     assert torch.equal(reduced[0], dense[0]) and not torch.allclose(reduced[1], dense[1], atol=1e-4)
 
 
-def test_refusals_and_training():
-    """Another block class is named; a block put in after apply is refused; a training step with drop path and
-    gradient checkpointing reaches both attentions and both position encodings of the idling blocks."""
+def test_refusals_and_training(monkeypatch):
+    """Another block class and an even down-sampling kernel other than 2 are named; a block put in after apply is
+    refused; a training step with drop path reaches both attentions and both position encodings of the idling
+    blocks, and with gradient checkpointing every block is checkpointed and the step is the same."""
+    import tokenpace.methods.base as methods
     odd = make_davit()
     odd.stages[1].blocks[0][1].__class__ = type("MyChannelBlock", (type(odd.stages[1].blocks[0][1]),), {})
     with pytest.raises(TypeError, match="a block of stage 1 of this DaVit is MyChannelBlock with ChannelAttention; "
                                         "tokenpace supports timm's SpatialBlock"):
         tokenpace.apply(odd, "idle")
+    with pytest.raises(TypeError, match="stage 1 of this DaVit down-samples with a 4x4 kernel; tokenpace supports "
+                                        "down_kernel_size 2 or an odd one"):
+        tokenpace.apply(make_davit(down_kernel_size=4), "idle")
     replaced = tokenpace.apply(make_davit(), "idle")
     replaced.stages[1].blocks[1][0] = make_davit(seed=1).stages[1].blocks[1][0]
     with pytest.raises(TypeError, match=r"block 4 \(SpatialBlock\) was replaced after tokenpace.apply"):
         replaced(davit_images())
-    model = tokenpace.apply(make_davit(drop_path_rate=0.2), "idle", keep=0.5).train()
-    model.set_grad_checkpointing(True)
-    images = davit_images(72, batch=4)
-    torch.manual_seed(3)
-    model(images).logsumexp(-1).mean().backward()
+    calls = []
+    real = methods.checkpoint
+    monkeypatch.setattr(methods, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    images, runs = davit_images(72, batch=4), []
+    for checkpointing in (False, True):
+        model = tokenpace.apply(make_davit(drop_path_rate=0.2), "idle", keep=0.5).train()
+        model.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(3)
+        out = model(images)
+        out.logsumexp(-1).mean().backward()
+        runs.append((out, model.stages[1].blocks[1][1].attn.qkv.weight.grad, len(calls)))
+    (out, grad, before), (again, grad_again, after) = runs
+    assert before == 0 and after == 6 and torch.allclose(out, again, atol=1e-6)
+    assert torch.allclose(grad, grad_again, atol=1e-6)
     for blk in blocks_of(model)[2:]:
         grads = (blk.attn.qkv.weight.grad, blk.cpe1.proj.weight.grad, blk.cpe2.proj.weight.grad,
                  blk.mlp.fc1.weight.grad)

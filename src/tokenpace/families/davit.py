@@ -18,8 +18,10 @@ a residual MLP:
   linearly with their count.
 
 Idling. The top k slots of each window (spatial blocks), or the top k tokens of the whole map (channel blocks), run
-the attention among themselves, with padding never a key. That is the block's input, as on XCiT: the channel sums
-run over the tokens present. The selected tokens take the attention residual. ``cpe2`` then runs on the whole map,
+the attention among themselves, with padding never a key: the selected tokens are the block's input. Unlike XCiT's,
+whose q and k are L2-normalised over the tokens, the channel logits are plain sums over the tokens present, so they
+shrink with k (by about k / N in ``ChannelAttention``; ``ChannelAttentionV2`` divides by sqrt(k), as timm's does at
+any input size). The selected tokens take the attention residual. ``cpe2`` then runs on the whole map,
 and the selected tokens take the MLP residual. Both position encodings run on every token, idle ones included, as
 TinyViT's local convolution does: an idle token skips the attention and the MLP, not the convolutions.
 
@@ -130,6 +132,14 @@ class DaVitAdapter(SwinAdapter):
                 raise TypeError(f"stage {s} of this DaVit is {type(stage).__name__} with "
                                 f"{type(getattr(stage, 'downsample', None)).__name__}; tokenpace supports timm's "
                                 f"DaVitStage with Downsample or none ({self.variants})")
+            kernel = getattr(stage.downsample, "conv", None)
+            if kernel is not None and kernel.kernel_size[0] % 2 == 0 and kernel.kernel_size[0] != 2:
+                raise TypeError(f"stage {s} of this DaVit down-samples with a {kernel.kernel_size[0]}x"
+                                f"{kernel.kernel_size[0]} kernel; tokenpace supports down_kernel_size 2 or an odd one "
+                                f"(the maps it counts halve, rounding up) ({self.variants})")
+            if any(not isinstance(pair, nn.Sequential) for pair in stage.blocks):
+                raise TypeError(f"stage {s} of this DaVit does not hold its blocks in pairs (nn.Sequential); "
+                                f"tokenpace supports timm's DaVitStage ({self.variants})")
             blocks = [blk for pair in stage.blocks for blk in pair]
             for blk in blocks:
                 kind = {Spatial: spatial_attn, Channel: channel_attn}.get(type(blk))
