@@ -58,8 +58,7 @@ def _held_blocks(model: nn.Module, stages) -> list[tuple[dict, str, nn.Module, s
     """What a family's block list copies from the model, for :func:`anatomy.check_held`: each stage's block
     container where the model holds it, and each block in it. Where a stage is a list (cut from one container, as
     Hiera's, or gathered from several, as VOLO's), each block in its own parent and every container above it up to
-    the model, once: a container sliced or replaced after ``apply`` (timm's ``prune_intermediate_layers``) is
-    caught too."""
+    the model, once: a container sliced or replaced by hand after ``apply`` is caught too."""
     names = {id(m): name for name, m in model.named_modules()}
     held, index, seen = [], 0, set()
 
