@@ -80,6 +80,9 @@ def test_tokenpace_models_and_formatting():
     assert next(r for r in rows if r.name == "evo_levit_256").accepted() == ["evo", "idle"]
     summary = summarize(rows).splitlines()
     assert summary[-1].split()[:2] == ["all", str(len(rows))]
+    xcit = format_support([check_model("xcit_nano_12_p16_224")]).splitlines()[-1]  # one reason, said once
+    assert xcit.endswith("evo/evit/topk: not available for timm Xcit models (it ranks tokens by 'cls' or 'received', "
+                         "and timm Xcit models offer 'norm', 'random'); accepted here: 'idle'")
 
 
 def test_models_command(tmp_path, capsys):

@@ -105,7 +105,9 @@ def format_support(rows: list[ModelSupport]) -> str:
         reasons = {}
         for method, reason in r.refusals.items():
             if reason is not None:
-                reasons.setdefault(reason, []).append(method)
+                # a method's refusal names the method: left out, so methods refused for one reason group
+                reasons.setdefault(reason.replace(f"method {method!r} is not available", "not available"),
+                                   []).append(method)
         why = "; ".join(f"{'/'.join(ms)}: {reason}" if len(reasons) > 1 or len(ms) < len(METHODS) else reason
                         for reason, ms in reasons.items())
         lines.append(f"{r.name:<{width}}  {r.model_class:<{cls_width}}  {marks}  {why}".rstrip())
