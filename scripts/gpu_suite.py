@@ -31,8 +31,8 @@ sys.path[:0] = [str(HERE), str(ROOT / "src")]  # the sibling modules, and this c
 
 import torch  # noqa: E402
 
-from gpu_suite_cifar import (SWEEP_METHODS, CifarConfig, evaluate_model, finetune_idle, plot_sweeps,  # noqa: E402
-                             train_dense, train_evo)
+from gpu_suite_cifar import (SWEEP_METHODS, CifarConfig, evaluate_model, finetune_idle, pick_batch,  # noqa: E402
+                             plot_sweeps, train_dense, train_evo)
 from gpu_suite_common import Deadline, Log, alarm_at, write_json  # noqa: E402
 from gpu_suite_data import decode_cifar, to_device  # noqa: E402
 from gpu_suite_throughput import ThroughputPlan, find_row, full_plan, run_throughput, smoke_plan  # noqa: E402
@@ -74,7 +74,7 @@ class SuiteConfig:
 
 def smoke_cifar(data: str) -> CifarConfig:
     return CifarConfig(data=data, train_limit=1024, test_limit=500, embed_dim=48, depth=4, num_heads=3,
-                       batch_size=64, amp="none", max_epochs=1, eval_batch=250, eval_reserve_s=3.0,
+                       batch_size=64, batch_choices=(64, 128), amp="none", max_epochs=1, eval_batch=250, eval_reserve_s=3.0,
                        idle_objective="distill", sweep_keeps=(0.3, 0.5, 0.7, 1.0))
 
 
@@ -93,6 +93,7 @@ class Suite:
         self.data = None  # the same on the device
         self.dense_model = None
         self.dense_steps: int | None = None
+        self.cifar_cfg = cfg.cifar  # with the batch the dense section picks, and its learning rates
         self.summary = {"suite": "tokenpace GPU suite (issue 14)", "mode": "smoke" if cfg.smoke else "full",
                         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "argv": list(cfg.argv),
                         **environment(cfg.device), "budgets_s": dataclasses.asdict(cfg.budgets), "sections": {}}
@@ -166,14 +167,15 @@ class Suite:
 
     def section_dense(self, deadline: Deadline) -> None:
         train, test = self.cifar_data()
-        model, report = train_dense(train, self.cfg.cifar, self.cfg.device, deadline, self.log)
+        self.cifar_cfg, self.cifar["batch_pick"] = pick_batch(train, self.cfg.cifar, self.cfg.device, self.log)
+        model, report = train_dense(train, self.cifar_cfg, self.cfg.device, deadline, self.log)
         self.dense_model, self.dense_steps = model, report.steps
-        self.save_cifar("dense", report, evaluate_model(model, None, SWEEP_METHODS, test, self.cfg.cifar,
+        self.save_cifar("dense", report, evaluate_model(model, None, SWEEP_METHODS, test, self.cifar_cfg,
                                                         self.cfg.device))
 
     def section_evo(self, deadline: Deadline) -> None:
         train, test = self.cifar_data()
-        c = self.cfg.cifar
+        c = self.cifar_cfg
         model, report = train_evo(train, c, self.cfg.device, deadline, self.log, max_steps=self.dense_steps)
         own = ("evo", {"keep": c.evo_keep, "mode": "stage"})
         self.save_cifar("evo", report, evaluate_model(model, own, ("evo",), test, c, self.cfg.device))
@@ -182,7 +184,7 @@ class Suite:
         if self.dense_model is None:
             raise RuntimeError("Idle fine-tunes the dense model's weights, and the dense section did not produce any")
         train, test = self.cifar_data()
-        c = self.cfg.cifar
+        c = self.cifar_cfg
         model, report = finetune_idle(self.dense_model, train, c, self.cfg.device, deadline, self.log)
         own = ("idle", {"keep": c.idle_keep})
         self.save_cifar("idle", report, evaluate_model(model, own, ("idle",), test, c, self.cfg.device))
@@ -242,6 +244,7 @@ def figures(throughput: dict, cifar: dict, plan: ThroughputPlan) -> dict:
         "speedup_bf16_compiled": speedups(batch, True),
         "speedup_b1_bf16_eager": speedups(1, False),
         "speedup_b1_bf16_cuda_graph": speedups(1, False, cuda_graph=True),
+        "speedup_bf16_cuda_graph": speedups(batch, False, cuda_graph=True),
         "cifar_test_images": acc("dense", "test_images"),
         "cifar_dense_top1": acc("dense"),
         "cifar_evo_top1": acc("evo"),

@@ -37,7 +37,10 @@ class CifarConfig:
     embed_dim: int = 192  # DeiT-Tiny width
     depth: int = 12
     num_heads: int = 3
-    batch_size: int = 512
+    batch_size: int = 512  # the batch ``lr`` and ``idle_lr`` are given for
+    # batches timed before the dense run; the smallest within PICK_SHARE of the best images/s trains, its learning
+    # rates scaled by sqrt(batch / batch_size). The first H200 run's 512-image step (37 ms) looked host-bound.
+    batch_choices: tuple[int, ...] = (512, 1024, 2048)
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup: float = 0.05  # fraction of the budget
@@ -59,6 +62,8 @@ class CifarConfig:
     sweep_keeps: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
     def __post_init__(self) -> None:
+        if not self.batch_choices or any(b < 1 for b in self.batch_choices):
+            raise ValueError(f"batch_choices must be positive batch sizes; got {self.batch_choices}")
         if self.amp not in ("bf16", "none"):
             raise ValueError(f"amp {self.amp!r} is not accepted; choose bf16 or none")
         if self.idle_objective not in ("ce", "distill"):
@@ -96,15 +101,80 @@ def lr_at(progress: float, peak: float, floor: float, warmup: float) -> float:
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
 
 
+def adamw(objective: Objective, cfg: CifarConfig, lr: float, device: torch.device) -> torch.optim.AdamW:
+    fused = device.type == "cuda"  # one kernel for the whole AdamW update
+    return torch.optim.AdamW(param_groups(objective, cfg.weight_decay), lr=lr, weight_decay=cfg.weight_decay,
+                             fused=fused)
+
+
+def train_step(objective: Objective, optimizer: torch.optim.Optimizer, data: DeviceSplit, idx: torch.Tensor,
+               cfg: CifarConfig, device: torch.device) -> torch.Tensor:
+    """One optimizer step on the images at ``idx``, augmented on the device; the loss, not synced."""
+    images = augment(data.images[idx], cfg.crop_pad, cfg.erase_prob)
+    with autocast(cfg, device):
+        loss = objective(images, data.labels[idx])[0]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+PICK_SHARE = 0.8  # a larger batch trains only if it buys more than 1/0.8 of the smaller one's images per second
+
+
+def choose_batch(images_per_s: dict[int, float]) -> int:
+    """The smallest batch whose images per second are within PICK_SHARE of the best."""
+    best = max(images_per_s.values())
+    return min(b for b, r in images_per_s.items() if r >= PICK_SHARE * best)
+
+
+def pick_batch(data: DeviceSplit, cfg: CifarConfig, device: torch.device, log, steps: int = 4) -> tuple[CifarConfig,
+                                                                                                       dict]:
+    """Time ``steps`` training steps (after two warm-up steps) of a throw-away dense model at each batch of
+    ``cfg.batch_choices``; train at the smallest batch within PICK_SHARE of the best images per second, with the
+    learning rates scaled by sqrt(batch / cfg.batch_size). Where a step is bound by the host, a larger batch costs
+    little more time and trains on more images; where the GPU bounds it, the smaller batch's extra steps win."""
+    if len(cfg.batch_choices) == 1:
+        chosen = cfg.batch_choices[0]
+        rates = {}
+    else:
+        rates = {}
+        for batch in sorted(cfg.batch_choices):
+            if batch > len(data):
+                continue
+            objective = Objective(cifar_vit(cfg), nn.CrossEntropyLoss()).to(device).train()
+            optimizer = adamw(objective, cfg, cfg.lr, device)
+            for i in range(steps + 2):
+                if i == 2:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    start = time.perf_counter()
+                idx = torch.randint(len(data), (batch,), device=device)
+                train_step(objective, optimizer, data, idx, cfg, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rates[batch] = batch * steps / (time.perf_counter() - start)
+            del objective, optimizer
+        if not rates:
+            raise ValueError(f"every batch of {cfg.batch_choices} exceeds the {len(data)} training images")
+        chosen = choose_batch(rates)
+    scale = math.sqrt(chosen / cfg.batch_size)
+    picked = replace(cfg, batch_size=chosen, lr=cfg.lr * scale, idle_lr=cfg.idle_lr * scale)
+    record = {"images_per_s": {str(b): round(r, 1) for b, r in rates.items()}, "batch_size": chosen,
+              "lr": picked.lr, "idle_lr": picked.idle_lr}
+    if rates:
+        log("  batch pick: " + ", ".join(f"{b}: {r:.0f} img/s" for b, r in rates.items())
+            + f" -> {chosen}, lr {picked.lr:.2e}")
+    return picked, record
+
+
 def train_timed(objective: Objective, data: DeviceSplit, cfg: CifarConfig, seconds: float, lr: float,
                 min_lr: float, device: torch.device, log, max_steps: int | None = None,
                 on_progress=None) -> TrainReport:
     """Train until ``seconds`` pass or ``max_steps`` are done, whichever comes first; the schedule follows the
     larger of the two fractions. ``on_progress(p)`` runs before each step (Evo switches its mode there)."""
     objective.to(device).train()
-    fused = device.type == "cuda"  # one kernel for the whole AdamW update
-    optimizer = torch.optim.AdamW(param_groups(objective, cfg.weight_decay), lr=lr, weight_decay=cfg.weight_decay,
-                                  fused=fused)
+    optimizer = adamw(objective, cfg, lr, device)
     steps_per_epoch = len(data) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(data)} training images are fewer than one batch of {cfg.batch_size}")
@@ -130,13 +200,7 @@ def train_timed(objective: Objective, data: DeviceSplit, cfg: CifarConfig, secon
             for group in optimizer.param_groups:
                 group["lr"] = step_lr
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            images = augment(data.images[idx], cfg.crop_pad, cfg.erase_prob)
-            with autocast(cfg, device):
-                loss = objective(images, data.labels[idx])[0]
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
+            loss_sum += train_step(objective, optimizer, data, idx, cfg, device)
             report.steps += 1
             done += 1
         if done == 0:

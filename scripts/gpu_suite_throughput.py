@@ -13,6 +13,7 @@ import torch
 import torch._dynamo  # its config is set before any compilation
 
 from gpu_suite_common import Deadline, DeadlineReached
+from gpu_suite_host import HostProbe, run_probe
 
 ALL_METHODS = "dense,evo,idle,evit,topk"
 TARGET_METHODS = "dense,evo,idle"  # the methods the targets name: compiled first, the others if time is left
@@ -61,6 +62,7 @@ class ThroughputPlan:
     # its methods' compilations fit in the time left
     target_model: str  # the model and batch the speed targets name
     target_batch: int
+    probe: HostProbe | None = None  # the machine's warm-up and the per-method profile, on the first group's model
 
 
 DEIT_S = BenchModel("deit_small_patch16_224", "deit_small_patch16_224")
@@ -77,8 +79,8 @@ QWEN3_T = BenchModel("qwen3_vit_88m_enc", "qwen3_vit_88m_enc")
 
 
 def full_plan() -> ThroughputPlan:
-    """31 groups in priority order: the targets' (DeiT-S bf16 at batch 256 and 1, batch 1 replayed from CUDA graphs,
-    then compiled at 256), every eager setting of DeiT-S (batch 64 bf16 also from CUDA graphs) and DeiT-B, SigLIP-B
+    """32 groups in priority order: the targets' (DeiT-S bf16 at batch 256 and 1, batch 1 replayed from CUDA graphs,
+    then compiled at 256; then batch 256 replayed from CUDA graphs), every eager setting of DeiT-S (batch 64 bf16 also from CUDA graphs) and DeiT-B, SigLIP-B
     (bf16, batch 256 and 1), ViT-B at 1024 px (fewer rounds: up to a second per call) with EVA-02-S (bf16, batch
     256), SAM 2's Hiera-T (bf16, batch 8 at 896 px, dense and Idle) and Qwen3.5's vision tower (bf16, batch 8 at
     768 px, dense, Evo and Idle) before its slowest group, then more compiled
@@ -88,7 +90,8 @@ def full_plan() -> ThroughputPlan:
     # at batch 1 (and 64) a GPU waits on the host's launches; a CUDA graph replays a forward's kernels in one host
     # call (capture: seconds, no compilation)
     targets = [G(S, 256, "bf16", False), G(S, 1, "bf16", False), G(S, 1, "bf16", False, cuda_graph=True),
-               G(S, 256, "bf16", True, TARGET_METHODS)]
+               G(S, 256, "bf16", True, TARGET_METHODS),
+               G(S, 256, "bf16", False, cuda_graph=True)]  # the batch-256 kernels without the host's launches
     eager = [G(S, 64, "bf16", False), G(S, 64, "bf16", False, cuda_graph=True), G(S, 256, "none", False),
              G(S, 64, "none", False), G(S, 1, "none", False),
              *(G(B, b, amp, False) for amp in ("bf16", "none") for b in (256, 64, 1)),
@@ -112,7 +115,7 @@ def full_plan() -> ThroughputPlan:
                 "stands for them"))
     # a cold inductor compile of a DeiT-S forward: ~25-45 s; the patched ones have more operations to lower
     return ThroughputPlan((*targets, *eager, *large, *compiled), dropped, compile_estimate_s=35.0,
-                          target_model=S.label, target_batch=256)
+                          target_model=S.label, target_batch=256, probe=HostProbe(warmup_s=5.0))
 
 
 def smoke_plan() -> ThroughputPlan:
@@ -143,7 +146,8 @@ def smoke_plan() -> ThroughputPlan:
               G(tiny, 4, "bf16", True, TARGET_METHODS, runs=2, warmup=1, compile_backend="aot_eager"))
     dropped = ((G(large, 4, "none", False).key, "smoke: stands for the dropped 1024 px fp32 group"),)
     # compile estimate: aot_eager traces one tiny model in a few seconds on two cores
-    return ThroughputPlan(groups, dropped, compile_estimate_s=5.0, target_model=tiny.label, target_batch=4)
+    return ThroughputPlan(groups, dropped, compile_estimate_s=5.0, target_model=tiny.label, target_batch=4,
+                          probe=HostProbe(warmup_s=0.3, calls=2))
 
 
 class CallWatch:
@@ -233,6 +237,10 @@ def run_group(group: BenchGroup, model: torch.nn.Module, device: torch.device, c
             "resident_mib": None if watch.resident_mib is None else round(watch.resident_mib, 1), "rows": rows}
 
 
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def deadline_cause(err: BaseException) -> DeadlineReached | None:
     """The deadline that stopped a group, if one did: the alarm may fire inside torch.compile, whose dynamo wraps
     what its backend raised (BackendCompilerFailed, with the original as its cause). The chain is followed through
@@ -266,6 +274,23 @@ def run_throughput(plan: ThroughputPlan, device: torch.device, deadline: Deadlin
            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
            "groups": [], "failed": [], "not_run": [], "dropped": [{"key": k, "why": w} for k, w in plan.dropped]}
     models: dict[str, torch.nn.Module] = {}
+    if plan.probe is not None and plan.groups and not deadline.expired():
+        first = plan.groups[0]
+        log(f"host probe: {first.model.label} b{first.batch} {first.amp}, warm-up {plan.probe.warmup_s:g} s, "
+            f"then [{plan.probe.methods}] profiled")
+        try:
+            models[first.model.label] = build_model(first.model)
+            doc["host_probe"] = {"model": first.model.label, **run_probe(plan.probe, models[first.model.label],
+                                                                        first.batch, first.amp, device)}
+            w = doc["host_probe"]["warmup"]
+            log(f"  warm-up: {w['calls']} calls, first {w['first_ms']:.1f} ms, last ten {w['last_median_ms']:.2f} ms")
+            log("  " + ", ".join(f"{m['method']} {m['wall_ms']:.2f} ms wall, kernels {_number(m['kernel_ms'])} ms "
+                                 f"in {'-' if m['kernels'] is None else m['kernels']}, {m['aten_calls']} aten calls"
+                                 for m in doc["host_probe"]["methods"]))
+        except Exception as err:  # the probe informs; it must not cost the groups
+            doc["host_probe"] = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
+            log(f"  host probe failed: {type(err).__name__}: {str(err)[:300]}")
+        save(doc)
     compile_s = plan.compile_estimate_s
     for group in plan.groups:
         if not fits(group, compile_s, deadline):

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Markdown for the README from one GPU suite folder (what `scripts/gpu_suite.py OUTDIR` wrote): the machine, the
-targets (met or missed, with the number), throughput (dense img/s and each method's speed-up; peak memory), the
-CIFAR-10 results, and whatever did not run. Usage: python scripts/gpu_tables.py OUTDIR"""
+targets (met or missed, with the number), the host probe (wall against kernel time per forward), throughput (dense
+img/s and each method's speed-up; peak memory), the CIFAR-10 results, and whatever did not run.
+Usage: python scripts/gpu_tables.py OUTDIR"""
 from __future__ import annotations
 
 import json
@@ -93,6 +94,24 @@ def throughput(doc: dict) -> list[str]:
     return out
 
 
+def host_probe(doc: dict) -> list[str]:
+    """The warm-up and each method's forward: wall time beside its kernels' summed time (the gap is the host's)."""
+    probe = doc.get("host_probe")
+    if not probe:
+        return []
+    if "error" in probe:
+        return [f"The host probe failed: {probe['error']}"]
+    w = probe["warmup"]
+    out = [f"One forward of `{probe['model']}` at batch {probe['batch']} {probe['precision']}, after a "
+           f"{w['seconds']:g} s warm-up of {w['calls']} dense calls (first {w['first_ms']:.1f} ms, last ten "
+           f"{w['last_median_ms']:.2f} ms): wall time (median, unprofiled) beside the kernels it ran (summed, "
+           f"profiled) and the host's aten calls (nested ones included):", ""]
+    return out + _table(["method", "config", "wall ms", "kernel ms", "kernels", "aten calls"],
+                        [[m["method"], m["config"], _number(m["wall_ms"]), _number(m["kernel_ms"]),
+                          "-" if m["kernels"] is None else str(m["kernels"]), str(m["aten_calls"])]
+                         for m in probe["methods"]])
+
+
 def cifar(doc: dict) -> list[str]:
     trained = [name for name in ("dense", "evo", "idle") if name in doc]
     if not trained:
@@ -110,6 +129,11 @@ def cifar(doc: dict) -> list[str]:
                      f"{train['epochs']:.1f}", str(train["steps"]), f"{train['seconds']:.0f}", train["stopped_by"]])
     out = _table(["model", "top-1 %", "random scores %", "vs dense", "its weights run dense %", "epochs", "steps",
                   "seconds", "stopped by"], rows)
+    pick = doc.get("batch_pick")
+    if pick and pick["images_per_s"]:
+        rates = ", ".join(f"{b}: {r:.0f}" for b, r in pick["images_per_s"].items())
+        out += ["", f"Training batch {pick['batch_size']} (learning rate {pick['lr']:.2e}, Idle's {pick['idle_lr']:.2e}), "
+                    f"picked by timing a few steps at each batch (images/s: {rates})."]
     sweeps = doc.get("dense", {}).get("sweeps", {})
     if sweeps:
         keeps = next(iter(sweeps.values()))["keeps"]
@@ -135,7 +159,7 @@ def render(folder: str | Path) -> str:
     summary, doc, results = (_load(folder, n) for n in ("summary.json", "throughput.json", "cifar.json"))
     if not summary:
         raise SystemExit(f"{folder}: no summary.json; give the folder scripts/gpu_suite.py wrote")
-    parts = [machine(summary), targets(summary), throughput(doc), cifar(results)]
+    parts = [p for p in (machine(summary), targets(summary), host_probe(doc), throughput(doc), cifar(results)) if p]
     missing = left_out(summary, doc)
     if missing:
         parts.append(["Not run or failed:", ""] + missing)

@@ -127,6 +127,38 @@ def test_throughput_rows(smoke):
 
 
 @ON_THE_SMOKE_RUNS_WORKER
+def test_host_probe_warms_the_machine_then_profiles_each_method(smoke):
+    """Before the first group: the warm-up's calls, then one profiled forward per method on the first group's model.
+    The CPU has no kernels to sum; its aten calls show the reduced forwards' extra host work."""
+    out, _, _ = smoke
+    probe = load(out, "throughput.json")["host_probe"]
+    plan = smoke_plan()
+    assert probe["model"] == plan.groups[0].model.label and probe["batch"] == plan.groups[0].batch
+    assert probe["warmup"]["calls"] >= 2 and probe["warmup"]["last_median_ms"] > 0
+    rows = {m["method"]: m for m in probe["methods"]}
+    assert list(rows) == plan.probe.methods.split(",")
+    assert all(m["wall_ms"] > 0 and m["kernel_ms"] is None and m["kernels"] is None for m in rows.values())
+    assert all(rows[m]["aten_calls"] > rows["dense"]["aten_calls"] for m in ("evo", "idle", "evit", "topk"))
+
+
+def test_host_probe_sums_only_device_kernels():
+    """The kernel sum reads the profile's CUDA events alone, per key: host events (aten calls) are not kernels."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from gpu_suite_host import _kernels
+
+    def event(device, us, count):
+        return SimpleNamespace(device_type=device, self_device_time_total=us, count=count)
+
+    prof = SimpleNamespace(key_averages=lambda: [event(DeviceType.CPU, 900.0, 40), event(DeviceType.CUDA, 1500.0, 3),
+                                                 event(DeviceType.CUDA, 500.0, 2)])
+    assert _kernels(prof) == (2.0, 5)
+    assert _kernels(SimpleNamespace(key_averages=lambda: [event(DeviceType.CPU, 900.0, 40)])) == (None, None)
+
+
+@ON_THE_SMOKE_RUNS_WORKER
 def test_cifar_results(smoke):
     out, _, _ = smoke
     doc = load(out, "cifar.json")
@@ -146,6 +178,15 @@ def test_cifar_results(smoke):
             assert abs(sweep["random"][-1] - res["dense_form_top1"]) <= 0.2
     for name in ("evo", "idle"):
         assert 0 <= doc[name]["random_top1"] <= 100 and doc[name]["macs"] > 0
+    # the dense section timed each batch choice and trains (with Evo and Idle) at the one it picked, its learning
+    # rates scaled by sqrt(batch / the configured batch)
+    pick, cfg = doc["batch_pick"], doc["config"]
+    assert set(pick["images_per_s"]) == {str(b) for b in cfg["batch_choices"]}
+    assert pick["batch_size"] in cfg["batch_choices"]
+    scale = (pick["batch_size"] / cfg["batch_size"]) ** 0.5
+    assert pick["lr"] == pytest.approx(cfg["lr"] * scale) and pick["idle_lr"] == pytest.approx(cfg["idle_lr"] * scale)
+    steps_per_epoch = 1024 // pick["batch_size"]  # the smoke trains one epoch of its 1024 images
+    assert doc["dense"]["train"]["steps"] == steps_per_epoch
 
 
 def test_full_plan_times_batch_1_from_cuda_graphs_among_the_targets():
@@ -287,6 +328,14 @@ def test_crop_flip_keeps_image_content_and_erasing_draws_boxes():
     assert all(0 < c.sum() <= 0.25 * 64 * 1.5 for c in changed)
 
 
+def test_batch_pick_takes_a_larger_batch_only_where_it_buys_images_per_second():
+    from gpu_suite_cifar import choose_batch
+
+    assert choose_batch({512: 14000.0, 1024: 27000.0, 2048: 50000.0}) == 2048  # host-bound: time per step flat
+    assert choose_batch({512: 21000.0, 1024: 24000.0, 2048: 25000.0}) == 512  # GPU-bound: more steps win
+    assert choose_batch({512: 14000.0, 1024: 24000.0, 2048: 26000.0}) == 1024
+
+
 def test_time_schedule_warms_up_then_anneals():
     assert lr_at(0.0, 1e-3, 1e-5, 0.1) == pytest.approx(1e-6)
     assert lr_at(0.1, 1e-3, 1e-5, 0.1) == pytest.approx(1e-3)
@@ -349,6 +398,10 @@ def test_tables_render_every_figure_of_the_run(smoke, tmp_path):
     assert f"| dense, from scratch | {cifar['dense']['top1']:.2f} |" in text
     assert f"| evo(0.5), from scratch | {cifar['evo']['top1']:.2f} | {cifar['evo']['random_top1']:.2f} |" in text
     assert "Peak memory" not in text  # the CPU measures no CUDA peak
+    probe = load(out, "throughput.json")["host_probe"]
+    idle = next(m for m in probe["methods"] if m["method"] == "idle")
+    assert f"One forward of `{probe['model']}` at batch {probe['batch']}" in text
+    assert f"| idle | {idle['config']} | {idle['wall_ms']:.2f} | - | - | {idle['aten_calls']} |" in text
     dropped = load(out, "throughput.json")["dropped"][0]
     assert f"- throughput group {dropped['key']}: dropped by the plan ({dropped['why']})" in text
     assert "failed" not in text.split("Not run or failed:")[1]

@@ -1,0 +1,98 @@
+"""What bounds a forward on the lent machine, measured before the throughput groups: a warm-up of the machine, then
+one profiled forward per method.
+
+The first GPU run (docs/gpu/) found the first DeiT-S groups' host about twice as slow as later ones' (dense bf16 at
+batch 1: 9.0 ms, against 4.9 ms for DeiT-B's identical call sequence later), so the first timed group now waits for
+a warmed machine. It also found reduced forwards at batch 256 taking their batch-1 time: the probe puts that on
+record directly, as each forward's wall time beside the summed time of the kernels it ran and their count.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class HostProbe:
+    """The target model's dense forward spun for ``warmup_s`` seconds, then ``methods`` each profiled."""
+
+    warmup_s: float
+    methods: str = "dense,evo,idle,evit,topk"
+    calls: int = 5  # forwards per method, wall-timed (median) and then profiled
+
+
+def _forward(model: torch.nn.Module, images: torch.Tensor, amp: str, device: torch.device) -> float:
+    """One synced forward, its seconds."""
+    from tokenpace.bench import autocast_for
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast_for(device, amp)():
+        model(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def warm_up(model: torch.nn.Module, batch: int, amp: str, device: torch.device, seconds: float) -> dict:
+    """Dense forwards for ``seconds``: clocks, allocator and lazy initialisation settle before anything is timed.
+    The first and the last ten calls' median say whether the machine was still warming."""
+    from tokenpace.bench import random_input
+
+    images = random_input(model, batch, device)
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 2:
+        times.append(_forward(model, images, amp, device))
+    return {"seconds": round(seconds, 1), "calls": len(times), "first_ms": round(times[0] * 1e3, 3),
+            "last_median_ms": round(statistics.median(times[-10:]) * 1e3, 3)}
+
+
+def _kernels(prof) -> tuple[float | None, int | None]:
+    """Summed self time (ms) and count of the device kernels in a profile; (None, None) with no device."""
+    from torch.autograd import DeviceType
+
+    total_us, count = 0.0, 0
+    for event in prof.key_averages():
+        if event.device_type == DeviceType.CUDA:
+            total_us += getattr(event, "self_device_time_total", None) or event.self_cuda_time_total
+            count += event.count
+    return (total_us / 1e3, count) if count else (None, None)
+
+
+def probe_method(model: torch.nn.Module, images: torch.Tensor, amp: str, device: torch.device, calls: int) -> dict:
+    """One method's forward: median wall ms over ``calls`` (unprofiled), then per forward under the profiler: the
+    kernels' summed ms and count (CUDA only) and the aten calls the host made."""
+    walls = [_forward(model, images, amp, device) for _ in range(calls + 1)][1:]  # the first call warms caches
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            _forward(model, images, amp, device)
+    kernel_ms, kernels = _kernels(prof)
+    aten = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    return {"wall_ms": round(statistics.median(walls) * 1e3, 3),
+            "kernel_ms": None if kernel_ms is None else round(kernel_ms / calls, 3),
+            "kernels": None if kernels is None else kernels // calls, "aten_calls": aten // calls}
+
+
+def run_probe(probe: HostProbe, model: torch.nn.Module, batch: int, amp: str, device: torch.device) -> dict:
+    """Warm-up, then each method of ``probe.methods`` profiled on ``model`` (re-configured in place, dense last
+    restored)."""
+    from tokenpace.bench import configure, parse_methods, random_input, spec_config
+
+    doc = {"batch": batch, "precision": "fp32" if amp == "none" else amp,
+           "warmup": warm_up(model, batch, amp, device, probe.warmup_s), "methods": []}
+    images = random_input(model, batch, device, seed=1)
+    try:
+        for spec in parse_methods(probe.methods):
+            configure(model, spec_config(spec))
+            doc["methods"].append({"method": spec.method, "config": spec.describe(),
+                                   **probe_method(model, images, amp, device, probe.calls)})
+    finally:
+        configure(model, None)
+    return doc
