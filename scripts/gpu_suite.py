@@ -225,8 +225,8 @@ def figures(throughput: dict, cifar: dict, plan: ThroughputPlan) -> dict:
     """The numbers the targets read: speed-ups of the target model and CIFAR accuracies (None: not measured)."""
     model, batch = plan.target_model, plan.target_batch
 
-    def speedups(b: int, compile: bool, cuda_graph: bool = False) -> dict:
-        rows = {m: find_row(throughput, model, b, "bf16", compile, m, cuda_graph=cuda_graph)
+    def speedups(b: int, compile: bool, cuda_graph: bool = False, mode: str = "default") -> dict:
+        rows = {m: find_row(throughput, model, b, "bf16", compile, m, compile_mode=mode, cuda_graph=cuda_graph)
                 for m in ("evo", "idle", "evit", "topk")}
         return {m: (r["speedup"] if r else None) for m, r in rows.items()}
 
@@ -245,6 +245,7 @@ def figures(throughput: dict, cifar: dict, plan: ThroughputPlan) -> dict:
         "speedup_b1_bf16_eager": speedups(1, False),
         "speedup_b1_bf16_cuda_graph": speedups(1, False, cuda_graph=True),
         "speedup_bf16_cuda_graph": speedups(batch, False, cuda_graph=True),
+        "speedup_bf16_compiled_cuda_graph": speedups(batch, True, mode="reduce-overhead"),
         "cifar_test_images": acc("dense", "test_images"),
         "cifar_dense_top1": acc("dense"),
         "cifar_evo_top1": acc("evo"),

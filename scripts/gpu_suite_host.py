@@ -1,9 +1,9 @@
 """What bounds a forward on the lent machine, measured before the throughput groups: a warm-up of the machine, then
 one profiled forward per method.
 
-The first GPU run (docs/gpu/) found the first DeiT-S groups' host about twice as slow as later ones' (dense bf16 at
-batch 1: 9.0 ms, against 4.9 ms for DeiT-B's identical call sequence later), so the first timed group now waits for
-a warmed machine. It also found reduced forwards at batch 256 taking their batch-1 time: the probe puts that on
+The first GPU run (docs/gpu/2026-12-04-h200) found the host of its first DeiT-S groups about twice as slow as that
+of later ones (dense bf16 at batch 1: 9.0 ms, against 4.9 ms for DeiT-B's identical call sequence later), so the
+first timed group now waits for a warmed machine. It also found reduced forwards at batch 256 taking their batch-1 time: the probe puts that on
 record directly, as each forward's wall time beside the summed time of the kernels it ran and their count.
 """
 from __future__ import annotations
