@@ -128,44 +128,54 @@ def choose_batch(images_per_s: dict[int, float]) -> int:
     return min(b for b, r in images_per_s.items() if r >= PICK_SHARE * best)
 
 
-def pick_batch(data: DeviceSplit, cfg: CifarConfig, device: torch.device, log, steps: int = 4) -> tuple[CifarConfig,
-                                                                                                       dict]:
+def pick_batch(data: DeviceSplit, cfg: CifarConfig, device: torch.device, log,
+               steps: int = 4) -> tuple[CifarConfig, dict]:
     """Time ``steps`` training steps (after two warm-up steps) of a throw-away dense model at each batch of
     ``cfg.batch_choices``; train at the smallest batch within PICK_SHARE of the best images per second, with the
     learning rates scaled by sqrt(batch / cfg.batch_size). Where a step is bound by the host, a larger batch costs
     little more time and trains on more images; where the GPU bounds it, the smaller batch's extra steps win."""
+    began = time.perf_counter()
+    rates = {}
     if len(cfg.batch_choices) == 1:
         chosen = cfg.batch_choices[0]
-        rates = {}
     else:
-        rates = {}
-        for batch in sorted(cfg.batch_choices):
-            if batch > len(data):
-                continue
-            objective = Objective(cifar_vit(cfg), nn.CrossEntropyLoss()).to(device).train()
-            optimizer = adamw(objective, cfg, cfg.lr, device)
-            for i in range(steps + 2):
-                if i == 2:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    start = time.perf_counter()
-                idx = torch.randint(len(data), (batch,), device=device)
-                train_step(objective, optimizer, data, idx, cfg, device)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            rates[batch] = batch * steps / (time.perf_counter() - start)
-            del objective, optimizer
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            rates = _time_batches(data, cfg, device, steps)  # the dense run's draws stay those of an unpicked run
         if not rates:
             raise ValueError(f"every batch of {cfg.batch_choices} exceeds the {len(data)} training images")
         chosen = choose_batch(rates)
     scale = math.sqrt(chosen / cfg.batch_size)
     picked = replace(cfg, batch_size=chosen, lr=cfg.lr * scale, idle_lr=cfg.idle_lr * scale)
     record = {"images_per_s": {str(b): round(r, 1) for b, r in rates.items()}, "batch_size": chosen,
-              "lr": picked.lr, "idle_lr": picked.idle_lr}
+              "lr": picked.lr, "idle_lr": picked.idle_lr, "seconds": round(time.perf_counter() - began, 2)}
     if rates:
         log("  batch pick: " + ", ".join(f"{b}: {r:.0f} img/s" for b, r in rates.items())
-            + f" -> {chosen}, lr {picked.lr:.2e}")
+            + f" -> {chosen}, lr {picked.lr:.2e} ({record['seconds']:.1f} s)")
     return picked, record
+
+
+def _time_batches(data: DeviceSplit, cfg: CifarConfig, device: torch.device, steps: int) -> dict[int, float]:
+    """Images per second of a throw-away dense model's training steps at each batch that the data can fill."""
+    rates = {}
+    for batch in sorted(cfg.batch_choices):
+        if batch > len(data):
+            continue
+        objective = Objective(cifar_vit(cfg), nn.CrossEntropyLoss()).to(device).train()
+        optimizer = adamw(objective, cfg, cfg.lr, device)
+        for i in range(steps + 2):
+            if i == 2:  # two warm-up steps: the first step's lazy initialisation is not the step's cost
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+            idx = torch.randint(len(data), (batch,), device=device)
+            train_step(objective, optimizer, data, idx, cfg, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rates[batch] = batch * steps / (time.perf_counter() - start)
+        del objective, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the largest batch's activations: not held through the dense run
+    return rates
 
 
 def train_timed(objective: Objective, data: DeviceSplit, cfg: CifarConfig, seconds: float, lr: float,

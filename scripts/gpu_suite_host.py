@@ -1,10 +1,11 @@
 """What bounds a forward on the lent machine, measured before the throughput groups: a warm-up of the machine, then
 one profiled forward per method.
 
-The first GPU run (docs/gpu/2026-12-04-h200) found the host of its first DeiT-S groups about twice as slow as that
-of later ones (dense bf16 at batch 1: 9.0 ms, against 4.9 ms for DeiT-B's identical call sequence later), so the
-first timed group now waits for a warmed machine. It also found reduced forwards at batch 256 taking their batch-1 time: the probe puts that on
-record directly, as each forward's wall time beside the summed time of the kernels it ran and their count.
+The first GPU run (docs/gpu/2026-12-04-h200) found the host of its first DeiT-S groups about twice as slow
+as that of later ones (dense bf16 at batch 1: 9.0 ms, against 4.9 ms for DeiT-B's identical call sequence later),
+so the first timed group now waits for a warmed machine. It also found reduced forwards at batch 256 taking their
+batch-1 time: the probe puts that on record directly, as each forward's wall time beside the summed time of the
+kernels it ran and their count.
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def _kernels(prof) -> tuple[float | None, int | None]:
     total_us, count = 0.0, 0
     for event in prof.key_averages():
         if event.device_type == DeviceType.CUDA:
-            total_us += getattr(event, "self_device_time_total", None) or event.self_cuda_time_total
+            own = getattr(event, "self_device_time_total", None)  # a 0 is a time: no fallback on it
+            total_us += own if own is not None else event.self_cuda_time_total  # torch before the device names
             count += event.count
     return (total_us / 1e3, count) if count else (None, None)
 
@@ -81,10 +83,11 @@ def probe_method(model: torch.nn.Module, images: torch.Tensor, amp: str, device:
 
 
 def run_probe(probe: HostProbe, model: torch.nn.Module, batch: int, amp: str, device: torch.device) -> dict:
-    """Warm-up, then each method of ``probe.methods`` profiled on ``model`` (re-configured in place, dense last
-    restored)."""
+    """Warm-up, then each method of ``probe.methods`` profiled on ``model``, moved to ``device`` (re-configured in
+    place, dense restored at the end)."""
     from tokenpace.bench import configure, parse_methods, random_input, spec_config
 
+    model.to(device)  # built on the CPU; the benchmark would move it, and the probe runs before any benchmark
     doc = {"batch": batch, "precision": "fp32" if amp == "none" else amp,
            "warmup": warm_up(model, batch, amp, device, probe.warmup_s), "methods": []}
     images = random_input(model, batch, device, seed=1)

@@ -132,8 +132,8 @@ def cifar(doc: dict) -> list[str]:
     pick = doc.get("batch_pick")
     if pick and pick["images_per_s"]:
         rates = ", ".join(f"{b}: {r:.0f}" for b, r in pick["images_per_s"].items())
-        out += ["", f"Training batch {pick['batch_size']} (learning rate {pick['lr']:.2e}, Idle's {pick['idle_lr']:.2e}), "
-                    f"picked by timing a few steps at each batch (images/s: {rates})."]
+        out += ["", f"Training batch {pick['batch_size']} (learning rate {pick['lr']:.2e}, Idle's "
+                    f"{pick['idle_lr']:.2e}), picked by timing a few steps at each batch (images/s: {rates})."]
     sweeps = doc.get("dense", {}).get("sweeps", {})
     if sweeps:
         keeps = next(iter(sweeps.values()))["keeps"]

@@ -98,6 +98,35 @@ def test_summary_has_environment_figures_and_targets(smoke):
     for key in ("cifar_dense_top1", "cifar_evo_top1", "cifar_evo_random_top1", "cifar_idle_top1"):
         assert 0 <= f[key] <= 100
     assert f["speedup_bf16_eager"]["evo"] > 0 and f["speedup_b1_bf16_eager"]["idle"] > 0
+    # replayed from CUDA graphs (eager, and compiled in reduce-overhead mode): CUDA only, named but not measured
+    assert set(f["speedup_bf16_cuda_graph"].values()) == set(f["speedup_bf16_compiled_cuda_graph"].values()) == {None}
+
+
+def test_figures_read_each_batch_256_mode_from_its_own_group():
+    plan = full_plan()
+
+    def group(compile, mode, graph, speedup):
+        return {"model": plan.target_model, "batch": plan.target_batch, "precision": "bf16", "compile": compile,
+                "compile_mode": mode, "cuda_graph": graph, "rows": [{"method": "evo", "speedup": speedup}]}
+
+    doc = {"groups": [group(False, None, False, 1.1), group(False, None, True, 1.2), group(True, "default", False, 1.3),
+                      group(True, "reduce-overhead", False, 1.4)]}
+    f = gpu_suite.figures(doc, {}, plan)
+    assert [f[k]["evo"] for k in ("speedup_bf16_eager", "speedup_bf16_cuda_graph", "speedup_bf16_compiled",
+                                  "speedup_bf16_compiled_cuda_graph")] == [1.1, 1.2, 1.3, 1.4]
+    assert f["speedup_bf16_compiled_cuda_graph"]["idle"] is None
+
+
+def test_full_plan_puts_the_batch_256_graph_groups_where_they_cost_least():
+    """The eager capture (seconds) right after the targets' groups; the compiled one (three compilations) after every
+    eager group, ahead of the other compiled groups."""
+    groups = full_plan().groups
+    first_compiled = next(i for i, g in enumerate(groups) if g.compile)
+    eager_graph = next(i for i, g in enumerate(groups) if g.cuda_graph and g.batch == 256)
+    compiled_graph = next(i for i, g in enumerate(groups) if g.compile_mode == "reduce-overhead" and g.batch == 256)
+    assert eager_graph == first_compiled + 1
+    assert all(not g.compile for g in groups[first_compiled + 1:compiled_graph])
+    assert all(g.compile for g in groups[compiled_graph:])
 
 
 @ON_THE_SMOKE_RUNS_WORKER
@@ -141,6 +170,27 @@ def test_host_probe_warms_the_machine_then_profiles_each_method(smoke):
     assert all(rows[m]["aten_calls"] > rows["dense"]["aten_calls"] for m in ("evo", "idle", "evit", "topk"))
 
 
+def test_host_probe_moves_the_model_to_the_device_before_its_first_forward():
+    """The probe runs before any benchmark (which would move the model): it moves the model itself."""
+    from gpu_suite_host import HostProbe, run_probe
+
+    model = build_model(smoke_plan().groups[0].model)
+    moved = []
+    original = model.to
+
+    def to(*args, **kwargs):
+        moved.append(args)
+        return original(*args, **kwargs)
+
+    model.to = to
+    doc = run_probe(HostProbe(warmup_s=0.0, methods="dense,idle", calls=1), model, 2, "none", torch.device("cpu"))
+    assert moved and moved[0] == (torch.device("cpu"),)
+    assert [m["method"] for m in doc["methods"]] == ["dense", "idle"] and doc["warmup"]["calls"] >= 2
+    import tokenpace
+
+    assert tokenpace.get_patch(model) is None  # left dense, as the groups expect
+
+
 def test_host_probe_sums_only_device_kernels():
     """The kernel sum reads the profile's CUDA events alone, per key: host events (aten calls) are not kernels."""
     from types import SimpleNamespace
@@ -153,8 +203,8 @@ def test_host_probe_sums_only_device_kernels():
         return SimpleNamespace(device_type=device, self_device_time_total=us, count=count)
 
     prof = SimpleNamespace(key_averages=lambda: [event(DeviceType.CPU, 900.0, 40), event(DeviceType.CUDA, 1500.0, 3),
-                                                 event(DeviceType.CUDA, 500.0, 2)])
-    assert _kernels(prof) == (2.0, 5)
+                                                 event(DeviceType.CUDA, 500.0, 2), event(DeviceType.CUDA, 0.0, 1)])
+    assert _kernels(prof) == (2.0, 6)  # a kernel of no measured time counts, with its 0 (no fallback attribute)
     assert _kernels(SimpleNamespace(key_averages=lambda: [event(DeviceType.CPU, 900.0, 40)])) == (None, None)
 
 
@@ -334,6 +384,27 @@ def test_batch_pick_takes_a_larger_batch_only_where_it_buys_images_per_second():
     assert choose_batch({512: 14000.0, 1024: 27000.0, 2048: 50000.0}) == 2048  # host-bound: time per step flat
     assert choose_batch({512: 21000.0, 1024: 24000.0, 2048: 25000.0}) == 512  # GPU-bound: more steps win
     assert choose_batch({512: 14000.0, 1024: 24000.0, 2048: 26000.0}) == 1024
+
+
+def test_batch_pick_times_the_batches_the_data_fills_and_scales_the_learning_rates():
+    from dataclasses import replace
+
+    from gpu_suite_cifar import CifarConfig, pick_batch
+    from gpu_suite_data import DeviceSplit
+
+    cfg = CifarConfig(data="-", embed_dim=24, depth=2, num_heads=2, batch_size=16, batch_choices=(16, 32, 512),
+                      amp="none")
+    data = DeviceSplit(torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (100,)))
+    state = torch.random.get_rng_state()
+    picked, record = pick_batch(data, cfg, torch.device("cpu"), lambda msg: None, steps=1)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the dense run draws as if nothing had been timed
+    assert set(record["images_per_s"]) == {"16", "32"}  # 512 is more than the 100 images
+    assert picked.batch_size == record["batch_size"] in (16, 32) and record["seconds"] >= 0
+    assert picked.lr == pytest.approx(cfg.lr * (picked.batch_size / 16) ** 0.5)
+    # one choice: nothing timed, the learning rates still follow the batch
+    one, record = pick_batch(data, replace(cfg, batch_choices=(64,)), torch.device("cpu"), lambda msg: None)
+    assert record["images_per_s"] == {} and one.batch_size == 64
+    assert one.lr == pytest.approx(cfg.lr * 2) and one.idle_lr == pytest.approx(cfg.idle_lr * 2)
 
 
 def test_time_schedule_warms_up_then_anneals():
