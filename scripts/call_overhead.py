@@ -7,7 +7,10 @@ the dense/method ratio here is a floor on how much slower a reduced eager forwar
 Dense and reduced are interleaved in every round; the median of the rounds is printed.
 
     python scripts/call_overhead.py [--model deit_small_patch16_224] [--model-args embed_dim=48,img_size=64]
-                                    [--methods dense,evo,idle,evit,topk] [--amp none|bf16]
+                                    [--methods dense,evo,idle,evit,topk] [--amp none|bf16] [--compile]
+
+With --compile each configuration is compiled by inductor (mode default) first, and the kernels inductor generated
+for it are counted: a compiled forward calls each from Python, so the count is its launch cost on a GPU.
 """
 from __future__ import annotations
 
@@ -48,6 +51,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--amp", default="none", choices=tuple(AMP_DTYPES))
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds; the median is printed (default 15)")
     p.add_argument("--calls", type=int, default=50, help="forwards timed per method and round (default 50)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each configuration (inductor, mode default) and count its generated kernels")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile's backend with --compile (aot_eager: traced, no kernels generated)")
     a = p.parse_args(argv)
     if a.rounds < 1 or a.calls < 1:
         p.error(f"--rounds and --calls must be at least 1; got {a.rounds} and {a.calls}")
@@ -57,26 +64,38 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(str(err))
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    specs, models = parse_methods(a.methods), []
+    specs, models, kernels = parse_methods(a.methods), [], []
     for spec in specs:
         model = timm.create_model(a.model, **kwargs).eval()
         models.append(tokenpace.apply(model, spec_config(spec)) if spec.method != "dense" else model)
     images = torch.randn(1, *adapter_for(models[0]).input_size())
+    if a.compile:
+        from torch._inductor import metrics
+
+        compiled = []
+        for model in models:
+            metrics.reset()
+            compiled.append(torch.compile(model, fullgraph=True, backend=a.compile_backend))
+            seconds_per_forward(compiled[-1], images, 1, a.amp)  # compiles
+            kernels.append(metrics.generated_kernel_count)
+        models = compiled
     for model in models:
         seconds_per_forward(model, images, 10, a.amp)  # warm-up: lazily built caches, allocator
     times: list[list[float]] = [[] for _ in models]
     for _ in range(a.rounds):
         for t, model in zip(times, models):
             t.append(seconds_per_forward(model, images, a.calls, a.amp))
-    rows = [{"method": s.method, "config": s.describe(), "ms": statistics.median(t) * 1e3}
-            for s, t in zip(specs, times)]
+    rows = [{"method": s.method, "config": s.describe(), "ms": statistics.median(t) * 1e3,
+             "kernels": kernels[i] if kernels else None} for i, (s, t) in enumerate(zip(specs, times))]
     dense = next((r["ms"] for r in rows if r["method"] == "dense"), None)
-    print(f"{a.model} ({a.model_args or 'as built'}), amp={a.amp}, batch 1, 1 thread: ms per forward, "
+    mode = f"compiled ({a.compile_backend})" if a.compile else "eager"
+    print(f"{a.model} ({a.model_args or 'as built'}), amp={a.amp}, {mode}, batch 1, 1 thread: ms per forward, "
           f"median of {a.rounds} interleaved rounds of {a.calls} calls")
-    print(f"{'method':8s}{'config':24s}{'ms':>8s}{'of dense':>10s}")
+    print(f"{'method':8s}{'config':24s}{'ms':>8s}{'of dense':>10s}" + (f"{'kernels':>9s}" if kernels else ""))
     for r in rows:
         ratio = f"{r['ms'] / dense:.2f}x" if dense else "-"
-        print(f"{r['method']:8s}{r['config']:24s}{r['ms']:8.3f}{ratio:>10s}")
+        print(f"{r['method']:8s}{r['config']:24s}{r['ms']:8.3f}{ratio:>10s}"
+              + (f"{r['kernels']:9d}" if kernels else ""))
     return rows
 
 
