@@ -39,12 +39,9 @@ def _forward(model: torch.nn.Module, images: torch.Tensor, amp: str, device: tor
     return time.perf_counter() - start
 
 
-def warm_up(model: torch.nn.Module, batch: int, amp: str, device: torch.device, seconds: float) -> dict:
-    """Dense forwards for ``seconds``: clocks, allocator and lazy initialisation settle before anything is timed.
-    The first and the last ten calls' median say whether the machine was still warming."""
-    from tokenpace.bench import random_input
-
-    images = random_input(model, batch, device)
+def warm_up(model: torch.nn.Module, images: torch.Tensor, amp: str, device: torch.device, seconds: float) -> dict:
+    """Forwards of ``model`` for ``seconds``: clocks, allocator and lazy initialisation settle before anything is
+    timed. The first and the last ten calls' median say whether the machine was still warming."""
     times, end = [], time.perf_counter() + seconds
     while time.perf_counter() < end or len(times) < 2:
         times.append(_forward(model, images, amp, device))
@@ -83,19 +80,18 @@ def probe_method(model: torch.nn.Module, images: torch.Tensor, amp: str, device:
 
 
 def run_probe(probe: HostProbe, model: torch.nn.Module, batch: int, amp: str, device: torch.device) -> dict:
-    """Warm-up, then each method of ``probe.methods`` profiled on ``model``, moved to ``device`` (re-configured in
-    place, dense restored at the end)."""
-    from tokenpace.bench import configure, parse_methods, random_input, spec_config
+    """Warm-up (dense), then each method of ``probe.methods`` profiled on ``model``, moved to ``device``
+    (re-configured in place, given back as it came in)."""
+    from tokenpace.bench import configure, parse_methods, random_input, restored, spec_config
 
     model.to(device)  # built on the CPU; the benchmark would move it, and the probe runs before any benchmark
-    doc = {"batch": batch, "precision": "fp32" if amp == "none" else amp,
-           "warmup": warm_up(model, batch, amp, device, probe.warmup_s), "methods": []}
-    images = random_input(model, batch, device, seed=1)
-    try:
+    images = random_input(model, batch, device)
+    doc = {"batch": batch, "precision": "fp32" if amp == "none" else amp, "methods": []}
+    with restored(model):  # as it came in (dense, eval) for the groups
+        configure(model, None)
+        doc["warmup"] = warm_up(model, images, amp, device, probe.warmup_s)
         for spec in parse_methods(probe.methods):
             configure(model, spec_config(spec))
             doc["methods"].append({"method": spec.method, "config": spec.describe(),
                                    **probe_method(model, images, amp, device, probe.calls)})
-    finally:
-        configure(model, None)
     return doc
