@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_kernel_profile import category_ms, kernel_times  # sibling script: the kernel categories live there
+
 
 @dataclass(frozen=True)
 class HostProbe:
@@ -49,17 +51,13 @@ def warm_up(model: torch.nn.Module, images: torch.Tensor, amp: str, device: torc
             "last_median_ms": round(statistics.median(times[-10:]) * 1e3, 3)}
 
 
-def _kernels(prof) -> tuple[float | None, int | None]:
-    """Summed self time (ms) and count of the device kernels in a profile; (None, None) with no device."""
-    from torch.autograd import DeviceType
-
-    total_us, count = 0.0, 0
-    for event in prof.key_averages():
-        if event.device_type == DeviceType.CUDA:
-            own = getattr(event, "self_device_time_total", None)  # a 0 is a time: no fallback on it
-            total_us += own if own is not None else event.self_cuda_time_total  # torch before the device names
-            count += event.count
-    return (total_us / 1e3, count) if count else (None, None)
+def _kernels(prof) -> tuple[float | None, int | None, dict | None]:
+    """Summed self time (ms), count and per-category ms (``gpu_kernel_profile.category``) of the device kernels in
+    a profile; (None, None, None) with no device."""
+    rows = kernel_times(prof, torch.device("cuda"), 1)  # device events only, whatever device the host is
+    if not rows:
+        return None, None, None
+    return sum(r[1] for r in rows), sum(r[2] for r in rows), {k: v["ms"] for k, v in category_ms(rows).items()}
 
 
 def probe_method(model: torch.nn.Module, images: torch.Tensor, amp: str, device: torch.device, calls: int) -> dict:
@@ -72,11 +70,14 @@ def probe_method(model: torch.nn.Module, images: torch.Tensor, amp: str, device:
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(calls):
             _forward(model, images, amp, device)
-    kernel_ms, kernels = _kernels(prof)
+    kernel_ms, kernels, categories = _kernels(prof)
     aten = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
     return {"wall_ms": round(statistics.median(walls) * 1e3, 3),
             "kernel_ms": None if kernel_ms is None else round(kernel_ms / calls, 3),
-            "kernels": None if kernels is None else kernels // calls, "aten_calls": aten // calls}
+            "kernels": None if kernels is None else kernels // calls, "aten_calls": aten // calls,
+            # where the kernel time goes (conv stem, GEMMs, norms, ...): added after the second H200 run
+            "kernel_ms_by_kind": None if categories is None else {k: round(ms / calls, 3)
+                                                                  for k, ms in categories.items()}}
 
 
 def run_probe(probe: HostProbe, model: torch.nn.Module, batch: int, amp: str, device: torch.device) -> dict:

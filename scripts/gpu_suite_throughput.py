@@ -303,6 +303,7 @@ def run_throughput(plan: ThroughputPlan, device: torch.device, deadline: Deadlin
                    f"its {len(group.methods.split(','))} compilations (~{compile_s:.0f} s each) do not fit "
                    f"the {deadline.remaining():.0f} s left")
             doc["not_run"].append({"key": group.key, "why": why})
+            save(doc)  # the file lists what the deadline left out, not only what it cut (the second H200 run's did not)
             continue
         log(f"throughput: {group.key}")
         # a compiled group near its end may run past the deadline by a little rather than lose its compilations

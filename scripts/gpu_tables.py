@@ -106,10 +106,20 @@ def host_probe(doc: dict) -> list[str]:
            f"{w['seconds']:g} s warm-up of {w['calls']} dense calls (first {w['first_ms']:.1f} ms, last ten "
            f"{w['last_median_ms']:.2f} ms): wall time (median, unprofiled) beside the kernels it ran (summed, "
            f"profiled) and the host's aten calls (nested ones included):", ""]
-    return out + _table(["method", "config", "wall ms", "kernel ms", "kernels", "aten calls"],
-                        [[m["method"], m["config"], _number(m["wall_ms"]), _number(m["kernel_ms"]),
-                          "-" if m["kernels"] is None else str(m["kernels"]), str(m["aten_calls"])]
-                         for m in probe["methods"]])
+    out += _table(["method", "config", "wall ms", "kernel ms", "kernels", "aten calls"],
+                  [[m["method"], m["config"], _number(m["wall_ms"]), _number(m["kernel_ms"]),
+                    "-" if m["kernels"] is None else str(m["kernels"]), str(m["aten_calls"])]
+                   for m in probe["methods"]])
+    kinds = [m for m in probe["methods"] if m.get("kernel_ms_by_kind")]  # recorded since the second H200 run
+    if not kinds:
+        return out
+    from gpu_kernel_profile import TABLE_COLUMNS
+
+    out += ["", "The same forwards' kernel ms by kind (names matched by `scripts/gpu_kernel_profile.py`; conv is the "
+            "patch embedding):", ""]
+    return out + _table(["method", *TABLE_COLUMNS],
+                        [[m["method"], *(_number(m["kernel_ms_by_kind"].get(c)) for c in TABLE_COLUMNS)]
+                         for m in kinds])
 
 
 def cifar(doc: dict) -> list[str]:

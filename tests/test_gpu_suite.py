@@ -1,6 +1,7 @@
 """The GPU suite (scripts/gpu_suite.py) in its --smoke mode: every section runs at toy size on the CPU and writes
 the files the real run writes, so the one-shot GPU run cannot rot. Plus its fail-soft pieces: deadlines, the
 alarm backstop, a failing section, and the on-device augmentation."""
+import copy
 import io
 import json
 import os
@@ -199,13 +200,17 @@ def test_host_probe_sums_only_device_kernels():
 
     from gpu_suite_host import _kernels
 
-    def event(device, us, count):
-        return SimpleNamespace(device_type=device, self_device_time_total=us, count=count)
+    def event(device, us, count, key):
+        return SimpleNamespace(device_type=device, self_device_time_total=us, count=count, key=key)
 
-    prof = SimpleNamespace(key_averages=lambda: [event(DeviceType.CPU, 900.0, 40), event(DeviceType.CUDA, 1500.0, 3),
-                                                 event(DeviceType.CUDA, 500.0, 2), event(DeviceType.CUDA, 0.0, 1)])
-    assert _kernels(prof) == (2.0, 6)  # a kernel of no measured time counts, with its 0 (no fallback attribute)
-    assert _kernels(SimpleNamespace(key_averages=lambda: [event(DeviceType.CPU, 900.0, 40)])) == (None, None)
+    prof = SimpleNamespace(key_averages=lambda: [
+        event(DeviceType.CPU, 900.0, 40, "aten::linear"), event(DeviceType.CUDA, 1500.0, 3, "nvjet_sm90_tst_bias_TNN"),
+        event(DeviceType.CUDA, 500.0, 2, "void implicit_convolve_sgemm<bf16>"),
+        event(DeviceType.CUDA, 0.0, 1, "vectorized_layer_norm_kernel")])
+    # a kernel of no measured time counts, with its 0 (no fallback attribute); the conv's sgemm is the stem's
+    assert _kernels(prof) == (2.0, 6, {"gemm": 1.5, "conv": 0.5, "norm": 0.0})
+    cpu_only = SimpleNamespace(key_averages=lambda: [event(DeviceType.CPU, 900.0, 40, "aten::linear")])
+    assert _kernels(cpu_only) == (None, None, None)
 
 
 @ON_THE_SMOKE_RUNS_WORKER
@@ -296,9 +301,12 @@ def test_failing_section_is_recorded_and_the_others_still_run(tmp_path, data):
 
 def test_throughput_past_its_deadline_lists_every_group_as_not_run():
     plan = smoke_plan()
-    doc = run_throughput(plan, torch.device("cpu"), Deadline.after(-1), 0.0, lambda msg: None, lambda doc: None)
+    saved = []
+    doc = run_throughput(plan, torch.device("cpu"), Deadline.after(-1), 0.0, lambda msg: None,
+                         lambda doc: saved.append(copy.deepcopy(doc)))
     assert doc["groups"] == [] and [g["key"] for g in doc["not_run"]] == [g.key for g in plan.groups]
     assert all(g["why"] == "deadline passed" for g in doc["not_run"])
+    assert saved and saved[-1]["not_run"] == doc["not_run"]  # the written file says so too
 
 
 def test_a_group_is_cut_between_calls_at_its_deadline():
@@ -485,7 +493,11 @@ def test_tables_render_every_figure_of_the_run(smoke, tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps(broken))
     doc = load(tmp_path, "throughput.json")
     doc["not_run"].append({"key": "vit_b@1024 b64 fp32 eager [dense,evo]", "why": "needs 40 s, 12 s left"})
+    assert "kernel ms by kind" not in text  # the CPU has no kernels to sort
+    doc["host_probe"]["methods"][0]["kernel_ms_by_kind"] = {"gemm": 3.58, "conv": 0.97, "norm": 2.56}  # as on CUDA
     (tmp_path / "throughput.json").write_text(json.dumps(doc))
     text = gpu_tables.render(tmp_path)
+    method = doc["host_probe"]["methods"][0]["method"]
+    assert f"| {method} | 3.58 | - | 0.97 | 2.56 | - | - | - | - | - |" in text.split("kernel ms by kind")[1]
     assert "- section idle: failed: RuntimeError: boom" in text
     assert "- throughput group vit_b@1024 b64 fp32 eager [dense,evo]: not run (needs 40 s, 12 s left)" in text

@@ -18,6 +18,7 @@ from .methods import METHODS, MethodConfig, make_config
 from .modes import mode_kept
 from .patch import apply, get_patch, macs, remove
 from .runners import RunMode, make_runners, warn_if_graphs_skipped
+from .runtime import cudnn_autotuned
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -241,7 +242,7 @@ def benchmark(
     model = model.to(device)
     x = random_input(model, batch_size, device)
     configs = [spec_config(spec) for spec in specs]
-    with restored(model):
+    with restored(model), cudnn_autotuned(device):  # the warm-up rounds (or capture's own) pick the algorithms
         model.eval()
         gmacs = [macs(configure(model, config)) / 1e9 for config in configs]
         applied = [applied_config(configure(model, config)) for config in configs]
@@ -336,8 +337,9 @@ def benchmark_train(
 
     prepares = [lambda method=method: configure(model, method) for method in methods]
     steps = [lambda objective=objective: step(objective) for objective in objectives]
-    times = _time_interleaved([spec.method for spec in specs], prepares, steps, device, runs, warmup, nullcontext,
-                              say, "train ")
+    with cudnn_autotuned(device):
+        times = _time_interleaved([spec.method for spec in specs], prepares, steps, device, runs, warmup,
+                                  nullcontext, say, "train ")
     configure(model, method_in).train(training_in)  # the method and mode it came in with (its weights moved)
     return _results(specs, gmacs, times, batch_size, applied)
 

@@ -1,7 +1,12 @@
-"""Process-level settings for CPU runs: what the host C library does with freed memory."""
+"""Process-level settings for timed runs: what the host C library does with freed memory (CPU), and whether
+cuDNN times its convolution algorithms (CUDA)."""
 from __future__ import annotations
 
 import ctypes
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
 
 MALLOC_CHOICES = ("system", "keep")
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
@@ -40,3 +45,21 @@ def keep_freed_memory_where_possible() -> str:
              "vary more between runs")
         return "system"
     return "keep"
+
+
+@contextmanager
+def cudnn_autotuned(device: torch.device) -> Iterator[None]:
+    """On CUDA, let cuDNN time its algorithms for each convolution shape and keep the fastest
+    (``torch.backends.cudnn.benchmark``, as timm's benchmark and train scripts set it); the caller's setting comes
+    back afterwards. Without it cuDNN's heuristic picked an implicit-GEMM kernel for ViT's 16x16 stride-16 patch
+    embedding at batch 256 bf16 on an H200: 1.65 ms of a 13 ms DeiT-S forward, a cost no token method reduces
+    (docs/gpu/2026-12-04-h200-run2/kernels.json). Nothing changes off CUDA."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -196,7 +196,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="measure throughput of dense vs each method, interleaved in one run",
                            description="Throughput of the dense model and each method, timed round by round in one "
-                           "process (timm's protocol: random input, warm-up, device sync, median).")
+                           "process (timm's protocol: random input, warm-up, device sync, median; on CUDA cuDNN "
+                           "autotunes its convolutions, as timm's benchmark sets it).")
     bench.add_argument("legacy_model", nargs="?", default=None, metavar="MODEL",
                        help="deprecated: the old spelling of --model MODEL")
     add_model_source(bench)

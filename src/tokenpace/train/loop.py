@@ -257,6 +257,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     accelerator = Accelerator(mixed_precision=AMP_MODES[cfg.amp], cpu=cfg.cpu,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(cfg.seed)
+    if accelerator.device.type == "cuda":  # fixed shapes every step: cuDNN's timed pick of conv algorithms pays
+        torch.backends.cudnn.benchmark = True  # (timm's train.py sets it too; see runtime.cudnn_autotuned)
 
     train_ds = build_dataset(cfg.data, "train")
     num_classes = student_args(cfg, num_classes_of(train_ds) or 1000)["num_classes"]
