@@ -7,9 +7,10 @@ to the second H200 run (docs/gpu/2026-12-04-h200-run2), whose host probe found d
     python scripts/gpu_kernel_profile.py --smoke OUTDIR         # CPU: a tiny ViT, batch 2 (the script's test)
     python scripts/gpu_kernel_profile.py --table FILE.json      # its results as a Markdown table
 
-Writes OUTDIR/kernels.json: per (method, mode) the kernels' summed ms per forward by category (GEMM, attention,
-normalisation, softmax, gather/scatter/sort, elementwise, triton-fused, other) and the top kernels by time. On the
-CPU the "kernels" are the aten operators' self times, which keeps the script's code paths tested without a GPU.
+Writes OUTDIR/kernels.json: per (method, mode) the wall time, the kernels' summed ms per forward by kind (GEMM,
+attention, conv, normalisation, softmax, gather/scatter/sort, elementwise, triton-fused, other: gpu_kernel_kinds.py)
+and the top kernels by time. --cudnn-benchmark profiles with cuDNN autotuned, as tokenpace bench times on CUDA. On
+the CPU the "kernels" are the aten operators' self times, which keeps the script's code paths tested without a GPU.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import argparse
 import contextlib
 import copy
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -27,26 +27,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
-# first match wins: order from the most specific name pattern to the least
-CATEGORIES = (
-    ("triton", r"^triton_"),  # inductor's fused kernels, whatever they fuse
-    ("attention", r"flash|fmha|attention|efficient_attention|sdpa"),
-    ("conv", r"convolve|convolution|conv2d|cudnn::cnn"),  # the patch embedding: one kernel no method shrinks
-    ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|wgmma|\bmm\b|addmm|matmul|linear"),
-    ("norm", r"layer_norm|layernorm|native_layer_norm"),
-    ("softmax", r"softmax"),
-    ("index", r"index|gather|scatter|sort|topk|radix|cub::|take_along|masked"),
-    ("elementwise", r"elementwise|vectorized|unrolled|reduce|copy|cat|gelu|add|mul|fill"),
-)
-
-
-def category(name: str) -> str:
-    """The kind of work a kernel (or, on the CPU, an aten operator) does, from its name."""
-    low = name.lower()
-    for label, pattern in CATEGORIES:
-        if re.search(pattern, low):
-            return label
-    return "other"
+sys.path.insert(0, str(ROOT / "scripts"))
+from gpu_kernel_kinds import CATEGORIES_VERSION, category, table  # noqa: E402
 
 
 def kernel_times(prof, device: torch.device, calls: int) -> list[tuple[str, float, int]]:
@@ -110,47 +92,28 @@ def summarise(rows: list[tuple[str, float, int]], top: int) -> dict:
     """Per-category ms and launches, the total, and the ``top`` kernels."""
     return {"total_ms": round(sum(r[1] for r in rows), 3), "launches": sum(r[2] for r in rows),
             "categories": category_ms(rows),
-            "top": [{"name": name[:160], "ms": round(ms, 4), "launches": count} for name, ms, count in rows[:top]]}
-
-
-TABLE_COLUMNS = ("gemm", "attention", "conv", "norm", "elementwise", "softmax", "index", "triton", "other")
-
-
-def table(doc: dict) -> str:
-    """Markdown: per method and mode, wall and kernel ms per forward and the kernel ms by category. Categories come
-    from the recorded top kernels (re-read with this file's patterns); the kernels below the top go to "other"."""
-    head = "| method | mode | wall ms | kernel ms | launches | " + " | ".join(TABLE_COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (5 + len(TABLE_COLUMNS))]
-    for run in doc["runs"]:
-        cats = dict.fromkeys(TABLE_COLUMNS, 0.0)
-        for row in run["top"]:
-            cats[category(row["name"])] += row["ms"]
-        cats["other"] += run["total_ms"] - sum(row["ms"] for row in run["top"])
-        wall = run.get("wall_ms")
-        lines.append(f"| {run['method']} | {run['mode']} | {'-' if wall is None else f'{wall:.2f}'} | "
-                     f"{run['total_ms']:.2f} | {run['launches']} | "
-                     + " | ".join(f"{cats[c]:.2f}" if cats[c] >= 0.005 else "-" for c in TABLE_COLUMNS) + " |")
-    return "\n".join(lines)
+            # each kind from the full name (cuBLAS's names run past the 160 characters kept)
+            "top": [{"name": name[:160], "kind": category(name), "ms": round(ms, 4), "launches": count}
+                    for name, ms, count in rows[:top]]}
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == ["--table"]:
-        if len(argv) != 2:
-            raise SystemExit("usage: gpu_kernel_profile.py --table FILE.json")
-        print(table(json.loads(Path(argv[1]).read_text())))
-        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("outdir", type=Path)
+    parser.add_argument("outdir", type=Path, nargs="?", help="where kernels.json goes (not with --table)")
+    parser.add_argument("--table", type=Path, metavar="FILE", help="print FILE (a kernels.json) as Markdown; no run")
     parser.add_argument("--smoke", action="store_true", help="CPU, a tiny ViT, batch 2 (aot_eager compile)")
     parser.add_argument("--methods", default="dense,evo,idle,topk")
     parser.add_argument("--compiled", default="dense,evo,idle", help="methods also profiled compiled ('' for none)")
     parser.add_argument("--calls", type=int, default=5)
-    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--top", type=int, default=40, help="kernels kept by name per run (default 40)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN time its conv algorithms, as tokenpace bench now does on CUDA")
     args = parser.parse_args(argv)
+    if (args.table is None) == (args.outdir is None):
+        parser.error("give an OUTDIR to profile into, or --table FILE to print one (not both)")
+    if args.table is not None:
+        print(table(json.loads(args.table.read_text())))
+        return 0
 
     import timm
 
@@ -167,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = "aot_eager" if smoke else "inductor"
     args.outdir.mkdir(parents=True, exist_ok=True)
     doc = {"model": name, "batch": batch, "precision": "bf16", "device": str(device),
+           "categories_version": CATEGORIES_VERSION,
            "cudnn_benchmark": args.cudnn_benchmark,
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
            "torch": torch.__version__, "timm": timm.__version__, "runs": []}

@@ -275,7 +275,10 @@ def run_throughput(plan: ThroughputPlan, device: torch.device, deadline: Deadlin
                        "round by round after warm-up rounds, device sync around each call, median per method; "
                        "peak_mib = torch.cuda.max_memory_allocated over the method's timed calls (reset per call), "
                        "all methods' weights resident; null in groups replayed from CUDA graphs (cuda_graph, "
-                       "compile mode reduce-overhead), whose intermediates live in the graphs' memory pools",
+                       "compile mode reduce-overhead), whose intermediates live in the graphs' memory pools; "
+                       "cuDNN autotuned (torch.backends.cudnn.benchmark) on CUDA from the runs after the second "
+                       "H200 run",
+           "cudnn_autotuned": device.type == "cuda",
            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
            "groups": [], "failed": [], "not_run": [], "dropped": [{"key": k, "why": w} for k, w in plan.dropped]}
     models: dict[str, torch.nn.Module] = {}

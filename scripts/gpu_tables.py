@@ -113,7 +113,7 @@ def host_probe(doc: dict) -> list[str]:
     kinds = [m for m in probe["methods"] if m.get("kernel_ms_by_kind")]  # recorded since the second H200 run
     if not kinds:
         return out
-    from gpu_kernel_profile import TABLE_COLUMNS
+    from gpu_kernel_kinds import TABLE_COLUMNS  # torch-free
 
     out += ["", "The same forwards' kernel ms by kind (names matched by `scripts/gpu_kernel_profile.py`; conv is the "
             "patch embedding):", ""]

@@ -34,6 +34,7 @@ def test_bench_cli_writes_table_and_json(tmp_path, capsys):
     assert doc["input_size"] == [3, 64, 64] and doc["model_args"] == {"img_size": 64}  # what was timed, repeatable
     assert set(doc["versions"]) == {"tokenpace", "torch", "timm", "python"}
     assert doc["compile"] is False and doc["compile_mode"] is None and doc["compile_backend"] is None  # eager
+    assert doc["cudnn_autotuned"] is False  # CUDA only
     rows = doc["results"]
     assert all(r["batch_size"] == 2 for r in rows)
     assert [r["method"] for r in rows] == ["dense", "evo", "idle", "evit", "topk"]

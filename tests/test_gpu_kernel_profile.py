@@ -3,12 +3,14 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from gpu_kernel_profile import category, main, table  # noqa: E402
+from gpu_kernel_kinds import category, run_categories, table  # noqa: E402
+from gpu_kernel_profile import main  # noqa: E402
 
 
 def test_categories_of_the_h200_kernel_names():
@@ -23,6 +25,12 @@ def test_categories_of_the_h200_kernel_names():
     assert category("void at::native::unrolled_elementwise_kernel<at::native::CUDAFunctor_add<float>>") == \
         "elementwise"
     assert category("Memset (Device)") == "other"
+    # cuBLAS's matrix-vector kernels, torch's batched products, cuDNN's implicit-GEMM convolutions, arange
+    assert category("std::enable_if<true, void>::type internal::gemvx::kernel<int, int, __nv_bfloat16>") == "gemm"
+    assert category("aten::bmm") == category("aten::baddbmm") == category("aten::addmm") == "gemm"
+    assert category("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "conv"
+    assert category("void at::native::elementwise_kernel_with_index<int, arange_functor>(int)") == "elementwise"
+    assert category("aten::index_select") == category("aten::index") == "index"
 
 
 def test_table_of_the_committed_h200_profile():
@@ -34,10 +42,9 @@ def test_table_of_the_committed_h200_profile():
     assert list(rows) == ["dense", "evo", "idle", "topk"]
     conv = header.index("conv")
     assert {r[conv] for r in rows.values()} == {"0.97"}
-    # the categories add up to the kernel total (within rounding)
-    for r in rows.values():
-        parts = [float(c) for c in r[header.index("gemm"):] if c != "-"]
-        assert abs(sum(parts) - float(r[header.index("kernel ms")])) < 0.05
+    # the kinds, moved to the current patterns, still add up to the kernel total (each was rounded to 1 us)
+    for run in doc["runs"]:
+        assert abs(sum(run_categories(run, doc.get("categories_version", 1)).values()) - run["total_ms"]) < 0.01
 
 
 def test_smoke_profiles_each_method_eager_and_compiled(tmp_path, capsys):
@@ -51,6 +58,13 @@ def test_smoke_profiles_each_method_eager_and_compiled(tmp_path, capsys):
     # the reduced forward does what dense does and more: its own gathers and scatters show as "index"
     assert "index" in doc["runs"][1]["categories"] and "index" not in doc["runs"][0]["categories"]
     assert "evo" in capsys.readouterr().out
+    # a file of the current patterns renders its recorded kinds as they are
+    assert doc["categories_version"] == 2 and all("kind" in row for row in doc["runs"][0]["top"])
+    assert main(["--table", str(tmp_path / "kernels.json")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["dense", "evo", "evo"]
+    with pytest.raises(SystemExit):
+        main([])  # neither an output folder nor --table
 
 
 def test_cudnn_autotuned_sets_the_flag_on_cuda_only_and_restores_it():

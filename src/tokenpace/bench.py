@@ -403,6 +403,7 @@ def result_json(model_name: str, device: torch.device, batches: dict[int, list[B
         "model": model_name,
         "device": device_name(device),
         "versions": versions(),
+        "cudnn_autotuned": torch.device(device).type == "cuda",  # benchmark() times under cudnn_autotuned
         **extra,
         "batch_sizes": list(batches),
         "results": [

@@ -52,8 +52,9 @@ def cudnn_autotuned(device: torch.device) -> Iterator[None]:
     """On CUDA, let cuDNN time its algorithms for each convolution shape and keep the fastest
     (``torch.backends.cudnn.benchmark``, as timm's benchmark and train scripts set it); the caller's setting comes
     back afterwards. Without it cuDNN's heuristic picked an implicit-GEMM kernel for ViT's 16x16 stride-16 patch
-    embedding at batch 256 bf16 on an H200: 1.65 ms of a 13 ms DeiT-S forward, a cost no token method reduces
-    (docs/gpu/2026-12-04-h200-run2/kernels.json). Nothing changes off CUDA."""
+    embedding at batch 256 bf16 on an H200: 1.66 ms of a 13 ms DeiT-S forward, a cost no token method reduces
+    (docs/gpu/2026-12-04-h200-kernels/kernels.json; 0.97 ms autotuned). The search runs in the first call of each
+    shape: time after a warm-up call. Nothing changes off CUDA."""
     if torch.device(device).type != "cuda":
         yield
         return

@@ -20,6 +20,7 @@ from ..families import adapter_for
 from ..methods import Evo, MethodConfig
 from ..outputs import write_atomically
 from ..patch import apply, remove
+from ..runtime import cudnn_autotuned
 from ..weights import classifier_names, export_safetensors, file_sha256, load_weights, mismatch
 from . import runfolder
 from .checkpoint import atomic_save, rng_state
@@ -257,8 +258,6 @@ def train(cfg: TrainConfig) -> list[dict]:
     accelerator = Accelerator(mixed_precision=AMP_MODES[cfg.amp], cpu=cfg.cpu,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(cfg.seed)
-    if accelerator.device.type == "cuda":  # fixed shapes every step: cuDNN's timed pick of conv algorithms pays
-        torch.backends.cudnn.benchmark = True  # (timm's train.py sets it too; see runtime.cudnn_autotuned)
 
     train_ds = build_dataset(cfg.data, "train")
     num_classes = student_args(cfg, num_classes_of(train_ds) or 1000)["num_classes"]
@@ -347,7 +346,9 @@ def train(cfg: TrainConfig) -> list[dict]:
         start = time.perf_counter()
         bar = _progress(cfg, accelerator, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs_total}")
         try:
-            with memory_guard(f"a training step at --batch-size {cfg.batch_size}"):
+            # fixed shapes every step: cuDNN's timed pick of conv algorithms pays (timm's train.py sets it too)
+            with memory_guard(f"a training step at --batch-size {cfg.batch_size}"), \
+                    cudnn_autotuned(accelerator.device):
                 sums, correct, seen, (lr_peak, lr_last) = _run_epoch(
                     epoch, objective, student, train_loader, optimizer, scheduler, ema, mixup, accelerator, bar, cfg)
         finally:
