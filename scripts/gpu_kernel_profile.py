@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                      **summarise(rows, args.top)}
             doc["runs"].append(entry)
             cats = ", ".join(f"{k} {v['ms']:.2f}" for k, v in entry["categories"].items())
-            print(f"[{time.perf_counter() - start:6.1f}s] {spec.method:6s} {mode:8s} wall {wall:.2f} ms, kernels {entry['total_ms']:.2f} ms in "
-                  f"{entry['launches']} launches: {cats}", flush=True)
+            print(f"[{time.perf_counter() - start:6.1f}s] {spec.method:6s} {mode:8s} wall {wall:.2f} ms, kernels "
+                  f"{entry['total_ms']:.2f} ms in {entry['launches']} launches: {cats}", flush=True)
             (args.outdir / "kernels.json").write_text(json.dumps(doc, indent=1) + "\n")
             if mode == "compiled":
                 torch._dynamo.reset()

@@ -19,7 +19,7 @@ from torch import nn
 
 import tokenpace
 from gpu_suite_common import Deadline
-from gpu_suite_data import DeviceSplit, augment, normalize
+from gpu_suite_data import DeviceSplit, augment, normalize, paste_on_noise
 from tokenpace.train.objectives import EvoScratchObjective, Objective, make_objective
 from tokenpace.train.loop import param_groups
 from tokenpace.train.recipes import get_recipe
@@ -60,8 +60,20 @@ class CifarConfig:
     idle_lr: float = 1e-4
     idle_objective: str = "ce"  # "ce" (cross-entropy) or "distill" (the idle-finetune recipe's objective)
     sweep_keeps: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    # training images pasted at random places on noise of this size before augmenting (None: the images as they
+    # are); img_size must then equal it. The clutter section sets it, with the patch below
+    canvas: int | None = None
+    clutter_canvas: int = 64
+    clutter_patch_size: int = 8  # 8x8 patches of 64 px: as many tokens as patch 4 at 32 px, the object 16 of 64
+
+    def cluttered(self) -> "CifarConfig":
+        """This configuration on cluttered images: the canvas, its patch size, the same token count."""
+        return replace(self, canvas=self.clutter_canvas, img_size=self.clutter_canvas,
+                       patch_size=self.clutter_patch_size)
 
     def __post_init__(self) -> None:
+        if self.canvas is not None and self.canvas != self.img_size:
+            raise ValueError(f"canvas {self.canvas} must equal img_size ({self.img_size}): the model sees the canvas")
         if not self.batch_choices or any(b < 1 for b in self.batch_choices):
             raise ValueError(f"batch_choices must be positive batch sizes; got {self.batch_choices}")
         if self.amp not in ("bf16", "none"):
@@ -110,7 +122,10 @@ def adamw(objective: Objective, cfg: CifarConfig, lr: float, device: torch.devic
 def train_step(objective: Objective, optimizer: torch.optim.Optimizer, data: DeviceSplit, idx: torch.Tensor,
                cfg: CifarConfig, device: torch.device) -> torch.Tensor:
     """One optimizer step on the images at ``idx``, augmented on the device; the loss, not synced."""
-    images = augment(data.images[idx], cfg.crop_pad, cfg.erase_prob)
+    images = data.images[idx]
+    if cfg.canvas is not None:  # a fresh place and fresh noise for every image of every step
+        images = paste_on_noise(images, cfg.canvas)
+    images = augment(images, cfg.crop_pad, cfg.erase_prob)
     with autocast(cfg, device):
         loss = objective(images, data.labels[idx])[0]
     loss.backward()
@@ -350,12 +365,12 @@ def plot_sweeps(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("dense", "evo", "idle") if n in results and results[n].get("sweeps")]
+    names = [n for n in ("dense", "evo", "idle", "clutter") if n in results and results[n].get("sweeps")]
     if not names:
         return
     fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.8), dpi=120, squeeze=False)
     titles = {"dense": "dense, methods applied without training", "evo": "Evo(0.5) trained from scratch",
-              "idle": "Idle(0.7) fine-tuned from dense"}
+              "idle": "Idle(0.7) fine-tuned from dense", "clutter": "Evo(0.5) from scratch, cluttered 64 px"}
     for ax, name in zip(axes[0], names):
         res = results[name]
         for i, (method, sweep) in enumerate(res["sweeps"].items()):

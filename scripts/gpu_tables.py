@@ -123,7 +123,7 @@ def host_probe(doc: dict) -> list[str]:
 
 
 def cifar(doc: dict) -> list[str]:
-    trained = [name for name in ("dense", "evo", "idle") if name in doc]
+    trained = [name for name in ("dense", "evo", "idle", "clutter") if name in doc]
     if not trained:
         return ["No CIFAR-10 model was trained."]
     dense = doc.get("dense", {}).get("top1")
@@ -131,9 +131,11 @@ def cifar(doc: dict) -> list[str]:
     for name in trained:
         r = doc[name]
         config = r.get("config")
-        how = ", from scratch" if name == "evo" else ", fine-tuned from dense"
+        how = {"evo": ", from scratch", "idle": ", fine-tuned from dense",
+               "clutter": ", from scratch on cluttered 64 px images (their own test set)"}[name] if config else ""
         what = "dense, from scratch" if config is None else f"{config['method']}({config['keep']}){how}"
-        vs = "-" if dense is None or name == "dense" else f"{r['top1'] - dense:+.2f}"
+        # the cluttered model is tested on other images than the dense one: no difference to show
+        vs = "-" if dense is None or name in ("dense", "clutter") else f"{r['top1'] - dense:+.2f}"
         train = r["train"]
         rows.append([what, _number(r["top1"]), _number(r.get("random_top1")), vs, _number(r.get("dense_form_top1")),
                      f"{train['epochs']:.1f}", str(train["steps"]), f"{train['seconds']:.0f}", train["stopped_by"]])

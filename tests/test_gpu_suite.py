@@ -79,7 +79,7 @@ def test_smoke_run_writes_every_file_in_time(smoke):
     assert summary["elapsed_s"] <= seconds + 0.05 and seconds < 120  # the clock starts at main(), not at import
     assert {name: s["status"] for name, s in summary["sections"].items()} == dict.fromkeys(gpu_suite.SECTIONS, "ok")
     log = (out / "suite.log").read_text()
-    assert "== idle: ok" in log and "CIFAR-10 decoded" in log
+    assert "== idle: ok" in log and "== clutter: ok" in log and "CIFAR-10 decoded" in log
     assert load(out, "summary.json") == json.loads(json.dumps(summary))  # the file holds the final summary
 
 
@@ -91,12 +91,13 @@ def test_summary_has_environment_figures_and_targets(smoke):
     targets = summary["targets"]
     assert set(targets) == {"evo_speedup", "idle_speedup", "evo_speedup_compiled", "idle_speedup_compiled",
                             "batch1_not_slower", "batch1_not_slower_cuda_graph", "cifar_dense", "cifar_evo_vs_dense",
-                            "cifar_idle_vs_dense", "attention_vs_random"}
+                            "cifar_idle_vs_dense", "attention_vs_random", "attention_vs_random_cluttered"}
     assert targets.pop("batch1_not_slower_cuda_graph")["met"] is None  # CUDA graphs: CUDA only, not in the smoke
     for name, t in targets.items():  # every target measured (the compiled ones by the compiled smoke group)
         assert t["value"] is not None and t["met"] == (t["value"] >= t["threshold"]), name
     f = summary["figures"]
-    for key in ("cifar_dense_top1", "cifar_evo_top1", "cifar_evo_random_top1", "cifar_idle_top1"):
+    for key in ("cifar_dense_top1", "cifar_evo_top1", "cifar_evo_random_top1", "cifar_idle_top1",
+                "cifar_clutter_evo_top1", "cifar_clutter_evo_random_top1"):
         assert 0 <= f[key] <= 100
     assert f["speedup_bf16_eager"]["evo"] > 0 and f["speedup_b1_bf16_eager"]["idle"] > 0
     # replayed from CUDA graphs (eager, and compiled in reduce-overhead mode): CUDA only, named but not measured
@@ -223,7 +224,7 @@ def test_cifar_results(smoke):
     assert set(doc["dense"]["sweeps"]) == {"evo", "idle", "evit", "topk"}
     assert set(doc["evo"]["sweeps"]) == {"evo"} and set(doc["idle"]["sweeps"]) == {"idle"}
     assert doc["evo"]["config"] == {"method": "evo", "keep": 0.5, "mode": "stage"}
-    for name in ("dense", "evo", "idle"):
+    for name in ("dense", "evo", "idle", "clutter"):
         res = doc[name]
         assert res["test_images"] == 500 and 0 <= res["top1"] <= 100
         for sweep in res["sweeps"].values():
@@ -231,8 +232,17 @@ def test_cifar_results(smoke):
             # keep 1 runs every token: both rankings give the model's own dense accuracy (one image of slack)
             assert abs(sweep["attention"][-1] - res["dense_form_top1"]) <= 0.2
             assert abs(sweep["random"][-1] - res["dense_form_top1"]) <= 0.2
-    for name in ("evo", "idle"):
+    for name in ("evo", "idle", "clutter"):
         assert 0 <= doc[name]["random_top1"] <= 100 and doc[name]["macs"] > 0
+    # the cluttered Evo model: trained on its time budget (no step count to match), tested on 500 cluttered images
+    clutter = doc["clutter"]
+    assert clutter["test_images"] == 500 and set(clutter["sweeps"]) == {"evo"} and clutter["train"]["steps"] > 0
+    assert clutter["config"] == {"method": "evo", "keep": 0.5, "mode": "stage"}
+    # as many tokens (8x8 patches of 64 px, 4x4 of 32 px): only the patch embedding's larger patches cost more
+    cfg = doc["config"]
+    patches = (cfg["img_size"] // cfg["patch_size"]) ** 2
+    extra = patches * 3 * (cfg["clutter_patch_size"] ** 2 - cfg["patch_size"] ** 2) * cfg["embed_dim"]
+    assert clutter["macs"] - doc["evo"]["macs"] == extra
     # the dense section timed each batch choice and trains (with Evo and Idle) at the one it picked, its learning
     # rates scaled by sqrt(batch / the configured batch)
     pick, cfg = doc["batch_pick"], doc["config"]
@@ -384,6 +394,26 @@ def test_crop_flip_keeps_image_content_and_erasing_draws_boxes():
     erased = random_erase(x, prob=1.0)
     changed = (erased != x).any(1)  # (B, H, W): the erased box of each image, all channels
     assert all(0 < c.sum() <= 0.25 * 64 * 1.5 for c in changed)
+
+
+def test_paste_on_noise_places_each_image_whole_on_its_canvas():
+    from gpu_suite_data import DeviceSplit, cluttered, paste_on_noise
+
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    canvas = paste_on_noise(images, 20, torch.Generator().manual_seed(0))
+    assert canvas.shape == (6, 3, 20, 20) and canvas.dtype == torch.uint8
+    places = set()
+    for image, out in zip(images, canvas):  # exactly one place shows the image, untouched
+        found = [(top, left) for top in range(13) for left in range(13)
+                 if torch.equal(out[:, top:top + 8, left:left + 8], image)]
+        assert len(found) == 1
+        places.add(found[0])
+    assert len(places) > 1  # places differ between images
+    split = DeviceSplit(images, torch.arange(6))
+    fixed = cluttered(split, 20, seed=3)
+    assert torch.equal(fixed.images, cluttered(split, 20, seed=3).images) and torch.equal(fixed.labels, split.labels)
+    with pytest.raises(ValueError, match="canvas 6 is smaller than the 8x8 images"):
+        paste_on_noise(images, 6)
 
 
 def test_batch_pick_takes_a_larger_batch_only_where_it_buys_images_per_second():
