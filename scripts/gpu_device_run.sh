@@ -24,5 +24,5 @@ print('torch', torch.__version__, 'timm', timm.__version__, 'from', timm.__file_
 " || exit 4
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
 # Arguments go to the suite (--smoke: the CPU check of this script); its data: data/, as carried, by default.
-# The suite keeps its own 400 s budget; timeout is the backstop should something hang past every deadline.
+# The suite keeps its own 410 s budget (alarms by 420 s); timeout is the backstop should something hang past them all.
 PYTHONUNBUFFERED=1 timeout -k 10 480 "$PYTHON" scripts/gpu_suite.py "$@" "$OUT"

@@ -74,6 +74,12 @@ class CifarConfig:
     def __post_init__(self) -> None:
         if self.canvas is not None and self.canvas != self.img_size:
             raise ValueError(f"canvas {self.canvas} must equal img_size ({self.img_size}): the model sees the canvas")
+        for size, patch, what in ((self.img_size, self.patch_size, "img_size"),
+                                  (self.clutter_canvas, self.clutter_patch_size, "clutter_canvas")):
+            if size % patch:
+                raise ValueError(f"{what} {size} is not a multiple of its patch size {patch}")
+        if self.clutter_canvas < 32:
+            raise ValueError(f"clutter_canvas {self.clutter_canvas} is smaller than the 32 px CIFAR-10 images")
         if not self.batch_choices or any(b < 1 for b in self.batch_choices):
             raise ValueError(f"batch_choices must be positive batch sizes; got {self.batch_choices}")
         if self.amp not in ("bf16", "none"):
@@ -122,10 +128,9 @@ def adamw(objective: Objective, cfg: CifarConfig, lr: float, device: torch.devic
 def train_step(objective: Objective, optimizer: torch.optim.Optimizer, data: DeviceSplit, idx: torch.Tensor,
                cfg: CifarConfig, device: torch.device) -> torch.Tensor:
     """One optimizer step on the images at ``idx``, augmented on the device; the loss, not synced."""
-    images = data.images[idx]
-    if cfg.canvas is not None:  # a fresh place and fresh noise for every image of every step
-        images = paste_on_noise(images, cfg.canvas)
-    images = augment(images, cfg.crop_pad, cfg.erase_prob)
+    images = augment(data.images[idx], cfg.crop_pad, cfg.erase_prob)
+    if cfg.canvas is not None:  # augmented at their own size (an erased box stays a part of the object), then
+        images = paste_on_noise(images, cfg.canvas)  # placed on fresh noise at a fresh place every step
     with autocast(cfg, device):
         loss = objective(images, data.labels[idx])[0]
     loss.backward()

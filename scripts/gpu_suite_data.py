@@ -111,15 +111,19 @@ def random_erase(x: torch.Tensor, prob: float, area=(0.02, 0.25), log_ratio=(-1.
 
 
 def paste_on_noise(images: torch.Tensor, canvas: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """uint8 (B, 3, h, w) -> (B, 3, canvas, canvas): each image at a random place on uniform noise (the cluttered
-    CIFAR-10 of ``tokenpace.data.ClutteredDataset``, made on the device): the object is a minority of the tokens,
-    so a token selection that keeps the wrong half loses it. ``generator`` fixes the noise and the places."""
+    """(B, 3, h, w) -> (B, 3, canvas, canvas): each image at a random place on uniform pixel noise, so the object is
+    a minority of the tokens and a token selection that keeps the wrong half loses it (the idea of
+    ``tokenpace.data.ClutteredDataset``, made on the device, with other draws). uint8 images get uint8 noise; float
+    images (already normalised and augmented) get the noise normalised the same way. ``generator`` fixes the noise
+    and the places for one device type."""
     B, C, h, w = images.shape
     if canvas < max(h, w):
         raise ValueError(f"canvas {canvas} is smaller than the {h}x{w} images; accepted: a canvas of at least "
                          f"{max(h, w)}")
     dev = images.device
     noise = torch.randint(0, 256, (B, C, canvas, canvas), dtype=torch.uint8, device=dev, generator=generator)
+    if images.is_floating_point():
+        noise = normalize(noise).to(images.dtype)
     top = torch.randint(0, canvas - h + 1, (B, 1), device=dev, generator=generator)
     left = torch.randint(0, canvas - w + 1, (B, 1), device=dev, generator=generator)
     rows = torch.arange(canvas, device=dev)[None, :] - top  # (B, canvas): the image row each canvas row shows
@@ -127,12 +131,13 @@ def paste_on_noise(images: torch.Tensor, canvas: int, generator: torch.Generator
     inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]  # (B, canvas, canvas)
     batch = torch.arange(B, device=dev)[:, None, None]
     shown = images[batch, :, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]  # (B, H, W, C)
-    return torch.where(inside[:, None], shown.permute(0, 3, 1, 2), noise)
+    # where() would follow the permuted layout (channels last): the model and cuDNN get the usual one
+    return torch.where(inside[:, None], shown.permute(0, 3, 1, 2), noise).contiguous()
 
 
 def cluttered(split: DeviceSplit, canvas: int, seed: int) -> DeviceSplit:
-    """A fixed cluttered copy of ``split`` (its noise and places drawn from ``seed``): the test set every cluttered
-    evaluation reads."""
+    """A cluttered copy of ``split`` with its noise and places drawn from ``seed`` (the same set on every run on
+    one kind of device; CPU and CUDA generators draw differently): the test set cluttered evaluations read."""
     generator = torch.Generator(device=split.images.device).manual_seed(seed)
     return DeviceSplit(paste_on_noise(split.images, canvas, generator), split.labels)
 

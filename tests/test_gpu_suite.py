@@ -238,6 +238,10 @@ def test_cifar_results(smoke):
     clutter = doc["clutter"]
     assert clutter["test_images"] == 500 and set(clutter["sweeps"]) == {"evo"} and clutter["train"]["steps"] > 0
     assert clutter["config"] == {"method": "evo", "keep": 0.5, "mode": "stage"}
+    cfg = doc["config"]
+    assert clutter["setup"] == {"canvas": cfg["clutter_canvas"], "img_size": cfg["clutter_canvas"],
+                                "patch_size": cfg["clutter_patch_size"], "batch_size": doc["batch_pick"]["batch_size"],
+                                "lr": doc["batch_pick"]["lr"]}  # at the batch the dense section picked
     # as many tokens (8x8 patches of 64 px, 4x4 of 32 px): only the patch embedding's larger patches cost more
     cfg = doc["config"]
     patches = (cfg["img_size"] // cfg["patch_size"]) ** 2
@@ -382,6 +386,16 @@ def test_alarm_interrupts_code_that_does_not_check_the_deadline():
     assert time.perf_counter() - start < 2
 
 
+def test_a_sections_alarm_never_fires_past_the_runs_hard_end(tmp_path, data):
+    """grace 30 s after a 1.5 s deadline, but the run's hard end 2 s after its start: the alarm fires by then."""
+    cfg = gpu_suite.parse_args(["--smoke", str(tmp_path), "--data", data, "--grace-s", "30", "--hard-s", "2"])
+    suite = gpu_suite.Suite(cfg, time.perf_counter())
+    start = time.perf_counter()
+    suite.run_section("data", 1.5, lambda deadline: time.sleep(20))
+    assert time.perf_counter() - start < 5
+    assert suite.summary["sections"]["data"]["status"].startswith("failed: DeadlineReached: hard limit")
+
+
 def test_crop_flip_keeps_image_content_and_erasing_draws_boxes():
     torch.manual_seed(0)
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
@@ -397,7 +411,7 @@ def test_crop_flip_keeps_image_content_and_erasing_draws_boxes():
 
 
 def test_paste_on_noise_places_each_image_whole_on_its_canvas():
-    from gpu_suite_data import DeviceSplit, cluttered, paste_on_noise
+    from gpu_suite_data import DeviceSplit, cluttered, normalize, paste_on_noise
 
     images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
     canvas = paste_on_noise(images, 20, torch.Generator().manual_seed(0))
@@ -414,6 +428,11 @@ def test_paste_on_noise_places_each_image_whole_on_its_canvas():
     assert torch.equal(fixed.images, cluttered(split, 20, seed=3).images) and torch.equal(fixed.labels, split.labels)
     with pytest.raises(ValueError, match="canvas 6 is smaller than the 8x8 images"):
         paste_on_noise(images, 6)
+    # augmented (normalised) images: placed whole on noise normalised the same way, in the usual memory layout
+    floats = normalize(images)
+    out = paste_on_noise(floats, 20, torch.Generator().manual_seed(0))
+    assert out.dtype == floats.dtype and out.is_contiguous()
+    assert torch.equal(out, normalize(canvas))  # the same draws: the uint8 canvas, normalised
 
 
 def test_batch_pick_takes_a_larger_batch_only_where_it_buys_images_per_second():
