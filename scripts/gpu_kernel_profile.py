@@ -65,8 +65,8 @@ def wall_ms(call, device: torch.device, calls: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def profile(call, device: torch.device, calls: int) -> list[tuple[str, float, int]]:
-    """``call`` run ``calls`` times under the profiler."""
+def profile(call, device: torch.device, calls: int) -> torch.profiler.profile:
+    """The profile of ``call`` run ``calls`` times: host events, and the device's kernels on CUDA."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -75,7 +75,7 @@ def profile(call, device: torch.device, calls: int) -> list[tuple[str, float, in
             call()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    return kernel_times(prof, device, calls)
+    return prof
 
 
 def category_ms(rows: list[tuple[str, float, int]]) -> dict[str, dict]:
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
             with cudnn_autotuned(device) if args.cudnn_benchmark else contextlib.nullcontext():
                 wall = wall_ms(call, device, 2 * args.calls)
-                rows = profile(call, device, args.calls)
+                rows = kernel_times(profile(call, device, args.calls), device, args.calls)
             entry = {"method": spec.method, "config": spec.describe(), "mode": mode, "wall_ms": round(wall, 3),
                      **summarise(rows, args.top)}
             doc["runs"].append(entry)

@@ -370,12 +370,12 @@ def plot_sweeps(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("dense", "evo", "idle", "clutter") if n in results and results[n].get("sweeps")]
+    titles = {"dense": "dense, methods applied without training", "evo": "Evo(0.5) trained from scratch",
+              "idle": "Idle(0.7) fine-tuned from dense", "clutter": "Evo(0.5) from scratch, cluttered 64 px"}
+    names = [n for n in titles if n in results and results[n].get("sweeps")]
     if not names:
         return
     fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.8), dpi=120, squeeze=False)
-    titles = {"dense": "dense, methods applied without training", "evo": "Evo(0.5) trained from scratch",
-              "idle": "Idle(0.7) fine-tuned from dense", "clutter": "Evo(0.5) from scratch, cluttered 64 px"}
     for ax, name in zip(axes[0], names):
         res = results[name]
         for i, (method, sweep) in enumerate(res["sweeps"].items()):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpu_kernel_profile import category_ms, kernel_times  # sibling script: the kernel categories live there
+from gpu_kernel_profile import category_ms, kernel_times, profile  # sibling script: kernel profiles and kinds
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ def warm_up(model: torch.nn.Module, images: torch.Tensor, amp: str, device: torc
 
 
 def _kernels(prof) -> tuple[float | None, int | None, dict | None]:
-    """Summed self time (ms), count and per-category ms (``gpu_kernel_profile.category``) of the device kernels in
-    a profile; (None, None, None) with no device."""
+    """Summed self time (ms), count and per-kind ms (``gpu_kernel_kinds.category``) of the device kernels in a
+    profile; (None, None, None) with no device."""
     rows = kernel_times(prof, torch.device("cuda"), 1)  # device events only, whatever device the host is
     if not rows:
         return None, None, None
@@ -64,12 +64,7 @@ def probe_method(model: torch.nn.Module, images: torch.Tensor, amp: str, device:
     """One method's forward: median wall ms over ``calls`` (unprofiled), then per forward under the profiler: the
     kernels' summed ms and count (CUDA only) and the aten calls the host made."""
     walls = [_forward(model, images, amp, device) for _ in range(calls + 1)][1:]  # the first call warms caches
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(calls):
-            _forward(model, images, amp, device)
+    prof = profile(lambda: _forward(model, images, amp, device), device, calls)
     kernel_ms, kernels, categories = _kernels(prof)
     aten = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
     return {"wall_ms": round(statistics.median(walls) * 1e3, 3),

@@ -115,7 +115,7 @@ def host_probe(doc: dict) -> list[str]:
         return out
     from gpu_kernel_kinds import TABLE_COLUMNS  # torch-free
 
-    out += ["", "The same forwards' kernel ms by kind (names matched by `scripts/gpu_kernel_profile.py`; conv is the "
+    out += ["", "The same forwards' kernel ms by kind (names matched by `scripts/gpu_kernel_kinds.py`; conv is the "
             "patch embedding):", ""]
     return out + _table(["method", *TABLE_COLUMNS],
                         [[m["method"], *(_number(m["kernel_ms_by_kind"].get(c)) for c in TABLE_COLUMNS)]
