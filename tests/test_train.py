@@ -255,3 +255,23 @@ def test_train_builds_the_model_the_configuration_beside_the_checkpoint_names(tm
     assert "w.json (beside the checkpoint)" in capsys.readouterr().err
     with pytest.raises(tokenpace.errors.TokenpaceError, match="--model deit_small_patch16_224 differs"):
         train_cli.config(make_parser().parse_args([*argv, "--model", "deit_small_patch16_224"]))
+
+
+def test_weight_decay_spares_biases_norms_and_the_models_no_weight_decay_names():
+    """timm's rule (DeiT's recipe): decay on weight matrices only; none on 1-D parameters (biases, norms) or on
+    the names a model lists in ``no_weight_decay()`` (pos_embed, cls_token), the evo-scratch auxiliary head's
+    too."""
+    from tokenpace.train.loop import param_groups
+    from tokenpace.train.objectives import EvoScratchObjective
+
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=4,
+                              depth=2, global_pool="avg")
+    objective = EvoScratchObjective(model, torch.nn.CrossEntropyLoss(), 0.5)
+    names = {id(p): n for n, p in objective.named_parameters()}
+    decayed = {names[id(p)] for g in param_groups(objective, 0.05) if g["weight_decay"] > 0 for p in g["params"]}
+    spared = {names[id(p)] for g in param_groups(objective, 0.05) if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed | spared == set(names.values()) and not decayed & spared
+    assert {"model.pos_embed", "model.cls_token", "model.fc_norm.weight", "model.blocks.0.attn.qkv.bias",
+            "aux_head.0.weight", "aux_head.1.bias"} <= spared
+    assert all(n.endswith(".weight") and objective.get_parameter(n).ndim > 1 for n in decayed)
+    assert {"model.patch_embed.proj.weight", "model.blocks.1.mlp.fc2.weight", "aux_head.1.weight"} <= decayed

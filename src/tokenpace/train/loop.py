@@ -187,7 +187,8 @@ def param_groups(objective: nn.Module, weight_decay: float) -> list[dict]:
     groups = []
     for module in objective.trainable():
         skip = module.no_weight_decay() if hasattr(module, "no_weight_decay") else ()
-        groups += param_groups_weight_decay(module, weight_decay, skip)
+        # by keyword: timm 1.0.x put weight_decay_exclude_1d third, where the list was before
+        groups += param_groups_weight_decay(module, weight_decay, no_weight_decay_list=skip)
     return [g | {"params": [p for p in g["params"] if p.requires_grad]} for g in groups]
 
 
