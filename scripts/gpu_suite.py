@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import sys
@@ -35,11 +36,15 @@ from gpu_suite_cifar import (SWEEP_METHODS, CifarConfig, evaluate_model, finetun
                              plot_sweeps, train_dense, train_evo)
 from gpu_suite_common import Deadline, Log, alarm_at, write_json  # noqa: E402
 from gpu_suite_data import cluttered, decode_cifar, to_device  # noqa: E402
+from gpu_suite_preflight import collect as collect_preflight  # noqa: E402
+from gpu_suite_preflight import start as start_preflight  # noqa: E402
 from gpu_suite_throughput import ThroughputPlan, find_row, full_plan, run_throughput, smoke_plan  # noqa: E402
 from tokenpace.runtime import cudnn_autotuned  # noqa: E402
 
 LOG, SUMMARY, THROUGHPUT, CIFAR, PLOT = "suite.log", "summary.json", "throughput.json", "cifar.json", "cifar_sweep.png"
 SECTIONS = ("data", "throughput", "dense", "evo", "idle", "clutter")
+CIFAR_SECTIONS = ("dense", "evo", "idle", "clutter")
+PREFLIGHT_S = 45.0  # the CUDA graph preflight's time from its start (it takes ~10 s: imports, CUDA, 5 captures)
 DATA_CANDIDATES = (ROOT / "data" / "cifar10_jpeg.npz", ROOT.parent / "shared" / "data" / "cifar10_jpeg.npz")
 
 
@@ -91,9 +96,11 @@ def smoke_cifar(data: str) -> CifarConfig:
 class Suite:
     """Runs the sections, keeps their results, and rewrites summary.json after each."""
 
-    def __init__(self, cfg: SuiteConfig, start: float) -> None:
+    def __init__(self, cfg: SuiteConfig, start: float, preflight=None) -> None:
         self.cfg = cfg
         self.start = start
+        self.preflight = preflight  # the CUDA graph preflight's process (gpu_suite_preflight.start), or None
+        self.preflight_started = time.perf_counter()
         os.makedirs(cfg.out, exist_ok=True)
         self.log = Log(os.path.join(cfg.out, LOG), start)
         self.end = Deadline(start + cfg.budgets.total)
@@ -156,6 +163,8 @@ class Suite:
     # sections -----------------------------------------------------------------------------------------------------
 
     def section_throughput(self, deadline: Deadline) -> None:
+        self.resolve_graphs()  # the preflight's GPU work ends before anything is timed
+
         def save(doc: dict) -> None:
             self.throughput = doc
             write_json(self.path(THROUGHPUT), {**environment(self.cfg.device), **doc})
@@ -171,7 +180,24 @@ class Suite:
         self.log(f"CIFAR-10 decoded: {len(self.host_data[0].labels)} train + {len(self.host_data[1].labels)} test "
                  f"images from {c.data}")
 
+    def resolve_graphs(self) -> None:
+        """Once: wait for the CUDA graph preflight and train from graphs only if it captured every kind of step."""
+        if "graph_preflight" in self.cifar:
+            return
+        if self.preflight is None:
+            result = {"ok": False, "error": "not run: " + ("no CIFAR section" if self.cfg.device.type == "cuda"
+                                                            else "not on CUDA (training steps run eagerly there)")}
+        else:
+            result = collect_preflight(self.preflight, PREFLIGHT_S - (time.perf_counter() - self.preflight_started))
+            self.preflight = None
+            self.log(f"CUDA graph preflight: {'ok' if result['ok'] else 'failed'} "
+                     + json.dumps({k: v for k, v in result.items() if k != 'ok'})
+                     + ("" if result["ok"] else "; training steps run eagerly"))
+        self.cifar["graph_preflight"] = result
+        self.cifar_cfg = dataclasses.replace(self.cifar_cfg, cuda_graphs=bool(result["ok"]))
+
     def cifar_data(self):
+        self.resolve_graphs()
         if self.host_data is None:
             raise RuntimeError("no CIFAR-10 images: the data section did not decode them")
         if self.data is None:
@@ -180,7 +206,7 @@ class Suite:
 
     def section_dense(self, deadline: Deadline) -> None:
         train, test = self.cifar_data()
-        self.cifar_cfg, self.cifar["batch_pick"] = pick_batch(train, self.cfg.cifar, self.cfg.device, self.log)
+        self.cifar_cfg, self.cifar["batch_pick"] = pick_batch(train, self.cifar_cfg, self.cfg.device, self.log)
         model, report = train_dense(train, self.cifar_cfg, self.cfg.device, deadline, self.log)
         self.dense_model, self.dense_steps = model, report.steps
         self.save_cifar("dense", report, evaluate_model(model, None, SWEEP_METHODS, test, self.cifar_cfg,
@@ -226,7 +252,7 @@ class Suite:
         plot_sweeps(self.cifar, self.path(PLOT))
         extra = f", random scores {evaluation['random_top1']:.2f}" if "random_top1" in evaluation else ""
         self.log(f"{name}: top-1 {evaluation['top1']:.2f}%{extra} after {report.epochs:.1f} epochs "
-                 f"({report.steps} steps, {report.seconds:.0f} s, stopped by {report.stopped_by})")
+                 f"({report.steps} steps, {report.seconds:.0f} s, stopped by {report.stopped_by}; steps {report.step_mode})")
 
     # summary ------------------------------------------------------------------------------------------------------
 
@@ -371,9 +397,15 @@ def main(argv: list[str] | None = None, start: float | None = None) -> dict:
     if cfg.smoke:
         # toy tensors on a shared CPU: a second OpenMP thread waiting on a busy core made forwards ~100x slower
         torch.set_num_threads(1)
+    # beside the suite's own start-up: a capture CUDA refuses must not leave this process in capture state
+    preflight = (start_preflight(cfg.device) if cfg.device.type == "cuda" and set(CIFAR_SECTIONS) & set(cfg.sections)
+                 else None)
     try:
-        return Suite(cfg, time.perf_counter() if start is None else start).run()
+        return Suite(cfg, time.perf_counter() if start is None else start, preflight).run()
     finally:
+        if preflight is not None and preflight.poll() is None:  # the suite ended before it read the result
+            preflight.kill()
+            preflight.communicate()
         torch.set_num_threads(threads)
         if cfg.smoke:  # no pool of inductor compile workers left running beside the caller (a test process)
             from torch._inductor.async_compile import shutdown_compile_workers

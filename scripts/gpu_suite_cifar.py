@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -19,9 +18,10 @@ from torch import nn
 
 import tokenpace
 from gpu_suite_common import Deadline
-from gpu_suite_data import DeviceSplit, augment, normalize, paste_on_noise
+from gpu_suite_data import DeviceSplit, normalize
+import gpu_suite_steps
+from gpu_suite_steps import TrainSteps, autocast
 from tokenpace.train.objectives import EvoScratchObjective, Objective, make_objective
-from tokenpace.train.loop import param_groups
 from tokenpace.train.recipes import get_recipe
 
 SWEEP_METHODS = ("evo", "idle", "evit", "topk")  # applied to the dense model without fine-tuning
@@ -60,6 +60,8 @@ class CifarConfig:
     idle_lr: float = 1e-4
     idle_objective: str = "ce"  # "ce" (cross-entropy) or "distill" (the idle-finetune recipe's objective)
     sweep_keeps: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    cuda_graphs: bool = True  # on CUDA, replay each training step from a CUDA graph (gpu_suite_steps); the suite
+    # turns it off where its preflight (gpu_suite_preflight, in a process of its own) could not capture the steps
     # training images pasted at random places on noise of this size before augmenting (None: the images as they
     # are); img_size must then equal it. The clutter section sets it, with the patch below
     canvas: int | None = None
@@ -95,6 +97,8 @@ class TrainReport:
     seconds: float
     stopped_by: str  # "time" or "steps"
     history: list[dict] = field(default_factory=list)
+    step_mode: str = ""  # how the steps ran: "cuda_graph" or "eager: <why>" (TrainSteps.mode)
+    captures: int = 0  # CUDA graph captures of the step (Evo's switch to stage mode captures it again)
 
 
 def cifar_vit(cfg: CifarConfig, global_pool: str = "token", drop_path: float | None = None) -> nn.Module:
@@ -107,36 +111,12 @@ def cifar_vit(cfg: CifarConfig, global_pool: str = "token", drop_path: float | N
                              drop_path_rate=cfg.drop_path if drop_path is None else drop_path)
 
 
-def autocast(cfg: CifarConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else nullcontext()
-
-
 def lr_at(progress: float, peak: float, floor: float, warmup: float) -> float:
     """Linear warm-up over the first ``warmup`` of the budget, then cosine from ``peak`` down to ``floor``."""
     if progress < warmup:
         return peak * max(progress / warmup, 1e-3)
     t = min(1.0, (progress - warmup) / max(1e-9, 1 - warmup))
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
-
-
-def adamw(objective: Objective, cfg: CifarConfig, lr: float, device: torch.device) -> torch.optim.AdamW:
-    fused = device.type == "cuda"  # one kernel for the whole AdamW update
-    return torch.optim.AdamW(param_groups(objective, cfg.weight_decay), lr=lr, weight_decay=cfg.weight_decay,
-                             fused=fused)
-
-
-def train_step(objective: Objective, optimizer: torch.optim.Optimizer, data: DeviceSplit, idx: torch.Tensor,
-               cfg: CifarConfig, device: torch.device) -> torch.Tensor:
-    """One optimizer step on the images at ``idx``, augmented on the device; the loss, not synced."""
-    images = augment(data.images[idx], cfg.crop_pad, cfg.erase_prob)
-    if cfg.canvas is not None:  # augmented at their own size (an erased box stays a part of the object), then
-        images = paste_on_noise(images, cfg.canvas)  # placed on fresh noise at a fresh place every step
-    with autocast(cfg, device):
-        loss = objective(images, data.labels[idx])[0]
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
 
 
 PICK_SHARE = 0.8  # a larger batch trains only if it buys more than 1/0.8 of the smaller one's images per second
@@ -150,61 +130,68 @@ def choose_batch(images_per_s: dict[int, float]) -> int:
 
 def pick_batch(data: DeviceSplit, cfg: CifarConfig, device: torch.device, log,
                steps: int = 4) -> tuple[CifarConfig, dict]:
-    """Time ``steps`` training steps (after two warm-up steps) of a throw-away dense model at each batch of
-    ``cfg.batch_choices``; train at the smallest batch within PICK_SHARE of the best images per second, with the
-    learning rates scaled by sqrt(batch / cfg.batch_size). Where a step is bound by the host, a larger batch costs
-    little more time and trains on more images; where the GPU bounds it, the smaller batch's extra steps win."""
+    """Time ``steps`` training steps of a throw-away dense model at each batch of ``cfg.batch_choices``, run as the
+    training runs them (``TrainSteps``: after its warm-up and, on CUDA, its graph capture); train at the smallest
+    batch within PICK_SHARE of the best images per second, with the learning rates scaled by
+    sqrt(batch / cfg.batch_size). Where a step is bound by the host, a larger batch costs little more time and
+    trains on more images; where the GPU bounds it, the smaller batch's extra steps win."""
     began = time.perf_counter()
-    rates = {}
+    rates, modes = {}, {}
     if len(cfg.batch_choices) == 1:
         chosen = cfg.batch_choices[0]
     else:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            rates = _time_batches(data, cfg, device, steps)  # the dense run's draws stay those of an unpicked run
+            # the dense run's draws stay those of an unpicked run
+            rates, modes = _time_batches(data, cfg, device, steps)
         if not rates:
             raise ValueError(f"every batch of {cfg.batch_choices} exceeds the {len(data)} training images")
         chosen = choose_batch(rates)
     scale = math.sqrt(chosen / cfg.batch_size)
     picked = replace(cfg, batch_size=chosen, lr=cfg.lr * scale, idle_lr=cfg.idle_lr * scale)
     record = {"images_per_s": {str(b): round(r, 1) for b, r in rates.items()}, "batch_size": chosen,
-              "lr": picked.lr, "idle_lr": picked.idle_lr, "seconds": round(time.perf_counter() - began, 2)}
+              "lr": picked.lr, "idle_lr": picked.idle_lr, "seconds": round(time.perf_counter() - began, 2),
+              "step_modes": {str(b): m for b, m in modes.items()}}
     if rates:
-        log("  batch pick: " + ", ".join(f"{b}: {r:.0f} img/s" for b, r in rates.items())
+        log("  batch pick: " + ", ".join(f"{b}: {r:.0f} img/s ({modes[b]})" for b, r in rates.items())
             + f" -> {chosen}, lr {picked.lr:.2e} ({record['seconds']:.1f} s)")
     return picked, record
 
 
-def _time_batches(data: DeviceSplit, cfg: CifarConfig, device: torch.device, steps: int) -> dict[int, float]:
-    """Images per second of a throw-away dense model's training steps at each batch that the data can fill."""
-    rates = {}
+def _time_batches(data: DeviceSplit, cfg: CifarConfig, device: torch.device,
+                  steps: int) -> tuple[dict[int, float], dict[int, str]]:
+    """Images per second of a throw-away dense model's training steps at each batch that the data can fill, and
+    how each batch's steps ran (``TrainSteps.mode``)."""
+    rates, modes = {}, {}
     for batch in sorted(cfg.batch_choices):
         if batch > len(data):
             continue
         objective = Objective(cifar_vit(cfg), nn.CrossEntropyLoss()).to(device).train()
-        optimizer = adamw(objective, cfg, cfg.lr, device)
-        for i in range(steps + 2):
-            if i == 2:  # two warm-up steps: the first step's lazy initialisation is not the step's cost
+        runner = TrainSteps(objective, data, cfg, cfg.lr, device)
+        # untimed: the warm-up (lazy initialisation, the first step's cost) and the capture with its first replay
+        for i in range(runner.warmup + 1 + steps):
+            if i == runner.warmup + 1:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
-            idx = torch.randint(len(data), (batch,), device=device)
-            train_step(objective, optimizer, data, idx, cfg, device)
+            runner(torch.randint(len(data), (batch,), device=device))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         rates[batch] = batch * steps / (time.perf_counter() - start)
-        del objective, optimizer
-    if device.type == "cuda":
+        modes[batch] = runner.mode
+        del objective, runner  # the graph and its memory pool with it
+    if device.type == "cuda" and not gpu_suite_steps.capture_failed_here:  # (emptying would assert then)
         torch.cuda.empty_cache()  # the largest batch's activations: not held through the dense run
-    return rates
+    return rates, modes
 
 
 def train_timed(objective: Objective, data: DeviceSplit, cfg: CifarConfig, seconds: float, lr: float,
                 min_lr: float, device: torch.device, log, max_steps: int | None = None,
                 on_progress=None) -> TrainReport:
     """Train until ``seconds`` pass or ``max_steps`` are done, whichever comes first; the schedule follows the
-    larger of the two fractions. ``on_progress(p)`` runs before each step (Evo switches its mode there)."""
+    larger of the two fractions. ``on_progress(p)`` runs before each step and returns whether it changed the
+    model's forward (Evo switches its mode there), which a CUDA graph of the step must then capture again."""
     objective.to(device).train()
-    optimizer = adamw(objective, cfg, lr, device)
+    runner = TrainSteps(objective, data, cfg, lr, device)
     steps_per_epoch = len(data) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(data)} training images are fewer than one batch of {cfg.batch_size}")
@@ -224,13 +211,11 @@ def train_timed(objective: Objective, data: DeviceSplit, cfg: CifarConfig, secon
             progress = max(elapsed / seconds, report.steps / max_steps if max_steps else 0.0)
             if progress >= 1.0:
                 break
-            if on_progress is not None:
-                on_progress(progress)
+            if on_progress is not None and on_progress(progress):
+                runner.invalidate()
             step_lr = lr_at(progress, lr, min_lr, cfg.warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = step_lr
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            loss_sum += train_step(objective, optimizer, data, idx, cfg, device)
+            runner.set_lr(step_lr)
+            loss_sum += runner(order[i * cfg.batch_size:(i + 1) * cfg.batch_size])
             report.steps += 1
             done += 1
         if done == 0:
@@ -249,6 +234,8 @@ def train_timed(objective: Objective, data: DeviceSplit, cfg: CifarConfig, secon
         torch.cuda.synchronize(device)
     report.seconds = time.perf_counter() - start
     report.stopped_by = "steps" if max_steps and report.steps >= max_steps else "time"
+    report.step_mode, report.captures = runner.mode, runner.captures
+    runner.release()
     objective.eval()
     return report
 
@@ -329,11 +316,13 @@ def train_evo(train: DeviceSplit, cfg: CifarConfig, device: torch.device, deadli
     tokenpace.apply(model, "evo", keep=cfg.evo_keep, mode="layer")
     switched = []
 
-    def to_stage_mode(progress: float) -> None:
-        if not switched and progress >= recipe.layer_to_stage:
-            tokenpace.apply(model, "evo", keep=cfg.evo_keep, mode="stage")
-            switched.append(progress)
-            log(f"  Evo: layer -> stage mode at {progress:.2f} of training")
+    def to_stage_mode(progress: float) -> bool:
+        if switched or progress < recipe.layer_to_stage:
+            return False
+        tokenpace.apply(model, "evo", keep=cfg.evo_keep, mode="stage")
+        switched.append(progress)
+        log(f"  Evo: layer -> stage mode at {progress:.2f} of training")
+        return True
 
     report = train_timed(objective, train, cfg, training_seconds(deadline, cfg), cfg.lr, cfg.min_lr, device, log,
                          max_steps=max_steps, on_progress=to_stage_mode)

@@ -138,14 +138,18 @@ def cifar(doc: dict) -> list[str]:
         vs = "-" if dense is None or name in ("dense", "clutter") else f"{r['top1'] - dense:+.2f}"
         train = r["train"]
         rows.append([what, _number(r["top1"]), _number(r.get("random_top1")), vs, _number(r.get("dense_form_top1")),
-                     f"{train['epochs']:.1f}", str(train["steps"]), f"{train['seconds']:.0f}", train["stopped_by"]])
+                     f"{train['epochs']:.1f}", str(train["steps"]), f"{train['seconds']:.0f}", train["stopped_by"],
+                     _step_mode(train.get("step_mode"))])
     out = _table(["model", "top-1 %", "random scores %", "vs dense", "its weights run dense %", "epochs", "steps",
-                  "seconds", "stopped by"], rows)
+                  "seconds", "stopped by", "steps run"], rows)
     pick = doc.get("batch_pick")
     if pick and pick["images_per_s"]:
         rates = ", ".join(f"{b}: {r:.0f}" for b, r in pick["images_per_s"].items())
         out += ["", f"Training batch {pick['batch_size']} (learning rate {pick['lr']:.2e}, Idle's "
                     f"{pick['idle_lr']:.2e}), picked by timing a few steps at each batch (images/s: {rates})."]
+    preflight = doc.get("graph_preflight")  # runs from the third on
+    if preflight:
+        out += ["", "CUDA graph preflight: " + _preflight(preflight) + "."]
     sweeps = doc.get("dense", {}).get("sweeps", {})
     if sweeps:
         keeps = next(iter(sweeps.values()))["keeps"]
@@ -155,6 +159,20 @@ def cifar(doc: dict) -> list[str]:
                       [[m] + [f"{a:.2f} / {r:.2f}" for a, r in zip(s["attention"], s["random"])]
                        for m, s in sweeps.items()])
     return out
+
+
+def _preflight(result: dict) -> str:
+    """The CUDA graph preflight in words (gpu_suite_preflight.collect's result)."""
+    if "error" in result:
+        return result["error"]
+    verdict = "every kind of step captured and trained" if result["ok"] else "failed, so the steps ran eagerly"
+    variants = ", ".join(f"{k}: {v}" for k, v in result["variants"].items())
+    return f"{verdict} in {result['seconds']:.1f} s ({variants})"
+
+
+def _step_mode(mode: str | None) -> str:
+    """How a section's training steps ran (gpu_suite_steps.TrainSteps.mode); files before run 3 do not say."""
+    return "-" if not mode else "CUDA graph" if mode == "cuda_graph" else mode
 
 
 def left_out(summary: dict, doc: dict) -> list[str]:

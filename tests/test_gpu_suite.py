@@ -234,6 +234,9 @@ def test_cifar_results(smoke):
             assert abs(sweep["random"][-1] - res["dense_form_top1"]) <= 0.2
     for name in ("evo", "idle", "clutter"):
         assert 0 <= doc[name]["random_top1"] <= 100 and doc[name]["macs"] > 0
+    for name in ("dense", "evo", "idle", "clutter"):  # CUDA graphs of the steps on the GPU; eager here, and said
+        assert doc[name]["train"]["step_mode"] == "eager: not on CUDA" and doc[name]["train"]["captures"] == 0
+    assert doc["graph_preflight"] == {"ok": False, "error": "not run: not on CUDA (training steps run eagerly there)"}
     # the cluttered Evo model: trained on its time budget (no step count to match), tested on 500 cluttered images
     clutter = doc["clutter"]
     assert clutter["test_images"] == 500 and set(clutter["sweeps"]) == {"evo"} and clutter["train"]["steps"] > 0
@@ -250,7 +253,7 @@ def test_cifar_results(smoke):
     # the dense section timed each batch choice and trains (with Evo and Idle) at the one it picked, its learning
     # rates scaled by sqrt(batch / the configured batch)
     pick, cfg = doc["batch_pick"], doc["config"]
-    assert set(pick["images_per_s"]) == {str(b) for b in cfg["batch_choices"]}
+    assert set(pick["images_per_s"]) == set(pick["step_modes"]) == {str(b) for b in cfg["batch_choices"]}
     assert pick["batch_size"] in cfg["batch_choices"]
     scale = (pick["batch_size"] / cfg["batch_size"]) ** 0.5
     assert pick["lr"] == pytest.approx(cfg["lr"] * scale) and pick["idle_lr"] == pytest.approx(cfg["idle_lr"] * scale)
@@ -525,6 +528,8 @@ def test_tables_render_every_figure_of_the_run(smoke, tmp_path):
     cifar = load(out, "cifar.json")
     assert f"| dense, from scratch | {cifar['dense']['top1']:.2f} |" in text
     assert f"| evo(0.5), from scratch | {cifar['evo']['top1']:.2f} | {cifar['evo']['random_top1']:.2f} |" in text
+    assert text.split("| dense, from scratch |")[1].split("\n")[0].endswith("| eager: not on CUDA |")  # steps run
+    assert "CUDA graph preflight: not run: not on CUDA (training steps run eagerly there)." in text
     assert "Peak memory" not in text  # the CPU measures no CUDA peak
     probe = load(out, "throughput.json")["host_probe"]
     idle = next(m for m in probe["methods"] if m["method"] == "idle")
@@ -550,3 +555,25 @@ def test_tables_render_every_figure_of_the_run(smoke, tmp_path):
     assert f"| {method} | 3.58 | - | 0.97 | 2.56 | - | - | - | - | - |" in text.split("kernel ms by kind")[1]
     assert "- section idle: failed: RuntimeError: boom" in text
     assert "- throughput group vit_b@1024 b64 fp32 eager [dense,evo]: not run (needs 40 s, 12 s left)" in text
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_the_cuda_graph_preflight_decides_how_the_cifar_sections_train(tmp_path, data, ok):
+    """The suite reads its preflight's result once, before timing anything, and trains from CUDA graphs only where
+    the preflight captured every kind of step."""
+    import subprocess
+
+    result = {"ok": ok, "variants": {"dense": "ok"} if ok else {"dense": "RuntimeError: refused"}, "seconds": 1.0}
+    child = subprocess.Popen([sys.executable, "-c", f"print({json.dumps(json.dumps(result))})"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cfg = gpu_suite.parse_args(["--smoke", str(tmp_path), "--data", data])
+    suite = gpu_suite.Suite(cfg, time.perf_counter(), preflight=child)
+    assert suite.cifar_cfg.cuda_graphs is True  # until the preflight says
+    suite.resolve_graphs()
+    suite.resolve_graphs()  # once: the child's result is kept
+    assert suite.cifar["graph_preflight"]["ok"] is ok and suite.cifar["graph_preflight"]["variants"] == \
+        result["variants"]
+    assert suite.cifar_cfg.cuda_graphs is ok and suite.preflight is None
+    log = (tmp_path / "suite.log").read_text()
+    assert log.count("CUDA graph preflight:") == 1
+    assert ("training steps run eagerly" in log) is (not ok)
