@@ -39,8 +39,9 @@ class CifarConfig:
     num_heads: int = 3
     batch_size: int = 512  # the batch ``lr`` and ``idle_lr`` are given for
     # batches timed before the dense run; the smallest within PICK_SHARE of the best images/s trains, its learning
-    # rates scaled by sqrt(batch / batch_size). The first H200 run's 512-image step (37 ms) looked host-bound.
-    batch_choices: tuple[int, ...] = (512, 1024, 2048)
+    # rates scaled by sqrt(batch / batch_size). The first H200 run's 512-image step (37 ms) looked host-bound; with
+    # the steps replayed from CUDA graphs (from the third run on) a step costs its GPU time, so 256 competes too.
+    batch_choices: tuple[int, ...] = (256, 512, 1024, 2048)
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup: float = 0.05  # fraction of the budget
