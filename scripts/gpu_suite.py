@@ -30,21 +30,40 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT / "src")]  # the sibling modules, and this checkout's tokenpace
 
+import gpu_suite_preflight  # noqa: E402  (no torch: it can start its trial before this process imports torch)
+
+SECTIONS = ("data", "throughput", "dense", "evo", "idle", "clutter")
+CIFAR_SECTIONS = ("dense", "evo", "idle", "clutter")
+
+
+def wants_preflight(argv: list[str]) -> bool:
+    """A full (CUDA) run with a CIFAR section: the sections from ``--sections X`` or ``--sections=X``, all without."""
+    if "--smoke" in argv or "-h" in argv or "--help" in argv:
+        return False
+    sections = SECTIONS
+    for i, arg in enumerate(argv):
+        if arg == "--sections" and i + 1 < len(argv):
+            sections = argv[i + 1].split(",")
+        elif arg.startswith("--sections="):
+            sections = arg.split("=", 1)[1].split(",")
+    return any(s.strip() in CIFAR_SECTIONS for s in sections)
+
+
+# the CUDA graph trial, started beside this process's imports when run as a script
+EARLY_PREFLIGHT = (gpu_suite_preflight.start("cuda") if __name__ == "__main__" and wants_preflight(sys.argv[1:])
+                   else None)
+
 import torch  # noqa: E402
 
 from gpu_suite_cifar import (SWEEP_METHODS, CifarConfig, evaluate_model, finetune_idle, pick_batch,  # noqa: E402
                              plot_sweeps, train_dense, train_evo)
 from gpu_suite_common import Deadline, Log, alarm_at, write_json  # noqa: E402
 from gpu_suite_data import cluttered, decode_cifar, to_device  # noqa: E402
-from gpu_suite_preflight import collect as collect_preflight  # noqa: E402
-from gpu_suite_preflight import start as start_preflight  # noqa: E402
 from gpu_suite_throughput import ThroughputPlan, find_row, full_plan, run_throughput, smoke_plan  # noqa: E402
 from tokenpace.runtime import cudnn_autotuned  # noqa: E402
 
 LOG, SUMMARY, THROUGHPUT, CIFAR, PLOT = "suite.log", "summary.json", "throughput.json", "cifar.json", "cifar_sweep.png"
-SECTIONS = ("data", "throughput", "dense", "evo", "idle", "clutter")
-CIFAR_SECTIONS = ("dense", "evo", "idle", "clutter")
-PREFLIGHT_S = 45.0  # the CUDA graph preflight's time from its start (it takes ~10 s: imports, CUDA, 5 captures)
+PREFLIGHT_S = 30.0  # the CUDA graph trial's time from its start (~10 s: imports, CUDA, six captures)
 DATA_CANDIDATES = (ROOT / "data" / "cifar10_jpeg.npz", ROOT.parent / "shared" / "data" / "cifar10_jpeg.npz")
 
 
@@ -99,8 +118,8 @@ class Suite:
     def __init__(self, cfg: SuiteConfig, start: float, preflight=None) -> None:
         self.cfg = cfg
         self.start = start
-        self.preflight = preflight  # the CUDA graph preflight's process (gpu_suite_preflight.start), or None
-        self.preflight_started = time.perf_counter()
+        self.preflight = preflight  # the CUDA graph trial (gpu_suite_preflight.start), or None
+        self.preflight_result: dict | None = None
         os.makedirs(cfg.out, exist_ok=True)
         self.log = Log(os.path.join(cfg.out, LOG), start)
         self.end = Deadline(start + cfg.budgets.total)
@@ -125,6 +144,8 @@ class Suite:
                  "evo": self.section_evo, "idle": self.section_idle, "clutter": self.section_clutter}
         with cudnn_autotuned(self.cfg.device):  # the conv stems (patch embeddings) of timed and trained models
             for name in self.cfg.sections:
+                if name == "throughput":  # the trial's GPU work ends before anything is timed, in no section's time
+                    self.wait_for_preflight()
                 self.run_section(name, getattr(self.cfg.budgets, name), steps[name])
         self.write_summary()
         self.log(f"done in {time.perf_counter() - self.start:.1f} s; targets: " + "; ".join(
@@ -163,8 +184,6 @@ class Suite:
     # sections -----------------------------------------------------------------------------------------------------
 
     def section_throughput(self, deadline: Deadline) -> None:
-        self.resolve_graphs()  # the preflight's GPU work ends before anything is timed
-
         def save(doc: dict) -> None:
             self.throughput = doc
             write_json(self.path(THROUGHPUT), {**environment(self.cfg.device), **doc})
@@ -180,21 +199,37 @@ class Suite:
         self.log(f"CIFAR-10 decoded: {len(self.host_data[0].labels)} train + {len(self.host_data[1].labels)} test "
                  f"images from {c.data}")
 
+    def wait_for_preflight(self) -> None:
+        """Read the CUDA graph trial's result (waiting for it, at most until PREFLIGHT_S after its start). Never
+        raises: any trouble reads as a failed trial."""
+        if self.preflight is None:
+            return
+        try:
+            result = gpu_suite_preflight.collect(self.preflight, PREFLIGHT_S)
+        except Exception as e:  # noqa: BLE001 - the CIFAR sections still run, eagerly
+            result = {"ok": False, "error": f"reading the trial failed: {type(e).__name__}: {e}"}
+        self.preflight, self.preflight_result = None, result
+        self.log(f"CUDA graph preflight: {'ok' if result['ok'] else 'failed'} "
+                 + json.dumps({k: v for k, v in result.items() if k != 'ok'}))
+
     def resolve_graphs(self) -> None:
-        """Once: wait for the CUDA graph preflight and train from graphs only if it captured every kind of step."""
+        """Once, before the first CIFAR section: train from CUDA graphs only if the trial captured every kind of
+        step and no CUDA graph of the throughput section failed in this process (a refused capture may leave it
+        in capture state)."""
         if "graph_preflight" in self.cifar:
             return
-        if self.preflight is None:
-            result = {"ok": False, "error": "not run: " + ("no CIFAR section" if self.cfg.device.type == "cuda"
-                                                            else "not on CUDA (training steps run eagerly there)")}
-        else:
-            result = collect_preflight(self.preflight, PREFLIGHT_S - (time.perf_counter() - self.preflight_started))
-            self.preflight = None
-            self.log(f"CUDA graph preflight: {'ok' if result['ok'] else 'failed'} "
-                     + json.dumps({k: v for k, v in result.items() if k != 'ok'})
-                     + ("" if result["ok"] else "; training steps run eagerly"))
+        self.wait_for_preflight()
+        result = self.preflight_result or {"ok": False, "error": "not run: " + (
+            "no CIFAR section" if self.cfg.device.type == "cuda" else "not on CUDA (training steps run eagerly there)")}
+        failed = [g["key"] for g in self.throughput.get("failed", []) if g.get("replays_graphs")]
+        if result["ok"] and failed:
+            result = {**result, "ok": False, "error": f"a throughput CUDA graph failed in this process: {failed[0]}"}
+        if self.preflight_result is not None or failed:
+            self.log("training steps: " + ("replayed from CUDA graphs" if result["ok"]
+                                           else f"eager ({result.get('error') or 'the trial failed'})"))
         self.cifar["graph_preflight"] = result
-        self.cifar_cfg = dataclasses.replace(self.cifar_cfg, cuda_graphs=bool(result["ok"]))
+        self.cifar["config"]["cuda_graphs"] = result["ok"]
+        self.cifar_cfg = dataclasses.replace(self.cifar_cfg, cuda_graphs=result["ok"])
 
     def cifar_data(self):
         self.resolve_graphs()
@@ -206,7 +241,9 @@ class Suite:
 
     def section_dense(self, deadline: Deadline) -> None:
         train, test = self.cifar_data()
-        self.cifar_cfg, self.cifar["batch_pick"] = pick_batch(train, self.cifar_cfg, self.cfg.device, self.log)
+        # ten timed steps a batch on the GPU (four 5 ms replays would be a noisy pick); two in the smoke run
+        self.cifar_cfg, self.cifar["batch_pick"] = pick_batch(train, self.cifar_cfg, self.cfg.device, self.log,
+                                                              steps=2 if self.cfg.smoke else 10)
         model, report = train_dense(train, self.cifar_cfg, self.cfg.device, deadline, self.log)
         self.dense_model, self.dense_steps = model, report.steps
         self.save_cifar("dense", report, evaluate_model(model, None, SWEEP_METHODS, test, self.cifar_cfg,
@@ -389,23 +426,25 @@ def parse_args(argv: list[str] | None) -> SuiteConfig:
                        argv=tuple(sys.argv[1:] if argv is None else argv))
 
 
-def main(argv: list[str] | None = None, start: float | None = None) -> dict:
-    """Run the suite; its total budget counts from ``start`` (default: now)."""
+def main(argv: list[str] | None = None, start: float | None = None,
+         preflight: gpu_suite_preflight.Launched | None = None) -> dict:
+    """Run the suite; its total budget counts from ``start`` (default: now). ``preflight``: the CUDA graph trial,
+    if already started (else started here where the run needs it)."""
     cfg = parse_args(argv)
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     if cfg.smoke:
         # toy tensors on a shared CPU: a second OpenMP thread waiting on a busy core made forwards ~100x slower
         torch.set_num_threads(1)
-    # beside the suite's own start-up: a capture CUDA refuses must not leave this process in capture state
-    preflight = (start_preflight(cfg.device) if cfg.device.type == "cuda" and set(CIFAR_SECTIONS) & set(cfg.sections)
-                 else None)
+    # a capture CUDA refuses must not leave this process in capture state: the trial runs in its own, started
+    # before this process imported torch where run as a script
+    if preflight is None and cfg.device.type == "cuda" and set(CIFAR_SECTIONS) & set(cfg.sections):
+        preflight = gpu_suite_preflight.start("cuda")
     try:
         return Suite(cfg, time.perf_counter() if start is None else start, preflight).run()
     finally:
-        if preflight is not None and preflight.poll() is None:  # the suite ended before it read the result
-            preflight.kill()
-            preflight.communicate()
+        if preflight is not None:  # the suite ended before it read the result
+            preflight.stop()
         torch.set_num_threads(threads)
         if cfg.smoke:  # no pool of inductor compile workers left running beside the caller (a test process)
             from torch._inductor.async_compile import shutdown_compile_workers
@@ -414,4 +453,4 @@ def main(argv: list[str] | None = None, start: float | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(start=PROCESS_START)
+    main(start=PROCESS_START, preflight=EARLY_PREFLIGHT)

@@ -130,7 +130,7 @@ def choose_batch(images_per_s: dict[int, float]) -> int:
 
 
 def pick_batch(data: DeviceSplit, cfg: CifarConfig, device: torch.device, log,
-               steps: int = 4) -> tuple[CifarConfig, dict]:
+               steps: int = 10) -> tuple[CifarConfig, dict]:
     """Time ``steps`` training steps of a throw-away dense model at each batch of ``cfg.batch_choices``, run as the
     training runs them (``TrainSteps``: after its warm-up and, on CUDA, its graph capture); train at the smallest
     batch within PICK_SHARE of the best images per second, with the learning rates scaled by

@@ -328,7 +328,8 @@ def run_throughput(plan: ThroughputPlan, device: torch.device, deadline: Deadlin
                 if group.compile:  # a compilation stopped half-way: leave no partial state to later sections
                     torch._dynamo.reset()
             else:
-                doc["failed"].append({"key": group.key, "error": f"{type(err).__name__}: {str(err)[:500]}"})
+                doc["failed"].append({"key": group.key, "error": f"{type(err).__name__}: {str(err)[:500]}",
+                                      "replays_graphs": group.run_mode.replays_graphs})
                 log(f"  failed: {type(err).__name__}: {str(err)[:300]}")
         save(doc)
     return doc

@@ -172,7 +172,7 @@ def _preflight(result: dict) -> str:
 
 def _step_mode(mode: str | None) -> str:
     """How a section's training steps ran (gpu_suite_steps.TrainSteps.mode); files before run 3 do not say."""
-    return "-" if not mode else "CUDA graph" if mode == "cuda_graph" else mode
+    return "-" if not mode else "CUDA graph" if mode == "cuda_graph" else mode.replace("|", "\\|")  # a cell
 
 
 def left_out(summary: dict, doc: dict) -> list[str]:

@@ -557,23 +557,42 @@ def test_tables_render_every_figure_of_the_run(smoke, tmp_path):
     assert "- throughput group vit_b@1024 b64 fp32 eager [dense,evo]: not run (needs 40 s, 12 s left)" in text
 
 
-@pytest.mark.parametrize("ok", [True, False])
-def test_the_cuda_graph_preflight_decides_how_the_cifar_sections_train(tmp_path, data, ok):
-    """The suite reads its preflight's result once, before timing anything, and trains from CUDA graphs only where
-    the preflight captured every kind of step."""
-    import subprocess
+@pytest.mark.parametrize("case", ["ok", "refused", "throughput graph failed"])
+def test_the_cuda_graph_trial_decides_how_the_cifar_sections_train(tmp_path, data, case):
+    """The suite reads its trial's result once, before timing anything, and trains from CUDA graphs only where
+    the trial captured every kind of step and no CUDA graph of the throughput section failed in the process."""
+    from gpu_suite_preflight import Launched
 
-    result = {"ok": ok, "variants": {"dense": "ok"} if ok else {"dense": "RuntimeError: refused"}, "seconds": 1.0}
-    child = subprocess.Popen([sys.executable, "-c", f"print({json.dumps(json.dumps(result))})"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ok = case != "refused"
+    result = {"ok": ok, "variants": {"dense": "ok" if ok else "RuntimeError: refused"}, "seconds": 1.0}
+    child = Launched([sys.executable, "-c", f"print({json.dumps(json.dumps(result))})"])
     cfg = gpu_suite.parse_args(["--smoke", str(tmp_path), "--data", data])
     suite = gpu_suite.Suite(cfg, time.perf_counter(), preflight=child)
-    assert suite.cifar_cfg.cuda_graphs is True  # until the preflight says
+    suite.wait_for_preflight()  # before the throughput section
+    assert suite.preflight is None and suite.preflight_result["variants"] == result["variants"]
+    if case == "throughput graph failed":
+        suite.throughput = {"failed": [{"key": "deit_s b1 bf16 compiled reduce-overhead [dense,evo,idle]",
+                                        "error": "RuntimeError: boom", "replays_graphs": True},
+                                       {"key": "deit_s b256 bf16 compiled [dense]", "error": "RuntimeError: x",
+                                        "replays_graphs": False}]}
+    assert suite.cifar_cfg.cuda_graphs is True  # until the first CIFAR section decides
     suite.resolve_graphs()
-    suite.resolve_graphs()  # once: the child's result is kept
-    assert suite.cifar["graph_preflight"]["ok"] is ok and suite.cifar["graph_preflight"]["variants"] == \
-        result["variants"]
-    assert suite.cifar_cfg.cuda_graphs is ok and suite.preflight is None
+    suite.resolve_graphs()  # once
+    graphs = case == "ok"
+    assert suite.cifar["graph_preflight"]["ok"] is graphs and suite.cifar_cfg.cuda_graphs is graphs
+    assert suite.cifar["config"]["cuda_graphs"] is graphs  # cifar.json says what ran
     log = (tmp_path / "suite.log").read_text()
-    assert log.count("CUDA graph preflight:") == 1
-    assert ("training steps run eagerly" in log) is (not ok)
+    assert log.count("CUDA graph preflight:") == 1 and log.count("training steps:") == 1
+    if case == "throughput graph failed":
+        assert suite.cifar["graph_preflight"]["error"] == ("a throughput CUDA graph failed in this process: "
+                                                          "deit_s b1 bf16 compiled reduce-overhead [dense,evo,idle]")
+    assert ("training steps: replayed from CUDA graphs" in log) is graphs
+
+
+def test_only_a_full_run_with_a_cifar_section_starts_the_trial():
+    assert gpu_suite.wants_preflight(["out"])
+    assert gpu_suite.wants_preflight(["out", "--sections", "data,dense"])
+    assert gpu_suite.wants_preflight(["out", "--sections=clutter"])
+    assert not gpu_suite.wants_preflight(["out", "--sections", "data,throughput"])
+    assert not gpu_suite.wants_preflight(["--smoke", "out"])
+    assert not gpu_suite.wants_preflight(["--help"])

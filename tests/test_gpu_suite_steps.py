@@ -30,25 +30,33 @@ def objective() -> Objective:
 
 class Rerun:
     """A CUDA graph's stand-in: capturing runs nothing (a capture launches no kernels); a replay runs the captured
-    step again from fresh gradients (the graph's backward writes them, it does not add to them)."""
+    step again from fresh gradients (the graph's backward writes them, it does not add to them). A graph reads
+    the learning-rate tensors it saw at capture, so every replay checks that the runner still fills those: a
+    rerun Python step would read a new value however it was set, a real replay would not."""
 
-    def __init__(self, fn, params):
-        self.fn, self.params, self.output = fn, params, None
+    def __init__(self, fn, runner: TrainSteps):
+        self.fn, self.runner, self.output = fn, runner, None
+        self.lrs = [group["lr"] for group in runner.optimizer.param_groups]
+        assert all(isinstance(lr, torch.Tensor) for lr in self.lrs)
 
     def replay(self):
-        for p in self.params:
+        assert all(group["lr"] is lr for group, lr in zip(self.runner.optimizer.param_groups, self.lrs))
+        for p in self.runner.objective.parameters():
             p.grad = None
         self.output = self.fn()
         return self.output
 
 
-def stand_in(obj, made=None):
+def graphed_runner(obj: Objective, made: list | None = None, **kwargs) -> TrainSteps:
+    """A runner on the CPU that captures with :class:`Rerun` (each capture appended to ``made``)."""
     def make(fn):
-        graph = Rerun(fn, list(obj.parameters()))
+        graph = Rerun(fn, runner)
         if made is not None:
             made.append(graph)
         return graph
-    return make
+
+    runner = TrainSteps(obj, DATA, CFG, LRS[0], torch.device("cpu"), graphed=True, graph=make, **kwargs)
+    return runner
 
 
 def train(runner: TrainSteps, steps: int, invalidate_at: int | None = None) -> list[float]:
@@ -73,8 +81,7 @@ def test_replayed_steps_train_as_eager_steps_do():
     eager = TrainSteps(eager_obj, DATA, CFG, LRS[0], torch.device("cpu"))
     assert eager.mode == "eager: not on CUDA"
     made = []
-    graphed = TrainSteps(graph_obj, DATA, CFG, LRS[0], torch.device("cpu"), graphed=True,
-                         graph=stand_in(graph_obj, made))
+    graphed = graphed_runner(graph_obj, made)
     steps = WARMUP_STEPS + 5
     expected, got = train(eager, steps), train(graphed, steps)
     # each replay read its own batch and learning rate: the losses and the weights are the eager ones
@@ -86,8 +93,7 @@ def test_replayed_steps_train_as_eager_steps_do():
 def test_a_changed_forward_is_captured_again_after_a_new_warm_up():
     eager_obj, graph_obj = objective(), objective()
     made = []
-    graphed = TrainSteps(graph_obj, DATA, CFG, LRS[0], torch.device("cpu"), graphed=True,
-                         graph=stand_in(graph_obj, made))
+    graphed = graphed_runner(graph_obj, made)
     steps = 2 * (WARMUP_STEPS + 1) + 2
     expected = train(TrainSteps(eager_obj, DATA, CFG, LRS[0], torch.device("cpu")), steps)
     got = train(graphed, steps, invalidate_at=WARMUP_STEPS + 2)
@@ -201,17 +207,28 @@ def test_preflight_trains_every_kind_of_step_from_graphs_and_stops_at_the_first_
 
 
 def test_preflight_results_are_read_from_the_child_or_reported_missing():
-    import subprocess
+    from gpu_suite_preflight import Launched, collect
 
-    from gpu_suite_preflight import collect
-
-    def child(code: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+    def child(code: str) -> Launched:
+        return Launched([sys.executable, "-c", code])
 
     done = collect(child('print("log line"); print(\'{"ok": true, "variants": {"dense": "ok"}}\')'), 30)
     assert done["ok"] is True and done["variants"] == {"dense": "ok"} and done["waited_s"] >= 0
     crashed = collect(child('import sys; sys.exit("CUDA error: out of memory")'), 30)
-    assert crashed == {"ok": False, "error": "exit code 1: CUDA error: out of memory"}
-    hung = collect(child("import time; time.sleep(60)"), 0.5)
-    assert hung == {"ok": False, "error": "no result within 0 s (killed)"}
+    assert crashed == {"ok": False, "error": "exit code 1, no result: CUDA error: out of memory"}
+    for last_line in ('["ok"]', '{"variants": {}}', '{"ok": "yes"}'):  # JSON, but not a verdict
+        odd = collect(child(f"print({last_line!r})"), 30)
+        assert odd == {"ok": False, "error": "exit code 0, no result: no output"}
+    hung = child("import time; time.sleep(60)")
+    assert collect(hung, 0.5) == {"ok": False, "error": "no result within 0 s of its start (killed)"}
+    assert hung.proc.poll() is not None  # killed, not left behind
+
+
+def test_the_real_trial_runs_in_its_own_process_to_its_verdict():
+    """The script itself (its imports, its path to this checkout's tokenpace): on the CPU the capture is refused,
+    and the refusal is the verdict it prints."""
+    from gpu_suite_preflight import collect, start
+
+    result = collect(start("cpu"), 120)
+    assert result["ok"] is False and list(result["variants"]) == ["dense"]
+    assert result["variants"]["dense"].startswith("RuntimeError: the steps ran 'eager: the capture failed (")
