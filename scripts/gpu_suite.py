@@ -289,7 +289,8 @@ class Suite:
         plot_sweeps(self.cifar, self.path(PLOT))
         extra = f", random scores {evaluation['random_top1']:.2f}" if "random_top1" in evaluation else ""
         self.log(f"{name}: top-1 {evaluation['top1']:.2f}%{extra} after {report.epochs:.1f} epochs "
-                 f"({report.steps} steps, {report.seconds:.0f} s, stopped by {report.stopped_by}; steps {report.step_mode})")
+                 f"({report.steps} steps, {report.seconds:.0f} s, stopped by {report.stopped_by}; "
+                 f"steps {report.step_mode})")
 
     # summary ------------------------------------------------------------------------------------------------------
 

@@ -18,8 +18,8 @@ from torch import nn
 
 import tokenpace
 from gpu_suite_common import Deadline
-from gpu_suite_data import DeviceSplit, normalize
 import gpu_suite_steps
+from gpu_suite_data import DeviceSplit, normalize
 from gpu_suite_steps import TrainSteps, autocast
 from tokenpace.train.objectives import EvoScratchObjective, Objective, make_objective
 from tokenpace.train.recipes import get_recipe
@@ -306,15 +306,32 @@ def train_dense(train: DeviceSplit, cfg: CifarConfig, device: torch.device, dead
     return model, report
 
 
-def train_evo(train: DeviceSplit, cfg: CifarConfig, device: torch.device, deadline: Deadline, log,
-              max_steps: int | None):
-    """Evo-ViT from scratch (the evo-scratch recipe): average-pool head + auxiliary class-token head (0.5 / 0.5),
-    layer-wise selection for the first 2/3 of training, then stage-wise."""
+def evo_scratch_objective(cfg: CifarConfig) -> EvoScratchObjective:
+    """The evo-scratch recipe's objective on a new model: average-pool head + auxiliary class-token head
+    (0.5 / 0.5), the model patched with Evo in layer mode (the first 2/3 of training)."""
     recipe = get_recipe("evo-scratch")
     model = cifar_vit(cfg, global_pool=recipe.global_pool)
     objective = EvoScratchObjective(model, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
                                     recipe.aux_weight)
     tokenpace.apply(model, "evo", keep=cfg.evo_keep, mode="layer")
+    return objective
+
+
+def freeze_as_idle_finetune(model: nn.Module) -> nn.Module:
+    """``model`` with the parameters the idle-finetune recipe freezes (cls_token, pos_embed) frozen."""
+    for name, p in model.named_parameters():
+        if name in get_recipe("idle-finetune").freeze:
+            p.requires_grad_(False)
+    return model
+
+
+def train_evo(train: DeviceSplit, cfg: CifarConfig, device: torch.device, deadline: Deadline, log,
+              max_steps: int | None):
+    """Evo-ViT from scratch (the evo-scratch recipe, :func:`evo_scratch_objective`), layer-wise selection for the
+    first 2/3 of training, then stage-wise."""
+    recipe = get_recipe("evo-scratch")
+    objective = evo_scratch_objective(cfg)
+    model = objective.model
     switched = []
 
     def to_stage_mode(progress: float) -> bool:
@@ -336,10 +353,7 @@ def finetune_idle(dense: nn.Module, train: DeviceSplit, cfg: CifarConfig, device
     """Idle from the dense weights: cross-entropy, or the idle-finetune recipe's objective (frozen dense teacher,
     token cut loss, distillation); cls_token and pos_embed frozen as in that recipe."""
     recipe = get_recipe("idle-finetune")
-    model = copy.deepcopy(dense).train()
-    for name, p in model.named_parameters():
-        if name in recipe.freeze:
-            p.requires_grad_(False)
+    model = freeze_as_idle_finetune(copy.deepcopy(dense).train())
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     if cfg.idle_objective == "distill":
         objective = make_objective(replace(recipe, method=tokenpace.Idle(keep=cfg.idle_keep)), model, criterion,

@@ -84,28 +84,19 @@ def toy_config(device_type: str):
 
 
 def toy_objective(variant: str, cfg):
-    """The objective and method the suite trains for ``variant``, on a toy model, with the parameters the suite
-    freezes frozen (Idle's fine-tuning: the idle-finetune recipe's)."""
+    """The objective and method the suite trains for ``variant``, built as the suite builds them, on a toy model."""
     from torch import nn
 
     import tokenpace
-    from gpu_suite_cifar import cifar_vit
-    from tokenpace.train.objectives import EvoScratchObjective, Objective
-    from tokenpace.train.recipes import get_recipe
+    from gpu_suite_cifar import cifar_vit, evo_scratch_objective, freeze_as_idle_finetune
+    from tokenpace.train.objectives import Objective
 
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     if variant.startswith("evo"):
-        recipe = get_recipe("evo-scratch")
-        model = cifar_vit(cfg, global_pool=recipe.global_pool)
-        tokenpace.apply(model, "evo", keep=cfg.evo_keep, mode="layer")
-        return EvoScratchObjective(model, criterion, recipe.aux_weight)
+        return evo_scratch_objective(cfg)
     model = cifar_vit(cfg)
-    if variant == "idle":
-        for name, p in model.named_parameters():
-            if name in get_recipe("idle-finetune").freeze:
-                p.requires_grad_(False)
-        tokenpace.apply(model, "idle", keep=cfg.idle_keep)
-    return Objective(model, criterion)
+    if variant == "idle":  # fine-tuned from dense weights (here: fresh ones), its recipe's parameters frozen
+        tokenpace.apply(freeze_as_idle_finetune(model), "idle", keep=cfg.idle_keep)
+    return Objective(model, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
 
 
 def try_variant(variant: str, device, graph=None) -> None:

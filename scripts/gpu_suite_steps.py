@@ -200,7 +200,6 @@ class TrainSteps:
             # a host sync in the step: no graph, and this step again, eagerly
             torch.cuda.current_stream(self.device).wait_stream(self._side)
             self._fall_back(f"the step synchronises with the host ({_first_line(e)})")
-            self.optimizer.zero_grad(set_to_none=True)
             return self._eager(idx)
         torch.cuda.current_stream(self.device).wait_stream(self._side)
         return loss
@@ -222,12 +221,13 @@ class TrainSteps:
             raise
         except RuntimeError as e:
             self._fall_back(f"the capture failed ({_first_line(e)})")
-            self.optimizer.zero_grad(set_to_none=True)
             return
         self.captures += 1
 
     def _fall_back(self, reason: str) -> None:
+        """Eager steps from now on; the failed step's gradients go (the eager rerun of the step writes its own)."""
         self.graphed, self.eager_reason, self._graph = False, reason, None
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def _first_line(error: BaseException) -> str:

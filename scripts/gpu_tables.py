@@ -18,7 +18,11 @@ def _load(folder: Path, name: str) -> dict:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    """A Markdown table; a "|" inside a cell (an error message, a step mode's reason) is escaped."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]
 
 
 def _number(value, digits: int = 2, suffix: str = "") -> str:
@@ -172,7 +176,7 @@ def _preflight(result: dict) -> str:
 
 def _step_mode(mode: str | None) -> str:
     """How a section's training steps ran (gpu_suite_steps.TrainSteps.mode); files before run 3 do not say."""
-    return "-" if not mode else "CUDA graph" if mode == "cuda_graph" else mode.replace("|", "\\|")  # a cell
+    return "-" if not mode else "CUDA graph" if mode == "cuda_graph" else mode
 
 
 def left_out(summary: dict, doc: dict) -> list[str]:

@@ -596,3 +596,10 @@ def test_only_a_full_run_with_a_cifar_section_starts_the_trial():
     assert not gpu_suite.wants_preflight(["out", "--sections", "data,throughput"])
     assert not gpu_suite.wants_preflight(["--smoke", "out"])
     assert not gpu_suite.wants_preflight(["--help"])
+
+
+def test_table_cells_keep_their_pipes_escaped():
+    """A reason or an error in a cell (a step mode's "eager: ...") cannot split the Markdown row."""
+    import gpu_tables
+
+    assert gpu_tables._table(["mode"], [["eager: a | b"]]) == ["| mode |", "|---|", "| eager: a \\| b |"]

@@ -11,12 +11,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
-from gpu_suite_cifar import CifarConfig, cifar_vit  # noqa: E402
+from gpu_suite_cifar import CifarConfig, cifar_vit, evo_scratch_objective  # noqa: E402
 from gpu_suite_common import DeadlineReached  # noqa: E402
 from gpu_suite_data import DeviceSplit  # noqa: E402
 from gpu_suite_steps import WARMUP_STEPS, TrainSteps, step_loss  # noqa: E402
-from tokenpace.train.objectives import EvoScratchObjective, Objective  # noqa: E402
-from tokenpace.train.recipes import get_recipe  # noqa: E402
+from tokenpace.train.objectives import Objective  # noqa: E402
 
 CFG = CifarConfig(data="-", embed_dim=24, depth=2, num_heads=2, amp="none", erase_prob=0.5)
 DATA = DeviceSplit(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (64,)))
@@ -158,10 +157,9 @@ def test_the_suites_training_steps_never_wait_for_the_host(method):
     cfg = CFG.cluttered() if method == "evo-cluttered" else CFG
     name, _, mode = method.partition("-")
     if name == "evo":  # as train_evo trains it: average-pool head and an auxiliary class-token head
-        recipe = get_recipe("evo-scratch")
-        obj = EvoScratchObjective(cifar_vit(cfg, global_pool=recipe.global_pool), nn.CrossEntropyLoss(),
-                                  recipe.aux_weight).train()
-        tokenpace.apply(obj.model, "evo", keep=0.5, mode="stage" if mode == "stage" else "layer")
+        obj = evo_scratch_objective(cfg).train()
+        if mode == "stage":
+            tokenpace.apply(obj.model, "evo", keep=cfg.evo_keep, mode="stage")
     else:
         obj = objective()
         if name == "idle":
