@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import copy
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -62,7 +63,7 @@ def wall_ms(call, device: torch.device, calls: int) -> float:
             torch.cuda.synchronize(device)
         if i >= 3:
             times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def profile(call, device: torch.device, calls: int) -> torch.profiler.profile:

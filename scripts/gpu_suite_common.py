@@ -57,6 +57,11 @@ class Log:
             f.write(line + "\n")
 
 
+def number_cell(value, digits: int = 2, suffix: str = "") -> str:
+    """A number for a log line or a table cell: ``digits`` decimals and ``suffix``, or "-" where it is None."""
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
 def _finite(value):
     """JSON has no NaN or infinity: such numbers become null."""
     if isinstance(value, float) and not math.isfinite(value):

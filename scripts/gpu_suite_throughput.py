@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch._dynamo  # its config is set before any compilation
 
-from gpu_suite_common import Deadline, DeadlineReached
+from gpu_suite_common import Deadline, DeadlineReached, number_cell
 from gpu_suite_host import HostProbe, run_probe
 
 ALL_METHODS = "dense,evo,idle,evit,topk"
@@ -242,10 +242,6 @@ def run_group(group: BenchGroup, model: torch.nn.Module, device: torch.device, c
             "resident_mib": None if watch.resident_mib is None else round(watch.resident_mib, 1), "rows": rows}
 
 
-def _number(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
 def deadline_cause(err: BaseException) -> DeadlineReached | None:
     """The deadline that stopped a group, if one did: the alarm may fire inside torch.compile, whose dynamo wraps
     what its backend raised (BackendCompilerFailed, with the original as its cause). The chain is followed through
@@ -292,7 +288,7 @@ def run_throughput(plan: ThroughputPlan, device: torch.device, deadline: Deadlin
                                                                         first.batch, first.amp, device)}
             w = doc["host_probe"]["warmup"]
             log(f"  warm-up: {w['calls']} calls, first {w['first_ms']:.1f} ms, last ten {w['last_median_ms']:.2f} ms")
-            log("  " + ", ".join(f"{m['method']} {m['wall_ms']:.2f} ms wall, kernels {_number(m['kernel_ms'])} ms "
+            log("  " + ", ".join(f"{m['method']} {m['wall_ms']:.2f} ms wall, kernels {number_cell(m['kernel_ms'])} ms "
                                  f"in {'-' if m['kernels'] is None else m['kernels']}, {m['aten_calls']} aten calls"
                                  for m in doc["host_probe"]["methods"]))
         except Exception as err:  # the probe informs; it must not cost the groups

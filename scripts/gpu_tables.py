@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from gpu_suite_common import number_cell as _number  # torch-free, as this script
+
 METHOD_ORDER = ("dense", "evo", "idle", "evit", "topk")
 
 
@@ -23,10 +25,6 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
     return [line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]
-
-
-def _number(value, digits: int = 2, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:.{digits}f}{suffix}"
 
 
 def machine(summary: dict) -> list[str]:
