@@ -155,11 +155,25 @@ def smoke_plan() -> ThroughputPlan:
                           probe=HostProbe(warmup_s=0.3, calls=2))
 
 
+def churn_counts(device: torch.device) -> dict[str, int]:
+    """Running totals of what can make timed calls drift: graphs dynamo compiled (a recompilation in the timed
+    rounds), and on CUDA the allocator's device allocations and its retries (a retry frees the cache and
+    synchronises)."""
+    counts = {"dynamo_graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"])}
+    if device.type == "cuda":
+        stats = torch.cuda.memory_stats(device)
+        counts |= {"device_allocs": int(stats.get("num_device_alloc", 0)),
+                   "alloc_retries": int(stats.get("num_alloc_retries", 0))}
+    return counts
+
+
 class CallWatch:
     """The benchmark's per-call progress hook. It stops the group once ``cut_at`` has passed, counts each method's
     timed calls, keeps the first call's seconds (with torch.compile: compilation included), and records each
     method's peak CUDA memory over its timed calls (the peak counter is reset after every call, so each call is
-    measured alone; ``resident_mib`` is what stays allocated between calls: every method's weights, the input)."""
+    measured alone; ``resident_mib`` is what stays allocated between calls: every method's weights, the input).
+    ``churn`` sums :func:`churn_counts` over each method's timed calls (from the hook before each to the hook after
+    it, so the benchmark's re-configuration between calls counts too): all zero in a steady timed round."""
 
     PATTERN = re.compile(r"\[(?:\w+ )?(?P<phase>warm-up|run) (?P<round>\d+)/\d+\] (?P<label>\S+)\s+(?P<ms>[\d.]+) ms")
 
@@ -169,6 +183,8 @@ class CallWatch:
         self.first_call_s: dict[str, float] = {}
         self.peak_mib: dict[str, float] = {}
         self.resident_mib: float | None = None
+        self.churn: dict[str, dict[str, int]] = {}
+        self._counts = churn_counts(device)
 
     def __call__(self, message: str) -> None:
         match = self.PATTERN.search(message)
@@ -177,8 +193,13 @@ class CallWatch:
             return
         label = match["label"]
         self.first_call_s.setdefault(label, float(match["ms"]) / 1000)
+        counts = churn_counts(self.device)
         if match["phase"] == "run":
             self.timed_calls[label] = self.timed_calls.get(label, 0) + 1
+            churn = self.churn.setdefault(label, dict.fromkeys(counts, 0))
+            for name, total in counts.items():
+                churn[name] += total - self._counts[name]
+        self._counts = counts
         if self.device.type == "cuda":
             if match["phase"] == "run":
                 peak = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -228,6 +249,7 @@ def run_group(group: BenchGroup, model: torch.nn.Module, device: torch.device, c
                      "peak_mib": None if peak is None else round(peak, 1),
                      "first_call_s": round(watch.first_call_s[r.method], 3),
                      "timed_calls": watch.timed_calls.get(r.method, 0),
+                     "churn": watch.churn.get(r.method),
                      "times_ms": [round(t * 1000, 4) for t in r.times_s]})
     return {"key": group.key, "model": group.model.label, "timm_name": group.model.timm_name,
             "model_args": dict(group.model.kwargs), "batch": group.batch,

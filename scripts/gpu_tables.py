@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Markdown for the README from one GPU suite folder (what `scripts/gpu_suite.py OUTDIR` wrote): the machine, the
 targets (met or missed, with the number), the host probe (wall against kernel time per forward), throughput (dense
-img/s and each method's speed-up; peak memory), the CIFAR-10 results, and whatever did not run.
+img/s and each method's speed-up; peak memory; timed calls that compiled or allocated), the CIFAR-10 results, and
+whatever did not run.
 Usage: python scripts/gpu_tables.py OUTDIR"""
 from __future__ import annotations
 
@@ -94,6 +95,23 @@ def throughput(doc: dict) -> list[str]:
         out += ["", "Peak memory (MiB, torch.cuda.max_memory_allocated during the method's timed calls):", ""]
         out += _table(["model", "batch", "precision", "mode"] + methods, memory)
     return out
+
+
+def churn(doc: dict) -> list[str]:
+    """Which timed calls compiled a graph or allocated device memory (recorded since the third run; empty before)."""
+    rows = [(g, r) for g in doc.get("groups", []) for r in g["rows"] if r.get("churn") is not None]
+    if not rows:
+        return []
+    busy = [(g, r) for g, r in rows if any(r["churn"].values())]
+    if not busy:
+        return ["No timed call compiled a graph, allocated device memory or retried an allocation "
+                f"({len(rows)} method rows)."]
+    names = sorted({name for _, r in busy for name in r["churn"]})
+    return ["Timed calls that compiled a graph (dynamo) or allocated device memory (allocator), summed over the "
+            "method's timed calls; every other row: none:", ""] + _table(
+        ["model", "batch", "precision", "mode", "method", "timed calls", *names],
+        [_group_cells(g) + [r["method"], str(r["timed_calls"]), *(str(r["churn"].get(n, "-")) for n in names)]
+         for g, r in busy])
 
 
 def host_probe(doc: dict) -> list[str]:
@@ -191,7 +209,8 @@ def render(folder: str | Path) -> str:
     summary, doc, results = (_load(folder, n) for n in ("summary.json", "throughput.json", "cifar.json"))
     if not summary:
         raise SystemExit(f"{folder}: no summary.json; give the folder scripts/gpu_suite.py wrote")
-    parts = [p for p in (machine(summary), targets(summary), host_probe(doc), throughput(doc), cifar(results)) if p]
+    parts = [p for p in (machine(summary), targets(summary), host_probe(doc), throughput(doc), churn(doc),
+                          cifar(results)) if p]
     missing = left_out(summary, doc)
     if missing:
         parts.append(["Not run or failed:", ""] + missing)

@@ -147,6 +147,8 @@ def test_throughput_rows(smoke):
         assert all(r["gmacs"] < rows[0]["gmacs"] for r in rows[1:])
         assert all(r["timed_calls"] == spec.runs == len(r["times_ms"]) for r in rows)
         assert all(r["peak_mib"] is None for r in rows)  # CUDA only
+        # the CPU counts dynamo's graphs only; a timed call compiles none (eager: nothing to compile)
+        assert all(r["churn"] == {"dynamo_graphs": 0} for r in rows), rows
     compiled = [g for g in doc["groups"] if g["compile"]]
     assert len(compiled) == 1 and compiled[0]["compile_backend"] == "aot_eager"
     assert compiled[0]["mode"] == "compiled (aot_eager)"
@@ -324,6 +326,22 @@ def test_throughput_past_its_deadline_lists_every_group_as_not_run():
     assert doc["groups"] == [] and [g["key"] for g in doc["not_run"]] == [g.key for g in plan.groups]
     assert all(g["why"] == "deadline passed" for g in doc["not_run"])
     assert saved and saved[-1]["not_run"] == doc["not_run"]  # the written file says so too
+
+
+def test_call_watch_sums_each_methods_churn_over_its_timed_calls_only(monkeypatch):
+    import gpu_suite_throughput as throughput
+
+    totals = iter([{"dynamo_graphs": g, "device_allocs": a} for g, a in
+                   [(0, 0), (1, 5), (2, 9), (2, 9), (2, 12), (3, 12)]])  # at start, then after each call
+    monkeypatch.setattr(throughput, "churn_counts", lambda device: next(totals))
+    watch = throughput.CallWatch(torch.device("cpu"), Deadline.after(60))
+    for message in ("[warm-up 1/1] dense 5.0 ms", "[warm-up 1/1] evo 4.0 ms", "[run 1/2] dense 5.0 ms",
+                    "[run 1/2] evo 4.0 ms", "[run 2/2] evo 4.0 ms"):
+        watch(message)
+    # the warm-up calls (which compile) are not counted; each timed call gets what changed since the previous hook
+    assert watch.churn == {"dense": {"dynamo_graphs": 0, "device_allocs": 0},
+                           "evo": {"dynamo_graphs": 1, "device_allocs": 3}}
+    assert watch.timed_calls == {"dense": 1, "evo": 2}
 
 
 def test_a_group_is_cut_between_calls_at_its_deadline():
@@ -538,6 +556,9 @@ def test_tables_render_every_figure_of_the_run(smoke, tmp_path):
     dropped = load(out, "throughput.json")["dropped"][0]
     assert f"- throughput group {dropped['key']}: dropped by the plan ({dropped['why']})" in text
     assert "failed" not in text.split("Not run or failed:")[1]
+    rows = sum(len(g["rows"]) for g in load(out, "throughput.json")["groups"])
+    assert f"No timed call compiled a graph, allocated device memory or retried an allocation ({rows} method rows)." \
+        in text
 
     # a failed section and a group that did not fit are listed, not dropped
     for name in ("summary.json", "throughput.json", "cifar.json"):
@@ -549,11 +570,17 @@ def test_tables_render_every_figure_of_the_run(smoke, tmp_path):
     doc["not_run"].append({"key": "vit_b@1024 b64 fp32 eager [dense,evo]", "why": "needs 40 s, 12 s left"})
     assert "kernel ms by kind" not in text  # the CPU has no kernels to sort
     doc["host_probe"]["methods"][0]["kernel_ms_by_kind"] = {"gemm": 3.58, "conv": 0.97, "norm": 2.56}  # as on CUDA
+    busy = doc["groups"][0]["rows"][1]
+    busy["churn"] = {"dynamo_graphs": 1, "device_allocs": 12, "alloc_retries": 0}  # as a drifting CUDA group's
     (tmp_path / "throughput.json").write_text(json.dumps(doc))
     text = gpu_tables.render(tmp_path)
     method = doc["host_probe"]["methods"][0]["method"]
     assert f"| {method} | 3.58 | - | 0.97 | 2.56 | - | - | - | - | - |" in text.split("kernel ms by kind")[1]
     assert "- section idle: failed: RuntimeError: boom" in text
+    g = doc["groups"][0]
+    assert (f"({g['model']}) | {g['batch']} | {g['precision']} | eager | {busy['method']} | {busy['timed_calls']} "
+            "| 0 | 12 | 1 |") in text.split("compiled a graph (dynamo)")[1]
+    assert "No timed call compiled" not in text
     assert "- throughput group vit_b@1024 b64 fp32 eager [dense,evo]: not run (needs 40 s, 12 s left)" in text
 
 
