@@ -55,11 +55,13 @@ EARLY_PREFLIGHT = (gpu_suite_preflight.start("cuda") if __name__ == "__main__" a
 
 import torch  # noqa: E402
 
-from gpu_suite_cifar import (SWEEP_METHODS, CifarConfig, evaluate_model, finetune_idle, pick_batch,  # noqa: E402
-                             plot_sweeps, train_dense, train_evo)
+from gpu_suite_cifar import (SWEEP_METHODS, CifarConfig, evaluate_model, finetune_idle, override,  # noqa: E402
+                             pick_batch, plot_sweeps, train_dense, train_evo)
 from gpu_suite_common import Deadline, Log, alarm_at, write_json  # noqa: E402
 from gpu_suite_data import cluttered, decode_cifar, to_device  # noqa: E402
 from gpu_suite_throughput import ThroughputPlan, find_row, full_plan, run_throughput, smoke_plan  # noqa: E402
+from tokenpace.cli.source import parse_model_args  # noqa: E402  (key=value lists as --model-args reads them)
+from tokenpace.errors import TokenpaceError  # noqa: E402
 from tokenpace.runtime import cudnn_autotuned  # noqa: E402
 
 LOG, SUMMARY, THROUGHPUT, CIFAR, PLOT = "suite.log", "summary.json", "throughput.json", "cifar.json", "cifar_sweep.png"
@@ -405,6 +407,9 @@ def parse_args(argv: list[str] | None) -> SuiteConfig:
     p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: the same code paths in < 2 minutes")
     p.add_argument("--data", default=None, help="CIFAR-10 packed-JPEG .npz (default: data/ or ../shared/data/)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"subset of {','.join(SECTIONS)}, in order")
+    p.add_argument("--cifar", default="", metavar="KEY=VALUE,...",
+                   help="CIFAR recipe fields replaced, e.g. depth=6,drop_path=0 (gpu_suite_cifar.CifarConfig; "
+                        "recorded in cifar.json's config)")
     base = SMOKE_BUDGETS if "--smoke" in (argv if argv is not None else sys.argv[1:]) else Budgets()
     for f in dataclasses.fields(Budgets):
         p.add_argument(f"--{f.name}-s", type=float, default=getattr(base, f.name), dest=f"{f.name}_s",
@@ -421,9 +426,12 @@ def parse_args(argv: list[str] | None) -> SuiteConfig:
         p.error("the full suite needs a CUDA GPU (none is visible); use --smoke for the CPU run")
     budgets = Budgets(**{f.name: getattr(a, f"{f.name}_s") for f in dataclasses.fields(Budgets)})
     device = torch.device("cuda" if not a.smoke else "cpu")
+    try:
+        cifar = override(smoke_cifar(data) if a.smoke else CifarConfig(data=data), parse_model_args(a.cifar))
+    except (ValueError, TokenpaceError) as err:
+        p.error(str(err).replace("--model-args", "--cifar"))
     return SuiteConfig(out=a.out, smoke=a.smoke, device=device, budgets=budgets,
-                       throughput=smoke_plan() if a.smoke else full_plan(),
-                       cifar=smoke_cifar(data) if a.smoke else CifarConfig(data=data), sections=sections,
+                       throughput=smoke_plan() if a.smoke else full_plan(), cifar=cifar, sections=sections,
                        argv=tuple(sys.argv[1:] if argv is None else argv))
 
 

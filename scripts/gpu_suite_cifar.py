@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
@@ -89,6 +89,37 @@ class CifarConfig:
             raise ValueError(f"amp {self.amp!r} is not accepted; choose bf16 or none")
         if self.idle_objective not in ("ce", "distill"):
             raise ValueError(f"idle_objective {self.idle_objective!r} is not accepted; choose ce or distill")
+
+
+# set by the suite itself (the data path, the clutter section's canvas) or None by default (a cap or a limit)
+NOT_OVERRIDABLE = ("data", "canvas", "train_limit", "test_limit", "max_epochs", "cuda_graphs")
+
+
+def override(cfg: CifarConfig, options: dict) -> CifarConfig:
+    """``cfg`` with recipe fields replaced (``--cifar depth=6,drop_path=0``): each value must have its default's type
+    (an int where a float is due is taken; one int where a tuple of ints is due is a tuple of one)."""
+    allowed = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_OVERRIDABLE}
+    changes = {}
+    for key, value in options.items():
+        if key not in allowed:
+            raise ValueError(f"--cifar {key}: not a recipe field; accepted: {', '.join(sorted(allowed))}")
+        default = allowed[key]
+        if isinstance(default, tuple) and isinstance(value, int) and not isinstance(value, bool):
+            value = (value,)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        ok = isinstance(value, type(default)) and (isinstance(default, bool) or not isinstance(value, bool))
+        if isinstance(default, tuple):
+            ok = ok and len(value) > 0 and all(isinstance(v, type(default[0])) for v in value)
+        if not ok:
+            raise ValueError(f"--cifar {key}={value!r}: expected a value like its default {default!r}")
+        changes[key] = value
+    new = replace(cfg, **changes)
+    if new.embed_dim % new.num_heads:
+        raise ValueError(f"--cifar: embed_dim {new.embed_dim} is not a multiple of num_heads {new.num_heads}")
+    if min(new.depth, new.embed_dim, new.num_heads, new.batch_size) < 1:
+        raise ValueError("--cifar: depth, embed_dim, num_heads and batch_size must be at least 1")
+    return new
 
 
 @dataclass

@@ -630,3 +630,22 @@ def test_table_cells_keep_their_pipes_escaped():
     import gpu_tables
 
     assert gpu_tables._table(["mode"], [["eager: a | b"]]) == ["| mode |", "|---|", "| eager: a \\| b |"]
+
+
+def test_cifar_option_replaces_recipe_fields_and_refuses_the_rest(tmp_path, data, capsys):
+    cfg = gpu_suite.parse_args(["--smoke", str(tmp_path), "--data", data,
+                                "--cifar", "depth=2,drop_path=0,batch_choices=64,idle_objective=ce"]).cifar
+    base = gpu_suite.smoke_cifar(data)
+    assert (cfg.depth, cfg.drop_path, cfg.batch_choices, cfg.idle_objective) == (2, 0.0, (64,), "ce")
+    assert isinstance(cfg.drop_path, float) and cfg.embed_dim == base.embed_dim and cfg.data == data
+    assert gpu_suite.parse_args(["--smoke", str(tmp_path), "--data", data]).cifar == base  # none given: as it was
+    for given, why in (("depht=6", "--cifar depht: not a recipe field; accepted: amp, batch_choices"),
+                       ("depth=0.5", "--cifar depth=0.5: expected a value like its default 4"),
+                       ("drop_path=true", "--cifar drop_path=True: expected a value like its default 0.1"),
+                       ("data=x.npz", "--cifar data: not a recipe field"),
+                       ("embed_dim=50", "embed_dim 50 is not a multiple of num_heads 3"),
+                       ("idle_objective=mse", "idle_objective 'mse' is not accepted; choose ce or distill"),
+                       ("depth", "--cifar entry 'depth' must be key=value")):
+        with pytest.raises(SystemExit):
+            gpu_suite.parse_args(["--smoke", str(tmp_path), "--data", data, "--cifar", given])
+        assert why in capsys.readouterr().err, given
