@@ -75,6 +75,31 @@ class CifarConfig:
                        patch_size=self.clutter_patch_size)
 
     def __post_init__(self) -> None:
+        for name in ("img_size", "patch_size", "embed_dim", "num_heads", "batch_size", "eval_batch",
+                     "clutter_canvas", "clutter_patch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.depth < 2:
+            raise ValueError(f"depth must be at least 2 (Evo selects after its first block); got {self.depth}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
+        positive, from_zero = (lambda v: v > 0, "above 0"), (lambda v: v >= 0, "0 or more")
+        below_one, up_to_one = (lambda v: 0 <= v < 1, "in [0, 1)"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+        for names, (ok, accepted) in ((("lr", "idle_lr"), positive),
+                                      (("min_lr", "weight_decay", "eval_reserve_s"), from_zero),
+                                      (("warmup", "drop_path", "label_smoothing"), below_one),
+                                      (("erase_prob",), up_to_one)):
+            for name in names:
+                value = getattr(self, name)
+                if not (math.isfinite(value) and ok(value)):
+                    raise ValueError(f"{name} {value!r} is out of range; accepted: {accepted}")
+        if self.crop_pad < 0:
+            raise ValueError(f"crop_pad must be 0 or more; got {self.crop_pad}")
+        for name in ("evo_keep", "idle_keep"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)!r} is out of range; accepted: (0, 1)")
+        if not self.sweep_keeps or any(not 0 < k <= 1 for k in self.sweep_keeps):
+            raise ValueError(f"sweep_keeps must be keeps in (0, 1]; got {self.sweep_keeps}")
         if self.canvas is not None and self.canvas != self.img_size:
             raise ValueError(f"canvas {self.canvas} must equal img_size ({self.img_size}): the model sees the canvas")
         for size, patch, what in ((self.img_size, self.patch_size, "img_size"),
@@ -91,8 +116,10 @@ class CifarConfig:
             raise ValueError(f"idle_objective {self.idle_objective!r} is not accepted; choose ce or distill")
 
 
-# set by the suite itself (the data path, the clutter section's canvas) or None by default (a cap or a limit)
-NOT_OVERRIDABLE = ("data", "canvas", "train_limit", "test_limit", "max_epochs", "cuda_graphs")
+# set by the suite itself (the data path, the clutter section's canvas and size, the trial's verdict), None by
+# default (a cap, a limit), or a tuple of floats, which key=value lists cannot spell (sweep_keeps)
+NOT_OVERRIDABLE = ("data", "canvas", "img_size", "cuda_graphs", "train_limit", "test_limit", "max_epochs",
+                   "sweep_keeps")
 
 
 def override(cfg: CifarConfig, options: dict) -> CifarConfig:
@@ -102,7 +129,8 @@ def override(cfg: CifarConfig, options: dict) -> CifarConfig:
     changes = {}
     for key, value in options.items():
         if key not in allowed:
-            raise ValueError(f"--cifar {key}: not a recipe field; accepted: {', '.join(sorted(allowed))}")
+            what = "set by the suite, not by --cifar" if key in NOT_OVERRIDABLE else "not a recipe field"
+            raise ValueError(f"--cifar {key}: {what}; accepted: {', '.join(sorted(allowed))}")
         default = allowed[key]
         if isinstance(default, tuple) and isinstance(value, int) and not isinstance(value, bool):
             value = (value,)
@@ -114,12 +142,10 @@ def override(cfg: CifarConfig, options: dict) -> CifarConfig:
         if not ok:
             raise ValueError(f"--cifar {key}={value!r}: expected a value like its default {default!r}")
         changes[key] = value
-    new = replace(cfg, **changes)
-    if new.embed_dim % new.num_heads:
-        raise ValueError(f"--cifar: embed_dim {new.embed_dim} is not a multiple of num_heads {new.num_heads}")
-    if min(new.depth, new.embed_dim, new.num_heads, new.batch_size) < 1:
-        raise ValueError("--cifar: depth, embed_dim, num_heads and batch_size must be at least 1")
-    return new
+    try:
+        return replace(cfg, **changes)  # ranges and consistency: CifarConfig.__post_init__
+    except ValueError as err:
+        raise ValueError(f"--cifar: {err}") from None
 
 
 @dataclass

@@ -155,15 +155,17 @@ def smoke_plan() -> ThroughputPlan:
                           probe=HostProbe(warmup_s=0.3, calls=2))
 
 
-def churn_counts(device: torch.device) -> dict[str, int]:
+ALLOCATOR_STATS = {"device_allocs": "num_device_alloc", "alloc_retries": "num_alloc_retries"}
+
+
+def churn_counts(device: torch.device) -> dict[str, int | None]:
     """Running totals of what can make timed calls drift: graphs dynamo compiled (a recompilation in the timed
     rounds), and on CUDA the allocator's device allocations and its retries (a retry frees the cache and
-    synchronises)."""
-    counts = {"dynamo_graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"])}
+    synchronises); None where this torch's allocator does not count one."""
+    counts: dict[str, int | None] = {"dynamo_graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"])}
     if device.type == "cuda":
         stats = torch.cuda.memory_stats(device)
-        counts |= {"device_allocs": int(stats.get("num_device_alloc", 0)),
-                   "alloc_retries": int(stats.get("num_alloc_retries", 0))}
+        counts |= {name: None if key not in stats else int(stats[key]) for name, key in ALLOCATOR_STATS.items()}
     return counts
 
 
@@ -198,7 +200,8 @@ class CallWatch:
             self.timed_calls[label] = self.timed_calls.get(label, 0) + 1
             churn = self.churn.setdefault(label, dict.fromkeys(counts, 0))
             for name, total in counts.items():
-                churn[name] += total - self._counts[name]
+                before, so_far = self._counts.get(name), churn.get(name)
+                churn[name] = None if None in (total, before, so_far) else so_far + total - before
         self._counts = counts
         if self.device.type == "cuda":
             if match["phase"] == "run":
@@ -295,7 +298,8 @@ def run_throughput(plan: ThroughputPlan, device: torch.device, deadline: Deadlin
                        "all methods' weights resident; null in groups replayed from CUDA graphs (cuda_graph, "
                        "compile mode reduce-overhead), whose intermediates live in the graphs' memory pools; "
                        "cuDNN autotuned (torch.backends.cudnn.benchmark) on CUDA from the runs after the second "
-                       "H200 run",
+                       "H200 run; churn = per method, summed over its timed calls: graphs dynamo compiled and, on "
+                       "CUDA, the allocator's num_device_alloc and num_alloc_retries (null: not kept by that torch)",
            "cudnn_autotuned": device.type == "cuda",
            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
            "groups": [], "failed": [], "not_run": [], "dropped": [{"key": k, "why": w} for k, w in plan.dropped]}

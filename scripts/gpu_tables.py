@@ -97,6 +97,10 @@ def throughput(doc: dict) -> list[str]:
     return out
 
 
+CHURN_WORDS = {"dynamo_graphs": "compiled a graph", "device_allocs": "allocated device memory",
+               "alloc_retries": "retried an allocation"}
+
+
 def churn(doc: dict) -> list[str]:
     """Which timed calls compiled a graph or allocated device memory (recorded since the third run; empty before)."""
     rows = [(g, r) for g in doc.get("groups", []) for r in g["rows"] if r.get("churn") is not None]
@@ -104,14 +108,19 @@ def churn(doc: dict) -> list[str]:
         return []
     busy = [(g, r) for g, r in rows if any(r["churn"].values())]
     if not busy:
-        return ["No timed call compiled a graph, allocated device memory or retried an allocation "
+        counted = [w for name, w in CHURN_WORDS.items() if any(r["churn"].get(name) is not None for _, r in rows)]
+        return [f"No timed call {', '.join(counted[:-1]) + ' or ' if len(counted) > 1 else ''}{counted[-1]} "
                 f"({len(rows)} method rows)."]
     names = sorted({name for _, r in busy for name in r["churn"]})
     return ["Timed calls that compiled a graph (dynamo) or allocated device memory (allocator), summed over the "
-            "method's timed calls; every other row: none:", ""] + _table(
+            "method's timed calls; every other row: none (- : not counted by that torch):", ""] + _table(
         ["model", "batch", "precision", "mode", "method", "timed calls", *names],
-        [_group_cells(g) + [r["method"], str(r["timed_calls"]), *(str(r["churn"].get(n, "-")) for n in names)]
+        [_group_cells(g) + [r["method"], str(r["timed_calls"]), *(_count(r["churn"].get(n)) for n in names)]
          for g, r in busy])
+
+
+def _count(value) -> str:
+    return "-" if value is None else str(value)
 
 
 def host_probe(doc: dict) -> list[str]:

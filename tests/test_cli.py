@@ -161,3 +161,13 @@ def test_model_args_may_be_repeated_and_a_key_given_twice_differently_is_refused
     assert json.loads(out.read_text())["model_args"] == {"img_size": 32, "depth": 2, "patch_size": 8}
     assert main(common + ["--model-args", "img_size=32,depth=2", "--model-args", "depth=3"]) == 2
     assert "--model-args gives depth twice (2 and 3); give one" in capsys.readouterr().err
+
+
+def test_model_args_parse_a_value_that_is_not_equal_to_itself():
+    import math
+
+    from tokenpace.cli.source import parse_model_args
+
+    # nan once is a value (the option's consumer judges it); it was taken for a key given twice and crashed
+    assert math.isnan(parse_model_args("drop_rate=nan")["drop_rate"])
+    assert parse_model_args(["depth=2", "depth=2"]) == {"depth": 2}  # the same value twice is not a conflict

@@ -39,7 +39,7 @@ def parse_model_args(given: str | list[str] | None) -> dict:
         if not eq or not key.strip():
             raise TokenpaceError(f"--model-args entry {pair!r} must be key=value (e.g. img_size=32,depth=6)")
         key, value = key.strip(), _literal(value)
-        if out.get(key, value) != value:
+        if key in out and out[key] != value:
             raise TokenpaceError(f"--model-args gives {key} twice ({out[key]!r} and {value!r}); give one")
         out[key] = value
     return out
