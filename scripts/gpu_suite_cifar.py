@@ -131,10 +131,10 @@ def override(cfg: CifarConfig, options: dict) -> CifarConfig:
         if key not in allowed:
             what = "set by the suite, not by --cifar" if key in NOT_OVERRIDABLE else "not a recipe field"
             raise ValueError(f"--cifar {key}: {what}; accepted: {', '.join(sorted(allowed))}")
-        default = allowed[key]
-        if isinstance(default, tuple) and isinstance(value, int) and not isinstance(value, bool):
+        default, plain_int = allowed[key], isinstance(value, int) and not isinstance(value, bool)
+        if isinstance(default, tuple) and plain_int:
             value = (value,)
-        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        elif isinstance(default, float) and plain_int:
             value = float(value)
         ok = isinstance(value, type(default)) and (isinstance(default, bool) or not isinstance(value, bool))
         if isinstance(default, tuple):

@@ -185,7 +185,7 @@ class CallWatch:
         self.first_call_s: dict[str, float] = {}
         self.peak_mib: dict[str, float] = {}
         self.resident_mib: float | None = None
-        self.churn: dict[str, dict[str, int]] = {}
+        self.churn: dict[str, dict[str, int | None]] = {}
         self._counts = churn_counts(device)
 
     def __call__(self, message: str) -> None:

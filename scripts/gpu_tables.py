@@ -115,12 +115,8 @@ def churn(doc: dict) -> list[str]:
     return ["Timed calls that compiled a graph (dynamo) or allocated device memory (allocator), summed over the "
             "method's timed calls; every other row: none (- : not counted by that torch):", ""] + _table(
         ["model", "batch", "precision", "mode", "method", "timed calls", *names],
-        [_group_cells(g) + [r["method"], str(r["timed_calls"]), *(_count(r["churn"].get(n)) for n in names)]
+        [_group_cells(g) + [r["method"], str(r["timed_calls"]), *(_number(r["churn"].get(n), 0) for n in names)]
          for g, r in busy])
-
-
-def _count(value) -> str:
-    return "-" if value is None else str(value)
 
 
 def host_probe(doc: dict) -> list[str]:
